@@ -1,0 +1,5 @@
+import sys
+
+from medhotline.cli import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""One validated configuration object for the whole service.
+
+The configuration comes from one TOML file (``medhotline.toml``) plus environment overrides of the form
+``MEDHOTLINE__SECTION__KEY=value`` (double underscores separate the path, so ``MEDHOTLINE__ASTERISK__SIP_PORT``
+sets ``asterisk.sip_port``). Everything is validated once at start into frozen pydantic models; a wrong value
+stops the service with the file (or environment variable), the dotted key and the reason, never later in the
+middle of a call.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from medhotline.errors import MedhotlineError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "MEDHOTLINE__"
+CONFIG_ENV = "MEDHOTLINE_CONFIG"
+DEFAULT_CONFIG_FILE = Path("medhotline.toml")
+
+
+class ConfigError(MedhotlineError):
+    """A configuration value is wrong; the message names where (file or variable), the key and why."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _port(default: int) -> Any:
+    return Field(default=default, ge=1, le=65535)
+
+
+class ServiceConfig(_Section):
+    node_name: str = Field(default="node1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    state_dir: Path = Path("/var/lib/medhotline")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Empty means standard error only; a path adds a JSON-lines file (the same redacted lines).
+    log_file: Path | None = None
+
+
+class DatabaseConfig(_Section):
+    # Empty means the embedded default: a SQLite file inside service.state_dir.
+    url: str = ""
+
+    @model_validator(mode="after")
+    def _known_backend(self) -> DatabaseConfig:
+        if self.url and not self.url.startswith(("sqlite", "postgresql")):
+            raise ValueError("url: only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        return self
+
+
+class SandboxConfig(_Section):
+    # The chroot is big (~500 MB) and slow to build, so it lives outside the checkout and is shared by every
+    # instance; each instance (demo, test session, second node) keeps its own config and state below it.
+    root: Path = Path("/var/cache/medhotline/asterisk-sid")
+    instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    suite: str = Field(default="sid", pattern=r"^[a-z0-9-]+$")
+    # Empty means: read the Debian mirror from the host's own apt sources.
+    mirror: str = ""
+    boot_timeout: float = Field(default=60.0, gt=0, le=600)
+
+
+class AsteriskConfig(_Section):
+    mode: Literal["sandbox", "external"] = "sandbox"
+    host: str = "127.0.0.1"
+    sip_port: int = _port(5060)
+    rtp_start: int = _port(10000)
+    rtp_end: int = _port(10200)
+    ari_port: int = _port(8088)
+    ami_port: int = _port(5038)
+    ari_app: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
+    ari_username: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
+    # In sandbox mode the secrets are generated per instance when unset; external mode requires them.
+    ari_password: SecretStr | None = None
+    ami_username: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
+    ami_secret: SecretStr | None = None
+    # The address of the patients' side (SIP trunk or SIPp) that the sandbox accepts calls from.
+    patient_trunk_match: str = "127.0.0.1"
+    sandbox: SandboxConfig = SandboxConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AsteriskConfig:
+        if self.rtp_start >= self.rtp_end:
+            raise ValueError(f"rtp_start ({self.rtp_start}) must be below rtp_end ({self.rtp_end})")
+        if self.rtp_end - self.rtp_start < 10:
+            raise ValueError("the RTP range must hold at least 10 ports (two per call leg)")
+        if self.ari_port == self.ami_port:
+            raise ValueError(f"ari_port and ami_port are both {self.ari_port}")
+        if self.rtp_start <= self.sip_port <= self.rtp_end:
+            raise ValueError(f"sip_port {self.sip_port} lies inside the RTP range")
+        if self.mode == "external" and (self.ari_password is None or self.ami_secret is None):
+            raise ValueError("external mode needs ari_password and ami_secret")
+        return self
+
+
+class FastAgiConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = _port(4573)
+
+
+class KeyServiceConfig(_Section):
+    # Empty means a Unix socket inside service.state_dir; tcp_port is for a key service on another host.
+    socket: Path | None = None
+    tcp_port: int = _port(7443)
+
+
+class HotlineConfig(_Section):
+    number: str = Field(default="12320", pattern=r"^[0-9]{3,15}$")
+    # Which path the dialplan sends the hotline number to; both are always reachable through
+    # ``ari-<number>`` and ``agi-<number>`` so operators can migrate legacy dialplans one at a time.
+    entry: Literal["ari", "fastagi"] = "ari"
+    flows_dir: Path = Path("dialplans")
+    flow: str = Field(default="hotline", pattern=r"^[a-z0-9_-]+$")
+
+
+class PromptsConfig(_Section):
+    voice: str = Field(default="cmn", pattern=r"^[A-Za-z0-9_+-]+$")
+    speed: int = Field(default=150, ge=80, le=450)
+
+
+class Config(_Section):
+    service: ServiceConfig = ServiceConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    asterisk: AsteriskConfig = AsteriskConfig()
+    fastagi: FastAgiConfig = FastAgiConfig()
+    keyservice: KeyServiceConfig = KeyServiceConfig()
+    hotline: HotlineConfig = HotlineConfig()
+    prompts: PromptsConfig = PromptsConfig()
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.service.state_dir / 'medhotline.db'}"
+
+    @property
+    def keyservice_socket(self) -> Path:
+        return self.keyservice.socket or self.service.state_dir / "keyservice.sock"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Turn MEDHOTLINE__A__B=v into {"a": {"b": "v"}}; remember which variable set which key."""
+    tree: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        if not all(path):
+            raise ConfigError([f"environment {name}: empty key segment"])
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"environment {name}: {'.'.join(path)} is not a section"])
+            node = child
+        node[path[-1]] = value
+        origin[path] = name
+    return tree, origin
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        current = merged.get(key)
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            merged[key] = _merge(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown key (typo?)"
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict | SecretStr):
+        return f"{message} (got {err['input']!r})"
+    return message
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, merge and validate the configuration; raise ConfigError naming every problem at once.
+
+    ``path`` None means ``$MEDHOTLINE_CONFIG`` or ``./medhotline.toml`` when it exists, else built-in defaults.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or CONFIG_ENV in environ
+    if path is None:
+        path = Path(environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{path}: cannot be read: {exc}"]) from None
+    elif explicit:
+        raise ConfigError([f"{path}: configuration file does not exist"])
+    overrides, origin = _env_overrides(environ)
+    try:
+        return Config.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            key = ".".join(loc) or "(top level)"
+            where = next(
+                (f"environment {origin[loc[:i]]}" for i in range(len(loc), 0, -1) if loc[:i] in origin),
+                str(path),
+            )
+            problems.append(f"{where}: {key}: {_describe(err)}")
+        raise ConfigError(problems) from None
