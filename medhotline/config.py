@@ -1,10 +1,10 @@
 """One validated configuration object for the whole service.
 
 The configuration comes from one TOML file (``medhotline.toml``) plus environment overrides of the form
-``MEDHOTLINE__SECTION__KEY=value`` (double underscores separate the path, so ``MEDHOTLINE__ASTERISK__SIP_PORT``
-sets ``asterisk.sip_port``). Everything is validated once at start into frozen pydantic models; a wrong value
-stops the service with the file (or environment variable), the dotted key and the reason, never later in the
-middle of a call.
+``MEDHOTLINE__SECTION__KEY=value`` (double underscores separate the path, so
+``MEDHOTLINE__ASTERISK__SIP_PORT`` sets ``asterisk.sip_port``). Everything is validated once at start into
+frozen pydantic models; a wrong value stops the service with the file (or environment variable), the dotted
+key and the reason, never later in the middle of a call.
 """
 
 from __future__ import annotations
@@ -15,8 +15,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
 from medhotline.errors import MedhotlineError
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 ENV_PREFIX = "MEDHOTLINE__"
 CONFIG_ENV = "MEDHOTLINE_CONFIG"
@@ -39,12 +48,19 @@ def _port(default: int) -> Any:
     return Field(default=default, ge=1, le=65535)
 
 
+def _empty_is_none(value: Any) -> Any:
+    # TOML and environment variables cannot spell "unset"; "" means it, instead of becoming Path(".").
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 class ServiceConfig(_Section):
     node_name: str = Field(default="node1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     state_dir: Path = Path("/var/lib/medhotline")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Empty means standard error only; a path adds a JSON-lines file (the same redacted lines).
     log_file: Path | None = None
+
+    _log_file_empty = field_validator("log_file", mode="before")(_empty_is_none)
 
 
 class DatabaseConfig(_Section):
@@ -112,6 +128,8 @@ class KeyServiceConfig(_Section):
     socket: Path | None = None
     tcp_port: int = _port(7443)
 
+    _socket_empty = field_validator("socket", mode="before")(_empty_is_none)
+
 
 class HotlineConfig(_Section):
     number: str = Field(default="12320", pattern=r"^[0-9]{3,15}$")
@@ -125,6 +143,8 @@ class HotlineConfig(_Section):
 class PromptsConfig(_Section):
     voice: str = Field(default="cmn", pattern=r"^[A-Za-z0-9_+-]+$")
     speed: int = Field(default=150, ge=80, le=450)
+    # External mode: the Asterisk sounds directory to render into (the sandbox knows its own).
+    sounds_dir: Path | None = None
 
 
 class Config(_Section):
@@ -186,17 +206,26 @@ def _describe(err: Mapping[str, Any]) -> str:
     return message
 
 
+def _section_sources(loc: tuple[str, ...], origin: Mapping[tuple[str, ...], str], path: Path | None) -> str:
+    """Where a cross-field (section-level) error comes from: the file and every variable set inside it."""
+    sources = [str(path)] if path is not None else []
+    sources += [f"environment {name}" for key, name in sorted(origin.items()) if key[: len(loc)] == loc]
+    return " + ".join(sources) or "built-in defaults"
+
+
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read, merge and validate the configuration; raise ConfigError naming every problem at once.
 
-    ``path`` None means ``$MEDHOTLINE_CONFIG`` or ``./medhotline.toml`` when it exists, else built-in defaults.
+    ``path`` None means ``$MEDHOTLINE_CONFIG``, or ``./medhotline.toml`` when it exists, else built-in
+    defaults.
     """
     environ = os.environ if environ is None else environ
     explicit = path is not None or CONFIG_ENV in environ
     if path is None:
         path = Path(environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
     data: dict[str, Any] = {}
-    if path.exists():
+    file_read = path.exists()
+    if file_read:
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
@@ -215,7 +244,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             key = ".".join(loc) or "(top level)"
             where = next(
                 (f"environment {origin[loc[:i]]}" for i in range(len(loc), 0, -1) if loc[:i] in origin),
-                str(path),
-            )
+                None,
+            ) or _section_sources(loc, origin, path if file_read else None)
             problems.append(f"{where}: {key}: {_describe(err)}")
         raise ConfigError(problems) from None

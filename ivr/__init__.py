@@ -1,0 +1,19 @@
+"""The IVR: flow model, loader and interpreter, the ``CallChannel`` port and its adapters, prompts."""
+
+from ivr.channel import CallChannel, CallerHungUp, CallInfo, ChannelError, ConnectionLost
+from ivr.flow_loader import FlowError, LoadedFlow, load_flow, load_flows
+from ivr.interpreter import FlowResult, run_flow
+
+__all__ = [
+    "CallChannel",
+    "CallInfo",
+    "CallerHungUp",
+    "ChannelError",
+    "ConnectionLost",
+    "FlowError",
+    "FlowResult",
+    "LoadedFlow",
+    "load_flow",
+    "load_flows",
+    "run_flow",
+]

@@ -1,0 +1,129 @@
+"""``CallChannel`` over ARI, and the dispatcher that hands each Stasis event to its call.
+
+One WebSocket carries the events of every call. The dispatcher keeps a queue per channel in Stasis; a call's
+task reads only its own queue. Events for channels the service does not know (left Stasis, or another
+node's) are logged and dropped, never allowed to disturb another call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import structlog
+
+from ivr.ari_client import AriClient, AriNotFound
+from ivr.channel import CallerHungUp, CallInfo, ConnectionLost
+
+log = structlog.get_logger(__name__)
+
+_GONE_EVENTS = frozenset({"StasisEnd", "ChannelDestroyed", "ChannelHangupRequest"})
+
+
+def event_channel_id(event: dict[str, Any]) -> str | None:
+    """The channel an event is about, from its channel or, for playbacks, its target URI."""
+    channel = event.get("channel")
+    if isinstance(channel, dict) and isinstance(channel.get("id"), str):
+        return channel["id"]
+    playback = event.get("playback")
+    if isinstance(playback, dict):
+        target = playback.get("target_uri", "")
+        if isinstance(target, str) and target.startswith("channel:"):
+            return target.removeprefix("channel:")
+    return None
+
+
+class AriCallChannel:
+    """One call in Stasis."""
+
+    def __init__(self, client: AriClient, info: CallInfo) -> None:
+        self._client = client
+        self._info = info
+        self._events: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+        self._gone = False
+
+    @property
+    def info(self) -> CallInfo:
+        return self._info
+
+    def deliver(self, event: dict[str, Any] | BaseException) -> None:
+        self._events.put_nowait(event)
+
+    async def _call(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
+        if self._gone:
+            raise CallerHungUp("caller hung up")
+        try:
+            return await self._client.request(method, path, params)
+        except AriNotFound:
+            # The channel vanished between the event and our request: that is a hang-up, not an error.
+            self._gone = True
+            raise CallerHungUp("caller hung up") from None
+
+    async def _next_event(self) -> dict[str, Any]:
+        item = await self._events.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item["type"] in _GONE_EVENTS:
+            self._gone = True
+            raise CallerHungUp("caller hung up")
+        return item
+
+    async def answer(self) -> None:
+        await self._call("POST", f"/channels/{self._info.channel_id}/answer")
+
+    async def play(self, sound: str) -> None:
+        playback_id = str(uuid.uuid4())
+        await self._call(
+            "POST", f"/channels/{self._info.channel_id}/play/{playback_id}", {"media": f"sound:{sound}"}
+        )
+        while True:
+            event = await self._next_event()
+            playback = event.get("playback") or {}
+            if event["type"] == "PlaybackFinished" and playback.get("id") == playback_id:
+                if playback.get("state") == "failed":
+                    log.error("ari.playback_failed", sound=sound)
+                return
+
+    async def hangup(self) -> None:
+        if self._gone:
+            return
+        try:
+            await self._client.request("DELETE", f"/channels/{self._info.channel_id}")
+        except (AriNotFound, ConnectionLost):
+            pass
+        self._gone = True
+
+
+class AriDispatcher:
+    """Routes events from the one WebSocket to the calls that own them."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, AriCallChannel] = {}
+
+    def register(self, channel: AriCallChannel) -> None:
+        self._channels[channel.info.channel_id] = channel
+
+    def unregister(self, channel_id: str) -> None:
+        self._channels.pop(channel_id, None)
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def dispatch(self, event: dict[str, Any]) -> bool:
+        """Deliver an event; False (and a log line) when no call owns it."""
+        channel_id = event_channel_id(event)
+        if channel_id is None:
+            return False
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            if event["type"] not in _GONE_EVENTS:  # late hang-up events of finished calls are routine
+                log.warning("ari.event_for_unknown_channel", event_type=event["type"], channel_id=channel_id)
+            return False
+        channel.deliver(event)
+        return True
+
+    def fail_all(self, error: BaseException) -> None:
+        """The event stream is gone: every call waiting on an event learns it now instead of hanging."""
+        for channel in self._channels.values():
+            channel.deliver(error)

@@ -1,0 +1,155 @@
+"""``CallChannel`` over FastAGI, for hospitals whose dialplan sends calls to ``AGI(agi://…)``.
+
+Wire parsing is kept apart from connection handling (panoramisk's layout). We use panoramisk's AGI result
+parser, but not its ``Application`` accept loop: that loop reads headers with ``while b"\\n\\n" not in buffer``
+and spins forever on a connection that closes early (``read`` keeps returning ``b""``), so one port scan
+would pin a core. Here headers are read with a size limit and a timeout (see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from panoramisk.utils import parse_agi_result
+
+from ivr.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost
+
+log = structlog.get_logger(__name__)
+
+MAX_HEADER_BYTES = 16 * 1024
+HEADER_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 600.0
+
+
+class FastAgiProtocolError(ChannelError):
+    """What arrived on the FastAGI socket is not the AGI protocol."""
+
+
+async def read_agi_headers(reader: asyncio.StreamReader, timeout: float = HEADER_TIMEOUT) -> dict[str, str]:
+    """Read the ``agi_*: value`` block that opens a FastAGI session (ends with an empty line)."""
+    headers: dict[str, str] = {}
+    total = 0
+    async with asyncio.timeout(timeout):
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise FastAgiProtocolError("connection closed before the AGI headers ended")
+            total += len(line)
+            if total > MAX_HEADER_BYTES:
+                raise FastAgiProtocolError(f"AGI headers exceed {MAX_HEADER_BYTES} bytes")
+            text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+            if not text:
+                break
+            key, sep, value = text.partition(": ")
+            if not sep or not key.startswith("agi_"):
+                raise FastAgiProtocolError(f"line {len(headers) + 1} of the AGI headers is not 'agi_name: value'")
+            headers[key] = value
+    if "agi_channel" not in headers or "agi_uniqueid" not in headers:
+        raise FastAgiProtocolError("AGI headers lack agi_channel/agi_uniqueid")
+    return headers
+
+
+def script_name(headers: dict[str, str]) -> str:
+    """The flow named in ``agi://host:port/<flow>``."""
+    return headers.get("agi_network_script", "").strip("/").split("?", 1)[0]
+
+
+class FastAgiCallChannel:
+    """One call driven over a FastAGI socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: CallInfo) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._info = info
+        self._hung_up = False
+
+    @property
+    def info(self) -> CallInfo:
+        return self._info
+
+    async def command(self, command: str) -> dict[str, Any]:
+        """Send one AGI command and return panoramisk's parsed result; hang-ups become CallerHungUp."""
+        if self._hung_up:
+            raise CallerHungUp("caller hung up")
+        try:
+            self._writer.write(command.encode() + b"\n")
+            await self._writer.drain()
+            async with asyncio.timeout(COMMAND_TIMEOUT):
+                while True:
+                    line = await self._reader.readline()
+                    if not line:
+                        self._hung_up = True
+                        raise CallerHungUp("caller hung up (AGI socket closed)")
+                    text = line.decode("utf-8", errors="replace").rstrip("\r\n")
+                    if text == "HANGUP":  # Asterisk's notice that the channel hung up; the result follows
+                        self._hung_up = True
+                        continue
+                    result: dict[str, Any] = parse_agi_result(text)
+                    if result.get("status_code") == 100:  # "100 Trying...": the real result follows
+                        continue
+                    break
+        except (ConnectionError, OSError) as exc:
+            raise ConnectionLost(f"FastAGI socket failed: {type(exc).__name__}") from None
+        except ValueError:
+            raise FastAgiProtocolError("unparseable AGI result line") from None
+        if result.get("status_code") == 511 or result.get("error") == "AGIResultHangup" or (
+            self._hung_up and "error" in result
+        ):
+            self._hung_up = True
+            raise CallerHungUp("caller hung up")
+        if "error" in result:
+            raise ChannelError(f"AGI {command.split()[0]} failed: {result['error']}")
+        return result
+
+    async def answer(self) -> None:
+        await self.command("ANSWER")
+
+    async def play(self, sound: str) -> None:
+        await self.command(f'STREAM FILE {sound} ""')
+
+    async def hangup(self) -> None:
+        if self._hung_up:
+            return
+        try:
+            await self.command("HANGUP")
+        except ChannelError:
+            pass
+        self._hung_up = True
+
+
+CallHandler = Callable[[FastAgiCallChannel], Awaitable[None]]
+
+
+async def serve_connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: CallHandler
+) -> None:
+    """One FastAGI session: headers, then the call, then close. Never raises."""
+    peer = writer.get_extra_info("peername")
+    try:
+        headers = await read_agi_headers(reader)
+        info = CallInfo(
+            channel_id=headers["agi_uniqueid"],
+            channel_name=headers["agi_channel"],
+            transport="fastagi",
+            flow=script_name(headers),
+            dialed=headers.get("agi_dnid", headers.get("agi_extension", "")),
+        )
+        await handler(FastAgiCallChannel(reader, writer, info))
+    except (FastAgiProtocolError, TimeoutError) as exc:
+        log.warning("fastagi.bad_session", peer=str(peer), reason=str(exc) or type(exc).__name__)
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+async def start_server(host: str, port: int, handler: CallHandler) -> asyncio.Server:
+    try:
+        return await asyncio.start_server(lambda r, w: serve_connection(r, w, handler), host, port)
+    except OSError as exc:
+        raise ChannelError(f"FastAGI cannot listen on {host}:{port} (fastagi.port): {exc.strerror}") from None

@@ -1,0 +1,56 @@
+"""AMI connection (panoramisk): Asterisk's own state, independent of any call.
+
+panoramisk's ``Manager`` reconnects by itself after a lost connection; this wrapper turns its callbacks into
+log lines and an ``connected`` flag the service can report. Agent device state is read here by the routing
+issue. Events are never logged whole: AMI events carry caller numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from panoramisk import Manager
+
+log = structlog.get_logger(__name__)
+
+WATCHED_EVENTS = ("FullyBooted", "Shutdown", "Reload")
+
+
+class AmiMonitor:
+    def __init__(self, host: str, port: int, username: str, secret: str, reconnect_timeout: int = 2) -> None:
+        self.connected = False
+        self._manager = Manager(
+            loop=asyncio.get_running_loop(),
+            host=host,
+            port=port,
+            username=username,
+            secret=secret,
+            ping_delay=10,
+            reconnect_timeout=reconnect_timeout,
+            events="system",
+            on_login=self._on_login,
+            on_disconnect=self._on_disconnect,
+        )
+        for name in WATCHED_EVENTS:
+            self._manager.register_event(name, self._on_event)
+
+    def _on_login(self, manager: Any) -> None:
+        self.connected = True
+        log.info("ami.connected")
+
+    def _on_disconnect(self, manager: Any, exc: BaseException | None) -> None:
+        self.connected = False
+        log.warning("ami.disconnected", reason=type(exc).__name__ if exc else "closed")
+
+    def _on_event(self, manager: Any, event: Any) -> None:
+        log.info("ami.event", ami_event=str(event.get("Event")), status=str(event.get("Status", "")))
+
+    def start(self) -> None:
+        self._manager.connect()
+
+    def close(self) -> None:
+        # Stop the automatic reconnect before closing, or panoramisk would schedule another connect.
+        self._manager.connection_lost = lambda exc: None
+        self._manager.close()

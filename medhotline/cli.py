@@ -1,0 +1,149 @@
+"""The ``medhotline`` command line: what administrators and operators run.
+
+Every command loads and validates the configuration first, so a wrong value is reported before anything is
+started, touched or half-written. Expected failures print one clear message and exit non-zero; a traceback
+means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from medhotline.config import Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """An expected failure of a command; its message is shown to the operator as is."""
+
+
+def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
+    from medhotline.sandbox import Sandbox
+
+    sandbox = Sandbox(config)
+    if args.action == "up":
+        status = sandbox.up()
+        print(f"asterisk sandbox {status.instance!r} running (pid {status.pid}): {status.version or '?'}")
+        ast = config.asterisk
+        print(f"  SIP udp {ast.host}:{ast.sip_port}  ARI http {ast.host}:{ast.ari_port}  AMI {ast.host}:{ast.ami_port}"
+              f"  RTP {ast.rtp_start}-{ast.rtp_end}")
+        return EXIT_OK
+    if args.action == "down":
+        stopped = sandbox.down()
+        print(f"asterisk sandbox {sandbox.instance!r} {'stopped' if stopped else 'was not running'}")
+        return EXIT_OK
+    if args.action == "status":
+        status = sandbox.status()
+        if status.running:
+            print(f"running (pid {status.pid}) {status.version or ''}".rstrip())
+            return EXIT_OK
+        print("not running")
+        return 3  # like `systemctl status`: scripts can tell "stopped" from "failed"
+    return sandbox.cli(" ".join(args.command) if args.command else None)
+
+
+def _cmd_db(config: Config, args: argparse.Namespace) -> int:
+    from medhotline import db
+
+    if args.action == "upgrade":
+        db.upgrade(config.database_url)
+        print(f"database at revision {db.current_revision(config.database_url)}")
+    else:
+        print(db.current_revision(config.database_url) or "(empty database)")
+    return EXIT_OK
+
+
+def _cmd_prompts(config: Config, args: argparse.Namespace) -> int:
+    from medhotline.prompts import build_prompts
+
+    report = build_prompts(config)
+    print(f"prompts: {report.rendered} rendered, {report.cached} cached, in {report.directory}")
+    return EXIT_OK
+
+
+def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from medhotline.service import run_service
+
+    return run_service(config)
+
+
+def _cmd_demo(config: Config, args: argparse.Namespace) -> int:
+    from medhotline.demo import run_demo
+
+    return run_demo(config, calls=args.calls)
+
+
+def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
+    from medhotline import db
+
+    db.ensure_current(config.database_url)
+    repo = db.CallRepository(db.make_sessionmaker(config.database_url))
+    for call in repo.list_recent(args.limit):
+        print(
+            f"{call.id}  {call.started_at:%Y-%m-%d %H:%M:%S}  {call.transport:<7}  {call.flow:<10}  "
+            f"{call.outcome:<15}  {call.last_step or '-'}"
+        )
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medhotline", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--config", type=Path, help="configuration file (default: $MEDHOTLINE_CONFIG or ./medhotline.toml)")
+    sub = parser.add_subparsers(dest="group", required=True)
+
+    ast = sub.add_parser("asterisk", help="the embedded Asterisk sandbox")
+    ast.add_argument("action", choices=["up", "down", "status", "cli"])
+    ast.add_argument("command", nargs="*", help="for `cli`: one CLI command to run (default: interactive console)")
+    ast.set_defaults(func=_cmd_asterisk)
+
+    dbp = sub.add_parser("db", help="database schema")
+    dbp.add_argument("action", choices=["upgrade", "current"])
+    dbp.set_defaults(func=_cmd_db)
+
+    prompts = sub.add_parser("prompts", help="render the flows' prompt texts to audio")
+    prompts.add_argument("action", choices=["build"])
+    prompts.set_defaults(func=_cmd_prompts)
+
+    serve = sub.add_parser("serve", help="run the hotline service (ARI, AMI, FastAGI)")
+    serve.set_defaults(func=_cmd_serve)
+
+    demo = sub.add_parser("demo", help="sandbox + service + simulated patient calls, then a summary")
+    demo.add_argument("--calls", type=int, default=2, help="number of simulated patient calls (default 2)")
+    demo.set_defaults(func=_cmd_demo)
+
+    calls = sub.add_parser("calls", help="recent calls from the database")
+    calls.add_argument("action", choices=["list"])
+    calls.add_argument("--limit", type=int, default=20)
+    calls.set_defaults(func=_cmd_calls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"medhotline: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from medhotline.errors import MedhotlineError
+    from medhotline.logs import configure_logging
+
+    configure_logging(config.service.log_level, config.service.log_file)
+    func: Callable[[Config, argparse.Namespace], int] = args.func
+    try:
+        return func(config, args)
+    except MedhotlineError as exc:
+        print(f"medhotline: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
