@@ -1,0 +1,310 @@
+"""Structured, redacted JSON-lines logging for the service and the libraries it uses.
+
+Every line is one JSON object (``timestamp`` ISO UTC, ``level``, ``event``, ``logger`` and whatever context is
+bound, notably ``call_id``), written to standard error and optionally appended to a file. The stdlib
+``logging`` records of the libraries (panoramisk, httpx, alembic, websockets) go through the same processor
+chain, so they are JSON and redacted too.
+
+Redaction is the last step before rendering, after exception formatting, so nothing reaches a log line without
+passing through it: values of identifying keys are replaced wholesale, and phone-number-like digit runs are
+masked in every string, including the message and the rendered traceback. A hotline log is read by operators
+and shipped to log collectors; patients' numbers and names must never be in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from io import TextIOWrapper
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+REDACTED: Final = "[redacted]"
+PHONE: Final = "[phone]"
+
+# Keys whose value identifies a patient, compared after lower-casing and turning "-" into "_". AMI and AGI use
+# several spellings for the caller id, hence the list.
+IDENTIFYING_KEYS: Final[frozenset[str]] = frozenset(
+    {
+        "caller",
+        "callerid",
+        "caller_id",
+        "caller_number",
+        "calleridnum",
+        "calleridname",
+        "connectedlinenum",
+        "connectedlinename",
+        "phone",
+        "phone_number",
+        "name",
+        "patient_name",
+        "patient",
+        "mrn",
+        "record_number",
+        "id_number",
+        "national_id",
+        "birth_date",
+        "agi_callerid",
+        "agi_calleridname",
+        "agi_rdnis",
+        "agi_dnid",
+        "rdnis",
+        "dnid",
+    }
+)
+# Keys ending in "_name" or "_phone" are identifying unless they name a thing of ours rather than a person.
+NON_IDENTIFYING_KEYS: Final[frozenset[str]] = frozenset(
+    {
+        "logger",
+        "logger_name",
+        "event",
+        "flow",
+        "flow_name",
+        "node_name",
+        "channel_name",
+        "step_name",
+        "app_name",
+        "queue_name",
+        "skill_name",
+        "prompt_name",
+        "host_name",
+        "file_name",
+        "table_name",
+        "column_name",
+        "timestamp",
+        "level",
+    }
+)
+
+# Tokens that look like long digit runs but are not phone numbers, found first and left alone: UUIDs (the
+# last group has 12 digits), Asterisk unique ids / channel ids ("1732623456.12", epoch seconds dot sequence),
+# channel sequence suffixes with a hex letter ("Local/x@ctx-0000002a;1"), and ISO dates and timestamps
+# ("2024-11-26" would otherwise read as an 8-digit hyphenated number).
+_KEEP_RE: Final = re.compile(
+    r"""
+      (?<![0-9A-Fa-f-]) [0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12} (?![0-9A-Fa-f-])
+    | (?<![\d.+]) 1\d{9}\.\d{1,9} (?![\d.])
+    | (?<=-) (?=\d*[a-fA-F]) [0-9a-fA-F]{8} (?![0-9A-Za-z])
+    | (?<![\d+]) \d{4}-\d{2}-\d{2}
+      (?:[T\ ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)?)? (?!\d)
+    """,
+    re.VERBOSE,
+)
+# A phone number: 7 or more digits, optionally a leading "+", optionally single spaces or hyphens between
+# digit groups ("13800138000", "+86 138-0013-8000", "010-12345678"). ``\d`` is deliberately Unicode-aware so
+# full-width digits are caught too. Other long digit runs are masked as well; that is the safe side.
+_PHONE_RE: Final = re.compile(r"(?<!\d)\+?\d(?:[ -]?\d){6,}(?!\d)")
+# Asterisk channel names end in an 8-hex-digit sequence number ("PJSIP/agent-00000001"), often all digits.
+# That suffix is kept when it follows a channel technology and a non-digit; the resource before it is still
+# scanned.
+_CHANNEL_PREFIX_RE: Final = re.compile(r"(?:PJSIP|SIP|IAX2|Local|DAHDI|Message)/\S*[^\d\s]-\Z")
+_CHANNEL_SEQUENCE_DIGITS: Final = 8
+# Integers of 7 digits or more might be a phone number passed as a number.
+_MIN_PHONE_INT: Final = 1_000_000
+_MAX_DEPTH: Final = 16
+
+# Library loggers that log caller data or every frame at DEBUG: never below these levels, whatever the
+# configured level. panoramisk logs the AGI headers (with the caller id) at DEBUG; websockets logs ARI event
+# frames; httpx logs every ARI request URL at INFO; alembic announces each of its plugins at INFO.
+_LIBRARY_FLOORS: Final[Mapping[str, int]] = {
+    "alembic": logging.WARNING,
+    "panoramisk": logging.INFO,
+    "websockets": logging.INFO,
+    "httpcore": logging.INFO,
+    "httpx": logging.WARNING,
+    "asyncio": logging.INFO,
+}
+_HANDLER_PREFIX: Final = "medhotline."
+
+
+def _is_identifying(key: str) -> bool:
+    normal = key.lower().replace("-", "_")
+    if normal in NON_IDENTIFYING_KEYS:
+        return False
+    return (
+        normal in IDENTIFYING_KEYS
+        or normal.endswith(("_phone", "_name"))
+        or "callerid" in normal
+        or "caller_id" in normal
+    )
+
+
+def _phone_or_channel_sequence(match: re.Match[str]) -> str:
+    digits = match.group()
+    if (
+        len(digits) == _CHANNEL_SEQUENCE_DIGITS
+        and digits.isascii()
+        and digits.isdigit()
+        and _CHANNEL_PREFIX_RE.search(match.string, 0, match.start())
+    ):
+        return digits
+    return PHONE
+
+
+def _mask_phones(text: str) -> str:
+    """Mask phone-like runs in ``text`` outside the protected tokens (UUIDs, unique ids, timestamps)."""
+    out: list[str] = []
+    pos = 0
+    for keep in _KEEP_RE.finditer(text):
+        out.append(_PHONE_RE.sub(_phone_or_channel_sequence, text[pos : keep.start()]))
+        out.append(keep.group())
+        pos = keep.end()
+    out.append(_PHONE_RE.sub(_phone_or_channel_sequence, text[pos:]))
+    return "".join(out)
+
+
+def _redact_value(value: Any, depth: int) -> Any:
+    result: Any
+    if depth > _MAX_DEPTH:
+        result = "[too deep]"
+    elif isinstance(value, str):
+        result = _mask_phones(value)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _MIN_PHONE_INT:
+        result = PHONE
+    elif value is None or isinstance(value, bool | int | float):
+        result = value
+    elif isinstance(value, Mapping):
+        result = {
+            str(k): (REDACTED if v is not None and _is_identifying(str(k)) else _redact_value(v, depth + 1))
+            for k, v in value.items()
+        }
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = [_redact_value(v, depth + 1) for v in value]
+        result = tuple(items) if isinstance(value, tuple) else items
+    else:
+        # Anything else would be rendered with repr() or str() by the JSON renderer, out of our sight: render
+        # it here so the result is scanned too (a dataclass holding a phone number must not slip through).
+        result = _mask_phones(str(value))
+    return result
+
+
+def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Structlog processor: mask identifying keys and phone-like digit runs everywhere in the event.
+
+    Must run last before the renderer (after ``format_exc_info``), so that the message, every bound value and
+    the rendered traceback are covered.
+    """
+    result: EventDict = {}
+    for key, value in event_dict.items():
+        if key.startswith("_"):
+            # ProcessorFormatter bookkeeping (_record, _from_structlog): never rendered.
+            result[key] = value
+        elif value is not None and _is_identifying(key):
+            result[key] = REDACTED
+        else:
+            result[key] = _redact_value(value, 0)
+    return result
+
+
+class _PrivateFileHandler(logging.handlers.WatchedFileHandler):
+    """Append-only log file created with mode 0600, also when reopened after logrotate moved it away."""
+
+    def _open(self) -> TextIOWrapper:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.baseFilename, flags, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
+def _add_timestamp(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """ISO 8601 UTC timestamp; for stdlib records the record's own creation time.
+
+    Foreign records go through the pre-chain once per handler: taking the record's time makes the file and the
+    stream carry the same timestamp for the same line.
+    """
+    record = event_dict.get("_record")
+    created = record.created if isinstance(record, logging.LogRecord) else time.time()
+    moment = datetime.fromtimestamp(created, UTC)
+    event_dict["timestamp"] = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return event_dict
+
+
+def _shared_processors() -> list[Processor]:
+    """Processors that both structlog calls and foreign stdlib records go through before formatting."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        _add_timestamp,
+    ]
+
+
+def _level_number(level: str) -> int:
+    number = logging.getLevelNamesMapping().get(level.upper())
+    if number is None:
+        raise ValueError(f"unknown log level {level!r}")
+    return number
+
+
+def configure_logging(level: str = "info", log_file: Path | None = None, stream: TextIO | None = None) -> None:
+    """Configure structlog and the stdlib root logger to write redacted JSON lines.
+
+    Idempotent: the handlers installed by a previous call are removed (and closed) first, so reconfiguring
+    (tests, reload) never duplicates lines.
+    """
+    root_level = _level_number(level)
+    shared = _shared_processors()
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: module-level loggers must follow a later reconfiguration.
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            # A plain-text traceback (no local variables: those would carry call data past redaction).
+            structlog.processors.format_exc_info,
+            redact,
+            structlog.processors.JSONRenderer(ensure_ascii=False),
+        ],
+    )
+
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream if stream is not None else sys.stderr)]
+    handlers[0].set_name(_HANDLER_PREFIX + "stream")
+    if log_file is not None:
+        log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        file_handler = _PrivateFileHandler(log_file, encoding="utf-8")
+        file_handler.set_name(_HANDLER_PREFIX + "file")
+        handlers.append(file_handler)
+
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if (old.get_name() or "").startswith(_HANDLER_PREFIX):
+            root.removeHandler(old)
+            old.close()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(root_level)
+    for name, floor in _LIBRARY_FLOORS.items():
+        logging.getLogger(name).setLevel(max(root_level, floor))
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A typed structlog logger named like a stdlib logger (``medhotline.ivr``...)."""
+    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
+    return logger
+
+
+@contextmanager
+def bind_call(call_id: str) -> Iterator[None]:
+    """Bind ``call_id`` into every log line emitted in this context (this task and the tasks it starts)."""
+    with structlog.contextvars.bound_contextvars(call_id=call_id):
+        yield

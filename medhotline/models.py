@@ -1,0 +1,107 @@
+"""Database schema, declared once with SQLAlchemy 2 typed mappings.
+
+The schema itself is created and changed only by the Alembic migrations in ``medhotline/migrations``; these
+classes describe it for the repositories. Patient identifiers (caller number, name, record number) are never
+stored in clear: there is deliberately no caller number column here, the encrypted columns and the blind index
+come with the encryption work.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+from sqlalchemy import CheckConstraint, DateTime, Dialect, Index, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# A fixed naming convention gives every constraint and index a deterministic name, so migrations written on
+# SQLite and PostgreSQL can refer to (and later drop or alter) the same constraint by name.
+NAMING_CONVENTION: Final[dict[str, str]] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+CallOutcome = Literal["in_progress", "completed", "caller_hangup", "connection_lost", "error"]
+CALL_OUTCOMES: Final[tuple[CallOutcome, ...]] = (
+    "in_progress",
+    "completed",
+    "caller_hangup",
+    "connection_lost",
+    "error",
+)
+Transport = Literal["ari", "fastagi"]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware timestamp stored and returned in UTC on every backend.
+
+    SQLite has no timezone-aware type and gives back naive values; PostgreSQL gives them back in the session's
+    time zone. Normalising here means callers always get aware UTC datetimes, and a naive datetime (whose
+    meaning depends on the host's clock settings) is refused instead of stored ambiguously.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()} refused: pass a timezone-aware datetime")
+        utc = value.astimezone(UTC)
+        # SQLite stores the text without an offset; it is UTC by construction.
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base for every table; carries the shared naming convention."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Call(Base):
+    """One inbound or outbound call as seen by one service node.
+
+    ``id`` is the ``call_id`` bound into every log line of the call, so a log line and its row can be joined
+    without storing anything identifying about the caller.
+    """
+
+    __tablename__ = "calls"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    node: Mapped[str] = mapped_column(String(64))
+    transport: Mapped[str] = mapped_column(String(16))
+    # Asterisk's channel id (ARI) or uniqueid (AGI), to correlate with Asterisk's own logs and CDRs.
+    channel_id: Mapped[str] = mapped_column(String(64))
+    channel_name: Mapped[str] = mapped_column(String(128))
+    flow: Mapped[str] = mapped_column(String(64))
+    flow_version: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    outcome: Mapped[str] = mapped_column(String(32), default="in_progress", server_default="in_progress")
+    # Where in the flow the call was when it ended, to find the step callers hang up on.
+    last_step: Mapped[str | None] = mapped_column(String(128))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (
+        # The database refuses values the code does not know, whichever node or tool wrote them.
+        CheckConstraint(
+            "outcome IN ('in_progress', 'completed', 'caller_hangup', 'connection_lost', 'error')",
+            name="outcome",
+        ),
+        CheckConstraint("transport IN ('ari', 'fastagi')", name="transport"),
+        Index("ix_calls_started_at", "started_at"),
+        Index("ix_calls_channel_id", "channel_id"),
+    )
