@@ -9,6 +9,7 @@ would pin a core. Here headers are read with a size limit and a timeout (see doc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -28,13 +29,16 @@ class FastAgiProtocolError(ChannelError):
     """What arrived on the FastAGI socket is not the AGI protocol."""
 
 
-async def read_agi_headers(reader: asyncio.StreamReader, timeout: float = HEADER_TIMEOUT) -> dict[str, str]:
+async def read_agi_headers(reader: asyncio.StreamReader, limit_seconds: float = HEADER_TIMEOUT) -> dict[str, str]:
     """Read the ``agi_*: value`` block that opens a FastAGI session (ends with an empty line)."""
     headers: dict[str, str] = {}
     total = 0
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit_seconds):
         while True:
-            line = await reader.readline()
+            try:
+                line = await reader.readline()
+            except ValueError:  # one line longer than the stream's 64 KiB buffer limit
+                raise FastAgiProtocolError(f"AGI headers exceed {MAX_HEADER_BYTES} bytes") from None
             if not line:
                 raise FastAgiProtocolError("connection closed before the AGI headers ended")
             total += len(line)
@@ -80,7 +84,7 @@ class FastAgiCallChannel:
             async with asyncio.timeout(COMMAND_TIMEOUT):
                 while True:
                     line = await self._reader.readline()
-                    if not line:
+                    if not line.endswith(b"\n"):  # EOF, possibly in the middle of the result line
                         self._hung_up = True
                         raise CallerHungUp("caller hung up (AGI socket closed)")
                     text = line.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -95,13 +99,19 @@ class FastAgiCallChannel:
             raise ConnectionLost(f"FastAGI socket failed: {type(exc).__name__}") from None
         except ValueError:
             raise FastAgiProtocolError("unparseable AGI result line") from None
-        if result.get("status_code") == 511 or result.get("error") == "AGIResultHangup" or (
-            self._hung_up and "error" in result
+        if (
+            result.get("status_code") == 511
+            or result.get("error") == "AGIResultHangup"
+            or (self._hung_up and "error" in result)
         ):
             self._hung_up = True
             raise CallerHungUp("caller hung up")
         if "error" in result:
-            raise ChannelError(f"AGI {command.split()[0]} failed: {result['error']}")
+            # result=-1 means "failed or hung up", and Asterisk may send its HANGUP notice after the result. A
+            # status probe settles it: on a dead channel it is refused (511) or answered with HANGUP.
+            if result.get("error") == "AGIAppError" and not command.startswith("CHANNEL STATUS"):
+                await self.command("CHANNEL STATUS")
+            raise ChannelError(f"AGI {command.split(maxsplit=1)[0]} failed: {result['error']}")
         return result
 
     async def answer(self) -> None:
@@ -113,19 +123,15 @@ class FastAgiCallChannel:
     async def hangup(self) -> None:
         if self._hung_up:
             return
-        try:
+        with contextlib.suppress(ChannelError):
             await self.command("HANGUP")
-        except ChannelError:
-            pass
         self._hung_up = True
 
 
 CallHandler = Callable[[FastAgiCallChannel], Awaitable[None]]
 
 
-async def serve_connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: CallHandler
-) -> None:
+async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: CallHandler) -> None:
     """One FastAGI session: headers, then the call, then close. Never raises."""
     peer = writer.get_extra_info("peername")
     try:
@@ -142,10 +148,8 @@ async def serve_connection(
         log.warning("fastagi.bad_session", peer=str(peer), reason=str(exc) or type(exc).__name__)
     finally:
         writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 async def start_server(host: str, port: int, handler: CallHandler) -> asyncio.Server:

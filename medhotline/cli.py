@@ -31,8 +31,10 @@ def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
         status = sandbox.up()
         print(f"asterisk sandbox {status.instance!r} running (pid {status.pid}): {status.version or '?'}")
         ast = config.asterisk
-        print(f"  SIP udp {ast.host}:{ast.sip_port}  ARI http {ast.host}:{ast.ari_port}  AMI {ast.host}:{ast.ami_port}"
-              f"  RTP {ast.rtp_start}-{ast.rtp_end}")
+        print(
+            f"  SIP udp {ast.host}:{ast.sip_port}  ARI http {ast.host}:{ast.ari_port}  AMI {ast.host}:{ast.ami_port}"
+            f"  RTP {ast.rtp_start}-{ast.rtp_end}"
+        )
         return EXIT_OK
     if args.action == "down":
         stopped = sandbox.down()
@@ -76,7 +78,7 @@ def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
 def _cmd_demo(config: Config, args: argparse.Namespace) -> int:
     from medhotline.demo import run_demo
 
-    return run_demo(config, calls=args.calls)
+    return run_demo(config, calls=args.calls, keep_running=args.keep_running, config_path=args.config)
 
 
 def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
@@ -94,7 +96,9 @@ def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medhotline", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--config", type=Path, help="configuration file (default: $MEDHOTLINE_CONFIG or ./medhotline.toml)")
+    parser.add_argument(
+        "--config", type=Path, help="configuration file (default: $MEDHOTLINE_CONFIG or ./medhotline.toml)"
+    )
     sub = parser.add_subparsers(dest="group", required=True)
 
     ast = sub.add_parser("asterisk", help="the embedded Asterisk sandbox")
@@ -115,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="sandbox + service + simulated patient calls, then a summary")
     demo.add_argument("--calls", type=int, default=2, help="number of simulated patient calls (default 2)")
+    demo.add_argument("--keep-running", action="store_true", help="leave Asterisk and the service running")
     demo.set_defaults(func=_cmd_demo)
 
     calls = sub.add_parser("calls", help="recent calls from the database")

@@ -176,7 +176,7 @@ class Sandbox:
         if self.pid() is not None:
             return self.status()
         self.ensure_rootfs()
-        self._check_ports_free()
+        self._check_ports_free_soon()
         self.render()
         for stale in (self.instance_dir / "run").glob("*"):
             stale.unlink(missing_ok=True)
@@ -185,23 +185,40 @@ class Sandbox:
             'set -e; mount --rbind /dev "$1/dev"; mount -t proc proc "$1/proc"; '
             'exec chroot "$1" /usr/sbin/asterisk -f -n -C "$2"'
         )
+        # `setsid -f` detaches Asterisk from this process (and its session) at once: it outlives the CLI that
+        # started it, and no Popen object is left to warn or to reap it. Its pid is found from /proc.
         with self.output_log.open("ab") as out:
-            proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", root,
-                 str(self.conf_in_chroot)],
+            launcher = subprocess.run(
+                [
+                    "setsid",
+                    "-f",
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "sh",
+                    "-c",
+                    script,
+                    "sh",
+                    root,
+                    str(self.conf_in_chroot),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                check=False,
             )
-        self.pid_file.write_text(f"{proc.pid}\n", encoding="utf-8")
+        if launcher.returncode != 0:
+            raise SandboxError(f"could not launch Asterisk (exit {launcher.returncode}):\n{self._output_tail()}")
         try:
-            self._wait_fully_booted(proc)
+            pid = self._wait_fully_booted()
         except SandboxError:
-            self._stop_pid(proc.pid)
+            self.down()
             raise
-        log.info("sandbox.up", instance=self.instance, pid=proc.pid)
-        return SandboxStatus(True, proc.pid, self._version(), self.instance, self.root)
+        self.pid_file.write_text(f"{pid}\n", encoding="utf-8")
+        log.info("sandbox.up", instance=self.instance, pid=pid)
+        return SandboxStatus(True, pid, self._version(), self.instance, self.root)
 
     def down(self, timeout: float = 15.0) -> bool:
         """Stop the instance; True if something was running. Safe after a crash and when not running."""
@@ -231,7 +248,15 @@ class Sandbox:
         return subprocess.run(args, check=False).returncode
 
     def cli_output(self, command: str) -> str:
-        args = ["chroot", str(self.root), "/usr/sbin/asterisk", "-C", str(self.conf_in_chroot), "-rx", command]
+        args = [
+            "chroot",
+            str(self.root),
+            "/usr/sbin/asterisk",
+            "-C",
+            str(self.conf_in_chroot),
+            "-rx",
+            command,
+        ]
         result = subprocess.run(args, capture_output=True, text=True, check=False, timeout=30)
         if result.returncode != 0:
             raise SandboxError(f"asterisk -rx {command!r} failed: {result.stderr.strip() or result.stdout.strip()}")
@@ -245,6 +270,18 @@ class Sandbox:
         except (SandboxError, subprocess.TimeoutExpired):
             return None
 
+    def _check_ports_free_soon(self, grace: float = 3.0) -> None:
+        """Ports of an Asterisk that was just killed are released a moment after its pid disappears."""
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                self._check_ports_free()
+                return
+            except SandboxError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def _check_ports_free(self) -> None:
         ast = self.config.asterisk
         checks = [
@@ -252,10 +289,14 @@ class Sandbox:
             (socket.SOCK_STREAM, ast.ari_port, "asterisk.ari_port (ARI/HTTP)"),
             (socket.SOCK_STREAM, ast.ami_port, "asterisk.ami_port (AMI)"),
         ]
-        checks += [(socket.SOCK_DGRAM, p, "asterisk.rtp_start..rtp_end (RTP)") for p in
-                   range(ast.rtp_start, ast.rtp_end + 1)]
+        checks += [
+            (socket.SOCK_DGRAM, p, "asterisk.rtp_start..rtp_end (RTP)") for p in range(ast.rtp_start, ast.rtp_end + 1)
+        ]
         for kind, port, what in checks:
             with socket.socket(socket.AF_INET, kind) as sock:
+                if kind == socket.SOCK_STREAM:
+                    # As Asterisk does: connections of a previous run in TIME_WAIT don't block a new listener.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind((ast.host, port))
                 except OSError as exc:
@@ -265,19 +306,22 @@ class Sandbox:
                         "stop what uses it or choose another port in medhotline.toml"
                     ) from None
 
-    def _wait_fully_booted(self, proc: subprocess.Popen[bytes]) -> None:
+    def _wait_fully_booted(self) -> int:
         """Log in to AMI and wait for FullyBooted: the only signal that dialplan, PJSIP and ARI are all up."""
         creds = self.credentials()
-        deadline = time.monotonic() + self.config.asterisk.sandbox.boot_timeout
+        started = time.monotonic()
+        deadline = started + self.config.asterisk.sandbox.boot_timeout
         last_error = "no answer yet"
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SandboxError(
-                    f"Asterisk exited during start-up (exit {proc.returncode}); its output:\n{self._output_tail()}"
-                )
+            pid = self.pid()
+            # The launcher chain (setsid → unshare → sh → chroot) execs into Asterisk within milliseconds.
+            if pid is None and time.monotonic() - started > 3:
+                raise SandboxError(f"Asterisk exited during start-up; its output:\n{self._output_tail()}")
             try:
-                if _ami_fully_booted(self.config.asterisk.host, self.config.asterisk.ami_port, creds, 5.0):
-                    return
+                if pid is not None and _ami_fully_booted(
+                    self.config.asterisk.host, self.config.asterisk.ami_port, creds, 5.0
+                ):
+                    return pid
                 last_error = "logged in but not yet fully booted"
             except OSError as exc:
                 last_error = str(exc)

@@ -57,9 +57,14 @@ def asterisk_credentials(config: Config) -> AsteriskCredentials:
     """External mode: from the configuration. Sandbox mode: the instance's generated secrets."""
     ast = config.asterisk
     if ast.mode == "external":
-        assert ast.ari_password is not None and ast.ami_secret is not None  # guaranteed by config validation
+        # Both are guaranteed by config validation in external mode.
+        assert ast.ari_password is not None
+        assert ast.ami_secret is not None
         return AsteriskCredentials(
-            ast.ari_username, ast.ari_password.get_secret_value(), ast.ami_username, ast.ami_secret.get_secret_value()
+            ast.ari_username,
+            ast.ari_password.get_secret_value(),
+            ast.ami_username,
+            ast.ami_secret.get_secret_value(),
         )
     from medhotline.sandbox import Sandbox
 
@@ -68,7 +73,11 @@ def asterisk_credentials(config: Config) -> AsteriskCredentials:
 
 class HotlineService:
     def __init__(
-        self, config: Config, repo: db.CallRepository, flows: dict[str, LoadedFlow], creds: AsteriskCredentials
+        self,
+        config: Config,
+        repo: db.CallRepository,
+        flows: dict[str, LoadedFlow],
+        creds: AsteriskCredentials,
     ) -> None:
         self.config = config
         self.repo = repo
@@ -77,7 +86,10 @@ class HotlineService:
         self.voice = Voice(config.prompts.voice, config.prompts.speed)
         self.dispatcher = AriDispatcher()
         self.ari = AriClient(
-            config.asterisk.host, config.asterisk.ari_port, creds.ari_username, creds.ari_password,
+            config.asterisk.host,
+            config.asterisk.ari_port,
+            creds.ari_username,
+            creds.ari_password,
             config.asterisk.ari_app,
         )
         self._calls: set[asyncio.Task[None]] = set()
@@ -196,10 +208,17 @@ class HotlineService:
     async def run(self, stop: asyncio.Event) -> None:
         fa = self.config.fastagi
         server = await start_fastagi(fa.host, fa.port, self.fastagi_call)
-        log.info("service.started", node=self.config.service.node_name, fastagi_port=fa.port,
-                 flows=sorted(self.flows))
+        log.info(
+            "service.started",
+            node=self.config.service.node_name,
+            fastagi_port=fa.port,
+            flows=sorted(self.flows),
+        )
         ami = AmiMonitor(
-            self.config.asterisk.host, self.config.asterisk.ami_port, self.creds.ami_username, self.creds.ami_secret
+            self.config.asterisk.host,
+            self.config.asterisk.ami_port,
+            self.creds.ami_username,
+            self.creds.ami_secret,
         )
         ami.start()
         loops = [asyncio.create_task(self.ari_loop())]

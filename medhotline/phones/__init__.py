@@ -53,30 +53,51 @@ def place_call(
     local_port: int,
     media_port: int,
     keys: dict[str, str] | None = None,
+    pause_ms: int = 0,
     timeout: float = 90.0,
 ) -> PhoneCall:
-    """Run one call of a SIPp client scenario to completion and report what the phone saw."""
+    """Run one call of a SIPp client scenario to completion and report what the phone saw.
+
+    ``keys`` fill ``[keyword]`` placeholders in messages; ``pause_ms`` is the length of a scenario's bare
+    ``<pause/>`` (SIPp's ``-d``), e.g. how long a patient listens before hanging up.
+    """
     if shutil.which("sipp") is None:
         raise PhoneError("sipp is not installed: run `apt-get install sip-tester`")
     with tempfile.TemporaryDirectory(prefix="medhotline-sipp-") as tmp:
         log_file = Path(tmp) / "messages.log"
         err_file = Path(tmp) / "errors.log"
         args = [
-            "sipp", f"{target_host}:{target_port}",
-            "-sf", str(scenario(name)),
-            "-s", service,
-            "-i", target_host,
-            "-p", str(local_port),
-            "-mp", str(media_port),
-            "-m", "1", "-l", "1",
+            "sipp",
+            f"{target_host}:{target_port}",
+            "-sf",
+            str(scenario(name)),
+            "-s",
+            service,
+            "-i",
+            target_host,
+            "-p",
+            str(local_port),
+            "-mp",
+            str(media_port),
+            "-m",
+            "1",
+            "-l",
+            "1",
             "-nostdin",
-            "-timeout", f"{int(timeout)}s",
+            "-timeout",
+            f"{int(timeout)}s",
             "-timeout_error",
-            "-trace_logs", "-log_file", str(log_file),
-            "-trace_err", "-error_file", str(err_file),
+            "-trace_logs",
+            "-log_file",
+            str(log_file),
+            "-trace_err",
+            "-error_file",
+            str(err_file),
         ]
         for key, value in (keys or {}).items():
             args += ["-key", key, value]
+        if pause_ms:
+            args += ["-d", str(pause_ms)]
         try:
             result = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 15, check=False)
         except subprocess.TimeoutExpired:

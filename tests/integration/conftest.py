@@ -1,0 +1,184 @@
+"""The real thing: the Asterisk 22 sandbox on free ports, ``medhotline serve`` as a child process, SIPp phones.
+
+Started once per test session. In CI (``CI`` set) a missing prerequisite fails the run with the reason; it is
+never skipped, because a skipped integration test is a missing test.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ivr.flow_loader import load_flows
+from ivr.prompts import Voice, sound_name
+from medhotline import db
+from medhotline.config import Config, load_config
+from medhotline.phones import PhoneCall, place_call
+from medhotline.prompts import build_prompts
+from medhotline.sandbox import Sandbox, SandboxError
+from medhotline.service_process import ServiceProcess
+
+IN_CI = bool(os.environ.get("CI"))
+# A made-up caller number; the privacy tests look for it everywhere the service writes.
+CALLER = "13912345678"
+
+
+def unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"integration prerequisite missing in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def free_port(kind: socket.SocketKind) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_rtp_range(size: int = 60) -> int:
+    """An even start port whose whole range is free for UDP (RTP uses even ports, RTCP the odd ones)."""
+    rng = random.Random()  # noqa: S311 - port choice, not security
+    for _ in range(200):
+        start = rng.randrange(20000, 40000 - size, 2)
+        socks = []
+        try:
+            for port in range(start, start + size + 1):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return start
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free RTP range found")
+
+
+@dataclass
+class Hotline:
+    config: Config
+    config_path: Path
+    sandbox: Sandbox
+    service: ServiceProcess
+    log_path: Path
+
+    @property
+    def repo(self) -> db.CallRepository:
+        return db.CallRepository(db.make_sessionmaker(self.config.database_url))
+
+    def call(self, number: str, scenario: str = "patient_listens", pause_ms: int = 0) -> PhoneCall:
+        return place_call(
+            scenario,
+            target_host="127.0.0.1",
+            target_port=self.config.asterisk.sip_port,
+            service=number,
+            local_port=free_port(socket.SOCK_DGRAM),
+            media_port=free_rtp_range(4),
+            keys={"caller": CALLER},
+            pause_ms=pause_ms,
+        )
+
+    def call_ids(self) -> set[str]:
+        return {record.id for record in self.repo.list_recent(1000)}
+
+    def finished_record(self, before: set[str], timeout: float = 15.0) -> db.CallRecord:
+        """The one call that appeared since ``before``, once the service has finished recording it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            new = [r for r in self.repo.list_recent(1000) if r.id not in before]
+            if len(new) == 1 and new[0].outcome != "in_progress":
+                return new[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected one finished new call record, found {new}")
+            time.sleep(0.2)
+
+    def prompt_seconds(self, texts: list[str]) -> float:
+        voice = Voice(self.config.prompts.voice, self.config.prompts.speed)
+        total = 0.0
+        for text in texts:
+            path = self.sandbox.sounds_dir / f"{sound_name(text, voice)}.wav"
+            with wave.open(str(path)) as wav:
+                total += wav.getnframes() / wav.getframerate()
+        return total
+
+    def flow_texts(self, flow: str, nodes: list[str]) -> list[str]:
+        loaded = load_flows(self.config.hotline.flows_dir)[flow]
+        return [text for node in nodes if (text := loaded.flow.nodes[node].say)]
+
+
+def write_config(state: Path) -> Path:
+    rtp = free_rtp_range(60)
+    path = state / "medhotline.toml"
+    path.write_text(
+        f"""
+[service]
+state_dir = "{state}"
+log_file = "{state / 'service.jsonl'}"
+log_level = "debug"
+
+[asterisk]
+sip_port = {free_port(socket.SOCK_DGRAM)}
+rtp_start = {rtp}
+rtp_end = {rtp + 60}
+ari_port = {free_port(socket.SOCK_STREAM)}
+ami_port = {free_port(socket.SOCK_STREAM)}
+
+[asterisk.sandbox]
+instance = "test{os.getpid()}"
+
+[fastagi]
+port = {free_port(socket.SOCK_STREAM)}
+
+[hotline]
+flows_dir = "{Path(__file__).resolve().parents[2] / 'dialplans'}"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def sandbox_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, Path, Sandbox]]:
+    if os.geteuid() != 0:
+        unavailable("the Asterisk sandbox needs root")
+    for tool in ("debootstrap", "sipp", "espeak-ng", "sox", "unshare"):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is not installed (scripts/bootstrap installs it)")
+    state = tmp_path_factory.mktemp("hotline")
+    path = write_config(state)
+    config = load_config(path, environ={})
+    sandbox = Sandbox(config)
+    try:
+        sandbox.up()
+    except SandboxError as exc:
+        pytest.fail(f"the Asterisk sandbox could not start: {exc}", pytrace=False)
+    try:
+        yield config, path, sandbox
+    finally:
+        sandbox.down()
+        shutil.rmtree(sandbox.instance_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hotline(sandbox_config: tuple[Config, Path, Sandbox]) -> Iterator[Hotline]:
+    config, path, sandbox = sandbox_config
+    db.upgrade(config.database_url)
+    build_prompts(config)
+    log_path = config.service.state_dir / "service.stdout"
+    service = ServiceProcess(config, path, log_path)
+    service.start(timeout=60)
+    try:
+        yield Hotline(config, path, sandbox, service, log_path)
+    finally:
+        returncode = service.stop()
+    assert returncode == 0, f"medhotline serve exited with {returncode}; see {log_path}"
