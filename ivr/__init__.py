@@ -3,6 +3,7 @@
 from ivr.channel import CallChannel, CallerHungUp, CallInfo, ChannelError, ConnectionLost
 from ivr.flow_loader import FlowError, LoadedFlow, load_flow, load_flows
 from ivr.interpreter import FlowResult, run_flow
+from ivr.memory_channel import InMemoryCallChannel
 
 __all__ = [
     "CallChannel",
@@ -12,6 +13,7 @@ __all__ = [
     "ConnectionLost",
     "FlowError",
     "FlowResult",
+    "InMemoryCallChannel",
     "LoadedFlow",
     "load_flow",
     "load_flows",

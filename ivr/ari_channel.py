@@ -8,6 +8,7 @@ node's) are logged and dropped, never allowed to disturb another call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from typing import Any
 
@@ -25,7 +26,7 @@ def event_channel_id(event: dict[str, Any]) -> str | None:
     """The channel an event is about, from its channel or, for playbacks, its target URI."""
     channel = event.get("channel")
     if isinstance(channel, dict) and isinstance(channel.get("id"), str):
-        return channel["id"]
+        return str(channel["id"])
     playback = event.get("playback")
     if isinstance(playback, dict):
         target = playback.get("target_uri", "")
@@ -74,9 +75,7 @@ class AriCallChannel:
 
     async def play(self, sound: str) -> None:
         playback_id = str(uuid.uuid4())
-        await self._call(
-            "POST", f"/channels/{self._info.channel_id}/play/{playback_id}", {"media": f"sound:{sound}"}
-        )
+        await self._call("POST", f"/channels/{self._info.channel_id}/play/{playback_id}", {"media": f"sound:{sound}"})
         while True:
             event = await self._next_event()
             playback = event.get("playback") or {}
@@ -88,10 +87,8 @@ class AriCallChannel:
     async def hangup(self) -> None:
         if self._gone:
             return
-        try:
+        with contextlib.suppress(AriNotFound, ConnectionLost):
             await self._client.request("DELETE", f"/channels/{self._info.channel_id}")
-        except (AriNotFound, ConnectionLost):
-            pass
         self._gone = True
 
 

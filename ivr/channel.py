@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 
 from medhotline.errors import MedhotlineError
 
-Transport = Literal["ari", "fastagi", "memory"]
+Transport = Literal["ari", "fastagi"]
 
 
 class ChannelError(MedhotlineError):

@@ -6,6 +6,7 @@ the walk with an outcome and the node where it happened, which the service write
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -62,5 +63,6 @@ async def run_flow(flow: Flow, channel: CallChannel, sound_for: SoundFor, on_ste
         return FlowResult("connection_lost", node_id, str(exc))
     except ChannelError as exc:
         log.error("flow.failed", node=node_id, error=str(exc))
-        await channel.hangup()
+        with contextlib.suppress(ChannelError):  # a failing channel may fail the hang-up too
+            await channel.hangup()
         return FlowResult("error", node_id, str(exc))

@@ -67,7 +67,9 @@ def render(text: str, voice: Voice, target: Path) -> None:
             check=False,
         )
         if speak.returncode != 0 or not raw.exists():
-            raise PromptError(f"espeak-ng failed for voice {voice.name!r}: {speak.stderr.decode(errors='replace').strip()}")
+            raise PromptError(
+                f"espeak-ng failed for voice {voice.name!r}: {speak.stderr.decode(errors='replace').strip()}"
+            )
         partial = target.with_name(f".{target.name}.partial.wav")
         convert = subprocess.run(
             ["sox", str(raw), "-r", "8000", "-c", "1", "-b", "16", "-e", "signed-integer", str(partial)],

@@ -1,1 +1,1 @@
-"""keywords: arrives with its own issue (see the issue tracker); the package exists so the layout of DESIGN.md holds."""
+"""keywords: arrives with its own issue; the package exists so the layout of DESIGN.md holds."""

@@ -276,11 +276,12 @@ class Sandbox:
         while True:
             try:
                 self._check_ports_free()
-                return
             except SandboxError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
+            else:
+                return
 
     def _check_ports_free(self) -> None:
         ast = self.config.asterisk

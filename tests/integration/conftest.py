@@ -46,7 +46,7 @@ def free_port(kind: socket.SocketKind) -> int:
 
 def free_rtp_range(size: int = 60) -> int:
     """An even start port whose whole range is free for UDP (RTP uses even ports, RTCP the odd ones)."""
-    rng = random.Random()  # noqa: S311 - port choice, not security
+    rng = random.Random()
     for _ in range(200):
         start = rng.randrange(20000, 40000 - size, 2)
         socks = []
@@ -123,7 +123,7 @@ def write_config(state: Path) -> Path:
         f"""
 [service]
 state_dir = "{state}"
-log_file = "{state / 'service.jsonl'}"
+log_file = "{state / "service.jsonl"}"
 log_level = "debug"
 
 [asterisk]
@@ -140,7 +140,7 @@ instance = "test{os.getpid()}"
 port = {free_port(socket.SOCK_STREAM)}
 
 [hotline]
-flows_dir = "{Path(__file__).resolve().parents[2] / 'dialplans'}"
+flows_dir = "{Path(__file__).resolve().parents[2] / "dialplans"}"
 """,
         encoding="utf-8",
     )

@@ -229,7 +229,7 @@ def test_configure_logging_is_idempotent(tmp_path: Path) -> None:
     configure_logging("info", log_file=log_file, stream=stream)
     configure_logging("info", log_file=log_file, stream=stream)
     get_logger("medhotline.test").info("once")
-    logging.getLogger("alembic.runtime.migration").info("once too")
+    logging.getLogger("panoramisk.manager").info("once too")
     assert len(_lines(stream.getvalue())) == 2
     assert len(_lines(log_file.read_text(encoding="utf-8"))) == 2
 

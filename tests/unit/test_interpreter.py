@@ -1,0 +1,178 @@
+"""run_flow over the in-memory channel: prompt order, every outcome, the step bound, and a property test."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from ivr import ChannelError, InMemoryCallChannel
+from ivr.flow_model import Flow, HangupNode
+from ivr.interpreter import MAX_STEPS, FlowResult, run_flow
+
+
+def _flow(start: str, nodes: dict[str, dict[str, Any]]) -> Flow:
+    return Flow.model_validate({"flow": "test", "start": start, "nodes": nodes})
+
+
+GREETING = _flow(
+    "greeting",
+    {
+        "greeting": {"type": "play", "say": "welcome", "next": "notice"},
+        "notice": {"type": "play", "file": "custom/notice", "next": "bye"},
+        "bye": {"type": "hangup", "say": "goodbye"},
+    },
+)
+
+
+def _sound_for(text: str) -> str:
+    return f"tts/{text}"
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def __call__(self, node_id: str) -> None:
+        self.seen.append(node_id)
+
+
+async def _run(flow: Flow, channel: InMemoryCallChannel) -> tuple[FlowResult, list[str]]:
+    steps = Steps()
+    result = await run_flow(flow, channel, _sound_for, steps)
+    return result, steps.seen
+
+
+async def test_completed_path_plays_every_prompt_in_order_then_hangs_up() -> None:
+    channel = InMemoryCallChannel()
+    result, steps = await _run(GREETING, channel)
+    assert result == FlowResult("completed", "bye")
+    assert channel.operations == [
+        ("answer",),
+        ("play", "tts/welcome"),
+        ("play", "custom/notice"),  # a `file:` prompt is played by its sound name, not rendered
+        ("play", "tts/goodbye"),
+        ("hangup",),
+    ]
+    assert steps == ["greeting", "notice", "bye"]
+    assert channel.hung_up
+
+
+async def test_hangup_node_without_prompt_hangs_up_without_playing() -> None:
+    channel = InMemoryCallChannel()
+    result, _ = await _run(_flow("end", {"end": {"type": "hangup"}}), channel)
+    assert result.outcome == "completed"
+    assert channel.operations == [("answer",), ("hangup",)]
+
+
+async def test_hangup_during_second_prompt_is_caller_hangup_at_that_node() -> None:
+    channel = InMemoryCallChannel(hang_up_at=3)  # answer, 1st prompt, 2nd prompt ←
+    result, steps = await _run(GREETING, channel)
+    assert result == FlowResult("caller_hangup", "notice")
+    assert channel.sounds == ["tts/welcome", "custom/notice"]
+    assert steps == ["greeting", "notice"]
+    assert channel.operations[-1] == ("play", "custom/notice")  # no hang-up sent to a gone caller
+
+
+async def test_hangup_before_answer_reports_the_answer_step() -> None:
+    result, steps = await _run(GREETING, InMemoryCallChannel(hang_up_at=1))
+    assert result == FlowResult("caller_hangup", "answer")
+    assert steps == []
+
+
+async def test_connection_lost_is_its_own_outcome() -> None:
+    channel = InMemoryCallChannel(lose_connection_at=2)
+    result, _ = await _run(GREETING, channel)
+    assert result.outcome == "connection_lost"
+    assert result.last_step == "greeting"
+    assert result.error is not None
+    assert not channel.hung_up
+
+
+async def test_channel_error_is_error_and_the_call_is_hung_up() -> None:
+    channel = InMemoryCallChannel(fail_at=3)
+    with capture_logs() as logs:
+        result, _ = await _run(GREETING, channel)
+    assert result.outcome == "error"
+    assert result.last_step == "notice"
+    assert channel.operations[-1] == ("hangup",)
+    assert channel.hung_up
+    assert [e["event"] for e in logs] == ["flow.failed"]
+    assert logs[0]["node"] == "notice"
+
+
+class BrokenHangup(InMemoryCallChannel):
+    """A channel whose hang-up keeps failing (like ARI answering DELETE with HTTP 500)."""
+
+    async def hangup(self) -> None:
+        self.operations.append(("hangup",))
+        raise ChannelError("DELETE failed with HTTP 500")
+
+
+async def test_failing_hangup_is_an_error_outcome_not_an_exception() -> None:
+    channel = BrokenHangup()
+    with capture_logs():
+        result, _ = await _run(GREETING, channel)
+    assert result.outcome == "error"
+    assert result.last_step == "bye"
+    assert channel.operations[-2:] == [("hangup",), ("hangup",)]  # the end's hang-up, then the error path's
+
+
+async def test_play_only_loop_ends_with_error_after_max_steps() -> None:
+    loop = _flow(
+        "a",
+        {
+            "a": {"type": "play", "say": "one", "next": "b"},
+            "b": {"type": "play", "say": "two", "next": "a"},
+        },
+    )
+    channel = InMemoryCallChannel()
+    with capture_logs():
+        result, steps = await asyncio.wait_for(_run(loop, channel), timeout=10)
+    assert result.outcome == "error"
+    assert result.error is not None
+    assert str(MAX_STEPS) in result.error
+    assert len(steps) == MAX_STEPS
+    assert steps[:4] == ["a", "b", "a", "b"]
+    assert channel.operations[-1] == ("hangup",)
+
+
+@st.composite
+def _random_flows(draw: st.DrawFn) -> Flow:
+    count = draw(st.integers(min_value=1, max_value=8))
+    names = [f"n{i}" for i in range(count)]
+    nodes: dict[str, dict[str, Any]] = {}
+    for name in names:
+        prompt: dict[str, str] = draw(st.sampled_from([{}, {"say": "text"}, {"file": "custom/x"}]))
+        if draw(st.booleans()):
+            nodes[name] = {"type": "hangup", **prompt}
+        else:
+            nodes[name] = {"type": "play", **(prompt or {"say": "text"}), "next": draw(st.sampled_from(names))}
+    return _flow(draw(st.sampled_from(names)), nodes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    flow=_random_flows(),
+    failure=st.sampled_from(["hang_up_at", "lose_connection_at", "fail_at", None]),
+    at=st.integers(min_value=1, max_value=12),
+)
+def test_random_flows_always_terminate_with_a_known_outcome(flow: Flow, failure: str | None, at: int) -> None:
+    channel = InMemoryCallChannel(
+        hang_up_at=at if failure == "hang_up_at" else None,
+        lose_connection_at=at if failure == "lose_connection_at" else None,
+        fail_at=at if failure == "fail_at" else None,
+    )
+    with capture_logs():
+        result, steps = asyncio.run(_run(flow, channel))
+    assert result.outcome in ("completed", "caller_hangup", "connection_lost", "error")
+    assert len(steps) <= MAX_STEPS
+    assert len(channel.operations) <= 2 * MAX_STEPS + 3  # answer + (step + prompt) per step + hang-ups
+    if result.outcome == "completed":
+        assert isinstance(flow.nodes[result.last_step], HangupNode)
+        assert channel.operations[-1] == ("hangup",)
+    if result.outcome == "error":
+        assert channel.hung_up
