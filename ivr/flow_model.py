@@ -1,24 +1,62 @@
-"""Typed model of an IVR flow, validated from YAML by pydantic.
+"""Typed model of an IVR flow: what administrators write in ``dialplans/*.yaml``, validated by pydantic.
 
-This is the first slice of the flow language (``play`` and ``hangup``); the flow-engine issue adds the
-waiting nodes (menu, collect, listen …) on the same model.
+The language is documented for administrators in ``docs/flows.md``; ``dialplans/flow.schema.json`` is
+generated from these models (``medhotline flows schema``). Per-node rules live here; rules about the graph
+(unreachable nodes, dead ends, loops without a way out, subflow targets) live in ``ivr.flow_graph``.
 """
 
 from __future__ import annotations
 
+import re
+from datetime import date, time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 NodeId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+FlowName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+VarName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+Digit = Annotated[str, Field(pattern=r"^[0-9*#]$")]
+Seconds = Annotated[float, Field(gt=0, le=120)]
+Retries = Annotated[int, Field(ge=0, le=9)]
+
+CONSULT_CATEGORIES = (
+    "emergency",
+    "diagnosis",
+    "medication",
+    "adverse_reaction",
+    "vaccination",
+    "appointment",
+    "general",
+)
+ConsultCategory = Literal[
+    "emergency", "diagnosis", "medication", "adverse_reaction", "vaccination", "appointment", "general"
+]
 
 
-class _Node(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class Prompt(_Strict):
+    """Something the caller hears: rendered text (``say``) or a recorded sound (``file``)."""
+
     say: str | None = Field(default=None, min_length=1, max_length=2000)
-    # A pre-recorded sound instead of rendered text, as Asterisk names it (e.g. ``custom/welcome``).
-    file: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_/-]+$")
+    # A sound as Asterisk names it, without extension, e.g. ``custom/welcome``.
+    file: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_/-]{1,128}$")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Prompt:
+        if (self.say is None) == (self.file is None):
+            raise ValueError("a prompt needs exactly one of `say` (text) or `file` (sound)")
+        return self
+
+
+class _Node(_Strict):
+    say: str | None = Field(default=None, min_length=1, max_length=2000)
+    file: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_/-]{1,128}$")
+    # A caller may press a key during the prompt to skip it (the key then counts as input where input is read).
+    barge_in: bool = True
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> _Node:
@@ -26,41 +64,392 @@ class _Node(BaseModel):
             raise ValueError("give either `say` or `file`, not both")
         return self
 
+    @property
+    def prompt(self) -> Prompt | None:
+        if self.say is None and self.file is None:
+            return None
+        return Prompt(say=self.say, file=self.file)
+
+    def targets(self) -> dict[str, str]:
+        """Outgoing edges: label → node id."""
+        return {}
+
+
+class _Waiting(_Node):
+    """A node that waits for the caller: always a timeout, a retry count and a fallback."""
+
+    timeout: Seconds = 6.0
+    retries: Retries = 2
+    invalid: Prompt | None = None
+    no_input: Prompt | None = None
+    fallback: NodeId
+
 
 class PlayNode(_Node):
     type: Literal["play"]
+    barge_in: bool = False
     next: NodeId
 
     @model_validator(mode="after")
     def _has_prompt(self) -> PlayNode:
-        if self.say is None and self.file is None:
+        if self.prompt is None:
             raise ValueError("a play node needs `say` (text) or `file` (sound)")
         return self
+
+    def targets(self) -> dict[str, str]:
+        return {"next": self.next}
+
+
+class MenuNode(_Waiting):
+    type: Literal["menu"]
+    choices: dict[Digit, NodeId] = Field(min_length=1)
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: object) -> object:
+        # `1: next` in YAML is an integer key; administrators should not have to quote digits.
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _has_prompt(self) -> MenuNode:
+        if self.prompt is None:
+            raise ValueError("a menu needs a prompt (`say` or `file`) that tells the caller the choices")
+        return self
+
+    def targets(self) -> dict[str, str]:
+        return {**{f"press {d}": t for d, t in self.choices.items()}, "fallback": self.fallback}
+
+
+class CollectNode(_Waiting):
+    type: Literal["collect"]
+    var: VarName
+    min_digits: int = Field(default=1, ge=1, le=32)
+    max_digits: int = Field(default=16, ge=1, le=32)
+    terminator: Digit | None = "#"
+    pattern: str | None = None
+    # Collected digits may identify the patient (birth year, ID number): the call record keeps only whether
+    # the input was valid unless an administrator states the value is not sensitive.
+    sensitive: bool = True
+    next: NodeId
+
+    @model_validator(mode="after")
+    def _lengths(self) -> CollectNode:
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits ({self.min_digits}) is above max_digits ({self.max_digits})")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
+        if self.prompt is None:
+            raise ValueError("a collect node needs a prompt that asks for the digits")
+        return self
+
+    def targets(self) -> dict[str, str]:
+        return {"next": self.next, "fallback": self.fallback}
+
+
+class ListenNode(_Waiting):
+    """Speech: transcript → consult category; a recognizer that is unavailable leads to ``fallback``."""
+
+    type: Literal["listen"]
+    var: VarName = "transcript"
+    max_seconds: Seconds = 10.0
+    categories: dict[ConsultCategory, NodeId] = Field(min_length=1)
+    # Speech understood but no category matched.
+    default: NodeId
+    # Keys pressed while the caller is asked to speak are honoured as in a menu.
+    choices: dict[Digit, NodeId] = Field(default_factory=dict)
+
+    @field_validator("choices", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+        return value
+
+    def targets(self) -> dict[str, str]:
+        edges = {f"heard {c}": t for c, t in self.categories.items()}
+        edges.update({f"press {d}": t for d, t in self.choices.items()})
+        return {**edges, "default": self.default, "fallback": self.fallback}
+
+
+class ConfirmNode(_Waiting):
+    """Press 1 to confirm, 2 to hear it again."""
+
+    type: Literal["confirm"]
+    confirm_digit: Digit = "1"
+    repeat_digit: Digit = "2"
+    next: NodeId
+
+    @model_validator(mode="after")
+    def _distinct(self) -> ConfirmNode:
+        if self.confirm_digit == self.repeat_digit:
+            raise ValueError("confirm_digit and repeat_digit must differ")
+        if self.prompt is None:
+            raise ValueError("a confirm node needs a prompt that says what is being confirmed")
+        return self
+
+    def targets(self) -> dict[str, str]:
+        return {"confirmed": self.next, "fallback": self.fallback}
+
+
+# -- conditions -----------------------------------------------------------------------------------
+
+
+class VarCondition(_Strict):
+    var: VarName
+    equals: str | None = None
+    one_of: list[str] | None = None
+    matches: str | None = None
+    is_set: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_test(self) -> VarCondition:
+        given = [k for k in ("equals", "one_of", "matches", "is_set") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a var condition needs exactly one of equals, one_of, matches, is_set")
+        if self.matches is not None:
+            try:
+                re.compile(self.matches)
+            except re.error as exc:
+                raise ValueError(f"matches is not a valid regular expression: {exc}") from None
+        return self
+
+
+class OpenCondition(_Strict):
+    """True while the named opening hours (under ``hours:``) are open and today is not a holiday."""
+
+    open: str
+
+
+class NotCondition(_Strict):
+    not_: Condition = Field(alias="not")
+
+
+class AllCondition(_Strict):
+    all: list[Condition] = Field(min_length=1)
+
+
+class AnyCondition(_Strict):
+    any: list[Condition] = Field(min_length=1)
+
+
+def _condition_kind(value: object) -> str | None:
+    """Which kind of condition a mapping is, told by its keys, so an error names the right fields only."""
+    if isinstance(value, BaseModel):
+        return type(value).__name__
+    if isinstance(value, dict):
+        for key, tag in (("var", "VarCondition"), ("open", "OpenCondition"), ("not", "NotCondition")):
+            if key in value:
+                return tag
+        for key, tag in (("all", "AllCondition"), ("any", "AnyCondition")):
+            if key in value:
+                return tag
+    return None
+
+
+# The tags pydantic puts into an error's location; the loader drops them to find the place in the file.
+CONDITION_TAGS = frozenset({"VarCondition", "OpenCondition", "NotCondition", "AllCondition", "AnyCondition"})
+
+Condition = Annotated[
+    Annotated[VarCondition, Tag("VarCondition")]
+    | Annotated[OpenCondition, Tag("OpenCondition")]
+    | Annotated[NotCondition, Tag("NotCondition")]
+    | Annotated[AllCondition, Tag("AllCondition")]
+    | Annotated[AnyCondition, Tag("AnyCondition")],
+    Discriminator(
+        _condition_kind,
+        custom_error_type="condition",
+        custom_error_message="a condition needs one of the keys var, open, not, all, any",
+    ),
+]
+
+
+class Case(_Strict):
+    when: Condition
+    next: NodeId
+
+
+class BranchNode(_Node):
+    type: Literal["branch"]
+    cases: list[Case] = Field(min_length=1)
+    default: NodeId
+
+    def targets(self) -> dict[str, str]:
+        return {**{f"case {i + 1}": c.next for i, c in enumerate(self.cases)}, "default": self.default}
+
+
+class SetNode(_Node):
+    type: Literal["set"]
+    vars: dict[VarName, str] = Field(min_length=1)
+    next: NodeId
+
+    @field_validator("vars", mode="before")
+    @classmethod
+    def _values_as_text(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {k: str(v) for k, v in value.items()}
+        return value
+
+    def targets(self) -> dict[str, str]:
+        return {"next": self.next}
+
+
+class LookupPatientNode(_Node):
+    """Caller number → patient record (pluggable directory); the number never becomes a flow variable."""
+
+    type: Literal["lookup_patient"]
+    found: NodeId
+    not_found: NodeId
+
+    def targets(self) -> dict[str, str]:
+        return {"found": self.found, "not found": self.not_found}
+
+
+class SubflowNode(_Node):
+    type: Literal["subflow"]
+    flow: FlowName
+    next: NodeId
+
+    def targets(self) -> dict[str, str]:
+        return {"after subflow": self.next}
+
+
+# -- terminal nodes: the flow's work ends here -----------------------------------------------------
+
+
+class RouteNode(_Node):
+    """Hand the call to routing: a consult category (which decides the credentials required) and priority."""
+
+    type: Literal["route"]
+    category: ConsultCategory
+    priority: Literal["normal", "emergency"] | None = None
+
+    @property
+    def effective_priority(self) -> str:
+        return self.priority or ("emergency" if self.category == "emergency" else "normal")
+
+
+class TransferNode(_Node):
+    type: Literal["transfer"]
+    # An internal extension, or an external number dialled through ``trunk``.
+    to: str = Field(pattern=r"^[0-9*#+]{2,20}$")
+    trunk: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,40}$")
 
 
 class HangupNode(_Node):
     type: Literal["hangup"]
 
 
-Node = Annotated[PlayNode | HangupNode, Field(discriminator="type")]
+class ReturnNode(_Node):
+    """Ends a subflow: the calling flow continues at its subflow node's ``next``."""
+
+    type: Literal["return"]
 
 
-class Flow(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+Node = Annotated[
+    PlayNode
+    | MenuNode
+    | CollectNode
+    | ListenNode
+    | ConfirmNode
+    | BranchNode
+    | SetNode
+    | LookupPatientNode
+    | SubflowNode
+    | RouteNode
+    | TransferNode
+    | HangupNode
+    | ReturnNode,
+    Field(discriminator="type"),
+]
+TERMINAL_TYPES = frozenset({"route", "transfer", "hangup", "return"})
+WAITING_TYPES = frozenset({"menu", "collect", "listen", "confirm"})
 
-    flow: str = Field(pattern=r"^[a-z0-9_-]{1,64}$")
+# -- opening hours --------------------------------------------------------------------------------
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_SPAN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+class Hours(_Strict):
+    """Weekly opening hours plus holiday dates, e.g. ``weekly: {mon-fri: ["08:00-12:00", "13:30-17:30"]}``."""
+
+    timezone: str = "Asia/Shanghai"
+    weekly: dict[str, list[str]] = Field(min_length=1)
+    holidays: list[date] = Field(default_factory=list)
+    # Working days that fall on a weekend (调休), open with the given weekday's hours.
+    workdays: dict[date, str] = Field(default_factory=dict)
+
+    @field_validator("weekly")
+    @classmethod
+    def _spans(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for key, spans in value.items():
+            _expand_days(key)
+            for span in spans:
+                match = _SPAN.match(span)
+                if not match or span[:5] >= span[6:]:
+                    raise ValueError(f"{key}: {span!r} is not a time span like '08:00-12:00'")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    def spans_for(self, weekday: str) -> list[tuple[time, time]]:
+        result = []
+        for key, spans in self.weekly.items():
+            if weekday in _expand_days(key):
+                for span in spans:
+                    start, end = span.split("-")
+                    result.append((_parse_time(start), _parse_time(end)))
+        return result
+
+
+def _parse_time(text: str) -> time:
+    hour, minute = (int(part) for part in text.split(":"))
+    return time.max if hour == 24 else time(hour, minute)  # "24:00" closes the day
+
+
+def _expand_days(key: str) -> tuple[str, ...]:
+    days: list[str] = []
+    for raw in key.split(","):
+        part = raw.strip()
+        if "-" in part:
+            first, last = part.split("-", 1)
+            if first not in _DAYS or last not in _DAYS or _DAYS.index(first) > _DAYS.index(last):
+                raise ValueError(f"{key!r}: day range must look like 'mon-fri'")
+            days.extend(_DAYS[_DAYS.index(first) : _DAYS.index(last) + 1])
+        elif part in _DAYS:
+            days.append(part)
+        else:
+            raise ValueError(f"{key!r}: days are mon, tue, wed, thu, fri, sat, sun or a range like mon-fri")
+    return tuple(days)
+
+
+class Flow(_Strict):
+    flow: FlowName
     description: str = ""
     start: NodeId
+    hours: dict[str, Hours] = Field(default_factory=dict)
     nodes: dict[NodeId, Node] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _targets_exist(self) -> Flow:
-        if self.start not in self.nodes:
-            raise ValueError(f"start node {self.start!r} is not defined under nodes")
-        for name, node in self.nodes.items():
-            if isinstance(node, PlayNode) and node.next not in self.nodes:
-                raise ValueError(f"node {name!r}: next {node.next!r} is not defined under nodes")
-        return self
-
     def prompt_texts(self) -> list[str]:
-        return [node.say for node in self.nodes.values() if node.say]
+        """Every text a caller may hear, for ``prompts build``."""
+        texts: list[str] = []
+        for node in self.nodes.values():
+            if node.say:
+                texts.append(node.say)
+            if isinstance(node, _Waiting):
+                texts.extend(p.say for p in (node.invalid, node.no_input) if p is not None and p.say)
+        return texts

@@ -94,6 +94,24 @@ def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_flows(config: Config, args: argparse.Namespace) -> int:
+    from medhotline import flows as flow_tools
+
+    if args.action == "check":
+        paths = [Path(p) for p in args.paths] or [config.hotline.flows_dir]
+        sounds_dir = args.sounds_dir or config.prompts.sounds_dir
+        return flow_tools.print_check(paths, sounds_dir)
+    if args.action == "show":
+        if len(args.paths) != 1:
+            print("medhotline: flows show needs exactly one flow name", file=sys.stderr)
+            return EXIT_USAGE
+        return flow_tools.print_show(config.hotline.flows_dir, args.paths[0], dot=args.dot)
+    if args.paths:
+        print("medhotline: flows schema takes no arguments", file=sys.stderr)
+        return EXIT_USAGE
+    return flow_tools.print_schema(config.hotline.flows_dir / flow_tools.SCHEMA_FILE if args.write else None)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medhotline", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -113,6 +131,19 @@ def _parser() -> argparse.ArgumentParser:
     prompts = sub.add_parser("prompts", help="render the flows' prompt texts to audio")
     prompts.add_argument("action", choices=["build"])
     prompts.set_defaults(func=_cmd_prompts)
+
+    flows = sub.add_parser("flows", help="check, show and describe the IVR flows in YAML")
+    flows.add_argument("action", choices=["check", "show", "schema"])
+    flows.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH|NAME",
+        help="check: files or directories (default: hotline.flows_dir); show: a flow name",
+    )
+    flows.add_argument("--dot", action="store_true", help="show: Graphviz dot instead of text")
+    flows.add_argument("--write", action="store_true", help="schema: write flow.schema.json into hotline.flows_dir")
+    flows.add_argument("--sounds-dir", type=Path, help="check: also check `file:` prompts exist in this directory")
+    flows.set_defaults(func=_cmd_flows)
 
     serve = sub.add_parser("serve", help="run the hotline service (ARI, AMI, FastAGI)")
     serve.set_defaults(func=_cmd_serve)
