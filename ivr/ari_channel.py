@@ -73,7 +73,19 @@ class AriCallChannel:
     async def answer(self) -> None:
         await self._call("POST", f"/channels/{self._info.channel_id}/answer")
 
-    async def play(self, sound: str) -> None:
+    def _discard_pending_digits(self) -> None:
+        """Keys pressed before a prompt that does not allow barge-in are not input for what follows."""
+        kept: list[dict[str, Any] | BaseException] = []
+        while not self._events.empty():
+            item = self._events.get_nowait()
+            if isinstance(item, BaseException) or item.get("type") != "ChannelDtmfReceived":
+                kept.append(item)
+        for item in kept:
+            self._events.put_nowait(item)
+
+    async def play(self, sound: str, *, barge_in: bool = False) -> str | None:
+        if not barge_in:
+            self._discard_pending_digits()
         playback_id = str(uuid.uuid4())
         await self._call("POST", f"/channels/{self._info.channel_id}/play/{playback_id}", {"media": f"sound:{sound}"})
         while True:
@@ -82,7 +94,40 @@ class AriCallChannel:
             if event["type"] == "PlaybackFinished" and playback.get("id") == playback_id:
                 if playback.get("state") == "failed":
                     log.error("ari.playback_failed", sound=sound)
-                return
+                return None
+            if event["type"] == "ChannelDtmfReceived" and barge_in:
+                with contextlib.suppress(AriNotFound):  # the prompt may have ended in the meantime
+                    await self._client.request("DELETE", f"/playbacks/{playback_id}")
+                return str(event.get("digit", ""))
+
+    async def read_digits(self, *, max_digits: int, timeout: float, terminator: str | None = None) -> str:
+        digits = ""
+        while len(digits) < max_digits:
+            try:
+                async with asyncio.timeout(timeout):
+                    event = await self._next_event()
+            except TimeoutError:
+                break
+            if event["type"] != "ChannelDtmfReceived":
+                continue
+            digit = str(event.get("digit", ""))
+            if terminator is not None and digit == terminator:
+                break
+            digits += digit
+        return digits
+
+    async def set_variable(self, name: str, value: str) -> None:
+        await self._call("POST", f"/channels/{self._info.channel_id}/variable", {"variable": name, "value": value})
+
+    async def transfer(self, extension: str, trunk: str | None = None) -> None:
+        await self.set_variable("MEDHOTLINE_TRUNK", trunk or "")
+        await self._call(
+            "POST",
+            f"/channels/{self._info.channel_id}/continue",
+            {"context": "medhotline-transfer", "extension": extension, "priority": "1"},
+        )
+        # The channel leaves Stasis; it is no longer ours to hang up.
+        self._gone = True
 
     async def hangup(self) -> None:
         if self._gone:

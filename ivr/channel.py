@@ -6,7 +6,7 @@ hanging up surfaces as ``CallerHungUp`` from whichever operation was waiting, so
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from medhotline.errors import MedhotlineError
@@ -26,28 +26,81 @@ class ConnectionLost(ChannelError):
     """The connection to Asterisk dropped while the call was in progress."""
 
 
+class CallerId:
+    """The caller's number, wrapped so that it can't be printed, logged or formatted by accident.
+
+    Only the patient directory calls ``reveal()``; ``str``/``repr`` show a mask.
+    """
+
+    __slots__ = ("_number",)
+
+    def __init__(self, number: str = "") -> None:
+        self._number = number
+
+    def reveal(self) -> str:
+        return self._number
+
+    def __bool__(self) -> bool:
+        return bool(self._number)
+
+    def __repr__(self) -> str:
+        return "CallerId(***)" if self._number else "CallerId(unknown)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CallerId) and other._number == self._number
+
+    def __hash__(self) -> int:
+        return hash(self._number)
+
+
 @dataclass(frozen=True)
 class CallInfo:
-    """What the service knows about a call when it arrives. Deliberately no caller number: the
-    number is identifying data and only reaches the patient lookup, never a log or the calls table."""
+    """What the service knows about a call when it arrives. The caller number is identifying data: it is
+    only a ``CallerId`` here, reaches the patient lookup, and never a log line or the calls table."""
 
     channel_id: str
     channel_name: str
     transport: Transport
     flow: str
     dialed: str
+    caller: CallerId = field(default_factory=CallerId)
+
+
+DIGITS = "0123456789*#"
 
 
 class CallChannel(Protocol):
-    """One call, as the flow interpreter sees it."""
+    """One call, as the flow interpreter sees it. Every waiting operation is bounded by a timeout."""
 
     @property
     def info(self) -> CallInfo: ...
 
     async def answer(self) -> None: ...
 
-    async def play(self, sound: str) -> None:
-        """Play a sound (Asterisk name such as ``medhotline/ab12…``) to the end, or raise CallerHungUp."""
+    async def play(self, sound: str, *, barge_in: bool = False) -> str | None:
+        """Play a sound (Asterisk name such as ``medhotline/ab12…``) to the end, or raise CallerHungUp.
+
+        With ``barge_in`` a key press stops the sound and is returned; without it, keys pressed during the sound
+        are discarded (a caller pressing early must not select something they have not heard yet).
+        """
+        ...
+
+    async def read_digits(self, *, max_digits: int, timeout: float, terminator: str | None = None) -> str:
+        """Collect up to ``max_digits`` keys, each within ``timeout`` seconds of the previous (or of the call).
+
+        Returns what was pressed before the timeout, the terminator (not included) or the maximum; ``""`` on
+        no input.
+        """
+        ...
+
+    async def set_variable(self, name: str, value: str) -> None:
+        """Set a channel variable in Asterisk (read by the dialplan after a transfer)."""
+        ...
+
+    async def transfer(self, extension: str, trunk: str | None = None) -> None:
+        """Leave the IVR: continue in the dialplan's ``medhotline-transfer`` context at ``extension``."""
         ...
 
     async def hangup(self) -> None:

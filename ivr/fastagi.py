@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from panoramisk.utils import parse_agi_result
 
-from ivr.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost
+from ivr.channel import DIGITS, CallerHungUp, CallerId, CallInfo, ChannelError, ConnectionLost
 
 log = structlog.get_logger(__name__)
 
@@ -117,8 +117,29 @@ class FastAgiCallChannel:
     async def answer(self) -> None:
         await self.command("ANSWER")
 
-    async def play(self, sound: str) -> None:
-        await self.command(f'STREAM FILE {sound} ""')
+    async def play(self, sound: str, *, barge_in: bool = False) -> str | None:
+        result = await self.command(f'STREAM FILE {sound} "{DIGITS if barge_in else ""}"')
+        return _digit(result)
+
+    async def read_digits(self, *, max_digits: int, timeout: float, terminator: str | None = None) -> str:
+        digits = ""
+        while len(digits) < max_digits:
+            digit = _digit(await self.command(f"WAIT FOR DIGIT {int(timeout * 1000)}"))
+            if digit is None or (terminator is not None and digit == terminator):
+                break
+            digits += digit
+        return digits
+
+    async def set_variable(self, name: str, value: str) -> None:
+        await self.command(f'SET VARIABLE {name} "{value}"')
+
+    async def transfer(self, extension: str, trunk: str | None = None) -> None:
+        # Where the dialplan continues once this AGI session ends.
+        await self.set_variable("MEDHOTLINE_TRUNK", trunk or "")
+        await self.command("SET CONTEXT medhotline-transfer")
+        await self.command(f"SET EXTENSION {extension}")
+        await self.command("SET PRIORITY 1")
+        self._hung_up = True  # nothing more to send on this session
 
     async def hangup(self) -> None:
         if self._hung_up:
@@ -126,6 +147,21 @@ class FastAgiCallChannel:
         with contextlib.suppress(ChannelError):
             await self.command("HANGUP")
         self._hung_up = True
+
+
+def _caller_number(headers: dict[str, str]) -> str:
+    number = headers.get("agi_callerid", "").strip()
+    return "" if number == "unknown" else number
+
+
+def _digit(result: dict[str, Any]) -> str | None:
+    """AGI reports a key as its ASCII code in ``result``; 0 means none was pressed."""
+    value = result.get("result", ("0", ""))[0]
+    try:
+        code = int(value)
+    except (TypeError, ValueError):
+        return None
+    return chr(code) if code > 0 and chr(code) in DIGITS else None
 
 
 CallHandler = Callable[[FastAgiCallChannel], Awaitable[None]]
@@ -142,6 +178,9 @@ async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamW
             transport="fastagi",
             flow=script_name(headers),
             dialed=headers.get("agi_dnid", headers.get("agi_extension", "")),
+            caller=CallerId(
+                headers.get("agi_callerid", "").strip() if headers.get("agi_callerid") != "unknown" else ""
+            ),
         )
         await handler(FastAgiCallChannel(reader, writer, info))
     except (FastAgiProtocolError, TimeoutError) as exc:

@@ -1,26 +1,70 @@
-"""The flow interpreter: walks a validated flow over a ``CallChannel``. Sans-I/O apart from the port.
+"""The flow interpreter: walks a validated flow over a ``CallChannel``. Sans-I/O apart from its ports.
 
 It never raises for what a caller or Asterisk does: a hang-up, a lost connection or a failed operation ends
 the walk with an outcome and the node where it happened, which the service writes to the call record.
+Every step is reported through ``on_step`` with the input that chose the edge, so a call record shows the
+path a caller took (sensitive inputs, e.g. a birth year, only as "valid"/"invalid").
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 import structlog
 
 from ivr.channel import CallChannel, CallerHungUp, ChannelError, ConnectionLost
-from ivr.flow_model import Flow, HangupNode, PlayNode
+from ivr.conditions import evaluate
+from ivr.flow_loader import LoadedFlow
+from ivr.flow_model import (
+    BranchNode,
+    CollectNode,
+    ConfirmNode,
+    Flow,
+    HangupNode,
+    ListenNode,
+    LookupPatientNode,
+    MenuNode,
+    PlayNode,
+    Prompt,
+    ReturnNode,
+    RouteNode,
+    SetNode,
+    SubflowNode,
+    TransferNode,
+)
+from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 
 log = structlog.get_logger(__name__)
 
-Outcome = Literal["completed", "caller_hangup", "connection_lost", "error"]
-# A flow without waiting nodes can still loop (a → b → a); the bound turns that into an error, not a stuck call.
+Outcome = Literal["completed", "routed", "transferred", "caller_hangup", "connection_lost", "error"]
+# Every step is bounded: a caller pressing "repeat" forever, or a loop an administrator did not foresee,
+# ends as an error after this many steps instead of holding a line for ever.
 MAX_STEPS = 500
+# "Press 2 to hear it again" does not count as a wrong key, but is bounded too.
+MAX_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node visited: which, and what chose the way out of it."""
+
+    flow: str
+    node: str
+    node_type: str
+    edge: str | None = None
+    input: str | None = None
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    category: str
+    priority: str
+    node: str
 
 
 @dataclass(frozen=True)
@@ -28,41 +72,254 @@ class FlowResult:
     outcome: Outcome
     last_step: str
     error: str | None = None
+    route: RouteDecision | None = None
+    transfer_to: str | None = None
+    variables: Mapping[str, str] = field(default_factory=dict)
 
 
 SoundFor = Callable[[str], str]
-OnStep = Callable[[str], Awaitable[None]]
+OnStep = Callable[[Step], Awaitable[None]]
 
 
-def _sound(node: PlayNode | HangupNode, sound_for: SoundFor) -> str | None:
-    if node.file:
-        return node.file
-    return sound_for(node.say) if node.say else None
+async def _noop_step(step: Step) -> None:
+    return None
 
 
-async def run_flow(flow: Flow, channel: CallChannel, sound_for: SoundFor, on_step: OnStep) -> FlowResult:
-    """Answer, walk the flow from its start node, and hang up at the end."""
-    node_id = "answer"
-    try:
-        await channel.answer()
+class _Done(Exception):
+    def __init__(self, result: FlowResult) -> None:
+        self.result = result
+
+
+@dataclass
+class FlowRunner:
+    """Runs one call through one flow (and its subflows, resolved from ``flows``)."""
+
+    flows: Mapping[str, LoadedFlow]
+    sound_for: SoundFor
+    on_step: OnStep = _noop_step
+    recognizer: Recognizer = field(default_factory=NoRecognizer)
+    directory: PatientDirectory = field(default_factory=NoPatientDirectory)
+    now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    variables: dict[str, str] = field(default_factory=dict)
+
+    # Where the call is: "node", or "subflow:node" inside a subflow. Reported with the outcome.
+    _where: str = field(default="answer", init=False)
+    _typeahead: str | None = field(default=None, init=False)
+
+    async def run(self, flow: Flow, channel: CallChannel) -> FlowResult:
+        """Answer, walk the flow from its start node, and end in a hang-up, a route or a transfer."""
+        try:
+            await channel.answer()
+            return await self._walk(flow, channel)
+        except _Done as done:
+            return done.result
+        except CallerHungUp:
+            return FlowResult("caller_hangup", self._where, variables=self.variables)
+        except ConnectionLost as exc:
+            return FlowResult("connection_lost", self._where, str(exc), variables=self.variables)
+        except ChannelError as exc:
+            log.error("flow.failed", node=self._where, error=str(exc))
+            # Best effort: the channel that just failed may fail its hang-up too.
+            with contextlib.suppress(ChannelError):
+                await channel.hangup()
+            return FlowResult("error", self._where, str(exc), variables=self.variables)
+
+    async def _walk(self, flow: Flow, channel: CallChannel) -> FlowResult:
+        stack: list[tuple[Flow, str]] = []  # (calling flow, node to continue at) for subflows
         node_id = flow.start
         for _ in range(MAX_STEPS):
+            self._where = node_id if not stack else f"{flow.flow}:{node_id}"
             node = flow.nodes[node_id]
-            await on_step(node_id)
-            sound = _sound(node, sound_for)
-            if sound:
-                await channel.play(sound)
-            if isinstance(node, HangupNode):
-                await channel.hangup()
-                return FlowResult("completed", node_id)
-            node_id = node.next
+            edge, value, target = await self._step(flow, node_id, node, channel)
+            await self.on_step(Step(flow.flow, node_id, node.type, edge, value))
+            if isinstance(node, SubflowNode):
+                if node.flow not in self.flows:  # the graph checks should prevent it; never a KeyError out of run()
+                    raise ChannelError(f"node {node_id}: subflow {node.flow!r} is not loaded")
+                stack.append((flow, node.next))
+                flow = self.flows[node.flow].flow
+                node_id = flow.start
+                continue
+            if isinstance(node, ReturnNode):
+                if not stack:  # a subflow run on its own: returning ends the call politely
+                    await channel.hangup()
+                    return self._result("completed")
+                flow, node_id = stack.pop()
+                continue
+            if target is None:  # a terminal node did its work in _step
+                raise AssertionError(f"terminal node {node_id} returned no result")
+            node_id = target
         raise ChannelError(f"flow {flow.flow!r} ran {MAX_STEPS} steps without reaching an end")
-    except CallerHungUp:
-        return FlowResult("caller_hangup", node_id)
-    except ConnectionLost as exc:
-        return FlowResult("connection_lost", node_id, str(exc))
-    except ChannelError as exc:
-        log.error("flow.failed", node=node_id, error=str(exc))
-        with contextlib.suppress(ChannelError):  # a failing channel may fail the hang-up too
+
+    def _result(self, outcome: Outcome, **extra: object) -> FlowResult:
+        return FlowResult(outcome, self._where, variables=dict(self.variables), **extra)  # type: ignore[arg-type]
+
+    async def _say(self, channel: CallChannel, prompt: Prompt | None, barge_in: bool) -> str | None:
+        """Play a prompt. A key pressed during an earlier interruptible announcement (type-ahead) answers an
+        interruptible prompt at once: a caller who presses 0 during the greeting reaches emergency without
+        waiting for the menu."""
+        if barge_in and self._typeahead is not None:
+            pressed, self._typeahead = self._typeahead, None
+            return pressed
+        self._typeahead = None
+        if prompt is None:
+            return None
+        sound = prompt.file if prompt.file else self.sound_for(prompt.say or "")
+        return await channel.play(sound, barge_in=barge_in)
+
+    async def _step(
+        self, flow: Flow, node_id: str, node: object, channel: CallChannel
+    ) -> tuple[str | None, str | None, str | None]:
+        """Run one node; returns (edge label, recorded input, next node). Terminal nodes raise _Done."""
+        if isinstance(node, PlayNode):
+            pressed = await self._say(channel, node.prompt, node.barge_in)
+            # The key skipped this announcement and is kept for the next question.
+            self._typeahead = pressed
+            return "next", pressed and "skipped", node.next
+        if isinstance(node, SetNode):
+            self.variables.update(node.vars)
+            return "next", None, node.next
+        if isinstance(node, BranchNode):
+            for index, case in enumerate(node.cases):
+                if evaluate(case.when, self.variables, flow.hours, self.now()):
+                    return f"case {index + 1}", None, case.next
+            return "default", None, node.default
+        if isinstance(node, LookupPatientNode):
+            await self._say(channel, node.prompt, node.barge_in)
+            match = await self.directory.lookup_caller(channel)
+            if match is None:
+                return "not found", None, node.not_found
+            self.variables["patient_ref"] = match.patient_ref
+            return "found", None, node.found
+        if isinstance(node, SubflowNode):
+            await self._say(channel, node.prompt, node.barge_in)
+            return "subflow", node.flow, None
+        if isinstance(node, ReturnNode):
+            await self._say(channel, node.prompt, node.barge_in)
+            return "return", None, None
+        if isinstance(node, MenuNode):
+            return await self._menu(node, channel)
+        if isinstance(node, CollectNode):
+            return await self._collect(node, channel)
+        if isinstance(node, ConfirmNode):
+            return await self._confirm(node, channel)
+        if isinstance(node, ListenNode):
+            return await self._listen(node, channel)
+        await self._terminal(flow.flow, node_id, node, channel)
+        raise AssertionError("unreachable")
+
+    async def _terminal(self, flow_name: str, node_id: str, node: object, channel: CallChannel) -> None:
+        if isinstance(node, HangupNode):
+            await self._say(channel, node.prompt, False)
+            await self.on_step(Step(flow_name, node_id, "hangup"))
             await channel.hangup()
-        return FlowResult("error", node_id, str(exc))
+            raise _Done(self._result("completed"))
+        if isinstance(node, RouteNode):
+            await self._say(channel, node.prompt, False)
+            decision = RouteDecision(node.category, node.effective_priority, node_id)
+            await self.on_step(Step(flow_name, node_id, "route", node.category, decision.priority))
+            raise _Done(self._result("routed", route=decision))
+        if isinstance(node, TransferNode):
+            await self._say(channel, node.prompt, False)
+            await self.on_step(Step(flow_name, node_id, "transfer", node.trunk or "internal", node.to))
+            await channel.transfer(node.to, node.trunk)
+            raise _Done(self._result("transferred", transfer_to=node.to))
+        raise ChannelError(f"node {node_id}: unsupported node type {type(node).__name__}")
+
+    # -- waiting nodes ------------------------------------------------------------------------------
+
+    async def _retry_or_fallback(
+        self, node: MenuNode | CollectNode | ConfirmNode | ListenNode, attempt: int, kind: str, channel: CallChannel
+    ) -> bool:
+        """After a bad or missing input: True to ask again, False when the retries are used up."""
+        if attempt > node.retries:
+            return False
+        await self._say(channel, node.no_input if kind == "no_input" else node.invalid, False)
+        return True
+
+    async def _menu(self, node: MenuNode, channel: CallChannel) -> tuple[str, str | None, str]:
+        attempt = 0
+        while True:
+            pressed = await self._say(channel, node.prompt, node.barge_in)
+            if pressed is None:
+                pressed = await channel.read_digits(max_digits=1, timeout=node.timeout)
+            if pressed in node.choices:
+                return f"press {pressed}", pressed, node.choices[pressed]
+            attempt += 1
+            kind = "no_input" if not pressed else "invalid"
+            if not await self._retry_or_fallback(node, attempt, kind, channel):
+                return "fallback", kind, node.fallback
+
+    async def _collect(self, node: CollectNode, channel: CallChannel) -> tuple[str, str | None, str]:
+        attempt = 0
+        while True:
+            first = await self._say(channel, node.prompt, node.barge_in)
+            digits = first or ""
+            if node.terminator is not None and digits == node.terminator:
+                digits = ""
+            elif len(digits) < node.max_digits:  # a one-digit collect may already be complete by barge-in
+                digits += await channel.read_digits(
+                    max_digits=node.max_digits - len(digits), timeout=node.timeout, terminator=node.terminator
+                )
+            valid = node.min_digits <= len(digits) <= node.max_digits and (
+                node.pattern is None or re.fullmatch(node.pattern, digits) is not None
+            )
+            if valid:
+                self.variables[node.var] = digits
+                return "next", "valid" if node.sensitive else digits, node.next
+            attempt += 1
+            kind = "no_input" if not digits else "invalid"
+            if not await self._retry_or_fallback(node, attempt, kind, channel):
+                return "fallback", kind, node.fallback
+
+    async def _confirm(self, node: ConfirmNode, channel: CallChannel) -> tuple[str, str | None, str]:
+        attempt = repeats = 0
+        while True:
+            pressed = await self._say(channel, node.prompt, node.barge_in)
+            if pressed is None:
+                pressed = await channel.read_digits(max_digits=1, timeout=node.timeout)
+            if pressed == node.confirm_digit:
+                return "confirmed", pressed, node.next
+            if pressed == node.repeat_digit and repeats < MAX_REPEATS:
+                repeats += 1
+                continue
+            attempt += 1
+            kind = "no_input" if not pressed else "invalid"
+            if not await self._retry_or_fallback(node, attempt, kind, channel):
+                return "fallback", kind, node.fallback
+
+    async def _listen(self, node: ListenNode, channel: CallChannel) -> tuple[str, str | None, str]:
+        if not self.recognizer.available:
+            # No speech on this node (or it failed): the caller gets the key menu instead, never silence.
+            return "fallback", "speech unavailable", node.fallback
+        attempt = 0
+        while True:
+            pressed = await self._say(channel, node.prompt, True)
+            if pressed is not None:
+                if pressed in node.choices:
+                    return f"press {pressed}", pressed, node.choices[pressed]
+                recognition = None
+            else:
+                recognition = await self.recognizer.recognize(channel, node.max_seconds)
+            if recognition is not None and recognition.transcript:
+                self.variables[node.var] = recognition.transcript
+                if recognition.emergency:
+                    self.variables["priority"] = "emergency"
+                category = recognition.category
+                if category in node.categories:
+                    return f"heard {category}", category, node.categories[category]
+                return "default", category or "unclassified", node.default
+            attempt += 1
+            kind = "no_input" if pressed is None else "invalid"
+            if not await self._retry_or_fallback(node, attempt, kind, channel):
+                return "fallback", kind, node.fallback
+
+
+async def run_flow(
+    flow: Flow,
+    channel: CallChannel,
+    sound_for: SoundFor,
+    on_step: OnStep = _noop_step,
+    flows: Mapping[str, LoadedFlow] | None = None,
+) -> FlowResult:
+    """Convenience for a flow without subflows, recognizer or patient directory."""
+    return await FlowRunner(flows or {}, sound_for, on_step).run(flow, channel)

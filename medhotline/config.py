@@ -138,6 +138,8 @@ class HotlineConfig(_Section):
     entry: Literal["ari", "fastagi"] = "ari"
     flows_dir: Path = Path("dialplans")
     flow: str = Field(default="hotline", pattern=r"^[a-z0-9_-]+$")
+    # How often the flows directory is checked for edits (seconds).
+    reload_interval: float = Field(default=1.0, gt=0, le=300)
 
 
 class PromptsConfig(_Section):

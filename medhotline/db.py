@@ -25,13 +25,13 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from medhotline.errors import MedhotlineError
-from medhotline.models import CALL_OUTCOMES, Call, CallOutcome, Transport
+from medhotline.models import CALL_OUTCOMES, Call, CallOutcome, CallStep, Transport
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS: Final = 5000
@@ -232,6 +232,17 @@ def ensure_current(url: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class CallStepRecord:
+    seq: int
+    flow: str
+    node: str
+    node_type: str
+    edge: str | None
+    input: str | None
+    at: datetime
+
+
+@dataclass(frozen=True)
 class CallRecord:
     """A snapshot of one row of ``calls``, detached from any session."""
 
@@ -248,6 +259,9 @@ class CallRecord:
     outcome: str
     last_step: str | None
     error: str | None
+    route_category: str | None = None
+    route_priority: str | None = None
+    transfer_to: str | None = None
 
     @classmethod
     def from_row(cls, row: Call) -> CallRecord:
@@ -265,6 +279,9 @@ class CallRecord:
             outcome=row.outcome,
             last_step=row.last_step,
             error=row.error,
+            route_category=row.route_category,
+            route_priority=row.route_priority,
+            transfer_to=row.transfer_to,
         )
 
 
@@ -347,6 +364,9 @@ class CallRepository:
         ended_at: datetime,
         last_step: str | None = None,
         error: str | None = None,
+        route_category: str | None = None,
+        route_priority: str | None = None,
+        transfer_to: str | None = None,
     ) -> bool:
         """Record how the call ended; returns False (and changes nothing) if it had already ended.
 
@@ -363,7 +383,44 @@ class CallRepository:
             if last_step is not None:
                 row.last_step = last_step
             row.error = error
+            row.route_category = route_category
+            row.route_priority = route_priority
+            row.transfer_to = transfer_to
             return True
+
+    def add_step(
+        self,
+        call_id: str,
+        *,
+        flow: str,
+        node: str,
+        node_type: str,
+        edge: str | None,
+        input: str | None,
+        at: datetime,
+    ) -> None:
+        """Append one visited node; the sequence number is the next free one for the call."""
+        with self._transaction(f"recording a step of call {call_id}") as session:
+            seq = session.scalar(select(func.count()).select_from(CallStep).where(CallStep.call_id == call_id))
+            session.add(
+                CallStep(
+                    call_id=call_id,
+                    seq=int(seq or 0) + 1,
+                    flow=flow,
+                    node=node,
+                    node_type=node_type,
+                    edge=edge,
+                    input=input,
+                    at=at,
+                )
+            )
+            row = self._load(session, call_id)
+            row.last_step = node
+
+    def steps(self, call_id: str) -> list[CallStepRecord]:
+        with self._transaction(f"reading the path of call {call_id}") as session:
+            rows = session.scalars(select(CallStep).where(CallStep.call_id == call_id).order_by(CallStep.seq))
+            return [CallStepRecord(r.seq, r.flow, r.node, r.node_type, r.edge, r.input, r.at) for r in rows]
 
     def get(self, call_id: str) -> CallRecord | None:
         with self._transaction(f"reading call {call_id}") as session:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-from sqlalchemy import CheckConstraint, DateTime, Dialect, Index, MetaData, String, Text
+from sqlalchemy import CheckConstraint, DateTime, Dialect, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -25,10 +25,12 @@ NAMING_CONVENTION: Final[dict[str, str]] = {
     "pk": "pk_%(table_name)s",
 }
 
-CallOutcome = Literal["in_progress", "completed", "caller_hangup", "connection_lost", "error"]
+CallOutcome = Literal["in_progress", "completed", "routed", "transferred", "caller_hangup", "connection_lost", "error"]
 CALL_OUTCOMES: Final[tuple[CallOutcome, ...]] = (
     "in_progress",
     "completed",
+    "routed",
+    "transferred",
     "caller_hangup",
     "connection_lost",
     "error",
@@ -94,14 +96,34 @@ class Call(Base):
     # Where in the flow the call was when it ended, to find the step callers hang up on.
     last_step: Mapped[str | None] = mapped_column(String(128))
     error: Mapped[str | None] = mapped_column(Text)
+    # How the IVR part ended: the consult category and priority handed to routing, or the transfer target.
+    route_category: Mapped[str | None] = mapped_column(String(32))
+    route_priority: Mapped[str | None] = mapped_column(String(16))
+    transfer_to: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (
         # The database refuses values the code does not know, whichever node or tool wrote them.
         CheckConstraint(
-            "outcome IN ('in_progress', 'completed', 'caller_hangup', 'connection_lost', 'error')",
+            "outcome IN ('in_progress', 'completed', 'routed', 'transferred', 'caller_hangup', 'connection_lost', "
+            "'error')",
             name="outcome",
         ),
         CheckConstraint("transport IN ('ari', 'fastagi')", name="transport"),
         Index("ix_calls_started_at", "started_at"),
         Index("ix_calls_channel_id", "channel_id"),
     )
+
+
+class CallStep(Base):
+    """One node a call visited, in order, with the edge taken and the input that chose it."""
+
+    __tablename__ = "call_steps"
+
+    call_id: Mapped[str] = mapped_column(String(36), ForeignKey("calls.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    flow: Mapped[str] = mapped_column(String(64))
+    node: Mapped[str] = mapped_column(String(64))
+    node_type: Mapped[str] = mapped_column(String(32))
+    edge: Mapped[str | None] = mapped_column(String(64))
+    input: Mapped[str | None] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime())

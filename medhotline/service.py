@@ -19,13 +19,15 @@ from typing import Any
 
 import structlog
 
-from ivr.ari_channel import AriCallChannel, AriDispatcher
+from ivr.ari_channel import AriCallChannel, AriDispatcher, event_channel_id
 from ivr.ari_client import AriClient, AriError
-from ivr.channel import CallChannel, CallInfo, ConnectionLost
+from ivr.channel import CallChannel, CallerId, CallInfo, ConnectionLost
 from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
-from ivr.flow_loader import LoadedFlow, load_flows
-from ivr.interpreter import FlowResult, run_flow
+from ivr.flow_loader import FlowError
+from ivr.flow_registry import FlowRegistry
+from ivr.interpreter import FlowResult, FlowRunner, Step
+from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 from ivr.prompts import Voice, sound_name
 from medhotline import db
 from medhotline.ami import AmiMonitor
@@ -76,13 +78,18 @@ class HotlineService:
         self,
         config: Config,
         repo: db.CallRepository,
-        flows: dict[str, LoadedFlow],
+        flows: FlowRegistry,
         creds: AsteriskCredentials,
+        *,
+        recognizer: Recognizer | None = None,
+        directory: PatientDirectory | None = None,
     ) -> None:
         self.config = config
         self.repo = repo
         self.flows = flows
         self.creds = creds
+        self.recognizer: Recognizer = recognizer or NoRecognizer()
+        self.directory: PatientDirectory = directory or NoPatientDirectory()
         self.voice = Voice(config.prompts.voice, config.prompts.speed)
         self.dispatcher = AriDispatcher()
         self.ari = AriClient(
@@ -96,56 +103,91 @@ class HotlineService:
 
     # -- calls ------------------------------------------------------------------------------------
 
+    async def _record(self, what: str, func: Any, *args: Any, **kwargs: Any) -> None:
+        """A database write for a call; a failure is logged loudly but never drops the caller."""
+        try:
+            await asyncio.to_thread(func, *args, **kwargs)
+        except Exception:
+            log.exception("call.record_failed", writing=what)
+
     async def handle_call(self, channel: CallChannel) -> None:
-        """Run one call from arrival to hang-up and keep its record. Never raises."""
+        """Run one call from arrival to the end of the IVR and keep its record. Never raises."""
         info = channel.info
         call_id = str(uuid.uuid4())
         with structlog.contextvars.bound_contextvars(call_id=call_id):
-            loaded = self.flows.get(info.flow) or self.flows[self.config.hotline.flow]
-            log.info("call.start", transport=info.transport, channel=info.channel_name, flow=loaded.flow.flow)
-            try:
-                await asyncio.to_thread(
-                    self.repo.start,
-                    call_id=call_id,
-                    node=self.config.service.node_name,
-                    transport=info.transport,
-                    channel_id=info.channel_id,
-                    channel_name=info.channel_name,
-                    flow=loaded.flow.flow,
-                    flow_version=loaded.version,
-                    started_at=datetime.now(UTC),
-                )
-            except Exception:
-                # Without a record we must not run the call silently: the caller still hears the service, but
-                # the failure is loud in the log (a hotline that drops calls because a disk is full is worse).
-                log.exception("call.record_start_failed")
+            flows = self.flows.current  # this call's snapshot: later edits don't change it
+            loaded = flows.get(info.flow) or flows[self.config.hotline.flow]
+            log.info(
+                "call.start",
+                transport=info.transport,
+                channel=info.channel_name,
+                flow=loaded.flow.flow,
+                version=loaded.version,
+            )
+            await self._record(
+                "start",
+                self.repo.start,
+                call_id=call_id,
+                node=self.config.service.node_name,
+                transport=info.transport,
+                channel_id=info.channel_id,
+                channel_name=info.channel_name,
+                flow=loaded.flow.flow,
+                flow_version=loaded.version,
+                started_at=datetime.now(UTC),
+            )
             answered = False
 
-            async def on_step(node_id: str) -> None:
+            async def on_step(step: Step) -> None:
                 nonlocal answered
+                now = datetime.now(UTC)
                 if not answered:
                     answered = True
-                    await asyncio.to_thread(self.repo.mark_answered, call_id, datetime.now(UTC))
-                await asyncio.to_thread(self.repo.set_step, call_id, node_id)
+                    await self._record("answer", self.repo.mark_answered, call_id, now)
+                await self._record(
+                    "step",
+                    self.repo.add_step,
+                    call_id,
+                    flow=step.flow,
+                    node=step.node,
+                    node_type=step.node_type,
+                    edge=step.edge,
+                    input=step.input,
+                    at=now,
+                )
 
+            runner = FlowRunner(
+                flows,
+                lambda text: sound_name(text, self.voice),
+                on_step,
+                recognizer=self.recognizer,
+                directory=self.directory,
+            )
             try:
-                result = await run_flow(loaded.flow, channel, lambda text: sound_name(text, self.voice), on_step)
+                result = await runner.run(loaded.flow, channel)
             except Exception as exc:
                 log.exception("call.crashed")
                 result = FlowResult("error", "unknown", f"{type(exc).__name__}")
                 with contextlib.suppress(Exception):
                     await channel.hangup()
-            try:
-                await asyncio.to_thread(
-                    self.repo.finish,
-                    call_id,
-                    outcome=result.outcome,
-                    ended_at=datetime.now(UTC),
-                    last_step=result.last_step,
-                    error=result.error,
-                )
-            except Exception:
-                log.exception("call.record_finish_failed")
+            if result.outcome == "routed" and result.route is not None:
+                # The routing engine (queues, agents) takes the call from here once it exists; until then the
+                # route node's own prompt has told the caller where they are going and the call ends.
+                log.warning("routing.not_available", category=result.route.category, priority=result.route.priority)
+                with contextlib.suppress(Exception):
+                    await channel.hangup()
+            await self._record(
+                "finish",
+                self.repo.finish,
+                call_id,
+                outcome=result.outcome,
+                ended_at=datetime.now(UTC),
+                last_step=result.last_step,
+                error=result.error,
+                route_category=result.route.category if result.route else None,
+                route_priority=result.route.priority if result.route else None,
+                transfer_to=result.transfer_to,
+            )
             log.info("call.end", outcome=result.outcome, last_step=result.last_step)
 
     def _spawn(self, coro: Any) -> None:
@@ -156,6 +198,7 @@ class HotlineService:
     # -- ARI --------------------------------------------------------------------------------------
 
     def on_ari_event(self, event: dict[str, Any]) -> None:
+        log.debug("ari.event", event_type=event["type"], channel_id=event_channel_id(event))
         if event["type"] == "StasisStart":
             chan = event.get("channel") or {}
             args = event.get("args") or []
@@ -168,6 +211,7 @@ class HotlineService:
                 transport="ari",
                 flow=str(args[0]) if args else self.config.hotline.flow,
                 dialed=str((chan.get("dialplan") or {}).get("exten", "")),
+                caller=CallerId(str((chan.get("caller") or {}).get("number", ""))),
             )
             channel = AriCallChannel(self.ari, info)
             self.dispatcher.register(channel)
@@ -198,6 +242,14 @@ class HotlineService:
 
     # -- AMI --------------------------------------------------------------------------------------
 
+    async def reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.hotline.reload_interval)
+            try:
+                await asyncio.to_thread(self.flows.refresh)
+            except Exception:
+                log.exception("flows.reload_failed")
+
     # -- FastAGI ----------------------------------------------------------------------------------
 
     async def fastagi_call(self, channel: FastAgiCallChannel) -> None:
@@ -212,7 +264,7 @@ class HotlineService:
             "service.started",
             node=self.config.service.node_name,
             fastagi_port=fa.port,
-            flows=sorted(self.flows),
+            flows=sorted(self.flows.current),
         )
         ami = AmiMonitor(
             self.config.asterisk.host,
@@ -221,7 +273,7 @@ class HotlineService:
             self.creds.ami_secret,
         )
         ami.start()
-        loops = [asyncio.create_task(self.ari_loop())]
+        loops = [asyncio.create_task(self.ari_loop()), asyncio.create_task(self.reload_loop())]
         try:
             await stop.wait()
         finally:
@@ -241,11 +293,12 @@ class HotlineService:
 
 def run_service(config: Config) -> int:
     db.ensure_current(config.database_url)
-    flows = load_flows(config.hotline.flows_dir)
-    if config.hotline.flow not in flows:
-        from ivr.flow_loader import FlowError
-
-        raise FlowError(config.hotline.flows_dir, [f"the hotline flow {config.hotline.flow!r} is not defined"])
+    flows = FlowRegistry(config.hotline.flows_dir)
+    problems = flows.refresh() or []
+    if config.hotline.flow not in flows.current:
+        raise FlowError(
+            config.hotline.flows_dir, problems or [f"the hotline flow {config.hotline.flow!r} is not defined"]
+        )
     repo = db.CallRepository(db.make_sessionmaker(config.database_url))
     service = HotlineService(config, repo, flows, asterisk_credentials(config))
 

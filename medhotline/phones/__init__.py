@@ -37,11 +37,31 @@ class PhoneCall:
         return self.returncode == 0
 
 
+@dataclass(frozen=True)
+class Press:
+    """The caller waits ``after_ms`` (from answer, or from the previous press), then presses ``digits``."""
+
+    after_ms: int
+    digits: str
+
+    def __post_init__(self) -> None:
+        if not self.digits or any(d not in "0123456789*#" for d in self.digits) or self.after_ms < 0:
+            raise PhoneError(f"not a key press: {self.digits!r} after {self.after_ms} ms")
+
+
 def scenario(name: str) -> Path:
     path = SCENARIO_DIR / f"{name}.xml"
     if not path.exists():
         raise PhoneError(f"no SIPp scenario {name!r} in {SCENARIO_DIR}")
     return path
+
+
+def _presses_xml(presses: list[Press]) -> str:
+    steps = []
+    for press in presses:
+        steps.append(f'  <pause milliseconds="{press.after_ms}"/>')
+        steps.append(f'  <nop><action><exec play_dtmf="{press.digits}"/></action></nop>')
+    return "\n".join(steps) + "\n"
 
 
 def place_call(
@@ -54,6 +74,7 @@ def place_call(
     media_port: int,
     keys: dict[str, str] | None = None,
     pause_ms: int = 0,
+    presses: list[Press] | None = None,
     timeout: float = 90.0,
 ) -> PhoneCall:
     """Run one call of a SIPp client scenario to completion and report what the phone saw.
@@ -65,12 +86,18 @@ def place_call(
         raise PhoneError("sipp is not installed: run `apt-get install sip-tester`")
     with tempfile.TemporaryDirectory(prefix="medhotline-sipp-") as tmp:
         log_file = Path(tmp) / "messages.log"
+        if presses is not None:
+            template = (SCENARIO_DIR / f"{name}.xml.in").read_text(encoding="utf-8")
+            scenario_path = Path(tmp) / f"{name}.xml"
+            scenario_path.write_text(template.replace("{{presses}}", _presses_xml(presses)), encoding="utf-8")
+        else:
+            scenario_path = scenario(name)
         err_file = Path(tmp) / "errors.log"
         args = [
             "sipp",
             f"{target_host}:{target_port}",
             "-sf",
-            str(scenario(name)),
+            str(scenario_path),
             "-s",
             service,
             "-i",

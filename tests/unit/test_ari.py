@@ -165,7 +165,7 @@ async def _call(fake: FakeAri) -> AsyncIterator[tuple[AriCallChannel, AriDispatc
         await client.aclose()
 
 
-async def _started_play(fake: FakeAri, channel: AriCallChannel) -> tuple[asyncio.Task[None], str]:
+async def _started_play(fake: FakeAri, channel: AriCallChannel) -> tuple[asyncio.Task[str | None], str]:
     """Start play() and return its task and the playback id it posted."""
     task = asyncio.create_task(channel.play("medhotline/ab12"))
     await asyncio.wait_for(fake.arrived.wait(), 5)

@@ -13,10 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from ivr import fastagi
-from ivr.channel import CallerHungUp, CallInfo, ChannelError
+from ivr.channel import CallerHungUp, CallerId, CallInfo, ChannelError
 from ivr.fastagi import MAX_HEADER_BYTES, FastAgiCallChannel, read_agi_headers, script_name, start_server
 from ivr.flow_model import Flow
-from ivr.interpreter import run_flow
+from ivr.interpreter import Step, run_flow
 
 CALLER = "13912345678"
 HEADERS = (
@@ -131,7 +131,10 @@ async def test_call_info_and_commands_with_recorded_responses() -> None:
         transport="fastagi",
         flow="hotline",
         dialed="12320",
+        caller=CallerId("13912345678"),
     )
+    # The caller number is wrapped: it can be handed to the patient lookup but never printed by accident.
+    assert "13912345678" not in repr(recorder.info)
     assert commands == ["ANSWER", 'STREAM FILE medhotline/ab12 ""', "GET VARIABLE X", "HANGUP"]
     assert recorder.outcomes[:2] == [None, None]
     assert recorder.outcomes[2]["result"] == ("1", "value")  # the result after "100 Trying", not the 100
@@ -191,7 +194,7 @@ async def test_run_flow_over_fastagi() -> None:
     results = []
 
     async def handler(channel: FastAgiCallChannel) -> None:
-        async def on_step(node: str) -> None:
+        async def on_step(step: Step) -> None:
             pass
 
         results.append(await run_flow(flow, channel, str, on_step))

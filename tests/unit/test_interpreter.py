@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from ivr import ChannelError, InMemoryCallChannel
-from ivr.flow_model import Flow, HangupNode
-from ivr.interpreter import MAX_STEPS, FlowResult, run_flow
+from ivr.flow_model import Flow, HangupNode, MenuNode, PlayNode, RouteNode, SetNode
+from ivr.interpreter import MAX_STEPS, FlowResult, RouteDecision, Step, run_flow
 
 
 def _flow(start: str, nodes: dict[str, dict[str, Any]]) -> Flow:
@@ -36,8 +37,8 @@ class Steps:
     def __init__(self) -> None:
         self.seen: list[str] = []
 
-    async def __call__(self, node_id: str) -> None:
-        self.seen.append(node_id)
+    async def __call__(self, step: Step) -> None:
+        self.seen.append(step.node)
 
 
 async def _run(flow: Flow, channel: InMemoryCallChannel) -> tuple[FlowResult, list[str]]:
@@ -73,7 +74,7 @@ async def test_hangup_during_second_prompt_is_caller_hangup_at_that_node() -> No
     result, steps = await _run(GREETING, channel)
     assert result == FlowResult("caller_hangup", "notice")
     assert channel.sounds == ["tts/welcome", "custom/notice"]
-    assert steps == ["greeting", "notice"]
+    assert steps == ["greeting"]  # steps are recorded once done; where it ended is the result's last_step
     assert channel.operations[-1] == ("play", "custom/notice")  # no hang-up sent to a gone caller
 
 
@@ -176,3 +177,100 @@ def test_random_flows_always_terminate_with_a_known_outcome(flow: Flow, failure:
         assert channel.operations[-1] == ("hangup",)
     if result.outcome == "error":
         assert channel.hung_up
+
+
+_KEYS = st.sampled_from(["0", "1", "2", "3", "9", "*", "#"])
+
+
+@st.composite
+def _random_menu_flows(draw: st.DrawFn) -> Flow:
+    """Flows of menus (random choices to random nodes), plays, sets and terminal hang-ups and routes."""
+    count = draw(st.integers(min_value=1, max_value=8))
+    names = [f"n{i}" for i in range(count)]
+    target = st.sampled_from(names)
+    nodes: dict[str, dict[str, Any]] = {}
+    for name in names:
+        kind = draw(st.sampled_from(["menu", "play", "set", "hangup", "route"]))
+        prompt: dict[str, str] = draw(st.sampled_from([{"say": "text"}, {"file": "custom/x"}]))
+        barge_in = draw(st.booleans())
+        if kind == "menu":
+            choices = draw(st.dictionaries(_KEYS, target, min_size=1, max_size=4))
+            nodes[name] = {
+                "type": "menu",
+                **prompt,
+                "barge_in": barge_in,
+                "retries": draw(st.integers(min_value=0, max_value=3)),
+                "choices": choices,
+                "fallback": draw(target),
+                **draw(st.sampled_from([{}, {"invalid": {"say": "bad"}, "no_input": {"say": "none"}}])),
+            }
+        elif kind == "play":
+            nodes[name] = {"type": "play", **prompt, "barge_in": barge_in, "next": draw(target)}
+        elif kind == "set":
+            nodes[name] = {"type": "set", "vars": {"v": draw(st.sampled_from(["a", "b"]))}, "next": draw(target)}
+        elif kind == "hangup":
+            nodes[name] = {"type": "hangup", **draw(st.sampled_from([{}, prompt]))}
+        else:
+            nodes[name] = {"type": "route", "category": draw(st.sampled_from(["emergency", "general"]))}
+    return _flow(draw(target), nodes)
+
+
+def _next_of(flow: Flow, step: Step) -> str | None:
+    """Where the flow goes after ``step``, by the edge the step reports (None for a terminal node)."""
+    node = flow.nodes[step.node]
+    if isinstance(node, MenuNode):
+        if step.edge == "fallback":
+            assert step.input in ("invalid", "no_input")
+            return node.fallback
+        assert step.edge == f"press {step.input}"
+        return node.choices[step.input or ""]
+    if isinstance(node, (PlayNode, SetNode)):
+        assert step.edge == "next"
+        return node.next
+    return None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    flow=_random_menu_flows(),
+    keys=st.none() | st.lists(st.none() | st.text(alphabet="0123456789*#", min_size=1, max_size=3), max_size=12),
+)
+def test_random_menu_flows_driven_by_random_keys_end_with_a_known_outcome(
+    flow: Flow, keys: list[str | None] | None
+) -> None:
+    channel = InMemoryCallChannel(keys=None if keys is None else list(keys))
+    recorded: list[Step] = []
+
+    async def on_step(step: Step) -> None:
+        recorded.append(step)
+
+    async def call() -> FlowResult:
+        return await asyncio.wait_for(run_flow(flow, channel, _sound_for, on_step), timeout=5)
+
+    with capture_logs():
+        result = asyncio.run(call())
+    event(result.outcome)
+    assert result.outcome in ("completed", "routed", "caller_hangup", "error")
+    assert 0 < len(recorded) <= MAX_STEPS or result.outcome == "caller_hangup"
+    assert len(recorded) <= MAX_STEPS
+    # every step leaves by an edge that exists, and the next step is where that edge points
+    for before, after in itertools.pairwise(recorded):
+        assert _next_of(flow, before) == after.node
+    if result.outcome == "caller_hangup":
+        assert keys is not None  # only a finished key script hangs up
+        assert channel.keys == []
+    if result.outcome == "completed":
+        assert isinstance(flow.nodes[result.last_step], HangupNode)
+        assert channel.operations[-1] == ("hangup",)
+    if result.outcome == "routed":
+        node = flow.nodes[result.last_step]
+        assert isinstance(node, RouteNode)
+        assert result.route == RouteDecision(node.category, node.effective_priority, result.last_step)
+        assert not channel.hung_up
+    if result.outcome == "error":
+        assert result.error is not None
+        assert str(MAX_STEPS) in result.error
+        assert len(recorded) == MAX_STEPS
+        assert channel.hung_up
+    if result.outcome in ("completed", "routed"):
+        assert recorded[-1].node == result.last_step

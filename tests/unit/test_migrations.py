@@ -28,7 +28,11 @@ EXPECTED_COLUMNS = {
     "outcome",
     "last_step",
     "error",
+    "route_category",
+    "route_priority",
+    "transfer_to",
 }
+STEP_COLUMNS = {"call_id", "seq", "flow", "node", "node_type", "edge", "input", "at"}
 T0 = datetime(2024, 11, 26, 12, 0, 0, tzinfo=UTC)
 
 
@@ -43,6 +47,7 @@ def _check_schema(url: str) -> None:
         inspector = inspect(engine)
         assert "calls" in inspector.get_table_names()
         assert {column["name"] for column in inspector.get_columns("calls")} == EXPECTED_COLUMNS
+        assert {column["name"] for column in inspector.get_columns("call_steps")} == STEP_COLUMNS
         # Patient identifiers are never stored in clear.
         assert not any("caller" in column["name"] for column in inspector.get_columns("calls"))
         assert {index["name"] for index in inspector.get_indexes("calls")} >= {
@@ -87,7 +92,12 @@ def _round_trip_on(repo: CallRepository) -> None:
     beijing = timezone(timedelta(hours=8))
     repo.mark_answered(call_id, (T0 + timedelta(seconds=2)).astimezone(beijing))
     repo.mark_answered(call_id, T0 + timedelta(seconds=9))  # the first answer wins
-    repo.set_step(call_id, "menu")
+    repo.add_step(call_id, flow="hotline", node="greeting", node_type="play", edge="next", input=None, at=T0)
+    repo.add_step(call_id, flow="hotline", node="menu", node_type="menu", edge="press 2", input="2", at=T0)
+    assert [(s.seq, s.node, s.edge, s.input) for s in repo.steps(call_id)] == [
+        (1, "greeting", "next", None),
+        (2, "menu", "press 2", "2"),
+    ]
     assert repo.finish(call_id, outcome="caller_hangup", ended_at=T0 + timedelta(seconds=30)) is True
     # A later report of the same end does not overwrite the first.
     assert repo.finish(call_id, outcome="connection_lost", ended_at=T0 + timedelta(seconds=31)) is False
