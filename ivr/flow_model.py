@@ -34,6 +34,13 @@ ConsultCategory = Literal[
 ]
 
 
+def _check_regex(pattern: str, key: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{key} is not a valid regular expression: {exc}") from None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -139,10 +146,7 @@ class CollectNode(_Waiting):
         if self.min_digits > self.max_digits:
             raise ValueError(f"min_digits ({self.min_digits}) is above max_digits ({self.max_digits})")
         if self.pattern is not None:
-            try:
-                re.compile(self.pattern)
-            except re.error as exc:
-                raise ValueError(f"pattern is not a valid regular expression: {exc}") from None
+            _check_regex(self.pattern, "pattern")
         if self.prompt is None:
             raise ValueError("a collect node needs a prompt that asks for the digits")
         return self
@@ -212,10 +216,7 @@ class VarCondition(_Strict):
         if len(given) != 1:
             raise ValueError("a var condition needs exactly one of equals, one_of, matches, is_set")
         if self.matches is not None:
-            try:
-                re.compile(self.matches)
-            except re.error as exc:
-                raise ValueError(f"matches is not a valid regular expression: {exc}") from None
+            _check_regex(self.matches, "matches")
         return self
 
 

@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="sandbox + service + simulated patient calls, then a summary")
-    demo.add_argument("--calls", type=int, default=2, help="number of simulated patient calls (default 2)")
+    demo.add_argument("--calls", type=int, default=4, help="number of simulated patient calls (default 4)")
     demo.add_argument("--keep-running", action="store_true", help="leave Asterisk and the service running")
     demo.set_defaults(func=_cmd_demo)
 

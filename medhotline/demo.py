@@ -12,13 +12,21 @@ from pathlib import Path
 
 from medhotline import db
 from medhotline.config import Config
-from medhotline.phones import place_call
+from medhotline.phones import Press, place_call
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox
 from medhotline.service_process import ServiceProcess
 
 # A made-up caller number: the demo shows that it reaches neither the log nor the database.
 DEMO_CALLER = "13800000000"
+
+# What the simulated patients do: (dialled suffix, key presses, what it shows).
+SCENES: list[tuple[str, list[Press], str]] = [
+    ("", [Press(1500, "0")], "presses 0 during the greeting: straight to the emergency route (ARI)"),
+    ("agi-", [Press(1500, "2")], "presses 2: medication guidance, pharmacist route (FastAGI)"),
+    ("", [Press(1500, "3"), Press(2500, "3")], "3 then 3: vaccination, adverse reaction to medical staff"),
+    ("agi-", [Press(1500, "7"), Press(2500, "8")], "wrong keys, then silence: retries, then a person"),
+]
 
 
 def free_udp_port(host: str) -> int:
@@ -27,7 +35,7 @@ def free_udp_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def run_demo(config: Config, calls: int = 2, keep_running: bool = False, config_path: Path | None = None) -> int:
+def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_path: Path | None = None) -> int:
     sandbox = Sandbox(config)
     print("1/5 Asterisk sandbox (first run builds it with debootstrap, about a minute) …")
     status = sandbox.up()
@@ -43,21 +51,22 @@ def run_demo(config: Config, calls: int = 2, keep_running: bool = False, config_
     log_path = state / "demo-service.log"
     service = ServiceProcess(config, config_path, log_path)
     service.start()
-    numbers = [config.hotline.number, f"agi-{config.hotline.number}"]
     print(f"5/5 {calls} simulated patient call(s) …")
     observed = []
     try:
         for index in range(calls):
-            number = numbers[index % len(numbers)]
+            prefix, presses, what = SCENES[index % len(SCENES)]
+            number = prefix + config.hotline.number
+            print(f"    patient {index + 1} {what}")
             host = config.asterisk.host
             phone = place_call(
-                "patient_listens",
                 target_host=host,
                 target_port=config.asterisk.sip_port,
                 service=number,
                 local_port=free_udp_port(host),
                 media_port=free_udp_port(host),
-                keys={"caller": DEMO_CALLER},
+                caller=DEMO_CALLER,
+                presses=presses,
             )
             observed.append((number, phone))
     finally:
@@ -70,13 +79,15 @@ def run_demo(config: Config, calls: int = 2, keep_running: bool = False, config_
     failures = 0
     for (number, phone), record in zip(observed, recent, strict=False):
         heard = phone.stamps.get("HUNGUP_BY_SERVICE", 0) - phone.stamps.get("ANSWERED", 0)
-        ok = phone.succeeded and record.outcome == "completed"
+        ok = phone.succeeded and record.outcome in ("routed", "completed", "transferred")
         failures += not ok
+        route = f"{record.route_category} ({record.route_priority})" if record.route_category else "-"
         print(
             f"  {'OK ' if ok else 'FAIL'} dialled {number:<10} → {record.transport:<7} flow {record.flow} "
-            f"({record.flow_version}); the phone heard {heard:4.1f}s before the hotline hung up; "
-            f"recorded outcome {record.outcome} at step {record.last_step}"
+            f"({record.flow_version}), {heard:4.1f}s on the line: {record.outcome}, route {route}"
         )
+        path = " → ".join(f"{step.node}[{step.input}]" if step.input else step.node for step in repo.steps(record.id))
+        print(f"       path: {path}")
     leaked = DEMO_CALLER in log_path.read_text(errors="replace")
     print(f"  caller number in the service log: {'FOUND (bug!)' if leaked else 'never (redacted)'}")
     print(f"  service log: {log_path}\n  database: {db.mask_url(config.database_url)}")

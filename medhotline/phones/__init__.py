@@ -1,6 +1,8 @@
 """Simulated phones: SIPp scenarios that play patients (and, later, agent phones) against Asterisk.
 
-The demo and the integration tests use the same scenarios, so what the demo shows is what CI proves.
+The demo and the integration tests use the same scenario, so what the demo shows is what CI proves. One
+template (``patient.xml.in``) covers every patient: it calls, presses the scripted keys as RFC 4733 events,
+then either listens until the hotline hangs up or hangs up itself.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medhotline.errors import MedhotlineError
 
 SCENARIO_DIR = Path(__file__).resolve().parent
+PATIENT_TEMPLATE = SCENARIO_DIR / "patient.xml.in"
 # Scenario log lines "LABEL <seconds> <microseconds>" (SIPp prints its variables as doubles: "123.000000").
 _STAMP = re.compile(r"^(?P<label>[A-Z_]+) (?P<s>\d+)(?:\.\d+)? (?P<us>\d+)(?:\.\d+)?$", re.MULTILINE)
 
@@ -49,49 +53,90 @@ class Press:
             raise PhoneError(f"not a key press: {self.digits!r} after {self.after_ms} ms")
 
 
-def scenario(name: str) -> Path:
-    path = SCENARIO_DIR / f"{name}.xml"
-    if not path.exists():
-        raise PhoneError(f"no SIPp scenario {name!r} in {SCENARIO_DIR}")
-    return path
+_LISTEN = """
+  <recv request="BYE" timeout="120000">
+    <action>
+      <gettimeofday assign_to="bye_s,bye_us"/>
+      <log message="HUNGUP_BY_SERVICE [$bye_s] [$bye_us]"/>
+    </action>
+  </recv>
+
+  <send>
+    <![CDATA[
+      SIP/2.0 200 OK
+      [last_Via:]
+      [last_From:]
+      [last_To:]
+      [last_Call-ID:]
+      [last_CSeq:]
+      Contact: <sip:[caller]@[local_ip]:[local_port]>
+      Content-Length: 0
+
+    ]]>
+  </send>
+"""
+
+_HANG_UP = """
+  <pause milliseconds="{ms}"/>
+
+  <send retrans="500">
+    <![CDATA[
+      BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: <sip:[caller]@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 2 BYE
+      Contact: <sip:[caller]@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+
+  <recv response="200" crlf="true">
+    <action>
+      <gettimeofday assign_to="bye_s,bye_us"/>
+      <log message="HUNGUP_BY_PATIENT [$bye_s] [$bye_us]"/>
+    </action>
+  </recv>
+"""
 
 
-def _presses_xml(presses: list[Press]) -> str:
+def patient_scenario(presses: Sequence[Press], hang_up_after_ms: int | None) -> str:
+    """The patient scenario XML: the key presses, then listening (None) or hanging up after a pause."""
     steps = []
     for press in presses:
         steps.append(f'  <pause milliseconds="{press.after_ms}"/>')
         steps.append(f'  <nop><action><exec play_dtmf="{press.digits}"/></action></nop>')
-    return "\n".join(steps) + "\n"
+    ending = _LISTEN if hang_up_after_ms is None else _HANG_UP.format(ms=hang_up_after_ms)
+    template = PATIENT_TEMPLATE.read_text(encoding="utf-8")
+    return template.replace("{{presses}}", "\n".join(steps) + "\n").replace("{{ending}}", ending)
 
 
 def place_call(
-    name: str,
     *,
     target_host: str,
     target_port: int,
     service: str,
     local_port: int,
     media_port: int,
-    keys: dict[str, str] | None = None,
-    pause_ms: int = 0,
-    presses: list[Press] | None = None,
-    timeout: float = 90.0,
+    caller: str,
+    presses: Sequence[Press] = (),
+    hang_up_after_ms: int | None = None,
+    timeout: float = 150.0,
 ) -> PhoneCall:
-    """Run one call of a SIPp client scenario to completion and report what the phone saw.
+    """Run one patient call to completion and report what the phone saw.
 
-    ``keys`` fill ``[keyword]`` placeholders in messages; ``pause_ms`` is the length of a scenario's bare
-    ``<pause/>`` (SIPp's ``-d``), e.g. how long a patient listens before hanging up.
+    The patient presses ``presses``, then listens until the hotline hangs up, or hangs up itself
+    ``hang_up_after_ms`` after the last key (or after the answer, without keys).
     """
     if shutil.which("sipp") is None:
         raise PhoneError("sipp is not installed: run `apt-get install sip-tester`")
     with tempfile.TemporaryDirectory(prefix="medhotline-sipp-") as tmp:
+        scenario_path = Path(tmp) / "patient.xml"
+        scenario_path.write_text(patient_scenario(presses, hang_up_after_ms), encoding="utf-8")
         log_file = Path(tmp) / "messages.log"
-        if presses is not None:
-            template = (SCENARIO_DIR / f"{name}.xml.in").read_text(encoding="utf-8")
-            scenario_path = Path(tmp) / f"{name}.xml"
-            scenario_path.write_text(template.replace("{{presses}}", _presses_xml(presses)), encoding="utf-8")
-        else:
-            scenario_path = scenario(name)
         err_file = Path(tmp) / "errors.log"
         args = [
             "sipp",
@@ -100,6 +145,9 @@ def place_call(
             str(scenario_path),
             "-s",
             service,
+            "-key",
+            "caller",
+            caller,
             "-i",
             target_host,
             "-p",
@@ -121,14 +169,10 @@ def place_call(
             "-error_file",
             str(err_file),
         ]
-        for key, value in (keys or {}).items():
-            args += ["-key", key, value]
-        if pause_ms:
-            args += ["-d", str(pause_ms)]
         try:
             result = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 15, check=False)
         except subprocess.TimeoutExpired:
-            raise PhoneError(f"sipp scenario {name!r} did not finish within {timeout + 15:.0f}s") from None
+            raise PhoneError(f"sipp did not finish within {timeout + 15:.0f}s") from None
         log_text = log_file.read_text(errors="replace") if log_file.exists() else ""
         errors = err_file.read_text(errors="replace") if err_file.exists() else result.stderr
     stamps = {m.group("label"): int(m.group("s")) + int(m.group("us")) / 1e6 for m in _STAMP.finditer(log_text)}

@@ -22,7 +22,7 @@ from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, sound_name
 from medhotline import db
 from medhotline.config import Config, load_config
-from medhotline.phones import PhoneCall, place_call
+from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox, SandboxError
 from medhotline.service_process import ServiceProcess
@@ -30,6 +30,7 @@ from medhotline.service_process import ServiceProcess
 IN_CI = bool(os.environ.get("CI"))
 # A made-up caller number; the privacy tests look for it everywhere the service writes.
 CALLER = "13912345678"
+DIALPLANS = Path(__file__).resolve().parents[2] / "dialplans"
 
 
 def unavailable(reason: str) -> None:
@@ -76,17 +77,21 @@ class Hotline:
     def repo(self) -> db.CallRepository:
         return db.CallRepository(db.make_sessionmaker(self.config.database_url))
 
-    def call(self, number: str, scenario: str = "patient_listens", pause_ms: int = 0) -> PhoneCall:
+    def call(self, number: str, presses: list[Press] | None = None, hang_up_after_ms: int | None = None) -> PhoneCall:
         return place_call(
-            scenario,
             target_host="127.0.0.1",
             target_port=self.config.asterisk.sip_port,
             service=number,
             local_port=free_port(socket.SOCK_DGRAM),
             media_port=free_rtp_range(4),
-            keys={"caller": CALLER},
-            pause_ms=pause_ms,
+            caller=CALLER,
+            presses=presses or [],
+            hang_up_after_ms=hang_up_after_ms,
         )
+
+    def path(self, record: db.CallRecord) -> list[tuple[str, str | None, str | None]]:
+        """(node, edge, input) of every step the call took."""
+        return [(step.node, step.edge, step.input) for step in self.repo.steps(record.id)]
 
     def call_ids(self) -> set[str]:
         return {record.id for record in self.repo.list_recent(1000)}
@@ -115,9 +120,15 @@ class Hotline:
         loaded = load_flows(self.config.hotline.flows_dir)[flow]
         return [text for node in nodes if (text := loaded.flow.nodes[node].say)]
 
+    def ms_of(self, flow: str, nodes: list[str]) -> int:
+        return int(1000 * self.prompt_seconds(self.flow_texts(flow, nodes)))
+
 
 def write_config(state: Path) -> Path:
     rtp = free_rtp_range(60)
+    # A copy of the shipped flows, so that tests can edit them while the service runs (hot reload).
+    flows_dir = state / "dialplans"
+    shutil.copytree(DIALPLANS, flows_dir)
     path = state / "medhotline.toml"
     path.write_text(
         f"""
@@ -140,7 +151,12 @@ instance = "test{os.getpid()}"
 port = {free_port(socket.SOCK_STREAM)}
 
 [hotline]
-flows_dir = "{Path(__file__).resolve().parents[2] / "dialplans"}"
+flows_dir = "{flows_dir}"
+reload_interval = 0.3
+
+[prompts]
+# Faster speech keeps the suite short; the prompts are the shipped ones.
+speed = 240
 """,
         encoding="utf-8",
     )

@@ -32,7 +32,7 @@ def wait_gone(sandbox: Sandbox, pid: int, timeout: float = 10.0) -> None:
 
 def assert_next_call_handled(hotline: Hotline) -> None:
     before = hotline.call_ids()
-    phone = hotline.call("12320", scenario="patient_hangs_up", pause_ms=1500)
+    phone = hotline.call("12320", hang_up_after_ms=1500)
     assert phone.succeeded, phone.errors
     record = hotline.finished_record(before)
     assert record.transport == "ari"
