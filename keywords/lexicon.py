@@ -1,0 +1,480 @@
+"""The keyword lexicon: terms, their variants and the scope markers, in YAML files administrators edit.
+
+Files live in ``keywords/lexicon/*.yaml`` (``DEFAULT_LEXICON_DIR``). Each file holds ``terms`` (a list) and/or
+``markers`` (lists of words for negation, history, hypotheticals, third parties, scope breakers ...)::
+
+    terms:
+      - term: 中风                      # the canonical term, reported in explanations
+        category: emergency             # one of the seven consult categories
+        severity: critical              # critical | high | normal
+        variants: [脑中风, 嘴歪, 说话不清] # colloquial variants, matched like the term itself
+        pinyin: {中风: zhong feng}      # optional: toneless pinyin for a term or variant (polyphonic characters)
+        exclude: [中风险]               # optional: contexts in which a match does not count
+        patterns: ['(一侧|半边)(手|脚)+没劲'] # optional: regular expressions over the text without spaces/punctuation
+        homophones: true                # optional (default true): also match sound-alike ASR errors
+        symptom: false                  # optional: a symptom that is an adverse reaction only after an exposure
+
+Loading is strict like the flows: a safe YAML loader that rejects duplicate keys and remembers where every key
+is, a pydantic schema, and cross-file checks (a variant claimed by two terms). Every problem is reported at
+once, each naming ``file:line:column`` and the term path (``terms.3.severity``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medhotline.errors import MedhotlineError
+
+__all__ = [
+    "CATEGORIES",
+    "DEFAULT_LEXICON_DIR",
+    "Category",
+    "Lexicon",
+    "LexiconError",
+    "LexiconProblem",
+    "LexiconReport",
+    "Markers",
+    "Severity",
+    "Term",
+    "load_lexicon",
+    "scan_lexicon",
+]
+
+DEFAULT_LEXICON_DIR = Path(__file__).resolve().parent / "lexicon"
+
+Category = Literal["emergency", "diagnosis", "medication", "adverse_reaction", "vaccination", "appointment", "general"]
+CATEGORIES: tuple[Category, ...] = (
+    "emergency",
+    "diagnosis",
+    "medication",
+    "adverse_reaction",
+    "vaccination",
+    "appointment",
+    "general",
+)
+Severity = Literal["critical", "high", "normal"]
+
+_SYLLABLE = re.compile(r"^[a-z]+$")
+_SPACE = re.compile(r"\s+")
+
+
+def _clean_words(values: Sequence[str], what: str) -> tuple[str, ...]:
+    words: list[str] = []
+    for value in values:
+        word = _SPACE.sub("", value)
+        if not word:
+            raise ValueError(f"{what} must not be empty")
+        if word not in words:
+            words.append(word)
+    return tuple(words)
+
+
+class Term(BaseModel):
+    """One lexicon entry: a canonical term and the ways callers (and the recognizer) say it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    term: str = Field(min_length=1)
+    category: Category
+    severity: Severity
+    variants: tuple[str, ...] | None = None
+    pinyin: dict[str, str] | None = None
+    exclude: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    homophones: bool = True
+    symptom: bool = False
+
+    @field_validator("term")
+    @classmethod
+    def _term(cls, value: str) -> str:
+        term = _SPACE.sub("", value)
+        if not term:
+            raise ValueError("term must not be empty")
+        return term
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("variants is empty: list at least one variant or leave the key out")
+        return _clean_words(value, "a variant")
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _clean_words(value, "an exclude context")
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            try:
+                compiled = re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from None
+            if compiled.match(""):
+                raise ValueError(f"pattern {pattern!r} matches empty text")
+        return value
+
+    @model_validator(mode="after")
+    def _check_pinyin(self) -> Term:
+        for surface, reading in (self.pinyin or {}).items():
+            if surface not in self.surfaces:
+                raise ValueError(f"pinyin is given for {surface!r}, which is neither the term nor one of its variants")
+            syllables = reading.split()
+            if len(syllables) != len(surface):
+                raise ValueError(
+                    f"pinyin {reading!r} for {surface!r} has {len(syllables)} syllables for {len(surface)} characters"
+                )
+            bad = [s for s in syllables if not _SYLLABLE.match(s)]
+            if bad:
+                raise ValueError(f"pinyin {reading!r}: {bad[0]!r} is not toneless pinyin (letters a-z, ü as v)")
+        return self
+
+    @property
+    def surfaces(self) -> tuple[str, ...]:
+        """The term and its variants, each once, term first."""
+        return (self.term, *(v for v in self.variants or () if v != self.term))
+
+
+class Markers(BaseModel):
+    """Words that put a term in or out of scope. Lists from several files are merged."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Before a term in the same clause: the term is denied (没有, 不, 并非 ...).
+    negation: tuple[str, ...] = ()
+    # Look like a negation but are not one (不知道, 不确定): a caller unsure of a stroke is an emergency.
+    uncertainty: tuple[str, ...] = ()
+    # Before a term in the same clause: the past (以前, 去年 ...); after it: 过, 已经好了, 以后 ...
+    history_before: tuple[str, ...] = ()
+    history_after: tuple[str, ...] = ()
+    # Before a term in the same clause: 如果, 万一, 预防 ...; after it: 的话.
+    hypothetical_before: tuple[str, ...] = ()
+    hypothetical_after: tuple[str, ...] = ()
+    # Right before a term: a future (会抽风, 担心会中风).
+    hypothetical_adjacent: tuple[str, ...] = ()
+    # Right after a term: the term is a topic, not an event (中风的药, 中风后遗症, 心梗的症状).
+    topic_after: tuple[str, ...] = ()
+    # Someone else is the patient (我爸, 孩子, 同事): a report about them is as urgent as one's own.
+    third_party: tuple[str, ...] = ()
+    # Start a new clause where ASR left out the punctuation (但是, 现在, 突然, 刚才).
+    scope_breakers: tuple[str, ...] = ()
+    # Carry a negation over to the next term (和, 或者, 也).
+    coordinators: tuple[str, ...] = ()
+    # Between an exposure (a vaccine, a drug) and a symptom: the symptom came after it (了, 完, 后).
+    exposure_after: tuple[str, ...] = ()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _words(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return _clean_words(value, "a marker")
+        return value
+
+    def merged(self, other: Markers) -> Markers:
+        data = {
+            name: tuple(dict.fromkeys((*getattr(self, name), *getattr(other, name))))
+            for name in type(self).model_fields
+        }
+        return Markers.model_validate(data)
+
+    def words(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(w for name in type(self).model_fields for w in getattr(self, name)))
+
+
+class LexiconFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    terms: tuple[Term, ...] = ()
+    markers: Markers = Field(default_factory=Markers)
+
+
+@dataclass(frozen=True, order=True)
+class LexiconProblem:
+    """One thing wrong with a lexicon file: ``keywords/lexicon/emergency.yaml:12:7: terms.3.severity: ...``."""
+
+    path: Path
+    line: int
+    column: int
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        place = f"{self.path}:{self.line}:{self.column}" if self.line else str(self.path)
+        return f"{place}: {self.where}: {self.message}" if self.where else f"{place}: {self.message}"
+
+
+class LexiconError(MedhotlineError):
+    """The lexicon is unusable; ``problems`` lists every problem with its place."""
+
+    def __init__(self, problems: Sequence[LexiconProblem]) -> None:
+        self.problems = list(problems)
+        count = len(self.problems)
+        super().__init__(
+            f"{count} problem{'s' if count != 1 else ''} in the keyword lexicon:\n  "
+            + "\n  ".join(str(p) for p in self.problems)
+        )
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """A validated lexicon. ``version`` is a hash of the files' names and contents (which lexicon decided)."""
+
+    terms: tuple[Term, ...]
+    markers: Markers
+    version: str
+    files: tuple[Path, ...] = ()
+
+    @classmethod
+    def from_terms(cls, terms: Iterable[Term], markers: Markers | None = None) -> Lexicon:
+        """A lexicon built in code (tests); its version hashes the terms and markers."""
+        terms = tuple(terms)
+        markers = markers or Markers()
+        digest = hashlib.sha256()
+        for term in terms:
+            digest.update(term.model_dump_json().encode())
+        digest.update(markers.model_dump_json().encode())
+        return cls(terms, markers, digest.hexdigest()[:12])
+
+
+@dataclass
+class LexiconReport:
+    lexicon: Lexicon | None
+    problems: list[LexiconProblem] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+
+# -- YAML with places ------------------------------------------------------------------------------
+
+PathKey = tuple[str, ...]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader where only true/false are booleans (``no``, ``on`` ... stay text)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _mark(mark: yaml.Mark | None) -> tuple[int, int]:
+    return (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+
+
+def _dotted(path: Iterable[object]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+class _Builder:
+    def __init__(self, loader: _Loader, path: Path) -> None:
+        self.loader = loader
+        self.path = path
+        self.positions: dict[PathKey, tuple[int, int]] = {}
+        self.problems: list[LexiconProblem] = []
+        self._active: set[int] = set()
+
+    def build(self, node: yaml.Node, path: PathKey) -> Any:
+        if id(node) in self._active:
+            line, column = _mark(node.start_mark)
+            self.problems.append(LexiconProblem(self.path, line, column, _dotted(path), "recursive alias"))
+            return None
+        self._active.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self._mapping(node, path)
+            if isinstance(node, yaml.SequenceNode):
+                items = []
+                for index, item in enumerate(node.value):
+                    self.positions[(*path, str(index))] = _mark(item.start_mark)
+                    items.append(self.build(item, (*path, str(index))))
+                return items
+            return self.loader.construct_object(node, deep=True)
+        finally:
+            self._active.discard(id(node))
+
+    def _mapping(self, node: yaml.MappingNode, path: PathKey) -> dict[Any, Any]:
+        self.loader.flatten_mapping(node)
+        result: dict[Any, Any] = {}
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = self.loader.construct_object(key_node, deep=True)
+            line, column = _mark(key_node.start_mark)
+            try:
+                hash(key)
+            except TypeError:
+                self.problems.append(LexiconProblem(self.path, line, column, _dotted(path), "a key must be text"))
+                continue
+            if key in first:
+                self.problems.append(
+                    LexiconProblem(
+                        self.path,
+                        line,
+                        column,
+                        _dotted((*path, key)),
+                        f"duplicate key {key!r} (first on line {first[key]}, again on line {line})",
+                    )
+                )
+                continue
+            first[key] = line
+            self.positions[(*path, str(key))] = (line, column)
+            result[key] = self.build(value_node, (*path, str(key)))
+        return result
+
+
+def _position(positions: dict[PathKey, tuple[int, int]], path: PathKey) -> tuple[int, int]:
+    while path:
+        if path in positions:
+            return positions[path]
+        path = path[:-1]
+    return positions.get((), (1, 1))
+
+
+@dataclass
+class _Parsed:
+    path: Path
+    data: LexiconFile | None
+    positions: dict[PathKey, tuple[int, int]]
+    problems: list[LexiconProblem]
+    text: bytes = b""
+
+    def problem(self, path: PathKey, message: str) -> LexiconProblem:
+        line, column = _position(self.positions, path)
+        return LexiconProblem(self.path, line, column, _dotted(path), message)
+
+
+def _parse_file(path: Path) -> _Parsed:
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except OSError as exc:
+        return _Parsed(path, None, {}, [LexiconProblem(path, 0, 0, "", f"cannot read: {exc.strerror or exc}")])
+    except UnicodeDecodeError as exc:
+        return _Parsed(path, None, {}, [LexiconProblem(path, 0, 0, "", f"not UTF-8 (byte {exc.start})")])
+    loader = _Loader(text)
+    builder = _Builder(loader, path)
+    try:
+        root = loader.get_single_node()
+        data = None if root is None else builder.build(root, ())
+        if root is not None:
+            builder.positions[()] = _mark(root.start_mark)
+    except yaml.MarkedYAMLError as exc:
+        line, column = _mark(exc.problem_mark)
+        return _Parsed(
+            path, None, {}, [LexiconProblem(path, line, column, "", f"not valid YAML: {exc.problem or exc}")]
+        )
+    except yaml.YAMLError as exc:
+        return _Parsed(path, None, {}, [LexiconProblem(path, 0, 0, "", f"not valid YAML: {exc}")])
+    finally:
+        loader.dispose()
+    parsed = _Parsed(path, None, builder.positions, list(builder.problems), raw)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        parsed.problems.append(parsed.problem((), "a lexicon file must be a mapping with `terms` and/or `markers`"))
+        return parsed
+    try:
+        parsed.data = LexiconFile.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(str(p) for p in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "missing":
+                message = f"missing required key `{loc[-1]}`"
+                loc = loc[:-1]
+            elif error["type"] == "extra_forbidden":
+                message = f"unknown key `{loc[-1]}`"
+            elif error["type"] == "literal_error":
+                message = f"{message} (got {error.get('input')!r})"
+            parsed.problems.append(parsed.problem(loc, message))
+    return parsed
+
+
+def _lexicon_files(paths: Sequence[Path]) -> tuple[list[Path], list[LexiconProblem]]:
+    files: list[Path] = []
+    problems: list[LexiconProblem] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.glob("*.yaml") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(LexiconProblem(path, 0, 0, "", "no such file or directory"))
+    return files, problems
+
+
+def scan_lexicon(paths: Sequence[Path] | Path = DEFAULT_LEXICON_DIR) -> LexiconReport:
+    """Load and check lexicon files or directories; the report has every problem, and the lexicon if none."""
+    paths = [paths] if isinstance(paths, Path) else list(paths)
+    files, problems = _lexicon_files(paths)
+    parsed = [_parse_file(path) for path in files]
+    for item in parsed:
+        problems.extend(item.problems)
+    # Cross-file: each surface form (term or variant) belongs to one term.
+    owner: dict[str, tuple[str, _Parsed, int]] = {}
+    defined: dict[str, tuple[_Parsed, int]] = {}
+    for item in parsed:
+        if item.data is None:
+            continue
+        for index, term in enumerate(item.data.terms):
+            if term.term in defined:
+                first_file, first_index = defined[term.term]
+                line, _ = _position(first_file.positions, ("terms", str(first_index)))
+                problems.append(
+                    item.problem(
+                        ("terms", str(index), "term"),
+                        f"term {term.term!r} is already defined ({first_file.path.name} line {line})",
+                    )
+                )
+                continue
+            defined[term.term] = (item, index)
+            for surface in term.surfaces:
+                if surface in owner and owner[surface][0] != term.term:
+                    first_term, first_file, first_index = owner[surface]
+                    line, _ = _position(first_file.positions, ("terms", str(first_index)))
+                    problems.append(
+                        item.problem(
+                            ("terms", str(index), "variants"),
+                            f"{surface!r} is already a variant of {first_term!r} ({first_file.path.name} line {line})",
+                        )
+                    )
+                else:
+                    owner.setdefault(surface, (term.term, item, index))
+    if not files and not problems:
+        problems.append(LexiconProblem(paths[0] if paths else Path(), 0, 0, "", "no lexicon files (*.yaml)"))
+    report = LexiconReport(None, sorted(problems), files)
+    if report.problems:
+        return report
+    terms: dict[str, Term] = {}
+    markers = Markers()
+    digest = hashlib.sha256()
+    for item in parsed:
+        assert item.data is not None
+        digest.update(item.path.name.encode() + b"\0" + item.text + b"\0")
+        markers = markers.merged(item.data.markers)
+        for term in item.data.terms:
+            terms[term.term] = term
+    report.lexicon = Lexicon(tuple(terms.values()), markers, digest.hexdigest()[:12], tuple(files))
+    return report
+
+
+def load_lexicon(paths: Sequence[Path] | Path = DEFAULT_LEXICON_DIR) -> Lexicon:
+    """The lexicon in ``paths`` (files or directories), or :class:`LexiconError` with every problem."""
+    report = scan_lexicon(paths)
+    if report.lexicon is None:
+        raise LexiconError(report.problems)
+    return report.lexicon

@@ -1,0 +1,525 @@
+"""Keyword spotting on what a caller said (as the recognizer transcribed it): sans-I/O and deterministic.
+
+The pipeline, for one utterance:
+
+1. **Normalise**: full-width → half-width (NFKC), lower case, spaces and punctuation dropped (ASR output has
+   characters spaced apart and little punctuation). Punctuation is remembered as a clause boundary, and every
+   normalised character keeps the index of the original character, so spans point into the caller's text.
+2. **Segment** with jieba, on a :class:`jieba.Tokenizer` owned by the spotter that knows the lexicon's
+   variants and markers as user words (the global jieba dictionary is never touched).
+3. **Match** every variant exactly (a trie over the normalised text), then by sound: the toneless pinyin of
+   each variant is indexed and compared with the readings of the text's characters, with the usual
+   near-homophone confusions folded (zh/z, ch/c, sh/s, n/l, an/ang, en/eng, in/ing): 中疯 → 中风, 昏谜 → 昏迷,
+   过民 → 过敏. A sound-alike must share at least half of its characters with the variant (one for two).
+4. **Scope**: an emergency or adverse-reaction term is ``negated`` (没有胸痛), ``history`` (去年中风过,
+   中风以后), ``hypothetical`` (如果, 万一, 的话) or a ``topic`` (中风的药) when a marker says so within its
+   clause. Clauses end at punctuation and at scope breakers (但是, 现在, 突然 ...). A third party (我爸,
+   孩子) keeps a report an emergency; uncertainty (不知道是不是中风) never cancels one.
+
+:class:`Spotter` is immutable after construction; build a new one for a new lexicon (``LexiconRegistry``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import jieba
+from pypinyin import Style, lazy_pinyin, pinyin
+
+from keywords.lexicon import Category, Lexicon, Severity, Term
+
+__all__ = ["Classification", "Match", "Normalised", "Rule", "Spotter", "fuzzy_syllable", "normalise"]
+
+Rule = Literal["affirmed", "third_party", "uncertain", "negated", "history", "hypothetical", "topic", "excluded"]
+Via = Literal["exact", "homophone", "pattern"]
+
+# Rules under which a match counts towards the classification.
+COUNTING_RULES: frozenset[str] = frozenset({"affirmed", "third_party", "uncertain"})
+SEVERITY_RANK = {"critical": 0, "high": 1, "normal": 2}
+# Scope rules apply to what can raise an alarm or a transfer; an information request stays one even when
+# hedged (如果漏服了降压药怎么办 is still about medication).
+SCOPED_CATEGORIES: frozenset[str] = frozenset({"emergency", "adverse_reaction"})
+NEGATION_WINDOW = 8  # normalised characters between a negator and the term it denies
+COMMON_WORD_RATIO = 10  # a sound-alike this much more frequent than the variant is a word in its own right
+AFTER_WINDOW = 3  # a history/hypothetical/topic marker after the term must start within this many characters
+_TIME_AGO = re.compile(r"[0-9一二两三四五六七八九十几多半]+(?:年|个月|月|周|个星期|星期|天)(?:以|之)?前")
+
+
+@dataclass(frozen=True)
+class Match:
+    """One term found in the text. ``term`` is the text as said (``text[start:end]`` of the original),
+    ``canonical`` the lexicon term, ``rule`` what the scope analysis decided, ``via`` how it was found."""
+
+    term: str
+    canonical: str
+    category: Category
+    severity: Severity
+    start: int
+    end: int
+    rule: Rule
+    via: Via = "exact"
+    variant: str = ""
+    symptom: bool = False
+    reason: str = ""
+
+    @property
+    def counts(self) -> bool:
+        return self.rule in COUNTING_RULES
+
+    def as_dict(self) -> dict[str, object]:
+        return {"term": self.term, "start": self.start, "end": self.end}
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The decision for one utterance and why: every match with its rule, and the rules that fired."""
+
+    text: str
+    emergency: bool
+    category: Category
+    matched: tuple[Match, ...]
+    rules: tuple[str, ...]
+    lexicon_version: str = ""
+
+    @property
+    def counted(self) -> tuple[Match, ...]:
+        """The matches that took part in the decision (not denied, past, hypothetical or a topic)."""
+        return tuple(m for m in self.matched if m.counts)
+
+    def as_recognition_fields(self) -> tuple[Category, bool, tuple[str, ...]]:
+        """(category, emergency, matched terms) for ``ivr.ports.Recognition``: canonical terms that counted."""
+        return self.category, self.emergency, tuple(dict.fromkeys(m.canonical for m in self.counted))
+
+    def as_json(self) -> dict[str, object]:
+        """The ``medhotline keywords classify`` line: matches that counted, with spans into ``text``."""
+        return {
+            "text": self.text,
+            "emergency": self.emergency,
+            "category": self.category,
+            "matched": [m.as_dict() for m in self.counted],
+        }
+
+
+# -- normalisation -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Normalised:
+    """``text`` without spaces and punctuation; ``index[i]`` is the original index of ``text[i]``;
+    ``breaks`` are the normalised positions where a punctuation mark (a clause boundary) stood before."""
+
+    original: str
+    text: str
+    index: tuple[int, ...]
+    breaks: frozenset[int]
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """Original (start, end) of normalised ``[start, end)``."""
+        return self.index[start], self.index[end - 1] + 1
+
+
+def _is_han(char: str) -> bool:
+    return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
+
+
+def normalise(text: str) -> Normalised:
+    chars: list[str] = []
+    index: list[int] = []
+    breaks: set[int] = set()
+    for position, char in enumerate(text):
+        if _is_han(char):
+            chars.append(char)
+            index.append(position)
+            continue
+        for folded in unicodedata.normalize("NFKC", char):
+            if folded.isspace():
+                continue
+            kind = unicodedata.category(folded)
+            if kind[0] in "PSZC":
+                breaks.add(len(chars))
+                continue
+            chars.append(folded.lower())
+            index.append(position)
+    return Normalised(text, "".join(chars), tuple(index), frozenset(breaks))
+
+
+# -- pinyin ---------------------------------------------------------------------------------------------------
+
+_INITIALS = (("zh", "z"), ("ch", "c"), ("sh", "s"), ("n", "l"))
+_FINALS = (("iang", "ian"), ("uang", "uan"), ("ang", "an"), ("eng", "en"), ("ing", "in"))
+
+
+@functools.lru_cache(maxsize=4096)
+def fuzzy_syllable(syllable: str) -> str:
+    """Fold the confusions of southern Mandarin and of recognizers: zh/z, ch/c, sh/s, n/l, -ang/-an, -eng/-en,
+    -ing/-in. ``zhong`` and ``zong`` fold alike; ``ong`` is kept (it is not confused with ``on``)."""
+    for long, short in _INITIALS:
+        if syllable.startswith(long):
+            syllable = short + syllable[len(long) :]
+            break
+    for long, short in _FINALS:
+        if syllable.endswith(long):
+            return syllable[: -len(long)] + short
+    return syllable
+
+
+@functools.lru_cache(maxsize=16384)
+def _char_readings(char: str) -> frozenset[str]:
+    if not _is_han(char):
+        return frozenset()
+    readings = pinyin(char, style=Style.NORMAL, heteronym=True, errors="ignore")
+    return frozenset(fuzzy_syllable(r) for r in readings[0]) if readings else frozenset()
+
+
+# -- tries ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    term: Term
+    variant: str
+
+
+@dataclass
+class _Node:
+    children: dict[str, _Node] = field(default_factory=dict)
+    entries: list[_Entry] = field(default_factory=list)
+    word: str | None = None  # marker tries: the marker that ends here
+
+
+def _insert(root: _Node, keys: Iterable[str], entry: _Entry) -> None:
+    node = root
+    for key in keys:
+        node = node.children.setdefault(key, _Node())
+    node.entries.append(entry)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    start: int  # normalised
+    end: int
+    entry: _Entry
+    via: Via
+
+    def key(self) -> tuple[int, int, int, int, str]:
+        return (
+            -(self.end - self.start),
+            0 if self.via != "homophone" else 1,
+            SEVERITY_RANK[self.entry.term.severity],
+            self.start,
+            self.entry.variant,
+        )
+
+
+@dataclass(frozen=True)
+class _Marker:
+    kind: str
+    word: str
+    start: int
+    end: int
+
+
+@functools.cache
+def _base_dictionary() -> tuple[dict[str, int], int]:
+    """jieba's own dictionary, loaded once per process (its cache file makes that ~0.3 s)."""
+    logging.getLogger("jieba").setLevel(logging.WARNING)
+    tokenizer = jieba.Tokenizer()
+    tokenizer.initialize()
+    return dict(tokenizer.FREQ), int(tokenizer.total)
+
+
+class Spotter:
+    """Finds lexicon terms in an utterance and decides their scope. Thread-safe after construction."""
+
+    def __init__(self, lexicon: Lexicon) -> None:
+        self.lexicon = lexicon
+        self.markers = lexicon.markers
+        freq, total = _base_dictionary()
+        self._frequency = freq  # jieba's own word frequencies (read-only): common words are no ASR errors
+        self._tokenizer = jieba.Tokenizer()
+        self._tokenizer.FREQ = dict(freq)
+        self._tokenizer.total = total
+        self._tokenizer.initialized = True
+        self._exact = _Node()
+        self._sound = _Node()
+        for term in lexicon.terms:
+            for surface in term.surfaces:
+                variant = normalise(surface).text
+                if not variant:
+                    continue
+                entry = _Entry(term, variant)
+                _insert(self._exact, variant, entry)
+                if term.homophones and len(variant) >= 2 and all(_is_han(c) for c in variant):
+                    override = (term.pinyin or {}).get(surface)
+                    syllables = override.split() if override else lazy_pinyin(variant, style=Style.NORMAL)
+                    _insert(self._sound, (fuzzy_syllable(s) for s in syllables), entry)
+                if len(variant) >= 2:
+                    self._tokenizer.add_word(variant)
+        self._patterns = [(re.compile(p), term) for term in lexicon.terms for p in term.patterns]
+        self._marker_kinds: dict[str, list[str]] = {}
+        for kind in type(self.markers).model_fields:
+            for word in getattr(self.markers, kind):
+                variant = normalise(word).text
+                if variant:
+                    self._marker_kinds.setdefault(variant, []).append(kind)
+        self._marker_trie = _Node()
+        for word in sorted(self._marker_kinds):
+            node = self._marker_trie
+            for char in word:
+                node = node.children.setdefault(char, _Node())
+            node.word = word
+            if len(word) >= 2:
+                self._tokenizer.add_word(word)
+        self._third_party = frozenset(normalise(w).text for w in self.markers.third_party)
+
+    # -- public ------------------------------------------------------------------------------------------------
+
+    def tokens(self, text: str) -> list[str]:
+        """The spotter's jieba segmentation of normalised ``text`` (dictionary only, no HMM: deterministic)."""
+        tokens: list[str] = self._tokenizer.lcut(text, HMM=False)
+        return tokens
+
+    def spot(self, text: str) -> tuple[Match, ...]:
+        """Every lexicon term in ``text``, ordered by position, each with its scope rule."""
+        norm = normalise(text)
+        if not norm.text:
+            return ()
+        tokens = self.tokens(norm.text)
+        starts: set[int] = set()
+        ends: set[int] = set()
+        position = 0
+        for token in tokens:
+            starts.add(position)
+            position += len(token)
+            ends.add(position)
+        candidates = (
+            self._exact_candidates(norm.text)
+            + self._pattern_candidates(norm.text)
+            + [c for c in self._sound_candidates(norm.text) if self._plausible_error(norm.text, c, starts, ends)]
+        )
+        chosen = self._choose(norm.text, candidates)
+        markers = self._markers(norm.text, starts, ends)
+        clause_starts = sorted({0, *norm.breaks, *(m.end for m in markers if m.kind == "scope_breakers")})
+        matches = []
+        for candidate in chosen:
+            rule, reason = self._scope(norm, candidate, chosen, markers, clause_starts)
+            start, end = norm.span(candidate.start, candidate.end)
+            term = candidate.entry.term
+            matches.append(
+                Match(
+                    term=text[start:end],
+                    canonical=term.term,
+                    category=term.category,
+                    severity=term.severity,
+                    start=start,
+                    end=end,
+                    rule=rule,
+                    via=candidate.via,
+                    variant=candidate.entry.variant,
+                    symptom=term.symptom,
+                    reason=reason,
+                )
+            )
+        return tuple(matches)
+
+    # -- matching ----------------------------------------------------------------------------------------------
+
+    def _exact_candidates(self, text: str) -> list[_Candidate]:
+        found: list[_Candidate] = []
+        for start in range(len(text)):
+            node = self._exact
+            for end in range(start, len(text)):
+                next_node = node.children.get(text[end])
+                if next_node is None:
+                    break
+                node = next_node
+                found.extend(_Candidate(start, end + 1, entry, "exact") for entry in node.entries)
+        return found
+
+    def _pattern_candidates(self, text: str) -> list[_Candidate]:
+        return [
+            _Candidate(m.start(), m.end(), _Entry(term, m.group()), "pattern")
+            for pattern, term in self._patterns
+            for m in pattern.finditer(text)
+            if m.end() > m.start()
+        ]
+
+    def _sound_candidates(self, text: str) -> list[_Candidate]:
+        readings = [_char_readings(c) for c in text]
+        found: list[_Candidate] = []
+        for start in range(len(text)):
+            frontier = [self._sound]
+            for end in range(start, len(text)):
+                if not readings[end]:
+                    break
+                frontier = [
+                    child for node in frontier for r in sorted(readings[end]) if (child := node.children.get(r))
+                ]
+                if not frontier:
+                    break
+                surface = text[start : end + 1]
+                for node in frontier:
+                    for entry in node.entries:
+                        same = sum(a == b for a, b in zip(surface, entry.variant, strict=True))
+                        if same < len(surface) and same >= max(1, len(surface) // 2):
+                            found.append(_Candidate(start, end + 1, entry, "homophone"))
+        return found
+
+    def _plausible_error(self, text: str, candidate: _Candidate, starts: set[int], ends: set[int]) -> bool:
+        """Whether a sound-alike is plausibly the recognizer's error for the variant: it stands as words of its
+        own (烧三 in 发烧三十八 does not) and is not a far more common word (不是 is not 不适 misheard)."""
+        if candidate.start not in starts or candidate.end not in ends:
+            return False
+        surface = text[candidate.start : candidate.end]
+        said = self._frequency.get(surface) or 0
+        meant = self._frequency.get(candidate.entry.variant) or 1
+        return said <= COMMON_WORD_RATIO * meant
+
+    @staticmethod
+    def _choose(text: str, candidates: list[_Candidate]) -> list[_Candidate]:
+        """Longest first, exact before sound-alike, per category without overlaps; excluded contexts dropped."""
+        chosen: list[_Candidate] = []
+        taken: dict[str, list[tuple[int, int]]] = {}
+        for candidate in sorted(candidates, key=_Candidate.key):
+            term = candidate.entry.term
+            if any(_covers(text, context, candidate.start, candidate.end) for context in term.exclude):
+                continue
+            spans = taken.setdefault(term.category, [])
+            if any(candidate.start < e and s < candidate.end for s, e in spans):
+                continue
+            spans.append((candidate.start, candidate.end))
+            chosen.append(candidate)
+        chosen.sort(key=lambda c: (c.start, c.end, c.entry.term.category))
+        return chosen
+
+    def _markers(self, text: str, starts: set[int], ends: set[int]) -> list[_Marker]:
+        """Marker words that stand as words: they start at a token boundary, and a single character is a
+        token of its own (不 in 不停 or 不行 is no negation)."""
+        found: list[_Marker] = []
+        for start in range(len(text)):
+            if start not in starts:
+                continue
+            node = self._marker_trie
+            for end in range(start, len(text)):
+                next_node = node.children.get(text[end])
+                if next_node is None:
+                    break
+                node = next_node
+                word = node.word
+                if word is not None:
+                    if len(word) == 1 and end + 1 not in ends:
+                        continue
+                    found.extend(_Marker(kind, word, start, end + 1) for kind in self._marker_kinds[word])
+        for match in _TIME_AGO.finditer(text):  # 三年前, 两个月前
+            found.append(_Marker("history_before", match.group(), match.start(), match.end()))
+        return found
+
+    # -- scope -------------------------------------------------------------------------------------------------
+
+    def _scope(
+        self,
+        norm: Normalised,
+        candidate: _Candidate,
+        chosen: list[_Candidate],
+        markers: list[_Marker],
+        clause_starts: list[int],
+    ) -> tuple[Rule, str]:
+        term = candidate.entry.term
+        text = norm.text
+        third_party = next((m for m in markers if m.kind == "third_party" and m.end <= candidate.start), None)
+        if term.category not in SCOPED_CATEGORIES:
+            return "affirmed", ""
+        clause_start = max(s for s in clause_starts if s <= candidate.start)
+        following = [s for s in (*clause_starts, *sorted(norm.breaks)) if s > candidate.start]
+        clause_end = min(following, default=len(text))
+        other_spans = [(c.start, c.end) for c in chosen if c is not candidate]
+
+        def inside_other(marker: _Marker) -> bool:
+            return any(s <= marker.start and marker.end <= e for s, e in other_spans) or (
+                candidate.start <= marker.start < candidate.end
+            )
+
+        before = [m for m in markers if clause_start <= m.start and m.end <= candidate.start and not inside_other(m)]
+        after = [
+            m
+            for m in markers
+            if candidate.end <= m.start < min(clause_end, candidate.end + AFTER_WINDOW) and not inside_other(m)
+        ]
+        uncertain = [m for m in before if m.kind == "uncertainty"]
+        uncertain_spans = [(m.start, m.end) for m in uncertain]
+
+        # Negation: the nearest negator before the term, within the window, not part of an uncertainty
+        # (不知道), with no third party in between (不是我 是我爸昏迷了), and not separated by another term unless
+        # a coordinator joins them (没有胸痛和呼吸困难) or neither is critical.
+        negators = [
+            m
+            for m in before
+            if m.kind == "negation"
+            and candidate.start - m.end <= NEGATION_WINDOW
+            and not any(s <= m.start and m.end <= e for s, e in uncertain_spans)
+        ]
+        if negators:
+            negator = max(negators, key=lambda m: (m.end, m.end - m.start))
+            between_party = any(
+                m.kind == "third_party" and negator.end <= m.start and m.end <= candidate.start for m in markers
+            )
+            blocked = between_party or self._separated(text, negator, candidate, chosen, markers)
+            if not blocked:
+                return "negated", f"negation: {negator.word} → {text[candidate.start : candidate.end]}"
+        scoped: tuple[tuple[str, Rule], ...] = (("history", "history"), ("hypothetical", "hypothetical"))
+        for kind, rule in scoped:
+            marker = next((m for m in before if m.kind == f"{kind}_before"), None)
+            if marker is None:
+                marker = next((m for m in after if m.kind == f"{kind}_after" and self._adjacent(m, candidate)), None)
+            if marker is None and kind == "hypothetical":
+                marker = next(
+                    (m for m in before if m.kind == "hypothetical_adjacent" and m.end == candidate.start), None
+                )
+            if marker is not None:
+                return rule, f"{rule}: {marker.word} + {text[candidate.start : candidate.end]}"
+        topic = next((m for m in after if m.kind == "topic_after" and m.start == candidate.end), None)
+        if topic is not None:
+            return "topic", f"topic: {text[candidate.start : candidate.end]}{topic.word}"
+        if uncertain and term.category == "emergency":
+            return "uncertain", f"uncertain: {uncertain[-1].word} {text[candidate.start : candidate.end]}"
+        if third_party is not None and term.category == "emergency":
+            return "third_party", f"third party: {third_party.word}"
+        return "affirmed", ""
+
+    @staticmethod
+    def _adjacent(marker: _Marker, candidate: _Candidate) -> bool:
+        """A marker after the term belongs to it when it follows at once or after 了 (中风过, 中风了的话)."""
+        return marker.start == candidate.end or (marker.start == candidate.end + 1 and marker.word != "过")
+
+    def _separated(
+        self, text: str, negator: _Marker, candidate: _Candidate, chosen: list[_Candidate], markers: list[_Marker]
+    ) -> bool:
+        """Whether another term stands between the negator and this one without a coordinator joining them."""
+        for other in chosen:
+            if other is candidate or not (negator.end <= other.start and other.end <= candidate.start):
+                continue
+            gap = text[other.end : candidate.start]
+            joined = any(
+                m.kind == "coordinators" and other.end <= m.start and m.end <= candidate.start for m in markers
+            )
+            if gap and not joined:
+                return True
+            if not gap and "critical" in (candidate.entry.term.severity, other.entry.term.severity):
+                return True
+        return False
+
+
+def _covers(text: str, context: str, start: int, end: int) -> bool:
+    """Whether an occurrence of ``context`` in ``text`` overlaps ``[start, end)``."""
+    position = text.find(context, max(0, start - len(context) + 1))
+    while position != -1 and position < end:
+        if position + len(context) > start:
+            return True
+        position = text.find(context, position + 1)
+    return False
