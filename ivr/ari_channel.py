@@ -10,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
 
-from ivr.ari_client import AriClient, AriNotFound
-from ivr.channel import CallerHungUp, CallInfo, ConnectionLost
+from ivr.ari_client import AriClient, AriError, AriNotFound
+from ivr.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost
+from keywords.rtp import RtpReceiver
 
 log = structlog.get_logger(__name__)
 
 _GONE_EVENTS = frozenset({"StasisEnd", "ChannelDestroyed", "ChannelHangupRequest"})
+# Channels Asterisk creates for the service's own media taps; they are never calls.
+MEDIA_CHANNEL_PREFIX = "UnicastRTP/"
 
 
 def event_channel_id(event: dict[str, Any]) -> str | None:
@@ -129,6 +134,54 @@ class AriCallChannel:
         # The channel leaves Stasis; it is no longer ours to hang up.
         self._gone = True
 
+    @asynccontextmanager
+    async def caller_audio(self, max_seconds: float = 30.0) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Tap the caller's audio: an external-media channel sends it as RTP (μ-law) to a local port.
+
+        The caller and the tap share a mixing bridge while the tap is open; everything is torn down on exit,
+        also when the caller hangs up meanwhile.
+        """
+        # A silent caller sends no RTP at all, so silence may last the whole listening window.
+        receiver = RtpReceiver(self._client.media_host, 0, idle_timeout=max_seconds)
+        host, port = await receiver.start()
+        bridge_id = f"listen-{uuid.uuid4()}"
+        media_id = f"{self._info.channel_id}-listen"
+        try:
+            await self._call("POST", f"/bridges/{bridge_id}", {"type": "mixing"})
+            await self._call(
+                "POST",
+                "/channels/externalMedia",
+                {
+                    "channelId": media_id,
+                    "app": self._client.app,
+                    "external_host": f"{host}:{port}",
+                    "format": "ulaw",
+                },
+            )
+            await self._call("POST", f"/bridges/{bridge_id}/addChannel", {"channel": self._info.channel_id})
+            await self._add_when_in_stasis(bridge_id, media_id)
+            yield aiter(receiver)
+        finally:
+            with contextlib.suppress(ChannelError):
+                await self._client.request("DELETE", f"/channels/{media_id}")
+            with contextlib.suppress(ChannelError):
+                await self._client.request("DELETE", f"/bridges/{bridge_id}")
+            await receiver.close()
+
+    async def _add_when_in_stasis(self, bridge_id: str, channel_id: str, attempts: int = 40) -> None:
+        """A new external-media channel enters Stasis a moment after it is created; until then Asterisk refuses
+        to bridge it (422). Retrying briefly is simpler than routing that channel's StasisStart here."""
+        for _ in range(attempts - 1):
+            try:
+                await self._client.request("POST", f"/bridges/{bridge_id}/addChannel", {"channel": channel_id})
+            except AriError as exc:
+                if exc.status != 422:
+                    raise
+                await asyncio.sleep(0.05)
+            else:
+                return
+        await self._client.request("POST", f"/bridges/{bridge_id}/addChannel", {"channel": channel_id})
+
     async def hangup(self) -> None:
         if self._gone:
             return
@@ -159,7 +212,8 @@ class AriDispatcher:
             return False
         channel = self._channels.get(channel_id)
         if channel is None:
-            if event["type"] not in _GONE_EVENTS:  # late hang-up events of finished calls are routine
+            media = str((event.get("channel") or {}).get("name", "")).startswith(MEDIA_CHANNEL_PREFIX)
+            if event["type"] not in _GONE_EVENTS and not media:  # late hang-up events of finished calls are routine
                 log.warning("ari.event_for_unknown_channel", event_type=event["type"], channel_id=channel_id)
             return False
         channel.deliver(event)

@@ -51,6 +51,8 @@ class AriClient:
         timeout: float = 10.0,
     ) -> None:
         self.app = app
+        # Where Asterisk can reach this service's RTP receivers (external media); the ARI host by default.
+        self.media_host = host
         self._base = f"http://{host}:{port}/ari"
         self._ws_url = f"ws://{host}:{port}/ari/events?" + urlencode({"app": app, "subscribeAll": "false"})
         token = base64.b64encode(f"{username}:{password}".encode()).decode()

@@ -6,8 +6,10 @@ hanging up surfaces as ``CallerHungUp`` from whichever operation was waiting, so
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from medhotline.errors import MedhotlineError
 
@@ -105,4 +107,14 @@ class CallChannel(Protocol):
 
     async def hangup(self) -> None:
         """Hang up; harmless if the caller already has."""
+        ...
+
+
+@runtime_checkable
+class AudioSource(Protocol):
+    """A call whose audio the service can hear (ARI external media). FastAGI calls are not: there, ``listen``
+    nodes take their key-menu fallback."""
+
+    def caller_audio(self, max_seconds: float = 30.0) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        """While open, yields the caller's audio as 16-bit little-endian PCM at 8 kHz, in small chunks."""
         ...

@@ -19,7 +19,8 @@ from ivr.flow_loader import FlowProblem, LoadedFlow, load_flows_lenient
 log = structlog.get_logger(__name__)
 
 
-def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
+def directory_fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """Name, mtime and size of every ``*.yaml`` file: cheap to take, changes with any edit or replacement."""
     entries = []
     for path in sorted(directory.glob("*.yaml")):
         try:
@@ -43,7 +44,7 @@ class FlowRegistry:
 
     def refresh(self) -> list[FlowProblem] | None:
         """Reload if any flow file changed. Returns the problems found (empty: all good), None if unchanged."""
-        seen = _fingerprint(self.directory)
+        seen = directory_fingerprint(self.directory)
         if seen == self._seen:
             return None
         self._seen = seen

@@ -37,7 +37,7 @@ from ivr.flow_model import (
     SubflowNode,
     TransferNode,
 )
-from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
+from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, RecognitionUnavailable, Recognizer
 
 log = structlog.get_logger(__name__)
 
@@ -288,7 +288,7 @@ class FlowRunner:
                 return "fallback", kind, node.fallback
 
     async def _listen(self, node: ListenNode, channel: CallChannel) -> tuple[str, str | None, str]:
-        if not self.recognizer.available:
+        if not self.recognizer.available_for(channel):
             # No speech on this node (or it failed): the caller gets the key menu instead, never silence.
             return "fallback", "speech unavailable", node.fallback
         attempt = 0
@@ -299,15 +299,21 @@ class FlowRunner:
                     return f"press {pressed}", pressed, node.choices[pressed]
                 recognition = None
             else:
-                recognition = await self.recognizer.recognize(channel, node.max_seconds)
+                try:
+                    recognition = await self.recognizer.recognize(channel, node.max_seconds)
+                except RecognitionUnavailable as exc:
+                    log.error("speech.unavailable", node=self._where, reason=str(exc))
+                    return "fallback", "speech failed", node.fallback
             if recognition is not None and recognition.transcript:
                 self.variables[node.var] = recognition.transcript
                 if recognition.emergency:
                     self.variables["priority"] = "emergency"
                 category = recognition.category
+                # The record keeps why: the category and the terms that fired, never the transcript itself.
+                why = f"{category or 'unclassified'}: {','.join(recognition.matched)}"[:64]
                 if category in node.categories:
-                    return f"heard {category}", category, node.categories[category]
-                return "default", category or "unclassified", node.default
+                    return f"heard {category}", why, node.categories[category]
+                return "default", why, node.default
             attempt += 1
             kind = "no_input" if pressed is None else "invalid"
             if not await self._retry_or_fallback(node, attempt, kind, channel):

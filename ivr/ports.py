@@ -9,7 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ivr.channel import CallChannel
+from ivr.channel import CallChannel, ChannelError
+
+
+class RecognitionUnavailable(ChannelError):
+    """Speech recognition failed for this call (media could not be set up, engine error): the ``listen`` node
+    takes its key-menu fallback; the call goes on."""
 
 
 @dataclass(frozen=True)
@@ -23,8 +28,9 @@ class Recognition:
 
 
 class Recognizer(Protocol):
-    @property
-    def available(self) -> bool: ...
+    def available_for(self, channel: CallChannel) -> bool:
+        """Can this call be listened to? (No model loaded, or a transport without audio: no.)"""
+        ...
 
     async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
         """Listen to the caller for up to ``max_seconds``; None when nothing intelligible was said."""
@@ -34,7 +40,8 @@ class Recognizer(Protocol):
 class NoRecognizer:
     """No speech recognition on this node: ``listen`` nodes take their fallback (the DTMF menu)."""
 
-    available = False
+    def available_for(self, channel: CallChannel) -> bool:
+        return False
 
     async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
         return None
@@ -46,6 +53,9 @@ class ScriptedRecognizer:
 
     results: list[Recognition | None] = field(default_factory=list)
     available: bool = True
+
+    def available_for(self, channel: CallChannel) -> bool:
+        return self.available
 
     async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
         return self.results.pop(0) if self.results else None

@@ -112,6 +112,25 @@ def _cmd_flows(config: Config, args: argparse.Namespace) -> int:
     return flow_tools.print_schema(config.hotline.flows_dir / flow_tools.SCHEMA_FILE if args.write else None)
 
 
+def _cmd_keywords(config: Config, args: argparse.Namespace) -> int:
+    from keywords import commands
+    from keywords.lexicon import DEFAULT_LEXICON_DIR
+
+    if args.action == "classify":
+        if args.paths:
+            print("medhotline: keywords classify reads stdin and takes no arguments", file=sys.stderr)
+            return EXIT_USAGE
+        return commands.classify_stream(sys.stdin.buffer, sys.stdout, sys.stderr, args.lexicon)
+    paths = [Path(p) for p in args.paths] or [args.lexicon or DEFAULT_LEXICON_DIR]
+    return commands.print_check(paths)
+
+
+def _cmd_models(config: Config, args: argparse.Namespace) -> int:
+    from keywords.models import fetch_command
+
+    return fetch_command(args.name, args.dest or config.service.state_dir / "models", args.sha256)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medhotline", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -144,6 +163,21 @@ def _parser() -> argparse.ArgumentParser:
     flows.add_argument("--write", action="store_true", help="schema: write flow.schema.json into hotline.flows_dir")
     flows.add_argument("--sounds-dir", type=Path, help="check: also check `file:` prompts exist in this directory")
     flows.set_defaults(func=_cmd_flows)
+
+    keywords = sub.add_parser("keywords", help="classify utterances; check the keyword lexicon")
+    keywords.add_argument("action", choices=["classify", "check"])
+    keywords.add_argument(
+        "paths", nargs="*", metavar="PATH", help="check: lexicon files or directories (default: keywords/lexicon)"
+    )
+    keywords.add_argument("--lexicon", type=Path, help="lexicon directory (default: keywords/lexicon)")
+    keywords.set_defaults(func=_cmd_keywords)
+
+    models = sub.add_parser("models", help="speech models for deployers (needs internet access)")
+    models.add_argument("action", choices=["fetch"])
+    models.add_argument("name", help="small-cn (vosk-model-small-cn-0.22, 44 MB) or cn (vosk-model-cn-0.22, 1.4 GB)")
+    models.add_argument("--dest", type=Path, help="directory for models (default: <state_dir>/models)")
+    models.add_argument("--sha256", help="SHA-256 of the archive, from a copy you trust (required)")
+    models.set_defaults(func=_cmd_models)
 
     serve = sub.add_parser("serve", help="run the hotline service (ARI, AMI, FastAGI)")
     serve.set_defaults(func=_cmd_serve)

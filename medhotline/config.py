@@ -149,6 +149,23 @@ class PromptsConfig(_Section):
     sounds_dir: Path | None = None
 
 
+class SpeechConfig(_Section):
+    # none: `listen` nodes use their key-menu fallback. vosk: real recognition with the model at model_path.
+    # scripted: a stand-in that hears the caller's audio and returns the sentences of `script` in turn
+    # (demos and tests on machines without a Chinese model).
+    engine: Literal["none", "vosk", "scripted"] = "none"
+    model_path: Path | None = None
+    script: list[str] = Field(default_factory=list)
+    # Empty: the lexicon shipped in keywords/lexicon/. Edits are picked up while the service runs.
+    lexicon_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> SpeechConfig:
+        if self.engine == "vosk" and self.model_path is None:
+            raise ValueError("engine 'vosk' needs model_path (a Vosk model directory; `medhotline models fetch`)")
+        return self
+
+
 class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -157,6 +174,7 @@ class Config(_Section):
     keyservice: KeyServiceConfig = KeyServiceConfig()
     hotline: HotlineConfig = HotlineConfig()
     prompts: PromptsConfig = PromptsConfig()
+    speech: SpeechConfig = SpeechConfig()
 
     @property
     def database_url(self) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from ivr.ari_channel import AriCallChannel, AriDispatcher, event_channel_id
+from ivr.ari_channel import MEDIA_CHANNEL_PREFIX, AriCallChannel, AriDispatcher, event_channel_id
 from ivr.ari_client import AriClient, AriError
 from ivr.channel import CallChannel, CallerId, CallInfo, ConnectionLost
 from ivr.fastagi import FastAgiCallChannel
@@ -29,6 +29,7 @@ from ivr.flow_registry import FlowRegistry
 from ivr.interpreter import FlowResult, FlowRunner, Step
 from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 from ivr.prompts import Voice, sound_name
+from keywords.registry import LexiconRegistry
 from medhotline import db
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
@@ -82,8 +83,10 @@ class HotlineService:
         creds: AsteriskCredentials,
         *,
         recognizer: Recognizer | None = None,
+        lexicon: LexiconRegistry | None = None,
         directory: PatientDirectory | None = None,
     ) -> None:
+        self.lexicon = lexicon
         self.config = config
         self.repo = repo
         self.flows = flows
@@ -201,6 +204,8 @@ class HotlineService:
         log.debug("ari.event", event_type=event["type"], channel_id=event_channel_id(event))
         if event["type"] == "StasisStart":
             chan = event.get("channel") or {}
+            if str(chan.get("name", "")).startswith(MEDIA_CHANNEL_PREFIX):
+                return  # the service's own audio tap (external media) entering Stasis, not a call
             args = event.get("args") or []
             if not isinstance(chan.get("id"), str):
                 log.warning("ari.bad_event", reason="StasisStart without channel id")
@@ -247,8 +252,10 @@ class HotlineService:
             await asyncio.sleep(self.config.hotline.reload_interval)
             try:
                 await asyncio.to_thread(self.flows.refresh)
+                if self.lexicon is not None:
+                    await asyncio.to_thread(self.lexicon.refresh)
             except Exception:
-                log.exception("flows.reload_failed")
+                log.exception("reload_failed")
 
     # -- FastAGI ----------------------------------------------------------------------------------
 
@@ -291,6 +298,30 @@ class HotlineService:
             log.info("service.stopped")
 
 
+def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None]:
+    """The ``listen`` nodes' recognizer from ``[speech]``; a missing or broken model stops the start-up here."""
+    speech = config.speech
+    if speech.engine == "none":
+        return NoRecognizer(), None
+    from keywords.lexicon import DEFAULT_LEXICON_DIR, LexiconError
+    from keywords.recognizer import ScriptedSpeech, SpeechEngine, StreamingRecognizer, registry_classifier
+
+    lexicon = LexiconRegistry(speech.lexicon_dir or DEFAULT_LEXICON_DIR)
+    problems = lexicon.refresh()
+    if lexicon.current is None:
+        raise LexiconError(problems or [])
+    classify = registry_classifier(lexicon)
+    engine: SpeechEngine
+    if speech.engine == "scripted":
+        engine = ScriptedSpeech(list(speech.script))
+    else:
+        from keywords.speech import SpeechModel
+
+        assert speech.model_path is not None  # guaranteed by config validation
+        engine = SpeechModel.load(speech.model_path)
+    return StreamingRecognizer(engine, classify), lexicon
+
+
 def run_service(config: Config) -> int:
     db.ensure_current(config.database_url)
     flows = FlowRegistry(config.hotline.flows_dir)
@@ -300,7 +331,8 @@ def run_service(config: Config) -> int:
             config.hotline.flows_dir, problems or [f"the hotline flow {config.hotline.flow!r} is not defined"]
         )
     repo = db.CallRepository(db.make_sessionmaker(config.database_url))
-    service = HotlineService(config, repo, flows, asterisk_credentials(config))
+    recognizer, lexicon = build_recognizer(config)
+    service = HotlineService(config, repo, flows, asterisk_credentials(config), recognizer=recognizer, lexicon=lexicon)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -53,6 +53,17 @@ class Press:
             raise PhoneError(f"not a key press: {self.digits!r} after {self.after_ms} ms")
 
 
+@dataclass(frozen=True)
+class Speak:
+    """The caller waits ``after_ms``, then speaks: ``wav`` (8 kHz mono μ-law WAV) is streamed as RTP (PCMU)."""
+
+    after_ms: int
+    wav: Path
+
+
+Action = Press | Speak
+
+
 _LISTEN = """
   <recv request="BYE" timeout="120000">
     <action>
@@ -103,15 +114,36 @@ _HANG_UP = """
 """
 
 
-def patient_scenario(presses: Sequence[Press], hang_up_after_ms: int | None) -> str:
-    """The patient scenario XML: the key presses, then listening (None) or hanging up after a pause."""
+def patient_scenario(actions: Sequence[Action], hang_up_after_ms: int | None) -> str:
+    """The patient scenario XML: keys and speech, then listening (None) or hanging up after a pause."""
     steps = []
-    for press in presses:
-        steps.append(f'  <pause milliseconds="{press.after_ms}"/>')
-        steps.append(f'  <nop><action><exec play_dtmf="{press.digits}"/></action></nop>')
+    for action in actions:
+        steps.append(f'  <pause milliseconds="{action.after_ms}"/>')
+        if isinstance(action, Press):
+            steps.append(f'  <nop><action><exec play_dtmf="{action.digits}"/></action></nop>')
+        else:
+            steps.append(f'  <nop><action><exec rtp_stream="{action.wav},1,0"/></action></nop>')
     ending = _LISTEN if hang_up_after_ms is None else _HANG_UP.format(ms=hang_up_after_ms)
     template = PATIENT_TEMPLATE.read_text(encoding="utf-8")
     return template.replace("{{presses}}", "\n".join(steps) + "\n").replace("{{ending}}", ending)
+
+
+def speech_wav(text: str, voice: str, target: Path, *, trailing_silence: float = 1.5) -> Path:
+    """Render what a simulated patient says (espeak-ng) as the 8 kHz μ-law WAV that ``Speak`` streams."""
+    raw = target.with_suffix(".raw.wav")
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", "140", "-w", str(raw), "--stdin"],
+        input=text.encode(),
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["sox", str(raw), "-r", "8000", "-c", "1", "-e", "u-law", str(target), "pad", "0.2", str(trailing_silence)],
+        check=True,
+        capture_output=True,
+    )
+    raw.unlink()
+    return target
 
 
 def place_call(
@@ -122,13 +154,13 @@ def place_call(
     local_port: int,
     media_port: int,
     caller: str,
-    presses: Sequence[Press] = (),
+    presses: Sequence[Action] = (),
     hang_up_after_ms: int | None = None,
     timeout: float = 150.0,
 ) -> PhoneCall:
     """Run one patient call to completion and report what the phone saw.
 
-    The patient presses ``presses``, then listens until the hotline hangs up, or hangs up itself
+    The patient presses keys and speaks (``presses``), then listens until the hotline hangs up, or hangs up itself
     ``hang_up_after_ms`` after the last key (or after the answer, without keys).
     """
     if shutil.which("sipp") is None:

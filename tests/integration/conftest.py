@@ -6,6 +6,7 @@ never skipped, because a skipped integration test is a missing test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -22,7 +23,7 @@ from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, sound_name
 from medhotline import db
 from medhotline.config import Config, load_config
-from medhotline.phones import PhoneCall, Press, place_call
+from medhotline.phones import Action, PhoneCall, place_call
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox, SandboxError
 from medhotline.service_process import ServiceProcess
@@ -77,7 +78,7 @@ class Hotline:
     def repo(self) -> db.CallRepository:
         return db.CallRepository(db.make_sessionmaker(self.config.database_url))
 
-    def call(self, number: str, presses: list[Press] | None = None, hang_up_after_ms: int | None = None) -> PhoneCall:
+    def call(self, number: str, presses: list[Action] | None = None, hang_up_after_ms: int | None = None) -> PhoneCall:
         return place_call(
             target_host="127.0.0.1",
             target_port=self.config.asterisk.sip_port,
@@ -124,7 +125,7 @@ class Hotline:
         return int(1000 * self.prompt_seconds(self.flow_texts(flow, nodes)))
 
 
-def write_config(state: Path) -> Path:
+def write_config(state: Path, instance: str, extra: str = "") -> Path:
     rtp = free_rtp_range(60)
     # A copy of the shipped flows, so that tests can edit them while the service runs (hot reload).
     flows_dir = state / "dialplans"
@@ -145,7 +146,7 @@ ari_port = {free_port(socket.SOCK_STREAM)}
 ami_port = {free_port(socket.SOCK_STREAM)}
 
 [asterisk.sandbox]
-instance = "test{os.getpid()}"
+instance = "{instance}"
 
 [fastagi]
 port = {free_port(socket.SOCK_STREAM)}
@@ -157,21 +158,26 @@ reload_interval = 0.3
 [prompts]
 # Faster speech keeps the suite short; the prompts are the shipped ones.
 speed = 240
+{extra}
 """,
         encoding="utf-8",
     )
     return path
 
 
-@pytest.fixture(scope="session")
-def sandbox_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Config, Path, Sandbox]]:
+def check_prerequisites() -> None:
     if os.geteuid() != 0:
         unavailable("the Asterisk sandbox needs root")
     for tool in ("debootstrap", "sipp", "espeak-ng", "sox", "unshare"):
         if shutil.which(tool) is None:
             unavailable(f"{tool} is not installed (scripts/bootstrap installs it)")
-    state = tmp_path_factory.mktemp("hotline")
-    path = write_config(state)
+
+
+@contextlib.contextmanager
+def running_hotline(state: Path, name: str, extra_config: str = "") -> Iterator[Hotline]:
+    """A sandbox instance of its own and a service on it: Asterisk, database, prompts, `medhotline serve`."""
+    check_prerequisites()
+    path = write_config(state, f"{name}{os.getpid()}", extra_config)
     config = load_config(path, environ={})
     sandbox = Sandbox(config)
     try:
@@ -179,22 +185,23 @@ def sandbox_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[C
     except SandboxError as exc:
         pytest.fail(f"the Asterisk sandbox could not start: {exc}", pytrace=False)
     try:
-        yield config, path, sandbox
+        db.upgrade(config.database_url)
+        build_prompts(config)
+        log_path = config.service.state_dir / "service.stdout"
+        service = ServiceProcess(config, path, log_path)
+        service.start(timeout=60)
+        try:
+            yield Hotline(config, path, sandbox, service, log_path)
+        finally:
+            returncode = service.stop()
+        assert returncode == 0, f"medhotline serve exited with {returncode}; see {log_path}"
     finally:
         sandbox.down()
         shutil.rmtree(sandbox.instance_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def hotline(sandbox_config: tuple[Config, Path, Sandbox]) -> Iterator[Hotline]:
-    config, path, sandbox = sandbox_config
-    db.upgrade(config.database_url)
-    build_prompts(config)
-    log_path = config.service.state_dir / "service.stdout"
-    service = ServiceProcess(config, path, log_path)
-    service.start(timeout=60)
-    try:
-        yield Hotline(config, path, sandbox, service, log_path)
-    finally:
-        returncode = service.stop()
-    assert returncode == 0, f"medhotline serve exited with {returncode}; see {log_path}"
+def hotline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hotline]:
+    """The shipped configuration: no speech engine, so `listen` nodes fall back to the key menu."""
+    with running_hotline(tmp_path_factory.mktemp("hotline"), "test") as running:
+        yield running

@@ -412,7 +412,7 @@ async def test_listen_emergency_speech_takes_the_category_edge_with_emergency_pr
     assert call.result.outcome == "routed"
     assert call.result.route == RouteDecision("emergency", "emergency", "er")
     assert call.result.variables == {"transcript": "胸口很痛，喘不上气", "priority": "emergency"}
-    assert _step(call, "l") == Step("test", "l", "listen", "heard emergency", "emergency")
+    assert _step(call, "l") == Step("test", "l", "listen", "heard emergency", "emergency: 胸痛")
 
 
 async def test_listen_transcript_goes_to_the_named_variable() -> None:
@@ -439,7 +439,7 @@ async def test_listen_transcript_goes_to_the_named_variable() -> None:
 async def test_listen_unknown_category_takes_default(category: str | None) -> None:
     call = await _call(LISTEN, recognizer=ScriptedRecognizer([Recognition("嗯", category)]))
     assert call.result.last_step == "dflt"
-    assert _step(call, "l") == Step("test", "l", "listen", "default", category or "unclassified")
+    assert _step(call, "l") == Step("test", "l", "listen", "default", f"{category or 'unclassified'}: ")
     assert call.result.variables["transcript"] == "嗯"
 
 

@@ -1,0 +1,132 @@
+"""The ``listen`` node's recognizer: caller audio → streaming speech recognition → keyword classification.
+
+Partial results go to the spotter as they arrive, so an emergency term ends the listening at once, while the
+caller is still talking; otherwise the first final result (Vosk's end-of-utterance) or the time limit decides.
+Implements ``ivr.ports.Recognizer``; calls whose transport carries no audio (FastAGI) are "not available",
+so their flow takes the key-menu fallback instead of waiting in silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from ivr.channel import AudioSource, CallChannel, CallerHungUp, ChannelError, ConnectionLost
+from ivr.ports import Recognition, RecognitionUnavailable
+from keywords.registry import LexiconRegistry
+from keywords.rtp import RtpError
+from keywords.speech import SpeechEvent, SpeechStreamError
+
+log = structlog.get_logger(__name__)
+
+# (category, emergency, matched terms) for a transcript.
+Classify = Callable[[str], tuple[str | None, bool, tuple[str, ...]]]
+
+
+class SpeechStreamLike(Protocol):
+    async def accept(self, pcm16: bytes) -> list[SpeechEvent]: ...
+
+    async def finish(self) -> SpeechEvent: ...
+
+
+class SpeechEngine(Protocol):
+    def async_stream(self, sample_rate: int = 8000, *, max_seconds: float = 20.0) -> SpeechStreamLike: ...
+
+
+@dataclass
+class StreamingRecognizer:
+    engine: SpeechEngine
+    classify: Classify
+
+    def available_for(self, channel: CallChannel) -> bool:
+        return isinstance(channel, AudioSource)
+
+    async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
+        if not isinstance(channel, AudioSource):
+            return None
+        stream = self.engine.async_stream(8000, max_seconds=max_seconds)
+        transcript = ""
+        try:
+            async with asyncio.timeout(max_seconds + 2.0), channel.caller_audio(max_seconds) as frames:
+                async for pcm in frames:
+                    for event in await stream.accept(pcm):
+                        transcript = event.text or transcript
+                        decided = self._decide(event)
+                        if decided is not None:
+                            return decided
+        except TimeoutError:
+            pass
+        except (CallerHungUp, ConnectionLost):
+            raise
+        except (ChannelError, SpeechStreamError, RtpError) as exc:
+            raise RecognitionUnavailable(f"speech recognition failed: {exc}") from None
+        final = await stream.finish()
+        transcript = final.text or transcript
+        return self._decide(SpeechEvent("final", transcript)) if transcript else None
+
+    def _decide(self, event: SpeechEvent) -> Recognition | None:
+        if not event.text:
+            return None
+        category, emergency, matched = self.classify(event.text)
+        if emergency or event.kind == "final":
+            # Only sizes and terms are logged: the transcript itself is clinical data.
+            log.info(
+                "speech.recognized",
+                kind=event.kind,
+                chars=len(event.text),
+                category=category,
+                emergency=emergency,
+                matched=list(matched),
+            )
+            return Recognition(event.text, category, emergency, matched)
+        return None
+
+
+@dataclass
+class _ScriptedStream:
+    text: str
+    seconds_before: float
+    _fed: float = 0.0
+    _said: bool = False
+
+    async def accept(self, pcm16: bytes) -> list[SpeechEvent]:
+        self._fed += len(pcm16) / 16000
+        if not self._said and self._fed >= self.seconds_before:
+            self._said = True
+            return [SpeechEvent("final", self.text)]
+        return []
+
+    async def finish(self) -> SpeechEvent:
+        # Nothing is "heard" without audio: the stand-in proves the media path, it does not bypass it.
+        heard = not self._said and self._fed >= min(self.seconds_before, 0.3)
+        return SpeechEvent("final", self.text if heard else "")
+
+
+@dataclass
+class ScriptedSpeech:
+    """A stand-in speech engine for demos and tests: it consumes the caller's real audio through the real
+    media path, and after ``seconds_before`` seconds of it "hears" the next scripted sentence. With it, the
+    Chinese keyword path runs end to end where no Chinese model can be installed."""
+
+    script: list[str] = field(default_factory=list)
+    seconds_before: float = 1.0
+
+    def async_stream(self, sample_rate: int = 8000, *, max_seconds: float = 20.0) -> SpeechStreamLike:
+        text = self.script.pop(0) if self.script else ""
+        return _ScriptedStream(text, self.seconds_before)
+
+
+def registry_classifier(registry: LexiconRegistry) -> Classify:
+    """Classify with whatever lexicon the registry holds now (it is refreshed by the service's reload task)."""
+
+    def classify(text: str) -> tuple[str | None, bool, tuple[str, ...]]:
+        classifier = registry.current
+        if classifier is None:
+            raise RecognitionUnavailable("no valid keyword lexicon loaded")
+        return classifier.classify(text).as_recognition_fields()
+
+    return classify
