@@ -109,12 +109,13 @@ class AriCallChannel:
         digits = ""
         while len(digits) < max_digits:
             try:
+                # The timeout is per key: other events (variables, bridges) arriving meanwhile don't extend it.
                 async with asyncio.timeout(timeout):
                     event = await self._next_event()
+                    while event["type"] != "ChannelDtmfReceived":
+                        event = await self._next_event()
             except TimeoutError:
                 break
-            if event["type"] != "ChannelDtmfReceived":
-                continue
             digit = str(event.get("digit", ""))
             if terminator is not None and digit == terminator:
                 break

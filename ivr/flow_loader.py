@@ -10,19 +10,18 @@ A file's problems are reported all at once: schema errors and graph errors toget
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from ivr.flow_graph import check_flow, check_flows, check_subflows
 from ivr.flow_model import CONDITION_TAGS, Flow
-from ivr.flow_source import FlowProblem, LoadedFlow, PathKey, SourceMap, dotted
+from ivr.flow_source import FlowProblem, LoadedFlow, PathKey, SourceMap
+from ivr.yaml_source import StrictYamlLoader, parse_yaml
 from medhotline.errors import MedhotlineError
 
 __all__ = [
@@ -53,130 +52,9 @@ class FlowError(MedhotlineError):
         )
 
 
-# -- YAML -----------------------------------------------------------------------------------------
-
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_INT_TAG = "tag:yaml.org,2002:int"
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-
-
-class FlowYamlLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2-style scalars: ``true``/``false`` booleans only, no octal or base-60 numbers.
-
-    ``010`` and ``12:30`` stay text instead of becoming 8 and 750.
-    """
-
-
-FlowYamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-FlowYamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-FlowYamlLoader.add_implicit_resolver(
-    _INT_TAG, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0x[0-9a-fA-F]+|0o[0-7]+)$"), list("-+0123456789")
-)
-FlowYamlLoader.add_implicit_resolver(
-    _FLOAT_TAG,
-    re.compile(
-        r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+.0123456789"),
-)
-
-
-def _construct_int(loader: FlowYamlLoader, node: yaml.ScalarNode) -> int:
-    return int(str(loader.construct_scalar(node)), 0)
-
-
-FlowYamlLoader.add_constructor(_INT_TAG, _construct_int)
-
-
-def _mark(mark: yaml.Mark | None) -> tuple[int, int]:
-    return (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
-
-
-class _Builder:
-    """Turns a composed YAML node tree into plain data, recording positions and duplicate keys."""
-
-    def __init__(self, loader: FlowYamlLoader, source: SourceMap) -> None:
-        self.loader = loader
-        self.source = source
-        self.problems: list[FlowProblem] = []
-        self._active: set[int] = set()
-
-    def build(self, node: yaml.Node, path: PathKey) -> Any:
-        if id(node) in self._active:  # an alias that contains itself
-            line, column = _mark(node.start_mark)
-            self.problems.append(FlowProblem(self.source.path, line, column, dotted(path), "recursive alias"))
-            return None
-        self._active.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode):
-                return self._mapping(node, path)
-            if isinstance(node, yaml.SequenceNode):
-                items = []
-                for index, item in enumerate(node.value):
-                    self.source.positions[(*path, str(index))] = _mark(item.start_mark)
-                    items.append(self.build(item, (*path, str(index))))
-                return items
-            return self.loader.construct_object(node, deep=True)
-        finally:
-            self._active.discard(id(node))
-
-    def _mapping(self, node: yaml.MappingNode, path: PathKey) -> dict[Any, Any]:
-        self.loader.flatten_mapping(node)
-        result: dict[Any, Any] = {}
-        first_line: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = self.loader.construct_object(key_node, deep=True)
-            line, column = _mark(key_node.start_mark)
-            try:
-                hash(key)
-            except TypeError:
-                self.problems.append(
-                    FlowProblem(self.source.path, line, column, dotted(path), "a key must be plain text")
-                )
-                continue
-            if key in first_line:
-                self.problems.append(
-                    FlowProblem(
-                        self.source.path,
-                        line,
-                        column,
-                        dotted((*path, key)),
-                        f"duplicate key {key!r} (first on line {first_line[key]}, again on line {line})",
-                    )
-                )
-                continue
-            first_line[key] = line
-            self.source.positions[(*path, str(key))] = (line, column)
-            result[key] = self.build(value_node, (*path, str(key)))
-        return result
-
-
-def parse_flow_yaml(text: str, path: Path) -> tuple[Any, SourceMap, list[FlowProblem]]:
-    """YAML text → (plain data, positions, duplicate-key problems); a syntax error is one problem, data None."""
-    source = SourceMap(path)
-    loader = FlowYamlLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None:
-            return None, source, []
-        source.positions[()] = _mark(root.start_mark)
-        builder = _Builder(loader, source)
-        data = builder.build(root, ())
-    except yaml.MarkedYAMLError as exc:
-        line, column = _mark(exc.problem_mark)
-        return None, source, [FlowProblem(path, line, column, "", f"not valid YAML: {exc.problem or exc}")]
-    except yaml.YAMLError as exc:
-        return None, source, [FlowProblem(path, 0, 0, "", f"not valid YAML: {exc}")]
-    else:
-        return data, source, builder.problems
-    finally:
-        loader.dispose()
+# parse_flow_yaml is the shared strict loader; the flow-specific name is kept for callers and tests.
+parse_flow_yaml = parse_yaml
+FlowYamlLoader = StrictYamlLoader
 
 
 # -- schema errors → places -----------------------------------------------------------------------

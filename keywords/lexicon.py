@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ivr.yaml_source import SourceMap, SourceProblem, parse_yaml
 from medhotline.errors import MedhotlineError
 
 __all__ = [
@@ -200,19 +200,8 @@ class LexiconFile(BaseModel):
     markers: Markers = Field(default_factory=Markers)
 
 
-@dataclass(frozen=True, order=True)
-class LexiconProblem:
-    """One thing wrong with a lexicon file: ``keywords/lexicon/emergency.yaml:12:7: terms.3.severity: ...``."""
-
-    path: Path
-    line: int
-    column: int
-    where: str
-    message: str
-
-    def __str__(self) -> str:
-        place = f"{self.path}:{self.line}:{self.column}" if self.line else str(self.path)
-        return f"{place}: {self.where}: {self.message}" if self.where else f"{place}: {self.message}"
+# A lexicon file's problems are the shared source problems (``file:line:column: path: message``).
+LexiconProblem = SourceProblem
 
 
 class LexiconError(MedhotlineError):
@@ -255,106 +244,16 @@ class LexiconReport:
     files: list[Path] = field(default_factory=list)
 
 
-# -- YAML with places ------------------------------------------------------------------------------
-
-PathKey = tuple[str, ...]
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader where only true/false are booleans (``no``, ``on`` ... stay text)."""
-
-
-_BOOL = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def _mark(mark: yaml.Mark | None) -> tuple[int, int]:
-    return (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
-
-
-def _dotted(path: Iterable[object]) -> str:
-    return ".".join(str(p) for p in path)
-
-
-class _Builder:
-    def __init__(self, loader: _Loader, path: Path) -> None:
-        self.loader = loader
-        self.path = path
-        self.positions: dict[PathKey, tuple[int, int]] = {}
-        self.problems: list[LexiconProblem] = []
-        self._active: set[int] = set()
-
-    def build(self, node: yaml.Node, path: PathKey) -> Any:
-        if id(node) in self._active:
-            line, column = _mark(node.start_mark)
-            self.problems.append(LexiconProblem(self.path, line, column, _dotted(path), "recursive alias"))
-            return None
-        self._active.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode):
-                return self._mapping(node, path)
-            if isinstance(node, yaml.SequenceNode):
-                items = []
-                for index, item in enumerate(node.value):
-                    self.positions[(*path, str(index))] = _mark(item.start_mark)
-                    items.append(self.build(item, (*path, str(index))))
-                return items
-            return self.loader.construct_object(node, deep=True)
-        finally:
-            self._active.discard(id(node))
-
-    def _mapping(self, node: yaml.MappingNode, path: PathKey) -> dict[Any, Any]:
-        self.loader.flatten_mapping(node)
-        result: dict[Any, Any] = {}
-        first: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = self.loader.construct_object(key_node, deep=True)
-            line, column = _mark(key_node.start_mark)
-            try:
-                hash(key)
-            except TypeError:
-                self.problems.append(LexiconProblem(self.path, line, column, _dotted(path), "a key must be text"))
-                continue
-            if key in first:
-                self.problems.append(
-                    LexiconProblem(
-                        self.path,
-                        line,
-                        column,
-                        _dotted((*path, key)),
-                        f"duplicate key {key!r} (first on line {first[key]}, again on line {line})",
-                    )
-                )
-                continue
-            first[key] = line
-            self.positions[(*path, str(key))] = (line, column)
-            result[key] = self.build(value_node, (*path, str(key)))
-        return result
-
-
-def _position(positions: dict[PathKey, tuple[int, int]], path: PathKey) -> tuple[int, int]:
-    while path:
-        if path in positions:
-            return positions[path]
-        path = path[:-1]
-    return positions.get((), (1, 1))
-
-
 @dataclass
 class _Parsed:
     path: Path
     data: LexiconFile | None
-    positions: dict[PathKey, tuple[int, int]]
+    source: SourceMap
     problems: list[LexiconProblem]
     text: bytes = b""
 
-    def problem(self, path: PathKey, message: str) -> LexiconProblem:
-        line, column = _position(self.positions, path)
-        return LexiconProblem(self.path, line, column, _dotted(path), message)
+    def problem(self, path: tuple[str, ...], message: str) -> LexiconProblem:
+        return self.source.problem(path, message)
 
 
 def _parse_file(path: Path) -> _Parsed:
@@ -362,26 +261,15 @@ def _parse_file(path: Path) -> _Parsed:
         raw = path.read_bytes()
         text = raw.decode("utf-8")
     except OSError as exc:
-        return _Parsed(path, None, {}, [LexiconProblem(path, 0, 0, "", f"cannot read: {exc.strerror or exc}")])
-    except UnicodeDecodeError as exc:
-        return _Parsed(path, None, {}, [LexiconProblem(path, 0, 0, "", f"not UTF-8 (byte {exc.start})")])
-    loader = _Loader(text)
-    builder = _Builder(loader, path)
-    try:
-        root = loader.get_single_node()
-        data = None if root is None else builder.build(root, ())
-        if root is not None:
-            builder.positions[()] = _mark(root.start_mark)
-    except yaml.MarkedYAMLError as exc:
-        line, column = _mark(exc.problem_mark)
         return _Parsed(
-            path, None, {}, [LexiconProblem(path, line, column, "", f"not valid YAML: {exc.problem or exc}")]
+            path, None, SourceMap(path), [LexiconProblem(path, 0, 0, "", f"cannot read: {exc.strerror or exc}")]
         )
-    except yaml.YAMLError as exc:
-        return _Parsed(path, None, {}, [LexiconProblem(path, 0, 0, "", f"not valid YAML: {exc}")])
-    finally:
-        loader.dispose()
-    parsed = _Parsed(path, None, builder.positions, list(builder.problems), raw)
+    except UnicodeDecodeError as exc:
+        return _Parsed(path, None, SourceMap(path), [LexiconProblem(path, 0, 0, "", f"not UTF-8 (byte {exc.start})")])
+    data, source, problems = parse_yaml(text, path)
+    if data is None and problems:
+        return _Parsed(path, None, source, problems)
+    parsed = _Parsed(path, None, source, list(problems), raw)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -433,7 +321,7 @@ def scan_lexicon(paths: Sequence[Path] | Path = DEFAULT_LEXICON_DIR) -> LexiconR
         for index, term in enumerate(item.data.terms):
             if term.term in defined:
                 first_file, first_index = defined[term.term]
-                line, _ = _position(first_file.positions, ("terms", str(first_index)))
+                line, _ = first_file.source.position(("terms", str(first_index)))
                 problems.append(
                     item.problem(
                         ("terms", str(index), "term"),
@@ -445,7 +333,7 @@ def scan_lexicon(paths: Sequence[Path] | Path = DEFAULT_LEXICON_DIR) -> LexiconR
             for surface in term.surfaces:
                 if surface in owner and owner[surface][0] != term.term:
                     first_term, first_file, first_index = owner[surface]
-                    line, _ = _position(first_file.positions, ("terms", str(first_index)))
+                    line, _ = first_file.source.position(("terms", str(first_index)))
                     problems.append(
                         item.problem(
                             ("terms", str(index), "variants"),

@@ -13,6 +13,7 @@ import contextlib
 import random
 import signal
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +23,6 @@ import structlog
 from ivr.ari_channel import MEDIA_CHANNEL_PREFIX, AriCallChannel, AriDispatcher, event_channel_id
 from ivr.ari_client import AriClient, AriError
 from ivr.channel import CallChannel, CallerId, CallInfo, ConnectionLost
-from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
 from ivr.flow_registry import FlowRegistry
@@ -193,7 +193,7 @@ class HotlineService:
             )
             log.info("call.end", outcome=result.outcome, last_step=result.last_step)
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
@@ -245,7 +245,7 @@ class HotlineService:
                 log.error("ari.refused", reason=str(exc))
             await asyncio.sleep(backoff.next())
 
-    # -- AMI --------------------------------------------------------------------------------------
+    # -- hot reload -------------------------------------------------------------------------------
 
     async def reload_loop(self) -> None:
         while True:
@@ -257,16 +257,11 @@ class HotlineService:
             except Exception:
                 log.exception("reload_failed")
 
-    # -- FastAGI ----------------------------------------------------------------------------------
-
-    async def fastagi_call(self, channel: FastAgiCallChannel) -> None:
-        await self.handle_call(channel)
-
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         fa = self.config.fastagi
-        server = await start_fastagi(fa.host, fa.port, self.fastagi_call)
+        server = await start_fastagi(fa.host, fa.port, self.handle_call)
         log.info(
             "service.started",
             node=self.config.service.node_name,
