@@ -1,1 +1,49 @@
-"""compliance: arrives with its own issue; the package exists so the layout of DESIGN.md holds."""
+"""compliance: the tamper-evident audit trail (RFC 9162 Merkle tree, Ed25519-signed tree heads)."""
+
+from compliance.audit import (
+    AUDIT_METADATA,
+    AuditEntry,
+    AuditError,
+    AuditIntegrityError,
+    AuditLog,
+    AuditStore,
+    Ed25519Signer,
+    HeadSigner,
+    InclusionProof,
+    MemoryAuditStore,
+    Problem,
+    SignedTreeHead,
+    SqlAuditStore,
+    VerifyReport,
+    check_consistency,
+    check_inclusion,
+    load_public_key,
+    prove,
+    prove_consistency,
+    verify,
+)
+from compliance.merkle import ProofError
+
+__all__ = [
+    "AUDIT_METADATA",
+    "AuditEntry",
+    "AuditError",
+    "AuditIntegrityError",
+    "AuditLog",
+    "AuditStore",
+    "Ed25519Signer",
+    "HeadSigner",
+    "InclusionProof",
+    "MemoryAuditStore",
+    "Problem",
+    "ProofError",
+    "SignedTreeHead",
+    "SqlAuditStore",
+    "VerifyReport",
+    "check_consistency",
+    "check_inclusion",
+    "load_public_key",
+    "prove",
+    "prove_consistency",
+    "verify",
+]

@@ -1,0 +1,80 @@
+"""``medhotline audit verify`` and ``medhotline audit prove N``, as functions the CLI wires up.
+
+Exit codes: 0 the log (or proof) checks out, 1 it does not (tampering found), 2 the check could not run
+(database unreachable, schema not migrated, key unreadable, no such entry).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from compliance.audit import AuditError, SqlAuditStore, check_inclusion, load_public_key, prove, verify
+from compliance.merkle import ProofError
+from medhotline.db import DatabaseError, make_engine, mask_url
+
+EXIT_OK = 0
+EXIT_TAMPERED = 1
+EXIT_ERROR = 2
+
+
+def _fail(message: str) -> int:
+    print(f"medhotline audit: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def verify_command(database_url: str, public_key_path: Path) -> int:
+    """Verify the whole audit log; print a one-line verdict (first problem named) and return the exit code."""
+    try:
+        public_key = load_public_key(public_key_path)
+        engine = make_engine(database_url)
+    except (AuditError, DatabaseError) as exc:
+        return _fail(str(exc))
+    try:
+        report = verify(SqlAuditStore(engine), public_key)
+    except SQLAlchemyError as exc:
+        return _fail(f"database at {mask_url(database_url)}: reading the audit log failed: {type(exc).__name__}")
+    finally:
+        engine.dispose()
+    print(report.summary())
+    if report.ok and report.latest_head is not None:
+        head = report.latest_head
+        print(f"latest signed head: size {head.size}, root {head.root_hash.hex()}, signed {head.timestamp}")
+    return EXIT_OK if report.ok else EXIT_TAMPERED
+
+
+def prove_command(database_url: str, seq: int, public_key_path: Path) -> int:
+    """Print (stdout, JSON) an inclusion proof of entry ``seq`` against the latest signed head.
+
+    The proof is checked here too, with the public key, before it is printed; a one-line summary goes to stderr
+    so stdout stays machine-readable.
+    """
+    try:
+        public_key = load_public_key(public_key_path)
+        engine = make_engine(database_url)
+    except (AuditError, DatabaseError) as exc:
+        return _fail(str(exc))
+    try:
+        proof = prove(SqlAuditStore(engine), seq)
+    except AuditError as exc:
+        return _fail(str(exc))
+    except SQLAlchemyError as exc:
+        return _fail(f"database at {mask_url(database_url)}: reading the audit log failed: {type(exc).__name__}")
+    finally:
+        engine.dispose()
+    assert proof.head is not None
+    try:
+        check_inclusion(proof, proof.head, public_key)
+    except ProofError as exc:
+        print(f"medhotline audit: entry {seq}: proof does NOT verify: {exc}", file=sys.stderr)
+        return EXIT_TAMPERED
+    print(json.dumps(proof.to_json(), indent=2, sort_keys=True))
+    print(
+        f"entry {seq} is included in the signed tree of {proof.tree_size} entries "
+        f"(root {proof.head.root_hash.hex()}); proof verified",
+        file=sys.stderr,
+    )
+    return EXIT_OK
