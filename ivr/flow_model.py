@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, time
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
@@ -20,18 +20,10 @@ Digit = Annotated[str, Field(pattern=r"^[0-9*#]$")]
 Seconds = Annotated[float, Field(gt=0, le=120)]
 Retries = Annotated[int, Field(ge=0, le=9)]
 
-CONSULT_CATEGORIES = (
-    "emergency",
-    "diagnosis",
-    "medication",
-    "adverse_reaction",
-    "vaccination",
-    "appointment",
-    "general",
-)
 ConsultCategory = Literal[
     "emergency", "diagnosis", "medication", "adverse_reaction", "vaccination", "appointment", "general"
 ]
+CONSULT_CATEGORIES: tuple[ConsultCategory, ...] = get_args(ConsultCategory)
 
 
 def _check_regex(pattern: str, key: str) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
 from ivr.yaml_source import SourceMap, SourceProblem, parse_yaml
 from medhotline.errors import MedhotlineError
 
@@ -50,16 +51,9 @@ __all__ = [
 
 DEFAULT_LEXICON_DIR = Path(__file__).resolve().parent / "lexicon"
 
-Category = Literal["emergency", "diagnosis", "medication", "adverse_reaction", "vaccination", "appointment", "general"]
-CATEGORIES: tuple[Category, ...] = (
-    "emergency",
-    "diagnosis",
-    "medication",
-    "adverse_reaction",
-    "vaccination",
-    "appointment",
-    "general",
-)
+# The consult categories are the flows' own: a category the spotter can produce is one a flow can route on.
+Category = ConsultCategory
+CATEGORIES: tuple[Category, ...] = CONSULT_CATEGORIES
 Severity = Literal["critical", "high", "normal"]
 
 _SYLLABLE = re.compile(r"^[a-z]+$")
