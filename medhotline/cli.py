@@ -13,13 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medhotline.config import Config, ConfigError, load_config
+from medhotline.errors import MedhotlineError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-class CommandError(Exception):
+class CommandError(MedhotlineError):
     """An expected failure of a command; its message is shown to the operator as is."""
 
 
@@ -131,6 +132,35 @@ def _cmd_models(config: Config, args: argparse.Namespace) -> int:
     return fetch_command(args.name, args.dest or config.service.state_dir / "models", args.sha256)
 
 
+def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
+    import os
+    import secrets
+
+    from compliance.keyservice_server import run_keyservice
+
+    state = config.service.state_dir
+    token_path = state / "keyservice.token"
+    if not token_path.exists():
+        # The clients' shared secret, created once; clients on this host read the same 0600 file.
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    return run_keyservice(config.keyservice.directory, config.keyservice_socket, token_path, {os.getuid()})
+
+
+def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
+    from compliance.audit import Ed25519Signer
+    from compliance.audit_commands import prove_command, verify_command
+
+    public_key = args.public_key or config.service.state_dir / "audit" / Ed25519Signer.PUBLIC_FILE
+    if args.action == "verify":
+        return verify_command(config.database_url, public_key)
+    if args.seq is None:
+        raise CommandError("audit prove needs the entry number: medhotline audit prove N")
+    return prove_command(config.database_url, args.seq, public_key)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medhotline", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -172,6 +202,15 @@ def _parser() -> argparse.ArgumentParser:
     keywords.add_argument("--lexicon", type=Path, help="lexicon directory (default: keywords/lexicon)")
     keywords.set_defaults(func=_cmd_keywords)
 
+    keyservice = sub.add_parser("keyservice", help="run the key service (holds the key-encryption keys)")
+    keyservice.set_defaults(func=_cmd_keyservice)
+
+    audit = sub.add_parser("audit", help="verify the audit trail, or prove one entry's inclusion")
+    audit.add_argument("action", choices=["verify", "prove"])
+    audit.add_argument("seq", nargs="?", type=int, help="prove: the entry number")
+    audit.add_argument("--public-key", type=Path, help="the tree-head signing public key (PEM)")
+    audit.set_defaults(func=_cmd_audit)
+
     models = sub.add_parser("models", help="speech models for deployers (needs internet access)")
     models.add_argument("action", choices=["fetch"])
     models.add_argument("name", help="small-cn (vosk-model-small-cn-0.22, 44 MB) or cn (vosk-model-cn-0.22, 1.4 GB)")
@@ -201,7 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medhotline: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from medhotline.errors import MedhotlineError
     from medhotline.logs import configure_logging
 
     configure_logging(config.service.log_level, config.service.log_file)

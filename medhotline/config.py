@@ -127,6 +127,9 @@ class KeyServiceConfig(_Section):
     # Empty means a Unix socket inside service.state_dir; tcp_port is for a key service on another host.
     socket: Path | None = None
     tcp_port: int = _port(7443)
+    # The key-encryption keys: deliberately outside service.state_dir (which holds the database), so a copy of
+    # the business data directory never carries the keys that unlock it.
+    directory: Path = Path("/var/lib/medhotline-keys")
 
     _socket_empty = field_validator("socket", mode="before")(_empty_is_none)
 
