@@ -127,7 +127,7 @@ def _cmd_keywords(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_models(config: Config, args: argparse.Namespace) -> int:
-    from keywords.models import fetch_command
+    from keywords.speech_models import fetch_command
 
     return fetch_command(args.name, args.dest or config.service.state_dir / "models", args.sha256)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from keywords import models
-from keywords.models import CATALOGUE, ModelFetchError, fetch_command, fetch_model
+from keywords import speech_models as models
+from keywords.speech_models import CATALOGUE, ModelFetchError, fetch_command, fetch_model
 
 TOP = CATALOGUE["small-cn"].directory
 MODEL_FILES = {
