@@ -1,0 +1,294 @@
+"""The routing core, sans I/O: who may take a call, and which call goes to which agent next.
+
+Nothing here reads a clock or touches a socket or database: every method that depends on time takes ``at``.
+The telephony side feeds events in (enqueue, agent states, ring results) and acts on what comes out
+(:class:`Assignment` to ring, :class:`EscalationDue` to transfer). :meth:`Dispatcher.next_change` says when
+the answer of :meth:`Dispatcher.next_assignment` or :meth:`Dispatcher.escalations` may change by time alone.
+
+Order of service: every emergency before every normal call; among emergencies, the longest waiting first;
+among normal calls, the highest *effective wait* (seconds waited + the category's ``head_start`` − a delay for
+callback requests), which grows with waiting so a normal call cannot starve behind newer ones. A call goes to
+the longest-idle eligible available agent. The choice is global: the first call in that order that has an
+eligible available agent is served, so an agent never gets a normal call while an emergency they could take
+is waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from ivr.flow_model import ConsultCategory
+from medhotline.errors import MedhotlineError
+from routing.model import Agent, CallPriority, CallRequest
+from routing.rules import EscalationRule, RoutingRules
+
+__all__ = [
+    "AgentState",
+    "AgentStatus",
+    "Assignment",
+    "Dispatcher",
+    "EscalationDue",
+    "RoutingError",
+    "WaitReason",
+    "eligible",
+    "waited_seconds",
+]
+
+AgentState = Literal["available", "ringing", "busy", "wrap_up", "paused", "offline"]
+WaitReason = Literal["no_qualified_agent", "no_agent_with_skill", "no_eligible_agent_available", "assignable"]
+
+
+class RoutingError(MedhotlineError):
+    """An event that does not fit the dispatcher's state (unknown call or agent, wrong agent for a ring)."""
+
+
+def waited_seconds(call: CallRequest, at: datetime) -> float:
+    return max(0.0, (at - call.enqueued_at).total_seconds())
+
+
+def qualified(agent: Agent, call: CallRequest, rules: RoutingRules, at: datetime) -> bool:
+    """The hard requirement only: not frozen and every required group met by a valid verified credential."""
+    if agent.frozen:
+        return False
+    return rules.rule(call.category).credentials_satisfied(agent.valid_credential_kinds(at))
+
+
+def eligible(agent: Agent, call: CallRequest, rules: RoutingRules, at: datetime) -> bool:
+    """May ``agent`` take ``call`` at ``at``: qualified, and meets the skill step in force for the call's wait."""
+    if not qualified(agent, call, rules, at):
+        return False
+    rule = rules.rule(call.category)
+    return rule.steps[rule.step_index(waited_seconds(call, at))].match.matches(agent.skills)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStatus:
+    state: AgentState
+    since: datetime
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Ring ``endpoint`` for ``call``; the agent is reserved (ringing) until answered, no answer, or removal."""
+
+    call: CallRequest
+    agent_id: str
+    endpoint: str
+    step: int
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationDue:
+    call: CallRequest
+    rule: EscalationRule
+    due_at: datetime
+
+
+class Dispatcher:
+    def __init__(self, rules: RoutingRules, *, callback_delay: float = 120.0) -> None:
+        self.rules = rules
+        self.callback_delay = callback_delay
+        self._agents: dict[str, Agent] = {}
+        self._status: dict[str, AgentStatus] = {}
+        self._waiting: dict[str, CallRequest] = {}
+        self._ringing: dict[str, tuple[CallRequest, str]] = {}  # call id → (call, agent id)
+
+    # -- agents -----------------------------------------------------------------------------------------
+    def add_agent(self, agent: Agent, at: datetime, state: AgentState = "offline") -> None:
+        if agent.id in self._agents:
+            raise RoutingError(f"agent {agent.id} is already known")
+        if state == "ringing":
+            raise RoutingError("an agent only rings through an assignment")
+        self._agents[agent.id] = agent
+        self._status[agent.id] = AgentStatus(state, at)
+
+    def update_agent(self, agent: Agent) -> None:
+        """New credentials, skills or endpoint for a known agent; the state is kept."""
+        self._require_agent(agent.id)
+        self._agents[agent.id] = agent
+
+    def agent(self, agent_id: str) -> Agent:
+        return self._require_agent(agent_id)
+
+    def status(self, agent_id: str) -> AgentStatus:
+        self._require_agent(agent_id)
+        return self._status[agent_id]
+
+    def agents(self) -> list[Agent]:
+        return list(self._agents.values())
+
+    def freeze(self, agent_id: str) -> str | None:
+        """Never route to this agent again (until :meth:`update_agent` says otherwise).
+
+        A call ringing this agent goes back to its place and its id is returned, so the caller can stop the ring;
+        the agent is then paused with reason "frozen".
+        """
+        agent = self._require_agent(agent_id)
+        self._agents[agent_id] = dataclasses.replace(agent, frozen=True)
+        released = self._release_ringing(agent_id)
+        if released is not None:
+            self._status[agent_id] = AgentStatus("paused", self._status[agent_id].since, "frozen")
+        return released
+
+    def agent_available(self, agent_id: str, at: datetime) -> None:
+        self.agent_state(agent_id, "available", at)
+
+    def agent_state(self, agent_id: str, state: AgentState, at: datetime, reason: str | None = None) -> None:
+        """The agent's state as the phone system reports it. Leaving ``ringing`` returns the call to its place."""
+        self._require_agent(agent_id)
+        if state == "ringing":
+            raise RoutingError("an agent only rings through an assignment")
+        self._release_ringing(agent_id)
+        current = self._status[agent_id]
+        if current.state == state and current.reason == reason:
+            return  # keep `since`: a repeated "available" must not reset idle time
+        self._status[agent_id] = AgentStatus(state, at, reason)
+
+    # -- calls ------------------------------------------------------------------------------------------
+    def enqueue(self, call: CallRequest) -> None:
+        if call.call_id in self._waiting or call.call_id in self._ringing:
+            raise RoutingError(f"call {call.call_id} is already queued")
+        self._waiting[call.call_id] = call
+
+    def reclassify(self, call_id: str, category: ConsultCategory, priority: CallPriority) -> CallRequest:
+        """New category and priority for a waiting call; it keeps its place (``enqueued_at``)."""
+        call = self._waiting.get(call_id)
+        if call is None:
+            raise RoutingError(f"call {call_id} is not waiting")
+        call = dataclasses.replace(call, category=category, priority=priority)
+        self._waiting[call_id] = call
+        return call
+
+    def remove(self, call_id: str, at: datetime) -> CallRequest | None:
+        """The call left the queue (hang-up, escalated, answered elsewhere); a ringing agent becomes available."""
+        call = self._waiting.pop(call_id, None)
+        if call is not None:
+            return call
+        ringing = self._ringing.pop(call_id, None)
+        if ringing is None:
+            return None
+        call, agent_id = ringing
+        self._status[agent_id] = AgentStatus("available", at)
+        return call
+
+    def answered(self, call_id: str, agent_id: str, at: datetime) -> CallRequest:
+        call = self._take_ringing(call_id, agent_id)
+        self._status[agent_id] = AgentStatus("busy", at)
+        return call
+
+    def ring_no_answer(self, call_id: str, agent_id: str, at: datetime) -> None:
+        """The agent did not pick up: pause them ("no answer") and put the call back in its place."""
+        call = self._take_ringing(call_id, agent_id)
+        self._status[agent_id] = AgentStatus("paused", at, "no answer")
+        self._waiting[call.call_id] = call
+
+    def waiting(self, at: datetime) -> list[CallRequest]:
+        """Waiting calls in order of service at ``at``."""
+        return sorted(self._waiting.values(), key=lambda c: self._rank(c, at))
+
+    def ringing(self) -> dict[str, str]:
+        """Call id → agent id of every outstanding reservation."""
+        return {call_id: agent_id for call_id, (_, agent_id) in self._ringing.items()}
+
+    # -- decisions --------------------------------------------------------------------------------------
+    def effective_wait(self, call: CallRequest, at: datetime) -> float:
+        """Seconds of waiting credit; only compared between calls of the same priority."""
+        score = waited_seconds(call, at)
+        if call.priority == "normal":
+            score += self.rules.rule(call.category).head_start
+            if call.callback:
+                score -= self.callback_delay
+        return score
+
+    def next_assignment(self, at: datetime) -> Assignment | None:
+        """The next call to ring and its agent, who is reserved (ringing); None if nothing can be assigned."""
+        available = sorted(
+            (a for a in self._agents.values() if self._status[a.id].state == "available"),
+            key=lambda a: (self._status[a.id].since, a.id),
+        )
+        if not available:
+            return None
+        for call in self.waiting(at):
+            for agent in available:
+                if eligible(agent, call, self.rules, at):
+                    del self._waiting[call.call_id]
+                    self._ringing[call.call_id] = (call, agent.id)
+                    self._status[agent.id] = AgentStatus("ringing", at)
+                    rule = self.rules.rule(call.category)
+                    step = rule.step_index(waited_seconds(call, at))
+                    return Assignment(call, agent.id, agent.endpoint, step, at)
+        return None
+
+    def escalations(self, at: datetime) -> list[EscalationDue]:
+        """Waiting calls past their rule's escalation time, most overdue first. They stay queued until removed."""
+        due: list[EscalationDue] = []
+        for call in self._waiting.values():
+            escalation = self.rules.rule(call.category).escalation
+            if escalation is None:
+                continue
+            due_at = call.enqueued_at + timedelta(seconds=escalation.after)
+            if due_at <= at:
+                due.append(EscalationDue(call, escalation, due_at))
+        return sorted(due, key=lambda e: (e.due_at, e.call.call_id))
+
+    def why_waiting(self, call_id: str, at: datetime) -> WaitReason | None:
+        """Why a waiting call has no agent (None if it is not waiting)."""
+        call = self._waiting.get(call_id)
+        if call is None:
+            return None
+        agents = list(self._agents.values())
+        if not any(qualified(a, call, self.rules, at) for a in agents):
+            return "no_qualified_agent"
+        able = [a for a in agents if eligible(a, call, self.rules, at)]
+        if not able:
+            return "no_agent_with_skill"
+        if not any(self._status[a.id].state == "available" for a in able):
+            return "no_eligible_agent_available"
+        return "assignable"
+
+    def next_change(self, at: datetime) -> datetime | None:
+        """The next moment after ``at`` when a skill step widens or an escalation falls due, by time alone.
+
+        Credential validity boundaries are not included; re-run the dispatcher when credentials change.
+        """
+        moments: list[datetime] = []
+        for call in self._waiting.values():
+            rule = self.rules.rule(call.category)
+            ends = rule.step_ends(rule.step_index(waited_seconds(call, at)))
+            if ends is not None:
+                moments.append(call.enqueued_at + timedelta(seconds=ends))
+            if rule.escalation is not None:
+                moments.append(call.enqueued_at + timedelta(seconds=rule.escalation.after))
+        later = [m for m in moments if m > at]
+        return min(later, default=None)
+
+    # -- internals --------------------------------------------------------------------------------------
+    def _rank(self, call: CallRequest, at: datetime) -> tuple[int, float, datetime, str]:
+        urgency = 0 if call.priority == "emergency" else 1
+        return (urgency, -self.effective_wait(call, at), call.enqueued_at, call.call_id)
+
+    def _require_agent(self, agent_id: str) -> Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            raise RoutingError(f"unknown agent {agent_id}")
+        return agent
+
+    def _take_ringing(self, call_id: str, agent_id: str) -> CallRequest:
+        ringing = self._ringing.get(call_id)
+        if ringing is None or ringing[1] != agent_id:
+            raise RoutingError(f"call {call_id} is not ringing agent {agent_id}")
+        del self._ringing[call_id]
+        return ringing[0]
+
+    def _release_ringing(self, agent_id: str) -> str | None:
+        for call_id, (call, ringing_agent) in list(self._ringing.items()):
+            if ringing_agent == agent_id:
+                del self._ringing[call_id]
+                self._waiting[call_id] = call
+                return call_id
+        return None
