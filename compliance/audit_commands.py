@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from compliance.audit import AuditError, SqlAuditStore, check_inclusion, load_public_key, prove, verify
@@ -26,13 +28,20 @@ def _fail(message: str) -> int:
     return EXIT_ERROR
 
 
-def verify_command(database_url: str, public_key_path: Path) -> int:
-    """Verify the whole audit log; print a one-line verdict (first problem named) and return the exit code."""
+def _open(database_url: str, public_key_path: Path) -> tuple[Ed25519PublicKey, Engine] | int:
+    """The auditor's public key and the database, or the exit code of a clear failure to open either."""
     try:
-        public_key = load_public_key(public_key_path)
-        engine = make_engine(database_url)
+        return load_public_key(public_key_path), make_engine(database_url)
     except (AuditError, DatabaseError) as exc:
         return _fail(str(exc))
+
+
+def verify_command(database_url: str, public_key_path: Path) -> int:
+    """Verify the whole audit log; print a one-line verdict (first problem named) and return the exit code."""
+    opened = _open(database_url, public_key_path)
+    if isinstance(opened, int):
+        return opened
+    public_key, engine = opened
     try:
         report = verify(SqlAuditStore(engine), public_key)
     except SQLAlchemyError as exc:
@@ -52,11 +61,10 @@ def prove_command(database_url: str, seq: int, public_key_path: Path) -> int:
     The proof is checked here too, with the public key, before it is printed; a one-line summary goes to stderr
     so stdout stays machine-readable.
     """
-    try:
-        public_key = load_public_key(public_key_path)
-        engine = make_engine(database_url)
-    except (AuditError, DatabaseError) as exc:
-        return _fail(str(exc))
+    opened = _open(database_url, public_key_path)
+    if isinstance(opened, int):
+        return opened
+    public_key, engine = opened
     try:
         proof = prove(SqlAuditStore(engine), seq)
     except AuditError as exc:

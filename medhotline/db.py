@@ -351,11 +351,6 @@ class CallRepository:
             if row.answered_at is None:
                 row.answered_at = at
 
-    def set_step(self, call_id: str, step: str) -> None:
-        """Remember the flow step the call is in, so a crash still shows where it was."""
-        with self._transaction(f"setting the step of call {call_id}") as session:
-            self._load(session, call_id).last_step = step
-
     def finish(
         self,
         call_id: str,
@@ -401,6 +396,9 @@ class CallRepository:
     ) -> None:
         """Append one visited node; the sequence number is the next free one for the call."""
         with self._transaction(f"recording a step of call {call_id}") as session:
+            # Load the call first: an unknown call is CallNotFound, not a foreign-key failure on the insert.
+            row = self._load(session, call_id)
+            row.last_step = node
             seq = session.scalar(select(func.count()).select_from(CallStep).where(CallStep.call_id == call_id))
             session.add(
                 CallStep(
@@ -414,8 +412,6 @@ class CallRepository:
                     at=at,
                 )
             )
-            row = self._load(session, call_id)
-            row.last_step = node
 
     def steps(self, call_id: str) -> list[CallStepRecord]:
         with self._transaction(f"reading the path of call {call_id}") as session:

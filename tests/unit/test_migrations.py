@@ -132,7 +132,7 @@ def _round_trip_on(repo: CallRepository) -> None:
 
     assert repo.get("no-such-call") is None
     with pytest.raises(CallNotFound):
-        repo.set_step("no-such-call", "menu")
+        repo.add_step("no-such-call", flow="hotline", node="menu", node_type="menu", edge=None, input=None, at=T0)
     with pytest.raises(DatabaseError, match="refused"):
         repo.start(
             call_id=call_id,
