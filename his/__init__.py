@@ -1,1 +1,1 @@
-"""his: arrives with its own issue; the package exists so the layout of DESIGN.md holds."""
+"""his: the patient registry (encrypted identifiers, blind-index lookup) and HIS integration."""

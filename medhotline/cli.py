@@ -230,6 +230,19 @@ def _parser() -> argparse.ArgumentParser:
     calls.add_argument("action", choices=["list"])
     calls.add_argument("--limit", type=int, default=20)
     calls.set_defaults(func=_cmd_calls)
+
+    # Feature packages own their command groups (agents, credentials, patients, keys, accounts, break-glass).
+    from compliance import access_commands, key_commands
+    from his import commands as his_commands
+    from routing import commands as routing_commands
+
+    for register in (
+        routing_commands.register,
+        his_commands.register,
+        key_commands.register,
+        access_commands.register,
+    ):
+        register(sub)
     return parser
 
 
