@@ -161,6 +161,21 @@ def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
     return prove_command(config.database_url, args.seq, public_key)
 
 
+def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Feature packages own their command groups (agents, credentials, patients, keys, accounts, break-glass)."""
+    from compliance import access_commands, key_commands
+    from his import commands as his_commands
+    from routing import commands as routing_commands
+
+    for register in (
+        routing_commands.register,
+        his_commands.register,
+        key_commands.register,
+        access_commands.register,
+    ):
+        register(sub)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medhotline", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -231,18 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     calls.add_argument("--limit", type=int, default=20)
     calls.set_defaults(func=_cmd_calls)
 
-    # Feature packages own their command groups (agents, credentials, patients, keys, accounts, break-glass).
-    from compliance import access_commands, key_commands
-    from his import commands as his_commands
-    from routing import commands as routing_commands
-
-    for register in (
-        routing_commands.register,
-        his_commands.register,
-        key_commands.register,
-        access_commands.register,
-    ):
-        register(sub)
+    _feature_commands(sub)
     return parser
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import quote, quote_plus
 
 from alembic import command
@@ -95,7 +95,7 @@ def _reason(exc: BaseException) -> str:
 
 
 @contextmanager
-def _mapped_errors(url: str, doing: str) -> Iterator[None]:
+def mapped_errors(url: str, doing: str) -> Iterator[None]:
     """Turn SQLAlchemy and driver errors into DatabaseError naming the (masked) database and the reason.
 
     ``from None``: the chained library exception could repeat the URL; our message already has the reason.
@@ -152,7 +152,7 @@ def make_engine(url: str) -> Engine:
         if parsed.get_backend_name() == "sqlite":
             database = parsed.database or ""
             if database and database != ":memory:" and not database.startswith("file:"):
-                with _mapped_errors(url, "creating the database directory"):
+                with mapped_errors(url, "creating the database directory"):
                     Path(database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             engine = create_engine(parsed)
             event.listen(engine, "connect", _on_sqlite_connect)
@@ -191,7 +191,7 @@ def upgrade(url: str, revision: str = "head") -> None:
     """Bring the schema up to ``revision`` in one transaction; a no-op when it is already there."""
     engine = make_engine(url)
     try:
-        with _mapped_errors(url, "schema upgrade"), engine.begin() as connection:
+        with mapped_errors(url, "schema upgrade"), engine.begin() as connection:
             if connection.dialect.name == "postgresql":
                 # Held until commit: a second node starting at the same time waits, then finds nothing to do.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
@@ -206,7 +206,7 @@ def current_revision(url: str) -> str | None:
     """The schema revision the database is at, or None for a database never migrated."""
     engine = make_engine(url)
     try:
-        with _mapped_errors(url, "reading the schema revision"), engine.connect() as connection:
+        with mapped_errors(url, "reading the schema revision"), engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
@@ -285,8 +285,9 @@ class CallRecord:
         )
 
 
-class CallRepository:
-    """Reads and writes ``calls``; every method is one transaction of its own."""
+class Repository:
+    """Base of every repository (calls, accounts, agents, patients …): each public method is one short
+    transaction of its own, and SQLAlchemy errors leave it as :class:`DatabaseError` naming the database."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
@@ -294,7 +295,7 @@ class CallRepository:
         self._where = mask_url(bind.url) if isinstance(bind, Engine) else "(unbound)"
 
     @classmethod
-    def for_engine(cls, engine: Engine) -> CallRepository:
+    def for_engine(cls, engine: Engine) -> Self:
         return cls(sessionmaker(engine, expire_on_commit=False))
 
     @contextmanager
@@ -309,6 +310,10 @@ class CallRepository:
             raise DatabaseError(f"database at {self._where}: {doing} refused: {_reason(exc)}") from None
         except SQLAlchemyError as exc:
             raise DatabaseError(f"database at {self._where}: {doing} failed: {_reason(exc)}") from None
+
+
+class CallRepository(Repository):
+    """Reads and writes ``calls`` and ``call_steps``."""
 
     def start(
         self,

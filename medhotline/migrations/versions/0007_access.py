@@ -1,14 +1,14 @@
-"""Create agents, credentials, skills, reservations and ring history (routing).
+"""Create accounts, permissions and break-glass grants (access control).
 
-Revision ID: 0004_agents
-Revises: 0003_audit
+Revision ID: 0007_access
+Revises: 0006_patients
 Create Date: 2026-11-26
 """
 
 from __future__ import annotations
 
-revision: str = "0004_agents"
-down_revision: str | None = "0003_audit"
+revision: str = "0007_access"
+down_revision: str | None = "0006_patients"
 branch_labels: str | None = None
 depends_on: str | None = None
 
