@@ -75,6 +75,33 @@ class AriCallChannel:
             raise CallerHungUp("caller hung up")
         return item
 
+    async def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next raw event of this channel, hang-up events included (they mark it gone); None on timeout.
+
+        For code that drives a channel beyond the IVR: the queue waiting for an agent, an agent's leg.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                item = await self._events.get()
+        except TimeoutError:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        if item["type"] in _GONE_EVENTS:
+            self._gone = True
+        return item
+
+    async def wait_gone(self) -> dict[str, Any]:
+        """Wait until the channel hangs up or leaves Stasis; returns that event. Other events are dropped."""
+        while True:
+            event = await self.next_event()
+            if event is not None and event["type"] in _GONE_EVENTS:
+                return event
+
+    @property
+    def gone(self) -> bool:
+        return self._gone
+
     async def answer(self) -> None:
         await self._call("POST", f"/channels/{self._info.channel_id}/answer")
 

@@ -1,13 +1,14 @@
 """AMI connection (panoramisk): Asterisk's own state, independent of any call.
 
 panoramisk's ``Manager`` reconnects by itself after a lost connection; this wrapper turns its callbacks into
-log lines and an ``connected`` flag the service can report. Agent device state is read here by the routing
-issue. Events are never logged whole: AMI events carry caller numbers.
+log lines and a ``connected`` flag the service can report. Agent phones' contact state (``ContactStatus``)
+goes to the routing engine. Events are never logged whole: AMI events carry caller numbers.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -16,11 +17,24 @@ from panoramisk import Manager
 log = structlog.get_logger(__name__)
 
 WATCHED_EVENTS = ("FullyBooted", "Shutdown", "Reload")
+# PJSIP contact states that mean the phone can be rung (static contacts that are not qualified stay "Unknown").
+_ONLINE = frozenset({"Created", "Reachable", "Unknown", "NonQualified", "Updated"})
+ContactListener = Callable[[str, bool], None]
 
 
 class AmiMonitor:
-    def __init__(self, host: str, port: int, username: str, secret: str, reconnect_timeout: int = 2) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        secret: str,
+        reconnect_timeout: int = 2,
+        *,
+        on_contact: ContactListener | None = None,
+    ) -> None:
         self.connected = False
+        self._on_contact = on_contact
         self._manager = Manager(
             loop=asyncio.get_running_loop(),
             host=host,
@@ -29,12 +43,14 @@ class AmiMonitor:
             secret=secret,
             ping_delay=10,
             reconnect_timeout=reconnect_timeout,
+            # "system" carries ContactStatus (agent phones registering, reachable or gone).
             events="system",
             on_login=self._on_login,
             on_disconnect=self._on_disconnect,
         )
         for name in WATCHED_EVENTS:
             self._manager.register_event(name, self._on_event)
+        self._manager.register_event("ContactStatus", self._on_contact_status)
 
     def _on_login(self, manager: Any) -> None:
         self.connected = True
@@ -46,6 +62,16 @@ class AmiMonitor:
 
     def _on_event(self, manager: Any, event: Any) -> None:
         log.info("ami.event", ami_event=str(event.get("Event")), status=str(event.get("Status", "")))
+
+    def _on_contact_status(self, manager: Any, event: Any) -> None:
+        endpoint = str(event.get("EndpointName") or event.get("AOR") or "")
+        status = str(event.get("ContactStatus", ""))
+        if not endpoint:
+            return
+        online = status in _ONLINE
+        log.info("ami.contact_status", endpoint=endpoint, status=status, online=online)
+        if self._on_contact is not None:
+            self._on_contact(endpoint, online)
 
     def start(self) -> None:
         self._manager.connect()

@@ -169,6 +169,35 @@ class SpeechConfig(_Section):
         return self
 
 
+class EscalationTarget(_Section):
+    """Where a rule's escalation ``group`` is reached: a number, over a PJSIP trunk (empty: an internal
+    endpoint or extension of this Asterisk)."""
+
+    number: str = Field(pattern=r"^\+?[0-9*#]{1,20}$")
+    trunk: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
+
+
+class RoutingConfig(_Section):
+    # Empty: the built-in rules (routing/rules.py); a YAML file is validated at start like the flows.
+    rules_file: Path | None = None
+    # How long an agent's phone rings before the call goes to the next agent (and the agent is paused).
+    ring_timeout: float = Field(default=15.0, ge=3, le=120)
+    # After a conversation, before the agent gets the next call; the agent stays reserved meanwhile.
+    wrap_up: float = Field(default=10.0, ge=0, le=600)
+    # How long an agent who let a call ring out stays paused (agents have only a SIP phone to "log in" with).
+    no_answer_pause: float = Field(default=60.0, ge=0, le=3600)
+    # Position announcements for waiting callers: the first after this long, then every `announce_every`.
+    first_announcement: float = Field(default=5.0, ge=0, le=600)
+    announce_every: float = Field(default=30.0, ge=5, le=600)
+    moh_class: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # How often each node re-reads agent states (frozen, paused, reserved elsewhere) from the database.
+    refresh_interval: float = Field(default=0.5, gt=0, le=30)
+    # Targets of the rules' escalation groups, e.g. [routing.escalation_groups.on_call_physicians].
+    escalation_groups: dict[str, EscalationTarget] = Field(default_factory=dict)
+
+    _rules_empty = field_validator("rules_file", mode="before")(_empty_is_none)
+
+
 class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -178,6 +207,7 @@ class Config(_Section):
     hotline: HotlineConfig = HotlineConfig()
     prompts: PromptsConfig = PromptsConfig()
     speech: SpeechConfig = SpeechConfig()
+    routing: RoutingConfig = RoutingConfig()
 
     @property
     def database_url(self) -> str:

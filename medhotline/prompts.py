@@ -5,11 +5,13 @@ from __future__ import annotations
 from ivr.flow_loader import load_flows
 from ivr.prompts import BuildReport, PromptError, Voice, build
 from medhotline.config import Config
+from routing.announcements import announcement_texts
 
 
 def build_prompts(config: Config) -> BuildReport:
     flows = load_flows(config.hotline.flows_dir)
     texts = [text for loaded in flows.values() for text in loaded.flow.prompt_texts()]
+    texts += announcement_texts()
     if config.asterisk.mode == "sandbox":
         from medhotline.sandbox import Sandbox
 

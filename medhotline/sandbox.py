@@ -151,6 +151,15 @@ class Sandbox:
         for name, text in render_all(values).items():
             _write_private(etc / name, text)
 
+    def write_etc_file(self, name: str, text: str) -> bool:
+        """Write one generated configuration file (e.g. the agents' endpoints); False when it is unchanged."""
+        path = self.instance_dir / "etc" / name
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_private(path, text)
+        return True
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     def pid(self) -> int | None:

@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import signal
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
+from sqlalchemy.orm import Session, sessionmaker
 
 from ivr.ari_channel import MEDIA_CHANNEL_PREFIX, AriCallChannel, AriDispatcher, event_channel_id
 from ivr.ari_client import AriClient, AriError
 from ivr.channel import CallChannel, CallerId, CallInfo, ConnectionLost
 from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
+from ivr.flow_model import ConsultCategory
 from ivr.flow_registry import FlowRegistry
 from ivr.interpreter import FlowResult, FlowRunner, Step
 from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
@@ -34,6 +37,12 @@ from medhotline import db
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
 from medhotline.config import Config
+from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueSettings
+from routing.engine import RoutingEngine
+
+if TYPE_CHECKING:
+    from routing.agent_endpoints import ContactView
+from routing.model import CallPriority
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +94,7 @@ class HotlineService:
         recognizer: Recognizer | None = None,
         lexicon: LexiconRegistry | None = None,
         directory: PatientDirectory | None = None,
+        engine: RoutingEngine | None = None,
     ) -> None:
         self.lexicon = lexicon
         self.config = config
@@ -103,6 +113,27 @@ class HotlineService:
             config.asterisk.ari_app,
         )
         self._calls: set[asyncio.Task[None]] = set()
+        self.engine = engine
+        self.agent_endpoints_ready = asyncio.Event()
+        self.queue: CallerQueue | None = None
+        if engine is not None:
+            rc = config.routing
+            self.queue = CallerQueue(
+                self.ari,
+                self.dispatcher,
+                engine,
+                settings=QueueSettings(
+                    ring_timeout=rc.ring_timeout,
+                    first_announcement=rc.first_announcement,
+                    announce_every=rc.announce_every,
+                    moh_class=rc.moh_class,
+                    agent_caller_id=config.hotline.number,
+                ),
+                sound=lambda text: sound_name(text, self.voice),
+                escalation_groups={
+                    name: EscalationTransfer(group.number, group.trunk) for name, group in rc.escalation_groups.items()
+                },
+            )
 
     # -- calls ------------------------------------------------------------------------------------
 
@@ -174,11 +205,7 @@ class HotlineService:
                 with contextlib.suppress(Exception):
                     await channel.hangup()
             if result.outcome == "routed" and result.route is not None:
-                # The routing engine (queues, agents) takes the call from here once it exists; until then the
-                # route node's own prompt has told the caller where they are going and the call ends.
-                log.warning("routing.not_available", category=result.route.category, priority=result.route.priority)
-                with contextlib.suppress(Exception):
-                    await channel.hangup()
+                result = await self._to_agent(channel, call_id, result)
             await self._record(
                 "finish",
                 self.repo.finish,
@@ -192,6 +219,33 @@ class HotlineService:
                 transfer_to=result.transfer_to,
             )
             log.info("call.end", outcome=result.outcome, last_step=result.last_step)
+
+    async def _to_agent(self, channel: CallChannel, call_id: str, result: FlowResult) -> FlowResult:
+        """The IVR routed the call: wait in the queue for a qualified agent, then talk. Never raises."""
+        route = result.route
+        assert route is not None
+        if self.queue is None or not isinstance(channel, AriCallChannel):
+            # FastAGI calls have no ARI channel to bridge; routing runs on the ARI entry (hotline.entry = "ari").
+            log.error("routing.not_available", transport=channel.info.transport, category=route.category)
+            with contextlib.suppress(Exception):
+                await channel.hangup()
+            return result
+        try:
+            queued = await self.queue.serve(
+                channel, call_id, cast(ConsultCategory, route.category), cast(CallPriority, route.priority)
+            )
+        except Exception as exc:
+            log.exception("routing.crashed")
+            with contextlib.suppress(Exception):
+                await channel.hangup()
+            return dataclasses.replace(result, outcome="error", error=type(exc).__name__)
+        if queued.outcome == "answered":
+            return result  # "routed", and the agent who answered is in the ring history
+        if queued.outcome == "transferred":
+            return dataclasses.replace(result, outcome="transferred", transfer_to=queued.transfer_to)
+        if queued.outcome == "caller_hangup":
+            return dataclasses.replace(result, outcome="caller_hangup")
+        return dataclasses.replace(result, outcome="error", error="queue failed")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -207,6 +261,9 @@ class HotlineService:
             if str(chan.get("name", "")).startswith(MEDIA_CHANNEL_PREFIX):
                 return  # the service's own audio tap (external media) entering Stasis, not a call
             args = event.get("args") or []
+            if args and args[0] == AGENT_LEG_ARG:
+                self.dispatcher.dispatch(event)  # an agent answered a call the queue dialled
+                return
             if not isinstance(chan.get("id"), str):
                 log.warning("ari.bad_event", reason="StasisStart without channel id")
                 return
@@ -257,6 +314,27 @@ class HotlineService:
             except Exception:
                 log.exception("reload_failed")
 
+    async def agent_endpoints_loop(self) -> None:
+        """Sandbox only: keep the agents' PJSIP endpoints in Asterisk in step with the agent table."""
+        from medhotline.sandbox import Sandbox
+        from routing.agent_endpoints import FILE_NAME, render_agent_endpoints
+
+        assert self.engine is not None
+        sandbox = Sandbox(self.config)
+        while True:
+            try:
+                views = await asyncio.to_thread(self.engine.directory.routing_snapshot)
+                text = render_agent_endpoints(cast("list[ContactView]", list(views)))
+                if await asyncio.to_thread(sandbox.write_etc_file, FILE_NAME, text):
+                    await self.ari.request("PUT", "/asterisk/modules/res_pjsip.so")
+                    log.info("routing.agent_endpoints_reloaded", agents=text.count("type = aor"))
+                    self.agent_endpoints_ready.set()
+                elif not self.agent_endpoints_ready.is_set():
+                    self.agent_endpoints_ready.set()
+            except Exception:
+                log.exception("routing.agent_endpoints_failed")
+            await asyncio.sleep(max(1.0, self.config.routing.refresh_interval * 4))
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -273,9 +351,14 @@ class HotlineService:
             self.config.asterisk.ami_port,
             self.creds.ami_username,
             self.creds.ami_secret,
+            on_contact=self.engine.contact_state if self.engine is not None else None,
         )
         ami.start()
         loops = [asyncio.create_task(self.ari_loop()), asyncio.create_task(self.reload_loop())]
+        if self.engine is not None:
+            loops.append(asyncio.create_task(self.engine.run()))
+            if self.config.asterisk.mode == "sandbox":
+                loops.append(asyncio.create_task(self.agent_endpoints_loop()))
         try:
             await stop.wait()
         finally:
@@ -289,6 +372,8 @@ class HotlineService:
                 loop.cancel()
             await asyncio.gather(*loops, *self._calls, return_exceptions=True)
             ami.close()
+            if self.engine is not None:
+                self.engine.close()
             await self.ari.aclose()
             log.info("service.stopped")
 
@@ -317,6 +402,23 @@ def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None
     return StreamingRecognizer(engine, classify), lexicon
 
 
+def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> RoutingEngine:
+    """The routing engine over the shared agent table; rules from ``routing.rules_file`` or the built-in ones."""
+    from routing.engine import EngineSettings
+    from routing.rules import DEFAULT_RULES, load_rules
+    from routing.store import AgentStore
+
+    rc = config.routing
+    rules = load_rules(rc.rules_file) if rc.rules_file is not None else DEFAULT_RULES
+    settings = EngineSettings(
+        node=config.service.node_name,
+        refresh_interval=rc.refresh_interval,
+        wrap_up=rc.wrap_up,
+        no_answer_pause=rc.no_answer_pause,
+    )
+    return RoutingEngine(AgentStore(sessions), rules, settings)
+
+
 def run_service(config: Config) -> int:
     db.ensure_current(config.database_url)
     flows = FlowRegistry(config.hotline.flows_dir)
@@ -325,11 +427,21 @@ def run_service(config: Config) -> int:
         raise FlowError(
             config.hotline.flows_dir, problems or [f"the hotline flow {config.hotline.flow!r} is not defined"]
         )
-    repo = db.CallRepository(db.make_sessionmaker(config.database_url))
+    sessions = db.make_sessionmaker(config.database_url)
+    repo = db.CallRepository(sessions)
     recognizer, lexicon = build_recognizer(config)
-    service = HotlineService(config, repo, flows, asterisk_credentials(config), recognizer=recognizer, lexicon=lexicon)
+    engine = build_routing_engine(config, sessions)
 
     async def main() -> None:
+        service = HotlineService(
+            config,
+            repo,
+            flows,
+            asterisk_credentials(config),
+            recognizer=recognizer,
+            lexicon=lexicon,
+            engine=engine,
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

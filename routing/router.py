@@ -187,6 +187,24 @@ class Dispatcher:
         self._status[agent_id] = AgentStatus("paused", at, "no answer")
         self._waiting[call.call_id] = call
 
+    def reservation_refused(self, call_id: str, agent_id: str, at: datetime) -> None:
+        """The shared reservation of the agent failed (another node holds them, or their credentials changed in
+        the database since the last refresh): the call goes back to its place and the agent counts as busy until
+        the next refresh of agent states says otherwise."""
+        call = self._take_ringing(call_id, agent_id)
+        self._status[agent_id] = AgentStatus("busy", at, "reserved elsewhere")
+        self._waiting[call.call_id] = call
+
+    def is_waiting(self, call_id: str) -> bool:
+        return call_id in self._waiting
+
+    def position(self, call_id: str, at: datetime) -> int | None:
+        """1 for the next call to be served, None if the call is not waiting (ringing, gone)."""
+        if call_id not in self._waiting:
+            return None
+        order = self.waiting(at)
+        return next(i for i, call in enumerate(order, start=1) if call.call_id == call_id)
+
     def waiting(self, at: datetime) -> list[CallRequest]:
         """Waiting calls in order of service at ``at``."""
         return sorted(self._waiting.values(), key=lambda c: self._rank(c, at))

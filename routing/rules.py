@@ -215,12 +215,8 @@ def _skill(name: str, level: int, expire_after: float) -> list[Step]:
 # Escalation targets here are groups; transfers to outside numbers are site specific and belong in YAML.
 DEFAULT_RULES = RoutingRules(
     categories={
-        "emergency": _rule(
-            [["physician_license", "nurse_license"]],
-            _skill("emergency_triage", 3, 20),
-            escalate_after=60,
-            group="on_call_physicians",
-        ),
+        # No skill step for emergencies: any qualified clinician at once beats a triage specialist in 20 s.
+        "emergency": _rule([["physician_license", "nurse_license"]], escalate_after=60, group="on_call_physicians"),
         "diagnosis": _rule([["physician_license"]], head_start=30, escalate_after=600, group="on_call_physicians"),
         "medication": _rule(
             [["pharmacist_license", "physician_license"]],

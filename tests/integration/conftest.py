@@ -13,7 +13,7 @@ import shutil
 import socket
 import time
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,11 +125,15 @@ class Hotline:
         return int(1000 * self.prompt_seconds(self.flow_texts(flow, nodes)))
 
 
-def write_config(state: Path, instance: str, extra: str = "") -> Path:
+def write_config(
+    state: Path, instance: str, extra: str = "", *, flow: str = "hotline", extra_flows: tuple[Path, ...] = ()
+) -> Path:
     rtp = free_rtp_range(60)
     # A copy of the shipped flows, so that tests can edit them while the service runs (hot reload).
     flows_dir = state / "dialplans"
     shutil.copytree(DIALPLANS, flows_dir)
+    for extra_flow in extra_flows:
+        shutil.copy(extra_flow, flows_dir / extra_flow.name)
     path = state / "medhotline.toml"
     path.write_text(
         f"""
@@ -153,6 +157,7 @@ port = {free_port(socket.SOCK_STREAM)}
 
 [hotline]
 flows_dir = "{flows_dir}"
+flow = "{flow}"
 reload_interval = 0.3
 
 [prompts]
@@ -174,10 +179,21 @@ def check_prerequisites() -> None:
 
 
 @contextlib.contextmanager
-def running_hotline(state: Path, name: str, extra_config: str = "") -> Iterator[Hotline]:
-    """A sandbox instance of its own and a service on it: Asterisk, database, prompts, `medhotline serve`."""
+def running_hotline(
+    state: Path,
+    name: str,
+    extra_config: str = "",
+    *,
+    flow: str = "hotline",
+    extra_flows: tuple[Path, ...] = (),
+    before_start: Callable[[Config], None] | None = None,
+) -> Iterator[Hotline]:
+    """A sandbox instance of its own and a service on it: Asterisk, database, prompts, `medhotline serve`.
+
+    ``before_start`` runs once the database is migrated and before the service starts (e.g. to add agents).
+    """
     check_prerequisites()
-    path = write_config(state, f"{name}{os.getpid()}", extra_config)
+    path = write_config(state, f"{name}{os.getpid()}", extra_config, flow=flow, extra_flows=extra_flows)
     config = load_config(path, environ={})
     sandbox = Sandbox(config)
     try:
@@ -187,6 +203,8 @@ def running_hotline(state: Path, name: str, extra_config: str = "") -> Iterator[
     try:
         db.upgrade(config.database_url)
         build_prompts(config)
+        if before_start is not None:
+            before_start(config)
         log_path = config.service.state_dir / "service.stdout"
         service = ServiceProcess(config, path, log_path)
         service.start(timeout=60)

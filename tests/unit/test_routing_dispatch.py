@@ -122,6 +122,28 @@ def test_ring_no_answer_pauses_and_returns_the_call_to_its_place() -> None:
         d.ring_no_answer("first", "a", at(28))
 
 
+def test_refused_reservation_returns_the_call_and_marks_the_agent_busy() -> None:
+    d = dispatcher(make_agent("a", "physician_license"), make_agent("b", "physician_license"))
+    d.agent_available("b", at(1))  # a is the longer idle
+    d.enqueue(make_call("c", "diagnosis", 2))
+    assert assign(d, 3).agent_id == "a"
+    d.reservation_refused("c", "a", at(3))
+    assert (d.status("a").state, d.status("a").reason) == ("busy", "reserved elsewhere")
+    assert d.is_waiting("c")
+    assert assign(d, 3).agent_id == "b"
+    with pytest.raises(RoutingError, match="not ringing agent a"):
+        d.reservation_refused("c", "a", at(4))
+
+
+def test_position_follows_the_order_of_service() -> None:
+    d = dispatcher()
+    d.enqueue(make_call("g1", "general", 0))
+    d.enqueue(make_call("g2", "general", 1))
+    d.enqueue(make_call("e", "emergency", 2, "emergency"))
+    assert [d.position(c, at(3)) for c in ("e", "g1", "g2")] == [1, 2, 3]
+    assert d.position("unknown", at(3)) is None
+
+
 def test_agent_leaving_ringing_returns_the_call() -> None:
     d = dispatcher(make_agent("a", "physician_license"))
     d.enqueue(make_call("c", "diagnosis", 0))

@@ -1,0 +1,314 @@
+"""The telephony of waiting for an agent, over ARI: holding bridge, agent legs, and the conversation bridge.
+
+A routed caller joins a holding bridge of their own (music on hold, position announcements), and the call's
+task waits for what the :class:`~routing.engine.RoutingEngine` hands out. An :class:`~routing.engine.Offer`
+dials the agent's PJSIP endpoint as a new channel in the Stasis app (``appArgs`` ``agent,<call id>``); when the
+agent answers, that channel enters Stasis and caller and agent are moved into a mixing bridge. Whoever hangs up
+first ends the conversation for both. A caller who hangs up at any point takes everything down with them: the
+agent leg, both bridges, and the reservation of the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import structlog
+
+from ivr.ari_channel import AriCallChannel, AriDispatcher
+from ivr.ari_client import AriClient, AriError, AriNotFound
+from ivr.channel import CallerHungUp, CallInfo, ChannelError
+from ivr.flow_model import ConsultCategory
+from routing.announcements import ESCALATING, position_text
+from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
+from routing.model import CallPriority, CallRequest
+from routing.rules import EscalationRule
+
+log = structlog.get_logger(__name__)
+
+AGENT_LEG_ARG = "agent"
+# Q.850 causes that mean "this phone can't be reached at all", as opposed to "it rang and nobody answered".
+_UNREACHABLE_CAUSES = frozenset({1, 2, 3, 20, 27, 34, 38, 41, 42, 47, 66, 127})
+# Slack over the ring timeout Asterisk enforces itself, in case its hang-up event is lost.
+_RING_GUARD = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    ring_timeout: float = 15.0
+    first_announcement: float = 5.0
+    announce_every: float = 30.0
+    moh_class: str = "default"
+    # The caller id the agent's phone shows: the hotline, never the patient's number.
+    agent_caller_id: str = "12320"
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationTransfer:
+    number: str
+    trunk: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueResult:
+    outcome: Literal["answered", "caller_hangup", "transferred", "failed"]
+    agent_id: str | None = None
+    transfer_to: str | None = None
+
+
+def dial_string(endpoint: str) -> str:
+    """An agent endpoint as Asterisk dials it: a bare PJSIP endpoint name, or a full ``TECH/resource``."""
+    return endpoint if "/" in endpoint else f"PJSIP/{endpoint}"
+
+
+def _cause(event: Mapping[str, Any]) -> int:
+    cause = event.get("cause")
+    return cause if isinstance(cause, int) else 0
+
+
+class CallerQueue:
+    """Runs one routed ARI call from joining the queue to the end of the conversation (or abandonment)."""
+
+    def __init__(
+        self,
+        ari: AriClient,
+        events: AriDispatcher,
+        engine: RoutingEngine,
+        *,
+        settings: QueueSettings,
+        sound: Callable[[str], str],
+        escalation_groups: Mapping[str, EscalationTransfer],
+    ) -> None:
+        self._ari = ari
+        self._events = events
+        self._engine = engine
+        self._settings = settings
+        self._sound = sound
+        self._groups = escalation_groups
+
+    async def serve(
+        self, caller: AriCallChannel, call_id: str, category: ConsultCategory, priority: CallPriority
+    ) -> QueueResult:
+        """Never raises for telephony trouble: the result says how the call left the queue."""
+        ticket = self._engine.enqueue(CallRequest(call_id, category, priority, datetime.now(UTC)))
+        hold = f"hold-{call_id}"
+        try:
+            await self._request("POST", "/bridges", {"type": "holding", "bridgeId": hold, "name": hold})
+            await self._request(
+                "POST", f"/bridges/{hold}/addChannel", {"channel": caller.info.channel_id, "role": "participant"}
+            )
+            await self._moh(hold, on=True)
+            return await self._wait(caller, ticket, hold)
+        except CallerHungUp:
+            log.info("queue.caller_hung_up", position=self._engine.position(call_id))
+            await self._engine.abandon(call_id)
+            return QueueResult("caller_hangup")
+        except ChannelError as exc:
+            log.error("queue.failed", reason=str(exc))
+            await self._engine.abandon(call_id)
+            with contextlib.suppress(ChannelError):
+                await caller.hangup()
+            return QueueResult("failed")
+        finally:
+            with contextlib.suppress(ChannelError):
+                await self._ari.request("DELETE", f"/bridges/{hold}")
+
+    # -- waiting ------------------------------------------------------------------------------------
+    async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: str) -> QueueResult:
+        call_id = ticket.request.call_id
+        loop = asyncio.get_running_loop()
+        announce_at = loop.time() + self._settings.first_announcement
+        while True:
+            item = await self._next(ticket, caller, announce_at - loop.time())
+            if item is None:
+                position = self._engine.position(call_id)
+                if position is not None:
+                    log.info("queue.announce", position=position)
+                    await self._announce(caller, hold, position_text(position))
+                announce_at = loop.time() + self._settings.announce_every
+                continue
+            if isinstance(item, Offer):
+                result = await self._ring(caller, ticket, hold, item)
+                if result is not None:
+                    return result
+                continue
+            if isinstance(item, Escalate):
+                result = await self._escalate(caller, call_id, hold, item.rule)
+                if result is not None:
+                    return result
+            # A CancelRing for a ring that already ended needs nothing.
+
+    async def _next(self, ticket: Ticket, caller: AriCallChannel, timeout: float) -> TicketItem | None:
+        """The engine's next item for this call, None when ``timeout`` passed; CallerHungUp if the caller left."""
+        get = asyncio.ensure_future(ticket.items.get())
+        gone = asyncio.ensure_future(caller.wait_gone())
+        try:
+            done, _ = await asyncio.wait({get, gone}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not get.done():
+                get.cancel()
+            if not gone.done():
+                gone.cancel()
+        if gone in done:
+            if get.done() and not get.cancelled():
+                ticket.items.put_nowait(get.result())  # don't lose an offer: abandon() will release its agent
+            raise CallerHungUp("caller hung up while waiting")
+        return get.result() if get in done else None
+
+    async def _announce(self, caller: AriCallChannel, hold: str, text: str) -> None:
+        """Music stops for the announcement and resumes after it."""
+        await self._moh(hold, on=False)
+        await caller.play(self._sound(text))
+        await self._moh(hold, on=True)
+
+    async def _moh(self, bridge: str, *, on: bool) -> None:
+        if on:
+            await self._request("POST", f"/bridges/{bridge}/moh", {"mohClass": self._settings.moh_class})
+        else:
+            with contextlib.suppress(AriError):  # already stopped
+                await self._request("DELETE", f"/bridges/{bridge}/moh")
+
+    # -- ringing an agent ---------------------------------------------------------------------------
+    async def _ring(self, caller: AriCallChannel, ticket: Ticket, hold: str, offer: Offer) -> QueueResult | None:
+        """Ring the offered agent. A result ends the call's time in the queue; None means "back to waiting"."""
+        call_id = ticket.request.call_id
+        agent_id = offer.assignment.agent_id
+        leg_id = f"agent-{uuid.uuid4()}"
+        leg = AriCallChannel(
+            self._ari, CallInfo(leg_id, offer.assignment.endpoint, "ari", "", offer.assignment.endpoint)
+        )
+        self._events.register(leg)
+        try:
+            with structlog.contextvars.bound_contextvars(agent=agent_id, agent_leg=leg_id):
+                try:
+                    await self._ari.request(
+                        "POST",
+                        "/channels",
+                        {
+                            "endpoint": dial_string(offer.assignment.endpoint),
+                            "app": self._ari.app,
+                            "appArgs": f"{AGENT_LEG_ARG},{call_id}",
+                            "channelId": leg_id,
+                            "timeout": str(int(self._settings.ring_timeout)),
+                            "callerId": f'"{self._settings.agent_caller_id}" <{self._settings.agent_caller_id}>',
+                        },
+                    )
+                except AriError as exc:
+                    log.warning("queue.dial_failed", reason=str(exc))
+                    await self._engine.no_answer(call_id, agent_id, reachable=False)
+                    return None
+                log.info("queue.ringing")
+                answered = await self._await_answer(caller, ticket, leg, agent_id)
+                if not answered:
+                    return None
+                await self._engine.answered(call_id, agent_id)
+                try:
+                    await self._talk(caller, leg, hold, call_id)
+                finally:
+                    await self._engine.finished(call_id, agent_id)
+                return QueueResult("answered", agent_id=agent_id)
+        finally:
+            if not leg.gone:
+                with contextlib.suppress(ChannelError):
+                    await leg.hangup()
+            self._events.unregister(leg_id)
+
+    async def _await_answer(self, caller: AriCallChannel, ticket: Ticket, leg: AriCallChannel, agent_id: str) -> bool:
+        """True when the agent answered. False after no answer or a cancelled ring (the call is waiting again).
+        CallerHungUp if the caller left meanwhile (the agent leg is hung up by the caller of this method)."""
+        call_id = ticket.request.call_id
+        deadline = asyncio.get_running_loop().time() + self._settings.ring_timeout + _RING_GUARD
+        caller_gone = asyncio.ensure_future(caller.wait_gone())
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                leg_event = asyncio.ensure_future(leg.next_event(timeout=max(0.0, remaining)))
+                item = asyncio.ensure_future(ticket.items.get())
+                done, _ = await asyncio.wait({caller_gone, leg_event, item}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (leg_event, item):
+                    if not task.done():
+                        task.cancel()
+                if item in done and not item.cancelled():
+                    got = item.result()
+                    if isinstance(got, CancelRing) and got.agent_id == agent_id:
+                        log.warning("queue.ring_cancelled", reason="agent frozen")
+                        return False
+                    if not isinstance(got, CancelRing):
+                        ticket.items.put_nowait(got)  # not for this phase; keep it
+                if caller_gone in done:
+                    raise CallerHungUp("caller hung up while the agent's phone rang")
+                if leg_event in done and not leg_event.cancelled():
+                    event = leg_event.result()
+                    if event is None:
+                        log.warning("queue.ring_guard_expired")
+                        await self._engine.no_answer(call_id, agent_id)
+                        return False
+                    if event["type"] == "StasisStart":
+                        return True
+                    if leg.gone:
+                        cause = _cause(event)
+                        reachable = cause not in _UNREACHABLE_CAUSES
+                        log.info("queue.not_answered", cause=cause, reachable=reachable)
+                        await self._engine.no_answer(call_id, agent_id, reachable=reachable)
+                        return False
+        finally:
+            if not caller_gone.done():
+                caller_gone.cancel()
+
+    async def _talk(self, caller: AriCallChannel, leg: AriCallChannel, hold: str, call_id: str) -> None:
+        """Caller and agent in one mixing bridge until either hangs up; then the other is hung up too."""
+        talk = f"talk-{call_id}"
+        with contextlib.suppress(AriError):
+            await self._moh(hold, on=False)
+        await self._request("POST", f"/bridges/{hold}/removeChannel", {"channel": caller.info.channel_id})
+        await self._request("POST", "/bridges", {"type": "mixing", "bridgeId": talk, "name": talk})
+        try:
+            await self._request(
+                "POST", f"/bridges/{talk}/addChannel", {"channel": f"{caller.info.channel_id},{leg.info.channel_id}"}
+            )
+            log.info("queue.connected")
+            caller_gone = asyncio.ensure_future(caller.wait_gone())
+            agent_gone = asyncio.ensure_future(leg.wait_gone())
+            done, _ = await asyncio.wait({caller_gone, agent_gone}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (caller_gone, agent_gone):
+                if not task.done():
+                    task.cancel()
+            log.info("queue.conversation_ended", by="caller" if caller_gone in done else "agent")
+            for channel in (caller, leg):
+                with contextlib.suppress(ChannelError):
+                    await channel.hangup()
+        finally:
+            with contextlib.suppress(ChannelError):
+                await self._ari.request("DELETE", f"/bridges/{talk}")
+
+    # -- escalation ---------------------------------------------------------------------------------
+    async def _escalate(
+        self, caller: AriCallChannel, call_id: str, hold: str, rule: EscalationRule
+    ) -> QueueResult | None:
+        if rule.transfer is not None:
+            target = EscalationTransfer(rule.transfer.number, rule.transfer.trunk)
+        elif rule.group is not None and rule.group in self._groups:
+            target = self._groups[rule.group]
+        else:
+            # A caller is never dropped because a target is missing from the configuration: keep waiting.
+            log.error("queue.escalation_unconfigured", group=rule.group, hint="set [routing.escalation_groups]")
+            return None
+        log.warning("queue.escalating", group=rule.group, trunk=target.trunk or None)
+        await self._engine.abandon(call_id)
+        await self._moh(hold, on=False)
+        await caller.play(self._sound(ESCALATING))
+        await self._request("POST", f"/bridges/{hold}/removeChannel", {"channel": caller.info.channel_id})
+        await caller.transfer(target.number, target.trunk or None)
+        return QueueResult("transferred", transfer_to=target.number)
+
+    async def _request(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
+        """An ARI request for this call; a vanished caller channel is a hang-up, not an error."""
+        try:
+            return await self._ari.request(method, path, params)
+        except AriNotFound:
+            raise CallerHungUp(f"{method} {path}: the channel or bridge is gone") from None

@@ -1,0 +1,378 @@
+"""The routing engine of one service node: the dispatcher kept in step with the shared agent table.
+
+Each node has its own :class:`~routing.router.Dispatcher` over its own waiting calls and a view of every agent.
+The agents' cluster-wide state (frozen, paused, reserved by which call) lives in the database; this engine
+refreshes its view every ``refresh_interval`` and before each decision it reserves the chosen agent in the
+database (:meth:`AgentDirectory.reserve`, atomic, with the credential check done again at that moment). A refused
+reservation (another node was faster, or a licence was revoked a moment ago) puts the call back in its place.
+
+The engine knows nothing of telephony. A waiting call gets a :class:`Ticket`; the telephony side reads
+:class:`Offer` (ring this agent) and :class:`Escalate` (give up waiting) from it and reports back what happened:
+:meth:`RoutingEngine.answered`, :meth:`RoutingEngine.no_answer`, :meth:`RoutingEngine.finished`,
+:meth:`RoutingEngine.abandon`. A freeze that hits an agent while they ring cancels that ring through the
+ticket (:class:`CancelRing`).
+
+State that belongs to this node's calls (ringing, busy, wrap-up) is owned here; the database holds the
+reservation for the whole time, wrap-up included, so no other node rings an agent who is still writing notes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol, TypeVar
+
+import structlog
+
+from routing.model import Agent, CallRequest
+from routing.router import Assignment, Dispatcher, RoutingError
+from routing.rules import EscalationRule, RoutingRules
+
+log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
+
+RingOutcome = Literal["answered", "no_answer", "caller_gone", "released", "failed"]
+NO_ANSWER = "no answer"
+UNREACHABLE = "unreachable"
+
+
+class AgentSnapshot(Protocol):
+    """What the engine reads of one agent (``routing.store.AgentView`` has these and more)."""
+
+    @property
+    def agent(self) -> Agent: ...
+    @property
+    def paused_reason(self) -> str | None: ...
+    @property
+    def reserved_call_id(self) -> str | None: ...
+
+
+class AgentDirectory(Protocol):
+    """The shared agent table (``routing.store.AgentStore``); synchronous, called through a thread."""
+
+    def routing_snapshot(self) -> Sequence[AgentSnapshot]: ...
+    def reserve(
+        self, account_id: str, call_id: str, node: str, at: datetime, required: Sequence[Sequence[str]] = ()
+    ) -> bool: ...
+    def release(self, account_id: str, call_id: str) -> bool: ...
+    def release_node(self, node: str) -> int: ...
+    def pause(self, account_id: str, reason: str, at: datetime) -> None: ...
+    def unpause(self, account_id: str, at: datetime) -> None: ...
+    def record_ring(self, call_id: str, account_id: str, node: str, at: datetime) -> int: ...
+    def finish_ring(self, ring_id: int, outcome: RingOutcome, at: datetime) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """Ring ``assignment.endpoint`` for this call; the agent is reserved for it in the database."""
+
+    assignment: Assignment
+    ring_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Escalate:
+    """The call waited past its rule's escalation time."""
+
+    rule: EscalationRule
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRing:
+    """Stop ringing ``agent_id`` (frozen meanwhile); the call is back in its place."""
+
+    agent_id: str
+
+
+TicketItem = Offer | Escalate | CancelRing
+
+
+@dataclass
+class Ticket:
+    """A waiting call's mailbox from the engine."""
+
+    request: CallRequest
+    items: asyncio.Queue[TicketItem] = field(default_factory=asyncio.Queue)
+    escalated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    node: str
+    refresh_interval: float = 0.5
+    wrap_up: float = 10.0
+    # An agent who let a call ring out is paused so the next caller doesn't ring them again at once; agents have
+    # only a SIP phone (no desktop to press "ready"), so the pause lifts by itself after this long.
+    no_answer_pause: float = 60.0
+    # An agent whose phone could not be reached at all (not registered, network) is retried after this long.
+    unreachable_retry: float = 30.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class RoutingEngine:
+    def __init__(
+        self,
+        directory: AgentDirectory,
+        rules: RoutingRules,
+        settings: EngineSettings,
+        *,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.directory = directory
+        self.rules = rules
+        self.settings = settings
+        self.dispatcher = Dispatcher(rules)
+        self._clock = clock
+        self._tickets: dict[str, Ticket] = {}
+        self._held: dict[str, str] = {}  # agent id → call id this node holds them for (ring, talk, wrap-up)
+        self._rings: dict[str, tuple[str, int]] = {}  # call id → (agent id, ring id) while ringing
+        self._unreachable: dict[str, datetime] = {}  # agent id → when to try again
+        self._offline_endpoints: set[str] = set()
+        self._wake = asyncio.Event()
+        self._timers: set[asyncio.Task[None]] = set()
+        self.refreshed = asyncio.Event()
+
+    # -- the telephony side -------------------------------------------------------------------------
+    def enqueue(self, request: CallRequest) -> Ticket:
+        self.dispatcher.enqueue(request)
+        ticket = Ticket(request)
+        self._tickets[request.call_id] = ticket
+        log.info("routing.queued", category=request.category, priority=request.priority)
+        self._wake.set()
+        return ticket
+
+    def position(self, call_id: str) -> int | None:
+        return self.dispatcher.position(call_id, self._clock())
+
+    def waiting_count(self) -> int:
+        return len(self.dispatcher.waiting(self._clock()))
+
+    async def answered(self, call_id: str, agent_id: str) -> None:
+        at = self._clock()
+        self.dispatcher.answered(call_id, agent_id, at)
+        _, ring_id = self._rings.pop(call_id, (agent_id, None))
+        self._tickets.pop(call_id, None)
+        if ring_id is not None:
+            await self._db("ring answered", self.directory.finish_ring, ring_id, "answered", at)
+        log.info("routing.answered", agent=agent_id)
+
+    async def no_answer(self, call_id: str, agent_id: str, *, reachable: bool = True) -> None:
+        """The agent's phone rang out (or could not be reached): pause them for a while, the call goes back."""
+        at = self._clock()
+        self.dispatcher.ring_no_answer(call_id, agent_id, at)
+        _, ring_id = self._rings.pop(call_id, (agent_id, None))
+        self._held.pop(agent_id, None)
+        reason = NO_ANSWER if reachable else UNREACHABLE
+        if reachable:
+            await self._db("pause after no answer", self.directory.pause, agent_id, NO_ANSWER, at)
+            self._later(self.settings.no_answer_pause, self._lift_pause, agent_id)
+        else:
+            self._unreachable[agent_id] = at + timedelta(seconds=self.settings.unreachable_retry)
+            self.dispatcher.agent_state(agent_id, "offline", at, UNREACHABLE)
+        if ring_id is not None:
+            outcome: RingOutcome = "no_answer" if reachable else "failed"
+            await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, at)
+        await self._db("release after no answer", self.directory.release, agent_id, call_id)
+        log.info("routing.no_answer", agent=agent_id, reason=reason)
+        self._wake.set()
+
+    async def finished(self, call_id: str, agent_id: str) -> None:
+        """The conversation ended: wrap-up, then the agent is free (the reservation is held until then)."""
+        self.dispatcher.agent_state(agent_id, "wrap_up", self._clock())
+        self._later(self.settings.wrap_up, self._end_wrap_up, agent_id, call_id)
+
+    async def abandon(self, call_id: str) -> None:
+        """The call left the queue (caller hung up, escalated, transferred): free whatever it held."""
+        at = self._clock()
+        self._tickets.pop(call_id, None)
+        ring = self._rings.pop(call_id, None)
+        with contextlib.suppress(RoutingError):
+            self.dispatcher.remove(call_id, at)
+        if ring is not None:
+            agent_id, ring_id = ring
+            self._held.pop(agent_id, None)
+            await self._db("ring ended", self.directory.finish_ring, ring_id, "caller_gone", at)
+            await self._db("release", self.directory.release, agent_id, call_id)
+        self._wake.set()
+
+    def contact_state(self, endpoint: str, online: bool) -> None:
+        """AMI: the agent's phone registered / became reachable (online) or went away."""
+        if online:
+            self._offline_endpoints.discard(endpoint)
+        else:
+            self._offline_endpoints.add(endpoint)
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------------------
+    async def run(self) -> None:
+        released = await self._db(
+            "release this node's stale reservations", self.directory.release_node, self.settings.node
+        )
+        if released:
+            log.warning("routing.stale_reservations_released", count=released)
+        while True:
+            try:
+                await self.step()
+            except Exception:
+                log.exception("routing.step_failed")
+            timeout = self.settings.refresh_interval
+            change = self.dispatcher.next_change(self._clock())
+            if change is not None:
+                timeout = max(0.01, min(timeout, (change - self._clock()).total_seconds()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def step(self) -> None:
+        """One refresh of agent states from the database, then every assignment and escalation now due."""
+        views = await asyncio.to_thread(self.directory.routing_snapshot)
+        self._apply(views, self._clock())
+        self.refreshed.set()
+        await self._assign()
+        self._escalate()
+
+    def close(self) -> None:
+        for task in self._timers:
+            task.cancel()
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _apply(self, views: Sequence[AgentSnapshot], at: datetime) -> None:
+        seen: set[str] = set()
+        for view in views:
+            agent = view.agent
+            seen.add(agent.id)
+            try:
+                old = self.dispatcher.agent(agent.id)
+            except RoutingError:
+                self.dispatcher.add_agent(agent, at)
+                old = agent
+            if agent.frozen and not old.frozen:
+                cancelled = self.dispatcher.freeze(agent.id)
+                log.warning("routing.agent_frozen", agent=agent.id, ring_cancelled=cancelled is not None)
+                if cancelled is not None:
+                    self._cancel_ring(cancelled, agent.id)
+            if agent != self.dispatcher.agent(agent.id):
+                self.dispatcher.update_agent(agent)
+            if agent.id in self._held:
+                continue  # ringing, talking or in wrap-up for one of this node's calls
+            state, reason = self._external_state(view, at)
+            self.dispatcher.agent_state(agent.id, state, at, reason)
+        for agent in self.dispatcher.agents():
+            if agent.id not in seen and agent.id not in self._held:
+                self.dispatcher.agent_state(agent.id, "offline", at, "removed")
+
+    def _external_state(
+        self, view: AgentSnapshot, at: datetime
+    ) -> tuple[Literal["available", "busy", "paused", "offline"], str | None]:
+        agent = view.agent
+        if agent.frozen:
+            return "paused", "frozen"
+        if view.paused_reason:
+            return "paused", view.paused_reason
+        if view.reserved_call_id is not None:
+            return "busy", None  # another node's call (ours are in _held)
+        retry = self._unreachable.get(agent.id)
+        if retry is not None:
+            if at < retry:
+                return "offline", UNREACHABLE
+            del self._unreachable[agent.id]
+        if agent.endpoint in self._offline_endpoints:
+            return "offline", "not registered"
+        return "available", None
+
+    async def _assign(self) -> None:
+        while True:
+            at = self._clock()
+            assignment = self.dispatcher.next_assignment(at)
+            if assignment is None:
+                return
+            call_id, agent_id = assignment.call.call_id, assignment.agent_id
+            required = self.rules.rule(assignment.call.category).required
+            reserved = await self._db(
+                "reserve agent", self.directory.reserve, agent_id, call_id, self.settings.node, at, required
+            )
+            if self.dispatcher.ringing().get(call_id) != agent_id:
+                # The caller hung up (or the agent was frozen) while the database answered.
+                if reserved:
+                    await self._db("release", self.directory.release, agent_id, call_id)
+                continue
+            if not reserved:
+                self.dispatcher.reservation_refused(call_id, agent_id, at)
+                log.info("routing.reservation_refused", agent=agent_id)
+                continue
+            ring_id = await self._db("ring", self.directory.record_ring, call_id, agent_id, self.settings.node, at)
+            ticket = self._tickets.get(call_id)
+            if ticket is None or ring_id is None:
+                await self._db("release", self.directory.release, agent_id, call_id)
+                with contextlib.suppress(RoutingError):
+                    self.dispatcher.remove(call_id, at)
+                continue
+            self._held[agent_id] = call_id
+            self._rings[call_id] = (agent_id, ring_id)
+            log.info("routing.offer", agent=agent_id, step=assignment.step, category=assignment.call.category)
+            ticket.items.put_nowait(Offer(assignment, ring_id))
+
+    def _escalate(self) -> None:
+        for due in self.dispatcher.escalations(self._clock()):
+            ticket = self._tickets.get(due.call.call_id)
+            if ticket is not None and not ticket.escalated:
+                ticket.escalated = True
+                log.warning("routing.escalation_due", category=due.call.category, after=due.rule.after)
+                ticket.items.put_nowait(Escalate(due.rule))
+
+    def _cancel_ring(self, call_id: str, agent_id: str) -> None:
+        ring = self._rings.pop(call_id, None)
+        self._held.pop(agent_id, None)
+        ticket = self._tickets.get(call_id)
+        if ticket is not None:
+            ticket.items.put_nowait(CancelRing(agent_id))
+        if ring is not None:
+            self._later(0, self._release_cancelled, agent_id, call_id, str(ring[1]))
+
+    async def _release_cancelled(self, agent_id: str, call_id: str, ring_id: str) -> None:
+        at = self._clock()
+        await self._db("ring ended", self.directory.finish_ring, int(ring_id), "released", at)
+        await self._db("release", self.directory.release, agent_id, call_id)
+
+    async def _end_wrap_up(self, agent_id: str, call_id: str) -> None:
+        if self._held.get(agent_id) == call_id:
+            del self._held[agent_id]
+        await self._db("release after wrap-up", self.directory.release, agent_id, call_id)
+        with contextlib.suppress(RoutingError):
+            self.dispatcher.agent_state(agent_id, "available", self._clock())
+        self._wake.set()
+
+    async def _lift_pause(self, agent_id: str) -> None:
+        views = await self._db("read agents", self.directory.routing_snapshot)
+        view = next((v for v in views or () if v.agent.id == agent_id), None)
+        # Only the engine's own pause is lifted; a supervisor's pause stays.
+        if view is not None and view.paused_reason == NO_ANSWER:
+            await self._db("lift no-answer pause", self.directory.unpause, agent_id, self._clock())
+        self._wake.set()
+
+    def _later(self, seconds: float, func: Callable[..., Coroutine[Any, Any, None]], *args: str) -> None:
+        """Run ``func(*args)`` after ``seconds`` (the coroutine is made only then, so a cancelled timer leaves
+        no never-awaited coroutine behind)."""
+
+        async def run() -> None:
+            await asyncio.sleep(seconds)
+            await func(*args)
+
+        task = asyncio.create_task(run())
+        self._timers.add(task)
+        task.add_done_callback(self._timers.discard)
+
+    async def _db(self, doing: str, func: Callable[..., _T], *args: object) -> _T | None:
+        """A database call for routing; a failure is logged and the caller carries on with None (no hang)."""
+        try:
+            return await asyncio.to_thread(func, *args)
+        except Exception:
+            log.exception("routing.database_failed", doing=doing)
+            return None

@@ -1,0 +1,279 @@
+"""Routing to real SIP phones: SIPp agent phones at their static contacts, SIPp patients, the real sandbox.
+
+Six agents: a physician who answers, a physician whose phone never answers, a nurse, two general agents and a
+"physician" whose licence has expired. Each test puts exactly the agents it needs into the ready state (the rest
+are paused, as a supervisor would), places patient calls through the test desk flow (one key per consult
+category), and checks what the phones saw and what the database recorded.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from compliance.accounts import AccountStore
+from compliance.audit import AuditLog, SqlAuditStore
+from medhotline import db
+from medhotline.cli import main as cli
+from medhotline.config import Config
+from medhotline.phones import Action, PhoneCall, Press
+from medhotline.phones.agent import NEVER_MS, AgentPhone
+from routing.store import AgentStore
+from tests.integration.conftest import Hotline, free_port, free_rtp_range, running_hotline
+
+pytestmark = pytest.mark.integration
+
+DESK = Path(__file__).resolve().parents[1] / "data" / "flows" / "routing_desk.yaml"
+KEYS = {"diagnosis": "1", "general": "2", "emergency": "3", "medication": "4"}
+ROUTING = """
+[routing]
+ring_timeout = 4
+wrap_up = 0.5
+no_answer_pause = 600
+first_announcement = 1
+announce_every = 5
+refresh_interval = 0.2
+"""
+YEAR = timedelta(days=365)
+# Which phone each agent has, how it behaves, and the licence it holds (None: a general agent).
+AGENTS: dict[str, tuple[str, str | None, bool]] = {
+    # id: (role, licence kind, licence valid)
+    "exdoc": ("physician", "physician_license", False),  # added first: the longest idle of all, never to ring
+    "phys": ("physician", "physician_license", True),
+    "slowdoc": ("physician", "physician_license", True),
+    "nurse": ("nurse", "nurse_license", True),
+    "gen1": ("agent", None, True),
+    "gen2": ("agent", None, True),
+}
+
+
+class Desk:
+    """The running hotline with its agents and their phones."""
+
+    def __init__(self, hotline: Hotline, phones: dict[str, AgentPhone]) -> None:
+        self.hotline = hotline
+        self.phones = phones
+        self.store = AgentStore(db.make_sessionmaker(hotline.config.database_url))
+        self.pool = ThreadPoolExecutor(max_workers=6)
+
+    def ready(self, *agent_ids: str) -> None:
+        """Exactly these agents take calls, in this order of idle time (first = longest idle)."""
+        now = datetime.now(UTC)
+        for agent_id in AGENTS:
+            self.store.pause(agent_id, "not in this test", now)
+        self.settle()
+        for agent_id in agent_ids:
+            self.store.unpause(agent_id, datetime.now(UTC))
+            self.settle()
+
+    def settle(self) -> None:
+        """Give every node's engine time to read the agent table (a few refresh intervals)."""
+        time.sleep(0.8)
+
+    def call(self, category: str, hang_up_after_ms: int | None = None) -> Future[PhoneCall]:
+        presses: list[Action] = [Press(300, KEYS[category])]
+        return self.pool.submit(self.hotline.call, self.hotline.config.hotline.number, presses, hang_up_after_ms)
+
+    def queued_calls(self, route_node: str) -> list[str]:
+        """Calls in progress that reached ``route_node`` (they are in the queue or talking)."""
+        repo = self.hotline.repo
+        return [
+            r.id
+            for r in repo.list_recent(200)
+            if r.outcome == "in_progress" and any(s.node == route_node for s in repo.steps(r.id))
+        ]
+
+    def wait_queued(self, route_node: str, count: int, timeout: float = 30.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            queued = self.queued_calls(route_node)
+            if len(queued) >= count:
+                return queued
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} queued {route_node} calls, found {queued}")
+            time.sleep(0.2)
+
+    def rings(self, call_id: str) -> list[tuple[str, str | None]]:
+        return [(r.account_id, r.outcome) for r in self.store.rings(call_id)]
+
+    def new_calls(self, before: set[str], count: int, timeout: float = 60.0) -> list[db.CallRecord]:
+        """The ``count`` calls started since ``before``, once all of them are finished, oldest first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            new = [r for r in self.hotline.repo.list_recent(500) if r.id not in before]
+            if len(new) == count and all(r.outcome != "in_progress" for r in new):
+                return sorted(new, key=lambda r: r.started_at)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} finished new calls, found {new}")
+            time.sleep(0.2)
+
+
+def add_agents(phones: dict[str, AgentPhone]) -> Callable[[Config], None]:
+    def setup(config: Config) -> None:
+        sessions = db.make_sessionmaker(config.database_url)
+        store = AgentStore(sessions)
+        now = datetime.now(UTC)
+        AccountStore(sessions).add("admin1", "Credentials office", ["admin"], now)
+        for agent_id, (role, kind, valid) in AGENTS.items():
+            store.add_agent_with_account(agent_id, agent_id, [role], agent_id, now, contact=phones[agent_id].contact)
+            if kind is not None:
+                until = now + YEAR if valid else now - timedelta(days=1)
+                cred = store.add_credential(agent_id, kind, f"L-{agent_id}", "卫健委", now - YEAR, until, now)
+                store.verify_credential(cred, "admin1", now)
+
+    return setup
+
+
+@pytest.fixture(scope="module")
+def desk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
+    phones = {
+        agent_id: AgentPhone(
+            agent_id,
+            free_port(socket.SOCK_DGRAM),
+            free_rtp_range(4),
+            answer_after_ms=NEVER_MS if agent_id == "slowdoc" else 600,
+            talk_ms=1500,
+        ).start()
+        for agent_id in AGENTS
+    }
+    try:
+        with running_hotline(
+            tmp_path_factory.mktemp("routing"),
+            "route",
+            ROUTING,
+            flow="routing_desk",
+            extra_flows=(DESK,),
+            before_start=add_agents(phones),
+        ) as hotline:
+            running = Desk(hotline, phones)
+            wait_for_endpoints(hotline)
+            yield running
+            running.pool.shutdown(wait=True)
+    finally:
+        for phone in phones.values():
+            phone.stop()
+
+
+def wait_for_endpoints(hotline: Hotline, timeout: float = 30.0) -> None:
+    """The service writes the agents' PJSIP endpoints into the sandbox and reloads res_pjsip."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = hotline.sandbox.cli_output("pjsip show endpoints")
+        if all(f" {agent_id} " in out or f" {agent_id}/" in out for agent_id in AGENTS):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"agent endpoints not configured in Asterisk:\n{out}")
+        time.sleep(0.5)
+
+
+def test_a_diagnosis_call_rings_only_the_physician(desk: Desk) -> None:
+    desk.ready("exdoc", "gen1", "nurse", "phys")  # exdoc longest idle, but its licence has expired
+    before = desk.hotline.call_ids()
+    patient = desk.call("diagnosis").result(timeout=90)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert record.outcome == "routed"
+    assert desk.rings(record.id) == [("phys", "answered")]
+    assert desk.phones["phys"].count("ANSWERED") >= 1
+    for other in ("exdoc", "gen1", "nurse"):
+        assert desk.phones[other].count("RINGING") == 0, f"{other} rang for a diagnosis call"
+    # The conversation really happened: the agent hung up after talking and the patient heard the hang-up.
+    assert "HUNGUP_BY_SERVICE" in patient.stamps
+    # Held through wrap-up (0.5 s here), then released.
+    deadline = time.monotonic() + 5
+    while desk.store.view("phys").reserved_call_id is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert desk.store.view("phys").reserved_call_id is None
+
+
+def test_an_emergency_behind_three_general_calls_is_answered_first(desk: Desk) -> None:
+    desk.ready()  # nobody: the calls have to wait
+    before = desk.hotline.call_ids()
+    generals = [desk.call("general") for _ in range(3)]
+    general_ids = desk.wait_queued("general", 3)
+    emergency = desk.call("emergency")
+    (emergency_id,) = desk.wait_queued("emergency", 1)
+    time.sleep(1.0)  # the emergency is queued behind three older calls
+    desk.store.unpause("nurse", datetime.now(UTC))  # one agent who may take either kind frees up
+    deadline = time.monotonic() + 30
+    while not desk.rings(emergency_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for agent_id in ("gen1", "gen2"):
+        desk.store.unpause(agent_id, datetime.now(UTC))
+    calls = [f.result(timeout=120) for f in (*generals, emergency)]
+    assert all(c.succeeded for c in calls), [c.errors for c in calls]
+    records = {r.id: r for r in desk.new_calls(before, 4)}
+    assert set(records) == {*general_ids, emergency_id}
+    assert all(r.outcome == "routed" for r in records.values())
+    # The emergency was the newest of the four calls ...
+    assert all(records[g].started_at < records[emergency_id].started_at for g in general_ids)
+    # ... and the first to ring anyone: the nurse, and she answered.
+    rings = sorted(
+        (ring.rung_at, ring.call_id, ring.account_id, ring.outcome) for c in records for ring in desk.store.rings(c)
+    )
+    assert rings[0][1:] == (emergency_id, "nurse", "answered")
+    assert {ring[2] for ring in rings if ring[1] in general_ids} <= {"gen1", "gen2", "nurse"}
+
+
+def test_an_unanswered_ring_moves_to_the_next_agent_and_pauses_the_first(desk: Desk) -> None:
+    desk.ready("slowdoc", "phys")  # slowdoc is longer idle: rings first, never answers
+    before = desk.hotline.call_ids()
+    patient = desk.call("diagnosis").result(timeout=90)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert desk.rings(record.id) == [("slowdoc", "no_answer"), ("phys", "answered")]
+    assert desk.store.view("slowdoc").paused_reason == "no answer"
+    assert desk.phones["slowdoc"].count("CANCELLED") >= 1
+
+
+def test_a_frozen_agent_stops_receiving_calls_even_while_ringing(desk: Desk) -> None:
+    desk.ready("slowdoc", "phys")
+    before = desk.hotline.call_ids()
+    pending = desk.call("diagnosis")
+    (call_id,) = desk.wait_queued("diagnosis", 1)
+    deadline = time.monotonic() + 20
+    while desk.rings(call_id) != [("slowdoc", None)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert desk.rings(call_id) == [("slowdoc", None)]
+    code = cli(
+        ["--config", str(desk.hotline.config_path), "agents", "freeze", "slowdoc", "--reason", "licence suspended"]
+    )
+    assert code == 0
+    patient = pending.result(timeout=90)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert desk.rings(record.id) == [("slowdoc", "released"), ("phys", "answered")]
+    # The freeze is an audited permission change.
+    engine = db.make_engine(desk.hotline.config.database_url)
+    try:
+        entries = list(AuditLog(SqlAuditStore(engine)).store.entries())
+    finally:
+        engine.dispose()
+    assert any(e.action == "account_freeze" for e in entries)
+    # And no new call reaches the frozen agent, even if it is the only physician left ready.
+    desk.ready("slowdoc")
+    rings_before = desk.phones["slowdoc"].count("RINGING")
+    before = desk.hotline.call_ids()
+    patient = desk.call("diagnosis", hang_up_after_ms=5000).result(timeout=60)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert record.outcome == "caller_hangup"
+    assert desk.rings(record.id) == []
+    assert desk.phones["slowdoc"].count("RINGING") == rings_before
+
+
+def test_a_caller_hanging_up_while_waiting_leaves_nothing_reserved(desk: Desk) -> None:
+    desk.ready()
+    before = desk.hotline.call_ids()
+    patient = desk.call("medication", hang_up_after_ms=3000).result(timeout=60)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert record.outcome == "caller_hangup"
+    assert all(view.reserved_call_id is None for view in desk.store.routing_snapshot())
+    assert "routing_desk" in (record.flow or "")
