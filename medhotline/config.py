@@ -190,6 +190,8 @@ class RoutingConfig(_Section):
     first_announcement: float = Field(default=5.0, ge=0, le=600)
     announce_every: float = Field(default=30.0, ge=5, le=600)
     moh_class: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # A waiting caller who presses this key becomes an emergency and jumps ahead ("" disables it).
+    emergency_key: str = Field(default="0", pattern=r"^[0-9*#]?$")
     # How often each node re-reads agent states (frozen, paused, reserved elsewhere) from the database.
     refresh_interval: float = Field(default=0.5, gt=0, le=30)
     # Targets of the rules' escalation groups, e.g. [routing.escalation_groups.on_call_physicians].

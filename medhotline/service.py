@@ -128,6 +128,7 @@ class HotlineService:
                     announce_every=rc.announce_every,
                     moh_class=rc.moh_class,
                     agent_caller_id=config.hotline.number,
+                    emergency_key=rc.emergency_key,
                 ),
                 sound=lambda text: sound_name(text, self.voice),
                 escalation_groups={
@@ -230,9 +231,23 @@ class HotlineService:
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return result
+
+        async def on_step(node: str, edge: str | None, value: str | None) -> None:
+            await self._record(
+                "queue step",
+                self.repo.add_step,
+                call_id,
+                flow="queue",
+                node=node,
+                node_type="queue",
+                edge=edge,
+                input=value,
+                at=datetime.now(UTC),
+            )
+
         try:
             queued = await self.queue.serve(
-                channel, call_id, cast(ConsultCategory, route.category), cast(CallPriority, route.priority)
+                channel, call_id, cast(ConsultCategory, route.category), cast(CallPriority, route.priority), on_step
             )
         except Exception as exc:
             log.exception("routing.crashed")

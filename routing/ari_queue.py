@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from ivr.ari_channel import AriCallChannel, AriDispatcher
 from ivr.ari_client import AriClient, AriError, AriNotFound
 from ivr.channel import CallerHungUp, CallInfo, ChannelError
 from ivr.flow_model import ConsultCategory
-from routing.announcements import ESCALATING, position_text
+from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
 from routing.rules import EscalationRule
@@ -46,6 +46,8 @@ class QueueSettings:
     moh_class: str = "default"
     # The caller id the agent's phone shows: the hotline, never the patient's number.
     agent_caller_id: str = "12320"
+    # A waiting caller who presses this key is an emergency from then on (empty: disabled).
+    emergency_key: str = "0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,25 @@ class QueueResult:
     outcome: Literal["answered", "caller_hangup", "transferred", "failed"]
     agent_id: str | None = None
     transfer_to: str | None = None
+
+
+QueueStep = Callable[[str, str | None, str | None], Awaitable[None]]
+
+
+async def _no_step(node: str, edge: str | None, value: str | None) -> None:
+    return None
+
+
+async def _next_key(channel: AriCallChannel) -> str:
+    """The next key the caller presses; CallerHungUp when they hang up first."""
+    while True:
+        event = await channel.next_event()
+        if event is None:
+            continue
+        if channel.gone:
+            raise CallerHungUp("caller hung up")
+        if event["type"] == "ChannelDtmfReceived":
+            return str(event.get("digit", ""))
 
 
 def dial_string(endpoint: str) -> str:
@@ -92,10 +113,21 @@ class CallerQueue:
         self._groups = escalation_groups
 
     async def serve(
-        self, caller: AriCallChannel, call_id: str, category: ConsultCategory, priority: CallPriority
+        self,
+        caller: AriCallChannel,
+        call_id: str,
+        category: ConsultCategory,
+        priority: CallPriority,
+        on_step: QueueStep | None = None,
     ) -> QueueResult:
-        """Never raises for telephony trouble: the result says how the call left the queue."""
+        """Never raises for telephony trouble: the result says how the call left the queue.
+
+        ``on_step(node, edge, input)`` records the queue's milestones in the call's path (queued, reclassified,
+        escalated); the rings themselves are in the agents' ring history.
+        """
+        step = on_step or _no_step
         ticket = self._engine.enqueue(CallRequest(call_id, category, priority, datetime.now(UTC)))
+        await step("queued", category, None)
         hold = f"hold-{call_id}"
         try:
             await self._request("POST", "/bridges", {"type": "holding", "bridgeId": hold, "name": hold})
@@ -103,7 +135,7 @@ class CallerQueue:
                 "POST", f"/bridges/{hold}/addChannel", {"channel": caller.info.channel_id, "role": "participant"}
             )
             await self._moh(hold, on=True)
-            return await self._wait(caller, ticket, hold)
+            return await self._wait(caller, ticket, hold, step)
         except CallerHungUp:
             log.info("queue.caller_hung_up", position=self._engine.position(call_id))
             await self._engine.abandon(call_id)
@@ -119,7 +151,7 @@ class CallerQueue:
                 await self._ari.request("DELETE", f"/bridges/{hold}")
 
     # -- waiting ------------------------------------------------------------------------------------
-    async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: str) -> QueueResult:
+    async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: str, step: QueueStep) -> QueueResult:
         call_id = ticket.request.call_id
         loop = asyncio.get_running_loop()
         announce_at = loop.time() + self._settings.first_announcement
@@ -129,8 +161,15 @@ class CallerQueue:
                 position = self._engine.position(call_id)
                 if position is not None:
                     log.info("queue.announce", position=position)
-                    await self._announce(caller, hold, position_text(position))
+                    # A key pressed during the announcement counts: that is when callers hear the hint.
+                    item = await self._announce(caller, hold, position_text(position))
                 announce_at = loop.time() + self._settings.announce_every
+                if item is None:
+                    continue
+            if isinstance(item, str):
+                if item == self._settings.emergency_key and self._engine.reclassify_emergency(call_id):
+                    await step("reclassified", "emergency", item)
+                    await self._announce(caller, hold, RECLASSIFIED)
                 continue
             if isinstance(item, Offer):
                 result = await self._ring(caller, ticket, hold, item)
@@ -138,33 +177,36 @@ class CallerQueue:
                     return result
                 continue
             if isinstance(item, Escalate):
-                result = await self._escalate(caller, call_id, hold, item.rule)
+                result = await self._escalate(caller, call_id, hold, item.rule, step)
                 if result is not None:
                     return result
             # A CancelRing for a ring that already ended needs nothing.
 
-    async def _next(self, ticket: Ticket, caller: AriCallChannel, timeout: float) -> TicketItem | None:
-        """The engine's next item for this call, None when ``timeout`` passed; CallerHungUp if the caller left."""
+    async def _next(self, ticket: Ticket, caller: AriCallChannel, timeout: float) -> TicketItem | str | None:
+        """The engine's next item for this call, a key the caller pressed, or None when ``timeout`` passed.
+        CallerHungUp if the caller left."""
         get = asyncio.ensure_future(ticket.items.get())
-        gone = asyncio.ensure_future(caller.wait_gone())
+        key = asyncio.ensure_future(_next_key(caller))
         try:
-            done, _ = await asyncio.wait({get, gone}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({get, key}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not get.done():
                 get.cancel()
-            if not gone.done():
-                gone.cancel()
-        if gone in done:
-            if get.done() and not get.cancelled():
-                ticket.items.put_nowait(get.result())  # don't lose an offer: abandon() will release its agent
-            raise CallerHungUp("caller hung up while waiting")
-        return get.result() if get in done else None
+            if not key.done():
+                key.cancel()
+        if get in done:
+            if key in done and key.exception() is not None:
+                ticket.items.put_nowait(get.result())  # keep the offer: abandon() will release its agent
+                raise CallerHungUp("caller hung up while waiting")
+            return get.result()
+        return key.result() if key in done else None
 
-    async def _announce(self, caller: AriCallChannel, hold: str, text: str) -> None:
-        """Music stops for the announcement and resumes after it."""
+    async def _announce(self, caller: AriCallChannel, hold: str, text: str) -> str | None:
+        """Music stops for the announcement and resumes after it; a key pressed meanwhile ends it and is returned."""
         await self._moh(hold, on=False)
-        await caller.play(self._sound(text))
+        key = await caller.play(self._sound(text), barge_in=True)
         await self._moh(hold, on=True)
+        return key
 
     async def _moh(self, bridge: str, *, on: bool) -> None:
         if on:
@@ -288,7 +330,7 @@ class CallerQueue:
 
     # -- escalation ---------------------------------------------------------------------------------
     async def _escalate(
-        self, caller: AriCallChannel, call_id: str, hold: str, rule: EscalationRule
+        self, caller: AriCallChannel, call_id: str, hold: str, rule: EscalationRule, step: QueueStep
     ) -> QueueResult | None:
         if rule.transfer is not None:
             target = EscalationTransfer(rule.transfer.number, rule.transfer.trunk)
@@ -299,6 +341,7 @@ class CallerQueue:
             log.error("queue.escalation_unconfigured", group=rule.group, hint="set [routing.escalation_groups]")
             return None
         log.warning("queue.escalating", group=rule.group, trunk=target.trunk or None)
+        await step("escalated", rule.group or "transfer", None)
         await self._engine.abandon(call_id)
         await self._moh(hold, on=False)
         await caller.play(self._sound(ESCALATING))

@@ -147,6 +147,20 @@ class RoutingEngine:
         self._wake.set()
         return ticket
 
+    def reclassify_emergency(self, call_id: str) -> bool:
+        """The waiting caller says it is an emergency (the emergency key): it jumps ahead at once, keeping its
+        arrival time. False when the call is not waiting (an agent is already ringing) or already an emergency."""
+        request = self._tickets.get(call_id)
+        if request is None or not self.dispatcher.is_waiting(call_id):
+            return False
+        current = next(c for c in self.dispatcher.waiting(self._clock()) if c.call_id == call_id)
+        if current.priority == "emergency":
+            return False
+        self.dispatcher.reclassify(call_id, "emergency", "emergency")
+        log.warning("routing.reclassified", old_category=current.category, category="emergency")
+        self._wake.set()
+        return True
+
     def position(self, call_id: str) -> int | None:
         return self.dispatcher.position(call_id, self._clock())
 

@@ -31,14 +31,35 @@ pytestmark = pytest.mark.integration
 
 DESK = Path(__file__).resolve().parents[1] / "data" / "flows" / "routing_desk.yaml"
 KEYS = {"diagnosis": "1", "general": "2", "emergency": "3", "medication": "4"}
+# Emergencies escalate to the on-call phone after 10 s here; every category is spelled out, as a site would.
+RULES = """
+emergency:
+  required: [[physician_license, nurse_license]]
+  escalation: {after: 10, group: on_call}
+diagnosis:
+  required: [[physician_license]]
+  head_start: 30
+medication:
+  required: [[pharmacist_license, physician_license]]
+adverse_reaction:
+  required: [[physician_license, nurse_license]]
+vaccination:
+  required: [[nurse_license, physician_license]]
+appointment: {}
+general: {}
+"""
 ROUTING = """
 [routing]
+rules_file = "{rules}"
 ring_timeout = 4
 wrap_up = 0.5
 no_answer_pause = 600
 first_announcement = 1
 announce_every = 5
 refresh_interval = 0.2
+
+[routing.escalation_groups.on_call]
+number = "8001"
 """
 YEAR = timedelta(days=365)
 # Which phone each agent has, how it behaves, and the licence it holds (None: a general agent).
@@ -50,7 +71,10 @@ AGENTS: dict[str, tuple[str, str | None, bool]] = {
     "nurse": ("nurse", "nurse_license", True),
     "gen1": ("agent", None, True),
     "gen2": ("agent", None, True),
+    # The on-call physician's phone: never in the queue (always paused), reached by escalation at 8001.
+    "oncall": ("physician", "physician_license", True),
 }
+ENDPOINTS = {"oncall": "8001"}
 
 
 class Desk:
@@ -121,7 +145,8 @@ def add_agents(phones: dict[str, AgentPhone]) -> Callable[[Config], None]:
         now = datetime.now(UTC)
         AccountStore(sessions).add("admin1", "Credentials office", ["admin"], now)
         for agent_id, (role, kind, valid) in AGENTS.items():
-            store.add_agent_with_account(agent_id, agent_id, [role], agent_id, now, contact=phones[agent_id].contact)
+            endpoint = ENDPOINTS.get(agent_id, agent_id)
+            store.add_agent_with_account(agent_id, agent_id, [role], endpoint, now, contact=phones[agent_id].contact)
             if kind is not None:
                 until = now + YEAR if valid else now - timedelta(days=1)
                 cred = store.add_credential(agent_id, kind, f"L-{agent_id}", "卫健委", now - YEAR, until, now)
@@ -142,11 +167,14 @@ def desk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
         ).start()
         for agent_id in AGENTS
     }
+    state = tmp_path_factory.mktemp("routing")
+    rules = state / "routing.yaml"
+    rules.write_text(RULES, encoding="utf-8")
     try:
         with running_hotline(
-            tmp_path_factory.mktemp("routing"),
+            state,
             "route",
-            ROUTING,
+            ROUTING.format(rules=rules),
             flow="routing_desk",
             extra_flows=(DESK,),
             before_start=add_agents(phones),
@@ -165,7 +193,7 @@ def wait_for_endpoints(hotline: Hotline, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         out = hotline.sandbox.cli_output("pjsip show endpoints")
-        if all(f" {agent_id} " in out or f" {agent_id}/" in out for agent_id in AGENTS):
+        if all(f" {ENDPOINTS.get(a, a)}/" in out for a in AGENTS):
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"agent endpoints not configured in Asterisk:\n{out}")
@@ -277,3 +305,37 @@ def test_a_caller_hanging_up_while_waiting_leaves_nothing_reserved(desk: Desk) -
     assert record.outcome == "caller_hangup"
     assert all(view.reserved_call_id is None for view in desk.store.routing_snapshot())
     assert "routing_desk" in (record.flow or "")
+
+
+def test_a_waiting_caller_pressing_0_becomes_an_emergency(desk: Desk) -> None:
+    desk.ready()
+    before = desk.hotline.call_ids()
+    pending = desk.pool.submit(
+        desk.hotline.call, desk.hotline.config.hotline.number, [Press(300, KEYS["general"]), Press(3000, "0")], None
+    )
+    (call_id,) = desk.wait_queued("general", 1)
+    deadline = time.monotonic() + 30
+    while not any(s.node == "reclassified" for s in desk.hotline.repo.steps(call_id)):
+        assert time.monotonic() < deadline, "the waiting call was not reclassified"
+        time.sleep(0.2)
+    desk.ready("gen1", "nurse")  # gen1 is the longer idle, but may not take an emergency
+    patient = pending.result(timeout=90)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert desk.rings(record.id) == [("nurse", "answered")]
+    queue_path = [(s.node, s.edge, s.input) for s in desk.hotline.repo.steps(record.id) if s.flow == "queue"]
+    assert queue_path == [("queued", "general", None), ("reclassified", "emergency", "0")]
+
+
+def test_an_emergency_nobody_takes_escalates_to_the_on_call_phone(desk: Desk) -> None:
+    desk.ready()
+    answered_before = desk.phones["oncall"].count("ANSWERED")
+    before = desk.hotline.call_ids()
+    patient = desk.call("emergency").result(timeout=90)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert (record.outcome, record.transfer_to) == ("transferred", "8001")
+    assert desk.rings(record.id) == []
+    assert desk.phones["oncall"].count("ANSWERED") == answered_before + 1
+    escalated = [s for s in desk.hotline.repo.steps(record.id) if s.node == "escalated"]
+    assert [(s.flow, s.edge) for s in escalated] == [("queue", "on_call")]

@@ -348,3 +348,23 @@ async def test_frozen_or_paused_agents_take_no_calls(state: str) -> None:
     await engine.step()
     assert ticket.items.empty()
     assert engine.dispatcher.status("doc").state == "paused"
+
+
+async def test_a_waiting_call_reclassified_as_emergency_jumps_ahead_keeping_its_arrival() -> None:
+    table = FakeAgentTable(agent("nurse", "nurse_license"))
+    engine, clock = engine_for(table)
+    table.pause("nurse", "meeting", T0)
+    first = engine.enqueue(call("g1", "general", at=T0))
+    second = engine.enqueue(call("g2", "general", at=T0 + timedelta(seconds=5)))
+    clock.now = T0 + timedelta(seconds=10)
+    assert engine.position("g2") == 2
+    assert engine.reclassify_emergency("g2")
+    assert engine.position("g2") == 1
+    assert not engine.reclassify_emergency("g2")  # already an emergency
+    table.unpause("nurse", T0)
+    await engine.step()
+    offer = offer_of(second)
+    assert offer.assignment.call.priority == "emergency"
+    assert offer.assignment.call.enqueued_at == T0 + timedelta(seconds=5)
+    assert first.items.empty()
+    assert not engine.reclassify_emergency("g2")  # ringing now, not waiting
