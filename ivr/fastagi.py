@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
@@ -138,6 +138,16 @@ class FastAgiCallChannel:
         await self.set_variable("MEDHOTLINE_TRUNK", trunk or "")
         await self.command("SET CONTEXT medhotline-transfer")
         await self.command(f"SET EXTENSION {extension}")
+        await self.command("SET PRIORITY 1")
+        self._hung_up = True  # nothing more to send on this session
+
+    async def hand_over(self, context: str, variables: Mapping[str, str]) -> None:
+        """Leave the IVR for ``context`` (extension ``s``) with ``variables`` set: e.g. the ARI queue, which a
+        FastAGI session can't provide itself (bridging needs ARI)."""
+        for name, value in variables.items():
+            await self.set_variable(name, value)
+        await self.command(f"SET CONTEXT {context}")
+        await self.command("SET EXTENSION s")
         await self.command("SET PRIORITY 1")
         self._hung_up = True  # nothing more to send on this session
 

@@ -423,6 +423,25 @@ class CallRepository(Repository):
             rows = session.scalars(select(CallStep).where(CallStep.call_id == call_id).order_by(CallStep.seq))
             return [CallStepRecord(r.seq, r.flow, r.node, r.node_type, r.edge, r.input, r.at) for r in rows]
 
+    def refine_routed(
+        self, call_id: str, *, outcome: CallOutcome, ended_at: datetime, transfer_to: str | None = None
+    ) -> bool:
+        """How a call handed to the queue by another session ended (FastAGI IVR, then the ARI queue).
+
+        Only a call whose recorded end is the hand-over itself ("routed") is refined; any other end stands.
+        """
+        if outcome not in CALL_OUTCOMES or outcome == "in_progress":
+            raise ValueError(f"{outcome!r} is not a final call outcome")
+        with self._transaction(f"refining the end of call {call_id}") as session:
+            row = self._load(session, call_id)
+            if row.outcome != "routed":
+                return False
+            row.outcome = outcome
+            row.ended_at = ended_at
+            if transfer_to is not None:
+                row.transfer_to = transfer_to
+            return True
+
     def get(self, call_id: str) -> CallRecord | None:
         with self._transaction(f"reading call {call_id}") as session:
             row = session.get(Call, call_id)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import random
+import re
 import signal
 import uuid
 from collections.abc import Coroutine
@@ -24,10 +25,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ivr.ari_channel import MEDIA_CHANNEL_PREFIX, AriCallChannel, AriDispatcher, event_channel_id
 from ivr.ari_client import AriClient, AriError
-from ivr.channel import CallChannel, CallerId, CallInfo, ConnectionLost
+from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost
+from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
-from ivr.flow_model import ConsultCategory
+from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
 from ivr.flow_registry import FlowRegistry
 from ivr.interpreter import FlowResult, FlowRunner, Step
 from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
@@ -37,7 +39,8 @@ from medhotline import db
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
 from medhotline.config import Config
-from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueSettings
+from medhotline.models import CallOutcome
+from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
 from routing.engine import RoutingEngine
 
 if TYPE_CHECKING:
@@ -47,6 +50,17 @@ from routing.model import CallPriority
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 20.0
+# The dialplan context (and Stasis argument) through which FastAGI calls join the ARI queue.
+QUEUE_CONTEXT = "medhotline-queue"
+QUEUE_ARG = "queue"
+# How a call's record ends after its time in the queue.
+QUEUE_OUTCOMES: dict[str, CallOutcome] = {
+    "answered": "routed",
+    "transferred": "transferred",
+    "caller_hangup": "caller_hangup",
+    "failed": "error",
+}
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -225,12 +239,43 @@ class HotlineService:
         """The IVR routed the call: wait in the queue for a qualified agent, then talk. Never raises."""
         route = result.route
         assert route is not None
+        if self.queue is not None and isinstance(channel, FastAgiCallChannel):
+            # The queue needs ARI (bridges, agent legs): the dialplan takes the call into Stasis as "queue".
+            try:
+                await channel.hand_over(
+                    QUEUE_CONTEXT,
+                    {
+                        "MEDHOTLINE_CALL_ID": call_id,
+                        "MEDHOTLINE_CATEGORY": route.category,
+                        "MEDHOTLINE_PRIORITY": route.priority,
+                    },
+                )
+                log.info("routing.handed_to_ari_queue", category=route.category)
+            except Exception:
+                log.exception("routing.hand_over_failed")
+                with contextlib.suppress(Exception):
+                    await channel.hangup()
+                return dataclasses.replace(result, outcome="error", error="hand-over to the queue failed")
+            return result
         if self.queue is None or not isinstance(channel, AriCallChannel):
-            # FastAGI calls have no ARI channel to bridge; routing runs on the ARI entry (hotline.entry = "ari").
             log.error("routing.not_available", transport=channel.info.transport, category=route.category)
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return result
+        queued = await self._queue(channel, call_id, cast(ConsultCategory, route.category), route.priority)
+        if queued.outcome == "answered":
+            return result  # "routed", and the agent who answered is in the ring history
+        if queued.outcome == "transferred":
+            return dataclasses.replace(result, outcome="transferred", transfer_to=queued.transfer_to)
+        if queued.outcome == "caller_hangup":
+            return dataclasses.replace(result, outcome="caller_hangup")
+        return dataclasses.replace(result, outcome="error", error="queue failed")
+
+    async def _queue(
+        self, channel: AriCallChannel, call_id: str, category: ConsultCategory, priority: str
+    ) -> QueueResult:
+        """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises."""
+        assert self.queue is not None
 
         async def on_step(node: str, edge: str | None, value: str | None) -> None:
             await self._record(
@@ -246,21 +291,48 @@ class HotlineService:
             )
 
         try:
-            queued = await self.queue.serve(
-                channel, call_id, cast(ConsultCategory, route.category), cast(CallPriority, route.priority), on_step
-            )
-        except Exception as exc:
+            return await self.queue.serve(channel, call_id, category, cast(CallPriority, priority), on_step)
+        except Exception:
             log.exception("routing.crashed")
             with contextlib.suppress(Exception):
                 await channel.hangup()
-            return dataclasses.replace(result, outcome="error", error=type(exc).__name__)
-        if queued.outcome == "answered":
-            return result  # "routed", and the agent who answered is in the ring history
-        if queued.outcome == "transferred":
-            return dataclasses.replace(result, outcome="transferred", transfer_to=queued.transfer_to)
-        if queued.outcome == "caller_hangup":
-            return dataclasses.replace(result, outcome="caller_hangup")
-        return dataclasses.replace(result, outcome="error", error="queue failed")
+            return QueueResult("failed")
+
+    async def handle_handed_over(self, channel: AriCallChannel) -> None:
+        """A call whose IVR ran over FastAGI, now in Stasis to wait for an agent. Never raises."""
+        names = ("MEDHOTLINE_CALL_ID", "MEDHOTLINE_CATEGORY", "MEDHOTLINE_PRIORITY")
+        try:
+            values = [await self._channel_variable(channel.info.channel_id, name) for name in names]
+        except ChannelError as exc:
+            log.error("routing.hand_over_unreadable", reason=str(exc))
+            with contextlib.suppress(Exception):
+                await channel.hangup()
+            return
+        call_id, category, priority = values
+        known = await asyncio.to_thread(self.repo.get, call_id) if _UUID.match(call_id) else None
+        if known is None or category not in CONSULT_CATEGORIES or priority not in ("normal", "emergency"):
+            # Only the service's own hand-over sets these; anything else is refused, never guessed at.
+            log.error("routing.hand_over_invalid", known_call=known is not None, category=category[:32])
+            with contextlib.suppress(Exception):
+                await channel.hangup()
+            return
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            queued = await self._queue(channel, call_id, category, priority)
+            outcome = QUEUE_OUTCOMES[queued.outcome]
+            await self._record(
+                "queue end",
+                self.repo.refine_routed,
+                call_id,
+                outcome=outcome,
+                ended_at=datetime.now(UTC),
+                transfer_to=queued.transfer_to,
+            )
+            log.info("call.queue_end", outcome=queued.outcome)
+
+    async def _channel_variable(self, channel_id: str, name: str) -> str:
+        reply = await self.ari.request("GET", f"/channels/{channel_id}/variable", {"variable": name})
+        value = reply.get("value", "") if isinstance(reply, dict) else ""
+        return str(value)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -278,6 +350,21 @@ class HotlineService:
             args = event.get("args") or []
             if args and args[0] == AGENT_LEG_ARG:
                 self.dispatcher.dispatch(event)  # an agent answered a call the queue dialled
+                return
+            if args and args[0] == QUEUE_ARG and isinstance(chan.get("id"), str):
+                queued = AriCallChannel(
+                    self.ari,
+                    CallInfo(chan["id"], str(chan.get("name", "")), "ari", "", ""),
+                )
+                self.dispatcher.register(queued)
+
+                async def run_queued() -> None:
+                    try:
+                        await self.handle_handed_over(queued)
+                    finally:
+                        self.dispatcher.unregister(queued.info.channel_id)
+
+                self._spawn(run_queued())
                 return
             if not isinstance(chan.get("id"), str):
                 log.warning("ari.bad_event", reason="StasisStart without channel id")

@@ -339,3 +339,16 @@ def test_an_emergency_nobody_takes_escalates_to_the_on_call_phone(desk: Desk) ->
     assert desk.phones["oncall"].count("ANSWERED") == answered_before + 1
     escalated = [s for s in desk.hotline.repo.steps(record.id) if s.node == "escalated"]
     assert [(s.flow, s.edge) for s in escalated] == [("queue", "on_call")]
+
+
+def test_a_call_whose_ivr_ran_over_fastagi_joins_the_same_queue(desk: Desk) -> None:
+    desk.ready("gen1")
+    before = desk.hotline.call_ids()
+    number = f"agi-{desk.hotline.config.hotline.number}"
+    patient = desk.pool.submit(desk.hotline.call, number, [Press(300, KEYS["general"])], None).result(timeout=90)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert (record.transport, record.outcome) == ("fastagi", "routed")
+    assert desk.rings(record.id) == [("gen1", "answered")]
+    assert [s.node for s in desk.hotline.repo.steps(record.id) if s.flow == "queue"] == ["queued"]
+    assert "HUNGUP_BY_SERVICE" in patient.stamps
