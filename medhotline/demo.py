@@ -15,7 +15,7 @@ from medhotline.config import Config
 from medhotline.phones import Press, place_call
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox
-from medhotline.service_process import ServiceProcess
+from medhotline.service_process import KeyServiceProcess, ServiceProcess
 
 # A made-up caller number: the demo shows that it reaches neither the log nor the database.
 DEMO_CALLER = "13800000000"
@@ -45,9 +45,11 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
     print("3/5 prompts …")
     report = build_prompts(config)
     print(f"    {report.rendered} rendered, {report.cached} cached")
-    print("4/5 service …")
+    print("4/5 key service and service …")
     state = config.service.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    keyservice = KeyServiceProcess(config, config_path, state / "demo-keyservice.log")
+    keyservice.start()
     log_path = state / "demo-service.log"
     service = ServiceProcess(config, config_path, log_path)
     service.start()
@@ -72,6 +74,7 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
     finally:
         if not keep_running:
             service.stop()
+            keyservice.stop()
             sandbox.down()
     repo = db.CallRepository(db.make_sessionmaker(config.database_url))
     recent = list(reversed(repo.list_recent(len(observed))))
@@ -92,5 +95,5 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
     print(f"  caller number in the service log: {'FOUND (bug!)' if leaked else 'never (redacted)'}")
     print(f"  service log: {log_path}\n  database: {db.mask_url(config.database_url)}")
     if keep_running:
-        print("  still running: stop with `medhotline asterisk down` and by killing `medhotline serve`")
+        print("  still running: `medhotline asterisk down`, then stop `medhotline serve` and `medhotline keyservice`")
     return 1 if failures or leaked else 0

@@ -35,7 +35,7 @@ from ivr.interpreter import FlowResult, FlowRunner, Step
 from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 from ivr.prompts import Voice, sound_name
 from keywords.registry import LexiconRegistry
-from medhotline import db
+from medhotline import db, maintenance
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
 from medhotline.config import Config
@@ -109,7 +109,10 @@ class HotlineService:
         lexicon: LexiconRegistry | None = None,
         directory: PatientDirectory | None = None,
         engine: RoutingEngine | None = None,
+        connect_directory: bool = False,
     ) -> None:
+        # Connect the patient registry (through the key service) when running; tests inject a directory instead.
+        self.connect_directory = connect_directory
         self.lexicon = lexicon
         self.config = config
         self.repo = repo
@@ -416,6 +419,9 @@ class HotlineService:
             except Exception:
                 log.exception("reload_failed")
 
+    def _install_directory(self, directory: PatientDirectory) -> None:
+        self.directory = directory  # calls starting from now identify their caller
+
     async def agent_endpoints_loop(self) -> None:
         """Sandbox only: keep the agents' PJSIP endpoints in Asterisk in step with the agent table."""
         from medhotline.sandbox import Sandbox
@@ -456,9 +462,18 @@ class HotlineService:
             on_contact=self.engine.contact_state if self.engine is not None else None,
         )
         ami.start()
-        loops = [asyncio.create_task(self.ari_loop()), asyncio.create_task(self.reload_loop())]
+        loops = [
+            asyncio.create_task(self.ari_loop()),
+            asyncio.create_task(self.reload_loop()),
+            asyncio.create_task(maintenance.sign_audit_heads(self.config)),
+        ]
+        if self.connect_directory:
+            loops.append(
+                asyncio.create_task(maintenance.connect_patient_directory(self.config, self._install_directory))
+            )
         if self.engine is not None:
             loops.append(asyncio.create_task(self.engine.run()))
+            loops.append(asyncio.create_task(maintenance.check_credentials_daily(self.config)))
             if self.config.asterisk.mode == "sandbox":
                 loops.append(asyncio.create_task(self.agent_endpoints_loop()))
         try:
@@ -543,6 +558,7 @@ def run_service(config: Config) -> int:
             recognizer=recognizer,
             lexicon=lexicon,
             engine=engine,
+            connect_directory=True,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ from medhotline.config import Config, load_config
 from medhotline.phones import Action, PhoneCall, place_call
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox, SandboxError
-from medhotline.service_process import ServiceProcess
+from medhotline.service_process import KeyServiceProcess, ServiceProcess
 
 IN_CI = bool(os.environ.get("CI"))
 # A made-up caller number; the privacy tests look for it everywhere the service writes.
@@ -155,6 +155,9 @@ instance = "{instance}"
 [fastagi]
 port = {free_port(socket.SOCK_STREAM)}
 
+[keyservice]
+directory = "{state / "keys"}"
+
 [hotline]
 flows_dir = "{flows_dir}"
 flow = "{flow}"
@@ -206,13 +209,18 @@ def running_hotline(
         if before_start is not None:
             before_start(config)
         log_path = config.service.state_dir / "service.stdout"
-        service = ServiceProcess(config, path, log_path)
-        service.start(timeout=60)
+        keyservice = KeyServiceProcess(config, path, config.service.state_dir / "keyservice.stdout")
+        keyservice.start()
         try:
-            yield Hotline(config, path, sandbox, service, log_path)
+            service = ServiceProcess(config, path, log_path)
+            service.start(timeout=60)
+            try:
+                yield Hotline(config, path, sandbox, service, log_path)
+            finally:
+                returncode = service.stop()
+            assert returncode == 0, f"medhotline serve exited with {returncode}; see {log_path}"
         finally:
-            returncode = service.stop()
-        assert returncode == 0, f"medhotline serve exited with {returncode}; see {log_path}"
+            keyservice.stop()
     finally:
         sandbox.down()
         shutil.rmtree(sandbox.instance_dir, ignore_errors=True)

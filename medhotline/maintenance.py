@@ -1,0 +1,96 @@
+"""The service's background duties besides calls: patient directory connection, signed audit heads, the daily
+credential check.
+
+Each runs as its own task and never takes the service down: a failure is logged and retried. The hotline keeps
+answering calls when the key service is away (callers are then simply not identified; every flow has a
+not-found path), because a patient in distress must reach a person even when a back-office part is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import structlog
+
+from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore
+from ivr.ports import PatientDirectory
+from medhotline import db
+from medhotline.config import Config
+
+log = structlog.get_logger(__name__)
+
+# How often the audit log's tree head is signed (a head is signed only when entries were appended).
+AUDIT_HEAD_INTERVAL = 60.0
+DIRECTORY_RETRY = 15.0
+CREDENTIAL_CHECK_INTERVAL = 24 * 3600.0
+
+
+async def connect_patient_directory(config: Config, install: Callable[[PatientDirectory], None]) -> None:
+    """Open the patient registry through the key service, retrying until it answers; ``install`` gets it.
+
+    Runs until cancelled; the connection is closed then.
+    """
+    from compliance.keyservice_protocol import KeyServiceError
+    from his import open_patient_directory
+
+    services = None
+    try:
+        while services is None:
+            try:
+                services = await open_patient_directory(config)
+            except (KeyServiceError, db.DatabaseError) as exc:
+                log.error("patients.directory_unavailable", reason=str(exc), retry_in=DIRECTORY_RETRY)
+                await asyncio.sleep(DIRECTORY_RETRY)
+        install(services.directory)
+        log.info("patients.directory_ready")
+        await asyncio.Event().wait()  # hold the connection until the service stops
+    finally:
+        if services is not None:
+            await services.aclose()
+
+
+async def sign_audit_heads(config: Config, interval: float = AUDIT_HEAD_INTERVAL) -> None:
+    """Sign the audit log's tree head every ``interval`` and once more when stopped, so an auditor can check
+    every entry against a signed head. Refusals (the log does not extend the last head) are loud errors."""
+    signer = Ed25519Signer.load_or_create(config.service.state_dir / "audit")
+    engine = db.make_engine(config.database_url)
+    audit = AuditLog(SqlAuditStore(engine))
+
+    async def sign() -> None:
+        try:
+            head = await asyncio.to_thread(audit.sign_head, signer)
+            log.debug("audit.head_signed", size=head.size)
+        except Exception:
+            log.exception("audit.head_signing_failed")
+
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            await sign()
+    finally:
+        await asyncio.shield(sign())
+        engine.dispose()
+
+
+async def check_credentials_daily(config: Config, interval: float = CREDENTIAL_CHECK_INTERVAL) -> None:
+    """Report expired, expiring (30 days), unverified and revoked credentials at start and then daily.
+
+    Routing never depends on this report: every decision checks validity itself. The report is for the people
+    who renew licences before they lapse.
+    """
+    from routing.store import AgentStore
+    from routing.validity import validity_report
+
+    store = AgentStore(db.make_sessionmaker(config.database_url))
+    while True:
+        try:
+            report = await asyncio.to_thread(validity_report, store, datetime.now(UTC))
+            if report.needs_attention:
+                log.warning("credentials.need_attention", summary=report.summary())
+            else:
+                log.info("credentials.checked", summary=report.summary())
+        except Exception:
+            log.exception("credentials.check_failed")
+        await asyncio.sleep(interval)
