@@ -1,5 +1,16 @@
 """compliance: the tamper-evident audit trail (RFC 9162 Merkle tree, Ed25519-signed tree heads)."""
 
+from compliance.access import AccessError, Decision, Resource, Subject, decide
+from compliance.access_store import (
+    AccessAuditFailed,
+    AccessControl,
+    AccessDenied,
+    Actor,
+    BreakGlassError,
+    BreakGlassGrant,
+    cli_actor,
+    freeze_account,
+)
 from compliance.audit import (
     AUDIT_METADATA,
     AuditEntry,
@@ -26,22 +37,35 @@ from compliance.merkle import ProofError
 
 __all__ = [
     "AUDIT_METADATA",
+    "AccessAuditFailed",
+    "AccessControl",
+    "AccessDenied",
+    "AccessError",
+    "Actor",
     "AuditEntry",
     "AuditError",
     "AuditIntegrityError",
     "AuditLog",
     "AuditStore",
+    "BreakGlassError",
+    "BreakGlassGrant",
+    "Decision",
     "Ed25519Signer",
     "HeadSigner",
     "InclusionProof",
     "MemoryAuditStore",
     "Problem",
     "ProofError",
+    "Resource",
     "SignedTreeHead",
     "SqlAuditStore",
+    "Subject",
     "VerifyReport",
     "check_consistency",
     "check_inclusion",
+    "cli_actor",
+    "decide",
+    "freeze_account",
     "load_public_key",
     "prove",
     "prove_consistency",

@@ -24,6 +24,14 @@ Role = Literal["agent", "nurse", "pharmacist", "physician", "supervisor", "admin
 ROLES: Final[tuple[Role, ...]] = get_args(Role)
 ACCOUNT_ID = re.compile(r"^[a-z][a-z0-9_.-]{1,63}$")
 DEPARTMENT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# Account ids and department names are written into audit entries, whose validation refuses anything that looks
+# like a phone or record number (seven digits, possibly separated); refuse such names here, when they are chosen,
+# rather than have every later audit entry about them fail.
+_NUMBER_LIKE: Final = re.compile(r"\d(?:[\s.()/-]*\d){6,}")
+# Separation of duties. An administrator manages agents, flows and keys and must never see patient data; an auditor
+# checks everyone and must change nothing. Either combined with another role would defeat that, so each is the
+# only role of its account (a person who really holds two duties gets them one at a time, each change audited).
+EXCLUSIVE_ROLES: Final[frozenset[Role]] = frozenset({"admin", "auditor"})
 
 
 class AccountError(DatabaseError):
@@ -63,6 +71,11 @@ class AccountRecord:
 def check_account_id(account_id: str) -> str:
     if not ACCOUNT_ID.match(account_id):
         raise AccountError(f"account id {account_id!r}: use 2-64 of a-z 0-9 _ . - starting with a letter")
+    if _NUMBER_LIKE.search(account_id):
+        raise AccountError(
+            f"account id {account_id!r}: seven or more digits in a row look like a phone or record number and are "
+            "refused by the audit log; use a name-based id (e.g. zhang.wei2)"
+        )
     return account_id
 
 
@@ -78,9 +91,26 @@ def check_roles(roles: Iterable[str]) -> frozenset[Role]:
 
 def check_departments(departments: Iterable[str]) -> frozenset[str]:
     chosen = frozenset(departments)
-    bad = sorted(d for d in chosen if not DEPARTMENT.match(d))
+    bad = sorted(d for d in chosen if not DEPARTMENT.match(d) or _NUMBER_LIKE.search(d))
     if bad:
-        raise AccountError(f"department name(s) {', '.join(map(repr, bad))}: use a-z 0-9 _ - starting with a letter")
+        raise AccountError(
+            f"department name(s) {', '.join(map(repr, bad))}: use a-z 0-9 _ - starting with a letter, "
+            "without seven digits in a row"
+        )
+    return chosen
+
+
+def check_separation(roles: Iterable[str]) -> frozenset[Role]:
+    """The roles, validated, if they respect separation of duties (admin and auditor stand alone)."""
+    chosen = check_roles(roles)
+    for exclusive in sorted(EXCLUSIVE_ROLES & chosen):
+        if len(chosen) > 1:
+            others = ", ".join(sorted(chosen - {exclusive}))
+            why = "administrators never see patient data" if exclusive == "admin" else "auditors change nothing"
+            raise AccountError(
+                f"role {exclusive} cannot be combined with {others}: {why} (separation of duties); "
+                f"{exclusive} must be the account's only role"
+            )
     return chosen
 
 
@@ -107,7 +137,7 @@ class AccountStore(Repository):
         departments: Iterable[str] = (),
     ) -> AccountRecord:
         check_account_id(account_id)
-        chosen = check_roles(roles)
+        chosen = check_separation(roles)
         depts = check_departments(departments)
         if not display_name.strip() or len(display_name) > 128:
             raise AccountError(f"account {account_id}: display name must be 1-128 characters")
@@ -145,7 +175,7 @@ class AccountStore(Repository):
             return [_record(row) for row in session.scalars(select(Account).order_by(Account.id))]
 
     def set_roles(self, account_id: str, roles: Iterable[str], at: datetime) -> AccountRecord:
-        chosen = check_roles(roles)
+        chosen = check_separation(roles)
         with self._transaction(f"changing roles of {account_id}") as session:
             row = self._row(session, account_id)
             row.roles = ",".join(sorted(chosen))
@@ -161,17 +191,13 @@ class AccountStore(Repository):
             return _record(row)
 
     def freeze(self, account_id: str, reason: str, at: datetime) -> AccountRecord:
-        """Frozen at once: no routing, no data access, and every earlier session is stale (epoch + 1)."""
-        if not reason.strip():
-            raise AccountError("freezing an account needs a reason")
+        """Frozen at once: no routing, no data access, and every earlier session is stale (epoch + 1).
+
+        This only flips the account; :func:`compliance.access_store.freeze_account` also closes the person's
+        break-glass grants and sessions and writes the audit entries, and is what commands should call.
+        """
         with self._transaction(f"freezing account {account_id}") as session:
-            row = self._row(session, account_id)
-            row.frozen = True
-            row.frozen_at = at
-            row.frozen_reason = reason.strip()[:256]
-            row.session_epoch += 1
-            row.updated_at = at
-            return _record(row)
+            return _record(freeze_row(session, account_id, reason, at))
 
     def unfreeze(self, account_id: str, at: datetime) -> AccountRecord:
         with self._transaction(f"unfreezing account {account_id}") as session:
@@ -183,7 +209,31 @@ class AccountStore(Repository):
 
     @staticmethod
     def _row(session: Session, account_id: str) -> Account:
-        row = session.get(Account, account_id, with_for_update=True)
-        if row is None:
-            raise AccountError(f"no account {account_id!r}")
-        return row
+        return locked_row(session, account_id)
+
+
+def locked_row(session: Session, account_id: str) -> Account:
+    """The account's row, locked for update (PostgreSQL) until the transaction ends; AccountError if unknown."""
+    row = session.get(Account, account_id, with_for_update=True)
+    if row is None:
+        raise AccountError(f"no account {account_id!r}")
+    return row
+
+
+def freeze_row(session: Session, account_id: str, reason: str, at: datetime) -> Account:
+    """Freeze inside the caller's transaction (so closing grants and sessions can commit with it)."""
+    if not reason.strip():
+        raise AccountError(f"freezing account {account_id} needs a reason")
+    row = locked_row(session, account_id)
+    row.frozen = True
+    row.frozen_at = at
+    row.frozen_reason = reason.strip()[:256]
+    # Bumped even if already frozen: a second freeze (e.g. after a suspected leak) invalidates again.
+    row.session_epoch += 1
+    row.updated_at = at
+    return row
+
+
+def record_of(row: Account) -> AccountRecord:
+    """A detached snapshot of an account row."""
+    return _record(row)
