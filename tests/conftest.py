@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -42,3 +43,44 @@ def postgres_url() -> Iterator[str]:
                 connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+# Identifiers of the made-up patients and callers the tests use (tests/unit/test_his_registry.py's patients, the
+# integration tests' and the demo's caller). Whatever the system writes (databases, logs) must never hold them.
+PATIENT_IDENTIFIERS = (
+    "王秀英",
+    "李建国",
+    "李小雨",
+    "赵敏",
+    "13800138000",
+    "138-0013-8000",
+    "13912345678",
+    "02165432109",
+    "021-6543-2109",
+    "110105194912310021",
+    "310104198002023456",
+    "A12345678",
+    "MRN-2024-000417",
+    "MRN-2024-000988",
+)
+# What the system writes: database files and their journals, and logs. Test inputs (e.g. a JSON file fed to a
+# CLI command on purpose) are not the system's writing and are not scanned.
+_WRITTEN = (".db", ".db-wal", ".db-shm", ".db-journal", ".jsonl", ".log", ".stdout", ".out")
+
+
+def identifiers_in(path: Path) -> list[str]:
+    data = path.read_bytes()
+    return [value for value in PATIENT_IDENTIFIERS if value.encode("utf-8") in data]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_patient_identifier_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole session: scan every database and log the tests made the system write."""
+    yield
+    base = tmp_path_factory.getbasetemp()
+    leaks = {
+        str(path.relative_to(base)): found
+        for path in sorted(base.rglob("*"))
+        if path.is_file() and path.name.endswith(_WRITTEN) and (found := identifiers_in(path))
+    }
+    assert not leaks, f"patient identifiers in clear in files the system wrote: {leaks}"

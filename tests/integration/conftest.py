@@ -223,6 +223,10 @@ def running_hotline(
             keyservice.stop()
     finally:
         sandbox.down()
+        # Asterisk's own log goes with the instance; keep a copy for the session's scan for patient identifiers.
+        asterisk_log = sandbox.instance_dir / "log" / "messages.log"
+        if asterisk_log.exists():
+            shutil.copy(asterisk_log, state / "asterisk-messages.log")
         shutil.rmtree(sandbox.instance_dir, ignore_errors=True)
 
 
