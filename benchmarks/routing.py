@@ -16,16 +16,12 @@ Measured, p50/p99 per decision and decisions/s:
 Baselines in the same run: ``sorted()`` of the waiting calls by arrival (the least any per-decision ordering of
 the whole queue costs) and, per database, a transaction that runs ``SELECT 1`` (the floor of a round trip) and
 one that updates one row (the floor of a durable commit, which every reservation is).
-
-``ProposedIndex`` is a prototype of the change proposed for the dispatcher (keep the order of service instead of
-re-sorting the queue at each decision); it is timed in the same loop and checked to take the same decision as
-``Dispatcher.next_assignment`` every time. ``--profile`` prints where ``next_assignment`` spends its time.
+``--profile`` prints where ``next_assignment`` spends its time.
 """
 
 from __future__ import annotations
 
 import argparse
-import bisect
 import cProfile
 import os
 import pstats
@@ -49,8 +45,8 @@ from compliance.accounts import Account
 from ivr.flow_model import ConsultCategory
 from medhotline import db
 from routing.model import Agent, CallRequest, Credential
-from routing.router import Dispatcher, eligible, waited_seconds
-from routing.rules import DEFAULT_RULES, CategoryRule, RoutingRules
+from routing.router import Dispatcher
+from routing.rules import DEFAULT_RULES
 from routing.store import AgentStore
 from routing.tables import AgentRow, AgentSkill, CredentialRow
 
@@ -152,91 +148,6 @@ def build_dispatcher(agents: list[Agent], calls: int, rng: random.Random) -> Dis
     return dispatcher
 
 
-# --- the proposal: an index whose order does not depend on the clock ---------------------------------------------
-
-
-class ProposedIndex:
-    """A prototype of the change proposed for ``Dispatcher.next_assignment`` (router.py is not changed here).
-
-    For a normal call, ``-effective_wait = enqueued_at - at - head_start + callback_delay``; ``at`` is the same
-    for every call, so the order of service never changes while calls wait and can be kept instead of re-sorted
-    at each decision. Calls are kept in one list per (priority, category, callback) sorted by arrival: within one
-    list that *is* the order of service. The skill step in force depends on the wait only, so in each list the
-    calls at one step are a contiguous run, and they are interchangeable for eligibility: only the oldest of each
-    run can be the next call served. A decision therefore looks at (lists x steps) candidates, about 30, not at
-    every waiting call, and ranks them with the dispatcher's own formula. Available agents are kept in the order
-    they became available (idle order), so they are not re-sorted either.
-    """
-
-    def __init__(self, rules: RoutingRules, callback_delay: float = 120.0) -> None:
-        self.rules = rules
-        self.callback_delay = callback_delay
-        self._lists: dict[tuple[str, ConsultCategory, bool], list[tuple[datetime, str]]] = {}
-        self._calls: dict[str, CallRequest] = {}
-        self._available: dict[str, Agent] = {}
-
-    def add(self, call: CallRequest) -> None:
-        self._calls[call.call_id] = call
-        key = (call.priority, call.category, call.callback)
-        bisect.insort(self._lists.setdefault(key, []), (call.enqueued_at, call.call_id))
-
-    def discard(self, call_id: str) -> None:
-        call = self._calls.pop(call_id)
-        calls = self._lists[(call.priority, call.category, call.callback)]
-        del calls[bisect.bisect_left(calls, (call.enqueued_at, call.call_id))]
-
-    def agent_available(self, agent: Agent) -> None:
-        self._available.setdefault(agent.id, agent)  # a repeated "available" keeps the idle time
-
-    def agent_taken(self, agent_id: str) -> None:
-        self._available.pop(agent_id, None)
-
-    def _effective_wait(self, call: CallRequest, at: datetime) -> float:  # the dispatcher's formula
-        score = waited_seconds(call, at)
-        if call.priority == "normal":
-            score += self.rules.rule(call.category).head_start
-            if call.callback:
-                score -= self.callback_delay
-        return score
-
-    def candidates(self, at: datetime) -> list[CallRequest]:
-        found: list[CallRequest] = []
-        for (_, category, _), calls in self._lists.items():
-            if not calls:
-                continue
-            rule = self.rules.rule(category)
-            last = len(rule.steps) - 1
-            for step in range(last + 1):
-                ends = rule.step_ends(step)
-                # The oldest call still at `step` or earlier: waited < ends, i.e. enqueued after at - ends.
-                index = 0 if ends is None else bisect.bisect_right(calls, (at - timedelta(seconds=ends), "~"))
-                # bisect on datetimes, step_index on float seconds: step over a call rounding puts elsewhere.
-                while index > 0 and self._step(rule, calls[index - 1], at) <= step:
-                    index -= 1
-                while index < len(calls) and self._step(rule, calls[index], at) > step:
-                    index += 1
-                if index < len(calls) and self._step(rule, calls[index], at) == step:
-                    found.append(self._calls[calls[index][1]])
-        return found
-
-    @staticmethod
-    def _step(rule: CategoryRule, entry: tuple[datetime, str], at: datetime) -> int:
-        return rule.step_index(max(0.0, (at - entry[0]).total_seconds()))
-
-    def choose(self, at: datetime) -> tuple[CallRequest, str] | None:
-        if not self._available:
-            return None
-        ranked = sorted(
-            self.candidates(at),
-            key=lambda c: (c.priority != "emergency", -self._effective_wait(c, at), c.enqueued_at, c.call_id),
-        )
-        for call in ranked:
-            for agent in self._available.values():
-                if eligible(agent, call, self.rules, at):
-                    return call, agent.id
-        return None
-
-
 # --- the decision loop ------------------------------------------------------------------------------------------------
 
 
@@ -246,8 +157,6 @@ class LoopResult:
     totals: list[float]  # seconds per decision including the database work
     assigned: int
     reserved: int
-    proposed: list[float]  # seconds per ProposedIndex.choose (when compared)
-    mismatches: int  # decisions where the proposal chose differently from the dispatcher
 
 
 def decision_loop(
@@ -256,31 +165,21 @@ def decision_loop(
     iterations: int,
     rng: random.Random,
     reservation: Callable[[str, CallRequest, datetime], bool] | None = None,
-    proposal: ProposedIndex | None = None,
 ) -> LoopResult:
-    """Free one busy agent, decide, answer; with ``proposal``, also ask it and count where it differs."""
+    """Free one busy agent, decide, answer."""
     busy = sorted(a.id for a in agents if not a.frozen)
     busy_set = set(busy)
-    by_id = {a.id: a for a in agents}
-    result = LoopResult([], [], 0, 0, [], 0)
+    result = LoopResult([], [], 0, 0)
     clock = time.perf_counter
     for i in range(iterations):
         now = T0 + timedelta(seconds=i * STEP_SECONDS)
         freed = busy.pop(rng.randrange(len(busy)))
         busy_set.discard(freed)
         dispatcher.agent_available(freed, now)
-        if proposal is not None:
-            proposal.agent_available(by_id[freed])
-            started = clock()
-            choice = proposal.choose(now)
-            result.proposed.append(clock() - started)
         started = clock()
         assignment = dispatcher.next_assignment(now)
         decided = clock()
         result.decisions.append(decided - started)
-        if proposal is not None:
-            actual = None if assignment is None else (assignment.call.call_id, assignment.agent_id)
-            result.mismatches += actual != (None if choice is None else (choice[0].call_id, choice[1]))
         if assignment is None:
             result.totals.append(decided - started)
             continue
@@ -294,10 +193,6 @@ def decision_loop(
             busy_set.add(assignment.agent_id)
         call = new_call(rng, now)
         dispatcher.enqueue(call)
-        if proposal is not None:
-            proposal.discard(assignment.call.call_id)
-            proposal.agent_taken(assignment.agent_id)
-            proposal.add(call)
     return result
 
 
@@ -451,24 +346,14 @@ def main() -> None:
     print(f"emergencies waiting: {sum(c.priority == 'emergency' for c in waiting)} of {len(waiting)}")
     baseline = Speed.of([_timed(lambda: sorted(waiting, key=lambda c: c.enqueued_at)) for _ in range(200)])
 
-    proposal = ProposedIndex(DEFAULT_RULES, dispatcher.callback_delay)
-    for call in waiting:
-        proposal.add(call)
-    result = decision_loop(dispatcher, agents, args.decisions, rng, proposal=proposal)
+    result = decision_loop(dispatcher, agents, args.decisions, rng)
     memory = Speed.of(result.decisions)
-    proposed = Speed.of(result.proposed)
     print(f"\nin memory: {result.assigned} of {args.decisions} decisions assigned a call")
     print(memory.line("in memory: Dispatcher.next_assignment"))
-    print(proposed.line("in memory: proposed index (prototype)"))
     print(baseline.line(f"baseline: sorted() of {len(waiting)} calls"))
     print(
         f"in memory: next_assignment p50 {memory.p50_ms / baseline.p50_ms:.1f}x one sort of the queue; "
         f"target p99 < 1 ms: {'met' if memory.p99_ms < 1 else 'MISSED'} ({memory.p99_ms:.2f} ms)"
-    )
-    print(
-        f"proposal: p50 {memory.p50_ms / proposed.p50_ms:.0f}x faster than next_assignment, "
-        f"p99 {proposed.p99_ms:.3f} ms ({'met' if proposed.p99_ms < 1 else 'MISSED'}); "
-        f"same decision as the dispatcher in {args.decisions - result.mismatches} of {args.decisions}"
     )
     if args.profile:
         profiler = cProfile.Profile()

@@ -15,6 +15,7 @@ is waiting.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -96,6 +97,10 @@ class Dispatcher:
         self._agents: dict[str, Agent] = {}
         self._status: dict[str, AgentStatus] = {}
         self._waiting: dict[str, CallRequest] = {}
+        # The waiting calls again, in one list per (priority, category, callback) sorted by arrival. Within one
+        # list the order of service is the order of arrival (effective wait differs only by waiting time), so a
+        # decision needs the head of each list's run per skill step, not a sort of every waiting call.
+        self._lists: dict[_ListKey, list[tuple[datetime, str]]] = {}
         self._ringing: dict[str, tuple[CallRequest, str]] = {}  # call id → (call, agent id)
 
     # -- agents -----------------------------------------------------------------------------------------
@@ -153,20 +158,21 @@ class Dispatcher:
     def enqueue(self, call: CallRequest) -> None:
         if call.call_id in self._waiting or call.call_id in self._ringing:
             raise RoutingError(f"call {call.call_id} is already queued")
-        self._waiting[call.call_id] = call
+        self._wait_add(call)
 
     def reclassify(self, call_id: str, category: ConsultCategory, priority: CallPriority) -> CallRequest:
         """New category and priority for a waiting call; it keeps its place (``enqueued_at``)."""
         call = self._waiting.get(call_id)
         if call is None:
             raise RoutingError(f"call {call_id} is not waiting")
+        self._wait_pop(call_id)
         call = dataclasses.replace(call, category=category, priority=priority)
-        self._waiting[call_id] = call
+        self._wait_add(call)
         return call
 
     def remove(self, call_id: str, at: datetime) -> CallRequest | None:
         """The call left the queue (hang-up, escalated, answered elsewhere); a ringing agent becomes available."""
-        call = self._waiting.pop(call_id, None)
+        call = self._wait_pop(call_id)
         if call is not None:
             return call
         ringing = self._ringing.pop(call_id, None)
@@ -185,7 +191,7 @@ class Dispatcher:
         """The agent did not pick up: pause them ("no answer") and put the call back in its place."""
         call = self._take_ringing(call_id, agent_id)
         self._status[agent_id] = AgentStatus("paused", at, "no answer")
-        self._waiting[call.call_id] = call
+        self._wait_add(call)
 
     def reservation_refused(self, call_id: str, agent_id: str, at: datetime) -> None:
         """The shared reservation of the agent failed (another node holds them, or their credentials changed in
@@ -193,17 +199,34 @@ class Dispatcher:
         the next refresh of agent states says otherwise."""
         call = self._take_ringing(call_id, agent_id)
         self._status[agent_id] = AgentStatus("busy", at, "reserved elsewhere")
-        self._waiting[call.call_id] = call
+        self._wait_add(call)
 
     def is_waiting(self, call_id: str) -> bool:
         return call_id in self._waiting
 
     def position(self, call_id: str, at: datetime) -> int | None:
-        """1 for the next call to be served, None if the call is not waiting (ringing, gone)."""
-        if call_id not in self._waiting:
+        """1 for the next call to be served, None if the call is not waiting (ringing, gone).
+
+        Counted per list with a binary search (no sort of the whole queue): callers hear it every half minute.
+        """
+        call = self._waiting.get(call_id)
+        if call is None:
             return None
-        order = self.waiting(at)
-        return next(i for i, call in enumerate(order, start=1) if call.call_id == call_id)
+        mine = self._rank(call, at)
+        ahead = 0
+        for calls in self._lists.values():
+            if not calls:
+                continue
+            # Within a list rank grows with arrival: find how many of its calls rank before this one.
+            lo, hi = 0, len(calls)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._rank(self._waiting[calls[mid][1]], at) < mine:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            ahead += lo
+        return ahead + 1
 
     def waiting(self, at: datetime) -> list[CallRequest]:
         """Waiting calls in order of service at ``at``."""
@@ -231,16 +254,52 @@ class Dispatcher:
         )
         if not available:
             return None
-        for call in self.waiting(at):
+        for call in sorted(self._candidates(at), key=lambda c: self._rank(c, at)):
             for agent in available:
                 if eligible(agent, call, self.rules, at):
-                    del self._waiting[call.call_id]
+                    self._wait_pop(call.call_id)
                     self._ringing[call.call_id] = (call, agent.id)
                     self._status[agent.id] = AgentStatus("ringing", at)
                     rule = self.rules.rule(call.category)
                     step = rule.step_index(waited_seconds(call, at))
                     return Assignment(call, agent.id, agent.endpoint, step, at)
         return None
+
+    def _candidates(self, at: datetime) -> list[CallRequest]:
+        """The calls that can be served next: in each list, the oldest call at each skill step.
+
+        Calls of one list at one step need the same credentials and skills, so if the oldest of them can't be
+        served, none of them can; and the oldest goes first among them. About (lists x steps) calls, however
+        long the queue.
+        """
+        found: list[CallRequest] = []
+        for (_, category, _), calls in self._lists.items():
+            if not calls:
+                continue
+            rule = self.rules.rule(category)
+            seen_steps: set[int] = set()
+            # Steps only widen with waiting: walk from the oldest call, jumping to where the next step starts.
+            index = 0
+            while index < len(calls):
+                call = self._waiting[calls[index][1]]
+                step = rule.step_index(waited_seconds(call, at))
+                if step not in seen_steps:
+                    seen_steps.add(step)
+                    found.append(call)
+                if step == 0:
+                    break
+                # The first call (by arrival) still at a lower step: waited less than this step's start.
+                start = rule.step_ends(step - 1) or 0.0
+                lowest = index + 1
+                index = bisect.bisect_right(calls, (at - timedelta(seconds=start), "\uffff"), lo=lowest)
+                # The datetime bisection and step_index's float seconds can disagree by a rounding: correct both ways.
+                while index > lowest and rule.step_index(waited_seconds(self._waiting[calls[index - 1][1]], at)) < step:
+                    index -= 1
+                while (
+                    index < len(calls) and rule.step_index(waited_seconds(self._waiting[calls[index][1]], at)) >= step
+                ):
+                    index += 1
+        return found
 
     def escalations(self, at: datetime) -> list[EscalationDue]:
         """Waiting calls past their rule's escalation time, most overdue first. They stay queued until removed."""
@@ -307,6 +366,24 @@ class Dispatcher:
         for call_id, (call, ringing_agent) in list(self._ringing.items()):
             if ringing_agent == agent_id:
                 del self._ringing[call_id]
-                self._waiting[call_id] = call
+                self._wait_add(call)
                 return call_id
         return None
+
+    def _wait_add(self, call: CallRequest) -> None:
+        self._waiting[call.call_id] = call
+        bisect.insort(self._lists.setdefault(_list_key(call), []), (call.enqueued_at, call.call_id))
+
+    def _wait_pop(self, call_id: str) -> CallRequest | None:
+        call = self._waiting.pop(call_id, None)
+        if call is not None:
+            calls = self._lists[_list_key(call)]
+            del calls[bisect.bisect_left(calls, (call.enqueued_at, call.call_id))]
+        return call
+
+
+_ListKey = tuple[CallPriority, ConsultCategory, bool]
+
+
+def _list_key(call: CallRequest) -> _ListKey:
+    return (call.priority, call.category, call.callback)

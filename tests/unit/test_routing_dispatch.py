@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
 from routing.model import Agent, CallPriority, CallRequest, Credential
 from routing.router import AgentState, Assignment, Dispatcher, RoutingError, eligible
-from routing.rules import DEFAULT_RULES, RoutingRules
+from routing.rules import DEFAULT_RULES, CategoryRule, RoutingRules, SkillExpr, Step
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)
@@ -361,16 +361,30 @@ class Run:
         assert len(set(ringing.values())) == len(ringing), "an agent is reserved twice"
         ringing_agents = {a.id for a in self.d.agents() if self.d.status(a.id).state == "ringing"}
         assert ringing_agents == set(ringing.values())
-        waiting = {c.call_id for c in self.d.waiting(self.now)}
+        order = self.d.waiting(self.now)
+        assert [self.d.position(c.call_id, self.now) for c in order] == list(range(1, len(order) + 1))
+        waiting = {c.call_id for c in order}
         assert not waiting & set(ringing)
         accounted = [waiting, set(ringing), self.answered, self.removed]
         assert sum(len(s) for s in accounted) == len(self.enqueued), "a call was lost or duplicated"
         assert set().union(*accounted) == self.enqueued
 
+    def reference_choice(self) -> tuple[str, str] | None:
+        """The definition of the next decision, by brute force: the whole queue in order of service, each call
+        against the available agents, longest idle first (the dispatcher uses an index instead)."""
+        free = sorted(self.available(), key=lambda a: (self.d.status(a.id).since, a.id))
+        for call in self.d.waiting(self.now):
+            for agent in free:
+                if eligible(agent, call, self.d.rules, self.now):
+                    return call.call_id, agent.id
+        return None
+
     def dispatch(self) -> None:
         while True:
             free_before = self.available()
+            expected = self.reference_choice()
             a = self.d.next_assignment(self.now)
+            assert (None if a is None else (a.call.call_id, a.agent_id)) == expected
             if a is None:
                 break
             self.assignments += 1
@@ -486,3 +500,52 @@ def test_aging_never_lifts_a_normal_call_above_an_emergency(
         d.enqueue(make_call(f"n{i}", CONSULT_CATEGORIES[1 + i % 6], 20_000 - w, callback=callback))
     d.enqueue(make_call("e", "emergency", 20_000 - emergency_wait, "emergency"))
     assert assign(d, 20_000).call.call_id == "e"
+
+
+# Steps that do not nest (cardiology, then pharmacology, then anyone): a younger call at an earlier step may be
+# servable when the oldest call of its category is not, so the dispatcher's index must consider both.
+UNNESTED = RoutingRules(
+    categories={
+        **DEFAULT_RULES.categories,
+        "general": CategoryRule(
+            steps=[
+                Step(match=SkillExpr(skill="cardiology", min=3), expire_after=10),
+                Step(match=SkillExpr(skill="pharmacology", min=2), expire_after=10),
+                Step(),
+            ]
+        ),
+    }
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    skills=st.lists(
+        st.fixed_dictionaries({}, optional={"cardiology": st.integers(1, 5), "pharmacology": st.integers(1, 5)}),
+        min_size=1,
+        max_size=4,
+    ),
+    arrivals=st.lists(st.tuples(st.floats(0, 8), st.booleans(), st.booleans()), min_size=1, max_size=25),
+    checks=st.lists(st.tuples(st.floats(0, 12), st.integers(0, 3)), min_size=1, max_size=8),
+)
+def test_the_index_decides_like_a_full_sort(
+    skills: list[dict[str, int]], arrivals: list[tuple[float, bool, bool]], checks: list[tuple[float, int]]
+) -> None:
+    """Many calls in one category with non-nested skill steps: the indexed decision and position equal the
+    brute-force ones at every moment."""
+    agents = [Agent(f"a{i}", f"a{i}", frozenset(), (), s) for i, s in enumerate(skills)]
+    d = Dispatcher(UNNESTED)
+    for agent in agents:
+        d.add_agent(agent, T0)
+    run = Run(d)
+    for n, (gap, callback, urgent) in enumerate(arrivals):
+        run.now += timedelta(seconds=gap)
+        category: ConsultCategory = "emergency" if urgent and n % 5 == 0 else "general"
+        priority: CallPriority = "emergency" if category == "emergency" else "normal"
+        d.enqueue(CallRequest(f"c{n}", category, priority, run.now, callback))
+        run.enqueued.add(f"c{n}")
+    for gap, agent_index in checks:
+        run.now += timedelta(seconds=gap)
+        d.agent_available(agents[agent_index % len(agents)].id, run.now)
+        run.check_reservations()  # includes position() against the full order
+        run.dispatch()  # includes next_assignment() against the brute-force reference
