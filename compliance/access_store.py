@@ -26,13 +26,14 @@ short transaction (plus audit appends after the commit of what they record, or b
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import re
 import secrets
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal, Protocol, cast
 
 from sqlalchemy import CheckConstraint, ColumnElement, Engine, ForeignKey, Index, Integer, String, or_, select, update
@@ -1140,3 +1141,28 @@ def _rowcount(result: Result[Any]) -> int:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def registry_authorizer(
+    access: AccessControl, *, reason: str | None = None
+) -> Callable[[str, str, str], Awaitable[None]]:
+    """The patient registry's ``authorize`` hook, backed by this policy: every read and change of a patient's
+    identity is decided (from the database, at that moment) before anything is decrypted.
+
+    The registry audits each read it serves, so allowed decisions are not audited twice (``record_allowed``
+    False); denials are audited here. Registering a new patient is allowed by role alone.
+    """
+
+    async def authorize(accessor: str, action: str, patient_id: str) -> None:
+        now = datetime.now(UTC)
+        if action == "create":
+            await asyncio.to_thread(access.authorize_new_patient, accessor, now)
+            return
+        if action not in ("read", "change"):
+            raise AccessDenied(f"{accessor}: {action!r} is not an access to patient data the registry asks about")
+        resource = Resource("patient_identity", patient_id)
+        await asyncio.to_thread(
+            access.authorize, accessor, cast(Action, action), resource, now, reason=reason, record_allowed=False
+        )
+
+    return authorize

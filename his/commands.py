@@ -5,8 +5,8 @@ history. Each command therefore also reads them from standard input (or a file) 
 ``--from-json -``. Output: ``add`` prints the patient id, ``find`` prints patient ids only (one per line), ``show``
 prints the decrypted record, and is audited as a read by the account given with ``--as``.
 
-Until the access-control policy is wired in, ``show`` checks only what the accounts table says: the account exists,
-is not frozen, and holds the role it acts in. A refusal is audited as ``denied``.
+``show`` goes through the access policy (``compliance.access``): role, scope (department, assigned patients, the
+patient of the current call, break-glass) and frozen state are read at the moment of access; a refusal is audited.
 """
 
 from __future__ import annotations
@@ -131,9 +131,11 @@ def _cmd_find(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_show(config: Config, args: argparse.Namespace) -> int:
+    from compliance.access_store import AccessControl, registry_authorizer
     from compliance.accounts import ACCOUNT_ID, AccountStore
     from compliance.key_commands import run_keyed
     from his.registry import check_patient_id
+    from his.tables import PatientStore
     from medhotline.cli import CommandError
 
     patient_id = check_patient_id(args.patient_id)
@@ -150,28 +152,9 @@ def _cmd_show(config: Config, args: argparse.Namespace) -> int:
             (role,) = account.roles
         if role is None:
             raise CommandError(f"account {args.as_} has several roles: say which one with --role")
-        registry: PatientRegistry
-
-        async def authorize(accessor: str, action: str, pid: str) -> None:
-            # Read at the moment of access: a frozen account or a removed role is refused at once.
-            current = await asyncio.to_thread(accounts.find, accessor)
-            problem = (
-                "is not a known account" if current is None
-                else "is frozen" if current.frozen
-                else f"does not hold the role {role}" if role not in current.roles
-                else None
-            )  # fmt: skip
-            if problem is None:
-                return
-            ref = await registry.ref(pid)
-            await asyncio.to_thread(
-                lambda: keyed.audit.append(
-                    actor=accessor, role=role, action="denied", outcome="denied", patient=ref.blind_id,
-                    reason=args.reason, details={"attempted": action, "why": problem},
-                )
-            )  # fmt: skip
-            raise CommandError(f"account {accessor} {problem}: access to patient {pid} refused (audited)")
-
+        # The one access policy (compliance.access): decided from the database at this moment, denials audited.
+        access = AccessControl.for_engine(keyed.engine, keyed.audit, patients=PatientStore.for_engine(keyed.engine))
+        authorize = registry_authorizer(access, reason=args.reason)
         registry = _registry(keyed, authorize)
         record = await registry.get(patient_id, accessor=args.as_, role=role, reason=args.reason)
         return [

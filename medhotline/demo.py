@@ -1,8 +1,10 @@
-"""``medhotline demo``: the whole hotline on one machine, with simulated patients, and a summary.
+"""``medhotline demo``: the whole hotline on one machine, with simulated patients and agents, and a summary.
 
-Starts the sandboxed Asterisk, prepares the database and prompts, runs the service, lets SIPp patients call
-the hotline over the ARI path and the FastAGI path, and prints what the phones observed next to what the
-service recorded. Everything it started is stopped again unless ``--keep-running`` is given.
+Starts the sandboxed Asterisk and the key service, prepares the database, prompts and four agents (a physician,
+a nurse, a pharmacist and a front-desk agent, each with a simulated SIP phone), runs the service, lets SIPp
+patients call the hotline over the ARI path and the FastAGI path, and prints what the phones observed next to
+what the service recorded: route, path, and which agent answered. Everything it started is stopped again
+unless ``--keep-running`` is given.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 from medhotline import db
 from medhotline.config import Config
-from medhotline.phones import Press, place_call
+from medhotline.phones import PhoneCall, Press, place_call
+from medhotline.phones.agent import AgentPhone
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox
 from medhotline.service_process import KeyServiceProcess, ServiceProcess
@@ -22,11 +25,49 @@ DEMO_CALLER = "13800000000"
 
 # What the simulated patients do: (dialled suffix, key presses, what it shows).
 SCENES: list[tuple[str, list[Press], str]] = [
-    ("", [Press(1500, "0")], "presses 0 during the greeting: straight to the emergency route (ARI)"),
-    ("agi-", [Press(1500, "2")], "presses 2: medication guidance, pharmacist route (FastAGI)"),
-    ("", [Press(1500, "3"), Press(2500, "3")], "3 then 3: vaccination, adverse reaction to medical staff"),
-    ("agi-", [Press(1500, "7"), Press(2500, "8")], "wrong keys, then silence: retries, then a person"),
+    ("", [Press(1500, "0")], "presses 0 during the greeting: emergency, answered by a clinician first (ARI)"),
+    ("agi-", [Press(1500, "2")], "presses 2: medication guidance, to the pharmacist (FastAGI, then the queue)"),
+    ("", [Press(1500, "3"), Press(2500, "3")], "3 then 3: adverse reaction after a vaccination, to medical staff"),
+    ("agi-", [Press(1500, "7"), Press(2500, "8")], "wrong keys, then silence: retries, then the front desk"),
 ]
+
+
+# The demo's agents: (account, role, licence or None, skills). Skills meet the default rules' first steps, so
+# each call goes at once to the specialist it was meant for.
+AGENTS: list[tuple[str, str, str | None, dict[str, int]]] = [
+    ("demo-doc", "physician", "physician_license", {}),
+    ("demo-nurse", "nurse", "nurse_license", {"pharmacovigilance": 3, "vaccination": 3}),
+    ("demo-pharm", "pharmacist", "pharmacist_license", {"pharmacology": 4}),
+    ("demo-desk", "agent", None, {}),
+]
+DEMO_ADMIN = "demo-admin"
+
+
+def prepare_agents(config: Config, phones: dict[str, AgentPhone]) -> None:
+    """The demo agents exist, hold a valid verified licence, and their phones are at this run's ports."""
+    from datetime import UTC, datetime, timedelta
+
+    from compliance.accounts import AccountStore
+    from routing.store import AgentStore
+
+    now = datetime.now(UTC)
+    sessions = db.make_sessionmaker(config.database_url)
+    accounts, agents = AccountStore(sessions), AgentStore(sessions)
+    if accounts.find(DEMO_ADMIN) is None:
+        accounts.add(DEMO_ADMIN, "Demo credentials office", ["admin"], now)
+    for account_id, role, licence, skills in AGENTS:
+        contact = phones[account_id].contact
+        if accounts.find(account_id) is None:
+            agents.add_agent_with_account(
+                account_id, account_id, [role], account_id, now, contact=contact, skills=skills
+            )
+        else:
+            agents.set_contact(account_id, contact, now)
+            agents.unpause(account_id, now)
+        if licence is not None and licence not in agents.view(account_id).agent.valid_credential_kinds(now):
+            cred = agents.add_credential(account_id, licence, f"DEMO-{account_id}", "演示", now - timedelta(days=1),
+                                         now + timedelta(days=365), now)  # fmt: skip
+            agents.verify_credential(cred, DEMO_ADMIN, now)
 
 
 def free_udp_port(host: str) -> int:
@@ -45,22 +86,29 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
     print("3/5 prompts …")
     report = build_prompts(config)
     print(f"    {report.rendered} rendered, {report.cached} cached")
-    print("4/5 key service and service …")
+    print("4/5 agents, key service and service …")
     state = config.service.state_dir
     state.mkdir(parents=True, exist_ok=True)
+    host = config.asterisk.host
+    phones = {
+        account_id: AgentPhone(account_id, free_udp_port(host), free_udp_port(host), answer_after_ms=800, talk_ms=2500)
+        for account_id, *_ in AGENTS
+    }
+    prepare_agents(config, phones)
+    for agent_phone in phones.values():
+        agent_phone.start()
     keyservice = KeyServiceProcess(config, config_path, state / "demo-keyservice.log")
     keyservice.start()
     log_path = state / "demo-service.log"
     service = ServiceProcess(config, config_path, log_path)
     service.start()
     print(f"5/5 {calls} simulated patient call(s) …")
-    observed = []
+    observed: list[tuple[str, PhoneCall]] = []
     try:
         for index in range(calls):
             prefix, presses, what = SCENES[index % len(SCENES)]
             number = prefix + config.hotline.number
             print(f"    patient {index + 1} {what}")
-            host = config.asterisk.host
             phone = place_call(
                 target_host=host,
                 target_port=config.asterisk.sip_port,
@@ -76,13 +124,27 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
             service.stop()
             keyservice.stop()
             sandbox.down()
-    repo = db.CallRepository(db.make_sessionmaker(config.database_url))
+            for agent_phone in phones.values():
+                agent_phone.stop()
+    return _summary(config, observed, log_path, keep_running)
+
+
+def _summary(config: Config, observed: list[tuple[str, PhoneCall]], log_path: Path, keep_running: bool) -> int:
+    """What the phones saw next to what the service recorded; 0 when every call went where it should."""
+    from routing.store import AgentStore
+
+    sessions = db.make_sessionmaker(config.database_url)
+    repo = db.CallRepository(sessions)
+    rings = AgentStore(sessions)
     recent = list(reversed(repo.list_recent(len(observed))))
     print("\nWhat happened")
     failures = 0
     for (number, phone), record in zip(observed, recent, strict=False):
         heard = phone.stamps.get("HUNGUP_BY_SERVICE", 0) - phone.stamps.get("ANSWERED", 0)
+        answered = [r.account_id for r in rings.rings(record.id) if r.outcome == "answered"]
+        # A routed call is only a success when an agent took it.
         ok = phone.succeeded and record.outcome in ("routed", "completed", "transferred")
+        ok = ok and (record.outcome != "routed" or bool(answered))
         failures += not ok
         route = f"{record.route_category} ({record.route_priority})" if record.route_category else "-"
         print(
@@ -91,9 +153,15 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
         )
         path = " → ".join(f"{step.node}[{step.input}]" if step.input else step.node for step in repo.steps(record.id))
         print(f"       path: {path}")
+        if answered:
+            print(f"       answered by {answered[0]} ({_role_of(answered[0])})")
     leaked = DEMO_CALLER in log_path.read_text(errors="replace")
     print(f"  caller number in the service log: {'FOUND (bug!)' if leaked else 'never (redacted)'}")
     print(f"  service log: {log_path}\n  database: {db.mask_url(config.database_url)}")
     if keep_running:
         print("  still running: `medhotline asterisk down`, then stop `medhotline serve` and `medhotline keyservice`")
     return 1 if failures or leaked else 0
+
+
+def _role_of(account_id: str) -> str:
+    return next((role for agent, role, *_ in AGENTS if agent == account_id), "?")

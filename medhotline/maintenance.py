@@ -1,5 +1,5 @@
 """The service's background duties besides calls: patient directory connection, signed audit heads, the daily
-credential check.
+credential check, closing expired break-glass grants.
 
 Each runs as its own task and never takes the service down: a failure is logged and retried. The hotline keeps
 answering calls when the key service is away (callers are then simply not identified; every flow has a
@@ -25,6 +25,7 @@ log = structlog.get_logger(__name__)
 AUDIT_HEAD_INTERVAL = 60.0
 DIRECTORY_RETRY = 15.0
 CREDENTIAL_CHECK_INTERVAL = 24 * 3600.0
+BREAK_GLASS_SWEEP_INTERVAL = 60.0
 
 
 async def connect_patient_directory(config: Config, install: Callable[[PatientDirectory], None]) -> None:
@@ -94,3 +95,23 @@ async def check_credentials_daily(config: Config, interval: float = CREDENTIAL_C
         except Exception:
             log.exception("credentials.check_failed")
         await asyncio.sleep(interval)
+
+
+async def sweep_break_glass(config: Config, interval: float = BREAK_GLASS_SWEEP_INTERVAL) -> None:
+    """Close and audit expired break-glass grants. Expired grants are refused at check time anyway; the sweep
+    puts each end on record (and into the supervisors' review list) within ``interval``."""
+    from compliance.access_store import AccessControl
+
+    engine = db.make_engine(config.database_url)
+    access = AccessControl.for_engine(engine)
+    try:
+        while True:
+            try:
+                closed = await asyncio.to_thread(access.sweep_break_glass, datetime.now(UTC))
+                if closed:
+                    log.info("break_glass.expired_closed", count=len(closed))
+            except Exception:
+                log.exception("break_glass.sweep_failed")
+            await asyncio.sleep(interval)
+    finally:
+        engine.dispose()

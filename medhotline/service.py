@@ -44,6 +44,7 @@ from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, Qu
 from routing.engine import RoutingEngine
 
 if TYPE_CHECKING:
+    from compliance.access_store import AccessControl
     from routing.agent_endpoints import ContactView
 from routing.model import CallPriority
 
@@ -110,7 +111,10 @@ class HotlineService:
         directory: PatientDirectory | None = None,
         engine: RoutingEngine | None = None,
         connect_directory: bool = False,
+        access: AccessControl | None = None,
     ) -> None:
+        # The access policy: the agent who answers an identified caller may see that patient during the call.
+        self.access = access
         # Connect the patient registry (through the key service) when running; tests inject a directory instead.
         self.connect_directory = connect_directory
         self.lexicon = lexicon
@@ -265,7 +269,13 @@ class HotlineService:
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return result
-        queued = await self._queue(channel, call_id, cast(ConsultCategory, route.category), route.priority)
+        queued = await self._queue(
+            channel,
+            call_id,
+            cast(ConsultCategory, route.category),
+            route.priority,
+            patient_ref=result.variables.get("patient_ref"),
+        )
         if queued.outcome == "answered":
             return result  # "routed", and the agent who answered is in the ring history
         if queued.outcome == "transferred":
@@ -275,12 +285,24 @@ class HotlineService:
         return dataclasses.replace(result, outcome="error", error="queue failed")
 
     async def _queue(
-        self, channel: AriCallChannel, call_id: str, category: ConsultCategory, priority: str
+        self,
+        channel: AriCallChannel,
+        call_id: str,
+        category: ConsultCategory,
+        priority: str,
+        *,
+        patient_ref: str | None = None,
     ) -> QueueResult:
-        """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises."""
+        """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises.
+
+        When the IVR identified the caller, the answering agent gets the "current call" scope of the access
+        policy for that patient until the wrap-up ends, and not a moment longer.
+        """
         assert self.queue is not None
+        assigned = False
 
         async def on_step(node: str, edge: str | None, value: str | None) -> None:
+            nonlocal assigned
             await self._record(
                 "queue step",
                 self.repo.add_step,
@@ -292,6 +314,16 @@ class HotlineService:
                 input=value,
                 at=datetime.now(UTC),
             )
+            if node == "answered" and edge is not None and patient_ref and self.access is not None:
+                await self._record(
+                    "call assignment",
+                    self.access.begin_call_assignment,
+                    edge,
+                    patient_ref,
+                    call_id,
+                    datetime.now(UTC),
+                )
+                assigned = True
 
         try:
             return await self.queue.serve(channel, call_id, category, cast(CallPriority, priority), on_step)
@@ -300,6 +332,14 @@ class HotlineService:
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return QueueResult("failed")
+        finally:
+            if assigned:
+                self._spawn(self._end_assignment(call_id, self.config.routing.wrap_up))
+
+    async def _end_assignment(self, call_id: str, after: float) -> None:
+        await asyncio.sleep(after)
+        assert self.access is not None
+        await self._record("end of call assignment", self.access.end_call_assignment, call_id, datetime.now(UTC))
 
     async def handle_handed_over(self, channel: AriCallChannel) -> None:
         """A call whose IVR ran over FastAGI, now in Stasis to wait for an agent. Never raises."""
@@ -466,6 +506,7 @@ class HotlineService:
             asyncio.create_task(self.ari_loop()),
             asyncio.create_task(self.reload_loop()),
             asyncio.create_task(maintenance.sign_audit_heads(self.config)),
+            asyncio.create_task(maintenance.sweep_break_glass(self.config)),
         ]
         if self.connect_directory:
             loops.append(
@@ -548,6 +589,11 @@ def run_service(config: Config) -> int:
     repo = db.CallRepository(sessions)
     recognizer, lexicon = build_recognizer(config)
     engine = build_routing_engine(config, sessions)
+    from compliance.access_store import AccessControl
+    from his.tables import PatientStore
+
+    bind = db.make_engine(config.database_url)
+    access = AccessControl.for_engine(bind, patients=PatientStore.for_engine(bind))
 
     async def main() -> None:
         service = HotlineService(
@@ -559,6 +605,7 @@ def run_service(config: Config) -> int:
             lexicon=lexicon,
             engine=engine,
             connect_directory=True,
+            access=access,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -123,7 +123,7 @@ class CallerQueue:
         """Never raises for telephony trouble: the result says how the call left the queue.
 
         ``on_step(node, edge, input)`` records the queue's milestones in the call's path (queued, reclassified,
-        escalated); the rings themselves are in the agents' ring history.
+        answered by which agent, escalated); every ring is in the agents' ring history.
         """
         step = on_step or _no_step
         ticket = self._engine.enqueue(CallRequest(call_id, category, priority, datetime.now(UTC)))
@@ -172,7 +172,7 @@ class CallerQueue:
                     await self._announce(caller, hold, RECLASSIFIED)
                 continue
             if isinstance(item, Offer):
-                result = await self._ring(caller, ticket, hold, item)
+                result = await self._ring(caller, ticket, hold, item, step)
                 if result is not None:
                     return result
                 continue
@@ -216,7 +216,9 @@ class CallerQueue:
                 await self._request("DELETE", f"/bridges/{bridge}/moh")
 
     # -- ringing an agent ---------------------------------------------------------------------------
-    async def _ring(self, caller: AriCallChannel, ticket: Ticket, hold: str, offer: Offer) -> QueueResult | None:
+    async def _ring(
+        self, caller: AriCallChannel, ticket: Ticket, hold: str, offer: Offer, step: QueueStep
+    ) -> QueueResult | None:
         """Ring the offered agent. A result ends the call's time in the queue; None means "back to waiting"."""
         call_id = ticket.request.call_id
         agent_id = offer.assignment.agent_id
@@ -249,6 +251,7 @@ class CallerQueue:
                 if not answered:
                     return None
                 await self._engine.answered(call_id, agent_id)
+                await step("answered", agent_id, None)
                 try:
                     await self._talk(caller, leg, hold, call_id)
                 finally:

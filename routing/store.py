@@ -390,6 +390,17 @@ class AgentStore(Repository):
             session.flush()
             return self._insert_agent(session, account_id, at, fields)
 
+    def set_contact(self, account_id: str, contact: str | None, at: datetime) -> AgentView:
+        """Where the agent's phone is reached without registering (None: it registers with the PBX)."""
+        checked = _check_contact(contact)
+        _aware(at)
+        with self._transaction(f"setting the contact of agent {account_id}") as session:
+            row = self._agent_row(session, account_id, lock=True)
+            row.contact = checked
+            row.updated_at = at
+            session.flush()
+            return self._views(session, account_id)[0]
+
     def set_skills(self, account_id: str, skills: Mapping[str, int], at: datetime) -> AgentView:
         """Replace the agent's skills with ``skills`` (an empty mapping removes them all)."""
         checked = check_skills(skills)

@@ -8,7 +8,10 @@ category), and checks what the phones saw and what the database recorded.
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +28,7 @@ from medhotline.config import Config
 from medhotline.phones import Action, PhoneCall, Press
 from medhotline.phones.agent import NEVER_MS, AgentPhone
 from routing.store import AgentStore
-from tests.integration.conftest import Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
 
 pytestmark = pytest.mark.integration
 
@@ -324,7 +327,7 @@ def test_a_waiting_caller_pressing_0_becomes_an_emergency(desk: Desk) -> None:
     (record,) = desk.new_calls(before, 1)
     assert desk.rings(record.id) == [("nurse", "answered")]
     queue_path = [(s.node, s.edge, s.input) for s in desk.hotline.repo.steps(record.id) if s.flow == "queue"]
-    assert queue_path == [("queued", "general", None), ("reclassified", "emergency", "0")]
+    assert queue_path == [("queued", "general", None), ("reclassified", "emergency", "0"), ("answered", "nurse", None)]
 
 
 def test_an_emergency_nobody_takes_escalates_to_the_on_call_phone(desk: Desk) -> None:
@@ -350,5 +353,51 @@ def test_a_call_whose_ivr_ran_over_fastagi_joins_the_same_queue(desk: Desk) -> N
     (record,) = desk.new_calls(before, 1)
     assert (record.transport, record.outcome) == ("fastagi", "routed")
     assert desk.rings(record.id) == [("gen1", "answered")]
-    assert [s.node for s in desk.hotline.repo.steps(record.id) if s.flow == "queue"] == ["queued"]
+    assert [s.node for s in desk.hotline.repo.steps(record.id) if s.flow == "queue"] == ["queued", "answered"]
     assert "HUNGUP_BY_SERVICE" in patient.stamps
+
+
+def test_an_identified_caller_is_visible_to_the_answering_agent_only_during_the_call(desk: Desk) -> None:
+    """Privacy end to end: the registry (through the key service) identifies the caller, the agent who answers
+    may read that patient while on the call (the access policy's current-call scope), and not afterwards."""
+    config = desk.hotline.config_path
+    registered = subprocess.run(
+        [sys.executable, "-m", "medhotline", "--config", str(config), "patients", "add", "--from-json", "-"],
+        input=json.dumps({"name": "李小雨", "phone": CALLER, "department": "pediatrics"}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    patient_id = registered.stdout.strip()
+    desk.ready("gen2")
+    before = desk.hotline.call_ids()
+    pending = desk.call("general")
+    check = ["--config", str(config), "access", "check", "--as", "gen2", "--action", "read"]
+    check += ["--kind", "patient_identity", "--patient", patient_id]
+    allowed_during_call = False
+    deadline = time.monotonic() + 60
+    while not pending.done() and time.monotonic() < deadline:
+        if desk.phones["gen2"].count("ANSWERED") and cli(check) == 0:
+            allowed_during_call = True
+            break
+        time.sleep(0.1)
+    patient = pending.result(timeout=90)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    path = [(s.flow, s.node, s.edge) for s in desk.hotline.repo.steps(record.id)]
+    assert ("routing_desk", "identify", "found") in path
+    assert ("queue", "answered", "gen2") in path
+    assert allowed_during_call, "the answering agent could not read the caller's record during the call"
+    deadline = time.monotonic() + 10
+    while cli(check) == 0:  # the scope ends with the wrap-up
+        assert time.monotonic() < deadline, "the agent could still read the record after the call"
+        time.sleep(0.3)
+    # The IVR's lookup is audited as a system read of that patient, never with the number itself.
+    engine = db.make_engine(desk.hotline.config.database_url)
+    try:
+        entries = list(SqlAuditStore(engine).entries())
+    finally:
+        engine.dispose()
+    lookups = [e for e in entries if e.actor == "ivr" and e.reason == "caller identification"]
+    assert lookups
+    assert all(CALLER not in (e.details or "") for e in entries)

@@ -152,7 +152,8 @@ def test_register_find_show_rotate_rewrap(
         "--birth-year", "1949", "--department", "cardiology", "--national-id", str(WANG.national_id),
     ).out.strip()  # fmt: skip
     li = quiet("patients", "add", "--from-json", "-", stdin=json.dumps(
-        {"name": LI.name, "phone": LI.phone, "record_number": LI.record_number, "birth_year": 1980}
+        {"name": LI.name, "phone": LI.phone, "record_number": LI.record_number, "birth_year": 1980,
+         "department": "cardiology"}
     )).out.strip()  # fmt: skip
     child = quiet("patients", "add", "--from-json", "-", stdin=json.dumps(
         {"name": LI_CHILD.name, "phone": LI_CHILD.phone, "department": "pediatrics"}
@@ -167,8 +168,11 @@ def test_register_find_show_rotate_rewrap(
     engine = db.make_engine(setup.database_url)
     try:
         accounts = AccountStore.for_engine(engine)
-        accounts.add("nurse.liu", "Liu Fang", ["nurse"], T0, departments=["cardiology"])
-        shown = run(setup, capsys, "patients", "show", wang, "--reason", "callback", "--as", "nurse.liu")
+        # A nurse of the patients' departments: the access policy lets her read them (and audits each read).
+        accounts.add("nurse.liu", "Liu Fang", ["nurse"], T0, departments=["cardiology", "pediatrics"])
+        shown = run(
+            setup, capsys, "patients", "show", wang, "--reason", "callback about the test results", "--as", "nurse.liu"
+        )
         assert shown.code == 0, shown.err
         assert f"name:           {WANG.name}" in shown.out
         assert "phone:          13800138000" in shown.out
@@ -180,26 +184,42 @@ def test_register_find_show_rotate_rewrap(
         assert "data keys wrapped under KEK v1: 1" in status
         assert "v2 is now current" in quiet("keys", "rotate", "--reason", "yearly rotation").out
         assert "1 data key(s) not under the current KEK" in quiet("keys", "status").out
-        during = run(setup, capsys, "patients", "show", li, "--reason", "callback", "--as", "nurse.liu")
+        during = run(
+            setup, capsys, "patients", "show", li, "--reason", "callback about the test results", "--as", "nurse.liu"
+        )
         assert LI.name in during.out
         assert "rewrapped 1 data key(s) to KEK v2; 0 already done; 0 remaining" in quiet("keys", "rewrap").out
         assert "rewrapped 0 data key(s)" in quiet("keys", "rewrap").out
         status = quiet("keys", "status").out
         assert "data keys wrapped under KEK v2: 1" in status
         assert "KEK v1" not in status
-        after = run(setup, capsys, "patients", "show", child, "--reason", "callback", "--as", "nurse.liu")
+        after = run(
+            setup, capsys, "patients", "show", child, "--reason", "callback about the test results", "--as", "nurse.liu"
+        )
         assert LI_CHILD.name in after.out
 
         # A frozen account is refused at the next request, and the refusal is audited.
         accounts.freeze("nurse.liu", "left the hospital", T0)
-        refused = run(setup, capsys, "patients", "show", wang, "--reason", "callback", "--as", "nurse.liu")
+        refused = run(
+            setup, capsys, "patients", "show", wang, "--reason", "callback about the test results", "--as", "nurse.liu"
+        )
         assert refused.code == 1
-        assert "nurse.liu is frozen" in refused.err
+        assert "nurse.liu (nurse) may not read patient_identity: the account is frozen" in refused.err
         assert WANG.name not in refused.out + refused.err
         unknown = run(
-            setup, capsys, "patients", "show", wang, "--reason", "callback", "--as", "ghost.user", "--role", "nurse"
+            setup,
+            capsys,
+            "patients",
+            "show",
+            wang,
+            "--reason",
+            "callback about the test results",
+            "--as",
+            "ghost.user",
+            "--role",
+            "nurse",
         )
-        assert (unknown.code, "is not a known account" in unknown.err) == (1, True)
+        assert (unknown.code, "there is no such account" in unknown.err) == (1, True)
 
         entries = list(SqlAuditStore(engine).entries())
     finally:

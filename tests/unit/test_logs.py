@@ -83,6 +83,8 @@ def test_phone_numbers_are_masked(text: str, expected: str) -> None:
         "PJSIP/agent-00000001",
         "Local/hotline@medhotline-0000002a;1",
         "PJSIP/trunk-00000017",
+        "agent-20a192f6-1234-4d6e-8072-0a2470bc1234",  # the queue's agent legs and bridges
+        "hold-12345678-1234-1234-1234-123456789012",
     ],
 )
 def test_non_phone_tokens_are_kept(text: str) -> None:

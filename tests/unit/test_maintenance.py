@@ -60,3 +60,30 @@ async def test_audit_heads_are_signed_periodically_and_at_stop(config: Config) -
     finally:
         engine.dispose()
     assert (config.service.state_dir / "audit").is_dir()
+
+
+async def test_expired_break_glass_grants_are_closed_by_the_sweep(config: Config) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from compliance.access_store import AccessControl
+    from compliance.accounts import AccountStore
+
+    engine = db.make_engine(config.database_url)
+    try:
+        long_ago = datetime.now(UTC) - timedelta(hours=3)
+        AccountStore.for_engine(engine).add("dr.wu", "Wu", ["physician"], long_ago, departments=["cardiology"])
+        access = AccessControl.for_engine(engine)
+        grant = access.open_break_glass(
+            "dr.wu", "patient unconscious in the ward, records needed", long_ago, department="cardiology", minutes=60
+        )
+        task = asyncio.create_task(maintenance.sweep_break_glass(config, interval=0.05))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ends = [e for e in AuditLog(SqlAuditStore(engine)).store.entries() if e.action == "break_glass_end"]
+    finally:
+        engine.dispose()
+    assert len(ends) == 1  # closed once, however often the sweep ran
+    assert ends[0].reason == "expired"
+    assert grant.id in (ends[0].details or "")

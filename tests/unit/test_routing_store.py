@@ -653,3 +653,20 @@ def test_credential_state_words() -> None:
     assert state(verified_at=None) == "unverified"
     assert state(status="revoked") == "revoked"
     assert state(valid_from=T0 + DAY) == "not valid yet"
+
+
+def test_set_contact_moves_the_phone_and_checks_the_uri(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        store = AgentStore.for_engine(engine)
+        now = datetime.now(UTC)
+        store.add_agent_with_account("desk1", "Desk", ["agent"], "desk1", now, contact="sip:desk1@127.0.0.1:5071")
+        assert store.set_contact("desk1", "sip:desk1@127.0.0.1:5099", now).contact == "sip:desk1@127.0.0.1:5099"
+        assert store.set_contact("desk1", None, now).contact is None
+        with pytest.raises(AgentError, match="expected a SIP URI"):
+            store.set_contact("desk1", "sip:x@h;x=1,PJSIP/other", now)
+        assert store.view("desk1").contact is None  # nothing half-written
+    finally:
+        engine.dispose()
