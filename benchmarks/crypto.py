@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, select, text
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text
 
 from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore
 from compliance.data_keys import DataKeyRing, DataKeyStore
@@ -328,21 +328,8 @@ async def bench_writes(client: KeyServiceClient, store: KeyStore, url: str, rows
 
 @contextlib.contextmanager
 def postgres_database(admin_url: str) -> Iterator[str]:
-    """A fresh database on the server of ``admin_url``, dropped afterwards."""
-    from sqlalchemy.engine import make_url
-
-    name = f"medhotline_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    with db.scratch_postgres_database(admin_url, "medhotline_bench") as url:
+        yield url
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> None:

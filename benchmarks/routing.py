@@ -37,8 +37,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import get_args
 
-from sqlalchemy import Engine, create_engine, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, text, update
 from sqlalchemy.orm import Session
 
 from compliance.accounts import Account
@@ -234,18 +233,8 @@ def sqlite_database() -> Iterator[str]:
 
 @contextmanager
 def postgres_database(admin_url: str) -> Iterator[str]:
-    name = f"medhotline_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    with db.scratch_postgres_database(admin_url, "medhotline_bench") as url:
+        yield url
 
 
 def run_database(label: str, url: str, agents: list[Agent], calls: int, iterations: int, seed: int) -> None:

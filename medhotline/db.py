@@ -12,6 +12,7 @@ method is its own short transaction, so a crash in the middle of a call never le
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -454,3 +455,21 @@ class CallRepository(Repository):
         with self._transaction("listing recent calls") as session:
             rows = session.scalars(select(Call).order_by(Call.started_at.desc(), Call.id.desc()).limit(limit))
             return [CallRecord.from_row(row) for row in rows]
+
+
+@contextmanager
+def scratch_postgres_database(admin_url: str, prefix: str = "medhotline_scratch") -> Iterator[str]:
+    """A new, empty, uniquely named database on the server of ``admin_url``, dropped afterwards (even while
+    connections are still open): for tests and benchmarks, never for data anyone keeps."""
+    name = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()

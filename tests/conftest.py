@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+
+from medhotline.db import scratch_postgres_database
 
 POSTGRES_ENV = "MEDHOTLINE_TEST_POSTGRES_URL"
 
@@ -31,18 +30,8 @@ def postgres_url() -> Iterator[str]:
         if _in_ci():
             pytest.fail(f"{POSTGRES_ENV} is not set but CI is: PostgreSQL tests must run in CI, not be skipped")
         pytest.skip(f"{POSTGRES_ENV} is not set (scripts/test starts a PostgreSQL and sets it)")
-    name = f"medhotline_test_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    with scratch_postgres_database(admin_url, "medhotline_test") as url:
+        yield url
 
 
 # Identifiers of the made-up patients and callers the tests use (tests/unit/test_his_registry.py's patients, the
