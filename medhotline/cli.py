@@ -52,8 +52,13 @@ def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_db(config: Config, args: argparse.Namespace) -> int:
-    from medhotline import db
+    from medhotline import db, db_roles
 
+    if args.action in db_roles.ACTIONS:
+        return db_roles.command(config, args)
+    if args.role:
+        print(f"medhotline: db {args.action} takes no role name", file=sys.stderr)
+        return EXIT_USAGE
     if args.action == "upgrade":
         db.upgrade(config.database_url)
         print(f"database at revision {db.current_revision(config.database_url)}")
@@ -189,7 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     ast.set_defaults(func=_cmd_asterisk)
 
     dbp = sub.add_parser("db", help="database schema")
-    dbp.add_argument("action", choices=["upgrade", "current"])
+    dbp.add_argument("action", choices=["upgrade", "current", "grant-service-role", "check-service-role"])
+    dbp.add_argument("role", nargs="?", help="grant-/check-service-role: the service's PostgreSQL role")
     dbp.set_defaults(func=_cmd_db)
 
     prompts = sub.add_parser("prompts", help="render the flows' prompt texts to audio")

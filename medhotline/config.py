@@ -171,10 +171,14 @@ class SpeechConfig(_Section):
 
 class EscalationTarget(_Section):
     """Where a rule's escalation ``group`` is reached: a number, over a PJSIP trunk (empty: an internal
-    endpoint or extension of this Asterisk)."""
+    endpoint or extension of this Asterisk), rung ``ring_seconds``; if nobody answers there, ``then_number``
+    (e.g. the external emergency number 120 over the PSTN trunk)."""
 
     number: str = Field(pattern=r"^\+?[0-9*#]{1,20}$")
     trunk: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
+    ring_seconds: int = Field(default=30, ge=5, le=300)
+    then_number: str = Field(default="", pattern=r"^(\+?[0-9*#]{1,20})?$")
+    then_trunk: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
 
 
 class RoutingConfig(_Section):

@@ -399,12 +399,18 @@ class CallRepository(Repository):
         edge: str | None,
         input: str | None,
         at: datetime,
+        moves_last_step: bool = True,
     ) -> None:
-        """Append one visited node; the sequence number is the next free one for the call."""
+        """Append one visited node; the sequence number is the next free one for the call.
+
+        ``moves_last_step`` False for milestones after the IVR (the queue's): ``last_step`` stays the last IVR
+        node, where a caller who hung up was in the flow.
+        """
         with self._transaction(f"recording a step of call {call_id}") as session:
             # Load the call first: an unknown call is CallNotFound, not a foreign-key failure on the insert.
             row = self._load(session, call_id)
-            row.last_step = node
+            if moves_last_step:
+                row.last_step = node
             seq = session.scalar(select(func.count()).select_from(CallStep).where(CallStep.call_id == call_id))
             session.add(
                 CallStep(

@@ -59,6 +59,8 @@ QUEUE_OUTCOMES: dict[str, CallOutcome] = {
     "answered": "routed",
     "transferred": "transferred",
     "caller_hangup": "caller_hangup",
+    # Routed, but nobody could take it: the caller was told where to turn; the path says "unavailable".
+    "unavailable": "routed",
     "failed": "error",
 }
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -153,7 +155,8 @@ class HotlineService:
                 ),
                 sound=lambda text: sound_name(text, self.voice),
                 escalation_groups={
-                    name: EscalationTransfer(group.number, group.trunk) for name, group in rc.escalation_groups.items()
+                    name: EscalationTransfer(g.number, g.trunk, g.ring_seconds, g.then_number, g.then_trunk)
+                    for name, g in rc.escalation_groups.items()
                 },
             )
 
@@ -276,8 +279,8 @@ class HotlineService:
             route.priority,
             patient_ref=result.variables.get("patient_ref"),
         )
-        if queued.outcome == "answered":
-            return result  # "routed", and the agent who answered is in the ring history
+        if queued.outcome in ("answered", "unavailable"):
+            return result  # "routed"; who answered is in the ring history, an unavailable end in the path
         if queued.outcome == "transferred":
             return dataclasses.replace(result, outcome="transferred", transfer_to=queued.transfer_to)
         if queued.outcome == "caller_hangup":
@@ -313,6 +316,7 @@ class HotlineService:
                 edge=edge,
                 input=value,
                 at=datetime.now(UTC),
+                moves_last_step=False,
             )
             if node == "answered" and edge is not None and patient_ref and self.access is not None:
                 await self._record(

@@ -27,11 +27,12 @@ from ivr.flow_model import ConsultCategory
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
-from routing.rules import EscalationRule
 
 log = structlog.get_logger(__name__)
 
 AGENT_LEG_ARG = "agent"
+# The system prompt callers hear when nobody can take the call (rendered by `prompts build` under this name).
+UNAVAILABLE_SOUND = "medhotline/unavailable"
 # Q.850 causes that mean "this phone can't be reached at all", as opposed to "it rang and nobody answered".
 _UNREACHABLE_CAUSES = frozenset({1, 2, 3, 20, 27, 34, 38, 41, 42, 47, 66, 127})
 # Slack over the ring timeout Asterisk enforces itself, in case its hang-up event is lost.
@@ -52,13 +53,18 @@ class QueueSettings:
 
 @dataclass(frozen=True, slots=True)
 class EscalationTransfer:
+    """Where an escalated call goes: ``number`` (over ``trunk``) for ``ring_seconds``, then ``then_number``."""
+
     number: str
     trunk: str = ""
+    ring_seconds: int = 60
+    then_number: str = ""
+    then_trunk: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class QueueResult:
-    outcome: Literal["answered", "caller_hangup", "transferred", "failed"]
+    outcome: Literal["answered", "caller_hangup", "transferred", "unavailable", "failed"]
     agent_id: str | None = None
     transfer_to: str | None = None
 
@@ -177,7 +183,7 @@ class CallerQueue:
                     return result
                 continue
             if isinstance(item, Escalate):
-                result = await self._escalate(caller, call_id, hold, item.rule, step)
+                result = await self._escalate(caller, call_id, hold, item, step)
                 if result is not None:
                     return result
             # A CancelRing for a ring that already ended needs nothing.
@@ -333,22 +339,35 @@ class CallerQueue:
 
     # -- escalation ---------------------------------------------------------------------------------
     async def _escalate(
-        self, caller: AriCallChannel, call_id: str, hold: str, rule: EscalationRule, step: QueueStep
+        self, caller: AriCallChannel, call_id: str, hold: str, escalate: Escalate, step: QueueStep
     ) -> QueueResult | None:
-        if rule.transfer is not None:
+        """Transfer to the rule's target. Without one (no rule, or its group has no configured target), a caller
+        who waited the rule's time, or whom nobody could ever take, is told so and where to turn (120 for an
+        emergency), rather than left waiting for ever. None: keep waiting (not used today)."""
+        rule = escalate.rule
+        target: EscalationTransfer | None = None
+        if rule is not None and rule.transfer is not None:
             target = EscalationTransfer(rule.transfer.number, rule.transfer.trunk)
-        elif rule.group is not None and rule.group in self._groups:
-            target = self._groups[rule.group]
-        else:
-            # A caller is never dropped because a target is missing from the configuration: keep waiting.
-            log.error("queue.escalation_unconfigured", group=rule.group, hint="set [routing.escalation_groups]")
-            return None
-        log.warning("queue.escalating", group=rule.group, trunk=target.trunk or None)
-        await step("escalated", rule.group or "transfer", None)
+        elif rule is not None and rule.group is not None:
+            target = self._groups.get(rule.group)
+            if target is None:
+                log.error("queue.escalation_unconfigured", group=rule.group, hint="set [routing.escalation_groups]")
         await self._engine.abandon(call_id)
         await self._moh(hold, on=False)
+        if target is None:
+            await step("unavailable", escalate.reason, None)
+            log.warning("queue.unavailable", reason=escalate.reason)
+            await caller.play(UNAVAILABLE_SOUND)
+            await caller.hangup()
+            return QueueResult("unavailable")
+        log.warning("queue.escalating", group=rule.group if rule else None, trunk=target.trunk or None)
+        await step("escalated", (rule.group if rule else None) or "transfer", None)
         await caller.play(self._sound(ESCALATING))
         await self._request("POST", f"/bridges/{hold}/removeChannel", {"channel": caller.info.channel_id})
+        # The dialplan's [medhotline-transfer] rings the target, then the second target if nobody answered.
+        await caller.set_variable("MEDHOTLINE_RING", str(target.ring_seconds))
+        await caller.set_variable("MEDHOTLINE_THEN", target.then_number)
+        await caller.set_variable("MEDHOTLINE_THEN_TRUNK", target.then_trunk)
         await caller.transfer(target.number, target.trunk or None)
         return QueueResult("transferred", transfer_to=target.number)
 

@@ -75,9 +75,11 @@ class Offer:
 
 @dataclass(frozen=True, slots=True)
 class Escalate:
-    """The call waited past its rule's escalation time."""
+    """Stop waiting: the call waited past its rule's escalation time (``waited``), or no agent in the table may
+    take its category at all (``no_qualified_agent``). ``rule`` is None when the category has no escalation."""
 
-    rule: EscalationRule
+    rule: EscalationRule | None
+    reason: Literal["waited", "no_qualified_agent"] = "waited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,12 +336,23 @@ class RoutingEngine:
             ticket.items.put_nowait(Offer(assignment, ring_id))
 
     def _escalate(self) -> None:
-        for due in self.dispatcher.escalations(self._clock()):
+        """Nobody waits for ever: escalate calls past their time, and at once those nobody could ever take."""
+        at = self._clock()
+        for due in self.dispatcher.escalations(at):
             ticket = self._tickets.get(due.call.call_id)
             if ticket is not None and not ticket.escalated:
                 ticket.escalated = True
                 log.warning("routing.escalation_due", category=due.call.category, after=due.rule.after)
                 ticket.items.put_nowait(Escalate(due.rule))
+        unserved = self.dispatcher.unserved_categories(at)
+        if not unserved:
+            return
+        for call in self.dispatcher.waiting(at):
+            ticket = self._tickets.get(call.call_id)
+            if call.category in unserved and ticket is not None and not ticket.escalated:
+                ticket.escalated = True
+                log.error("routing.no_qualified_agent", category=call.category)
+                ticket.items.put_nowait(Escalate(self.rules.rule(call.category).escalation, "no_qualified_agent"))
 
     def _cancel_ring(self, call_id: str, agent_id: str) -> None:
         ring = self._rings.pop(call_id, None)

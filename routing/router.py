@@ -313,6 +313,20 @@ class Dispatcher:
                 due.append(EscalationDue(call, escalation, due_at))
         return sorted(due, key=lambda e: (e.due_at, e.call.call_id))
 
+    def unserved_categories(self, at: datetime) -> set[ConsultCategory]:
+        """Categories of waiting calls that no known agent may take at all (nobody holds a valid verified
+        credential they require, or all who do are frozen): waiting for them is pointless."""
+        waiting = {c.category for c in self._waiting.values()}
+        agents = list(self._agents.values())
+        return {
+            category
+            for category in waiting
+            if not any(
+                not a.frozen and self.rules.rule(category).credentials_satisfied(a.valid_credential_kinds(at))
+                for a in agents
+            )
+        }
+
     def why_waiting(self, call_id: str, at: datetime) -> WaitReason | None:
         """Why a waiting call has no agent (None if it is not waiting)."""
         call = self._waiting.get(call_id)

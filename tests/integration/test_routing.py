@@ -61,8 +61,12 @@ first_announcement = 1
 announce_every = 5
 refresh_interval = 0.2
 
+# The on-call group's own number leads nowhere here (no such endpoint: nobody answers), so the escalation goes
+# on to its second target, the on-call phone at 8001, standing in for the external emergency number.
 [routing.escalation_groups.on_call]
-number = "8001"
+number = "8009"
+ring_seconds = 5
+then_number = "8001"
 """
 YEAR = timedelta(days=365)
 # Which phone each agent has, how it behaves, and the licence it holds (None: a general agent).
@@ -330,14 +334,14 @@ def test_a_waiting_caller_pressing_0_becomes_an_emergency(desk: Desk) -> None:
     assert queue_path == [("queued", "general", None), ("reclassified", "emergency", "0"), ("answered", "nurse", None)]
 
 
-def test_an_emergency_nobody_takes_escalates_to_the_on_call_phone(desk: Desk) -> None:
+def test_an_emergency_nobody_takes_escalates_to_the_group_then_its_second_target(desk: Desk) -> None:
     desk.ready()
     answered_before = desk.phones["oncall"].count("ANSWERED")
     before = desk.hotline.call_ids()
     patient = desk.call("emergency").result(timeout=90)
     assert patient.succeeded, patient.errors
     (record,) = desk.new_calls(before, 1)
-    assert (record.outcome, record.transfer_to) == ("transferred", "8001")
+    assert (record.outcome, record.transfer_to) == ("transferred", "8009")
     assert desk.rings(record.id) == []
     assert desk.phones["oncall"].count("ANSWERED") == answered_before + 1
     escalated = [s for s in desk.hotline.repo.steps(record.id) if s.node == "escalated"]
@@ -401,3 +405,26 @@ def test_an_identified_caller_is_visible_to_the_answering_agent_only_during_the_
     lookups = [e for e in entries if e.actor == "ivr" and e.reason == "caller identification"]
     assert lookups
     assert all(CALLER not in (e.details or "") for e in entries)
+
+
+def test_a_caller_hanging_up_while_the_agent_rings_cancels_the_ring(desk: Desk) -> None:
+    unfrozen = cli(["--config", str(desk.hotline.config_path), "agents", "unfreeze", "slowdoc", "--reason", "cleared"])
+    assert unfrozen == 0
+    desk.ready("slowdoc")  # rings 4 s and never answers; the caller gives up before that
+    cancelled_before = desk.phones["slowdoc"].count("CANCELLED")
+    before = desk.hotline.call_ids()
+    pending = desk.call("diagnosis", hang_up_after_ms=3000)
+    (call_id,) = desk.wait_queued("diagnosis", 1)
+    patient = pending.result(timeout=60)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert record.id == call_id
+    assert record.outcome == "caller_hangup"
+    assert desk.rings(record.id) == [("slowdoc", "caller_gone")]
+    deadline = time.monotonic() + 10
+    while desk.phones["slowdoc"].count("CANCELLED") == cancelled_before:
+        assert time.monotonic() < deadline, "the agent's phone kept ringing after the caller left"
+        time.sleep(0.2)
+    view = desk.store.view("slowdoc")
+    assert view.reserved_call_id is None
+    assert view.paused_reason is None  # the caller left: not the agent's fault

@@ -285,7 +285,8 @@ async def test_the_emergency_is_offered_first() -> None:
 
 
 async def test_escalation_is_signalled_once() -> None:
-    table = FakeAgentTable()  # nobody to take the call
+    table = FakeAgentTable(agent("doc", "physician_license"))
+    table.pause("doc", "in surgery", T0)  # qualified, but not taking calls now: the call waits its time
     engine, clock = engine_for(table)
     ticket = engine.enqueue(call("e", "emergency", "emergency"))
     await engine.step()
@@ -295,7 +296,8 @@ async def test_escalation_is_signalled_once() -> None:
     await engine.step()
     item = ticket.items.get_nowait()
     assert isinstance(item, Escalate)
-    assert item.rule.group == "on_call_physicians"
+    assert item.rule is not None
+    assert (item.rule.group, item.reason) == ("on_call_physicians", "waited")
     assert ticket.items.empty()
 
 
@@ -346,7 +348,10 @@ async def test_frozen_or_paused_agents_take_no_calls(state: str) -> None:
     engine, _ = engine_for(table)
     ticket = engine.enqueue(call("c1"))
     await engine.step()
-    assert ticket.items.empty()
+    items = [ticket.items.get_nowait() for _ in range(ticket.items.qsize())]
+    assert not any(isinstance(i, Offer) for i in items)
+    # A frozen sole physician means nobody could ever take the call: it escalates at once instead of waiting.
+    assert [type(i) for i in items] == ([Escalate] if state == "frozen" else [])
     assert engine.dispatcher.status("doc").state == "paused"
 
 
@@ -368,3 +373,20 @@ async def test_a_waiting_call_reclassified_as_emergency_jumps_ahead_keeping_its_
     assert offer.assignment.call.enqueued_at == T0 + timedelta(seconds=5)
     assert first.items.empty()
     assert not engine.reclassify_emergency("g2")  # ringing now, not waiting
+
+
+async def test_a_call_nobody_could_ever_take_is_escalated_at_once() -> None:
+    expired = Agent("doc", "doc", frozenset(), (lic("physician_license", until=T0),))
+    table = FakeAgentTable(expired, agent("desk"))
+    engine, _ = engine_for(table)
+    diagnosis = engine.enqueue(call("d1", "diagnosis"))
+    general = engine.enqueue(call("g1", "general"))
+    table.pause("desk", "break", T0)
+    table.pause("doc", "break", T0)
+    await engine.step()
+    item = diagnosis.items.get_nowait()
+    assert isinstance(item, Escalate)
+    assert (item.reason, item.rule is not None) == ("no_qualified_agent", True)
+    assert general.items.empty()  # the desk agent may take it once back: it waits
+    await engine.step()
+    assert diagnosis.items.empty()  # signalled once

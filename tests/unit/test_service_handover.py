@@ -134,3 +134,17 @@ def test_only_a_handed_over_end_is_refined(repo: db.CallRepository) -> None:
     assert not repo.refine_routed(handed, outcome="error", ended_at=datetime.now(UTC))  # refined once only
     with pytest.raises(ValueError, match="not a final call outcome"):
         repo.refine_routed(handed, outcome="in_progress", ended_at=datetime.now(UTC))
+
+
+def test_queue_milestones_do_not_move_the_last_ivr_step(repo: db.CallRepository) -> None:
+    call_id = started_call(repo)
+    now = datetime.now(UTC)
+    repo.add_step(call_id, flow="hotline", node="general", node_type="route", edge="general", input=None, at=now)
+    repo.add_step(
+        call_id, flow="queue", node="queued", node_type="queue", edge="general", input=None, at=now,
+        moves_last_step=False,
+    )  # fmt: skip
+    record = repo.get(call_id)
+    assert record is not None
+    assert record.last_step == "general"
+    assert [s.node for s in repo.steps(call_id)] == ["general", "queued"]
