@@ -152,8 +152,7 @@ class RoutingEngine:
     def reclassify_emergency(self, call_id: str) -> bool:
         """The waiting caller says it is an emergency (the emergency key): it jumps ahead at once, keeping its
         arrival time. False when the call is not waiting (an agent is already ringing) or already an emergency."""
-        request = self._tickets.get(call_id)
-        if request is None or not self.dispatcher.is_waiting(call_id):
+        if call_id not in self._tickets or not self.dispatcher.is_waiting(call_id):
             return False
         current = next(c for c in self.dispatcher.waiting(self._clock()) if c.call_id == call_id)
         if current.priority == "emergency":
