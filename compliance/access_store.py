@@ -637,33 +637,42 @@ class AccessControl(Repository):
 
     def set_roles(self, account_id: str, roles: Iterable[str], at: datetime, *, actor: Actor) -> AccountRecord:
         chosen = check_separation(roles)
-        role = self._actor_role(actor, "role_change", ("admin",))
-        if actor.kind == "account" and actor.id == account_id:
-            raise self._refuse(actor.id, role, "role_change", "an account may not change its own roles")
-        before = self._accounts.get(account_id)
-        record = self._accounts.set_roles(account_id, chosen, at)
-        self._append(
-            f"changing roles of {account_id}", actor=actor.id, role=role, action="permission_change",
-            outcome="success",
-            details={"account": account_id, "change": "roles", "roles": _names(record.roles),
-                     "previous": _names(before.roles)},
-        )  # fmt: skip
-        return record
+        return self._change_scope(
+            account_id, "roles", actor, lambda: self._accounts.set_roles(account_id, chosen, at), lambda r: r.roles
+        )
 
     def set_departments(
         self, account_id: str, departments: Iterable[str], at: datetime, *, actor: Actor
     ) -> AccountRecord:
         chosen = check_departments(departments)
-        role = self._actor_role(actor, "department_change", ("admin",))
+        return self._change_scope(
+            account_id,
+            "departments",
+            actor,
+            lambda: self._accounts.set_departments(account_id, chosen, at),
+            lambda r: r.departments,
+        )
+
+    def _change_scope(
+        self,
+        account_id: str,
+        what: Literal["roles", "departments"],
+        actor: Actor,
+        change: Callable[[], AccountRecord],
+        values: Callable[[AccountRecord], Iterable[str]],
+    ) -> AccountRecord:
+        """A permission change by an admin (never to one's own account), audited with before and after."""
+        operation = "role_change" if what == "roles" else "department_change"
+        role = self._actor_role(actor, operation, ("admin",))
         if actor.kind == "account" and actor.id == account_id:
-            raise self._refuse(actor.id, role, "department_change", "an account may not change its own departments")
+            raise self._refuse(actor.id, role, operation, f"an account may not change its own {what}")
         before = self._accounts.get(account_id)
-        record = self._accounts.set_departments(account_id, chosen, at)
+        record = change()
         self._append(
-            f"changing departments of {account_id}", actor=actor.id, role=role, action="permission_change",
+            f"changing {what} of {account_id}", actor=actor.id, role=role, action="permission_change",
             outcome="success",
-            details={"account": account_id, "change": "departments", "departments": _names(record.departments),
-                     "previous": _names(before.departments)},
+            details={"account": account_id, "change": what, what: _names(values(record)),
+                     "previous": _names(values(before))},
         )  # fmt: skip
         return record
 
