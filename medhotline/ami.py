@@ -35,6 +35,7 @@ class AmiMonitor:
     ) -> None:
         self.connected = False
         self._on_contact = on_contact
+        self._contacts: dict[str, set[str]] = {}  # endpoint → contact URIs that can be rung
         self._manager = Manager(
             loop=asyncio.get_running_loop(),
             host=host,
@@ -64,11 +65,19 @@ class AmiMonitor:
         log.info("ami.event", ami_event=str(event.get("Event")), status=str(event.get("Status", "")))
 
     def _on_contact_status(self, manager: Any, event: Any) -> None:
+        """An endpoint can be rung while any of its contacts can: a phone that re-registers (or whose static
+        contact moves on a reload) gets its new contact before the old one is reported removed."""
         endpoint = str(event.get("EndpointName") or event.get("AOR") or "")
         status = str(event.get("ContactStatus", ""))
         if not endpoint:
             return
-        online = status in _ONLINE
+        contacts = self._contacts.setdefault(endpoint, set())
+        uri = str(event.get("URI") or "")
+        if status in _ONLINE:
+            contacts.add(uri)
+        else:
+            contacts.discard(uri)
+        online = bool(contacts)
         log.info("ami.contact_status", endpoint=endpoint, status=status, online=online)
         if self._on_contact is not None:
             self._on_contact(endpoint, online)

@@ -140,7 +140,9 @@ def _summary(config: Config, observed: list[tuple[str, PhoneCall]], log_path: Pa
     print("\nWhat happened")
     failures = 0
     for (number, phone), record in zip(observed, recent, strict=False):
-        heard = phone.stamps.get("HUNGUP_BY_SERVICE", 0) - phone.stamps.get("ANSWERED", 0)
+        answered_at = phone.stamps.get("ANSWERED")
+        ended_at = phone.stamps.get("HUNGUP_BY_SERVICE") or phone.stamps.get("HUNGUP_BY_PATIENT")
+        heard = ended_at - answered_at if answered_at is not None and ended_at is not None else 0.0
         answered = [r.account_id for r in rings.rings(record.id) if r.outcome == "answered"]
         # A routed call is only a success when an agent took it.
         ok = phone.succeeded and record.outcome in ("routed", "completed", "transferred")
