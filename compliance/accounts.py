@@ -114,6 +114,28 @@ def check_separation(roles: Iterable[str]) -> frozenset[Role]:
     return chosen
 
 
+def new_account_row(
+    account_id: str, display_name: str, roles: Iterable[str], at: datetime, departments: Iterable[str] = ()
+) -> Account:
+    """A new account, validated (id, roles with separation of duties, departments, name), not yet stored: the
+    one way accounts are made, whether on their own or together with an agent."""
+    check_account_id(account_id)
+    chosen = check_separation(roles)
+    depts = check_departments(departments)
+    if not display_name.strip() or len(display_name) > 128:
+        raise AccountError(f"account {account_id}: display name must be 1-128 characters")
+    return Account(
+        id=account_id,
+        display_name=display_name.strip(),
+        roles=",".join(sorted(chosen)),
+        departments=",".join(sorted(depts)),
+        frozen=False,
+        session_epoch=0,
+        created_at=at,
+        updated_at=at,
+    )
+
+
 def _record(row: Account) -> AccountRecord:
     return AccountRecord(
         id=row.id,
@@ -136,24 +158,10 @@ class AccountStore(Repository):
         at: datetime,
         departments: Iterable[str] = (),
     ) -> AccountRecord:
-        check_account_id(account_id)
-        chosen = check_separation(roles)
-        depts = check_departments(departments)
-        if not display_name.strip() or len(display_name) > 128:
-            raise AccountError(f"account {account_id}: display name must be 1-128 characters")
+        row = new_account_row(account_id, display_name, roles, at, departments)
         with self._transaction(f"adding account {account_id}") as session:
             if session.get(Account, account_id) is not None:
                 raise AccountError(f"account {account_id} already exists (ids are never reused)")
-            row = Account(
-                id=account_id,
-                display_name=display_name.strip(),
-                roles=",".join(sorted(chosen)),
-                departments=",".join(sorted(depts)),
-                frozen=False,
-                session_epoch=0,
-                created_at=at,
-                updated_at=at,
-            )
             session.add(row)
             session.flush()
             return _record(row)

@@ -26,7 +26,7 @@ from typing import Any, Final, Literal
 from sqlalchemy import CursorResult, Update, bindparam, exists, false, func, select, update
 from sqlalchemy.orm import Session
 
-from compliance.accounts import Account, check_account_id, check_departments, check_roles
+from compliance.accounts import Account, new_account_row
 from medhotline.db import DatabaseError, Repository
 from medhotline.models import UTCDateTime
 from routing.model import Agent, Credential, CredentialStatus
@@ -365,28 +365,12 @@ class AgentStore(Repository):
         skills: Mapping[str, int] | None = None,
     ) -> AgentView:
         """Create the account and the agent in one transaction: either both exist afterwards or neither does."""
-        check_account_id(account_id)
-        chosen_roles = check_roles(roles)
-        chosen_departments = check_departments(departments)
-        name = display_name.strip()
-        if not name or len(display_name) > 128:
-            raise AgentError(f"account {account_id}: display name must be 1-128 characters")
+        account = new_account_row(account_id, display_name, roles, at, departments)
         fields = _AgentFields.check(endpoint, at, contact, languages, skills)
         with self._transaction(f"adding account and agent {account_id}") as session:
             if session.get(Account, account_id) is not None:
                 raise AgentError(f"account {account_id} already exists (ids are never reused)")
-            session.add(
-                Account(
-                    id=account_id,
-                    display_name=name,
-                    roles=",".join(sorted(chosen_roles)),
-                    departments=",".join(sorted(chosen_departments)),
-                    frozen=False,
-                    session_epoch=0,
-                    created_at=at,
-                    updated_at=at,
-                )
-            )
+            session.add(account)
             session.flush()
             return self._insert_agent(session, account_id, at, fields)
 

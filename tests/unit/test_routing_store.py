@@ -14,7 +14,7 @@ from sqlalchemy import Engine, event, inspect, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from compliance.accounts import AccountStore
+from compliance.accounts import AccountError, AccountStore
 from medhotline import db
 from routing.model import Credential
 from routing.store import AgentError, AgentStore, AgentView, CredentialRecord
@@ -668,5 +668,19 @@ def test_set_contact_moves_the_phone_and_checks_the_uri(tmp_path: Path) -> None:
         with pytest.raises(AgentError, match="expected a SIP URI"):
             store.set_contact("desk1", "sip:x@h;x=1,PJSIP/other", now)
         assert store.view("desk1").contact is None  # nothing half-written
+    finally:
+        engine.dispose()
+
+
+def test_an_agent_account_respects_separation_of_duties(tmp_path: Path) -> None:
+    """Agents are made through the same account rules as any account: admin never combines with a clinical role."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    try:
+        store = AgentStore.for_engine(engine)
+        with pytest.raises(AccountError, match="role admin cannot be combined with physician"):
+            store.add_agent_with_account("doc9", "Doc", ["admin", "physician"], "doc9", datetime.now(UTC))
+        assert store.routing_snapshot() == []  # nothing half-written
     finally:
         engine.dispose()
