@@ -286,6 +286,11 @@ class CallRecord:
         )
 
 
+def _check_final(outcome: str) -> None:
+    if outcome not in CALL_OUTCOMES or outcome == "in_progress":
+        raise ValueError(f"{outcome!r} is not a final call outcome")
+
+
 class Repository:
     """Base of every repository (calls, accounts, agents, patients …): each public method is one short
     transaction of its own, and SQLAlchemy errors leave it as :class:`DatabaseError` naming the database."""
@@ -373,8 +378,7 @@ class CallRepository(Repository):
 
         The first end wins: a hang-up event racing with a lost connection must not overwrite the outcome.
         """
-        if outcome not in CALL_OUTCOMES or outcome == "in_progress":
-            raise ValueError(f"{outcome!r} is not a final call outcome")
+        _check_final(outcome)
         with self._transaction(f"finishing call {call_id}") as session:
             row = self._load(session, call_id)
             if row.outcome != "in_progress":
@@ -437,8 +441,7 @@ class CallRepository(Repository):
 
         Only a call whose recorded end is the hand-over itself ("routed") is refined; any other end stands.
         """
-        if outcome not in CALL_OUTCOMES or outcome == "in_progress":
-            raise ValueError(f"{outcome!r} is not a final call outcome")
+        _check_final(outcome)
         with self._transaction(f"refining the end of call {call_id}") as session:
             row = self._load(session, call_id)
             if row.outcome != "routed":

@@ -31,7 +31,7 @@ from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
 from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
 from ivr.flow_registry import FlowRegistry
-from ivr.interpreter import FlowResult, FlowRunner, Step
+from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
 from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 from ivr.prompts import Voice, sound_name
 from keywords.registry import LexiconRegistry
@@ -39,7 +39,6 @@ from medhotline import db, maintenance
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
 from medhotline.config import Config
-from medhotline.models import CallOutcome
 from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
 from routing.engine import RoutingEngine
 
@@ -55,7 +54,7 @@ SHUTDOWN_GRACE = 20.0
 QUEUE_CONTEXT = "medhotline-queue"
 QUEUE_ARG = "queue"
 # How a call's record ends after its time in the queue.
-QUEUE_OUTCOMES: dict[str, CallOutcome] = {
+QUEUE_OUTCOMES: dict[str, Outcome] = {
     "answered": "routed",
     "transferred": "transferred",
     "caller_hangup": "caller_hangup",
@@ -137,7 +136,6 @@ class HotlineService:
         )
         self._calls: set[asyncio.Task[None]] = set()
         self.engine = engine
-        self.agent_endpoints_ready = asyncio.Event()
         self.queue: CallerQueue | None = None
         if engine is not None:
             rc = config.routing
@@ -279,13 +277,13 @@ class HotlineService:
             route.priority,
             patient_ref=result.variables.get("patient_ref"),
         )
-        if queued.outcome in ("answered", "unavailable"):
-            return result  # "routed"; who answered is in the ring history, an unavailable end in the path
-        if queued.outcome == "transferred":
-            return dataclasses.replace(result, outcome="transferred", transfer_to=queued.transfer_to)
-        if queued.outcome == "caller_hangup":
-            return dataclasses.replace(result, outcome="caller_hangup")
-        return dataclasses.replace(result, outcome="error", error="queue failed")
+        # Who answered is in the ring history, an unavailable end in the path; the record keeps how it ended.
+        return dataclasses.replace(
+            result,
+            outcome=QUEUE_OUTCOMES[queued.outcome],
+            transfer_to=queued.transfer_to or result.transfer_to,
+            error="queue failed" if queued.outcome == "failed" else result.error,
+        )
 
     async def _queue(
         self,
@@ -475,14 +473,12 @@ class HotlineService:
         sandbox = Sandbox(self.config)
         while True:
             try:
-                views = await asyncio.to_thread(self.engine.directory.routing_snapshot)
-                text = render_agent_endpoints(cast("list[ContactView]", list(views)))
+                # The engine's own last read of the agent table (refreshed every refresh_interval).
+                await self.engine.refreshed.wait()
+                text = render_agent_endpoints(cast("list[ContactView]", list(self.engine.snapshot)))
                 if await asyncio.to_thread(sandbox.write_etc_file, FILE_NAME, text):
                     await self.ari.request("PUT", "/asterisk/modules/res_pjsip.so")
                     log.info("routing.agent_endpoints_reloaded", agents=text.count("type = aor"))
-                    self.agent_endpoints_ready.set()
-                elif not self.agent_endpoints_ready.is_set():
-                    self.agent_endpoints_ready.set()
             except Exception:
                 log.exception("routing.agent_endpoints_failed")
             await asyncio.sleep(max(1.0, self.config.routing.refresh_interval * 4))

@@ -138,6 +138,8 @@ class RoutingEngine:
         self._offline_endpoints: set[str] = set()
         self._wake = asyncio.Event()
         self._timers: set[asyncio.Task[None]] = set()
+        # The agent table as last read, for whoever else needs it (the sandbox's endpoint file): no second query.
+        self.snapshot: Sequence[AgentSnapshot] = ()
         self.refreshed = asyncio.Event()
 
     # -- the telephony side -------------------------------------------------------------------------
@@ -249,6 +251,7 @@ class RoutingEngine:
         """One refresh of agent states from the database, then every assignment and escalation now due."""
         views = await asyncio.to_thread(self.directory.routing_snapshot)
         self._apply(views, self._clock())
+        self.snapshot = views
         self.refreshed.set()
         await self._assign()
         self._escalate()
