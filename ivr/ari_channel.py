@@ -3,6 +3,10 @@
 One WebSocket carries the events of every call. The dispatcher keeps a queue per channel in Stasis; a call's
 task reads only its own queue. Events for channels the service does not know (left Stasis, or another
 node's) are logged and dropped, never allowed to disturb another call.
+
+Recording part of a call uses a snoop channel (spy on both directions) recorded by ARI. Like the external-media
+tap of ``caller_audio`` it is a helper channel, never a call: it enters Stasis with the argument ``SNOOP_ARG``
+and its name starts with ``SNOOP_CHANNEL_PREFIX``; the service must not start a flow for its StasisStart.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 import structlog
 
 from ivr.ari_client import AriClient, AriError, AriNotFound
-from ivr.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost
+from ivr.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost, check_recording_name
 from keywords.rtp import RtpReceiver
 
 log = structlog.get_logger(__name__)
@@ -25,6 +29,16 @@ log = structlog.get_logger(__name__)
 _GONE_EVENTS = frozenset({"StasisEnd", "ChannelDestroyed", "ChannelHangupRequest"})
 # Channels Asterisk creates for the service's own media taps; they are never calls.
 MEDIA_CHANNEL_PREFIX = "UnicastRTP/"
+# The snoop channels that record part of a call: their StasisStart carries this first argument, and Asterisk
+# names them ``Snoop/<snooped channel id>-<n>``. Both mean "a helper of a call, not a call".
+SNOOP_ARG = "snoop"
+SNOOP_CHANNEL_PREFIX = "Snoop/"
+# Our id for the snoop channel of recording ``<name>``: known without asking, so a stop needs no lookup.
+SNOOP_ID_PREFIX = "snoop-"
+# How long (attempts x pause) to wait for the snoop channel to enter Stasis, a recording to begin, and a stopped
+# recording to close its file. Asterisk does each within milliseconds; the bound keeps a broken one from hanging.
+_WAIT_ATTEMPTS = 40
+_WAIT_PAUSE = 0.05
 
 
 def event_channel_id(event: dict[str, Any]) -> str | None:
@@ -217,6 +231,87 @@ class AriCallChannel:
             await self._client.request("DELETE", f"/channels/{self._info.channel_id}")
         self._gone = True
 
+    # -- recording ----------------------------------------------------------------------------------
+
+    async def start_recording(self, name: str) -> None:
+        """Snoop on both directions of the call and record the snoop channel as ``<name>.wav`` (8 kHz) in
+        Asterisk's recording directory. Returns once Asterisk reports the recording as running, so nothing said
+        after this returns is missing from the file."""
+        check_recording_name(name)
+        snoop_id = f"{SNOOP_ID_PREFIX}{name}"
+        await self._call(
+            "POST",
+            f"/channels/{self._info.channel_id}/snoop",
+            {"spy": "both", "whisper": "none", "app": self._client.app, "appArgs": SNOOP_ARG, "snoopId": snoop_id},
+        )
+        try:
+            await self._record_when_in_stasis(snoop_id, name)
+            await self._wait_until_recording(name)
+        except BaseException:
+            # No half-started recording left behind: the snoop channel goes, and with it any recording of it.
+            with contextlib.suppress(ChannelError):
+                await self._client.request("DELETE", f"/channels/{snoop_id}")
+            raise
+
+    async def _record_when_in_stasis(self, snoop_id: str, name: str) -> None:
+        """A snoop channel enters Stasis a moment after it is created (its own thread); until then ARI answers 409
+        "Channel not in Stasis application". Other 409s (the name exists: ifExists=fail) are not retried."""
+        params = {"name": name, "format": "wav", "ifExists": "fail", "beep": "false", "terminateOn": "none"}
+        for attempt in range(_WAIT_ATTEMPTS):
+            try:
+                await self._client.request("POST", f"/channels/{snoop_id}/record", params)
+            except AriNotFound:
+                # The snoop channel ends with the call: a vanished snoop channel means the caller hung up.
+                self._gone = True
+                raise CallerHungUp("caller hung up") from None
+            except AriError as exc:
+                if exc.status != 409 or "not in stasis" not in str(exc).lower() or attempt == _WAIT_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(_WAIT_PAUSE)
+            else:
+                return
+
+    async def _wait_until_recording(self, name: str) -> None:
+        """The recording is queued on the snoop channel and starts shortly after; wait for state "recording"."""
+        state = "queued"
+        for _ in range(_WAIT_ATTEMPTS):
+            try:
+                live = await self._client.request("GET", f"/recordings/live/{name}")
+            except AriNotFound:
+                state = "gone"
+            else:
+                state = str(live.get("state", "")) if isinstance(live, dict) else ""
+            if state == "recording":
+                return
+            if state != "queued":
+                break
+            await asyncio.sleep(_WAIT_PAUSE)
+        if self._gone:
+            raise CallerHungUp("caller hung up")
+        raise ChannelError(f"recording {name!r} did not start (state {state!r})")
+
+    async def stop_recording(self, name: str) -> None:
+        """Stop, wait until Asterisk has closed the file (the live recording disappears only after that), and
+        remove the snoop channel. Works after the caller hung up: everything already gone is skipped."""
+        check_recording_name(name)
+        try:
+            await self._client.request("POST", f"/recordings/live/{name}/stop")
+        except AriError as exc:
+            # 404: never started, already stopped, or ended with the call and gone. 409 ("not in session"): it
+            # has just ended by itself and is closing; the wait below sees it go.
+            if exc.status not in (404, 409):
+                raise
+        for _ in range(_WAIT_ATTEMPTS):
+            try:
+                await self._client.request("GET", f"/recordings/live/{name}")
+            except AriNotFound:
+                break
+            await asyncio.sleep(_WAIT_PAUSE)
+        else:
+            log.warning("ari.recording_still_live", recording=name)
+        with contextlib.suppress(AriNotFound):
+            await self._client.request("DELETE", f"/channels/{SNOOP_ID_PREFIX}{name}")
+
 
 class AriDispatcher:
     """Routes events from the one WebSocket to the calls that own them."""
@@ -240,8 +335,9 @@ class AriDispatcher:
             return False
         channel = self._channels.get(channel_id)
         if channel is None:
-            media = str((event.get("channel") or {}).get("name", "")).startswith(MEDIA_CHANNEL_PREFIX)
-            if event["type"] not in _GONE_EVENTS and not media:  # late hang-up events of finished calls are routine
+            name = str((event.get("channel") or {}).get("name", ""))
+            helper = name.startswith((MEDIA_CHANNEL_PREFIX, SNOOP_CHANNEL_PREFIX))  # our own taps: never calls
+            if event["type"] not in _GONE_EVENTS and not helper:  # late hang-up events of finished calls are routine
                 log.warning("ari.event_for_unknown_channel", event_type=event["type"], channel_id=channel_id)
             return False
         channel.deliver(event)

@@ -6,6 +6,7 @@ hanging up surfaces as ``CallerHungUp`` from whichever operation was waiting, so
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -72,6 +73,20 @@ class CallInfo:
 
 DIGITS = "0123456789*#"
 
+# A recording's name becomes a file name in Asterisk's recording spool (``<name>.wav``) and part of ARI paths and
+# AGI commands, so it is plain: letters, digits, ``_ . -``; no leading dot (a hidden file) and no ``..``.
+RECORDING_NAME = re.compile(r"^(?!\.)(?!.*\.\.)[A-Za-z0-9_.-]{1,120}$")
+
+
+def check_recording_name(name: str) -> str:
+    """``name`` if it is a valid recording name, else ChannelError saying why (shared by every adapter)."""
+    if not isinstance(name, str) or not RECORDING_NAME.match(name):
+        shown = repr(name[:40]) if isinstance(name, str) else type(name).__name__
+        raise ChannelError(
+            f"recording name {shown} is invalid: use 1-120 of A-Z a-z 0-9 _ . - (no leading dot, no '..')"
+        )
+    return name
+
 
 class CallChannel(Protocol):
     """One call, as the flow interpreter sees it. Every waiting operation is bounded by a timeout."""
@@ -107,6 +122,20 @@ class CallChannel(Protocol):
 
     async def hangup(self) -> None:
         """Hang up; harmless if the caller already has."""
+        ...
+
+    async def start_recording(self, name: str) -> None:
+        """Record this call from now on, both directions (what the caller says and hears), as an 8 kHz WAV file
+        ``<name>.wav`` in Asterisk's recording spool directory (``astspooldir/recording``).
+
+        ``name`` must match ``RECORDING_NAME`` (ChannelError otherwise) and must not exist yet. The recording
+        runs until ``stop_recording`` or the end of the call.
+        """
+        ...
+
+    async def stop_recording(self, name: str) -> None:
+        """Stop the recording ``name`` and return once its file is complete. Idempotent: a recording already
+        ended (stopped before, or the caller hung up) is not an error."""
         ...
 
 

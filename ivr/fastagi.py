@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
 from panoramisk.utils import parse_agi_result
 
-from ivr.channel import DIGITS, CallerHungUp, CallerId, CallInfo, ChannelError, ConnectionLost
+from ivr.channel import DIGITS, CallerHungUp, CallerId, CallInfo, ChannelError, ConnectionLost, check_recording_name
 
 log = structlog.get_logger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024
 HEADER_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 600.0
+# MixMonitor puts a relative file name under astspooldir/monitor; one level up is astspooldir/recording, where
+# ARI's recordings go too, so both transports leave a recording in the same place.
+MIXMONITOR_DIR = "../recording"
+# MixMonitor stores its id here (option i), so StopMixMonitor can stop this recording and no other (a whole-call
+# recording the dialplan may run stays untouched).
+MIXMONITOR_ID_VAR = "MEDHOTLINE_MIXMONITOR_ID"
+_MIXMONITOR_ID = re.compile(r"^[A-Za-z0-9_.:/-]{1,200}$")
 
 
 class FastAgiProtocolError(ChannelError):
@@ -69,6 +77,7 @@ class FastAgiCallChannel:
         self._writer = writer
         self._info = info
         self._hung_up = False
+        self._mixmonitors: dict[str, str] = {}  # recording name → MixMonitor id, while it runs
 
     @property
     def info(self) -> CallInfo:
@@ -158,10 +167,46 @@ class FastAgiCallChannel:
             await self.command("HANGUP")
         self._hung_up = True
 
+    async def start_recording(self, name: str) -> None:
+        """MixMonitor both directions of the call into ``astspooldir/recording/<name>.wav`` (8 kHz WAV: the
+        ``.wav`` extension chooses the format). Options: only ``i``, for the id. Not ``b`` (it would record only
+        while bridged, and an IVR call is not), not ``a`` (a recording never extends an older file); MixMonitor
+        writes the file as the call goes, with no other option needed."""
+        check_recording_name(name)
+        if name in self._mixmonitors:
+            raise ChannelError(f"recording {name!r} is already running on this call")
+        # Clear the id variable first: a value left by an earlier recording must not pass for this one's.
+        await self.set_variable(MIXMONITOR_ID_VAR, "")
+        await self.command(f"EXEC MixMonitor {MIXMONITOR_DIR}/{name}.wav,i({MIXMONITOR_ID_VAR})")
+        result = await self.command(f"GET VARIABLE {MIXMONITOR_ID_VAR}")
+        code, value = _variable(result)
+        if code != "1" or not value or not _MIXMONITOR_ID.match(value):
+            # MixMonitor sets the id only when its recording thread started.
+            raise ChannelError(f"MixMonitor did not start recording {name!r}")
+        self._mixmonitors[name] = value
+
+    async def stop_recording(self, name: str) -> None:
+        """StopMixMonitor for this recording only; it closes the file before it returns. After a hang-up there is
+        nothing to send (Asterisk ended the MixMonitor with the channel)."""
+        check_recording_name(name)
+        mixmonitor = self._mixmonitors.pop(name, None)
+        if mixmonitor is None or self._hung_up:
+            return
+        with contextlib.suppress(CallerHungUp):  # hung up meanwhile: the recording ended with the call
+            await self.command(f"EXEC StopMixMonitor {mixmonitor}")
+
 
 def _caller_number(headers: dict[str, str]) -> str:
     number = headers.get("agi_callerid", "").strip()
     return "" if number == "unknown" else number
+
+
+def _variable(result: dict[str, Any]) -> tuple[str, str]:
+    """GET VARIABLE's answer: ("1", value) when set (``200 result=1 (value)``), ("0", "") when not."""
+    raw = result.get("result", ("0", ""))
+    if isinstance(raw, tuple | list) and len(raw) == 2:
+        return str(raw[0]), str(raw[1])
+    return str(raw), ""
 
 
 def _digit(result: dict[str, Any]) -> str | None:

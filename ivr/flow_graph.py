@@ -22,6 +22,7 @@ from ivr.flow_model import (
     CollectNode,
     Condition,
     ConfirmNode,
+    ConsentNode,
     Flow,
     ListenNode,
     LookupPatientNode,
@@ -52,6 +53,8 @@ def edges(node: _Node) -> list[tuple[str, str, PathKey]]:
         result.append(("default", node.default, ("default",)))
     elif isinstance(node, LookupPatientNode):
         result += [("found", node.found, ("found",)), ("not found", node.not_found, ("not_found",))]
+    elif isinstance(node, ConsentNode):
+        return [("given", node.next.given, ("next", "given")), ("refused", node.next.refused, ("next", "refused"))]
     else:
         labels = node.targets()
         for label, target in labels.items():
@@ -245,6 +248,8 @@ def _missing_sounds(flow: Flow, source: SourceMap, sounds_dir: Path) -> list[Flo
             prompts += [
                 ((key, "file"), getattr(node, key).file) for key in ("invalid", "no_input") if getattr(node, key)
             ]
+        elif isinstance(node, ConsentNode) and node.no_input is not None:
+            prompts.append((("no_input", "file"), node.no_input.file))
         for keys, name in prompts:
             if name is None:
                 continue

@@ -209,6 +209,8 @@ def _raw_targets(raw: dict[Any, Any]) -> list[tuple[PathKey, str]]:
     for key in ("next", "fallback", "default", "found", "not_found"):
         if isinstance(raw.get(key), str):
             found.append(((key,), raw[key]))
+    if isinstance(raw.get("next"), dict):  # a consent node's next: {given: …, refused: …}
+        found += [(("next", str(k)), v) for k, v in raw["next"].items() if isinstance(v, str)]
     for key in ("choices", "categories"):
         if isinstance(raw.get(key), dict):
             found += [((key, str(k)), v) for k, v in raw[key].items() if isinstance(v, str)]

@@ -192,6 +192,80 @@ class ConfirmNode(_Waiting):
         return {"confirmed": self.next, "fallback": self.fallback}
 
 
+_DOCUMENT = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+_KEY = re.compile(r"^[0-9*#]$")
+
+
+class ConsentNext(_Strict):
+    """Both ways out of a consent node are required: a flow must say what happens after a refusal too."""
+
+    given: NodeId
+    refused: NodeId
+
+
+class ConsentNode(_Node):
+    """The patient's explicit, recorded consent to a named consent form (e.g. a remote consultation).
+
+    ``text`` is read in full (no barge-in, no type-ahead), then one key is read; if it is ``key``,
+    ``confirm_again`` is read and one more key is read; ``key`` again means consent is given. Any other key at
+    either question means refused at once (the patient is not pressed to say yes). No key within ``timeout``
+    replays ``no_input`` (if any) and the exchange from the start, up to ``retries`` times, then counts as
+    refused. The exact texts are part of the signed consent record, so they are text only (never a ``file``
+    whose words nobody can check) and the node has no ``say``/``file`` of its own.
+    """
+
+    type: Literal["consent"]
+    # Names the consent form the record is filed under; a code, never free text. The patterns are checked by
+    # the validators below (for a message an administrator understands) and stated in the JSON schema.
+    document: str = Field(json_schema_extra={"pattern": _DOCUMENT.pattern})
+    text: str = Field(min_length=1, max_length=2000)
+    confirm_again: str = Field(min_length=1, max_length=2000)
+    key: str = Field(default="1", json_schema_extra={"pattern": _KEY.pattern})
+    # The exchange (the texts and the patient's answers) is recorded from before the text to the last answer.
+    record: bool = True
+    timeout: Seconds = 6.0
+    retries: Retries = 2
+    no_input: Prompt | None = None
+    barge_in: bool = False
+    next: ConsentNext
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_as_text(cls, value: object) -> object:
+        # `key: 1` in YAML is an integer; administrators should not have to quote digits.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("key")
+    @classmethod
+    def _one_key(cls, value: str) -> str:
+        if not _KEY.match(value):
+            raise ValueError(f"key must be one key of the phone: 0-9, * or # (got {value!r})")
+        return value
+
+    @field_validator("document")
+    @classmethod
+    def _document_code(cls, value: str) -> str:
+        if not _DOCUMENT.match(value):
+            raise ValueError(
+                f"document must name a consent form with lower-case letters, digits and _, starting with a letter, "
+                f"at most 48 characters (got {value[:60]!r})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _heard_in_full(self) -> ConsentNode:
+        if self.say is not None or self.file is not None:
+            raise ValueError(
+                "a consent node reads `text` and `confirm_again`; put any other announcement in a play node before it"
+            )
+        if self.barge_in:
+            raise ValueError("a consent text is always heard in full: barge_in can't be true on a consent node")
+        return self
+
+    def targets(self) -> dict[str, str]:
+        return {"given": self.next.given, "refused": self.next.refused}
+
+
 # -- conditions -----------------------------------------------------------------------------------
 
 
@@ -349,6 +423,7 @@ Node = Annotated[
     | CollectNode
     | ListenNode
     | ConfirmNode
+    | ConsentNode
     | BranchNode
     | SetNode
     | LookupPatientNode
@@ -360,7 +435,7 @@ Node = Annotated[
     Field(discriminator="type"),
 ]
 TERMINAL_TYPES = frozenset({"route", "transfer", "hangup", "return"})
-WAITING_TYPES = frozenset({"menu", "collect", "listen", "confirm"})
+WAITING_TYPES = frozenset({"menu", "collect", "listen", "confirm", "consent"})
 
 # -- opening hours --------------------------------------------------------------------------------
 
@@ -445,4 +520,8 @@ class Flow(_Strict):
                 texts.append(node.say)
             if isinstance(node, _Waiting):
                 texts.extend(p.say for p in (node.invalid, node.no_input) if p is not None and p.say)
+            if isinstance(node, ConsentNode):
+                texts += [node.text, node.confirm_again]
+                if node.no_input is not None and node.no_input.say:
+                    texts.append(node.no_input.say)
         return texts

@@ -4,6 +4,10 @@ It never raises for what a caller or Asterisk does: a hang-up, a lost connection
 the walk with an outcome and the node where it happened, which the service writes to the call record.
 Every step is reported through ``on_step`` with the input that chose the edge, so a call record shows the
 path a caller took (sensitive inputs, e.g. a birth year, only as "valid"/"invalid").
+
+A ``consent`` node needs two more ports, ``consent`` (where a given consent goes) and, when it records,
+``recorder``. Without them the flow ends with outcome "error" at that node: a consent that can't be stored or
+recorded is never taken.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ivr.flow_model import (
     BranchNode,
     CollectNode,
     ConfirmNode,
+    ConsentNode,
     Flow,
     HangupNode,
     ListenNode,
@@ -37,7 +42,18 @@ from ivr.flow_model import (
     SubflowNode,
     TransferNode,
 )
-from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, RecognitionUnavailable, Recognizer
+from ivr.ports import (
+    CallRecorder,
+    ConsentExchange,
+    ConsentSink,
+    ConsentUnavailable,
+    NoPatientDirectory,
+    NoRecognizer,
+    PatientDirectory,
+    RecognitionUnavailable,
+    Recognizer,
+)
+from medhotline.errors import MedhotlineError
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +117,9 @@ class FlowRunner:
     directory: PatientDirectory = field(default_factory=NoPatientDirectory)
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     variables: dict[str, str] = field(default_factory=dict)
+    # For ``consent`` nodes; None means "not configured" and such a node ends the flow with an error.
+    consent: ConsentSink | None = None
+    recorder: CallRecorder | None = None
 
     # Where the call is: "node", or "subflow:node" inside a subflow. Reported with the outcome.
     _where: str = field(default="answer", init=False)
@@ -204,6 +223,8 @@ class FlowRunner:
             return await self._confirm(node, channel)
         if isinstance(node, ListenNode):
             return await self._listen(node, channel)
+        if isinstance(node, ConsentNode):
+            return await self._consent(flow.flow, node_id, node, channel)
         await self._terminal(flow.flow, node_id, node, channel)
         raise AssertionError("unreachable")
 
@@ -318,6 +339,109 @@ class FlowRunner:
             kind = "no_input" if pressed is None else "invalid"
             if not await self._retry_or_fallback(node, attempt, kind, channel):
                 return "fallback", kind, node.fallback
+
+    # -- consent ----------------------------------------------------------------------------------------
+
+    async def _consent(
+        self, flow_name: str, node_id: str, node: ConsentNode, channel: CallChannel
+    ) -> tuple[str, str | None, str]:
+        """Record, ask, stop the recording, and only then hand a given consent to the consent store.
+
+        The recording is stopped in ``finally``: also when the caller hangs up (then the hang-up ends the flow as
+        usual and no consent is reported). A stop that fails after a complete exchange is an error outcome, since
+        the consent would point at a recording that may be incomplete; after a hang-up it is only logged.
+        """
+        where = f"flow {flow_name!r} node {node_id!r}"
+        sink, recorder = self.consent, self.recorder
+        if sink is None:
+            raise ConsentUnavailable(f"{where}: no consent store configured, so no consent can be taken")
+        if node.record and recorder is None:
+            raise ConsentUnavailable(
+                f"{where}: no call recorder configured, and this consent must be recorded (record: true)"
+            )
+        recording: str | None = None
+        if recorder is not None and node.record:
+            try:
+                recording = await recorder.start(channel, f"consent.{flow_name}.{node_id}")
+            except (CallerHungUp, ConnectionLost):
+                raise
+            except MedhotlineError as exc:
+                raise ConsentUnavailable(f"{where}: the consent exchange can't be recorded: {exc}") from exc
+        finished = False
+        try:
+            answer = await self._ask_consent(node, channel)
+            finished = True
+        finally:
+            if recorder is not None and recording is not None:
+                try:
+                    await recorder.stop(channel, recording)
+                except MedhotlineError as exc:
+                    if not finished:
+                        # The exchange already failed (usually: the caller hung up); that reason is the one kept.
+                        log.error("consent.recording_stop_failed", node=self._where, error=str(exc))
+                    elif isinstance(exc, CallerHungUp | ConnectionLost):
+                        raise
+                    else:
+                        raise ConsentUnavailable(f"{where}: the recording could not be stopped: {exc}") from exc
+        edge, value, times = answer
+        if times is None:
+            return edge, value, node.next.refused
+        asked_at, first, second = times
+        exchange = ConsentExchange(
+            flow=flow_name,
+            node=node_id,
+            document=node.document,
+            text=node.text,
+            confirm_text=node.confirm_again,
+            asked_at=asked_at,
+            confirmed_at=(first, second),
+            recording=recording,
+            key=node.key,
+        )
+        try:
+            await sink.consent_given(exchange)
+        except (CallerHungUp, ConnectionLost):
+            raise
+        except MedhotlineError as exc:
+            raise ConsentUnavailable(f"{where}: the consent was given but could not be stored: {exc}") from exc
+        return edge, value, node.next.given
+
+    def _utc_now(self) -> datetime:
+        return self.now().astimezone(UTC)
+
+    async def _consent_key(self, channel: CallChannel, text: str, timeout: float) -> str:
+        """Read ``text`` in full (keys pressed meanwhile are discarded), then wait for one key; "" on none."""
+        await self._say(channel, Prompt(say=text), False)
+        return await channel.read_digits(max_digits=1, timeout=timeout)
+
+    async def _ask_consent(
+        self, node: ConsentNode, channel: CallChannel
+    ) -> tuple[str, str, tuple[datetime, datetime, datetime] | None]:
+        """The exchange: (edge, recorded input, (asked, first, second confirmation) when given, else None).
+
+        What counts: ``key`` after the text and ``key`` again after ``confirm_again`` is consent. Any other key
+        at either question is a refusal at once: the patient said no and is not asked again. No key within
+        ``timeout`` at either question replays ``no_input`` (if any) and the whole exchange from the text, up to
+        ``retries`` times; then it is a refusal. The recorded input is the keys of the last round ("1,1",
+        "1,2", "3") or "no_input": only digits, never anything identifying.
+        """
+        attempt = 0
+        while True:
+            asked_at = self._utc_now()
+            first = await self._consent_key(channel, node.text, node.timeout)
+            if first == node.key:
+                first_at = self._utc_now()
+                second = await self._consent_key(channel, node.confirm_again, node.timeout)
+                if second == node.key:
+                    return "given", f"{first},{second}", (asked_at, first_at, self._utc_now())
+                if second:
+                    return "refused", f"{first},{second}", None
+            elif first:
+                return "refused", first, None
+            attempt += 1
+            if attempt > node.retries:
+                return "refused", "no_input", None
+            await self._say(channel, node.no_input, False)
 
 
 async def run_flow(

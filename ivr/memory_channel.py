@@ -20,13 +20,22 @@ Operations are counted from 1 in the order they arrive (``answer``, ``play``, ``
 operation is recorded before it raises, like a real prompt that started and was cut off. After a hang-up
 (scripted or by ``hangup()``) every further ``answer``/``play`` raises ``CallerHungUp`` and ``hangup()`` is a
 recorded no-op, as the real adapters behave.
+
+Recordings are operations too (``("start_recording", name)``, ``("stop_recording", name)``), so a test sees
+where a recording began and ended relative to the prompts; ``recordings`` lists only those. Like the real
+adapters, starting a name twice fails and stopping is idempotent and harmless after a hang-up.
+
+``MemoryRecorder`` and ``MemoryConsentSink`` are the matching fakes of the interpreter's consent ports.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
-from ivr.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost
+from ivr.channel import CallChannel, CallerHungUp, CallInfo, ChannelError, ConnectionLost, check_recording_name
+from ivr.ports import ConsentExchange
+from medhotline.errors import MedhotlineError
 
 Operation = tuple[str, ...]
 
@@ -48,11 +57,19 @@ class InMemoryCallChannel:
     variables: dict[str, str] = field(default_factory=dict)
     hung_up: bool = False
     transferred_to: tuple[str, str | None] | None = None
+    # Recordings started and not stopped yet; every name ever started (a name can't be used twice).
+    recording_now: set[str] = field(default_factory=set)
+    recording_names: set[str] = field(default_factory=set)
 
     @property
     def sounds(self) -> list[str]:
         """The sounds played, in order."""
         return [op[1] for op in self.operations if op[0] == "play"]
+
+    @property
+    def recordings(self) -> list[Operation]:
+        """The recording operations, in order: ``("start_recording", name)`` and ``("stop_recording", name)``."""
+        return [op for op in self.operations if op[0] in ("start_recording", "stop_recording")]
 
     def _record(self, operation: Operation) -> None:
         self.operations.append(operation)
@@ -117,3 +134,59 @@ class InMemoryCallChannel:
             return
         self._record(("hangup",))
         self.hung_up = True
+
+    async def start_recording(self, name: str) -> None:
+        check_recording_name(name)
+        if self.hung_up:
+            raise CallerHungUp("caller hung up")
+        self._record(("start_recording", name))
+        if name in self.recording_names:  # like ARI's ifExists=fail: a recording is never overwritten
+            raise ChannelError(f"recording {name!r} already exists")
+        self.recording_names.add(name)
+        self.recording_now.add(name)
+
+    async def stop_recording(self, name: str) -> None:
+        check_recording_name(name)
+        if self.hung_up:  # the recording ended with the call: nothing to stop, nothing to fail
+            self.operations.append(("stop_recording", name))
+        else:
+            self._record(("stop_recording", name))
+        self.recording_now.discard(name)
+
+
+@dataclass
+class MemoryRecorder:
+    """A ``CallRecorder`` over the channel's own recording: names ``<label>-<n>``, kept in ``started``/``stopped``.
+
+    ``fail_start`` makes ``start`` raise that error (after nothing was started), as a real recorder might.
+    """
+
+    fail_start: MedhotlineError | None = None
+    started: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    _numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1), repr=False)
+
+    async def start(self, channel: CallChannel, label: str) -> str:
+        if self.fail_start is not None:
+            raise self.fail_start
+        name = f"{label}-{next(self._numbers)}"
+        await channel.start_recording(name)
+        self.started.append(name)
+        return name
+
+    async def stop(self, channel: CallChannel, name: str) -> None:
+        await channel.stop_recording(name)
+        self.stopped.append(name)
+
+
+@dataclass
+class MemoryConsentSink:
+    """A ``ConsentSink`` that keeps every exchange; ``fail`` makes it refuse to store (raise that error)."""
+
+    fail: MedhotlineError | None = None
+    exchanges: list[ConsentExchange] = field(default_factory=list)
+
+    async def consent_given(self, exchange: ConsentExchange) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.exchanges.append(exchange)

@@ -1,12 +1,16 @@
-"""Ports the interpreter needs besides the call itself: speech recognition and the patient directory.
+"""Ports the interpreter needs besides the call itself: speech recognition, the patient directory, and for
+``consent`` nodes a call recorder and a consent store.
 
-Both are pluggable; the defaults here are the honest "not available" versions, so a flow written for speech
-or patient lookup still works (through its fallback / not-found edges) on a node that has neither.
+Speech and the directory are pluggable with honest "not available" defaults here, so a flow written for speech
+or patient lookup still works (through its fallback / not-found edges) on a node that has neither. Consent has
+no such default on purpose: a flow that reaches a ``consent`` node without a consent store (or, when the node
+records, without a recorder) ends with outcome "error" rather than pretend a consent was taken.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from ivr.channel import CallChannel, ChannelError
@@ -77,3 +81,58 @@ class NoPatientDirectory:
 
     async def lookup_caller(self, channel: CallChannel) -> PatientMatch | None:
         return None
+
+
+# -- consent ------------------------------------------------------------------------------------------------------
+
+
+class ConsentUnavailable(ChannelError):
+    """A ``consent`` node can't take a consent on this call: no consent store or recorder configured, or the
+    recording could not be started or stopped, or the store refused the consent. The flow ends with outcome
+    "error" and this message (naming the flow and node); no consent is reported as taken."""
+
+
+@dataclass(frozen=True)
+class ConsentExchange:
+    """What the patient heard and answered, for the signed, timestamped consent record.
+
+    The texts are the exact words read to the caller (the flow's ``text`` and ``confirm_again``); the times are
+    UTC: ``asked_at`` when the consent text began, ``confirmed_at`` when each of the two confirming keys arrived.
+    ``recording`` is the name ``CallRecorder.start`` returned; it has been stopped before this is reported (so
+    the file is complete and can be hashed). None when the node does not record (``record: false``).
+    """
+
+    flow: str
+    node: str
+    document: str
+    text: str
+    confirm_text: str
+    asked_at: datetime
+    confirmed_at: tuple[datetime, datetime]
+    recording: str | None
+    # The key pressed twice to confirm (the texts tell the caller which).
+    key: str = "1"
+
+
+class ConsentSink(Protocol):
+    """Where a given consent goes (signed, timestamped and linked to the call by the service).
+
+    Called once per consent given, after the second confirmation and after the recording was stopped; never for
+    a refusal or a hang-up. An error raised here (a ``MedhotlineError``) ends the flow with outcome "error".
+    """
+
+    async def consent_given(self, exchange: ConsentExchange) -> None: ...
+
+
+class CallRecorder(Protocol):
+    """Records part of a call (both directions). ``label`` says what is recorded, e.g. ``consent.hotline.ask``
+    (only ``[a-z0-9_.-]``, so it may become part of a recording name); the returned name identifies the
+    recording for ``stop`` and in the consent record.
+
+    ``stop`` is called exactly once for every successful ``start``, also when the caller hung up meanwhile;
+    it must not fail because the call has ended.
+    """
+
+    async def start(self, channel: CallChannel, label: str) -> str: ...
+
+    async def stop(self, channel: CallChannel, name: str) -> None: ...

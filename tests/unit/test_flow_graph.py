@@ -258,7 +258,7 @@ def test_cli_check_problems(no_config: Path, capsys: pytest.CaptureFixture[str])
     assert capsys.readouterr().out.splitlines() == [
         f"{bad}:7:5: nodes.a.next: node 'nowhere' is not defined",
         f"{worse}:5:5: nodes.a.type: unknown type 'hangupp'; expected one of: play, menu, collect, listen, confirm, "
-        "branch, set, lookup_patient, subflow, route, transfer, hangup, return",
+        "consent, branch, set, lookup_patient, subflow, route, transfer, hangup, return",
         "2 problems in 2 files",
     ]
     assert check_paths([bad]) == check_paths([no_config])[:1]
@@ -312,6 +312,22 @@ def test_cli_show_dot_is_a_digraph_with_the_edges(no_config: Path, capsys: pytes
         ("a", "bye", "fallback"),
     }
     assert shapes == {"__start__": "point", "a": "box", "b": "doublecircle", "bye": "doublecircle"}
+
+
+def test_cli_show_dot_draws_the_edges_of_a_consent_node(no_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (no_config / "dialplans").mkdir()
+    _write(
+        no_config / "dialplans",
+        "t.yaml",
+        HEAD + "  a:\n    type: consent\n    document: remote_consultation\n    text: 同意请按1\n"
+        "    confirm_again: 确认请按1\n    next: {given: ok, refused: bye}\n"
+        "  ok:\n    type: route\n    category: diagnosis\n" + BYE,
+    )
+    assert main(["flows", "show", "t", "--dot"]) == 0
+    edges = {m.groups() for line in capsys.readouterr().out.splitlines() if (m := _EDGE.match(line))}
+    assert edges == {("__start__", "a", None), ("a", "ok", "given"), ("a", "bye", "refused")}
+    assert main(["flows", "show", "t"]) == 0
+    assert "a    consent\n       given → ok\n       refused → bye\n" in capsys.readouterr().out
 
 
 def test_dot_of_the_shipped_hotline_flow() -> None:

@@ -46,13 +46,20 @@ def test_shipped_flows_load() -> None:
     assert hotline.flow.prompt_texts()  # every prompt has text to render
 
 
+def test_test_desk_flows_load_with_the_consent_desk() -> None:
+    loaded = load_flows(REPO / "tests" / "data" / "flows")
+    desk = loaded["consent_desk"].flow
+    assert desk.nodes["consent_remote"].type == "consent"
+    assert "您确认同意吗？再次确认请按1。" in desk.prompt_texts()
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
         pytest.param(
             "flow: t\nstart: a\nnodes:\n  a:\n    type: menuu\n    say: hi\n",
-            "5:5: nodes.a.type: unknown type 'menuu'; expected one of: play, menu, collect, listen, confirm, branch, "
-            "set, lookup_patient, subflow, route, transfer, hangup, return",
+            "5:5: nodes.a.type: unknown type 'menuu'; expected one of: play, menu, collect, listen, confirm, consent, "
+            "branch, set, lookup_patient, subflow, route, transfer, hangup, return",
             id="unknown-node-type",
         ),
         pytest.param(
