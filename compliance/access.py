@@ -374,9 +374,12 @@ class Resource:
         if self.kind not in RECORD_KINDS:
             raise AccessError(f"unknown kind of record {self.kind!r}; kinds are {', '.join(RECORD_KINDS)}")
         if self.kind in PATIENT_KINDS:
-            if self.patient_id is None:
-                raise AccessError(f"a {self.kind} resource must name its patient (opaque id)")
-            check_patient_id(self.patient_id)
+            # A caller the IVR did not identify still has a call: such records are scoped by their call and their
+            # department (patient-based scopes can't apply), never left unprotected.
+            if self.patient_id is None and self.call_id is None:
+                raise AccessError(f"a {self.kind} resource must name its patient (opaque id) or its call")
+            if self.patient_id is not None:
+                check_patient_id(self.patient_id)
         elif self.patient_id is not None:
             raise AccessError(f"a {self.kind} resource is not patient data and takes no patient id")
         if self.department is not None:

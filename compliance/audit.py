@@ -75,6 +75,12 @@ AuditAction: TypeAlias = Literal[
     "account_unfreeze",
     "login",
     "logout",
+    # Recordings and signed call records (recordings/): a retention purge, a legal hold placed or lifted, a
+    # record signed and timestamped, a recording stored.
+    "delete",
+    "legal_hold",
+    "sign",
+    "store",
 ]
 AuditOutcome: TypeAlias = Literal["success", "denied", "error"]
 AUDIT_ACTIONS: Final[frozenset[str]] = frozenset(get_args(AuditAction))
@@ -91,6 +97,8 @@ _DETAIL_KEY: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # Seven or more digits, possibly separated by spaces, dots, dashes, slashes or brackets: a phone number, a
 # record number or a date of birth. Such values belong in the encrypted business tables, never in the audit log.
 _NUMBER_LIKE: Final = re.compile(r"\d(?:[\s.()/-]*\d){6,}")
+_DIGEST: Final = re.compile(r"(?:[0-9a-f]{2}){16,64}")
+_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _PII_KEYS: Final = frozenset(
     {"name", "first_name", "last_name", "full_name", "patient_name", "phone", "phone_number", "telephone",
      "mobile", "msisdn", "caller_id", "email", "address", "birth", "birthdate", "date_of_birth", "dob", "mrn",
@@ -141,6 +149,10 @@ def _check_details(value: object, where: str = "details") -> None:
             raise AuditError(f"{where}: large number {value} looks like an identifier; use a blind id")
         return
     if isinstance(value, str):
+        if _UUID.fullmatch(value) or _DIGEST.fullmatch(value):
+            # A record's random id (call, recording, signed record) or a hash: 32+ hex characters of random
+            # shape, whose digit runs are not a phone or record number.
+            return
         _check_free_text(where, value)
         return
     if isinstance(value, list):

@@ -34,7 +34,10 @@ from compliance.keyservice_protocol import (
     OP_GENERATE_DATA_KEY,
     OP_REWRAP,
     OP_ROTATE,
+    OP_SIGN,
     OP_STATUS,
+    OP_TIMESTAMP,
+    OP_TRUST_ANCHORS,
     OP_UNWRAP,
     KeyServiceProtocolError,
     KeyServiceRefused,
@@ -84,6 +87,12 @@ class GeneratedDataKey:
 class KeyServiceStatus:
     versions: tuple[int, ...]
     current: int
+
+
+@dataclass(frozen=True)
+class TrustAnchors:
+    signing_key: bytes  # raw Ed25519 public key
+    tsa_certificate_pem: bytes
 
 
 class KeyServiceClient:
@@ -199,6 +208,27 @@ class KeyServiceClient:
         if not isinstance(index, str):
             raise KeyServiceProtocolError("blind_index response lacks a string 'index'")
         return index
+
+    async def sign(self, message: bytes, purpose: str) -> bytes:
+        """The records key's Ed25519 signature of ``message`` (domain-separated by ``purpose``)."""
+        result = await self._call(OP_SIGN, message=b64encode(message), purpose=purpose)
+        return b64decode(result.get("signature"), "signature")
+
+    async def trust_anchors(self) -> TrustAnchors:
+        """The public halves a verifier needs: the records signing key and the local TSA's certificate."""
+        result = await self._call(OP_TRUST_ANCHORS)
+        certificate = result.get("tsa_certificate")
+        if not isinstance(certificate, str):
+            raise KeyServiceProtocolError("trust_anchors response lacks a 'tsa_certificate' PEM")
+        return TrustAnchors(
+            signing_key=b64decode(result.get("signing_key"), "signing_key"),
+            tsa_certificate_pem=certificate.encode("ascii"),
+        )
+
+    async def timestamp(self, request_der: bytes) -> bytes:
+        """The local timestamp authority's RFC 3161 response (DER) to ``request_der``."""
+        result = await self._call(OP_TIMESTAMP, request=b64encode(request_der))
+        return b64decode(result.get("response"), "response")
 
     # --- transport ------------------------------------------------------------------------------------------
 

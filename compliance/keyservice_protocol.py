@@ -35,8 +35,24 @@ OP_REWRAP: Final = "rewrap"
 OP_ROTATE: Final = "rotate"
 OP_STATUS: Final = "status"
 OP_BLIND_INDEX: Final = "blind_index"
+# Signed call records: an Ed25519 signature (domain-separated by purpose), the public trust anchors, and an
+# RFC 3161 timestamp from the local timestamp authority. The private keys stay in the key service.
+OP_SIGN: Final = "sign"
+OP_TRUST_ANCHORS: Final = "trust_anchors"
+OP_TIMESTAMP: Final = "timestamp"
 OPERATIONS: Final = frozenset(
-    {OP_AUTH, OP_GENERATE_DATA_KEY, OP_UNWRAP, OP_REWRAP, OP_ROTATE, OP_STATUS, OP_BLIND_INDEX}
+    {
+        OP_AUTH,
+        OP_GENERATE_DATA_KEY,
+        OP_UNWRAP,
+        OP_REWRAP,
+        OP_ROTATE,
+        OP_STATUS,
+        OP_BLIND_INDEX,
+        OP_SIGN,
+        OP_TRUST_ANCHORS,
+        OP_TIMESTAMP,
+    }
 )
 
 # Error codes a response may carry.

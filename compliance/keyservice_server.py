@@ -41,7 +41,10 @@ from compliance.keyservice_protocol import (
     OP_GENERATE_DATA_KEY,
     OP_REWRAP,
     OP_ROTATE,
+    OP_SIGN,
     OP_STATUS,
+    OP_TIMESTAMP,
+    OP_TRUST_ANCHORS,
     OP_UNWRAP,
     KeyServiceError,
     KeyServiceProtocolError,
@@ -239,6 +242,10 @@ class KeyServiceServer:
         except OSError as exc:
             logger.error("keyservice_internal_error", op=op, error=type(exc).__name__)
             response = error_response(request_id, E_INTERNAL, "the key service failed to complete the operation")
+        except MedhotlineError as exc:
+            # E.g. the timestamp authority's key or certificate file is damaged: the operator must see which.
+            logger.error("keyservice_internal_error", op=op, error=str(exc))
+            response = error_response(request_id, E_INTERNAL, f"the key service failed: {exc}")
         outcome = "ok" if response["ok"] else response["error"]["code"]
         logger.info("keyservice_request", op=op, outcome=outcome, purpose=purpose)
         return response
@@ -262,6 +269,21 @@ class KeyServiceServer:
         if request.op == OP_BLIND_INDEX:
             value = require_str(params, "value", MAX_INDEX_VALUE_LENGTH)
             return ok_response(request.id, index=keystore.blind_index(value, require_str(params, "purpose")))
+        if request.op == OP_SIGN:
+            message = b64decode(params.get("message"), "message")
+            signature = keystore.sign(message, require_str(params, "purpose"))
+            return ok_response(request.id, signature=b64encode(signature))
+        if request.op == OP_TRUST_ANCHORS:
+            tsa = keystore.timestamp_authority()
+            return ok_response(
+                request.id,
+                signing_key=b64encode(keystore.signing_public_key()),
+                tsa_certificate=tsa.certificate_pem.decode("ascii"),
+            )
+        if request.op == OP_TIMESTAMP:
+            # A malformed request gets an RFC 3161 rejection response from the authority, not an error here.
+            query = b64decode(params.get("request"), "request")
+            return ok_response(request.id, response=b64encode(keystore.timestamp_authority().respond(query)))
         if request.op == OP_AUTH:
             raise KeyServiceProtocolError("this connection is already authenticated", E_BAD_REQUEST)
         raise KeyServiceProtocolError(f"unknown operation {request.op!r}", E_UNKNOWN_OP)

@@ -8,6 +8,8 @@ Layout of the directory (mode 0700, owned by the service's user)::
     kek-v1.key, kek-v2.key, ...   32 random bytes each, mode 0600
     blind-index.key               32 random bytes, mode 0600 (HMAC-SHA256 key)
     current                       the KEK version new data keys are wrapped under ("2\\n"), mode 0600
+    records-signing.key           Ed25519 private key (raw 32 bytes) signing call records, mode 0600
+    tsa/                          the local RFC 3161 timestamp authority's key and certificate
 
 A file or directory that the group or others can access makes ``open`` refuse with an error naming the path and
 its mode: a key readable by another account is a key that has leaked, and starting anyway would hide that.
@@ -30,12 +32,17 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from medhotline.errors import MedhotlineError
+
+if TYPE_CHECKING:
+    from recordings.timestamps import LocalTimestampAuthority
 
 KEY_SIZE: Final = 32
 NONCE_SIZE: Final = 12
@@ -48,6 +55,9 @@ _KEK_FILE: Final = re.compile(r"^kek-v([1-9][0-9]{0,8})\.key$")
 _PURPOSE: Final = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _DEK_AAD_PREFIX: Final = b"medhotline-dek|"
 _BLIND_INDEX_PREFIX: Final = b"medhotline-blind-index|"
+RECORDS_SIGNING_FILE: Final = "records-signing.key"
+TSA_DIRECTORY: Final = "tsa"
+_SIGN_PREFIX: Final = b"medhotline-sign|"
 
 
 class KeyStoreError(MedhotlineError):
@@ -154,6 +164,8 @@ class KeyStore:
         self._keks = dict(keks)
         self._current = current
         self._blind_index_key = blind_index_key
+        self._signing_key: Ed25519PrivateKey | None = None
+        self._tsa: LocalTimestampAuthority | None = None
 
     def __repr__(self) -> str:  # never show key material, even by accident in a traceback
         return f"KeyStore(directory={str(self._directory)!r}, versions={sorted(self._keks)}, current={self._current})"
@@ -249,11 +261,44 @@ class KeyStore:
         subkey = hmac.new(self._blind_index_key, _BLIND_INDEX_PREFIX + purpose_bytes, hashlib.sha256).digest()
         return hmac.new(subkey, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
+    def sign(self, message: bytes, purpose: str) -> bytes:
+        """Ed25519 signature of ``message`` for ``purpose`` (see :func:`signed_message`).
+
+        The key is created on first use, so key directories made before signed records existed gain one.
+        """
+        return self._records_signing_key().sign(signed_message(message, purpose))
+
+    def signing_public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 public key that verifies :meth:`sign`."""
+        return self._records_signing_key().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def timestamp_authority(self) -> LocalTimestampAuthority:
+        """The local RFC 3161 timestamp authority (key and certificate in ``tsa/``), created on first use."""
+        if self._tsa is None:
+            from recordings.timestamps import LocalTimestampAuthority
+
+            self._tsa = LocalTimestampAuthority.load_or_create(self._directory / TSA_DIRECTORY)
+        return self._tsa
+
+    def _records_signing_key(self) -> Ed25519PrivateKey:
+        if self._signing_key is None:
+            path = self._directory / RECORDS_SIGNING_FILE
+            if not path.exists():
+                _write_private(self._directory, RECORDS_SIGNING_FILE, secrets.token_bytes(KEY_SIZE), replace=False)
+            self._signing_key = Ed25519PrivateKey.from_private_bytes(_read_key(path))
+        return self._signing_key
+
     def _wrap(self, dek: bytes, purpose: str) -> bytes:
         aad = _DEK_AAD_PREFIX + check_purpose(purpose)
         nonce = secrets.token_bytes(NONCE_SIZE)
         ciphertext = AESGCM(self._keks[self._current]).encrypt(nonce, bytes(dek), aad)
         return _WRAP_HEADER.pack(WRAP_FORMAT, self._current) + nonce + ciphertext
+
+
+def signed_message(message: bytes, purpose: str) -> bytes:
+    """What the records key actually signs: domain-separated by purpose, so a signature made for one kind of
+    document (``call_records``) can never be presented as one for another."""
+    return _SIGN_PREFIX + check_purpose(purpose) + b"|" + message
 
 
 def parse_wrapped(wrapped: bytes) -> tuple[int, bytes, bytes]:
