@@ -42,7 +42,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from compliance.audit import AuditLog, AuditOutcome, JsonValue
 from compliance.fields import FieldCipher
-from compliance.keyservice_client import GeneratedDataKey, KeyServiceClient, KeyServiceStatus, wipe
+from compliance.keyservice_client import GeneratedDataKey, KeyServiceClient, KeyServiceStatus, TrustAnchors, wipe
 from compliance.keyservice_protocol import KeyServiceRefused, KeyServiceUnavailable
 from compliance.keystore import KeyStoreError, UnwrapError, read_token_file, wrapped_version
 from medhotline.config import Config
@@ -517,3 +517,49 @@ def key_service_for(config: Config) -> KeyServiceClient:
     except KeyStoreError as exc:
         raise KeyServiceUnavailable(f"cannot use the key service token: {exc}") from None
     return KeyServiceClient.unix(socket_path, token.decode("utf-8", errors="strict"))
+
+
+class LazyKeyService:
+    """The configured key service, connected on first use (and again after it was unreachable).
+
+    For long-running components that must start before the key service does: the service records calls from
+    its first second, and their ingest waits for the keys instead of the start-up failing.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._client: KeyServiceClient | None = None
+
+    def _get(self) -> KeyServiceClient:
+        if self._client is None:
+            self._client = key_service_for(self._config)
+        return self._client
+
+    async def generate_data_key(self, purpose: str) -> GeneratedDataKey:
+        return await self._get().generate_data_key(purpose)
+
+    async def unwrap(self, wrapped: bytes, purpose: str) -> bytearray:
+        return await self._get().unwrap(wrapped, purpose)
+
+    async def rewrap(self, wrapped: bytes, purpose: str) -> bytes:
+        return await self._get().rewrap(wrapped, purpose)
+
+    async def rotate(self) -> int:
+        return await self._get().rotate()
+
+    async def status(self) -> KeyServiceStatus:
+        return await self._get().status()
+
+    async def sign(self, message: bytes, purpose: str) -> bytes:
+        return await self._get().sign(message, purpose)
+
+    async def trust_anchors(self) -> TrustAnchors:
+        return await self._get().trust_anchors()
+
+    async def timestamp(self, request_der: bytes) -> bytes:
+        return await self._get().timestamp(request_der)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None

@@ -170,9 +170,11 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Feature packages own their command groups (agents, credentials, patients, keys, accounts, break-glass)."""
     from compliance import access_commands, key_commands
     from his import commands as his_commands
+    from recordings import commands as recordings_commands
     from routing import commands as routing_commands
 
     for register in (
+        recordings_commands.register,
         routing_commands.register,
         his_commands.register,
         key_commands.register,

@@ -204,6 +204,50 @@ class RoutingConfig(_Section):
     _rules_empty = field_validator("rules_file", mode="before")(_empty_is_none)
 
 
+# The legal floor: call records are part of the medical record (医疗机构病历管理规定), kept at least 15 years.
+RETENTION_FLOOR_YEARS = 15
+
+
+class RetentionYears(_Section):
+    """Years a recording (and its call's records) is kept after the call, per record type. Configurable up,
+    never below the legal floor."""
+
+    outpatient: int = Field(default=15, ge=RETENTION_FLOOR_YEARS, le=100)
+    emergency: int = Field(default=15, ge=RETENTION_FLOOR_YEARS, le=100)
+    inpatient: int = Field(default=30, ge=RETENTION_FLOOR_YEARS, le=100)
+
+
+class RecordingsConfig(_Section):
+    # Every answered call is recorded from the moment an agent joins; false is for test benches only.
+    enabled: bool = True
+    # Also record the IVR part (from the answer until the queue); consent steps are recorded regardless.
+    record_ivr: bool = False
+    # Encrypted recordings. Empty: <state_dir>/recordings.
+    store_dir: Path | None = None
+    # Where Asterisk writes recordings (astspooldir/recording), as this host sees it. Empty: the sandbox's own
+    # in sandbox mode, Asterisk's default /var/spool/asterisk/recording in external mode (a PBX on this host);
+    # a PBX elsewhere needs its spool mounted here.
+    spool_dir: Path | None = None
+    # The department that owns recordings of callers the IVR did not identify (the access policy's scope).
+    department: str = Field(default="hotline", pattern=r"^[a-z][a-z0-9_-]{0,63}$")
+    retention_years: RetentionYears = RetentionYears()
+    # RFC 3161 timestamps: empty uses the local timestamp authority inside the key service; a URL names an
+    # external (qualified) TSA, whose issuing CA certificates (PEM files) are listed in tsa_certificates.
+    tsa_url: str = ""
+    tsa_certificates: list[Path] = Field(default_factory=list)
+
+    _store_empty = field_validator("store_dir", mode="before")(_empty_is_none)
+    _spool_empty = field_validator("spool_dir", mode="before")(_empty_is_none)
+
+    @model_validator(mode="after")
+    def _tsa(self) -> RecordingsConfig:
+        if self.tsa_url and not self.tsa_url.startswith(("https://", "http://")):
+            raise ValueError("tsa_url must be an http(s) URL of an RFC 3161 timestamp authority")
+        if self.tsa_url and not self.tsa_certificates:
+            raise ValueError("tsa_url needs tsa_certificates: the CA certificates that issue the TSA's certificate")
+        return self
+
+
 class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -214,6 +258,11 @@ class Config(_Section):
     prompts: PromptsConfig = PromptsConfig()
     speech: SpeechConfig = SpeechConfig()
     routing: RoutingConfig = RoutingConfig()
+    recordings: RecordingsConfig = RecordingsConfig()
+
+    @property
+    def recordings_store(self) -> Path:
+        return self.recordings.store_dir or self.service.state_dir / "recordings"
 
     @property
     def database_url(self) -> str:

@@ -452,6 +452,12 @@ class CallRepository(Repository):
                 row.transfer_to = transfer_to
             return True
 
+    def call_priority(self, call_id: str) -> str | None:
+        """How the call was routed (``emergency`` or ``normal``), None if it never reached routing."""
+        with self._transaction(f"reading the priority of call {call_id}") as session:
+            row = session.get(Call, call_id)
+            return row.route_priority if row is not None else None
+
     def get(self, call_id: str) -> CallRecord | None:
         with self._transaction(f"reading call {call_id}") as session:
             row = session.get(Call, call_id)

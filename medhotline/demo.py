@@ -131,9 +131,12 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
 
 def _summary(config: Config, observed: list[tuple[str, PhoneCall]], log_path: Path, keep_running: bool) -> int:
     """What the phones saw next to what the service recorded; 0 when every call went where it should."""
+    from recordings.records import CallRecordStore
+    from recordings.store import RecordingStore
     from routing.store import AgentStore
 
     sessions = db.make_sessionmaker(config.database_url)
+    recordings, records = RecordingStore(sessions), CallRecordStore(sessions)
     repo = db.CallRepository(sessions)
     rings = AgentStore(sessions)
     recent = list(reversed(repo.list_recent(len(observed))))
@@ -157,6 +160,13 @@ def _summary(config: Config, observed: list[tuple[str, PhoneCall]], log_path: Pa
         print(f"       path: {path}")
         if answered:
             print(f"       answered by {answered[0]} ({_role_of(answered[0])})")
+        stored = [r for r in recordings.for_call(record.id) if r.state == "stored"]
+        signed = sorted(r.kind for r in records.for_call(record.id))
+        if stored or signed:
+            seconds = sum(r.duration_seconds or 0.0 for r in stored)
+            print(
+                f"       recorded: {len(stored)} encrypted file(s), {seconds:.1f}s; signed: {', '.join(signed) or '-'}"
+            )
     leaked = DEMO_CALLER in log_path.read_text(errors="replace")
     print(f"  caller number in the service log: {'FOUND (bug!)' if leaked else 'never (redacted)'}")
     print(f"  service log: {log_path}\n  database: {db.mask_url(config.database_url)}")

@@ -146,7 +146,9 @@ class Sandbox:
             module_dir=self.module_dir_in_chroot(),
         )
         etc = self.instance_dir / "etc"
-        for sub in ("etc", "lib", "spool", "run", "log", "cache"):
+        # Asterisk creates files, not its spool's base directories: without spool/recording every ARI recording
+        # fails (HTTP 500), without spool/monitor MixMonitor's relative paths do.
+        for sub in ("etc", "lib", "spool", "spool/recording", "spool/monitor", "run", "log", "cache"):
             (self.instance_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         for name, text in render_all(values).items():
             _write_private(etc / name, text)

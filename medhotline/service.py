@@ -18,12 +18,20 @@ import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
-from ivr.ari_channel import MEDIA_CHANNEL_PREFIX, AriCallChannel, AriDispatcher, event_channel_id
+from ivr.ari_channel import (
+    MEDIA_CHANNEL_PREFIX,
+    SNOOP_ARG,
+    SNOOP_CHANNEL_PREFIX,
+    AriCallChannel,
+    AriDispatcher,
+    event_channel_id,
+)
 from ivr.ari_client import AriClient, AriError
 from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost
 from ivr.fastagi import FastAgiCallChannel
@@ -32,7 +40,7 @@ from ivr.flow_loader import FlowError
 from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
 from ivr.flow_registry import FlowRegistry
 from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
-from ivr.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
+from ivr.ports import ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 from ivr.prompts import Voice, sound_name
 from keywords.registry import LexiconRegistry
 from medhotline import db, maintenance
@@ -44,6 +52,7 @@ from routing.engine import RoutingEngine
 
 if TYPE_CHECKING:
     from compliance.access_store import AccessControl
+    from recordings.capture import CallRecordings, ChannelRecorder
     from routing.agent_endpoints import ContactView
 from routing.model import CallPriority
 
@@ -113,7 +122,14 @@ class HotlineService:
         engine: RoutingEngine | None = None,
         connect_directory: bool = False,
         access: AccessControl | None = None,
+        recordings: CallRecordings | None = None,
     ) -> None:
+        # Recording, ingest and signed records; None only in tests of the IVR and routing alone.
+        self.recordings = recordings
+        # Calls an agent answered (their summary is sealed after the wrap-up) and calls handed to the ARI queue
+        # by FastAGI (whose record is finished by the queue's side).
+        self._answered: set[str] = set()
+        self._handed_over: set[str] = set()
         # The access policy: the agent who answers an identified caller may see that patient during the call.
         self.access = access
         # Connect the patient registry (through the key service) when running; tests inject a directory instead.
@@ -156,6 +172,7 @@ class HotlineService:
                     name: EscalationTransfer(g.number, g.trunk, g.ring_seconds, g.then_number, g.then_trunk)
                     for name, g in rc.escalation_groups.items()
                 },
+                recorder=recordings,
             )
 
     # -- calls ------------------------------------------------------------------------------------
@@ -194,13 +211,18 @@ class HotlineService:
                 started_at=datetime.now(UTC),
             )
             answered = False
+            ivr_recording: str | None = None
+            recordings = self.recordings
+            ivr_recorder = recordings.recorder(call_id, "ivr") if recordings is not None else None
 
             async def on_step(step: Step) -> None:
-                nonlocal answered
+                nonlocal answered, ivr_recording
                 now = datetime.now(UTC)
                 if not answered:
                     answered = True
                     await self._record("answer", self.repo.mark_answered, call_id, now)
+                    if ivr_recorder is not None and self.config.recordings.record_ivr:
+                        ivr_recording = await self._start_ivr_recording(ivr_recorder, channel)
                 await self._record(
                     "step",
                     self.repo.add_step,
@@ -219,6 +241,8 @@ class HotlineService:
                 on_step,
                 recognizer=self.recognizer,
                 directory=self.directory,
+                consent=_CallConsent(recordings, call_id) if recordings is not None else None,
+                recorder=recordings.recorder(call_id, "consent") if recordings is not None else None,
             )
             try:
                 result = await runner.run(loaded.flow, channel)
@@ -227,6 +251,10 @@ class HotlineService:
                 result = FlowResult("error", "unknown", f"{type(exc).__name__}")
                 with contextlib.suppress(Exception):
                     await channel.hangup()
+            if ivr_recorder is not None and ivr_recording is not None:
+                await ivr_recorder.stop(channel, ivr_recording)
+            if recordings is not None and result.variables.get("patient_ref"):
+                recordings.identify(call_id, result.variables["patient_ref"])
             if result.outcome == "routed" and result.route is not None:
                 result = await self._to_agent(channel, call_id, result)
             await self._record(
@@ -242,6 +270,25 @@ class HotlineService:
                 transfer_to=result.transfer_to,
             )
             log.info("call.end", outcome=result.outcome, last_step=result.last_step)
+            if call_id not in self._handed_over:
+                self._call_ended(call_id)
+            self._handed_over.discard(call_id)
+
+    def _call_ended(self, call_id: str) -> None:
+        """Seal the call's summary after the wrap-up (the recordings know whether there is anything to seal)."""
+        answered = call_id in self._answered
+        self._answered.discard(call_id)
+        if self.recordings is not None:
+            self.recordings.spawn(
+                self.recordings.call_ended(call_id, wrap_up=self.config.routing.wrap_up, answered_by_agent=answered)
+            )
+
+    async def _start_ivr_recording(self, recorder: ChannelRecorder, channel: CallChannel) -> str | None:
+        try:
+            return await recorder.start(channel, "ivr")
+        except Exception:
+            log.exception("recording.ivr_not_started")  # the call goes on unrecorded; the row says so
+            return None
 
     async def _to_agent(self, channel: CallChannel, call_id: str, result: FlowResult) -> FlowResult:
         """The IVR routed the call: wait in the queue for a qualified agent, then talk. Never raises."""
@@ -259,6 +306,7 @@ class HotlineService:
                     },
                 )
                 log.info("routing.handed_to_ari_queue", category=route.category)
+                self._handed_over.add(call_id)
             except Exception:
                 log.exception("routing.hand_over_failed")
                 with contextlib.suppress(Exception):
@@ -316,6 +364,8 @@ class HotlineService:
                 at=datetime.now(UTC),
                 moves_last_step=False,
             )
+            if node == "answered" and edge is not None:
+                self._answered.add(call_id)
             if node == "answered" and edge is not None and patient_ref and self.access is not None:
                 await self._record(
                     "call assignment",
@@ -373,6 +423,7 @@ class HotlineService:
                 transfer_to=queued.transfer_to,
             )
             log.info("call.queue_end", outcome=queued.outcome)
+            self._call_ended(call_id)
 
     async def _channel_variable(self, channel_id: str, name: str) -> str:
         reply = await self.ari.request("GET", f"/channels/{channel_id}/variable", {"variable": name})
@@ -390,9 +441,12 @@ class HotlineService:
         log.debug("ari.event", event_type=event["type"], channel_id=event_channel_id(event))
         if event["type"] == "StasisStart":
             chan = event.get("channel") or {}
+            args = event.get("args") or []
             if str(chan.get("name", "")).startswith(MEDIA_CHANNEL_PREFIX):
                 return  # the service's own audio tap (external media) entering Stasis, not a call
-            args = event.get("args") or []
+            if (args and args[0] == SNOOP_ARG) or str(chan.get("name", "")).startswith(SNOOP_CHANNEL_PREFIX):
+                self.dispatcher.dispatch(event)  # a recording's snoop channel: the recording waits for it
+                return
             if args and args[0] == AGENT_LEG_ARG:
                 self.dispatcher.dispatch(event)  # an agent answered a call the queue dialled
                 return
@@ -512,6 +566,8 @@ class HotlineService:
             loops.append(
                 asyncio.create_task(maintenance.connect_patient_directory(self.config, self._install_directory))
             )
+        if self.recordings is not None:
+            loops.append(asyncio.create_task(self.recordings.resume_loop(self.ari, datetime.now(UTC))))
         if self.engine is not None:
             loops.append(asyncio.create_task(self.engine.run()))
             loops.append(asyncio.create_task(maintenance.check_credentials_daily(self.config)))
@@ -526,6 +582,8 @@ class HotlineService:
                 _, pending = await asyncio.wait(self._calls, timeout=SHUTDOWN_GRACE)
                 for task in pending:
                     task.cancel()
+            if self.recordings is not None:
+                await self.recordings.drain(SHUTDOWN_GRACE)
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, *self._calls, return_exceptions=True)
@@ -534,6 +592,18 @@ class HotlineService:
                 self.engine.close()
             await self.ari.aclose()
             log.info("service.stopped")
+
+
+class _CallConsent:
+    """The IVR's consent port for one call: the record is sealed in the background once its recording is
+    stored, so the caller is not kept waiting for the key service and the timestamp authority."""
+
+    def __init__(self, recordings: CallRecordings, call_id: str) -> None:
+        self._recordings = recordings
+        self._call_id = call_id
+
+    async def consent_given(self, exchange: ConsentExchange) -> None:
+        self._recordings.spawn(self._recordings.consent_given(self._call_id, exchange))
 
 
 def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None]:
@@ -577,6 +647,44 @@ def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> Rou
     return RoutingEngine(AgentStore(sessions), rules, settings)
 
 
+def recording_spool(config: Config) -> Path:
+    """Where this host reads the recordings Asterisk writes (astspooldir/recording)."""
+    if config.recordings.spool_dir is not None:
+        return config.recordings.spool_dir
+    if config.asterisk.mode == "external":
+        return Path("/var/spool/asterisk/recording")
+    from medhotline.sandbox import Sandbox
+
+    return Sandbox(config).instance_dir / "spool" / "recording"
+
+
+def build_recordings(config: Config, sessions: sessionmaker[Session]) -> CallRecordings:
+    """Capture, ingest and signed records over the key service (connected on first use, so the service starts
+    and records even while the key service is still coming up; ingest waits for it)."""
+    from compliance.audit import AuditLog, SqlAuditStore
+    from compliance.data_keys import LazyKeyService
+    from recordings.capture import CallRecordings
+    from recordings.ingest import Ingestor
+    from recordings.records import open_sealer
+    from recordings.retention import RetentionPolicy
+    from recordings.store import RecordingStore
+
+    keys = LazyKeyService(config)
+    audit = AuditLog(SqlAuditStore(db.make_engine(config.database_url)))
+    store = RecordingStore(sessions)
+    ingestor = Ingestor(
+        store,
+        keys,
+        spool_dir=recording_spool(config),
+        store_dir=config.recordings_store,
+        policy=RetentionPolicy.from_config(config.recordings.retention_years),
+        calls=db.CallRepository(sessions),
+        audit=audit,
+    )
+    sealer = open_sealer(config, sessions, keys, audit)
+    return CallRecordings(store, ingestor, sealer, department=config.recordings.department)
+
+
 def run_service(config: Config) -> int:
     db.ensure_current(config.database_url)
     flows = FlowRegistry(config.hotline.flows_dir)
@@ -595,6 +703,8 @@ def run_service(config: Config) -> int:
     bind = db.make_engine(config.database_url)
     access = AccessControl.for_engine(bind, patients=PatientStore.for_engine(bind))
 
+    recordings = build_recordings(config, sessions) if config.recordings.enabled else None
+
     async def main() -> None:
         service = HotlineService(
             config,
@@ -606,6 +716,7 @@ def run_service(config: Config) -> int:
             engine=engine,
             connect_directory=True,
             access=access,
+            recordings=recordings,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 
@@ -72,6 +72,15 @@ class QueueResult:
 QueueStep = Callable[[str, str | None, str | None], Awaitable[None]]
 
 
+class ConversationRecorder(Protocol):
+    """Records the conversation bridge (``recordings.capture.CallRecordings`` satisfies it). ``start`` returns a
+    handle for ``stop``, or None when the recording could not start (the call goes on regardless)."""
+
+    async def start_bridge(self, ari: AriClient, bridge_id: str, call_id: str) -> Any: ...
+
+    async def stop_bridge(self, ari: AriClient, row: Any) -> None: ...
+
+
 async def _no_step(node: str, edge: str | None, value: str | None) -> None:
     return None
 
@@ -110,7 +119,9 @@ class CallerQueue:
         settings: QueueSettings,
         sound: Callable[[str], str],
         escalation_groups: Mapping[str, EscalationTransfer],
+        recorder: ConversationRecorder | None = None,
     ) -> None:
+        self._recorder = recorder
         self._ari = ari
         self._events = events
         self._engine = engine
@@ -314,6 +325,7 @@ class CallerQueue:
     async def _talk(self, caller: AriCallChannel, leg: AriCallChannel, hold: str, call_id: str) -> None:
         """Caller and agent in one mixing bridge until either hangs up; then the other is hung up too."""
         talk = f"talk-{call_id}"
+        recording: Any = None
         with contextlib.suppress(AriError):
             await self._moh(hold, on=False)
         await self._request("POST", f"/bridges/{hold}/removeChannel", {"channel": caller.info.channel_id})
@@ -323,6 +335,9 @@ class CallerQueue:
                 "POST", f"/bridges/{talk}/addChannel", {"channel": f"{caller.info.channel_id},{leg.info.channel_id}"}
             )
             log.info("queue.connected")
+            # Recorded from the moment the agent joins: both parties, one file (see recordings.capture).
+            if self._recorder is not None:
+                recording = await self._recorder.start_bridge(self._ari, talk, call_id)
             caller_gone = asyncio.ensure_future(caller.wait_gone())
             agent_gone = asyncio.ensure_future(leg.wait_gone())
             done, _ = await asyncio.wait({caller_gone, agent_gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -334,6 +349,8 @@ class CallerQueue:
                 with contextlib.suppress(ChannelError):
                     await channel.hangup()
         finally:
+            if recording is not None and self._recorder is not None:
+                await self._recorder.stop_bridge(self._ari, recording)
             with contextlib.suppress(ChannelError):
                 await self._ari.request("DELETE", f"/bridges/{talk}")
 
