@@ -164,11 +164,12 @@ class CallRecordings:
         return row
 
     async def stop_bridge(self, ari: AriClient, row: RecordingRow) -> None:
-        with contextlib.suppress(AriNotFound):  # already ended with the bridge
-            try:
-                await ari.request("POST", f"/recordings/live/{row.name}/stop")
-            except AriError as exc:
-                log.warning("recording.stop_failed", recording_id=row.id, reason=str(exc))
+        try:
+            await ari.request("POST", f"/recordings/live/{row.name}/stop")
+        except AriNotFound:
+            pass  # it ended with the conversation (the parties left the bridge): the file is complete
+        except AriError as exc:
+            log.warning("recording.stop_failed", recording_id=row.id, reason=str(exc))
         await self._finished(row)
 
     # --- a recorded flow step or the IVR part (the channel's own recording) -----------------------------------
