@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from compliance.audit import AuditLog
-    from compliance.data_keys import DataKeyRing
+    from compliance.data_keys import DataKeyRing, RewrapReport
     from compliance.keyservice_client import KeyServiceClient
     from medhotline.config import Config
 
@@ -102,9 +102,20 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
         count = status.data_keys_per_kek[version]
         note = "" if version == status.current else "  <- to rewrap"
         print(f"data keys wrapped under KEK v{version}: {count}{note}")
-    if status.to_rewrap:
-        print(f"{status.to_rewrap} data key(s) not under the current KEK: run `medhotline keys rewrap`")
+    recordings = run_keyed(config, _recording_counts)
+    for version in sorted(recordings):
+        note = "" if version == status.current else "  <- to rewrap"
+        print(f"recording keys wrapped under KEK v{version}: {recordings[version]}{note}")
+    stale = status.to_rewrap + sum(n for v, n in recordings.items() if v != status.current)
+    if stale:
+        print(f"{stale} key(s) not under the current KEK: run `medhotline keys rewrap`")
     return EXIT_OK
+
+
+async def _recording_counts(keyed: KeyedDatabase) -> dict[int, int]:
+    from recordings.keys import counts_by_kek_version
+
+    return await asyncio.to_thread(counts_by_kek_version, keyed.engine)
 
 
 def _cmd_rotate(config: Config, args: argparse.Namespace) -> int:
@@ -116,22 +127,52 @@ def _cmd_rotate(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_rewrap(config: Config, args: argparse.Namespace) -> int:
+    from recordings.keys import RecordingRewrap, rewrap_recordings
+
     actor = operator_id(args.as_)
-    report = run_keyed(
-        config,
-        lambda k: k.ring.rewrap_all(
+
+    async def work(keyed: KeyedDatabase) -> tuple[RewrapReport, RecordingRewrap | None]:
+        report = await keyed.ring.rewrap_all(
             actor=actor, role=ADMIN_ROLE, reason=args.reason, purpose=args.purpose, limit=args.limit
-        ),
-    )
+        )
+        if args.purpose not in (None, "recordings"):
+            return report, None
+        # Each recording's own key, kept on its row (recordings are kept 15-30 years: rotation must reach them).
+        recordings = await rewrap_recordings(keyed.engine, keyed.keys, report.kek_version, limit=args.limit)
+        await asyncio.to_thread(
+            keyed.audit.append,
+            actor=actor,
+            role=ADMIN_ROLE,
+            action="key_operation",
+            outcome="success" if not recordings.failed else "error",
+            reason=args.reason,
+            details={
+                "operation": "rewrap_recordings",
+                "kek_version": recordings.kek_version,
+                "rewrapped": recordings.rewrapped,
+                "failed": list(recordings.failed),
+                "remaining": recordings.remaining,
+            },
+        )
+        return report, recordings
+
+    report, recordings = run_keyed(config, work)
     print(
         f"rewrapped {report.rewrapped} data key(s) to KEK v{report.kek_version}; "
         f"{report.skipped} already done; {report.remaining} remaining"
     )
+    failed = bool(report.failed)
     if report.failed:
         ids = ", ".join(str(i) for i in report.failed)
         print(f"data key(s) {ids} could not be unwrapped (altered or moved); they are left as they were")
+    if recordings is not None:
+        print(f"rewrapped {recordings.rewrapped} recording key(s); {recordings.remaining} remaining")
+        if recordings.failed:
+            failed = True
+            print(f"recording key(s) of {', '.join(recordings.failed)} could not be unwrapped; left as they were")
+    if failed:
         return EXIT_INCOMPLETE
-    if report.remaining:
+    if report.remaining or (recordings is not None and recordings.remaining):
         print("run `medhotline keys rewrap` again to continue")
     return EXIT_OK
 

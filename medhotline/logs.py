@@ -87,13 +87,14 @@ NON_IDENTIFYING_KEYS: Final[frozenset[str]] = frozenset(
 )
 
 # Tokens that look like long digit runs but are not phone numbers, found first and left alone: UUIDs (the
-# last group has 12 digits), also with a prefix such as "agent-" or "hold-" (the queue's legs and bridges),
+# last group has 12 digits), also with a prefix such as "agent-" or "hold-" (the queue's legs and bridges) or a
+# suffix such as "-conversation-1" (recording names),
 # Asterisk unique ids / channel ids ("1732623456.12", epoch seconds dot sequence), channel sequence suffixes
 # with a hex letter ("Local/x@ctx-0000002a;1"), and ISO dates and timestamps ("2024-11-26" would otherwise
 # read as an 8-digit hyphenated number).
 _KEEP_RE: Final = re.compile(
     r"""
-      (?<![0-9A-Fa-f]) [0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12} (?![0-9A-Fa-f-])
+      (?<![0-9A-Fa-f]) [0-9A-Fa-f]{8}-(?:[0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12} (?![0-9A-Fa-f]|-\d)
     | (?<![\d.+]) 1\d{9}\.\d{1,9} (?![\d.])
     | (?<=-) (?=\d*[a-fA-F]) [0-9a-fA-F]{8} (?![0-9A-Za-z])
     | (?<![\d+]) \d{4}-\d{2}-\d{2}

@@ -21,6 +21,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -42,12 +43,18 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _engine(config: Config) -> Engine:
-    """The database, refused with what to do when its schema is not current (never a bare SQL error)."""
+@contextmanager
+def _engine(config: Config) -> Iterator[Engine]:
+    """The database, refused with what to do when its schema is not current (never a bare SQL error); its
+    connections closed when the command is done."""
     from medhotline import db
 
     db.ensure_current(config.database_url)
-    return db.make_engine(config.database_url)
+    engine = db.make_engine(config.database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def _store(keyed: KeyedDatabase) -> RecordingStore:
@@ -89,8 +96,8 @@ def _describe(row: RecordingRow) -> list[str]:
 def _cmd_list(config: Config, args: argparse.Namespace) -> int:
     from recordings.store import RecordingStore
 
-    store = RecordingStore.for_engine(_engine(config))
-    rows = store.recent(call_id=args.call, state=args.state, limit=args.limit)
+    with _engine(config) as engine:
+        rows = RecordingStore.for_engine(engine).recent(call_id=args.call, state=args.state, limit=args.limit)
     for row in rows:
         until = f"{row.retain_until:%Y-%m-%d}" if row.retain_until else "-"
         hold = " HOLD" if row.legal_hold else ""
@@ -104,8 +111,9 @@ def _cmd_list(config: Config, args: argparse.Namespace) -> int:
 def _cmd_show(config: Config, args: argparse.Namespace) -> int:
     from recordings.store import RecordingStore
 
-    store = RecordingStore.for_engine(_engine(config))
-    for line in _describe(store.get(args.recording)):
+    with _engine(config) as engine:
+        row = RecordingStore.for_engine(engine).get(args.recording)
+    for line in _describe(row):
         print(line)
     return EXIT_OK
 
@@ -239,19 +247,18 @@ def _cmd_hold(config: Config, args: argparse.Namespace) -> int:
     on = args.recordings_action == "hold"
     reason = check_reason(args.reason)
     actor = operator_id(args.as_)
-    engine = _engine(config)
-    store = RecordingStore.for_engine(engine)
-    changed = store.set_hold(args.recording, on=on, reason=reason, by=actor, at=_now())
-    if changed == 0:
-        raise CommandError(f"no recording changed: {'already held' if on else 'not held'}, or no such id")
-    AuditLog(SqlAuditStore(engine)).append(
-        actor=actor,
-        role="operator",
-        action="legal_hold",
-        outcome="success",
-        reason=reason,
-        details={"recordings": list(args.recording), "hold": on},
-    )
+    with _engine(config) as engine:
+        changed = RecordingStore.for_engine(engine).set_hold(args.recording, on=on, reason=reason, by=actor, at=_now())
+        if changed == 0:
+            raise CommandError(f"no recording changed: {'already held' if on else 'not held'}, or no such id")
+        AuditLog(SqlAuditStore(engine)).append(
+            actor=actor,
+            role="operator",
+            action="legal_hold",
+            outcome="success",
+            reason=reason,
+            details={"recordings": list(args.recording), "hold": on},
+        )
     print(f"legal hold {'placed on' if on else 'lifted from'} {changed} recording(s)")
     return EXIT_OK
 
@@ -275,7 +282,8 @@ def _remove(
             action="denied",
             outcome="denied",
             reason=reason,
-            details={**details, "why": verdict.explanation},
+            # The refusal's code, not its text: the audit log takes no dates (they look like birth dates).
+            details={**details, "why": verdict.refusal},
         )
         return verdict.explanation
     if not store.mark_purged(row.id, by=actor, at=now):
@@ -293,33 +301,33 @@ def _cmd_delete(config: Config, args: argparse.Namespace) -> int:
     from recordings.store import RecordingStore
 
     actor = operator_id(args.as_)
-    engine = _engine(config)
-    store = RecordingStore.for_engine(engine)
-    audit = AuditLog(SqlAuditStore(engine))
-    if args.recordings_action == "purge":
-        if not args.expired:
-            raise CommandError("purge removes only what retention allows: say so with --expired")
-        rows = store.expired(_now())
-        if args.dry_run:
-            for row in rows:
-                print(f"would purge {row.id} (kept until {row.retain_until:%Y-%m-%d})")
-            return EXIT_OK
-        purged = sum(
-            1
-            for row in rows
-            if _remove(config, store, row, actor=actor, reason=args.reason or "retention", audit=audit) is None
-        )
-        # Files of rows already purged whose deletion a crash interrupted.
-        for row in store.recent(state="purged", limit=100_000):
-            if row.path is not None:
-                (config.recordings_store / row.path).unlink(missing_ok=True)
-        print(f"purged {purged} expired recording(s); {len(rows) - purged} skipped")
-        return EXIT_OK
-    row = store.get(args.recording)
-    refusal = _remove(config, store, row, actor=actor, reason=args.reason, audit=audit)
+    if args.recordings_action == "purge" and not args.expired:
+        raise CommandError("purge removes only what retention allows: say so with --expired")
+    with _engine(config) as engine:
+        store = RecordingStore.for_engine(engine)
+        audit = AuditLog(SqlAuditStore(engine))
+        if args.recordings_action == "purge":
+            return _purge(config, store, audit, actor=actor, reason=args.reason, dry_run=args.dry_run)
+        row = store.get(args.recording)
+        refusal = _remove(config, store, row, actor=actor, reason=args.reason, audit=audit)
     if refusal is not None:
         raise CommandError(f"delete of recording {row.id} refused: {refusal} (the refusal is audited)")
     print(f"recording {row.id} purged; its metadata and digests remain")
+    return EXIT_OK
+
+
+def _purge(config: Config, store: RecordingStore, audit: AuditLog, *, actor: str, reason: str, dry_run: bool) -> int:
+    rows = store.expired(_now())
+    if dry_run:
+        for row in rows:
+            print(f"would purge {row.id} (kept until {row.retain_until:%Y-%m-%d})")
+        return EXIT_OK
+    purged = sum(1 for row in rows if _remove(config, store, row, actor=actor, reason=reason, audit=audit) is None)
+    # Files of rows already purged whose deletion a crash interrupted.
+    for row in store.recent(state="purged", limit=100_000):
+        if row.path is not None:
+            (config.recordings_store / row.path).unlink(missing_ok=True)
+    print(f"purged {purged} expired recording(s); {len(rows) - purged} skipped")
     return EXIT_OK
 
 

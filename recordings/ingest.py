@@ -8,8 +8,9 @@ at start runs every unfinished ingest again):
    (``claim_key``: only the first key is kept, so a resumed ingest re-encrypts under the same key);
 2. *seal*: the spool file is encrypted in authenticated chunks (``recordings.envelope``) to a temporary name
    in the store, flushed and fsynced; a stale temporary from an earlier attempt is removed first;
-3. *rename*: the temporary becomes the final name (atomic within the store directory), and the directory is
-   fsynced so the rename survives a power cut;
+3. *rename*: the temporary becomes the final name (a hard link, atomic within the store directory and never
+   replacing a good file already there: see :func:`place_sealed`), and the directory is fsynced so the rename
+   survives a power cut;
 4. *record*: digests, sizes, duration, retention class and date go on the row (state ``stored``), in one
    conditional UPDATE;
 5. *clear*: the plaintext in the spool is removed and the row notes when.
@@ -22,6 +23,9 @@ ever written outside the spool (the temporary is already ciphertext).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import hashlib
 import os
 import wave
 from collections.abc import Callable
@@ -34,7 +38,7 @@ import structlog
 from compliance.audit import AuditLog, JsonValue
 from compliance.keyservice_client import GeneratedDataKey, wipe
 from medhotline.errors import MedhotlineError
-from recordings.envelope import EnvelopeError, seal_file
+from recordings.envelope import EnvelopeError, SealedFile, open_sealed, seal_file, sha256_file
 from recordings.retention import RetentionPolicy, retention_class
 from recordings.store import RecordingRow, RecordingStore
 
@@ -88,6 +92,88 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_private_dirs(root: Path, directory: Path) -> None:
+    """Create ``directory`` (under ``root``) and its missing parents, each 0700, fsyncing the parent of each new
+    one: a file renamed into a directory whose own entry was lost in a power cut would be lost with it."""
+    missing = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        if current in (root, current.parent):
+            break
+        current = current.parent
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+        fsync_directory(path.parent)
+
+
+def digest_sealed(path: Path, key: bytes | bytearray, row: RecordingRow) -> SealedFile:
+    """Digests and sizes of a sealed file already in the store, checking every chunk under the row's key and
+    context (a file that does not open is not this recording's)."""
+    plain = hashlib.sha256()
+    plain_size = 0
+    for piece in open_sealed(path, key, context=row.context):
+        plain.update(piece)
+        plain_size += len(piece)
+    return SealedFile(plain.hexdigest(), sha256_file(path), plain_size, path.stat().st_size)
+
+
+_NO_HARD_LINKS: Final = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
+
+
+def _link_without_replacing(temp: Path, final: Path) -> bool:
+    """Give ``temp`` the name ``final`` unless that name is taken; False when it is.
+
+    A hard link is atomic and fails on a taken name (a rename would silently replace it). On a file system
+    without hard links (some network mounts) it falls back to checking, then renaming: a narrow window instead
+    of none, which only two nodes ingesting the same recording at the same instant could hit.
+    """
+    try:
+        os.link(temp, final)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if final.exists():
+            return False
+        os.replace(temp, final)
+    return True
+
+
+def place_sealed(temp: Path, final: Path, sealed: SealedFile, key: bytes | bytearray, row: RecordingRow) -> SealedFile:
+    """Give the sealed temporary its final name without ever replacing a good file there; returns the digests of
+    the file that ends up there.
+
+    A file already at the final name is either an earlier attempt's (a crash after the rename) or another node's
+    that resumed the same ingest and may already have recorded its digests; replacing it would leave the row
+    naming a ciphertext that is no longer on disk. So it is kept when it opens under this recording's key to the
+    same audio, and only a file that does not open at all (damaged, or not this recording's) is replaced.
+    """
+    try:
+        if not _link_without_replacing(temp, final):
+            try:
+                existing = digest_sealed(final, key, row)
+            except EnvelopeError as exc:
+                log.warning("recording.replacing_unreadable_file", recording_id=row.id, reason=exc.reason)
+                os.replace(temp, final)
+            else:
+                if existing.plain_sha256 != sealed.plain_sha256:
+                    raise IngestError(
+                        f"recording {row.id}: {final} already holds other audio under this recording's key; "
+                        "left in place with the spool file for an operator to compare"
+                    ) from None
+                sealed = existing
+        temp.unlink(missing_ok=True)
+        fsync_directory(final.parent)
+    except OSError as exc:
+        raise IngestError(f"recording {row.id}: moving {temp.name} into place: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+    return sealed
 
 
 def stored_path(row: RecordingRow) -> str:
@@ -154,21 +240,24 @@ class Ingestor:
         self._checkpoint("keyed", row.id)
         relative = stored_path(row)
         final = self._root / relative
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for stale in final.parent.glob(f"{final.name}{TEMP_MARK}*"):
-            stale.unlink(missing_ok=True)  # ciphertext of an interrupted attempt
+        try:
+            make_private_dirs(self._root, final.parent)
+            for stale in final.parent.glob(f"{final.name}{TEMP_MARK}*"):
+                stale.unlink(missing_ok=True)  # ciphertext of an interrupted attempt
+        except OSError as exc:
+            raise IngestError(f"recording {row.id}: preparing {final.parent}: {exc.strerror or exc}") from None
         temp = final.with_name(f"{final.name}{TEMP_MARK}{os.getpid()}")
         assert row.wrapped_key is not None
         key = await self._keys.unwrap(row.wrapped_key, row.key_purpose)
         try:
-            sealed = await asyncio.to_thread(seal_file, spool, temp, key, context=row.context)
-        except EnvelopeError as exc:
-            raise IngestError(f"recording {row.id}: encrypting {spool.name} failed: {exc}") from None
+            try:
+                sealed = await asyncio.to_thread(seal_file, spool, temp, key, context=row.context)
+            except EnvelopeError as exc:
+                raise IngestError(f"recording {row.id}: encrypting {spool.name} failed: {exc}") from None
+            self._checkpoint("sealed", row.id)
+            sealed = await asyncio.to_thread(place_sealed, temp, final, sealed, key, row)
         finally:
             wipe(key)
-        self._checkpoint("sealed", row.id)
-        os.replace(temp, final)
-        fsync_directory(final.parent)
         self._checkpoint("renamed", row.id)
         ended = row.ended_at or self._clock()
         priority = await asyncio.to_thread(self._calls.call_priority, row.call_id)
@@ -185,12 +274,17 @@ class Ingestor:
             at=self._clock(),
         )
         if not stored:
-            # Another node completed it first; its row names its own file, which is this same path.
+            # Another node completed it first; its row names the file at this same path (place_sealed kept it).
             log.info("recording.ingested_elsewhere", recording_id=row.id)
         self._checkpoint("recorded", row.id)
         row = await asyncio.to_thread(self._store.get, row.id)
+        if row.state != "stored":
+            # E.g. marked missing meanwhile by a node that can't see this spool: the plaintext is the only copy
+            # of the audio, so it stays until the row says the ciphertext is stored.
+            raise IngestError(
+                f"recording {row.id} became {row.state} during its ingest; {spool.name} is kept in the spool"
+            )
         await self._clear_spool(row, spool)
-        self._record(row)
         log.info(
             "recording.stored",
             recording_id=row.id,
@@ -208,9 +302,16 @@ class Ingestor:
         return await asyncio.to_thread(self._store.claim_key, row.id, generated.wrapped, generated.version)
 
     async def _clear_spool(self, row: RecordingRow, spool: Path) -> None:
-        await asyncio.to_thread(spool.unlink, missing_ok=True)
-        if row.spool_removed_at is None:
-            await asyncio.to_thread(self._store.mark_spool_removed, row.id, self._clock())
+        """Remove the plaintext; the first to record its removal audits the stored recording (once, whether
+        the ingest ran straight through, was resumed after a crash, or raced another node)."""
+        try:
+            await asyncio.to_thread(spool.unlink, missing_ok=True)
+        except OSError as exc:
+            raise IngestError(f"recording {row.id}: removing the plaintext {spool}: {exc.strerror or exc}") from None
+        if row.spool_removed_at is None and await asyncio.to_thread(
+            self._store.mark_spool_removed, row.id, self._clock()
+        ):
+            await asyncio.to_thread(self._record, row)
 
     def _record(self, row: RecordingRow) -> None:
         if self._audit is None:

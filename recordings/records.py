@@ -29,7 +29,7 @@ from compliance.audit import AuditLog, JsonValue
 from compliance.data_keys import DataKeyRing
 from compliance.keyservice_client import TrustAnchors
 from medhotline.config import Config
-from medhotline.db import CallRepository, Repository
+from medhotline.db import CallRepository, DatabaseError, Repository
 from medhotline.errors import MedhotlineError
 from recordings.envelope import sha256_file
 from recordings.signed import (
@@ -317,9 +317,22 @@ class RecordSealer:
             "note": note[1] if note else None,
             "note_author": note[0] if note else None,
         }
-        return await self.seal(
-            call_id, "call_summary", body, recordings=recordings, agent=agent, note_of=call_id if note else None
-        )
+        try:
+            sealed = await self.seal(
+                call_id, "call_summary", body, recordings=recordings, agent=agent, note_of=call_id if note else None
+            )
+        except DatabaseError:
+            # Sealed concurrently (the wrap-up timer and a resumed seal): the database keeps one summary per
+            # call (a unique index), and the loser's record, never stored, is simply dropped.
+            if await asyncio.to_thread(self._records.summary_of, call_id) is not None:
+                log.info("record.summary_sealed_elsewhere", call_id=call_id)
+                return None
+            raise
+        if note is None:
+            # A note staged after it was read above (while this summary was being signed) is not in it: it
+            # becomes an amendment now rather than wait unsealed for ever (see add_note for the other side).
+            await self._amend_with_pending_note(call_id, sealed.id)
+        return sealed
 
     async def seal_consent(self, call_id: str, consent: dict[str, Any], recording: RecordingRow | None) -> SealedRecord:
         return await self.seal(call_id, "consent", consent, recordings=[recording] if recording else [])
@@ -339,15 +352,34 @@ class RecordSealer:
                 token = cipher.encrypt(text, table="call_notes", column="note", row_id=call_id)
             staged = await asyncio.to_thread(self._records.stage_note, call_id, author, self._clock(), token, key.id)
             if staged:
+                # The summary may have been sealed between the look above and the staging, without this note:
+                # then it is amended now (seal_call_summary does the same from its side, so either sees it).
+                sealed_meanwhile = await asyncio.to_thread(self._records.summary_of, call_id)
+                if sealed_meanwhile is not None:
+                    amendment = await self._amend_with_pending_note(call_id, sealed_meanwhile.id)
+                    if amendment is not None:
+                        return "amendment", amendment
                 return "staged", call_id
         original = summary or await asyncio.to_thread(self._records.summary_of, call_id)
         if original is None:
             raise RecordsError(f"call {call_id} already has a note waiting for its summary; amend after the seal")
-        body = {"call": call_id, "amends": original.id, "note": text, "note_author": author}
+        return "amendment", await self._amend(call_id, original.id, author, text, note_of=None)
+
+    async def _amend(self, call_id: str, original_id: str, author: str, text: str, *, note_of: str | None) -> str:
+        body = {"call": call_id, "amends": original_id, "note": text, "note_author": author}
         sealed = await self.seal(
-            call_id, "amendment", body, amends=original.id, agent=author, actor=author, role="agent"
+            call_id, "amendment", body, amends=original_id, agent=author, actor=author, role="agent", note_of=note_of
         )
-        return "amendment", sealed.id
+        return sealed.id
+
+    async def _amend_with_pending_note(self, call_id: str, summary_id: str) -> str | None:
+        """Seal a note still waiting although the summary exists as an amendment of it; its id, or None."""
+        note = await self._pending_note(call_id)
+        if note is None:
+            return None
+        author, text = note
+        log.info("record.note_after_summary", call_id=call_id)
+        return await self._amend(call_id, summary_id, author, text, note_of=call_id)
 
     async def _pending_note(self, call_id: str) -> tuple[str, str] | None:
         pending = await asyncio.to_thread(self._records.pending_note, call_id)

@@ -12,9 +12,10 @@ the check in a trigger (migration ``0008_recordings``), so a bug here can't purg
 
 from __future__ import annotations
 
+import calendar
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import MAXYEAR, datetime
 from typing import Final, Literal
 
 from medhotline.config import RETENTION_FLOOR_YEARS, RetentionYears
@@ -55,10 +56,15 @@ class RetentionPolicy:
         if ended_at.tzinfo is None:
             raise RetentionError("retention is counted from a timezone-aware end of call")
         years = self.years[retention_class]
-        try:
-            return ended_at.replace(year=ended_at.year + years)
-        except ValueError:  # 29 February into a year without one: keep until the day after, never the day before
-            return ended_at.replace(year=ended_at.year + years, month=3, day=1)
+        year = ended_at.year + years
+        if year > MAXYEAR:
+            raise RetentionError(
+                f"retention class {retention_class}: {years} years from {ended_at:%Y} is beyond year {MAXYEAR}"
+            )
+        if (ended_at.month, ended_at.day) == (2, 29) and not calendar.isleap(year):
+            # 29 February into a year without one: keep until the day after, never the day before.
+            return ended_at.replace(year=year, month=3, day=1)
+        return ended_at.replace(year=year)
 
 
 def retention_class(priority: str | None, *, inpatient: bool = False) -> RetentionClass:

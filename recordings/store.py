@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from medhotline.db import Repository
 from medhotline.errors import MedhotlineError
@@ -199,20 +199,23 @@ class RecordingStore(Repository):
                     duration_seconds=duration_seconds,
                     path=path,
                     stored_at=at,
-                    ended_at=Recording.ended_at if Recording.ended_at is not None else at,
+                    # The end Asterisk reported stays; a recording stored straight from capture ends now.
+                    ended_at=func.coalesce(Recording.ended_at, at),
                     retention_class=retention_class,
                     retain_until=retain_until,
                 )
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def mark_spool_removed(self, recording_id: str, at: datetime) -> None:
+    def mark_spool_removed(self, recording_id: str, at: datetime) -> bool:
+        """Note when the plaintext left the spool; True only for the first to note it (who audits the ingest)."""
         with self._transaction(f"recording {recording_id}'s spool file as removed") as session:
-            session.execute(
+            result = session.execute(
                 update(Recording)
                 .where(Recording.id == recording_id, Recording.spool_removed_at.is_(None))
                 .values(spool_removed_at=at)
             )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def mark_missing(self, recording_id: str, error: str, at: datetime) -> None:
         with self._transaction(f"recording {recording_id} as missing") as session:
@@ -279,6 +282,10 @@ class RecordingStore(Repository):
     # --- retention and hold ----------------------------------------------------------------------------------
 
     def set_hold(self, recording_ids: Sequence[str], *, on: bool, reason: str, by: str, at: datetime) -> int:
+        """Place (``on``) or lift a legal hold; returns how many recordings changed (already so: unchanged)."""
+        if on and not reason.strip():
+            # The database only asks for a non-NULL reason; an empty one would explain nothing later.
+            raise MedhotlineError("a legal hold needs a reason (the case or request it is for)")
         with self._transaction("changing a legal hold") as session:
             values = (
                 {"legal_hold": True, "hold_reason": reason, "hold_by": by, "held_at": at}

@@ -33,6 +33,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -123,6 +124,14 @@ class SignedCallRecord(Base):
         CheckConstraint("kind <> 'amendment' OR amends IS NOT NULL", name="amendment_names_original"),
         Index("ix_call_records_call_id", "call_id"),
         Index("ix_call_records_amends", "amends"),
+        # One summary per call, whoever seals it.
+        Index(
+            "uq_call_records_one_summary",
+            "call_id",
+            unique=True,
+            sqlite_where=text("kind = 'call_summary'"),
+            postgresql_where=text("kind = 'call_summary'"),
+        ),
     )
 
 

@@ -222,3 +222,27 @@ def test_a_caller_who_hangs_up_before_confirming_gives_no_consent(hotline: tuple
     time.sleep(2.0)  # longer than a consent takes to be sealed after its recording is stored
     kinds = {r.kind for r in CallRecordStore(db.make_sessionmaker(config.database_url)).for_call(record.id)}
     assert "consent" not in kinds
+
+
+def test_over_fastagi_the_consent_is_recorded_by_mixmonitor_and_the_queue_records_the_agent(
+    hotline: tuple[Hotline, AgentPhone],
+) -> None:
+    """The legacy path: the IVR (and its consent recording, by MixMonitor) over FastAGI, then the ARI queue."""
+    desk, _ = hotline
+    config = desk.config
+    before = desk.call_ids()
+    patient = desk.call("agi-" + config.hotline.number, CONSENTING)
+    assert patient.succeeded, patient.errors
+    record = new_call(desk, before)
+    assert record.transport == "fastagi"
+    path = [(s.flow, s.node, s.edge) for s in desk.repo.steps(record.id)]
+    assert ("recorded_desk", "consent_remote", "given") in path
+    assert ("queue", "answered", "rec1") in path
+    rows = {r.kind: r for r in stored_recordings(config, record.id, 2)}
+    assert set(rows) == {"consent", "conversation"}
+    assert rows["consent"].duration_seconds is not None
+    assert rows["consent"].duration_seconds > 1.0  # the consent exchange itself, not an empty file
+    headers = records_of(config, record.id, {"consent", "call_summary"})
+    assert [c.id for c in headers["consent"].recordings] == [rows["consent"].id]
+    assert not list(recording_spool(config).glob(f"*{record.id}*"))
+    assert cli(["--config", str(desk.config_path), "records", "verify", record.id]) == 0

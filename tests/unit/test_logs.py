@@ -58,6 +58,8 @@ def _redact(**event: Any) -> dict[str, Any]:
         ("number-12345678", f"number-{PHONE}"),
         ("电话１３８００１３８０００", f"电话{PHONE}"),
         ("{'agi_callerid': '13912345678'}", f"{{'agi_callerid': '{PHONE}'}}"),
+        # A number glued to a UUID by a hyphen is not part of the UUID: masked (with the UUID's tail).
+        ("8b0e4a11-0000-4000-8000-000000000000-13800138000", f"8b0e4a{PHONE}"),
     ],
 )
 def test_phone_numbers_are_masked(text: str, expected: str) -> None:
@@ -85,6 +87,7 @@ def test_phone_numbers_are_masked(text: str, expected: str) -> None:
         "PJSIP/trunk-00000017",
         "agent-20a192f6-1234-4d6e-8072-0a2470bc1234",  # the queue's agent legs and bridges
         "hold-12345678-1234-1234-1234-123456789012",
+        "medhotline-6e086d03-ade9-498d-b73f-79f5f8555010-conversation-1",  # a recording's file name
     ],
 )
 def test_non_phone_tokens_are_kept(text: str) -> None:

@@ -6,7 +6,7 @@ undo it):
 - ``call_records`` is append-only: UPDATE and DELETE (and TRUNCATE on PostgreSQL) are refused. An archived
   record is amended by a new record that references it, never changed.
 - ``recordings`` rows are never deleted (a purged recording leaves a tombstone with its digests); once a
-  recording is stored its digests, key and path can't be rewritten; and no row may become ``purged`` before
+  recording is stored its digests and path can't be rewritten; and no row may become ``purged`` before
   its retention date or while on legal hold.
 
 Revision ID: 0008_recordings
@@ -24,8 +24,10 @@ down_revision: str | None = "0007_access"
 branch_labels: str | None = None
 depends_on: str | None = None
 
-# Columns fixed once a recording is stored: rewriting any of them would detach the row from its file.
-FIXED_WHEN_STORED = ("wrapped_key", "plain_sha256", "cipher_sha256", "plain_size", "cipher_size", "path", "call_id")
+# Columns fixed once a recording is stored: rewriting any of them would detach the row from its file. The wrapped
+# key is not among them: a KEK rotation rewraps it (the data key inside, hence the file, stays the same, and a
+# wrapped key altered any other way fails to unwrap).
+FIXED_WHEN_STORED = ("plain_sha256", "cipher_sha256", "plain_size", "cipher_size", "path", "call_id")
 
 PG_RECORDS_FUNCTION = """
 CREATE FUNCTION call_records_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -44,7 +46,17 @@ BEGIN
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF OLD.state IN ('stored', 'purged') AND ({changed}) THEN
-        RAISE EXCEPTION 'medhotline recordings: % of a stored recording''s key, digests or path refused', TG_OP
+        RAISE EXCEPTION 'medhotline recordings: % of a stored recording''s digests or path refused', TG_OP
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF (OLD.state = 'stored' AND NEW.state NOT IN ('stored', 'purged'))
+       OR (OLD.state = 'purged' AND NEW.state <> 'purged') THEN
+        RAISE EXCEPTION 'medhotline recordings: % of a stored recording''s state to % refused', TG_OP, NEW.state
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF OLD.state IN ('stored', 'purged')
+       AND (NEW.retain_until IS NULL OR NEW.retain_until < OLD.retain_until) THEN
+        RAISE EXCEPTION 'medhotline recordings: shortening the retention of a stored recording refused'
             USING ERRCODE = 'insufficient_privilege';
     END IF;
     IF NEW.state = 'purged' AND OLD.state <> 'purged'
@@ -132,6 +144,15 @@ def upgrade() -> None:
     )
     op.create_index("ix_call_records_call_id", "call_records", ["call_id"])
     op.create_index("ix_call_records_amends", "call_records", ["amends"])
+    # One summary per call, whoever seals it (the wrap-up timer, a resumed seal on another node).
+    op.create_index(
+        "uq_call_records_one_summary",
+        "call_records",
+        ["call_id"],
+        unique=True,
+        sqlite_where=sa.text("kind = 'call_summary'"),
+        postgresql_where=sa.text("kind = 'call_summary'"),
+    )
 
     op.create_table(
         "call_notes",
@@ -184,7 +205,20 @@ def upgrade() -> None:
         op.execute(
             "CREATE TRIGGER recordings_fixed_when_stored BEFORE UPDATE ON recordings "
             f"WHEN OLD.state IN ('stored', 'purged') AND ({changed}) "
-            "BEGIN SELECT RAISE(ABORT, 'medhotline recordings: UPDATE of a stored recording''s key, digests or path "
+            "BEGIN SELECT RAISE(ABORT, 'medhotline recordings: UPDATE of a stored recording''s digests or path "
+            "refused'); END"
+        )
+        op.execute(
+            "CREATE TRIGGER recordings_state_forward BEFORE UPDATE OF state ON recordings "
+            "WHEN (OLD.state = 'stored' AND NEW.state NOT IN ('stored', 'purged')) "
+            "OR (OLD.state = 'purged' AND NEW.state <> 'purged') "
+            "BEGIN SELECT RAISE(ABORT, 'medhotline recordings: UPDATE of a stored recording''s state refused'); END"
+        )
+        op.execute(
+            "CREATE TRIGGER recordings_retention_not_shortened BEFORE UPDATE OF retain_until ON recordings "
+            "WHEN OLD.state IN ('stored', 'purged') "
+            "AND (NEW.retain_until IS NULL OR NEW.retain_until < OLD.retain_until) "
+            "BEGIN SELECT RAISE(ABORT, 'medhotline recordings: shortening the retention of a stored recording "
             "refused'); END"
         )
         # SQLite stores UTC as 'YYYY-MM-DD HH:MM:SS[.ffffff]' text (see medhotline.models.UTCDateTime).
