@@ -108,7 +108,7 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
         print(f"recording keys wrapped under KEK v{version}: {recordings[version]}{note}")
     stale = status.to_rewrap + sum(n for v, n in recordings.items() if v != status.current)
     if stale:
-        print(f"{stale} key(s) not under the current KEK: run `medhotline keys rewrap`")
+        print(f"{stale} data key(s) not under the current KEK: run `medhotline keys rewrap`")
     return EXIT_OK
 
 
@@ -139,6 +139,8 @@ def _cmd_rewrap(config: Config, args: argparse.Namespace) -> int:
             return report, None
         # Each recording's own key, kept on its row (recordings are kept 15-30 years: rotation must reach them).
         recordings = await rewrap_recordings(keyed.engine, keyed.keys, report.kek_version, limit=args.limit)
+        if not (recordings.rewrapped or recordings.failed):
+            return report, recordings  # nothing changed: nothing to audit
         await asyncio.to_thread(
             keyed.audit.append,
             actor=actor,
