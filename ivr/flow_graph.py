@@ -2,7 +2,8 @@
 
 Within one flow (:func:`check_flow`): undefined targets and start node, unreachable nodes, dead ends and loops
 without a way out, loops that never wait for the caller, ``open:`` conditions naming undefined opening hours,
-and (with a sounds directory) ``file:`` prompts that do not exist. Across flows (:func:`check_subflows`):
+outreach nodes reading variables that no node of the flow sets, and (with a sounds directory) ``file:`` prompts
+that do not exist. Across flows (:func:`check_subflows`):
 subflow nodes naming an unknown flow, a subflow target without any ``return`` node, and subflow recursion.
 Every problem points at the offending key of the file.
 """
@@ -26,11 +27,17 @@ from ivr.flow_model import (
     Flow,
     ListenNode,
     LookupPatientNode,
+    MedicationConfirmNode,
     MenuNode,
     NotCondition,
     OpenCondition,
+    SaveReadingsNode,
+    SetNode,
     SubflowNode,
+    VaccinationBookNode,
+    VaccinationCancelNode,
     VarCondition,
+    VerifyIdentityNode,
     _Node,
     _Waiting,
 )
@@ -55,6 +62,12 @@ def edges(node: _Node) -> list[tuple[str, str, PathKey]]:
         result += [("found", node.found, ("found",)), ("not found", node.not_found, ("not_found",))]
     elif isinstance(node, ConsentNode):
         return [("given", node.next.given, ("next", "given")), ("refused", node.next.refused, ("next", "refused"))]
+    elif isinstance(
+        node,
+        VerifyIdentityNode | SaveReadingsNode | MedicationConfirmNode | VaccinationBookNode | VaccinationCancelNode,
+    ):
+        # Their ways out are the keys of `next:`, and the edge labels are those keys.
+        return [(label, target, ("next", label)) for label, target in node.targets().items()]
     else:
         labels = node.targets()
         for label, target in labels.items():
@@ -161,6 +174,7 @@ def check_flow(
             if n not in reachable
         ]
     problems += _dead_ends(flow, source, graph, broken)
+    problems += _unset_variables(flow, source)
     return sorted(problems, key=lambda p: (p.line, p.column))
 
 
@@ -176,6 +190,43 @@ def _dead_ends(flow: Flow, source: SourceMap, graph: dict[str, list[str]], broke
             problems.append(
                 _problem(source, node_id, (), "dead end: no route, transfer, hangup or return can be reached from here")
             )
+    return problems
+
+
+def _set_variables(flow: Flow) -> set[str]:
+    """Every variable some node of the flow sets."""
+    names: set[str] = set()
+    for node in flow.nodes.values():
+        if isinstance(node, CollectNode):
+            names.add(node.var)
+        elif isinstance(node, ListenNode):
+            names |= {node.var, "priority"}
+        elif isinstance(node, SetNode):
+            names |= set(node.vars)
+        elif isinstance(node, LookupPatientNode):
+            names.add("patient_ref")
+    return names
+
+
+def _unset_variables(flow: Flow, source: SourceMap) -> list[FlowProblem]:
+    """Variables an outreach node reads that no node of this flow sets: a typo would otherwise only show as an
+    error in a live call (and an identity check or a reading lost). Only checked on a whole flow: a node left out
+    for a schema error may be the one that sets it."""
+    known = _set_variables(flow)
+    problems = []
+    for node_id, node in flow.nodes.items():
+        used: list[tuple[PathKey, str]] = []
+        if isinstance(node, VerifyIdentityNode | SaveReadingsNode):
+            used = [(("vars", str(i)), name) for i, name in enumerate(node.vars)]
+        elif isinstance(node, VaccinationBookNode):
+            used = [(("day_var",), node.day_var), (("slot_var",), node.slot_var)]
+        problems += [
+            _problem(
+                source, node_id, keys, f"variable {name!r} is not set by any collect, listen or set node of this flow"
+            )
+            for keys, name in used
+            if name not in known
+        ]
     return problems
 
 

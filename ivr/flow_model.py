@@ -196,6 +196,17 @@ _DOCUMENT = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 _KEY = re.compile(r"^[0-9*#]$")
 
 
+def _key_as_text(value: object) -> object:
+    # `key: 1` in YAML is an integer; administrators should not have to quote digits.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _one_key(value: str) -> str:
+    if not _KEY.match(value):
+        raise ValueError(f"key must be one key of the phone: 0-9, * or # (got {value!r})")
+    return value
+
+
 class ConsentNext(_Strict):
     """Both ways out of a consent node are required: a flow must say what happens after a refusal too."""
 
@@ -232,15 +243,12 @@ class ConsentNode(_Node):
     @field_validator("key", mode="before")
     @classmethod
     def _key_as_text(cls, value: object) -> object:
-        # `key: 1` in YAML is an integer; administrators should not have to quote digits.
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        return _key_as_text(value)
 
     @field_validator("key")
     @classmethod
     def _one_key(cls, value: str) -> str:
-        if not _KEY.match(value):
-            raise ValueError(f"key must be one key of the phone: 0-9, * or # (got {value!r})")
-        return value
+        return _one_key(value)
 
     @field_validator("document")
     @classmethod
@@ -264,6 +272,164 @@ class ConsentNode(_Node):
 
     def targets(self) -> dict[str, str]:
         return {"given": self.next.given, "refused": self.next.refused}
+
+
+# -- outreach: nodes that ask the scheduler's outreach port ---------------------------------------------------------
+
+
+class _PortNode(_Node):
+    """A node whose work is done by the outreach port (``ivr.ports.OutreachPort``). It has no prompt of its own:
+    an announcement goes into a play node before it, so what the caller hears is always in one obvious place."""
+
+    barge_in: bool = False
+
+    @model_validator(mode="after")
+    def _no_prompt(self) -> _PortNode:
+        kind = getattr(self, "type", "outreach")
+        if self.say is not None or self.file is not None:
+            raise ValueError(f"a {kind} node has no prompt of its own; put any announcement in a play node before it")
+        if self.barge_in:
+            raise ValueError(f"a {kind} node has no prompt, so barge_in can't be true")
+        return self
+
+
+def _distinct_vars(value: list[str]) -> list[str]:
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        raise ValueError(f"variables named more than once: {', '.join(repeated)}")
+    return value
+
+
+class VerifiedNext(_Strict):
+    verified: NodeId
+    not_verified: NodeId
+
+
+class VerifyIdentityNode(_PortNode):
+    """The values of ``vars`` (collected earlier, e.g. a birth year) are compared with the patient's record by
+    the port. The call record keeps only the edge taken, never the values."""
+
+    type: Literal["verify_identity"]
+    vars: list[VarName] = Field(min_length=1, max_length=8)
+    next: VerifiedNext
+
+    _distinct = field_validator("vars")(_distinct_vars)
+
+    def targets(self) -> dict[str, str]:
+        return {"verified": self.next.verified, "not_verified": self.next.not_verified}
+
+
+class ReadingsNext(_Strict):
+    normal: NodeId
+    abnormal: NodeId
+
+
+class SaveReadingsNode(_PortNode):
+    """The values of ``vars`` (keypad readings; ``*`` typed as a decimal point) are stored by the port, which
+    checks them against the patient's plan; ``abnormal`` when any is outside its thresholds. The call record
+    keeps only the edge taken, never a reading."""
+
+    type: Literal["save_readings"]
+    vars: list[VarName] = Field(min_length=1, max_length=8)
+    next: ReadingsNext
+
+    _distinct = field_validator("vars")(_distinct_vars)
+
+    def targets(self) -> dict[str, str]:
+        return {"normal": self.next.normal, "abnormal": self.next.abnormal}
+
+
+class MedicationNext(_Strict):
+    confirmed: NodeId
+    not_confirmed: NodeId
+
+
+class MedicationConfirmNode(_PortNode):
+    """A medication reminder the patient confirms twice (a wrong answer here can become a medication error).
+
+    ``intro``, the port's medication sound and ``ask`` are heard in full, then one key is read; if it is ``key``,
+    ``repeat``, the medication sound again and ``ask_again`` are heard and one more key is read; ``key`` again is
+    confirmed. Anything else (another key, no key within ``timeout``, a hang-up after the first key) is not
+    confirmed, without a second chance inside the call: the scheduler calls again. The port hears every answer.
+    """
+
+    type: Literal["medication_confirm"]
+    intro: str = Field(min_length=1, max_length=2000)
+    ask: str = Field(min_length=1, max_length=2000)
+    repeat: str = Field(min_length=1, max_length=2000)
+    ask_again: str = Field(min_length=1, max_length=2000)
+    key: str = Field(default="1", json_schema_extra={"pattern": _KEY.pattern})
+    timeout: Seconds = 6.0
+    next: MedicationNext
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_as_text(cls, value: object) -> object:
+        return _key_as_text(value)
+
+    @field_validator("key")
+    @classmethod
+    def _one_key(cls, value: str) -> str:
+        return _one_key(value)
+
+    def texts(self) -> list[str]:
+        return [self.intro, self.ask, self.repeat, self.ask_again]
+
+    def targets(self) -> dict[str, str]:
+        return {"confirmed": self.next.confirmed, "not_confirmed": self.next.not_confirmed}
+
+
+class BookingNext(_Strict):
+    booked: NodeId
+    full: NodeId
+    # No slot that day, caller not identified, or the booking failed for another reason.
+    not_booked: NodeId
+
+
+class VaccinationBookNode(_PortNode):
+    """Books the day (``day_var``: 1-7, 1 = tomorrow) and half-day slot (``slot_var``: morning/afternoon) chosen
+    earlier; the port's sound (date and time of the booking) is played when it gives one."""
+
+    type: Literal["vaccination_book"]
+    day_var: VarName = "vaccination_day"
+    slot_var: VarName = "vaccination_slot"
+    next: BookingNext
+
+    @model_validator(mode="after")
+    def _two_vars(self) -> VaccinationBookNode:
+        if self.day_var == self.slot_var:
+            raise ValueError("day_var and slot_var must name different variables")
+        return self
+
+    def targets(self) -> dict[str, str]:
+        return {"booked": self.next.booked, "full": self.next.full, "not_booked": self.next.not_booked}
+
+
+class CancelNext(_Strict):
+    cancelled: NodeId
+    # The patient had no booking to cancel.
+    none: NodeId
+
+
+class VaccinationCancelNode(_PortNode):
+    """Cancels the patient's next vaccination booking."""
+
+    type: Literal["vaccination_cancel"]
+    next: CancelNext
+
+    def targets(self) -> dict[str, str]:
+        return {"cancelled": self.next.cancelled, "none": self.next.none}
+
+
+class ReportAdverseReactionNode(_PortNode):
+    """Reports an adverse reaction after a vaccination: the port makes a task for medical staff and schedules a
+    follow-up call."""
+
+    type: Literal["report_adverse_reaction"]
+    next: NodeId
+
+    def targets(self) -> dict[str, str]:
+        return {"next": self.next}
 
 
 # -- conditions -----------------------------------------------------------------------------------
@@ -424,9 +590,15 @@ Node = Annotated[
     | ListenNode
     | ConfirmNode
     | ConsentNode
+    | MedicationConfirmNode
     | BranchNode
     | SetNode
     | LookupPatientNode
+    | VerifyIdentityNode
+    | SaveReadingsNode
+    | VaccinationBookNode
+    | VaccinationCancelNode
+    | ReportAdverseReactionNode
     | SubflowNode
     | RouteNode
     | TransferNode
@@ -435,7 +607,18 @@ Node = Annotated[
     Field(discriminator="type"),
 ]
 TERMINAL_TYPES = frozenset({"route", "transfer", "hangup", "return"})
-WAITING_TYPES = frozenset({"menu", "collect", "listen", "confirm", "consent"})
+WAITING_TYPES = frozenset({"menu", "collect", "listen", "confirm", "consent", "medication_confirm"})
+# Nodes that need the outreach port (FlowRunner's ``outreach``); without it they end the flow with an error.
+OUTREACH_TYPES = frozenset(
+    {
+        "verify_identity",
+        "save_readings",
+        "medication_confirm",
+        "vaccination_book",
+        "vaccination_cancel",
+        "report_adverse_reaction",
+    }
+)
 
 # -- opening hours --------------------------------------------------------------------------------
 
@@ -524,4 +707,6 @@ class Flow(_Strict):
                 texts += [node.text, node.confirm_again]
                 if node.no_input is not None and node.no_input.say:
                     texts.append(node.no_input.say)
+            if isinstance(node, MedicationConfirmNode):
+                texts += node.texts()
         return texts

@@ -7,17 +7,20 @@ path a caller took (sensitive inputs, e.g. a birth year, only as "valid"/"invali
 
 A ``consent`` node needs two more ports, ``consent`` (where a given consent goes) and, when it records,
 ``recorder``. Without them the flow ends with outcome "error" at that node: a consent that can't be stored or
-recorded is never taken.
+recorded is never taken. The outreach nodes (``verify_identity``, ``save_readings``, ``medication_confirm``,
+``vaccination_book``, ``vaccination_cancel``, ``report_adverse_reaction``) need ``outreach`` likewise, and a port
+that fails ends the flow with outcome "error" too: an identity check, a reading or a medication answer that could
+not be handled never passes for one that was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 import structlog
 
@@ -33,23 +36,33 @@ from ivr.flow_model import (
     HangupNode,
     ListenNode,
     LookupPatientNode,
+    MedicationConfirmNode,
     MenuNode,
     PlayNode,
     Prompt,
+    ReportAdverseReactionNode,
     ReturnNode,
     RouteNode,
+    SaveReadingsNode,
     SetNode,
     SubflowNode,
     TransferNode,
+    VaccinationBookNode,
+    VaccinationCancelNode,
+    VerifyIdentityNode,
 )
 from ivr.ports import (
+    BookingResult,
     CallRecorder,
     ConsentExchange,
     ConsentSink,
     ConsentUnavailable,
     NoPatientDirectory,
     NoRecognizer,
+    OutreachPort,
+    OutreachUnavailable,
     PatientDirectory,
+    ReadingsVerdict,
     RecognitionUnavailable,
     Recognizer,
 )
@@ -63,6 +76,22 @@ Outcome = Literal["completed", "routed", "transferred", "caller_hangup", "connec
 MAX_STEPS = 500
 # "Press 2 to hear it again" does not count as a wrong key, but is bounded too.
 MAX_REPEATS = 5
+# A sound name a port hands over (medication, booking date): plain, like a flow's `file:` and never absolute, so
+# it can't reach outside the sounds directory.
+_SOUND_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_/-]{0,127}$")
+# A reading as the port receives it: digits, with one decimal point (typed as `*` on the keypad).
+_DECIMAL = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,3})?$")
+_DAY = re.compile(r"^[1-7]$")
+SLOTS = ("morning", "afternoon")
+# What the port answered with a booking outcome → the node's edge.
+_BOOKING_EDGES: Mapping[str, Literal["booked", "full", "not_booked"]] = {
+    "booked": "booked",
+    "full": "full",
+    "no_slot": "not_booked",
+    "not_identified": "not_booked",
+    "failed": "not_booked",
+}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,6 +149,8 @@ class FlowRunner:
     # For ``consent`` nodes; None means "not configured" and such a node ends the flow with an error.
     consent: ConsentSink | None = None
     recorder: CallRecorder | None = None
+    # For the outreach nodes; None means "not configured" and such a node ends the flow with an error.
+    outreach: OutreachPort | None = None
 
     # Where the call is: "node", or "subflow:node" inside a subflow. Reported with the outcome.
     _where: str = field(default="answer", init=False)
@@ -225,6 +256,16 @@ class FlowRunner:
             return await self._listen(node, channel)
         if isinstance(node, ConsentNode):
             return await self._consent(flow.flow, node_id, node, channel)
+        if isinstance(
+            node,
+            VerifyIdentityNode
+            | SaveReadingsNode
+            | MedicationConfirmNode
+            | VaccinationBookNode
+            | VaccinationCancelNode
+            | ReportAdverseReactionNode,
+        ):
+            return await self._outreach_step(f"flow {flow.flow!r} node {node_id!r}", node, channel)
         await self._terminal(flow.flow, node_id, node, channel)
         raise AssertionError("unreachable")
 
@@ -442,6 +483,150 @@ class FlowRunner:
             if attempt > node.retries:
                 return "refused", "no_input", None
             await self._say(channel, node.no_input, False)
+
+    # -- outreach -----------------------------------------------------------------------------------------------
+
+    async def _outreach_step(
+        self,
+        where: str,
+        node: VerifyIdentityNode
+        | SaveReadingsNode
+        | MedicationConfirmNode
+        | VaccinationBookNode
+        | VaccinationCancelNode
+        | ReportAdverseReactionNode,
+        channel: CallChannel,
+    ) -> tuple[str, str | None, str]:
+        """Run an outreach node; (edge, recorded input, next node). The recorded input is never a value the
+        caller typed (identity, readings): only the medication answer's keys and the booking outcome."""
+        port = self.outreach
+        if port is None:
+            raise OutreachUnavailable(f"{where}: no outreach port configured, so this node can't do its work")
+        if isinstance(node, VerifyIdentityNode):
+            verified = await self._ask_port(
+                where, "the identity check", port.verify_identity(self._values(where, node.vars))
+            )
+            # Only a plain True lets the caller through: a port answering anything else has not verified anyone.
+            if verified is True:
+                return "verified", None, node.next.verified
+            return "not_verified", None, node.next.not_verified
+        if isinstance(node, SaveReadingsNode):
+            values = self._values(where, node.vars)
+            for name, value in list(values.items()):
+                values[name] = value.replace("*", ".")  # the keypad has no decimal point: `*` stands for it
+                if not _DECIMAL.fullmatch(values[name]):
+                    # The collect node's pattern let something through that is no number (the value stays out).
+                    raise OutreachUnavailable(f"{where}: variable {name!r} is not a number")
+            verdict = await self._ask_port(where, "saving the readings", port.save_readings(values))
+            if not isinstance(verdict, ReadingsVerdict):
+                raise OutreachUnavailable(f"{where}: saving the readings gave no verdict")
+            # Anything but a plain "not abnormal" is treated as abnormal: the caller hears the recall suggestion.
+            if verdict.abnormal is False:
+                return "normal", None, node.next.normal
+            return "abnormal", None, node.next.abnormal
+        if isinstance(node, MedicationConfirmNode):
+            return await self._medication(where, node, port, channel)
+        if isinstance(node, VaccinationBookNode):
+            return await self._book(where, node, port, channel)
+        if isinstance(node, VaccinationCancelNode):
+            cancelled = await self._ask_port(where, "the cancellation", port.cancel_vaccination())
+            if cancelled is True:
+                return "cancelled", None, node.next.cancelled
+            return "none", None, node.next.none
+        await self._ask_port(where, "the adverse reaction report", port.report_adverse_reaction())
+        return "next", None, node.next
+
+    async def _ask_port(self, where: str, what: str, call: Awaitable[T]) -> T:
+        """Await a port call; any failure becomes OutreachUnavailable (outcome "error"), never a crashed call.
+
+        A ``MedhotlineError``'s message is kept (the project's errors name no patient); any other exception only by
+        its type, since its text may quote the data the port was working on (an SQL error quotes its parameters).
+        """
+        try:
+            return await call
+        except (CallerHungUp, ConnectionLost):
+            raise
+        except MedhotlineError as exc:
+            raise OutreachUnavailable(f"{where}: {what} failed: {exc}") from exc
+        except Exception as exc:  # a port bug must end this call as an error, not crash the service
+            raise OutreachUnavailable(f"{where}: {what} failed ({type(exc).__name__})") from exc
+
+    def _values(self, where: str, names: Sequence[str]) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for name in names:
+            value = self.variables.get(name)
+            if value is None:
+                raise OutreachUnavailable(f"{where}: variable {name!r} has no value (collect it before this node)")
+            values[name] = value
+        return values
+
+    def _sound(self, where: str, what: str, sound: object) -> str:
+        if not isinstance(sound, str) or not _SOUND_NAME.fullmatch(sound):
+            raise OutreachUnavailable(f"{where}: {what} is not a sound name (A-Z a-z 0-9 _ / -, not starting with /)")
+        return sound
+
+    async def _hear_then_key(self, channel: CallChannel, sounds: Sequence[str], timeout: float) -> str:
+        """Play ``sounds`` in full (keys pressed meanwhile, and any type-ahead, are discarded), then wait for one
+        key; "" when none came within ``timeout``."""
+        self._typeahead = None
+        for sound in sounds:
+            await channel.play(sound, barge_in=False)
+        return await channel.read_digits(max_digits=1, timeout=timeout)
+
+    async def _medication(
+        self, where: str, node: MedicationConfirmNode, port: OutreachPort, channel: CallChannel
+    ) -> tuple[str, str, str]:
+        """Two confirmations of the medication and dose; the port hears every answer, a hang-up after the first
+        confirmation included (then the hang-up still ends the call). A hang-up before the first answer reports
+        nothing: the call's outcome says it, and the scheduler calls again."""
+        medication = self._sound(
+            where,
+            "the medication sound",
+            await self._ask_port(where, "fetching the medication sound", port.medication_sound()),
+        )
+        first = await self._hear_then_key(
+            channel, [self.sound_for(node.intro), medication, self.sound_for(node.ask)], node.timeout
+        )
+        if first != node.key:
+            keys = first or "-"
+            await self._ask_port(where, "recording the medication answer", port.medication_result(False, keys))
+            return "not_confirmed", keys, node.next.not_confirmed
+        try:
+            second = await self._hear_then_key(
+                channel, [self.sound_for(node.repeat), medication, self.sound_for(node.ask_again)], node.timeout
+            )
+        except ChannelError:
+            # The caller hung up (or the call was lost) after confirming once: that is "not confirmed", and the
+            # port must know, or a single "1" could pass for a taken dose. The hang-up stays the call's outcome.
+            try:
+                await self._ask_port(where, "recording the medication answer", port.medication_result(False, first))
+            except OutreachUnavailable as exc:
+                log.error("outreach.medication_answer_lost", node=self._where, error=str(exc))
+            raise
+        keys = f"{first},{second or '-'}"
+        confirmed = second == node.key
+        await self._ask_port(where, "recording the medication answer", port.medication_result(confirmed, keys))
+        if confirmed:
+            return "confirmed", keys, node.next.confirmed
+        return "not_confirmed", keys, node.next.not_confirmed
+
+    async def _book(
+        self, where: str, node: VaccinationBookNode, port: OutreachPort, channel: CallChannel
+    ) -> tuple[str, str, str]:
+        values = self._values(where, [node.day_var, node.slot_var])
+        day, slot = values[node.day_var], values[node.slot_var]
+        if not _DAY.fullmatch(day):
+            raise OutreachUnavailable(f"{where}: variable {node.day_var!r} is not a day 1-7")
+        if slot not in SLOTS:
+            raise OutreachUnavailable(f"{where}: variable {node.slot_var!r} is not a slot ({', '.join(SLOTS)})")
+        result = await self._ask_port(where, "the booking", port.book_vaccination(int(day), slot))
+        if not isinstance(result, BookingResult) or result.outcome not in _BOOKING_EDGES:
+            raise OutreachUnavailable(f"{where}: the booking gave no known outcome")
+        if result.sound is not None:
+            self._typeahead = None
+            await channel.play(self._sound(where, "the booking's sound", result.sound), barge_in=False)
+        edge = _BOOKING_EDGES[result.outcome]
+        return edge, result.outcome, getattr(node.next, edge)
 
 
 async def run_flow(

@@ -25,16 +25,18 @@ Recordings are operations too (``("start_recording", name)``, ``("stop_recording
 where a recording began and ended relative to the prompts; ``recordings`` lists only those. Like the real
 adapters, starting a name twice fails and stopping is idempotent and harmless after a hang-up.
 
-``MemoryRecorder`` and ``MemoryConsentSink`` are the matching fakes of the interpreter's consent ports.
+``MemoryRecorder`` and ``MemoryConsentSink`` are the matching fakes of the interpreter's consent ports, and
+``MemoryOutreach`` of its outreach port.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ivr.channel import CallChannel, CallerHungUp, CallInfo, ChannelError, ConnectionLost, check_recording_name
-from ivr.ports import ConsentExchange
+from ivr.ports import BookingOutcome, BookingResult, ConsentExchange, ReadingsVerdict
 from medhotline.errors import MedhotlineError
 
 Operation = tuple[str, ...]
@@ -190,3 +192,77 @@ class MemoryConsentSink:
         if self.fail is not None:
             raise self.fail
         self.exchanges.append(exchange)
+
+
+@dataclass
+class MemoryOutreach:
+    """An ``OutreachPort`` for tests and demos: a patient with a birth year, plan thresholds, a medication, and a
+    week of vaccination slots; every call to it is kept in ``calls`` in order.
+
+    ``fail`` maps an operation name (``"verify_identity"``, ``"save_readings"``, ``"medication_sound"``,
+    ``"medication_result"``, ``"book_vaccination"``, ``"cancel_vaccination"``, ``"report_adverse_reaction"``) to
+    the error it raises. A booking of a ``(day, slot)`` in ``full`` answers "full"; ``booking_outcome`` forces
+    another answer ("no_slot", "not_identified", "failed"). ``booked`` holds the patient's bookings; a cancel
+    takes back the last one.
+    """
+
+    identity: dict[str, str] = field(default_factory=lambda: {"birth_year": "1956"})
+    # Inclusive plausible range per reading; outside it is abnormal (as the plans' thresholds are).
+    thresholds: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {"systolic": (90, 139), "diastolic": (60, 89), "glucose": (3.9, 10.0)}
+    )
+    medication: str = "outreach/medication-test"
+    full: set[tuple[int, str]] = field(default_factory=set)
+    booking_outcome: BookingOutcome | None = None
+    booked: list[tuple[int, str]] = field(default_factory=list)
+    fail: dict[str, Exception] = field(default_factory=dict)
+    calls: list[tuple[str, object]] = field(default_factory=list)
+
+    def _call(self, operation: str, argument: object = None) -> None:
+        self.calls.append((operation, argument))
+        error = self.fail.get(operation)
+        if error is not None:
+            raise error
+
+    def called(self, operation: str) -> list[object]:
+        """The arguments of every call of ``operation``, in order."""
+        return [argument for name, argument in self.calls if name == operation]
+
+    async def verify_identity(self, values: Mapping[str, str]) -> bool:
+        self._call("verify_identity", dict(values))
+        return all(self.identity.get(name) == value for name, value in values.items())
+
+    async def save_readings(self, values: Mapping[str, str]) -> ReadingsVerdict:
+        self._call("save_readings", dict(values))
+        outside = [
+            name
+            for name, value in values.items()
+            if name in self.thresholds and not self.thresholds[name][0] <= float(value) <= self.thresholds[name][1]
+        ]
+        return ReadingsVerdict(abnormal=bool(outside))
+
+    async def medication_sound(self) -> str:
+        self._call("medication_sound")
+        return self.medication
+
+    async def medication_result(self, confirmed: bool, keys: str) -> None:
+        self._call("medication_result", (confirmed, keys))
+
+    async def book_vaccination(self, day: int, slot: str) -> BookingResult:
+        self._call("book_vaccination", (day, slot))
+        if self.booking_outcome is not None:
+            return BookingResult(self.booking_outcome)
+        if (day, slot) in self.full:
+            return BookingResult("full")
+        self.booked.append((day, slot))
+        return BookingResult("booked", f"booking-{len(self.booked)}", f"outreach/booked-day{day}-{slot}")
+
+    async def cancel_vaccination(self) -> bool:
+        self._call("cancel_vaccination")
+        if not self.booked:
+            return False
+        self.booked.pop()
+        return True
+
+    async def report_adverse_reaction(self) -> None:
+        self._call("report_adverse_reaction")

@@ -1,17 +1,20 @@
-"""Ports the interpreter needs besides the call itself: speech recognition, the patient directory, and for
-``consent`` nodes a call recorder and a consent store.
+"""Ports the interpreter needs besides the call itself: speech recognition, the patient directory, for
+``consent`` nodes a call recorder and a consent store, and for the outreach nodes (identity check, readings,
+medication reminders, vaccination) the scheduler's outreach port.
 
 Speech and the directory are pluggable with honest "not available" defaults here, so a flow written for speech
 or patient lookup still works (through its fallback / not-found edges) on a node that has neither. Consent has
 no such default on purpose: a flow that reaches a ``consent`` node without a consent store (or, when the node
-records, without a recorder) ends with outcome "error" rather than pretend a consent was taken.
+records, without a recorder) ends with outcome "error" rather than pretend a consent was taken. Neither has
+outreach: an identity check or a reading that can't be stored must not pass for a success.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ivr.channel import CallChannel, ChannelError
 
@@ -136,3 +139,76 @@ class CallRecorder(Protocol):
     async def start(self, channel: CallChannel, label: str) -> str: ...
 
     async def stop(self, channel: CallChannel, name: str) -> None: ...
+
+
+# -- outreach -----------------------------------------------------------------------------------------------------
+
+
+class OutreachUnavailable(ChannelError):
+    """A node that needs the outreach port (identity check, readings, medication, vaccination) can't do its work:
+    no port is configured on this call, the port failed, or it answered something unusable. The flow ends with
+    outcome "error" and this message, which names the flow and node and never a patient's data."""
+
+
+@dataclass(frozen=True)
+class ReadingsVerdict:
+    """What the port made of the readings of a ``save_readings`` node."""
+
+    # At least one reading is outside the plan's thresholds (a recall task was created).
+    abnormal: bool
+
+
+BookingOutcome = Literal["booked", "full", "no_slot", "not_identified", "failed"]
+
+
+@dataclass(frozen=True)
+class BookingResult:
+    """The answer to a vaccination booking. ``sound`` (already rendered) tells the patient the booked date and
+    time; the ``vaccination_book`` node plays it whatever the outcome, when it is given."""
+
+    outcome: BookingOutcome
+    booking_id: str | None = None
+    sound: str | None = None
+
+
+class OutreachPort(Protocol):
+    """The scheduler's side of an outreach call (or of a hotline call for vaccination), for the nodes
+    ``verify_identity``, ``save_readings``, ``medication_confirm``, ``vaccination_book``, ``vaccination_cancel`` and
+    ``report_adverse_reaction``. The patient is the call's: the called patient of an outbound call, or the caller
+    the IVR identified; the flow never learns who it is.
+
+    Values handed in are the flow variables the node names (keypad text, a ``*`` typed as decimal point already
+    turned into ``.``). Any error raised here ends the flow with outcome "error" at that node; a
+    ``MedhotlineError``'s message is kept in the call record (so it must name no patient), any other exception
+    only by its type.
+    """
+
+    async def verify_identity(self, values: Mapping[str, str]) -> bool:
+        """E.g. ``{"birth_year": "1956"}``, compared with the registry inside the port; nothing leaks to the flow.
+        False also when the call has no patient to compare with."""
+        ...
+
+    async def save_readings(self, values: Mapping[str, str]) -> ReadingsVerdict:
+        """E.g. ``{"systolic": "182", "diastolic": "95"}``: stored encrypted, thresholds checked, recall made."""
+        ...
+
+    async def medication_sound(self) -> str:
+        """The sound name (rendered before the call) that reads the medication and dose to take."""
+        ...
+
+    async def medication_result(self, confirmed: bool, keys: str) -> None:
+        """The answer to a medication reminder: the keys at the two questions, e.g. "1,1", "1,2", "1,-", "2",
+        "-" (``-``: no key in time); "1" alone when the caller hung up after the first confirmation."""
+        ...
+
+    async def book_vaccination(self, day: int, slot: str) -> BookingResult:
+        """``day`` 1..7 (1 = tomorrow), ``slot`` "morning" or "afternoon"."""
+        ...
+
+    async def cancel_vaccination(self) -> bool:
+        """Cancel the patient's next booking; False when there is none."""
+        ...
+
+    async def report_adverse_reaction(self) -> None:
+        """A task for medical staff and a follow-up call scheduled."""
+        ...

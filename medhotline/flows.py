@@ -11,7 +11,18 @@ from typing import Any, TextIO
 
 from ivr.flow_graph import edges
 from ivr.flow_loader import scan_paths
-from ivr.flow_model import TERMINAL_TYPES, Flow, Node, RouteNode, SubflowNode, TransferNode
+from ivr.flow_model import (
+    TERMINAL_TYPES,
+    Flow,
+    MedicationConfirmNode,
+    Node,
+    RouteNode,
+    SaveReadingsNode,
+    SubflowNode,
+    TransferNode,
+    VaccinationBookNode,
+    VerifyIdentityNode,
+)
 from ivr.flow_source import LoadedFlow
 
 SCHEMA_FILE = "flow.schema.json"
@@ -80,6 +91,12 @@ def _describe(node: Node) -> str:
         parts.append(f"to={node.to}" + (f" trunk={node.trunk}" if node.trunk else ""))
     elif isinstance(node, SubflowNode):
         parts.append(f"flow={node.flow}")
+    elif isinstance(node, VerifyIdentityNode | SaveReadingsNode):
+        parts.append(f"vars={','.join(node.vars)}")
+    elif isinstance(node, VaccinationBookNode):
+        parts.append(f"day={node.day_var} slot={node.slot_var}")
+    elif isinstance(node, MedicationConfirmNode):
+        parts.append(f"key={node.key} «{_abbreviate(node.intro)}»")
     if node.say is not None:
         parts.append(f"say «{_abbreviate(node.say)}»")
     elif node.file is not None:

@@ -18,7 +18,8 @@ from ivr.conditions import is_open
 from ivr.flow_loader import LoadedFlow, load_flow
 from ivr.flow_model import Flow, Hours
 from ivr.interpreter import MAX_REPEATS, FlowResult, FlowRunner, RouteDecision, Step
-from ivr.ports import NoRecognizer, PatientMatch, Recognition, Recognizer, ScriptedRecognizer
+from ivr.memory_channel import MemoryOutreach
+from ivr.ports import NoRecognizer, OutreachPort, PatientMatch, Recognition, Recognizer, ScriptedRecognizer
 
 DIALPLANS = Path(__file__).resolve().parents[2] / "dialplans"
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -69,6 +70,7 @@ async def _call(
     recognizer: Recognizer | None = None,
     directory: Directory | None = None,
     now: datetime = IN_HOURS,
+    outreach: OutreachPort | None = None,
 ) -> Call:
     steps: list[Step] = []
 
@@ -82,6 +84,7 @@ async def _call(
         recognizer=recognizer or NoRecognizer(),
         directory=directory or Directory(None),
         now=lambda: now,
+        outreach=outreach,
     )
     channel = InMemoryCallChannel(keys=keys)
     with capture_logs():
@@ -849,46 +852,64 @@ async def test_hotline_speech_silence_falls_back_to_the_key_menu(dialplans: dict
 
 
 async def test_hotline_vaccination_booking_through_the_subflow(dialplans: dict[str, Flow]) -> None:
-    # 3 vaccination, 1 booking; 5 skips the subflow's intro and is the day; 2 afternoon; 2 repeat, 1 confirm
-    keys: list[str | None] = [*SKIP_NOTICES, "3", "1", "5", "2", "2", "1"]
-    call = await _call(dialplans["hotline"], keys, subflows=(dialplans["vaccination"],))
+    # 3 vaccination, 1 booking; the birth year (its first key skips the subflow's intro), 1 book; day 5;
+    # 2 afternoon; 2 repeat, 1 confirm
+    keys: list[str | None] = [*SKIP_NOTICES, "3", "1", "1956", "1", "5", "2", "2", "1"]
+    outreach = MemoryOutreach()
+    call = await _call(dialplans["hotline"], keys, subflows=(dialplans["vaccination"],), outreach=outreach)
     assert call.result == FlowResult(
-        "completed", "goodbye", variables={"vaccination_day": "5", "vaccination_slot": "afternoon"}
+        "completed",
+        "goodbye",
+        variables={"birth_year": "1956", "vaccination_day": "5", "vaccination_slot": "afternoon"},
     )
     assert "vaccination:confirm_booking" in call.path
+    assert outreach.booked == [(5, "afternoon")]
 
 
 async def test_vaccination_standalone_books_day_and_slot(dialplans: dict[str, Flow]) -> None:
-    # 3 skips the intro and is the day (type-ahead); slot 1 (morning), confirm 1
-    call = await _call(dialplans["vaccination"], ["3", "1", "1"])
+    # the birth year (its first key skips the intro: type-ahead); 1 book; day 3; slot 1 (morning); confirm 1
+    outreach = MemoryOutreach()
+    call = await _call(dialplans["vaccination"], ["1956", "1", "3", "1", "1"], outreach=outreach)
     assert call.result.outcome == "completed"
     assert call.result.last_step == "done"
-    assert call.result.variables == {"vaccination_day": "3", "vaccination_slot": "morning"}
+    assert call.result.variables == {"birth_year": "1956", "vaccination_day": "3", "vaccination_slot": "morning"}
     assert [s.node for s in call.steps] == [
+        "identify",
         "intro",
+        "identity",
+        "verify",
+        "choose_service",
         "choose_day",
         "choose_slot",
         "slot_morning",
         "confirm_booking",
-        "requested",
+        "book",
+        "booked",
         "done",
     ]
     assert _step(call, "choose_day").input == "3"  # not sensitive
+    assert outreach.booked == [(3, "morning")]
 
 
 async def test_vaccination_invalid_day_twice_then_silence_is_not_booked(dialplans: dict[str, Flow]) -> None:
-    call = await _call(dialplans["vaccination"], ["8", "9", None])
+    outreach = MemoryOutreach()
+    call = await _call(dialplans["vaccination"], ["1956", "1", "8", "9", None], outreach=outreach)
     assert "vaccination_day" not in call.result.variables
     assert [s.node for s in call.steps][-3:] == ["choose_day", "not_booked", "done"]
+    assert outreach.called("book_vaccination") == []
 
 
-async def test_followup_birth_year_never_appears_in_steps(dialplans: dict[str, Flow]) -> None:
-    call = await _call(dialplans["followup"], ["1899", "1962", "135#", "85#"])
+async def test_followup_birth_year_and_readings_never_appear_in_steps(dialplans: dict[str, Flow]) -> None:
+    outreach = MemoryOutreach(identity={"birth_year": "1962"})
+    call = await _call(dialplans["followup"], ["1899", "1962", "135#", "85#"], outreach=outreach)
     assert call.result.outcome == "completed"
     assert call.result.last_step == "thanks"
     assert call.result.variables["birth_year"] == "1962"
     assert _step(call, "identity") == Step("followup", "identity", "collect", "next", "valid")
-    assert _step(call, "systolic").input == "135"
+    assert _step(call, "verify") == Step("followup", "verify", "verify_identity", "verified", None)
+    assert _step(call, "systolic").input == "valid"
+    assert _step(call, "save") == Step("followup", "save", "save_readings", "normal", None)
+    assert outreach.called("save_readings") == [{"systolic": "135", "diastolic": "85"}]
     for step in call.steps:
-        assert "1962" not in f"{step.edge}{step.input}"
-        assert "1899" not in f"{step.edge}{step.input}"
+        for value in ("1962", "1899", "135", "85"):
+            assert value not in f"{step.edge}{step.input}"
