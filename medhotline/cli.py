@@ -172,9 +172,11 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     from his import commands as his_commands
     from recordings import commands as recordings_commands
     from routing import commands as routing_commands
+    from scheduler import commands as scheduler_commands
 
     for register in (
         recordings_commands.register,
+        scheduler_commands.register,
         routing_commands.register,
         his_commands.register,
         key_commands.register,

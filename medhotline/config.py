@@ -248,6 +248,46 @@ class RecordingsConfig(_Section):
         return self
 
 
+class OutreachConfig(_Section):
+    """Outbound calls (follow-ups, medication reminders) and notifications."""
+
+    # Only the scheduler's leader dials; false keeps this node from ever leading (e.g. an inbound-only node).
+    enabled: bool = True
+    # The PJSIP endpoint of the trunk that reaches patients' phones, and how a number is dialled over it.
+    trunk: str = Field(default="patients", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    dial_string: str = "PJSIP/{number}@{trunk}"
+    caller_id: str = Field(default="12320", pattern=r"^[0-9]{3,15}$")
+    ring_seconds: int = Field(default=30, ge=5, le=120)
+    quiet_hours: str = "21:00-08:00"
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    backoff_minutes: list[int] = Field(default_factory=lambda: [30, 120], min_length=1)
+    trunk_cap: int = Field(default=4, ge=1, le=500)
+    # A JSON-over-HTTPS SMS gateway for reminders that don't need a call; empty: messages wait in the outbox.
+    sms_gateway_url: str = ""
+    sms_token_file: Path | None = None
+
+    _token_empty = field_validator("sms_token_file", mode="before")(_empty_is_none)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OutreachConfig:
+        if "{number}" not in self.dial_string:
+            raise ValueError("dial_string must contain {number}")
+        from scheduler.policy import PolicyError, Window
+
+        try:
+            Window.parse(self.quiet_hours, "quiet_hours")
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        if any(m < 1 for m in self.backoff_minutes):
+            raise ValueError("backoff_minutes must all be at least 1")
+        if self.sms_gateway_url:
+            if not self.sms_gateway_url.startswith(("https://", "http://127.", "http://localhost", "http://[::1]")):
+                raise ValueError("sms_gateway_url must be https:// (plain http only to this host)")
+            if self.sms_token_file is None:
+                raise ValueError("sms_gateway_url needs sms_token_file: the gateway's bearer token, mode 0600")
+        return self
+
+
 class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -259,6 +299,7 @@ class Config(_Section):
     speech: SpeechConfig = SpeechConfig()
     routing: RoutingConfig = RoutingConfig()
     recordings: RecordingsConfig = RecordingsConfig()
+    outreach: OutreachConfig = OutreachConfig()
 
     @property
     def recordings_store(self) -> Path:

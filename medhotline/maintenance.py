@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -18,6 +19,9 @@ from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore
 from ivr.ports import PatientDirectory
 from medhotline import db
 from medhotline.config import Config
+
+if TYPE_CHECKING:
+    from his.directory import PatientServices
 
 log = structlog.get_logger(__name__)
 
@@ -28,8 +32,14 @@ CREDENTIAL_CHECK_INTERVAL = 24 * 3600.0
 BREAK_GLASS_SWEEP_INTERVAL = 60.0
 
 
-async def connect_patient_directory(config: Config, install: Callable[[PatientDirectory], None]) -> None:
-    """Open the patient registry through the key service, retrying until it answers; ``install`` gets it.
+async def connect_patient_directory(
+    config: Config,
+    install: Callable[[PatientDirectory], None],
+    *,
+    ready: Callable[[PatientServices], None] | None = None,
+) -> None:
+    """Open the patient registry through the key service, retrying until it answers; ``install`` gets its IVR
+    directory, ``ready`` the registry services themselves (outreach reads numbers and birth years through them).
 
     Runs until cancelled; the connection is closed then.
     """
@@ -45,6 +55,8 @@ async def connect_patient_directory(config: Config, install: Callable[[PatientDi
                 log.error("patients.directory_unavailable", reason=str(exc), retry_in=DIRECTORY_RETRY)
                 await asyncio.sleep(DIRECTORY_RETRY)
         install(services.directory)
+        if ready is not None:
+            ready(services)
         log.info("patients.directory_ready")
         await asyncio.Event().wait()  # hold the connection until the service stops
     finally:

@@ -15,7 +15,7 @@ import random
 import re
 import signal
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,10 +51,16 @@ from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, Qu
 from routing.engine import RoutingEngine
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from compliance.access_store import AccessControl
+    from his.directory import PatientServices
     from recordings.capture import CallRecordings, ChannelRecorder
     from routing.agent_endpoints import ContactView
+    from scheduler.outreach import CallOutreach, Outreach
+    from scheduler.runner import OutreachScheduler
 from routing.model import CallPriority
+from scheduler.outreach import OUTBOUND_ARG
 
 log = structlog.get_logger(__name__)
 
@@ -126,6 +132,9 @@ class HotlineService:
     ) -> None:
         # Recording, ingest and signed records; None only in tests of the IVR and routing alone.
         self.recordings = recordings
+        # Outbound calls and the outreach nodes (set by run_service when [outreach] is enabled).
+        self.outreach: Outreach | None = None
+        self.scheduler: OutreachScheduler | None = None
         # Calls an agent answered (their summary is sealed after the wrap-up) and calls handed to the ARI queue
         # by FastAGI (whose record is finished by the queue's side).
         self._answered: set[str] = set()
@@ -184,13 +193,22 @@ class HotlineService:
         except Exception:
             log.exception("call.record_failed", writing=what)
 
-    async def handle_call(self, channel: CallChannel) -> None:
-        """Run one call from arrival to the end of the IVR and keep its record. Never raises."""
+    async def handle_call(
+        self, channel: CallChannel, *, flow: str | None = None, outreach: CallOutreach | None = None
+    ) -> tuple[str, str]:
+        """Run one call from arrival to the end of the IVR and keep its record; returns (call id, outcome).
+        Never raises. ``flow`` and ``outreach``: an outbound call's flow and its patient's outreach port."""
         info = channel.info
         call_id = str(uuid.uuid4())
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             flows = self.flows.current  # this call's snapshot: later edits don't change it
-            loaded = flows.get(info.flow) or flows[self.config.hotline.flow]
+            if flow is not None and flow not in flows:
+                # An outbound call must run its own flow, never the hotline's in its place.
+                log.error("call.flow_missing", flow=flow)
+                with contextlib.suppress(Exception):
+                    await channel.hangup()
+                return call_id, "error"
+            loaded = flows.get(flow or info.flow) or flows[self.config.hotline.flow]
             log.info(
                 "call.start",
                 transport=info.transport,
@@ -243,6 +261,7 @@ class HotlineService:
                 directory=self.directory,
                 consent=_CallConsent(recordings, call_id) if recordings is not None else None,
                 recorder=recordings.recorder(call_id, "consent") if recordings is not None else None,
+                outreach=outreach or self._inbound_outreach(lambda: runner.variables.get("patient_ref"), call_id),
             )
             try:
                 result = await runner.run(loaded.flow, channel)
@@ -273,6 +292,39 @@ class HotlineService:
             if call_id not in self._handed_over:
                 self._call_ended(call_id)
             self._handed_over.discard(call_id)
+            return call_id, result.outcome
+
+    async def _fastagi_call(self, channel: FastAgiCallChannel) -> None:
+        await self.handle_call(channel)
+
+    def _inbound_outreach(self, patient_of: Callable[[], str | None], call_id: str) -> CallOutreach | None:
+        """Vaccination booking and adverse-reaction reports on the hotline: for the caller the IVR identified."""
+        if self.outreach is None:
+            return None
+        from scheduler.outreach import CallOutreach
+
+        return CallOutreach(self.outreach, patient_of=patient_of, call_id=lambda: call_id)
+
+    async def run_outbound(self, leg: AriCallChannel, flow: str, port: CallOutreach) -> tuple[str, str]:
+        """An answered outreach call: its flow, with the patient's outreach port (see scheduler.outreach)."""
+        return await self.handle_call(leg, flow=flow, outreach=port)
+
+    async def speak(self, text: str) -> str:
+        """A sound for a text known only at call time (a medication, a booked date), rendered if new."""
+        from ivr.prompts import render
+
+        name = sound_name(text, self.voice)
+        target = self._sounds_dir() / f"{name}.wav"
+        if not await asyncio.to_thread(target.exists):
+            await asyncio.to_thread(render, text, self.voice, target)
+        return name
+
+    def _sounds_dir(self) -> Path:
+        if self.config.prompts.sounds_dir is not None:
+            return self.config.prompts.sounds_dir
+        from medhotline.sandbox import Sandbox
+
+        return Sandbox(self.config).sounds_dir
 
     def _call_ended(self, call_id: str) -> None:
         """Seal the call's summary after the wrap-up (the recordings know whether there is anything to seal)."""
@@ -447,8 +499,8 @@ class HotlineService:
             if (args and args[0] == SNOOP_ARG) or str(chan.get("name", "")).startswith(SNOOP_CHANNEL_PREFIX):
                 self.dispatcher.dispatch(event)  # a recording's snoop channel: the recording waits for it
                 return
-            if args and args[0] == AGENT_LEG_ARG:
-                self.dispatcher.dispatch(event)  # an agent answered a call the queue dialled
+            if args and args[0] in (AGENT_LEG_ARG, OUTBOUND_ARG):
+                self.dispatcher.dispatch(event)  # an agent or a patient answered a call we dialled
                 return
             if args and args[0] == QUEUE_ARG and isinstance(chan.get("id"), str):
                 queued = AriCallChannel(
@@ -518,6 +570,34 @@ class HotlineService:
     def _install_directory(self, directory: PatientDirectory) -> None:
         self.directory = directory  # calls starting from now identify their caller
 
+    def _patients_ready(self, services: PatientServices) -> None:
+        if self.outreach is not None:
+            self.outreach.patients_ready(services)  # the dialer reads numbers, the nodes check identities
+
+    def enable_outreach(self, sessions: sessionmaker[Session], bind: Engine) -> None:
+        """Outbound calls: the scheduler (jobs, leader lock) and the dialer, over this service's ARI."""
+        from scheduler.leader import leader_lock_for
+        from scheduler.outreach import Outreach
+        from scheduler.policy import DialPolicy
+        from scheduler.runner import OutreachScheduler
+
+        self.outreach = Outreach(
+            self.config,
+            sessions,
+            self.ari,
+            self.dispatcher,
+            run_call=self.run_outbound,
+            speak=self.speak,
+            policy=DialPolicy.from_config(self.config.outreach),
+        )
+        self.scheduler = OutreachScheduler(
+            bind,
+            leader_lock_for(bind, self.config.service.state_dir),
+            due_items=self.outreach.due_items,
+            on_fire=self.outreach.on_fire,
+            periodic_jobs=self.outreach.periodic_jobs(),
+        )
+
     async def agent_endpoints_loop(self) -> None:
         """Sandbox only: keep the agents' PJSIP endpoints in Asterisk in step with the agent table."""
         from medhotline.sandbox import Sandbox
@@ -541,7 +621,7 @@ class HotlineService:
 
     async def run(self, stop: asyncio.Event) -> None:
         fa = self.config.fastagi
-        server = await start_fastagi(fa.host, fa.port, self.handle_call)
+        server = await start_fastagi(fa.host, fa.port, self._fastagi_call)
         log.info(
             "service.started",
             node=self.config.service.node_name,
@@ -564,10 +644,17 @@ class HotlineService:
         ]
         if self.connect_directory:
             loops.append(
-                asyncio.create_task(maintenance.connect_patient_directory(self.config, self._install_directory))
+                asyncio.create_task(
+                    maintenance.connect_patient_directory(
+                        self.config, self._install_directory, ready=self._patients_ready
+                    )
+                )
             )
         if self.recordings is not None:
             loops.append(asyncio.create_task(self.recordings.resume_loop(self.ari, datetime.now(UTC))))
+        if self.outreach is not None and self.scheduler is not None:
+            loops.append(asyncio.create_task(self.scheduler.run()))
+            loops.append(asyncio.create_task(self.outreach.dialer_loop(self.scheduler.leading)))
         if self.engine is not None:
             loops.append(asyncio.create_task(self.engine.run()))
             loops.append(asyncio.create_task(maintenance.check_credentials_daily(self.config)))
@@ -582,6 +669,8 @@ class HotlineService:
                 _, pending = await asyncio.wait(self._calls, timeout=SHUTDOWN_GRACE)
                 for task in pending:
                     task.cancel()
+            if self.outreach is not None:
+                await self.outreach.drain(SHUTDOWN_GRACE)
             if self.recordings is not None:
                 await self.recordings.drain(SHUTDOWN_GRACE)
             for loop in loops:
@@ -718,6 +807,8 @@ def run_service(config: Config) -> int:
             access=access,
             recordings=recordings,
         )
+        if config.outreach.enabled:
+            service.enable_outreach(sessions, bind)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
