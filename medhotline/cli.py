@@ -173,10 +173,12 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     from recordings import commands as recordings_commands
     from routing import commands as routing_commands
     from scheduler import commands as scheduler_commands
+    from scheduler import vaccination_commands
 
     for register in (
         recordings_commands.register,
         scheduler_commands.register,
+        vaccination_commands.register,
         routing_commands.register,
         his_commands.register,
         key_commands.register,

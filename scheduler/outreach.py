@@ -26,6 +26,7 @@ import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from compliance.audit import AuditLog
 from ivr.ari_channel import AriCallChannel, AriDispatcher
 from ivr.ari_client import AriClient, AriError
 from ivr.channel import CallInfo, ChannelError
@@ -173,6 +174,9 @@ class Outreach:
         if self._patients is None:
             raise OutreachUnavailable("the patient registry is not connected yet (key service)")
         return self._patients
+
+    def _audit(self) -> AuditLog:
+        return self._services().audit
 
     async def patient_record(self, patient_id: str, reason: str) -> Any:
         return await self._services().registry.get(patient_id, accessor=SYSTEM_ACTOR, role=SYSTEM_ROLE, reason=reason)
@@ -530,7 +534,7 @@ class Outreach:
         )
 
     async def book_vaccination(self, patient_id: str | None, day: int, slot: str) -> BookingResult:
-        from scheduler.vaccination import SlotFull, VaccinationStore
+        from scheduler.vaccination import SlotFull, VaccinationStore, audit_booking_change
 
         if patient_id is None:
             return BookingResult("not_identified")
@@ -542,8 +546,18 @@ class Outreach:
         except SlotFull:
             return BookingResult("full")
         except MedhotlineError as exc:
-            log.warning("outreach.booking_failed", reason=str(exc))
+            log.warning("outreach.booking_failed", reason=type(exc).__name__)
             return BookingResult("no_slot")
+        await asyncio.to_thread(
+            audit_booking_change,
+            self._audit(),
+            actor=SYSTEM_ACTOR,
+            role=SYSTEM_ROLE,
+            operation="book",
+            booking_id=booking.id,
+            slot_id=booking.slot_id,
+            reason="booked by the patient on the phone",
+        )
         starts = booking.starts_at.astimezone(self.policy.tz)
         sound = await self._speak(f"已为您预约{_spoken_date(starts.date())}{starts:%H}点{starts:%M}分。")
         return BookingResult("booked", booking_id=booking.id, sound=sound)
@@ -552,10 +566,24 @@ class Outreach:
         from scheduler.vaccination import VaccinationStore
 
         store = VaccinationStore(self._sessions)
+        from scheduler.vaccination import audit_booking_change
+
         booking = await asyncio.to_thread(store.next_booking, patient_id, self._clock())
         if booking is None:
             return False
-        return await asyncio.to_thread(store.cancel, booking.id, self._clock(), "patient")
+        cancelled = await asyncio.to_thread(store.cancel, booking.id, self._clock(), "patient")
+        if cancelled:
+            await asyncio.to_thread(
+                audit_booking_change,
+                self._audit(),
+                actor=SYSTEM_ACTOR,
+                role=SYSTEM_ROLE,
+                operation="cancel",
+                booking_id=booking.id,
+                slot_id=booking.slot_id,
+                reason="cancelled by the patient on the phone",
+            )
+        return cancelled
 
     async def report_adverse_reaction(self, patient_id: str, call_id: str | None) -> None:
         from scheduler.vaccination import VaccinationStore, report_adverse_reaction
