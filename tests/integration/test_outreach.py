@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, render, sound_name
 from medhotline import db
-from medhotline.phones import Press
+from medhotline.phones import Action, Press
 from medhotline.phones.patient import PatientPhone, dtmf_play_ms
 from medhotline.sandbox import Sandbox
 from scheduler.policy import LOCAL_TZ
@@ -209,7 +209,7 @@ def test_a_patient_books_a_vaccination_slot_on_the_keypad(outreach: tuple[Hotlin
     run_cli(hotline, "vaccination", "slots", "add", "--clinic", "community1", "--vaccine", "influenza",
             "--start", f"{tomorrow} 09:00", "--minutes", "30", "--capacity", "3")  # fmt: skip
     flow = "vaccination"
-    presses = [
+    presses: list[Action] = [
         Press(say(hotline, flow, "intro") + say(hotline, flow, "identity") + SLACK_MS, BIRTH_YEAR),
         Press(dtmf_play_ms(BIRTH_YEAR) + say(hotline, flow, "choose_service") + SLACK_MS, "1"),
         Press(dtmf_play_ms("1") + say(hotline, flow, "choose_day") + SLACK_MS, "1"),  # tomorrow
