@@ -83,7 +83,7 @@ def _cmd_add(config: Config, args: argparse.Namespace) -> int:
         raise CommandError(f"--flow {args.flow!r}: no such flow in {config.hotline.flows_dir}")
     thresholds = _thresholds(args.condition, args.threshold)
     now = _now()
-    first = now + timedelta(days=args.first_in_days) if args.first_in_days else now
+    first = now + timedelta(days=args.first_in_days, minutes=args.first_in_minutes)
     with _engine(config) as engine:
         plan = PlanStore.for_engine(engine).add(
             patient_id=patient,
@@ -292,6 +292,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add.add_argument("--responsible", metavar="ACCOUNT", help="the physician who gets recall tasks")
     add.add_argument("--first-in-days", type=int, default=0, help="first call after this many days (default: now)")
+    add.add_argument("--first-in-minutes", type=int, default=0, help="… and minutes")
     add.add_argument("--as", dest="as_", metavar="ACCOUNT")
     add.set_defaults(func=_cmd_add)
     lst = actions.add_parser("list", help="plans, next due time and recent attempts")

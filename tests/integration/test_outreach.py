@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from ivr.flow_loader import load_flows
@@ -229,3 +229,40 @@ def test_a_patient_books_a_vaccination_slot_on_the_keypad(outreach: tuple[Hotlin
     assert f"{tomorrow} 09:00" in booking
     slots = run_cli(hotline, "vaccination", "slots", "list", "--date", str(tomorrow))
     assert "2/3 free" in slots
+
+
+def test_a_service_restart_between_scheduling_and_firing_still_fires_once(
+    outreach: tuple[Hotline, int, str],
+) -> None:
+    """The job is persisted by the running service, the service restarts before it is due, and the restarted
+    service (now the leader again) fires it: one round of calls, not zero and not two."""
+    hotline, _, patient = outreach
+    plan = run_cli(hotline, "followups", "add", "--patient", patient, "--condition", "hypertension",
+                   "--every", "7", "--window", "00:00-23:59", "--first-in-minutes", "1")  # fmt: skip
+    engine = db.make_engine(hotline.config.database_url)
+    try:
+        deadline = time.monotonic() + 30
+        while not persisted(engine, f"followup:{plan}"):
+            assert time.monotonic() < deadline, "the running service never stored the plan's job"
+            time.sleep(0.5)
+        assert hotline.service.stop() == 0
+        assert attempt_rows(engine, plan) == 0  # not due yet when the service went away
+        hotline.service.start(timeout=60)
+        deadline = time.monotonic() + 120
+        while attempt_rows(engine, plan) == 0:
+            assert time.monotonic() < deadline, "the restarted service did not fire the job"
+            time.sleep(1.0)
+        time.sleep(5.0)  # a second firing would open a second round by now
+        assert attempt_rows(engine, plan) == 1
+    finally:
+        engine.dispose()
+
+
+def persisted(engine: Engine, job_id: str) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT 1 FROM apscheduler_jobs WHERE id = :id"), {"id": job_id}).first() is not None
+
+
+def attempt_rows(engine: Engine, subject: str) -> int:
+    with Session(engine) as session:
+        return len(session.scalars(select(OutreachAttempt).where(OutreachAttempt.subject_id == subject)).all())
