@@ -43,13 +43,13 @@ MEDICATION_GRACE: Final = timedelta(minutes=30)
 _ACTIVE: dict[str, OutreachScheduler] = {}
 
 
-async def fire(kind: str, subject_id: str) -> None:
-    """The one job function: a plan or reminder came due."""
+async def fire(kind: str, subject_id: str, due: str | None = None) -> None:
+    """The one job function: a plan or reminder came due (``due``: the due time the job was made for)."""
     active = _ACTIVE.get("leader")
     if active is None:
         log.warning("scheduler.job_without_scheduler", kind=kind)
         return
-    await active.fire(kind, subject_id)
+    await active.fire(kind, subject_id, datetime.fromisoformat(due) if due else None)
 
 
 async def periodic(name: str) -> None:
@@ -83,9 +83,14 @@ class OutreachScheduler:
         self._beat = beat
         self._clock = clock or (lambda: datetime.now(UTC))
         self._scheduler: AsyncIOScheduler | None = None
+        # The due time each job last fired for: the row may not show the advance yet when reconciling.
+        self._fired: dict[str, datetime] = {}
         self.leading = asyncio.Event()
 
-    async def fire(self, kind: str, subject_id: str) -> None:
+    async def fire(self, kind: str, subject_id: str, due: datetime | None = None) -> None:
+        if due is not None:
+            # Until the row's due time moves on, the reconciliation must not schedule this due time again.
+            self._fired[f"{kind}:{subject_id}"] = due
         try:
             await self._on_fire(kind, subject_id)
         except Exception:
@@ -164,11 +169,13 @@ class OutreachScheduler:
             job = jobs.get(job_id)
             if job is not None and job.next_run_time is not None and job.next_run_time == due:
                 continue
+            if job is None and self._fired.get(job_id) == due:
+                continue  # fired for this due time already; its job function is moving the row on
             grace = MEDICATION_GRACE if kind == "medication" else FOLLOWUP_GRACE
             scheduler.add_job(
                 fire,
                 DateTrigger(run_date=due),
-                args=[kind, subject],
+                args=[kind, subject, due.isoformat()],
                 id=job_id,
                 replace_existing=True,
                 misfire_grace_time=int(grace.total_seconds()),
