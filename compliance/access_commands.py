@@ -61,12 +61,8 @@ def _service(config: Config) -> Iterator[AccessControl]:
     from compliance.access_store import AccessControl
     from medhotline import db
 
-    db.ensure_current(config.database_url)
-    engine = db.make_engine(config.database_url)
-    try:
+    with db.current_engine(config.database_url) as engine:
         yield AccessControl.for_engine(engine, patients=_RegistryRefs(engine))
-    finally:
-        engine.dispose()
 
 
 def _when(at: datetime | None) -> str:

@@ -232,6 +232,18 @@ def ensure_current(url: str) -> None:
     )
 
 
+@contextmanager
+def current_engine(url: str) -> Iterator[Engine]:
+    """An engine over a database whose schema is current (else :class:`DatabaseNotReady` saying what to do),
+    disposed when the block ends: what a one-shot command needs."""
+    ensure_current(url)
+    engine = make_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
 @dataclass(frozen=True, slots=True)
 class CallStepRecord:
     seq: int

@@ -21,7 +21,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -43,18 +43,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@contextmanager
-def _engine(config: Config) -> Iterator[Engine]:
-    """The database, refused with what to do when its schema is not current (never a bare SQL error); its
-    connections closed when the command is done."""
+def _engine(config: Config) -> AbstractContextManager[Engine]:
     from medhotline import db
 
-    db.ensure_current(config.database_url)
-    engine = db.make_engine(config.database_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
+    return db.current_engine(config.database_url)
 
 
 def _store(keyed: KeyedDatabase) -> RecordingStore:

@@ -120,12 +120,8 @@ def _open(config: Config) -> Iterator[_Db]:
     from medhotline import db
     from routing.store import AgentStore
 
-    db.ensure_current(config.database_url)
-    engine = db.make_engine(config.database_url)
-    try:
+    with db.current_engine(config.database_url) as engine:
         yield _Db(AgentStore.for_engine(engine), AccountStore.for_engine(engine), AuditLog(SqlAuditStore(engine)))
-    finally:
-        engine.dispose()
 
 
 class _Audited:

@@ -13,8 +13,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
@@ -39,16 +38,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-@contextmanager
-def _engine(config: Config) -> Iterator[Engine]:
+def _engine(config: Config) -> AbstractContextManager[Engine]:
     from medhotline import db
 
-    db.ensure_current(config.database_url)
-    engine = db.make_engine(config.database_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
+    return db.current_engine(config.database_url)
 
 
 def _thresholds(condition: str, given: list[str]) -> dict[str, Threshold]:

@@ -81,12 +81,8 @@ def _store(config: Config) -> Iterator[tuple[VaccinationStore, Engine]]:
     from medhotline import db
     from scheduler.vaccination import VaccinationStore
 
-    db.ensure_current(config.database_url)
-    engine = db.make_engine(config.database_url)
-    try:
+    with db.current_engine(config.database_url) as engine:
         yield VaccinationStore.for_engine(engine), engine
-    finally:
-        engine.dispose()
 
 
 def _audit(
