@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
 
+from medhotline import db
 from medhotline.db import scratch_postgres_database
 
 POSTGRES_ENV = "MEDHOTLINE_TEST_POSTGRES_URL"
@@ -32,6 +34,26 @@ def postgres_url() -> Iterator[str]:
         pytest.skip(f"{POSTGRES_ENV} is not set (scripts/test starts a PostgreSQL and sets it)")
     with scratch_postgres_database(admin_url, "medhotline_test") as url:
         yield url
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated database, once as a SQLite file and once on the test PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state' / 'medhotline.db'}"
+    else:
+        url = str(request.getfixturevalue("postgres_url"))
+    db.upgrade(url)
+    return url
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = db.make_engine(database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 # Identifiers of the made-up patients and callers the tests use (tests/unit/test_his_registry.py's patients, the

@@ -70,25 +70,6 @@ async def keys(keyservice: Path) -> AsyncIterator[KeyServiceClient]:
         yield client
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state' / 'medhotline.db'}"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
-    db.upgrade(url)
-    return url
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = db.make_engine(database_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
 @pytest.fixture
 def sessions(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)

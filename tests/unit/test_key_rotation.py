@@ -35,8 +35,6 @@ from tests.unit.test_his_registry import (  # noqa: F401 (fixtures)
     CountingKeys,
     Person,
     audit,
-    database_url,
-    engine,
     keys,
     keyservice,
     keystore,

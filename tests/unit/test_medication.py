@@ -32,8 +32,6 @@ from scheduler.medication import (
 )
 from scheduler.tables import MedicationReminder, OutreachAttempt
 from tests.unit.recordings_fixtures import (  # noqa: F401 (fixtures)
-    database_url,
-    engine,
     keys,
     keyservice,
     keystore,

@@ -44,8 +44,6 @@ from scheduler.notify import (
 )
 from scheduler.tables import OutboxMessage
 from tests.unit.recordings_fixtures import (  # noqa: F401 (fixtures)
-    database_url,
-    engine,
     keys,
     keyservice,
     keystore,

@@ -36,8 +36,6 @@ from scheduler.rounds import open_followup_round
 from scheduler.store import Threshold
 from scheduler.tables import DoNotCall, OutreachAttempt
 from tests.unit.recordings_fixtures import (  # noqa: F401 - fixtures
-    database_url,
-    engine,
     keys,
     keyservice,
     keystore,

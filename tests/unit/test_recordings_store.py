@@ -23,8 +23,6 @@ from recordings.store import RecordingNotFound, RecordingRow, RecordingStore, re
 from recordings.tables import SignedCallRecord
 from tests.unit.recordings_fixtures import (  # noqa: F401 (fixtures)
     audit,
-    database_url,
-    engine,
     execute,
     sessions,
     start_call,

@@ -5,15 +5,12 @@ nodes only the leader fires — until it dies and the other takes over. SQLite a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import sessionmaker
 
-from medhotline import db
 from scheduler.leader import FileLeaderLock, LeaderLock, PostgresLeaderLock, leader_lock_for
 from scheduler.policy import DialPolicy, Window
 from scheduler.rounds import open_followup_round
@@ -23,19 +20,6 @@ from scheduler.store import AttemptStore, PlanStore, Threshold
 PATIENT = "ab" * 16
 # Calls allowed all day but one minute: these tests are about when jobs fire, not about calling hours.
 POLICY = DialPolicy(quiet=Window.parse("00:00-00:01"))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    sqlite = f"sqlite:///{tmp_path / 'state' / 'medhotline.db'}"
-    url = sqlite if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    (tmp_path / "state").mkdir(exist_ok=True)
-    db.upgrade(url)
-    engine = db.make_engine(url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 class Node:

@@ -56,10 +56,8 @@ from recordings.timestamps import LocalTimestampAuthority, LocalTimestamper
 from tests.unit.recordings_fixtures import (  # noqa: F401 (fixtures)
     AGENT,
     audit,
-    database_url,
     drop_recordings_guard,
     drop_records_guard,
-    engine,
     execute,
     finished_recording,
     keys,

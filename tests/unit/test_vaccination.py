@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import sys
 import uuid
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -69,25 +69,6 @@ def local(day: date, hhmm: str) -> datetime:
 
 def patient() -> str:
     return str(uuid.uuid4())
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'state' / 'medhotline.db'}"
-    else:
-        url = str(request.getfixturevalue("postgres_url"))
-    db.upgrade(url)
-    return url
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = db.make_engine(database_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def seed(store: VaccinationStore) -> None:
