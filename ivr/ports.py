@@ -32,6 +32,13 @@ class Recognition:
     category: str | None
     emergency: bool = False
     matched: tuple[str, ...] = ()
+    # Triage (docs/triage.md): "emergency", "urgent" (symptoms without a red flag: nurse triage) or "routine";
+    # how sure the classifier is, and the discriminator that fired. ``confirm``: a single weak red-flag cue,
+    # so the flow asks the caller once instead of deciding silently.
+    level: str = "routine"
+    confidence: float = 1.0
+    discriminator: str = ""
+    confirm: bool = False
 
 
 class Recognizer(Protocol):

@@ -16,6 +16,7 @@ The decision, in order (the first that applies):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from keywords.lexicon import Category, Lexicon
@@ -47,7 +48,7 @@ def decide(text: str, matches: Sequence[Match], cues: Sequence[str] = ("äº†", "å
     emergencies = [m for m in counted if m.category == "emergency"]
     if emergencies:
         rules.append("emergency: " + ", ".join(dict.fromkeys(m.canonical for m in emergencies)))
-        return Classification(text, True, "emergency", tuple(matches), tuple(rules))
+        return Classification(text, True, "emergency", tuple(matches), tuple(rules), level="emergency")
     reactions = [m for m in counted if m.category == "adverse_reaction" and not m.symptom]
     for symptom in (m for m in counted if m.category == "adverse_reaction" and m.symptom):
         exposure = _after_exposure(text, symptom, counted, cues)
@@ -80,6 +81,4 @@ class Classifier:
 
     def classify(self, text: str) -> Classification:
         result = decide(text, self.spotter.spot(text), self._cues)
-        return Classification(
-            result.text, result.emergency, result.category, result.matched, result.rules, self.lexicon.version
-        )
+        return dataclasses.replace(result, lexicon_version=self.lexicon.version)

@@ -23,8 +23,8 @@ from keywords.speech import SpeechEvent, SpeechStreamError
 
 log = structlog.get_logger(__name__)
 
-# (category, emergency, matched terms) for a transcript.
-Classify = Callable[[str], tuple[str | None, bool, tuple[str, ...]]]
+# What a transcript means (category, emergency, terms, triage level), as the interpreter reads it.
+Classify = Callable[[str], Recognition]
 
 
 class SpeechStreamLike(Protocol):
@@ -71,18 +71,21 @@ class StreamingRecognizer:
     def _decide(self, event: SpeechEvent) -> Recognition | None:
         if not event.text:
             return None
-        category, emergency, matched = self.classify(event.text)
-        if emergency or event.kind == "final":
+        recognition = self.classify(event.text)
+        if recognition.emergency or event.kind == "final":
             # Only sizes and terms are logged: the transcript itself is clinical data.
             log.info(
                 "speech.recognized",
                 kind=event.kind,
                 chars=len(event.text),
-                category=category,
-                emergency=emergency,
-                matched=list(matched),
+                category=recognition.category,
+                emergency=recognition.emergency,
+                matched=list(recognition.matched),
+                level=recognition.level,
+                discriminator=recognition.discriminator,
+                confirm=recognition.confirm,
             )
-            return Recognition(event.text, category, emergency, matched)
+            return recognition
         return None
 
 
@@ -123,10 +126,13 @@ class ScriptedSpeech:
 def registry_classifier(registry: LexiconRegistry) -> Classify:
     """Classify with whatever lexicon the registry holds now (it is refreshed by the service's reload task)."""
 
-    def classify(text: str) -> tuple[str | None, bool, tuple[str, ...]]:
+    def classify(text: str) -> Recognition:
         classifier = registry.current
         if classifier is None:
             raise RecognitionUnavailable("no valid keyword lexicon loaded")
-        return classifier.classify(text).as_recognition_fields()
+        result = classifier.classify(text)
+        category, emergency, matched = result.as_recognition_fields()
+        level, confidence, discriminator, confirm = result.triage_fields()
+        return Recognition(text, category, emergency, matched, level, confidence, discriminator, confirm)
 
     return classify

@@ -36,6 +36,7 @@ from keywords.lexicon import Category, Lexicon, Severity, Term
 
 __all__ = ["Classification", "Match", "Normalised", "Rule", "Spotter", "fuzzy_syllable", "normalise"]
 
+Level = Literal["emergency", "urgent", "routine"]
 Rule = Literal["affirmed", "third_party", "uncertain", "negated", "history", "hypothetical", "topic", "excluded"]
 Via = Literal["exact", "homophone", "pattern"]
 
@@ -86,6 +87,12 @@ class Classification:
     matched: tuple[Match, ...]
     rules: tuple[str, ...]
     lexicon_version: str = ""
+    # Triage (docs/triage.md): the level, how sure, which discriminator fired, and whether the IVR should ask
+    # the caller once (a single weak red-flag cue: never decided silently, never a silent emergency either).
+    level: Level = "routine"
+    confidence: float = 1.0
+    discriminator: str = ""
+    confirm: bool = False
 
     @property
     def counted(self) -> tuple[Match, ...]:
@@ -96,6 +103,10 @@ class Classification:
         """(category, emergency, matched terms) for ``ivr.ports.Recognition``: canonical terms that counted."""
         return self.category, self.emergency, tuple(dict.fromkeys(m.canonical for m in self.counted))
 
+    def triage_fields(self) -> tuple[Level, float, str, bool]:
+        """(level, confidence, discriminator, confirm) for ``ivr.ports.Recognition``."""
+        return self.level, self.confidence, self.discriminator, self.confirm
+
     def as_json(self) -> dict[str, object]:
         """The ``medhotline keywords classify`` line: matches that counted, with spans into ``text``."""
         return {
@@ -103,6 +114,10 @@ class Classification:
             "emergency": self.emergency,
             "category": self.category,
             "matched": [m.as_dict() for m in self.counted],
+            "level": self.level,
+            "confidence": self.confidence,
+            "discriminator": self.discriminator,
+            "confirm": self.confirm,
         }
 
 

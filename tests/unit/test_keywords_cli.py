@@ -43,13 +43,30 @@ def test_classify_contract(
     assert len(lines) == 3  # blank lines skipped, last line without newline read
     objects = [json.loads(line) for line in lines]
     for obj in objects:
-        assert set(obj) == {"text", "emergency", "category", "matched"}
+        # The contract of the first release, with the triage fields added (never removed or renamed).
+        assert set(obj) == {
+            "text",
+            "emergency",
+            "category",
+            "matched",
+            "level",
+            "confidence",
+            "discriminator",
+            "confirm",
+        }
         assert isinstance(obj["emergency"], bool)
+        assert obj["level"] in ("emergency", "urgent", "routine")
+        assert isinstance(obj["confidence"], float)
+        assert 0.0 <= obj["confidence"] <= 1.0
+        assert isinstance(obj["discriminator"], str)
+        assert isinstance(obj["confirm"], bool)
+        assert (obj["level"] == "emergency") == obj["emergency"]
         assert obj["category"] in CATEGORIES
         for match in obj["matched"]:
             assert set(match) == {"term", "start", "end"}
             assert obj["text"][match["start"] : match["end"]] == match["term"]
-    assert objects[0] == {
+    first = {key: objects[0][key] for key in ("text", "emergency", "category", "matched")}
+    assert first == {
         "text": "我爸胸口疼得厉害，喘不上气",
         "emergency": True,
         "category": "emergency",
