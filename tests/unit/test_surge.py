@@ -223,3 +223,37 @@ def test_surge_check_and_off_when_not_on(cli: Cli) -> None:
     code, _, err = cli("surge", "off", "--reason", "nothing to do")
     assert code == 1
     assert "not on" in err
+
+
+async def test_a_node_follows_the_mode_in_the_database_and_restores_the_hotline(tmp_path: Path) -> None:
+    from medhotline.surge import SurgeState
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    db.upgrade(url)
+    modes = ModeStore.for_engine(db.make_engine(url))
+    flows = FlowRegistry(DIALPLANS)
+    flows.refresh()
+    spoken: list[str] = []
+
+    async def speak(text: str) -> str:
+        spoken.append(text)
+        return "sound"
+
+    state = SurgeState(modes, flows, None, "hotline", speak)
+    await state.poll()
+    assert state.entry_flow("hotline") == "hotline"
+    before = dict(flows.current)
+    profile = parse_profile(PROFILE)
+    modes.surge_on(
+        profile_name=profile.name, profile_text=PROFILE, entry_flow=entry_flow_yaml(profile), actor="ops",
+        reason="drill", at=T0,
+    )  # fmt: skip
+    await state.poll()
+    assert state.entry_flow("hotline") == SURGE_FLOW
+    assert state.entry_flow("medication") == "medication", "outbound flows are not replaced"
+    assert any(profile.bulletin in text for text in spoken), "the bulletin is rendered before callers need it"
+    modes.surge_off(actor="ops", reason="drill over", at=T0)
+    await state.poll()
+    assert state.entry_flow("hotline") == "hotline"
+    assert state.profile is None
+    assert dict(flows.current) == before
