@@ -172,6 +172,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     from his import commands as his_commands
     from recordings import commands as recordings_commands
     from routing import commands as routing_commands
+    from routing import surge_commands
     from scheduler import commands as scheduler_commands
     from scheduler import vaccination_commands
 
@@ -180,6 +181,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         scheduler_commands.register,
         vaccination_commands.register,
         routing_commands.register,
+        surge_commands.register,
         his_commands.register,
         key_commands.register,
         access_commands.register,
