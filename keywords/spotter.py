@@ -167,6 +167,10 @@ def normalise(text: str) -> Normalised:
         for folded in unicodedata.normalize("NFKC", char):
             if folded.isspace():
                 continue
+            if folded == "." and chars and chars[-1].isdigit() and text[position + 1 : position + 2].isdigit():
+                chars.append(folded)  # a decimal point (血糖2.1) is part of the number, not a clause boundary
+                index.append(position)
+                continue
             kind = unicodedata.category(folded)
             if kind[0] in "PSZC":
                 breaks.add(len(chars))
