@@ -37,7 +37,7 @@ from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, Connectio
 from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
-from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
+from ivr.flow_model import ROUTE_CATEGORIES, RouteCategory
 from ivr.flow_registry import FlowRegistry
 from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
 from ivr.ports import ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
@@ -373,7 +373,7 @@ class HotlineService:
         queued = await self._queue(
             channel,
             call_id,
-            cast(ConsultCategory, route.category),
+            cast(RouteCategory, route.category),
             route.priority,
             patient_ref=result.variables.get("patient_ref"),
         )
@@ -389,7 +389,7 @@ class HotlineService:
         self,
         channel: AriCallChannel,
         call_id: str,
-        category: ConsultCategory,
+        category: RouteCategory,
         priority: str,
         *,
         patient_ref: str | None = None,
@@ -457,7 +457,7 @@ class HotlineService:
             return
         call_id, category, priority = values
         known = await asyncio.to_thread(self.repo.get, call_id) if _UUID.match(call_id) else None
-        if known is None or category not in CONSULT_CATEGORIES or priority not in ("normal", "emergency"):
+        if known is None or category not in ROUTE_CATEGORIES or priority not in ("normal", "emergency"):
             # Only the service's own hand-over sets these; anything else is refused, never guessed at.
             log.error("routing.hand_over_invalid", known_call=known is not None, category=category[:32])
             with contextlib.suppress(Exception):

@@ -23,7 +23,7 @@ import structlog
 from ivr.ari_channel import AriCallChannel, AriDispatcher
 from ivr.ari_client import AriClient, AriError, AriNotFound
 from ivr.channel import CallerHungUp, CallInfo, ChannelError
-from ivr.flow_model import ConsultCategory
+from ivr.flow_model import RouteCategory
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
@@ -133,7 +133,7 @@ class CallerQueue:
         self,
         caller: AriCallChannel,
         call_id: str,
-        category: ConsultCategory,
+        category: RouteCategory,
         priority: CallPriority,
         on_step: QueueStep | None = None,
     ) -> QueueResult:
