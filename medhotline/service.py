@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from compliance.access_store import AccessControl
+    from compliance.audit import AuditLog
     from his.directory import PatientServices
     from recordings.capture import CallRecordings, ChannelRecorder
     from routing.agent_endpoints import ContactView
@@ -129,7 +130,10 @@ class HotlineService:
         connect_directory: bool = False,
         access: AccessControl | None = None,
         recordings: CallRecordings | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        # Where an agent's upgrade of a call to emergency is audited (None only in tests of the IVR and routing).
+        self.audit = audit
         # Recording, ingest and signed records; None only in tests of the IVR and routing alone.
         self.recordings = recordings
         # Outbound calls and the outreach nodes (set by run_service when [outreach] is enabled).
@@ -175,6 +179,7 @@ class HotlineService:
                     moh_class=rc.moh_class,
                     agent_caller_id=config.hotline.number,
                     emergency_key=rc.emergency_key,
+                    upgrade_keys=rc.upgrade_keys,
                 ),
                 sound=lambda text: sound_name(text, self.voice),
                 escalation_groups={
@@ -182,6 +187,7 @@ class HotlineService:
                     for name, g in rc.escalation_groups.items()
                 },
                 recorder=recordings,
+                on_upgrade=self._upgraded,
             )
 
     # -- calls ------------------------------------------------------------------------------------
@@ -274,6 +280,17 @@ class HotlineService:
                 await ivr_recorder.stop(channel, ivr_recording)
             if recordings is not None and result.variables.get("patient_ref"):
                 recordings.identify(call_id, result.variables["patient_ref"])
+            if result.triage is not None:
+                # Before the queue: a nurse's upgrade during the conversation lands beside what the IVR heard.
+                await self._record(
+                    "triage",
+                    self.repo.record_triage,
+                    call_id,
+                    level=result.triage.level,
+                    confidence=min(1.0, max(0.0, result.triage.confidence)),
+                    discriminator=result.triage.discriminator,
+                    confirm_answer=result.triage.confirm_answer,
+                )
             if result.outcome == "routed" and result.route is not None:
                 result = await self._to_agent(channel, call_id, result)
             await self._record(
@@ -439,6 +456,23 @@ class HotlineService:
         finally:
             if assigned:
                 self._spawn(self._end_assignment(call_id, self.config.routing.wrap_up))
+
+    async def _upgraded(self, call_id: str, agent_id: str) -> None:
+        """An agent upgraded the call to emergency from their phone: the record says so (who, when), and the audit
+        trail has it. The record comes first: it is what the hospital reads; a failed audit entry is logged."""
+        at = datetime.now(UTC)
+        await asyncio.to_thread(self.repo.upgrade_to_emergency, call_id, by=agent_id, at=at)
+        if self.audit is not None:
+            await self._record(
+                "upgrade audit",
+                self.audit.append,
+                actor=agent_id,
+                role="agent",
+                action="change",
+                outcome="success",
+                reason="call upgraded to emergency by the agent",
+                details={"call": call_id, "priority": "emergency", "via": "phone keys"},
+            )
 
     async def _end_assignment(self, call_id: str, after: float) -> None:
         await asyncio.sleep(after)
@@ -793,6 +827,9 @@ def run_service(config: Config) -> int:
     access = AccessControl.for_engine(bind, patients=PatientStore.for_engine(bind))
 
     recordings = build_recordings(config, sessions) if config.recordings.enabled else None
+    from compliance.audit import AuditLog, SqlAuditStore
+
+    audit = AuditLog(SqlAuditStore(bind))
 
     async def main() -> None:
         service = HotlineService(
@@ -806,6 +843,7 @@ def run_service(config: Config) -> int:
             connect_directory=True,
             access=access,
             recordings=recordings,
+            audit=audit,
         )
         if config.outreach.enabled:
             service.enable_outreach(sessions, bind)
