@@ -54,6 +54,10 @@ def edges(node: _Node) -> list[tuple[str, str, PathKey]]:
             result += [(f"heard {c}", t, ("categories", c)) for c, t in node.categories.items()]
         result += [(f"press {d}", t, ("choices", d)) for d, t in node.choices.items()]
         if isinstance(node, ListenNode):
+            if node.triage is not None:
+                result.append(("triage urgent", node.triage.urgent, ("triage", "urgent")))
+                if node.triage.emergency is not None:
+                    result.append(("triage emergency", node.triage.emergency, ("triage", "emergency")))
             result.append(("default", node.default, ("default",)))
     elif isinstance(node, BranchNode):
         result += [(f"case {i + 1}", c.next, ("cases", str(i), "next")) for i, c in enumerate(node.cases)]

@@ -10,10 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medhotline.config import Config, ConfigError, load_config
 from medhotline.errors import MedhotlineError
+
+if TYPE_CHECKING:
+    from medhotline.db import CallRecord
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -87,15 +92,64 @@ def _cmd_demo(config: Config, args: argparse.Namespace) -> int:
     return run_demo(config, calls=args.calls, keep_running=args.keep_running, config_path=args.config)
 
 
+def _triage_text(call: CallRecord) -> str:
+    """The call's triage in one word: its level, ``!`` when an agent upgraded it, ``?`` when the caller was asked."""
+    if call.triage_level is None:
+        return "emergency!" if call.upgraded_at is not None else "-"
+    return call.triage_level + ("?" if call.triage_confirm_asked else "") + ("!" if call.upgraded_at else "")
+
+
+def _show_call(call: CallRecord) -> None:
+    """Every column of the call record but none of what the caller said (the record never has it)."""
+
+    def when(at: datetime | None) -> str:
+        return at.isoformat(timespec="seconds") if at is not None else "-"
+
+    rows = [
+        ("call", call.id),
+        ("node", call.node),
+        ("transport", f"{call.transport} ({call.channel_name})"),
+        ("flow", f"{call.flow} {call.flow_version or ''}".rstrip()),
+        ("started", when(call.started_at)),
+        ("answered", when(call.answered_at)),
+        ("ended", when(call.ended_at)),
+        ("outcome", call.outcome + (f" ({call.error})" if call.error else "")),
+        ("last step", call.last_step or "-"),
+        ("route", f"{call.route_category or '-'} priority={call.route_priority or '-'}"),
+        ("transfer to", call.transfer_to or "-"),
+    ]
+    if call.triage_level is not None:
+        confidence = f"{call.triage_confidence:.2f}" if call.triage_confidence is not None else "-"
+        rows.append(
+            ("triage", f"{call.triage_level} confidence={confidence} discriminator={call.triage_discriminator or '-'}")
+        )
+        asked = f"asked, answer={call.triage_confirm_answer or '-'}" if call.triage_confirm_asked else "not asked"
+        rows.append(("confirmation", asked))
+    if call.upgraded_at is not None:
+        rows.append(("upgraded", f"to emergency by {call.upgraded_by} at {when(call.upgraded_at)}"))
+    for label, value in rows:
+        print(f"{label + ':':<14}{value}")
+
+
 def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
     from medhotline import db
 
     db.ensure_current(config.database_url)
     repo = db.CallRepository(db.make_sessionmaker(config.database_url))
+    if args.action == "show":
+        if not args.call_id:
+            raise CommandError("calls show needs a CALL_ID (see `medhotline calls list`)")
+        call = repo.get(args.call_id)
+        if call is None:
+            raise CommandError(f"no call {args.call_id!r} recorded")
+        _show_call(call)
+        return EXIT_OK
+    if args.call_id:
+        raise CommandError("calls list takes no CALL_ID (use `calls show CALL_ID`)")
     for call in repo.list_recent(args.limit):
         print(
             f"{call.id}  {call.started_at:%Y-%m-%d %H:%M:%S}  {call.transport:<7}  {call.flow:<10}  "
-            f"{call.outcome:<15}  {call.last_step or '-'}"
+            f"{call.outcome:<15}  {_triage_text(call):<11}  {call.last_step or '-'}"
         )
     return EXIT_OK
 
@@ -189,6 +243,14 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         register(sub)
 
 
+def _calls_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    calls = sub.add_parser("calls", help="recent calls from the database (list), or one call's record (show)")
+    calls.add_argument("action", choices=["list", "show"])
+    calls.add_argument("call_id", nargs="?", metavar="CALL_ID", help="show: the call")
+    calls.add_argument("--limit", type=int, default=20)
+    calls.set_defaults(func=_cmd_calls)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medhotline", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -255,11 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="leave Asterisk and the service running")
     demo.set_defaults(func=_cmd_demo)
 
-    calls = sub.add_parser("calls", help="recent calls from the database")
-    calls.add_argument("action", choices=["list"])
-    calls.add_argument("--limit", type=int, default=20)
-    calls.set_defaults(func=_cmd_calls)
-
+    _calls_command(sub)
     _feature_commands(sub)
     return parser
 

@@ -196,6 +196,9 @@ class RoutingConfig(_Section):
     moh_class: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # A waiting caller who presses this key becomes an emergency and jumps ahead ("" disables it).
     emergency_key: str = Field(default="0", pattern=r"^[0-9*#]?$")
+    # An agent who presses these keys on their phone during a conversation upgrades the call to emergency: the
+    # record says so, with who and when ("" disables it; 2 to 4 keys, so one stray key never does it).
+    upgrade_keys: str = Field(default="*0", pattern=r"^([0-9*#]{2,4})?$")
     # How often each node re-reads agent states (frozen, paused, reserved elsewhere) from the database.
     refresh_interval: float = Field(default=0.5, gt=0, le=30)
     # Targets of the rules' escalation groups, e.g. [routing.escalation_groups.on_call_physicians].

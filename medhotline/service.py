@@ -37,7 +37,7 @@ from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, Connectio
 from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
-from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
+from ivr.flow_model import ROUTE_CATEGORIES, RouteCategory
 from ivr.flow_registry import FlowRegistry
 from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
 from ivr.ports import ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from compliance.access_store import AccessControl
+    from compliance.audit import AuditLog
     from his.directory import PatientServices
     from medhotline.surge import SurgeState
     from recordings.capture import CallRecordings, ChannelRecorder
@@ -130,7 +131,10 @@ class HotlineService:
         connect_directory: bool = False,
         access: AccessControl | None = None,
         recordings: CallRecordings | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        # Where an agent's upgrade of a call to emergency is audited (None only in tests of the IVR and routing).
+        self.audit = audit
         # Recording, ingest and signed records; None only in tests of the IVR and routing alone.
         self.recordings = recordings
         # Outbound calls and the outreach nodes (set by run_service when [outreach] is enabled).
@@ -178,6 +182,7 @@ class HotlineService:
                     moh_class=rc.moh_class,
                     agent_caller_id=config.hotline.number,
                     emergency_key=rc.emergency_key,
+                    upgrade_keys=rc.upgrade_keys,
                 ),
                 sound=lambda text: sound_name(text, self.voice),
                 escalation_groups={
@@ -185,6 +190,7 @@ class HotlineService:
                     for name, g in rc.escalation_groups.items()
                 },
                 recorder=recordings,
+                on_upgrade=self._upgraded,
             )
 
     # -- calls ------------------------------------------------------------------------------------
@@ -278,6 +284,17 @@ class HotlineService:
                 await ivr_recorder.stop(channel, ivr_recording)
             if recordings is not None and result.variables.get("patient_ref"):
                 recordings.identify(call_id, result.variables["patient_ref"])
+            if result.triage is not None:
+                # Before the queue: a nurse's upgrade during the conversation lands beside what the IVR heard.
+                await self._record(
+                    "triage",
+                    self.repo.record_triage,
+                    call_id,
+                    level=result.triage.level,
+                    confidence=min(1.0, max(0.0, result.triage.confidence)),
+                    discriminator=result.triage.discriminator,
+                    confirm_answer=result.triage.confirm_answer,
+                )
             if result.outcome == "routed" and result.route is not None:
                 result = await self._to_agent(channel, call_id, result)
             await self._record(
@@ -379,7 +396,7 @@ class HotlineService:
         queued = await self._queue(
             channel,
             call_id,
-            cast(ConsultCategory, route.category),
+            cast(RouteCategory, route.category),
             route.priority,
             patient_ref=result.variables.get("patient_ref"),
         )
@@ -395,7 +412,7 @@ class HotlineService:
         self,
         channel: AriCallChannel,
         call_id: str,
-        category: ConsultCategory,
+        category: RouteCategory,
         priority: str,
         *,
         patient_ref: str | None = None,
@@ -471,6 +488,23 @@ class HotlineService:
             pass  # the caller hung up meanwhile
         return True
 
+    async def _upgraded(self, call_id: str, agent_id: str) -> None:
+        """An agent upgraded the call to emergency from their phone: the record says so (who, when), and the audit
+        trail has it. The record comes first: it is what the hospital reads; a failed audit entry is logged."""
+        at = datetime.now(UTC)
+        await asyncio.to_thread(self.repo.upgrade_to_emergency, call_id, by=agent_id, at=at)
+        if self.audit is not None:
+            await self._record(
+                "upgrade audit",
+                self.audit.append,
+                actor=agent_id,
+                role="agent",
+                action="change",
+                outcome="success",
+                reason="call upgraded to emergency by the agent",
+                details={"call": call_id, "priority": "emergency", "via": "phone keys"},
+            )
+
     async def _end_assignment(self, call_id: str, after: float) -> None:
         await asyncio.sleep(after)
         assert self.access is not None
@@ -488,7 +522,7 @@ class HotlineService:
             return
         call_id, category, priority = values
         known = await asyncio.to_thread(self.repo.get, call_id) if _UUID.match(call_id) else None
-        if known is None or category not in CONSULT_CATEGORIES or priority not in ("normal", "emergency"):
+        if known is None or category not in ROUTE_CATEGORIES or priority not in ("normal", "emergency"):
             # Only the service's own hand-over sets these; anything else is refused, never guessed at.
             log.error("routing.hand_over_invalid", known_call=known is not None, category=category[:32])
             with contextlib.suppress(Exception):
@@ -826,6 +860,9 @@ def run_service(config: Config) -> int:
     access = AccessControl.for_engine(bind, patients=PatientStore.for_engine(bind))
 
     recordings = build_recordings(config, sessions) if config.recordings.enabled else None
+    from compliance.audit import AuditLog, SqlAuditStore
+
+    audit = AuditLog(SqlAuditStore(bind))
 
     async def main() -> None:
         service = HotlineService(
@@ -839,6 +876,7 @@ def run_service(config: Config) -> int:
             connect_directory=True,
             access=access,
             recordings=recordings,
+            audit=audit,
         )
         if config.outreach.enabled:
             service.enable_outreach(sessions, bind)

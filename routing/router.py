@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from ivr.flow_model import ConsultCategory
+from ivr.flow_model import RouteCategory
 from medhotline.errors import MedhotlineError
 from routing.model import Agent, CallPriority, CallRequest
 from routing.rules import EscalationRule, RoutingRules
@@ -177,7 +177,7 @@ class Dispatcher:
             raise RoutingError(f"call {call.call_id} is already queued")
         self._wait_add(call)
 
-    def reclassify(self, call_id: str, category: ConsultCategory, priority: CallPriority) -> CallRequest:
+    def reclassify(self, call_id: str, category: RouteCategory, priority: CallPriority) -> CallRequest:
         """New category and priority for a waiting call; it keeps its place (``enqueued_at``)."""
         call = self._waiting.get(call_id)
         if call is None:
@@ -330,7 +330,7 @@ class Dispatcher:
                 due.append(EscalationDue(call, escalation, due_at))
         return sorted(due, key=lambda e: (e.due_at, e.call.call_id))
 
-    def unserved_categories(self, at: datetime) -> set[ConsultCategory]:
+    def unserved_categories(self, at: datetime) -> set[RouteCategory]:
         """Categories of waiting calls that no known agent may take at all (nobody holds a valid verified
         credential they require, or all who do are frozen): waiting for them is pointless."""
         waiting = {c.category for c in self._waiting.values()}
@@ -435,7 +435,7 @@ class Dispatcher:
         return call
 
 
-_ListKey = tuple[CallPriority, ConsultCategory, bool]
+_ListKey = tuple[CallPriority, RouteCategory, bool]
 
 
 def _list_key(call: CallRequest) -> _ListKey:
