@@ -61,6 +61,7 @@ from compliance.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from medhotline.errors import MedhotlineError
 
 AuditAction: TypeAlias = Literal[
     "read",
@@ -106,8 +107,10 @@ _PII_KEYS: Final = frozenset(
 )  # fmt: skip
 
 
-class AuditError(Exception):
-    """An audit entry is invalid (e.g. would carry personal data) or the log cannot be appended to."""
+class AuditError(MedhotlineError):
+    """An audit entry is invalid (e.g. would carry personal data) or the log cannot be appended to.
+
+    A MedhotlineError: the CLI shows its message and exits 1; an operation that needs its entry did not happen."""
 
 
 class AuditIntegrityError(AuditError):
