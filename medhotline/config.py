@@ -9,11 +9,13 @@ key and the reason, never later in the middle of a call.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -281,11 +283,34 @@ class OutreachConfig(_Section):
         if any(m < 1 for m in self.backoff_minutes):
             raise ValueError("backoff_minutes must all be at least 1")
         if self.sms_gateway_url:
-            if not self.sms_gateway_url.startswith(("https://", "http://127.", "http://localhost", "http://[::1]")):
+            if not _safe_gateway_url(self.sms_gateway_url):
                 raise ValueError("sms_gateway_url must be https:// (plain http only to this host)")
             if self.sms_token_file is None:
                 raise ValueError("sms_gateway_url needs sms_token_file: the gateway's bearer token, mode 0600")
         return self
+
+
+def _safe_gateway_url(url: str) -> bool:
+    """https:// to any host, or plain http:// only to this host (the bearer token must not cross a network in
+    clear). The host is parsed, not prefix-matched: ``http://localhost.gateway.invalid`` is another machine."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http":
+        return False
+    if host == "localhost":  # urlsplit lower-cases the host
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return False
 
 
 class Config(_Section):

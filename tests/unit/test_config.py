@@ -162,3 +162,36 @@ def test_several_errors_reported_at_once(tmp_path: Path) -> None:
     for key in ("asterisk.sip_port", "asterisk.sip_prot", "fastagi.port", "nosuch", "hotline.entry"):
         assert f": {key}: " in message
     assert "environment MEDHOTLINE__HOTLINE__ENTRY: hotline.entry" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost.gateway.invalid/send",
+        "http://127.0.0.1.gateway.invalid/send",
+        "http://localhost@gateway.invalid/send",
+        "http://[::2]:8025/send",
+        "http://gateway.invalid/send",
+        "ftp://127.0.0.1/send",
+        "https:///send",
+    ],
+)
+def test_sms_gateway_plain_http_only_to_a_loopback_host(tmp_path: Path, url: str) -> None:
+    path = _write(tmp_path, f"[outreach]\nsms_gateway_url = '{url}'\nsms_token_file = '{tmp_path / 't'}'\n")
+    assert "sms_gateway_url must be https://" in _error(path)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://gateway.invalid/send",
+        "http://localhost:8025/send",
+        "http://LOCALHOST/send",
+        "http://127.0.0.1:8025/send",
+        "http://127.1.2.3/send",
+        "http://[::1]:8025/send",
+    ],
+)
+def test_sms_gateway_accepts_https_and_loopback_http(tmp_path: Path, url: str) -> None:
+    path = _write(tmp_path, f"[outreach]\nsms_gateway_url = '{url}'\nsms_token_file = '{tmp_path / 't'}'\n")
+    assert load_config(path, {}).outreach.sms_gateway_url == url
