@@ -15,9 +15,7 @@ until D2" is valid from 00:00 on D1 until 00:00 on D2, i.e. no longer on D2 itse
 from __future__ import annotations
 
 import argparse
-import getpass
 import hashlib
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
+
+from medhotline.operator import OPERATOR_ROLE, operator_id
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -100,13 +100,6 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return f"uid{os.getuid()}"
-
-
 # --- the opened database ----------------------------------------------------------------------------------------
 
 
@@ -142,12 +135,14 @@ class _Audited:
         action: AuditAction,
         reason: str,
         details: dict[str, JsonValue],
+        role: str = AUDIT_ROLE,
     ) -> None:
         from compliance.audit import AuditEntry, AuditError
 
         self._log, self._actor, self._action, self._reason, self._details = log, actor, action, reason, details
+        self._role = role
         try:
-            AuditEntry(0, datetime.now(UTC), actor, AUDIT_ROLE, action, "success", None, reason, details)
+            AuditEntry(0, datetime.now(UTC), actor, role, action, "success", None, reason, details)
         except AuditError as exc:
             raise _error(f"the audit log would refuse this change's entry, so nothing was changed: {exc}") from None
 
@@ -159,7 +154,7 @@ class _Audited:
         try:
             self._log.append(
                 actor=self._actor,
-                role=AUDIT_ROLE,
+                role=self._role,
                 action=self._action,
                 outcome="success",
                 reason=self._reason,
@@ -186,7 +181,8 @@ def _agents_add(config: Config, args: argparse.Namespace) -> int:
             roles = args.role or ["agent"]
             audit = _Audited(
                 db.audit,
-                actor=_os_user(),
+                actor=operator_id(),
+                role=OPERATOR_ROLE,
                 action="permission_change",
                 reason="account created for an agent",
                 details={
@@ -406,7 +402,8 @@ def _credentials_revoke(config: Config, args: argparse.Namespace) -> int:
         record = db.agents.credential(credential_id)
         audit = _Audited(
             db.audit,
-            actor=_os_user(),
+            actor=operator_id(),
+            role=OPERATOR_ROLE,
             action="permission_change",
             reason=args.reason,
             details={

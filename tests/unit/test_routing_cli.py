@@ -211,7 +211,7 @@ def test_credentials_add_verify_revoke_list(cli: Cli) -> None:
     assert agents.reserve("phys1", "c2", "node1", datetime.now(UTC), [["physician_license"]]) is False
     revoked = cli.audit()[before + 1 :]
     assert [(e.action, e.actor, e.reason) for e in revoked] == [
-        ("permission_change", getpass.getuser(), "suspended by the board")
+        ("permission_change", f"os:{getpass.getuser()}", "suspended by the board")
     ]
     assert "revoked" in cli.ok("credentials", "list")
     assert "valid today: none" in cli.ok("agents", "show", "phys1")
@@ -349,3 +349,23 @@ def test_agents_freeze_by_an_account_checks_its_role(cli: Cli) -> None:
     assert "needs the role admin or supervisor" in err
     accounts, _ = cli.stores()
     assert accounts.get("phys1").frozen is False
+
+
+@pytest.mark.parametrize("login", ["ops.wang", None])
+def test_the_operator_at_the_shell_has_one_audit_identity_across_commands(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, login: str | None
+) -> None:
+    """`agents add` (routing) and `accounts add` (compliance) audit the same operator the same way, also when the
+    login name cannot be had (no passwd entry in a container)."""
+
+    def getuser() -> str:
+        if login is None:
+            raise OSError("no login name")
+        return login
+
+    monkeypatch.setattr(getpass, "getuser", getuser)
+    cli.ok("agents", "add", "phys1", "--name", "Dr Wang", "--endpoint", "phys1")
+    cli.ok("accounts", "add", "nurse.wu", "--name", "Wu Fang", "--role", "nurse")
+    first, second = cli.audit()[-2:]
+    assert (first.actor, first.role) == (second.actor, second.role)
+    assert first.actor == (f"os:{login}" if login else "os:unknown")
