@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, TypeAlias, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, get_args
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -62,6 +62,9 @@ from compliance.merkle import (
     verify_inclusion,
 )
 from medhotline.errors import MedhotlineError
+
+if TYPE_CHECKING:
+    from compliance.audit_witness import HeadWitness
 
 AuditAction: TypeAlias = Literal[
     "read",
@@ -665,17 +668,21 @@ class AuditLog:
             self._store.append_next(build)
         return built[0]
 
-    def sign_head(self, signer: HeadSigner) -> SignedTreeHead:
+    def sign_head(self, signer: HeadSigner, *, witness: HeadWitness | None = None) -> SignedTreeHead:
         """Sign the head of the whole log as stored now; returns the previous head if nothing was appended.
 
         Refuses (AuditIntegrityError) to sign a log that does not extend the last signed head, or whose entries
         since that head do not match their hashes: the signature must never bless tampering. (Entries the last
-        head covers are vouched for by its root; the full check is :func:`verify`.)
+        head covers are vouched for by its root; the full check is :func:`verify`.) With a ``witness`` the log
+        must also extend the largest head ever signed (the database's heads may have been deleted with their
+        entries), and the new head is remembered and published there before it is stored.
         """
         with self._lock:
             heads = self._store.heads()
             previous = heads[-1] if heads else None
             hashes = self._store.leaf_hashes()
+            if witness is not None:
+                witness.check_extends(hashes)
             base = 0
             if previous is not None:
                 try:
@@ -706,6 +713,8 @@ class AuditLog:
             timestamp = self._clock()
             signature = signer.sign(signed_head_bytes(len(hashes), root, timestamp))
             head = SignedTreeHead(len(hashes), root, timestamp, signature, key_id(signer.public_key))
+            if witness is not None:
+                witness.record(head)
             self._store.add_head(head)
             return head
 

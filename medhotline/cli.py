@@ -157,10 +157,12 @@ def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
 def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
     from compliance.audit import Ed25519Signer
     from compliance.audit_commands import prove_command, verify_command
+    from compliance.audit_witness import HeadWitness
 
-    public_key = args.public_key or config.service.state_dir / "audit" / Ed25519Signer.PUBLIC_FILE
+    public_key = args.public_key or config.audit_key_dir / Ed25519Signer.PUBLIC_FILE
     if args.action == "verify":
-        return verify_command(config.database_url, public_key)
+        witness = HeadWitness(config.audit_key_dir, config.audit_witness_file)
+        return verify_command(config.database_url, public_key, witness=witness)
     if args.seq is None:
         raise CommandError("audit prove needs the entry number: medhotline audit prove N")
     return prove_command(config.database_url, args.seq, public_key)

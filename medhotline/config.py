@@ -313,6 +313,13 @@ def _safe_gateway_url(url: str) -> bool:
         return False
 
 
+class AuditConfig(_Section):
+    # Every signed audit head is appended here (JSON lines, fsynced) so `audit verify` can tell a rolled-back
+    # trail from a short one. Best on another disk or a mount the database's administrators can't write.
+    # Default: <state_dir>/audit/heads.witness.jsonl.
+    witness_file: Path | None = None
+
+
 class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -325,6 +332,7 @@ class Config(_Section):
     routing: RoutingConfig = RoutingConfig()
     recordings: RecordingsConfig = RecordingsConfig()
     outreach: OutreachConfig = OutreachConfig()
+    audit: AuditConfig = AuditConfig()
 
     @property
     def recordings_store(self) -> Path:
@@ -333,6 +341,15 @@ class Config(_Section):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.service.state_dir / 'medhotline.db'}"
+
+    @property
+    def audit_key_dir(self) -> Path:
+        """The audit head signer's own directory: its key, and the largest head it signed."""
+        return self.service.state_dir / "audit"
+
+    @property
+    def audit_witness_file(self) -> Path:
+        return self.audit.witness_file or self.audit_key_dir / "heads.witness.jsonl"
 
     @property
     def keyservice_socket(self) -> Path:
