@@ -65,6 +65,7 @@ def test_normal_operation_verifies(
     code, out = verify_out(engine, keys, witness, capsys)
     assert code == 0, out
     assert "audit log OK: 25 entries" in out
+    assert witness.witness_file is not None
     lines = witness.witness_file.read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["size"] for line in lines] == [10, 20, 25]
     latest = witness.latest()
@@ -116,6 +117,7 @@ def test_the_memory_alone_catches_a_deleted_witness_file(
 ) -> None:
     signer = Ed25519Signer.load_or_create(keys)
     fill(engine, signer, witness, 0, 25)
+    assert witness.witness_file is not None
     witness.witness_file.unlink()
     tamper(engine, "DELETE FROM audit_entries", "DELETE FROM audit_heads")
     code, out = verify_out(engine, keys, witness, capsys)
