@@ -334,6 +334,22 @@ class Config(_Section):
     outreach: OutreachConfig = OutreachConfig()
     audit: AuditConfig = AuditConfig()
 
+    @model_validator(mode="after")
+    def _sounds_where_asterisk_plays_them(self) -> Config:
+        # One rule for where prompts are rendered (medhotline.prompts.sounds_dir): the sandbox's own directory,
+        # or, for an Asterisk managed elsewhere, the directory that Asterisk plays from. Never a guess.
+        if self.asterisk.mode == "external" and self.prompts.sounds_dir is None:
+            raise ValueError(
+                "asterisk.mode is external: set prompts.sounds_dir to that Asterisk's sounds directory "
+                "(where prompts are rendered)"
+            )
+        if self.asterisk.mode == "sandbox" and self.prompts.sounds_dir is not None:
+            raise ValueError(
+                "prompts.sounds_dir is for asterisk.mode external; the sandbox renders prompts into its own "
+                "sounds directory, which is the only one its Asterisk plays"
+            )
+        return self
+
     @property
     def recordings_store(self) -> Path:
         return self.recordings.store_dir or self.service.state_dir / "recordings"

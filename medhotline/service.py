@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from routing.agent_endpoints import ContactView
     from scheduler.outreach import CallOutreach, Outreach
     from scheduler.runner import OutreachScheduler
+from medhotline.prompts import sounds_dir
 from routing.model import CallPriority
 from scheduler.outreach import OUTBOUND_ARG
 
@@ -314,17 +315,10 @@ class HotlineService:
         from ivr.prompts import render
 
         name = sound_name(text, self.voice)
-        target = self._sounds_dir() / f"{name}.wav"
+        target = sounds_dir(self.config) / f"{name}.wav"
         if not await asyncio.to_thread(target.exists):
             await asyncio.to_thread(render, text, self.voice, target)
         return name
-
-    def _sounds_dir(self) -> Path:
-        if self.config.prompts.sounds_dir is not None:
-            return self.config.prompts.sounds_dir
-        from medhotline.sandbox import Sandbox
-
-        return Sandbox(self.config).sounds_dir
 
     def _call_ended(self, call_id: str) -> None:
         """Seal the call's summary after the wrap-up (the recordings know whether there is anything to seal)."""
