@@ -61,7 +61,9 @@ from compliance.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from medhotline.canonical import canonical_json
 from medhotline.errors import MedhotlineError
+from medhotline.ids import UUID_PATTERN
 
 if TYPE_CHECKING:
     from compliance.audit_witness import HeadWitness
@@ -102,7 +104,6 @@ _DETAIL_KEY: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # record number or a date of birth. Such values belong in the encrypted business tables, never in the audit log.
 _NUMBER_LIKE: Final = re.compile(r"\d(?:[\s.()/-]*\d){6,}")
 _DIGEST: Final = re.compile(r"(?:[0-9a-f]{2}){16,64}")
-_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _PII_KEYS: Final = frozenset(
     {"name", "first_name", "last_name", "full_name", "patient_name", "phone", "phone_number", "telephone",
      "mobile", "msisdn", "caller_id", "email", "address", "birth", "birthdate", "date_of_birth", "dob", "mrn",
@@ -133,10 +134,6 @@ def _parse_time(value: str) -> datetime:
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
-def _canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
 def _check_free_text(what: str, value: str) -> None:
     if len(value) > MAX_TEXT:
         raise AuditError(f"{what} is longer than {MAX_TEXT} characters")
@@ -155,7 +152,7 @@ def _check_details(value: object, where: str = "details") -> None:
             raise AuditError(f"{where}: large number {value} looks like an identifier; use a blind id")
         return
     if isinstance(value, str):
-        if _UUID.fullmatch(value) or _DIGEST.fullmatch(value):
+        if UUID_PATTERN.fullmatch(value) or _DIGEST.fullmatch(value):
             # A record's random id (call, recording, signed record) or a hash: 32+ hex characters of random
             # shape, whose digit runs are not a phone or record number.
             return
@@ -198,7 +195,7 @@ class StoredEntry:
 
     def canonical(self, seq: int | None = None) -> bytes:
         """The leaf bytes; ``seq`` overrides the stored sequence number (used to diagnose moved entries)."""
-        return _canonical_json(
+        return canonical_json(
             {
                 "v": ENTRY_FORMAT,
                 "seq": self.seq if seq is None else seq,
@@ -284,7 +281,7 @@ class AuditEntry:
             patient=self.patient,
             reason=self.reason,
             outcome=self.outcome,
-            details=_canonical_json(dict(self.details)).decode(),
+            details=canonical_json(dict(self.details)).decode(),
             leaf_hash=b"",
         )
         return replace(row, leaf_hash=leaf_hash(row.canonical()))
@@ -353,7 +350,7 @@ class SignedTreeHead:
 def signed_head_bytes(size: int, root_hash: bytes, timestamp: datetime) -> bytes:
     """What the head signature covers: a domain tag, then canonical JSON of size, root and time."""
     body = {"size": size, "root_hash": root_hash.hex(), "timestamp": _format_time(timestamp)}
-    return HEAD_DOMAIN + _canonical_json(body)
+    return HEAD_DOMAIN + canonical_json(body)
 
 
 class HeadSigner(Protocol):

@@ -1,7 +1,7 @@
 """``medhotline audit verify`` and ``medhotline audit prove N``, as functions the CLI wires up.
 
-Exit codes: 0 the log (or proof) checks out, 1 it does not (tampering found), 2 the check could not run
-(database unreachable, schema not migrated, key unreadable, no such entry).
+Exit codes (medhotline.errors): 0 the log (or proof) checks out, 1 it does not (tampering found), 4 the check
+could not run (database unreachable, schema not migrated, key unreadable, no such entry).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from compliance.audit import AuditError, SqlAuditStore, check_inclusion, load_pu
 from compliance.audit_witness import HeadWitness, missing_message
 from compliance.merkle import ProofError
 from medhotline.db import DatabaseError, make_engine, mask_url
+from medhotline.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_UNABLE
 
-EXIT_OK = 0
-EXIT_TAMPERED = 1
-EXIT_ERROR = 2
+EXIT_TAMPERED = EXIT_PROBLEMS
+EXIT_ERROR = EXIT_UNABLE
 
 
 def _fail(message: str) -> int:

@@ -13,11 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from medhotline.config import Config, ConfigError, load_config
-from medhotline.errors import MedhotlineError
+from medhotline.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, MedhotlineError
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "CommandError", "main"]
 
 
 class CommandError(MedhotlineError):
@@ -47,7 +45,7 @@ def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
             print(f"running (pid {status.pid}) {status.version or ''}".rstrip())
             return EXIT_OK
         print("not running")
-        return 3  # like `systemctl status`: scripts can tell "stopped" from "failed"
+        return EXIT_NOT_RUNNING  # like `systemctl status`: scripts can tell "stopped" from "failed"
     return sandbox.cli(" ".join(args.command) if args.command else None)
 
 
@@ -281,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medhotline: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

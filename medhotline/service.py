@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import random
-import re
 import signal
 import uuid
 from collections.abc import Callable, Coroutine
@@ -47,6 +46,7 @@ from medhotline import db, maintenance
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
 from medhotline.config import Config
+from medhotline.ids import is_uuid
 from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
 from routing.engine import RoutingEngine
 
@@ -78,7 +78,6 @@ QUEUE_OUTCOMES: dict[str, Outcome] = {
     "unavailable": "routed",
     "failed": "error",
 }
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -450,7 +449,7 @@ class HotlineService:
                 await channel.hangup()
             return
         call_id, category, priority = values
-        known = await asyncio.to_thread(self.repo.get, call_id) if _UUID.match(call_id) else None
+        known = await asyncio.to_thread(self.repo.get, call_id) if is_uuid(call_id) else None
         if known is None or category not in CONSULT_CATEGORIES or priority not in ("normal", "emergency"):
             # Only the service's own hand-over sets these; anything else is refused, never guessed at.
             log.error("routing.hand_over_invalid", known_call=known is not None, category=category[:32])
