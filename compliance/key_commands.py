@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
+
+from medhotline.operator import operator_id as os_operator
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -83,10 +84,10 @@ def run_keyed(config: Config, work: Callable[[KeyedDatabase], Awaitable[T]]) -> 
 
 
 def operator_id(given: str | None) -> str:
-    """The audit actor of a CLI operation: ``--as`` if given, else the operating-system user (``os:<name>``)."""
+    """The audit actor of a CLI operation: ``--as`` if given, else :func:`medhotline.operator.operator_id`."""
     from medhotline.cli import CommandError
 
-    actor = given if given is not None else f"os:{getpass.getuser()}"
+    actor = given if given is not None else os_operator()
     if not _ACTOR.match(actor):
         raise CommandError("--as must be an account id (letters, digits and _ . : @ / -, up to 128)")
     return actor

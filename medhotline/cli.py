@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medhotline.config import Config, ConfigError, load_config
-from medhotline.errors import MedhotlineError
+from medhotline.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, MedhotlineError
 
 if TYPE_CHECKING:
     from medhotline.db import CallRecord
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "CommandError", "main"]
 
 
 class CommandError(MedhotlineError):
@@ -52,7 +50,7 @@ def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
             print(f"running (pid {status.pid}) {status.version or ''}".rstrip())
             return EXIT_OK
         print("not running")
-        return 3  # like `systemctl status`: scripts can tell "stopped" from "failed"
+        return EXIT_NOT_RUNNING  # like `systemctl status`: scripts can tell "stopped" from "failed"
     return sandbox.cli(" ".join(args.command) if args.command else None)
 
 
@@ -211,10 +209,12 @@ def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
 def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
     from compliance.audit import Ed25519Signer
     from compliance.audit_commands import prove_command, verify_command
+    from compliance.audit_witness import HeadWitness
 
-    public_key = args.public_key or config.service.state_dir / "audit" / Ed25519Signer.PUBLIC_FILE
+    public_key = args.public_key or config.audit_key_dir / Ed25519Signer.PUBLIC_FILE
     if args.action == "verify":
-        return verify_command(config.database_url, public_key)
+        witness = HeadWitness(config.audit_key_dir, config.audit_witness_file)
+        return verify_command(config.database_url, public_key, witness=witness)
     if args.seq is None:
         raise CommandError("audit prove needs the entry number: medhotline audit prove N")
     return prove_command(config.database_url, args.seq, public_key)
@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medhotline: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 The schema itself is created and changed only by the Alembic migrations in ``medhotline/migrations``; these
 classes describe it for the repositories. Patient identifiers (caller number, name, record number) are never
-stored in clear: there is deliberately no caller number column here, the encrypted columns and the blind index
-come with the encryption work.
+stored in clear: there is deliberately no caller number column here; the patient registry (``his/tables.py``)
+holds them as field-encrypted tokens with a keyed blind index for phone lookups.
 """
 
 from __future__ import annotations

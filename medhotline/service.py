@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import random
-import re
 import signal
 import uuid
 from collections.abc import Callable, Coroutine
@@ -47,6 +46,7 @@ from medhotline import db, maintenance
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
 from medhotline.config import Config
+from medhotline.ids import is_uuid
 from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
 from routing.engine import RoutingEngine
 
@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from routing.agent_endpoints import ContactView
     from scheduler.outreach import CallOutreach, Outreach
     from scheduler.runner import OutreachScheduler
+from medhotline.prompts import sounds_dir
 from routing.model import CallPriority
 from scheduler.outreach import OUTBOUND_ARG
 
@@ -79,7 +80,6 @@ QUEUE_OUTCOMES: dict[str, Outcome] = {
     "unavailable": "routed",
     "failed": "error",
 }
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -335,17 +335,10 @@ class HotlineService:
         from ivr.prompts import render
 
         name = sound_name(text, self.voice)
-        target = self._sounds_dir() / f"{name}.wav"
+        target = sounds_dir(self.config) / f"{name}.wav"
         if not await asyncio.to_thread(target.exists):
             await asyncio.to_thread(render, text, self.voice, target)
         return name
-
-    def _sounds_dir(self) -> Path:
-        if self.config.prompts.sounds_dir is not None:
-            return self.config.prompts.sounds_dir
-        from medhotline.sandbox import Sandbox
-
-        return Sandbox(self.config).sounds_dir
 
     def _call_ended(self, call_id: str) -> None:
         """Seal the call's summary after the wrap-up (the recordings know whether there is anything to seal)."""
@@ -472,7 +465,7 @@ class HotlineService:
         profile = self.surge.profile if self.surge is not None else None
         if profile is None or self.engine is None:
             return False
-        request = CallRequest(call_id, cast(ConsultCategory, category), cast(CallPriority, priority), datetime.now(UTC))
+        request = CallRequest(call_id, cast(RouteCategory, category), cast(CallPriority, priority), datetime.now(UTC))
         if not over_capacity(profile, request, self.engine.waiting_by_category()):
             return False
         log.warning("surge.overflow", category=category)
@@ -521,7 +514,7 @@ class HotlineService:
                 await channel.hangup()
             return
         call_id, category, priority = values
-        known = await asyncio.to_thread(self.repo.get, call_id) if _UUID.match(call_id) else None
+        known = await asyncio.to_thread(self.repo.get, call_id) if is_uuid(call_id) else None
         if known is None or category not in ROUTE_CATEGORIES or priority not in ("normal", "emergency"):
             # Only the service's own hand-over sets these; anything else is refused, never guessed at.
             log.error("routing.hand_over_invalid", known_call=known is not None, category=category[:32])

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from compliance.audit import AuditLog, JsonValue
 from compliance.data_keys import DataKeyRing
 from compliance.keyservice_client import TrustAnchors
+from medhotline.canonical import canonical_json
 from medhotline.config import Config
 from medhotline.db import CallRepository, DatabaseError, Repository
 from medhotline.errors import MedhotlineError
@@ -39,7 +40,6 @@ from recordings.signed import (
     RecordCheck,
     RecordingFacts,
     StoredRecord,
-    canonical_json,
     check_record,
     format_time,
     key_id,

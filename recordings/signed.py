@@ -23,13 +23,14 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from compliance.keystore import signed_message
+from medhotline.canonical import canonical_json
 from medhotline.errors import MedhotlineError
 from recordings.timestamps import TimestampError, verify_token
 
@@ -42,10 +43,6 @@ MAX_TIMESTAMP_SKEW: Final = timedelta(minutes=10)
 
 class RecordFormatError(MedhotlineError):
     pass
-
-
-def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def format_time(at: datetime) -> str:

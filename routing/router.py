@@ -369,7 +369,7 @@ class Dispatcher:
         return min(later, default=None)
 
     # -- internals --------------------------------------------------------------------------------------
-    def _may_serve(self, agent: Agent, category: ConsultCategory, at: datetime) -> bool:
+    def _may_serve(self, agent: Agent, category: RouteCategory, at: datetime) -> bool:
         if agent.frozen:
             return False
         kinds = agent.valid_credential_kinds(at)
@@ -377,7 +377,7 @@ class Dispatcher:
             return False
         return self.rules.rule(category).credentials_satisfied(kinds)
 
-    def serving_agents(self, category: ConsultCategory, at: datetime) -> int:
+    def serving_agents(self, category: RouteCategory, at: datetime) -> int:
         """Agents who may take ``category`` and are logged in (not offline or paused): for wait estimates."""
         return sum(
             1

@@ -58,9 +58,10 @@ def checked_profile(config: Config, given: str) -> tuple[SurgeProfile, str, str]
 
 
 def _actor(args: argparse.Namespace) -> str:
-    from routing.commands import _os_user
+    from medhotline.operator import operator_id
 
-    return str(args.actor or _os_user())
+    # One audit identity for the operator at the shell, whichever command they run (medhotline.operator).
+    return str(args.actor or operator_id())
 
 
 def _audit(config: Config, actor: str, action: AuditAction, reason: str, profile: str) -> _Audited:
