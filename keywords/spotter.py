@@ -49,8 +49,9 @@ SCOPED_CATEGORIES: frozenset[str] = frozenset({"emergency", "adverse_reaction"})
 NEGATION_WINDOW = 8  # normalised characters between a negator and the term it denies
 COMMON_WORD_RATIO = 10  # a sound-alike this much more frequent than the variant is a word in its own right
 AFTER_WINDOW = 3  # a history/hypothetical/topic marker after the term must start within this many characters
-# A negation inside a clause grammar's gap denies the pair (呼吸不太困难): the pair is not formed at all.
-_GAP_NEGATION = frozenset("不没无未别非否")
+# A negation inside a clause grammar's gap denies the pair (呼吸不太困难): the pair is not formed at all. A word
+# test, not a character test: 特别, 非常, 不停, 不断 and 无力 are no negations (血不停地往外冒 is a pair).
+_GAP_NEGATION = re.compile(r"不(?!停|断|住|时|少)|没|未|无(?!力|法)")
 _TIME_AGO = re.compile(r"[0-9一二两三四五六七八九十几多半]+(?:年|个月|月|周|个星期|星期|天)(?:以|之)?前")
 
 
@@ -451,7 +452,7 @@ class Spotter:
                             continue
                         if any(first[0] < b <= second[0] for b in clause_starts):
                             continue
-                        if any(c in _GAP_NEGATION for c in text[first[1] : second[0]]):
+                        if _GAP_NEGATION.search(text[first[1] : second[0]]):
                             continue
                         if best is None or gap < best[0]:
                             best = (gap, first[0], second[1])
