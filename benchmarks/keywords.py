@@ -6,8 +6,9 @@ and how many missed emergencies were at least asked about (the confirmation ques
 discriminator. A set is scored only when git shows it was committed *before* the lexicon's last change (or the
 lexicon has uncommitted changes): a set written after the lexicon could have been written to flatter it.
 ``tests/data/triage/sets.json`` says which sets are blind (never read by the developers: their misses are never
-printed) and which are development sets; a blind set scored once for an earlier lexicon shows as ``seen``. Speed: p50/p99 per utterance of ``Classifier.classify`` and, on the same
-utterances in the same run, of ``jieba.lcut`` (segmentation alone, the baseline); target p99 within 3×.
+printed) and which are development sets; a blind set scored once for an earlier lexicon shows as ``seen``.
+Speed: p50/p99 per utterance of ``Classifier.classify`` and, on the same utterances in the same run, of
+``jieba.lcut`` (segmentation alone, the baseline); target p99 within 3×.
 """
 
 from __future__ import annotations
