@@ -123,20 +123,28 @@ def eligibility(path: Path) -> str:
     return ""
 
 
-def speed(func: Callable[[str], object], texts: Sequence[str], rounds: int) -> Speed:
-    for text in texts:  # warm caches (pinyin readings, jieba routes)
-        func(text)
-    samples: list[float] = []
-    started = time.perf_counter()
+def speed(funcs: Sequence[Callable[[str], object]], texts: Sequence[str], rounds: int) -> list[Speed]:
+    """Each function on each utterance in turn (interleaved, so that the shared machine's noise falls on both
+    alike), after one warm-up pass (pinyin readings, jieba routes)."""
+    for func in funcs:
+        for text in texts:
+            func(text)
+    samples: list[list[float]] = [[] for _ in funcs]
+    elapsed = [0.0 for _ in funcs]
     for _ in range(rounds):
         for text in texts:
-            t0 = time.perf_counter()
-            func(text)
-            samples.append(time.perf_counter() - t0)
-    elapsed = time.perf_counter() - started
-    samples.sort()
-    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
-    return Speed(len(samples) / elapsed, statistics.median(samples) * 1000, p99 * 1000)
+            for index, func in enumerate(funcs):
+                t0 = time.perf_counter()
+                func(text)
+                took = time.perf_counter() - t0
+                samples[index].append(took)
+                elapsed[index] += took
+    result = []
+    for index, taken in enumerate(samples):
+        taken.sort()
+        p99 = taken[min(len(taken) - 1, int(len(taken) * 0.99))]
+        result.append(Speed(len(taken) / elapsed[index], statistics.median(taken) * 1000, p99 * 1000))
+    return result
 
 
 def sets(version: str = "") -> list[tuple[str, Path, str]]:
@@ -198,8 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print("  ", *miss)
     jieba.initialize()
     rounds = 1 if args.quick else args.rounds
-    ours = speed(classifier.classify, texts, rounds)
-    base = speed(jieba.lcut, texts, rounds)
+    ours, base = speed([classifier.classify, jieba.lcut], texts, rounds)
     print()
     for label, s in (("classifier", ours), ("jieba.lcut", base)):
         print(f"{label:<11} {s.per_second:>9.0f} utt/s   p50 {s.p50_ms:.3f} ms   p99 {s.p99_ms:.3f} ms")
