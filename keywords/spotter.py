@@ -146,10 +146,15 @@ class Normalised:
     text: str
     index: tuple[int, ...]
     breaks: frozenset[int]
+    # Where a sentence (not just a clause) ended: 。？！；— a hypothetical (如果 X，Y) holds to here.
+    sentences: frozenset[int] = frozenset()
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """Original (start, end) of normalised ``[start, end)``."""
         return self.index[start], self.index[end - 1] + 1
+
+
+_SENTENCE_ENDS = frozenset("。.？?！!；;")
 
 
 def _is_han(char: str) -> bool:
@@ -160,6 +165,7 @@ def normalise(text: str) -> Normalised:
     chars: list[str] = []
     index: list[int] = []
     breaks: set[int] = set()
+    sentences: set[int] = set()
     for position, char in enumerate(text):
         if _is_han(char):
             chars.append(char)
@@ -175,10 +181,12 @@ def normalise(text: str) -> Normalised:
             kind = unicodedata.category(folded)
             if kind[0] in "PSZC":
                 breaks.add(len(chars))
+                if folded in _SENTENCE_ENDS:
+                    sentences.add(len(chars))
                 continue
             chars.append(folded.lower())
             index.append(position)
-    return Normalised(text, "".join(chars), tuple(index), frozenset(breaks))
+    return Normalised(text, "".join(chars), tuple(index), frozenset(breaks), frozenset(sentences))
 
 
 # -- pinyin ---------------------------------------------------------------------------------------------------
@@ -257,6 +265,11 @@ class _Marker:
     end: int
 
 
+_FUNCTION_CHARS = frozenset("了的得着不没地过吗呢啊吧呀都也就")
+# The sound trie of grammar words holds their words under this stand-in term (only ``variant`` is read).
+_CLAUSE_WORD = Term(term="clause-word", category="general", severity="normal")
+
+
 @dataclass(frozen=True)
 class _ClauseWord:
     rule: int  # index into Spotter._clause_rules
@@ -311,6 +324,7 @@ class Spotter:
         self._patterns = [(re.compile(p), term) for term in lexicon.terms for p in term.patterns]
         # Clause grammars: one trie over every subject and predicate word, scanned once per utterance.
         self._clause_rules = [(term, clause) for term in lexicon.terms for clause in term.clauses]
+        self._clause_sound = _Node()
         self._clause_trie: dict[str, list[_ClauseWord]] = {}
         self._clause_prefixes: set[str] = set()
         for index, (_term, clause) in enumerate(self._clause_rules):
@@ -321,6 +335,10 @@ class Spotter:
                         continue
                     self._clause_trie.setdefault(variant, []).append(_ClauseWord(index, role))  # type: ignore[arg-type]
                     self._clause_prefixes.update(variant[:n] for n in range(1, len(variant)))
+                    if len(variant) >= 2 and all(_is_han(c) for c in variant):
+                        # Grammar words are heard wrong too (新跳 for 心跳): their sound, as for variants.
+                        keys = (fuzzy_syllable(x) for x in lazy_pinyin(variant, style=Style.NORMAL))
+                        _insert(self._clause_sound, keys, _Entry(_CLAUSE_WORD, variant))
         self._clause_max = max((len(w) for w in self._clause_trie), default=0)
         self._marker_kinds: dict[str, list[str]] = {}
         for kind in type(self.markers).model_fields:
@@ -367,7 +385,7 @@ class Spotter:
         candidates = (
             self._exact_candidates(norm.text)
             + self._pattern_candidates(norm.text)
-            + self._clause_candidates(norm.text, clause_starts)
+            + self._clause_candidates(norm.text, clause_starts, starts, ends)
             + [c for c in self._sound_candidates(norm.text) if self._plausible_error(norm.text, c, starts, ends)]
         )
         chosen = self._choose(norm.text, candidates)
@@ -420,9 +438,12 @@ class Spotter:
             if m.end() > m.start()
         ]
 
-    def _clause_candidates(self, text: str, clause_starts: list[int]) -> list[_Candidate]:
+    def _clause_candidates(
+        self, text: str, clause_starts: list[int], starts: set[int] | None = None, ends: set[int] | None = None
+    ) -> list[_Candidate]:
         """Subject × predicate pairs of one clause grammar, within its gap, in its order, in one clause, with no
-        negation in between. For each word the nearest partner is taken."""
+        negation in between. For each word the nearest partner is taken. Words are found as said or, standing as
+        words of their own (``starts``/``ends``: token boundaries), by their sound."""
         if not self._clause_rules:
             return []
         found: dict[int, list[tuple[str, int, int]]] = {}
@@ -433,6 +454,17 @@ class Spotter:
                     found.setdefault(word.rule, []).append((word.role, start, end))
                 if piece not in self._clause_prefixes:
                     break
+        if starts is not None and ends is not None:
+            for candidate in self._sound_candidates(text, self._clause_sound):
+                said = text[candidate.start : candidate.end]
+                shared = [a for a, b in zip(said, candidate.entry.variant, strict=True) if a == b]
+                # Grammar words are short: a sound-alike must share a content character (新跳 → 心跳), not just
+                # a particle (吃了 is not 气了).
+                if all(c in _FUNCTION_CHARS for c in shared):
+                    continue
+                if self._plausible_error(text, candidate, starts, ends):
+                    for word in self._clause_trie.get(candidate.entry.variant, ()):
+                        found.setdefault(word.rule, []).append((word.role, candidate.start, candidate.end))
         candidates: list[_Candidate] = []
         for index, occurrences in found.items():
             term, clause = self._clause_rules[index]
@@ -461,11 +493,12 @@ class Spotter:
                     candidates.append(_Candidate(start, end, _Entry(term, text[start:end]), "grammar"))
         return candidates
 
-    def _sound_candidates(self, text: str) -> list[_Candidate]:
+    def _sound_candidates(self, text: str, trie: _Node | None = None) -> list[_Candidate]:
         readings = [_char_readings(c) for c in text]
         found: list[_Candidate] = []
+        root = self._sound if trie is None else trie
         for start in range(len(text)):
-            frontier = [self._sound]
+            frontier = [root]
             for end in range(start, len(text)):
                 if not readings[end]:
                     break
@@ -478,7 +511,8 @@ class Spotter:
                 for node in frontier:
                     for entry in node.entries:
                         same = sum(a == b for a, b in zip(surface, entry.variant, strict=True))
-                        if same < len(surface) and same >= max(1, len(surface) // 2):
+                        # At least half the characters, and two of three or more (行不行 is not 喊不醒).
+                        if same < len(surface) and same >= max(1, (len(surface) + 1) // 2):
                             found.append(_Candidate(start, end + 1, entry, "homophone"))
         return found
 
@@ -583,9 +617,9 @@ class Spotter:
             blocked = between_party or self._separated(text, negator, candidate, chosen, markers)
             if not blocked:
                 return "negated", f"negation: {negator.word} → {text[candidate.start : candidate.end]}"
-        # A hypothetical (如果, 万一, 怕) holds to the end of its sentence part: a scope breaker after it (如果老人
-        # 突然晕倒了) starts no new report, so it looks back to the punctuation, not to the breaker.
-        punct_start = max((b for b in (0, *norm.breaks) if b <= candidate.start), default=0)
+        # A hypothetical (如果, 万一, 怕) holds to the end of its sentence: a scope breaker after it (如果老人突然
+        # 晕倒了) starts no new report, nor does the consequent after a comma (万一喘不上气了，是打120还是…).
+        punct_start = max((b for b in (0, *norm.sentences) if b <= candidate.start), default=0)
         hypothetical_before = [
             m
             for m in markers
@@ -608,6 +642,8 @@ class Spotter:
         topic = next((m for m in after if m.kind == "topic_after" and m.start == candidate.end), None)
         if topic is None:
             topic = self._coordinated_topic(text, candidate, chosen, markers)
+        if topic is None:
+            topic = next((m for m in before if m.kind == "topic_before"), None)
         if topic is not None:
             return "topic", f"topic: {text[candidate.start : candidate.end]}{topic.word}"
         resolved = next(
