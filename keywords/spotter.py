@@ -210,11 +210,11 @@ def fuzzy_syllable(syllable: str) -> str:
 
 
 @functools.lru_cache(maxsize=16384)
-def _char_readings(char: str) -> frozenset[str]:
+def _char_readings(char: str) -> tuple[str, ...]:
     if not _is_han(char):
-        return frozenset()
+        return ()
     readings = pinyin(char, style=Style.NORMAL, heteronym=True, errors="ignore")
-    return frozenset(fuzzy_syllable(r) for r in readings[0]) if readings else frozenset()
+    return tuple(sorted({fuzzy_syllable(r) for r in readings[0]})) if readings else ()
 
 
 # -- tries ----------------------------------------------------------------------------------------------------
@@ -321,10 +321,10 @@ class Spotter:
                     _insert(self._sound, (fuzzy_syllable(s) for s in syllables), entry)
                 if len(variant) >= 2:
                     self._tokenizer.add_word(variant)
-        self._patterns = [(re.compile(p), term) for term in lexicon.terms for p in term.patterns]
+        self._patterns = [(re.compile(p), term, _first_chars(p)) for term in lexicon.terms for p in term.patterns]
         # Clause grammars: one trie over every subject and predicate word, scanned once per utterance.
         self._clause_rules = [(term, clause) for term in lexicon.terms for clause in term.clauses]
-        self._clause_sound = _Node()
+        self._clause_sound = self._sound  # one trie, one pass: grammar words are entries of _CLAUSE_WORD
         self._clause_trie: dict[str, list[_ClauseWord]] = {}
         self._clause_prefixes: set[str] = set()
         for index, (_term, clause) in enumerate(self._clause_rules):
@@ -382,11 +382,16 @@ class Spotter:
             ends.add(position)
         markers = self._markers(norm.text, starts, ends)
         clause_starts = sorted({0, *norm.breaks, *(m.end for m in markers if m.kind == "scope_breakers")})
+        sound = self._sound_candidates(norm.text)
         candidates = (
             self._exact_candidates(norm.text)
             + self._pattern_candidates(norm.text)
-            + self._clause_candidates(norm.text, clause_starts, starts, ends)
-            + [c for c in self._sound_candidates(norm.text) if self._plausible_error(norm.text, c, starts, ends)]
+            + self._clause_candidates(norm.text, clause_starts, starts, ends, sound)
+            + [
+                c
+                for c in sound
+                if c.entry.term is not _CLAUSE_WORD and self._plausible_error(norm.text, c, starts, ends)
+            ]
         )
         chosen = self._choose(norm.text, candidates)
         matches = []
@@ -431,15 +436,22 @@ class Spotter:
         return found
 
     def _pattern_candidates(self, text: str) -> list[_Candidate]:
+        present = set(text)
         return [
             _Candidate(m.start(), m.end(), _Entry(term, m.group()), "pattern")
-            for pattern, term in self._patterns
+            for pattern, term, first in self._patterns
+            if first is None or not first.isdisjoint(present)
             for m in pattern.finditer(text)
             if m.end() > m.start()
         ]
 
     def _clause_candidates(
-        self, text: str, clause_starts: list[int], starts: set[int] | None = None, ends: set[int] | None = None
+        self,
+        text: str,
+        clause_starts: list[int],
+        starts: set[int] | None = None,
+        ends: set[int] | None = None,
+        sound: list[_Candidate] | None = None,
     ) -> list[_Candidate]:
         """Subject × predicate pairs of one clause grammar, within its gap, in its order, in one clause, with no
         negation in between. For each word the nearest partner is taken. Words are found as said or, standing as
@@ -455,7 +467,8 @@ class Spotter:
                 if piece not in self._clause_prefixes:
                     break
         if starts is not None and ends is not None:
-            for candidate in self._sound_candidates(text, self._clause_sound):
+            heard = self._sound_candidates(text) if sound is None else sound
+            for candidate in (c for c in heard if c.entry.term is _CLAUSE_WORD):
                 said = text[candidate.start : candidate.end]
                 shared = [a for a, b in zip(said, candidate.entry.variant, strict=True) if a == b]
                 # Grammar words are short: a sound-alike must share a content character (新跳 → 心跳), not just
@@ -502,9 +515,7 @@ class Spotter:
             for end in range(start, len(text)):
                 if not readings[end]:
                     break
-                frontier = [
-                    child for node in frontier for r in sorted(readings[end]) if (child := node.children.get(r))
-                ]
+                frontier = [child for node in frontier for r in readings[end] if (child := node.children.get(r))]
                 if not frontier:
                     break
                 surface = text[start : end + 1]
@@ -696,6 +707,26 @@ class Spotter:
             if not gap and "critical" in (candidate.entry.term.severity, other.entry.term.severity):
                 return True
         return False
+
+
+_PLAIN = re.compile(r"[^\\.^$*+?{}\[\]|()]+")
+_FIRST_GROUP = re.compile(r"\(([^()]*)\)(?![?*{])")
+
+
+def _first_chars(pattern: str) -> frozenset[str] | None:
+    """The characters a match of ``pattern`` can start with, when the pattern says so plainly: a literal first,
+    or a first group of literal alternatives (``(胸口|心口)…``) that is not optional. None when it can't be told.
+    Patterns whose first characters are absent from an utterance are not run: most never apply."""
+    group = _FIRST_GROUP.match(pattern)
+    if group is not None:
+        options = group.group(1).split("|")
+        if all(_PLAIN.fullmatch(option) for option in options):
+            return frozenset(option[0] for option in options)
+        return None
+    if pattern and _PLAIN.match(pattern[0]):
+        following = pattern[1:2]
+        return None if following in ("?", "*", "{") else frozenset(pattern[0])
+    return None
 
 
 def _covers(text: str, context: str, start: int, end: int) -> bool:
