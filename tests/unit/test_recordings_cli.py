@@ -274,7 +274,8 @@ def test_a_delete_whose_audit_entry_fails_deletes_nothing(desk: Setup, capsys: p
         engine.dispose()
     deleted = run(desk, capsys, "recordings", "delete", row.id, "--reason", "retention period ended")
     assert deleted.code == 1
-    assert deleted.err.startswith("medhotline: ") and "audit" in deleted.err
+    assert deleted.err.startswith("medhotline: ")
+    assert "audit" in deleted.err
     assert stored(desk, row.id).state == "stored"  # nothing deleted without its audit entry
     assert path.exists()
 
@@ -285,7 +286,8 @@ def test_a_delete_reason_is_checked_like_a_hold_reason(desk: Setup, capsys: pyte
     for reason in ("called from 13800138000", " "):
         deleted = run(desk, capsys, "recordings", "delete", row.id, "--reason", reason)
         assert deleted.code == 1
-        assert deleted.err.startswith("medhotline: ") and "reason" in deleted.err
+        assert deleted.err.startswith("medhotline: ")
+        assert "reason" in deleted.err
         assert "13800138000" not in deleted.err
     assert stored(desk, row.id).state == "stored"
     assert path.exists()
