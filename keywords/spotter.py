@@ -385,7 +385,7 @@ class Spotter:
         sound = self._sound_candidates(norm.text)
         candidates = (
             self._exact_candidates(norm.text)
-            + self._pattern_candidates(norm.text)
+            + self._pattern_candidates(norm.text, norm.breaks)
             + self._clause_candidates(norm.text, clause_starts, starts, ends, sound)
             + [
                 c
@@ -435,7 +435,9 @@ class Spotter:
                 found.extend(_Candidate(start, end + 1, entry, "exact") for entry in node.entries)
         return found
 
-    def _pattern_candidates(self, text: str) -> list[_Candidate]:
+    def _pattern_candidates(self, text: str, breaks: frozenset[int] = frozenset()) -> list[_Candidate]:
+        """Matches of the terms' patterns. A pattern without an explicit gap (``.{0,n}``) describes one phrase, so
+        its match may not run across punctuation (发烧，浑身酸疼 is no 烧…浑身 burn)."""
         present = set(text)
         return [
             _Candidate(m.start(), m.end(), _Entry(term, m.group()), "pattern")
@@ -443,6 +445,8 @@ class Spotter:
             if first is None or not first.isdisjoint(present)
             for m in pattern.finditer(text)
             if m.end() > m.start()
+            and not _cue_denied(text, m)
+            and (".{" in pattern.pattern or not any(m.start() < b < m.end() for b in breaks))
         ]
 
     def _clause_candidates(
@@ -530,7 +534,10 @@ class Spotter:
     def _plausible_error(self, text: str, candidate: _Candidate, starts: set[int], ends: set[int]) -> bool:
         """Whether a sound-alike is plausibly the recognizer's error for the variant: it stands as words of its
         own (烧三 in 发烧三十八 does not) and is not a far more common word (不是 is not 不适 misheard)."""
-        if candidate.start not in starts or candidate.end not in ends:
+        aligned = (candidate.start in starts) + (candidate.end in ends)
+        # Two-character sound-alikes must stand as a word; longer ones may lean on a neighbour at one end
+        # (凶口痛 in 凶口痛痛到下巴: the recognizer's error need not fall on jieba's boundaries).
+        if aligned < (2 if candidate.end - candidate.start < 3 else 1):
             return False
         surface = text[candidate.start : candidate.end]
         said = self._frequency.get(surface) or 0
@@ -711,6 +718,18 @@ class Spotter:
 
 _PLAIN = re.compile(r"[^\\.^$*+?{}\[\]|()]+")
 _FIRST_GROUP = re.compile(r"\(([^()]*)\)(?![?*{])")
+
+
+_CUE_NEGATION = re.compile(r"(没有|没|不|未|无)$")
+
+
+def _cue_denied(text: str, match: re.Match[str]) -> bool:
+    """A co-occurrence pattern names its second finding ``(?P<cue>…)`` (摔到头 … 吐): a negation right before it
+    (磕到头了，没吐) denies the finding, so the pattern does not apply."""
+    if "cue" not in match.re.groupindex or match.start("cue") < 0:
+        return False
+    before = text[max(match.start(), match.start("cue") - 2) : match.start("cue")]
+    return _CUE_NEGATION.search(before) is not None
 
 
 def _first_chars(pattern: str) -> frozenset[str] | None:
