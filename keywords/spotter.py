@@ -308,6 +308,14 @@ class Spotter:
         self._tokenizer.initialized = True
         self._exact = _Node()
         self._sound = _Node()
+        self._index_terms(lexicon)
+        self._index_patterns(lexicon)
+        self._index_clauses(lexicon)
+        self._index_markers()
+        self._third_party = frozenset(normalise(w).text for w in self.markers.third_party)
+
+    def _index_terms(self, lexicon: Lexicon) -> None:
+        """Every surface form in the exact trie, its sound in the sound trie, and in the tokenizer as a word."""
         for term in lexicon.terms:
             for surface in term.surfaces:
                 variant = normalise(surface).text
@@ -321,10 +329,24 @@ class Spotter:
                     _insert(self._sound, (fuzzy_syllable(s) for s in syllables), entry)
                 if len(variant) >= 2:
                     self._tokenizer.add_word(variant)
+
+    def _index_patterns(self, lexicon: Lexicon) -> None:
+        """Patterns by the characters they can start with: an utterance runs only those whose first characters it
+        holds, and the few whose start can't be told."""
         self._patterns = [(re.compile(p), term, _first_chars(p)) for term in lexicon.terms for p in term.patterns]
-        # Clause grammars: one trie over every subject and predicate word, scanned once per utterance.
+        self._patterns_by_char: dict[str, list[int]] = {}
+        self._patterns_always: list[int] = []
+        for number, (_pattern, _term, first) in enumerate(self._patterns):
+            if first is None:
+                self._patterns_always.append(number)
+            else:
+                for char in first:
+                    self._patterns_by_char.setdefault(char, []).append(number)
+
+    def _index_clauses(self, lexicon: Lexicon) -> None:
+        """Clause grammars: one table of every subject and predicate word, scanned once per utterance; their sound
+        shares the variants' sound trie (one pass), under the stand-in term ``_CLAUSE_WORD``."""
         self._clause_rules = [(term, clause) for term in lexicon.terms for clause in term.clauses]
-        self._clause_sound = self._sound  # one trie, one pass: grammar words are entries of _CLAUSE_WORD
         self._clause_trie: dict[str, list[_ClauseWord]] = {}
         self._clause_prefixes: set[str] = set()
         for index, (_term, clause) in enumerate(self._clause_rules):
@@ -338,8 +360,10 @@ class Spotter:
                     if len(variant) >= 2 and all(_is_han(c) for c in variant):
                         # Grammar words are heard wrong too (新跳 for 心跳): their sound, as for variants.
                         keys = (fuzzy_syllable(x) for x in lazy_pinyin(variant, style=Style.NORMAL))
-                        _insert(self._clause_sound, keys, _Entry(_CLAUSE_WORD, variant))
+                        _insert(self._sound, keys, _Entry(_CLAUSE_WORD, variant))
         self._clause_max = max((len(w) for w in self._clause_trie), default=0)
+
+    def _index_markers(self) -> None:
         self._marker_kinds: dict[str, list[str]] = {}
         for kind in type(self.markers).model_fields:
             for word in getattr(self.markers, kind):
@@ -354,7 +378,6 @@ class Spotter:
             node.word = word
             if len(word) >= 2:
                 self._tokenizer.add_word(word)
-        self._third_party = frozenset(normalise(w).text for w in self.markers.third_party)
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -438,11 +461,12 @@ class Spotter:
     def _pattern_candidates(self, text: str, breaks: frozenset[int] = frozenset()) -> list[_Candidate]:
         """Matches of the terms' patterns. A pattern without an explicit gap (``.{0,n}``) describes one phrase, so
         its match may not run across punctuation (发烧，浑身酸疼 is no 烧…浑身 burn)."""
-        present = set(text)
+        numbers = set(self._patterns_always)
+        for char in set(text):
+            numbers.update(self._patterns_by_char.get(char, ()))
         return [
             _Candidate(m.start(), m.end(), _Entry(term, m.group()), "pattern")
-            for pattern, term, first in self._patterns
-            if first is None or not first.isdisjoint(present)
+            for pattern, term, _first in (self._patterns[n] for n in sorted(numbers))
             for m in pattern.finditer(text)
             if m.end() > m.start()
             and not _cue_denied(text, m)
