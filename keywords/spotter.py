@@ -247,8 +247,11 @@ class _Candidate:
     entry: _Entry
     via: Via
 
-    def key(self) -> tuple[int, int, int, int, str]:
+    def key(self) -> tuple[int, int, int, int, int, str]:
+        # A strong red flag is never displaced by an overlapping weak cue (突然…晕倒 keeps 晕倒); otherwise the
+        # longest match first.
         return (
+            0 if self.entry.term.cue == "strong" else 1,
             -(self.end - self.start),
             0 if self.via != "homophone" else 1,
             SEVERITY_RANK[self.entry.term.severity],
