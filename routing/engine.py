@@ -334,7 +334,13 @@ class RoutingEngine:
                 continue
             self._held[agent_id] = call_id
             self._rings[call_id] = (agent_id, ring_id)
-            log.info("routing.offer", agent=agent_id, step=assignment.step, category=assignment.call.category)
+            log.info(
+                "routing.offer",
+                call_id=call_id,
+                agent=agent_id,
+                step=assignment.step,
+                category=assignment.call.category,
+            )
             ticket.items.put_nowait(Offer(assignment, ring_id))
 
     def _escalate(self) -> None:
