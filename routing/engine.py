@@ -57,6 +57,9 @@ class AgentDirectory(Protocol):
     def reserve(
         self, account_id: str, call_id: str, node: str, at: datetime, required: Sequence[Sequence[str]] = ()
     ) -> bool: ...
+    def reserve_ring(
+        self, account_id: str, call_id: str, node: str, at: datetime, required: Sequence[Sequence[str]] = ()
+    ) -> int | None: ...
     def release(self, account_id: str, call_id: str) -> bool: ...
     def release_node(self, node: str) -> int: ...
     def pause(self, account_id: str, reason: str, at: datetime) -> None: ...
@@ -233,12 +236,22 @@ class RoutingEngine:
         )
         if released:
             log.warning("routing.stale_reservations_released", count=released)
+        loop = asyncio.get_running_loop()
+        refresh_due = loop.time()
         while True:
             try:
-                await self.step()
+                if loop.time() >= refresh_due:
+                    refresh_due = loop.time() + self.settings.refresh_interval
+                    await self.step()
+                else:
+                    # Woken between refreshes (a call arrived, an agent came free): decide at once on the view of
+                    # the agents read at most refresh_interval ago. That is safe because the reservation checks
+                    # paused, frozen, held and credentials again in the database; a stale view costs at most a
+                    # refused reservation, never a wrong ring. The new call skips a read of the whole table.
+                    await self.decide()
             except Exception:
                 log.exception("routing.step_failed")
-            timeout = self.settings.refresh_interval
+            timeout = max(0.0, refresh_due - loop.time())
             change = self.dispatcher.next_change(self._clock())
             if change is not None:
                 timeout = max(0.01, min(timeout, (change - self._clock()).total_seconds()))
@@ -253,6 +266,10 @@ class RoutingEngine:
         self._apply(views, self._clock())
         self.snapshot = views
         self.refreshed.set()
+        await self.decide()
+
+    async def decide(self) -> None:
+        """Every assignment and escalation now due, on the agent states as last read."""
         await self._assign()
         self._escalate()
 
@@ -313,24 +330,24 @@ class RoutingEngine:
                 return
             call_id, agent_id = assignment.call.call_id, assignment.agent_id
             required = self.rules.rule(assignment.call.category).required
-            reserved = await self._db(
-                "reserve agent", self.directory.reserve, agent_id, call_id, self.settings.node, at, required
+            # The reservation and its ring row in one commit: the only database write before the phone rings.
+            ring_id = await self._db(
+                "reserve agent", self.directory.reserve_ring, agent_id, call_id, self.settings.node, at, required
             )
-            if self.dispatcher.ringing().get(call_id) != agent_id:
-                # The caller hung up (or the agent was frozen) while the database answered.
-                if reserved:
+            ticket = self._tickets.get(call_id)
+            if self.dispatcher.ringing().get(call_id) != agent_id or ticket is None:
+                # The caller hung up (or the agent was frozen) while the database answered: the phone never rang.
+                if ring_id is not None:
+                    outcome: RingOutcome = "caller_gone" if ticket is None else "released"
+                    await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, self._clock())
                     await self._db("release", self.directory.release, agent_id, call_id)
+                with contextlib.suppress(RoutingError):
+                    if ticket is None:
+                        self.dispatcher.remove(call_id, at)
                 continue
-            if not reserved:
+            if ring_id is None:
                 self.dispatcher.reservation_refused(call_id, agent_id, at)
                 log.info("routing.reservation_refused", agent=agent_id)
-                continue
-            ring_id = await self._db("ring", self.directory.record_ring, call_id, agent_id, self.settings.node, at)
-            ticket = self._tickets.get(call_id)
-            if ticket is None or ring_id is None:
-                await self._db("release", self.directory.release, agent_id, call_id)
-                with contextlib.suppress(RoutingError):
-                    self.dispatcher.remove(call_id, at)
                 continue
             self._held[agent_id] = call_id
             self._rings[call_id] = (agent_id, ring_id)

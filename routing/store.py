@@ -318,6 +318,25 @@ def _reserve_statement(groups: int) -> Update:
     )
 
 
+def _reservation(
+    account_id: str, call_id: str, node: str, at: datetime, required: Sequence[Sequence[str]]
+) -> tuple[Update, dict[str, object]]:
+    """The checked statement and parameters of one reservation."""
+    _check_call_id(call_id)
+    _check_node(node)
+    _aware(at)
+    groups = [tuple(group) for group in required]
+    for group in groups:
+        if not group:
+            raise AgentError("a required credential group is empty: it could never be met")
+        for kind in group:
+            _check_name(kind, "credential kind")
+    parameters: dict[str, object] = {"agent": account_id, "call": call_id, "node": node, "at": at}
+    parameters.update({f"kinds{index}": list(group) for index, group in enumerate(groups)})
+    statement = _RESERVE[len(groups)] if len(groups) < len(_RESERVE) else _reserve_statement(len(groups))
+    return statement, parameters
+
+
 # Immutable statements, shared by every store: rules rarely need more than two credential groups.
 _RESERVE: Final = tuple(_reserve_statement(groups) for groups in range(4))
 _RELEASE: Final = (
@@ -447,19 +466,31 @@ class AgentStore(Repository):
         True means this call holds the agent; False means it does not (already held, even by this very call;
         paused; frozen; unqualified; or no such agent) and nothing was changed.
         """
-        _check_call_id(call_id)
-        _check_node(node)
-        _aware(at)
-        groups = [tuple(group) for group in required]
-        for group in groups:
-            if not group:
-                raise AgentError("a required credential group is empty: it could never be met")
-            for kind in group:
-                _check_name(kind, "credential kind")
-        parameters: dict[str, object] = {"agent": account_id, "call": call_id, "node": node, "at": at}
-        parameters.update({f"kinds{index}": list(group) for index, group in enumerate(groups)})
-        statement = _RESERVE[len(groups)] if len(groups) < len(_RESERVE) else _reserve_statement(len(groups))
+        statement, parameters = _reservation(account_id, call_id, node, at, required)
         return self._update(statement, f"reserving agent {account_id} for call {call_id}", parameters) == 1
+
+    def reserve_ring(
+        self,
+        account_id: str,
+        call_id: str,
+        node: str,
+        at: datetime,
+        required: Sequence[Sequence[str]] = (),
+    ) -> int | None:
+        """:meth:`reserve` and :meth:`record_ring` in one transaction: the ring's id, or None when the agent could
+        not be reserved (and nothing was written).
+
+        One commit instead of two on the way to the agent's phone; and a ring row exists exactly when its
+        reservation was taken.
+        """
+        statement, parameters = _reservation(account_id, call_id, node, at, required)
+        with self._transaction(f"reserving agent {account_id} for call {call_id}") as session:
+            if _rowcount(session.connection().execute(statement, parameters)) != 1:
+                return None
+            row = AgentRing(call_id=call_id, account_id=account_id, node=node, rung_at=at)
+            session.add(row)
+            session.flush()
+            return row.id
 
     def release(self, account_id: str, call_id: str) -> bool:
         """Drop the reservation if (and only if) it is held for ``call_id``; True if it was."""
