@@ -1,11 +1,13 @@
 """The telephony of waiting for an agent, over ARI: holding bridge, agent legs, and the conversation bridge.
 
 A routed caller joins a holding bridge of their own (music on hold, position announcements), and the call's
-task waits for what the :class:`~routing.engine.RoutingEngine` hands out. An :class:`~routing.engine.Offer`
-dials the agent's PJSIP endpoint as a new channel in the Stasis app (``appArgs`` ``agent,<call id>``); when the
-agent answers, that channel enters Stasis and caller and agent are moved into a mixing bridge. Whoever hangs up
-first ends the conversation for both. A caller who hangs up at any point takes everything down with them: the
-agent leg, both bridges, and the reservation of the agent.
+task waits for what the :class:`~routing.engine.RoutingEngine` hands out. The agent's leg comes first: the
+caller's side (answer when the IVR left it to the queue, holding bridge, music) is set up concurrently with the
+reservation and the dial, and waited for only where it is needed (an announcement, the conversation bridge).
+An :class:`~routing.engine.Offer` dials the agent's PJSIP endpoint as a new channel in the Stasis app
+(``appArgs`` ``agent,<call id>``); when the agent answers, that channel enters Stasis and caller and agent are
+moved into a mixing bridge. Whoever hangs up first ends the conversation for both. A caller who hangs up at any
+point takes everything down with them: the agent leg, both bridges, and the reservation of the agent.
 """
 
 from __future__ import annotations
@@ -72,6 +74,25 @@ class QueueResult:
 QueueStep = Callable[[str, str | None, str | None], Awaitable[None]]
 
 
+@dataclass(eq=False)
+class _Hold:
+    """The caller's holding bridge and the task that sets it up (answer, bridge, music on hold)."""
+
+    bridge: str
+    setup: asyncio.Task[None]
+
+    async def ready(self) -> str:
+        """The bridge, once the caller is in it with music; raises what the setup raised (a hang-up, an ARI error).
+        Shielded: whoever waits for it being cancelled must not cancel the setup itself."""
+        await asyncio.shield(self.setup)
+        return self.bridge
+
+    def check(self) -> None:
+        """Raise the setup's error if it has failed already."""
+        if self.setup.done() and not self.setup.cancelled() and (error := self.setup.exception()) is not None:
+            raise error
+
+
 class ConversationRecorder(Protocol):
     """Records the conversation bridge (``recordings.capture.CallRecordings`` satisfies it). ``start`` returns a
     handle for ``stop``, or None when the recording could not start (the call goes on regardless)."""
@@ -136,22 +157,22 @@ class CallerQueue:
         category: ConsultCategory,
         priority: CallPriority,
         on_step: QueueStep | None = None,
+        *,
+        answer: bool = False,
     ) -> QueueResult:
         """Never raises for telephony trouble: the result says how the call left the queue.
 
         ``on_step(node, edge, input)`` records the queue's milestones in the call's path (queued, reclassified,
-        answered by which agent, escalated); every ring is in the agents' ring history.
+        answered by which agent, escalated); every ring is in the agents' ring history. ``answer``: the IVR left
+        the caller unanswered (a flow that starts with its route node), the queue answers them.
         """
         step = on_step or _no_step
+        # The agent first: the engine reserves and offers while the caller's side is set up beside it.
         ticket = self._engine.enqueue(CallRequest(call_id, category, priority, datetime.now(UTC)))
-        await step("queued", category, None)
-        hold = f"hold-{call_id}"
+        bridge = f"hold-{call_id}"
+        hold = _Hold(bridge, asyncio.create_task(self._hold(caller, bridge, answer=answer)))
         try:
-            await self._request("POST", "/bridges", {"type": "holding", "bridgeId": hold, "name": hold})
-            await self._request(
-                "POST", f"/bridges/{hold}/addChannel", {"channel": caller.info.channel_id, "role": "participant"}
-            )
-            await self._moh(hold, on=True)
+            await step("queued", category, None)
             return await self._wait(caller, ticket, hold, step)
         except CallerHungUp:
             log.info("queue.caller_hung_up", position=self._engine.position(call_id))
@@ -164,16 +185,29 @@ class CallerQueue:
                 await caller.hangup()
             return QueueResult("failed")
         finally:
+            # Let the setup finish rather than cancel it, so no bridge it is creating outlives this DELETE.
+            with contextlib.suppress(ChannelError, asyncio.CancelledError):
+                await hold.ready()
             with contextlib.suppress(ChannelError):
-                await self._ari.request("DELETE", f"/bridges/{hold}")
+                await self._ari.request("DELETE", f"/bridges/{bridge}")
+
+    async def _hold(self, caller: AriCallChannel, bridge: str, *, answer: bool) -> None:
+        """Answer (if the IVR did not), put the caller into their holding bridge and start the music."""
+        if answer:
+            await caller.answer()
+        await self._request("POST", "/bridges", {"type": "holding", "bridgeId": bridge, "name": bridge})
+        await self._request(
+            "POST", f"/bridges/{bridge}/addChannel", {"channel": caller.info.channel_id, "role": "participant"}
+        )
+        await self._moh(bridge, on=True)
 
     # -- waiting ------------------------------------------------------------------------------------
-    async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: str, step: QueueStep) -> QueueResult:
+    async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: _Hold, step: QueueStep) -> QueueResult:
         call_id = ticket.request.call_id
         loop = asyncio.get_running_loop()
         announce_at = loop.time() + self._settings.first_announcement
         while True:
-            item = await self._next(ticket, caller, announce_at - loop.time())
+            item = await self._next(ticket, caller, hold, announce_at - loop.time())
             if item is None:
                 position = self._engine.position(call_id)
                 if position is not None:
@@ -199,13 +233,24 @@ class CallerQueue:
                     return result
             # A CancelRing for a ring that already ended needs nothing.
 
-    async def _next(self, ticket: Ticket, caller: AriCallChannel, timeout: float) -> TicketItem | str | None:
+    async def _next(
+        self, ticket: Ticket, caller: AriCallChannel, hold: _Hold, timeout: float
+    ) -> TicketItem | str | None:
         """The engine's next item for this call, a key the caller pressed, or None when ``timeout`` passed.
-        CallerHungUp if the caller left."""
+        CallerHungUp if the caller left; the hold's error if setting it up failed meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
         get = asyncio.ensure_future(ticket.items.get())
         key = asyncio.ensure_future(_next_key(caller))
         try:
-            done, _ = await asyncio.wait({get, key}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                hold.check()
+                waiting = {get, key} if hold.setup.done() else {get, key, hold.setup}
+                remaining = max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if done != {hold.setup}:
+                    break  # an item, a key, or the timeout; the hold finishing alone is no reason to return
+            hold.check()  # a failed setup ends the wait even if an item came with it (abandon() releases it)
         finally:
             if not get.done():
                 get.cancel()
@@ -218,11 +263,12 @@ class CallerQueue:
             return get.result()
         return key.result() if key in done else None
 
-    async def _announce(self, caller: AriCallChannel, hold: str, text: str) -> str | None:
+    async def _announce(self, caller: AriCallChannel, hold: _Hold, text: str) -> str | None:
         """Music stops for the announcement and resumes after it; a key pressed meanwhile ends it and is returned."""
-        await self._moh(hold, on=False)
+        bridge = await hold.ready()
+        await self._moh(bridge, on=False)
         key = await caller.play(self._sound(text), barge_in=True)
-        await self._moh(hold, on=True)
+        await self._moh(bridge, on=True)
         return key
 
     async def _moh(self, bridge: str, *, on: bool) -> None:
@@ -234,7 +280,7 @@ class CallerQueue:
 
     # -- ringing an agent ---------------------------------------------------------------------------
     async def _ring(
-        self, caller: AriCallChannel, ticket: Ticket, hold: str, offer: Offer, step: QueueStep
+        self, caller: AriCallChannel, ticket: Ticket, hold: _Hold, offer: Offer, step: QueueStep
     ) -> QueueResult | None:
         """Ring the offered agent. A result ends the call's time in the queue; None means "back to waiting"."""
         call_id = ticket.request.call_id
@@ -322,13 +368,14 @@ class CallerQueue:
             if not caller_gone.done():
                 caller_gone.cancel()
 
-    async def _talk(self, caller: AriCallChannel, leg: AriCallChannel, hold: str, call_id: str) -> None:
+    async def _talk(self, caller: AriCallChannel, leg: AriCallChannel, hold: _Hold, call_id: str) -> None:
         """Caller and agent in one mixing bridge until either hangs up; then the other is hung up too."""
         talk = f"talk-{call_id}"
         recording: Any = None
+        bridge = await hold.ready()  # an agent quicker than the caller's setup waits for it here
         with contextlib.suppress(AriError):
-            await self._moh(hold, on=False)
-        await self._request("POST", f"/bridges/{hold}/removeChannel", {"channel": caller.info.channel_id})
+            await self._moh(bridge, on=False)
+        await self._request("POST", f"/bridges/{bridge}/removeChannel", {"channel": caller.info.channel_id})
         await self._request("POST", "/bridges", {"type": "mixing", "bridgeId": talk, "name": talk})
         try:
             await self._request(
@@ -356,7 +403,7 @@ class CallerQueue:
 
     # -- escalation ---------------------------------------------------------------------------------
     async def _escalate(
-        self, caller: AriCallChannel, call_id: str, hold: str, escalate: Escalate, step: QueueStep
+        self, caller: AriCallChannel, call_id: str, hold: _Hold, escalate: Escalate, step: QueueStep
     ) -> QueueResult | None:
         """Transfer to the rule's target. Without one (no rule, or its group has no configured target), a caller
         who waited the rule's time, or whom nobody could ever take, is told so and where to turn (120 for an
@@ -370,7 +417,8 @@ class CallerQueue:
             if target is None:
                 log.error("queue.escalation_unconfigured", group=rule.group, hint="set [routing.escalation_groups]")
         await self._engine.abandon(call_id)
-        await self._moh(hold, on=False)
+        bridge = await hold.ready()
+        await self._moh(bridge, on=False)
         if target is None:
             await step("unavailable", escalate.reason, None)
             log.warning("queue.unavailable", reason=escalate.reason)
@@ -380,7 +428,7 @@ class CallerQueue:
         log.warning("queue.escalating", group=rule.group if rule else None, trunk=target.trunk or None)
         await step("escalated", (rule.group if rule else None) or "transfer", None)
         await caller.play(self._sound(ESCALATING))
-        await self._request("POST", f"/bridges/{hold}/removeChannel", {"channel": caller.info.channel_id})
+        await self._request("POST", f"/bridges/{bridge}/removeChannel", {"channel": caller.info.channel_id})
         # The dialplan's [medhotline-transfer] rings the target, then the second target if nobody answered.
         await caller.set_variable("MEDHOTLINE_RING", str(target.ring_seconds))
         await caller.set_variable("MEDHOTLINE_THEN", target.then_number)
