@@ -15,7 +15,7 @@ import random
 import re
 import signal
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +40,7 @@ from ivr.flow_loader import FlowError
 from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
 from ivr.flow_registry import FlowRegistry
 from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
-from ivr.ports import ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
+from ivr.ports import CallRecorder, ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 from ivr.prompts import Voice, sound_name
 from keywords.registry import LexiconRegistry
 from medhotline import db, maintenance
@@ -216,7 +216,10 @@ class HotlineService:
                 flow=loaded.flow.flow,
                 version=loaded.version,
             )
-            await self._record(
+            # The call's record is written in order beside the call, never in its way (a commit waits for the
+            # disk); whatever refers to the call's row waits for these writes first (see _CallWrites).
+            writes = _CallWrites(self._record)
+            writes.add(
                 "start",
                 self.repo.start,
                 call_id=call_id,
@@ -238,10 +241,11 @@ class HotlineService:
                 now = datetime.now(UTC)
                 if not answered:
                     answered = True
-                    await self._record("answer", self.repo.mark_answered, call_id, now)
+                    writes.add("answer", self.repo.mark_answered, call_id, now)
                     if ivr_recorder is not None and self.config.recordings.record_ivr:
+                        await writes.drain()  # the recording's row refers to the call's
                         ivr_recording = await self._start_ivr_recording(ivr_recorder, channel)
-                await self._record(
+                writes.add(
                     "step",
                     self.repo.add_step,
                     call_id,
@@ -260,8 +264,14 @@ class HotlineService:
                 recognizer=self.recognizer,
                 directory=self.directory,
                 consent=_CallConsent(recordings, call_id) if recordings is not None else None,
-                recorder=recordings.recorder(call_id, "consent") if recordings is not None else None,
+                recorder=_AfterWrites(recordings.recorder(call_id, "consent"), writes) if recordings else None,
                 outreach=outreach or self._inbound_outreach(lambda: runner.variables.get("patient_ref"), call_id),
+                # A route-first flow: the ARI queue answers the caller while it rings the agent.
+                defer_answer=(
+                    self.queue is not None
+                    and isinstance(channel, AriCallChannel)
+                    and not self.config.recordings.record_ivr
+                ),
             )
             try:
                 result = await runner.run(loaded.flow, channel)
@@ -275,8 +285,8 @@ class HotlineService:
             if recordings is not None and result.variables.get("patient_ref"):
                 recordings.identify(call_id, result.variables["patient_ref"])
             if result.outcome == "routed" and result.route is not None:
-                result = await self._to_agent(channel, call_id, result)
-            await self._record(
+                result = await self._to_agent(channel, call_id, result, writes)
+            writes.add(
                 "finish",
                 self.repo.finish,
                 call_id,
@@ -288,6 +298,7 @@ class HotlineService:
                 route_priority=result.route.priority if result.route else None,
                 transfer_to=result.transfer_to,
             )
+            await writes.drain()
             log.info("call.end", outcome=result.outcome, last_step=result.last_step)
             if call_id not in self._handed_over:
                 self._call_ended(call_id)
@@ -342,13 +353,17 @@ class HotlineService:
             log.exception("recording.ivr_not_started")  # the call goes on unrecorded; the row says so
             return None
 
-    async def _to_agent(self, channel: CallChannel, call_id: str, result: FlowResult) -> FlowResult:
+    async def _to_agent(
+        self, channel: CallChannel, call_id: str, result: FlowResult, writes: _CallWrites
+    ) -> FlowResult:
         """The IVR routed the call: wait in the queue for a qualified agent, then talk. Never raises."""
         route = result.route
         assert route is not None
         if self.queue is not None and isinstance(channel, FastAgiCallChannel):
             # The queue needs ARI (bridges, agent legs): the dialplan takes the call into Stasis as "queue".
             try:
+                await writes.drain()  # the ARI side looks the call up by its record
+
                 await channel.hand_over(
                     QUEUE_CONTEXT,
                     {
@@ -376,6 +391,8 @@ class HotlineService:
             cast(ConsultCategory, route.category),
             route.priority,
             patient_ref=result.variables.get("patient_ref"),
+            writes=writes,
+            answer=not result.answered,
         )
         # Who answered is in the ring history, an unavailable end in the path; the record keeps how it ended.
         return dataclasses.replace(
@@ -393,6 +410,8 @@ class HotlineService:
         priority: str,
         *,
         patient_ref: str | None = None,
+        writes: _CallWrites | None = None,
+        answer: bool = False,
     ) -> QueueResult:
         """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises.
 
@@ -401,10 +420,11 @@ class HotlineService:
         """
         assert self.queue is not None
         assigned = False
+        steps = writes or _CallWrites(self._record)
 
         async def on_step(node: str, edge: str | None, value: str | None) -> None:
             nonlocal assigned
-            await self._record(
+            steps.add(
                 "queue step",
                 self.repo.add_step,
                 call_id,
@@ -416,6 +436,9 @@ class HotlineService:
                 at=datetime.now(UTC),
                 moves_last_step=False,
             )
+            if node == "answered":
+                # The conversation's recording and the agent's access refer to the call's record: written first.
+                await steps.drain()
             if node == "answered" and edge is not None:
                 self._answered.add(call_id)
             if node == "answered" and edge is not None and patient_ref and self.access is not None:
@@ -430,13 +453,16 @@ class HotlineService:
                 assigned = True
 
         try:
-            return await self.queue.serve(channel, call_id, category, cast(CallPriority, priority), on_step)
+            return await self.queue.serve(
+                channel, call_id, category, cast(CallPriority, priority), on_step, answer=answer
+            )
         except Exception:
             log.exception("routing.crashed")
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return QueueResult("failed")
         finally:
+            await steps.drain()
             if assigned:
                 self._spawn(self._end_assignment(call_id, self.config.routing.wrap_up))
 
@@ -681,6 +707,45 @@ class HotlineService:
                 self.engine.close()
             await self.ari.aclose()
             log.info("service.stopped")
+
+
+class _CallWrites:
+    """One call's record writes, in the order they were made, off the call's path: the caller never waits for a
+    commit. ``drain`` waits for every write made so far; it comes before anything that reads the call's record
+    back or writes a row that refers to it (a recording, the FastAGI hand-over, the agent's access, the end)."""
+
+    def __init__(self, record: Callable[..., Awaitable[None]]) -> None:
+        self._record = record  # HotlineService._record: logs a failure, never raises
+        self._tail: asyncio.Task[None] | None = None
+
+    def add(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        previous = self._tail
+
+        async def write() -> None:
+            if previous is not None:
+                await previous
+            await self._record(what, func, *args, **kwargs)
+
+        self._tail = asyncio.create_task(write())
+
+    async def drain(self) -> None:
+        if self._tail is not None:
+            await asyncio.shield(self._tail)
+
+
+class _AfterWrites:
+    """A call recorder whose recordings start only once the call's record is written (their rows refer to it)."""
+
+    def __init__(self, recorder: CallRecorder, writes: _CallWrites) -> None:
+        self._recorder = recorder
+        self._writes = writes
+
+    async def start(self, channel: CallChannel, label: str) -> str:
+        await self._writes.drain()
+        return await self._recorder.start(channel, label)
+
+    async def stop(self, channel: CallChannel, name: str) -> None:
+        await self._recorder.stop(channel, name)
 
 
 class _CallConsent:
