@@ -218,7 +218,11 @@ class HotlineService:
             )
             # The call's record is written in order beside the call, never in its way (a commit waits for the
             # disk); whatever refers to the call's row waits for these writes first (see _CallWrites).
-            writes = _CallWrites(self._record)
+            # Calls that may route at once (the queue answers them) hold their writes until the agent is dialled.
+            defer_answer = (
+                self.queue is not None and isinstance(channel, AriCallChannel) and not self.config.recordings.record_ivr
+            )
+            writes = _CallWrites(self._record, paused=defer_answer)
             writes.add(
                 "start",
                 self.repo.start,
@@ -239,6 +243,8 @@ class HotlineService:
             async def on_step(step: Step) -> None:
                 nonlocal answered, ivr_recording
                 now = datetime.now(UTC)
+                if step.node_type != "route":
+                    writes.resume()  # the IVR talks to the caller: nothing to get out of the way of
                 if not answered:
                     answered = True
                     writes.add("answer", self.repo.mark_answered, call_id, now)
@@ -267,11 +273,7 @@ class HotlineService:
                 recorder=_AfterWrites(recordings.recorder(call_id, "consent"), writes) if recordings else None,
                 outreach=outreach or self._inbound_outreach(lambda: runner.variables.get("patient_ref"), call_id),
                 # A route-first flow: the ARI queue answers the caller while it rings the agent.
-                defer_answer=(
-                    self.queue is not None
-                    and isinstance(channel, AriCallChannel)
-                    and not self.config.recordings.record_ivr
-                ),
+                defer_answer=defer_answer,
             )
             try:
                 result = await runner.run(loaded.flow, channel)
@@ -454,7 +456,7 @@ class HotlineService:
 
         try:
             return await self.queue.serve(
-                channel, call_id, category, cast(CallPriority, priority), on_step, answer=answer
+                channel, call_id, category, cast(CallPriority, priority), on_step, answer=answer, on_hold=steps.resume
             )
         except Exception:
             log.exception("routing.crashed")
@@ -714,21 +716,32 @@ class _CallWrites:
     commit. ``drain`` waits for every write made so far; it comes before anything that reads the call's record
     back or writes a row that refers to it (a recording, the FastAGI hand-over, the agent's access, the end)."""
 
-    def __init__(self, record: Callable[..., Awaitable[None]]) -> None:
+    def __init__(self, record: Callable[..., Awaitable[None]], *, paused: bool = False) -> None:
         self._record = record  # HotlineService._record: logs a failure, never raises
         self._tail: asyncio.Task[None] | None = None
+        # Paused: the writes wait (in order) until resume(), so they don't contend with the agent's reservation
+        # for the database on the way to the agent's phone.
+        self._go = asyncio.Event()
+        if not paused:
+            self._go.set()
 
     def add(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        previous = self._tail
+        previous, go = self._tail, self._go
 
         async def write() -> None:
             if previous is not None:
                 await previous
+            else:
+                await go.wait()
             await self._record(what, func, *args, **kwargs)
 
         self._tail = asyncio.create_task(write())
 
+    def resume(self) -> None:
+        self._go.set()
+
     async def drain(self) -> None:
+        self.resume()
         if self._tail is not None:
             await asyncio.shield(self._tail)
 

@@ -74,23 +74,60 @@ class QueueResult:
 QueueStep = Callable[[str, str | None, str | None], Awaitable[None]]
 
 
-@dataclass(eq=False)
-class _Hold:
-    """The caller's holding bridge and the task that sets it up (answer, bridge, music on hold)."""
+# How long the caller's side waits for the agent's leg to be dialled first. The reservation takes milliseconds;
+# this bounds the wait when it is slow or refused, so a caller never waits for music longer than this.
+HOLD_GRACE = 0.1
 
-    bridge: str
-    setup: asyncio.Task[None]
+
+class _Hold:
+    """The caller's holding bridge and the task that sets it up (answer, bridge, music on hold).
+
+    Started once the first agent's leg is dialled (or at once when no agent is being reserved, or after
+    ``HOLD_GRACE``): the caller's requests then don't compete with the agent's on the way to the phone.
+    """
+
+    def __init__(
+        self, bridge: str, setup: Callable[[], Awaitable[None]], on_start: Callable[[], None] | None = None
+    ) -> None:
+        self.bridge = bridge
+        self._setup = setup
+        self._on_start = on_start
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The setup, started now if it was not yet."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._setup())
+            self._task.add_done_callback(_retrieved)
+            if self._on_start is not None:
+                self._on_start()
+        return self._task
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        self.task  # noqa: B018 - the property starts it
 
     async def ready(self) -> str:
         """The bridge, once the caller is in it with music; raises what the setup raised (a hang-up, an ARI error).
         Shielded: whoever waits for it being cancelled must not cancel the setup itself."""
-        await asyncio.shield(self.setup)
+        await asyncio.shield(self.task)
         return self.bridge
 
     def check(self) -> None:
         """Raise the setup's error if it has failed already."""
-        if self.setup.done() and not self.setup.cancelled() and (error := self.setup.exception()) is not None:
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """The setup's error is raised where the hold is needed; marked seen here for calls that never need it."""
+    if not task.cancelled():
+        task.exception()
 
 
 class ConversationRecorder(Protocol):
@@ -159,20 +196,26 @@ class CallerQueue:
         on_step: QueueStep | None = None,
         *,
         answer: bool = False,
+        on_hold: Callable[[], None] | None = None,
     ) -> QueueResult:
         """Never raises for telephony trouble: the result says how the call left the queue.
 
         ``on_step(node, edge, input)`` records the queue's milestones in the call's path (queued, reclassified,
         answered by which agent, escalated); every ring is in the agents' ring history. ``answer``: the IVR left
-        the caller unanswered (a flow that starts with its route node), the queue answers them.
+        the caller unanswered (a flow that starts with its route node), the queue answers them. ``on_hold()`` is
+        called when the caller's side starts: the agent's leg is dialled (or nobody is being reserved), so the
+        caller's other work (their record) no longer competes with it.
         """
         step = on_step or _no_step
         # The agent first: the engine reserves and offers while the caller's side is set up beside it.
         ticket = self._engine.enqueue(CallRequest(call_id, category, priority, datetime.now(UTC)))
         bridge = f"hold-{call_id}"
-        hold = _Hold(bridge, asyncio.create_task(self._hold(caller, bridge, answer=answer)))
+        hold = _Hold(bridge, lambda: self._hold(caller, bridge, answer=answer), on_hold)
         try:
             await step("queued", category, None)
+            await asyncio.sleep(0)  # the engine takes its decision up to the reservation's database write
+            if not self._engine.reserving(call_id):
+                hold.start()  # nobody to ring yet: the caller's side starts now
             return await self._wait(caller, ticket, hold, step)
         except CallerHungUp:
             log.info("queue.caller_hung_up", position=self._engine.position(call_id))
@@ -185,11 +228,12 @@ class CallerQueue:
                 await caller.hangup()
             return QueueResult("failed")
         finally:
-            # Let the setup finish rather than cancel it, so no bridge it is creating outlives this DELETE.
-            with contextlib.suppress(ChannelError, asyncio.CancelledError):
-                await hold.ready()
-            with contextlib.suppress(ChannelError):
-                await self._ari.request("DELETE", f"/bridges/{bridge}")
+            if hold.started:
+                # Let the setup finish rather than cancel it, so no bridge it is creating outlives this DELETE.
+                with contextlib.suppress(ChannelError, asyncio.CancelledError):
+                    await hold.ready()
+                with contextlib.suppress(ChannelError):
+                    await self._ari.request("DELETE", f"/bridges/{bridge}")
 
     async def _hold(self, caller: AriCallChannel, bridge: str, *, answer: bool) -> None:
         """Answer (if the IVR did not), put the caller into their holding bridge and start the music."""
@@ -207,7 +251,11 @@ class CallerQueue:
         loop = asyncio.get_running_loop()
         announce_at = loop.time() + self._settings.first_announcement
         while True:
-            item = await self._next(ticket, caller, hold, announce_at - loop.time())
+            remaining = announce_at - loop.time()
+            item = await self._next(ticket, caller, hold, remaining if hold.started else min(remaining, HOLD_GRACE))
+            if item is None and not hold.started:
+                hold.start()  # the agent's leg is slow in coming: the caller's side goes ahead
+                continue
             if item is None:
                 position = self._engine.position(call_id)
                 if position is not None:
@@ -245,10 +293,11 @@ class CallerQueue:
         try:
             while True:
                 hold.check()
-                waiting = {get, key} if hold.setup.done() else {get, key, hold.setup}
+                setup = hold.task if hold.started else None
+                waiting = {get, key} if setup is None or setup.done() else {get, key, setup}
                 remaining = max(0.0, deadline - loop.time())
                 done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                if done != {hold.setup}:
+                if setup is None or done != {setup}:
                     break  # an item, a key, or the timeout; the hold finishing alone is no reason to return
             hold.check()  # a failed setup ends the wait even if an item came with it (abandon() releases it)
         finally:
@@ -306,9 +355,11 @@ class CallerQueue:
                         },
                     )
                 except AriError as exc:
+                    hold.start()
                     log.warning("queue.dial_failed", reason=str(exc))
                     await self._engine.no_answer(call_id, agent_id, reachable=False)
                     return None
+                hold.start()  # the agent's phone is being dialled: now the caller's side, beside it
                 log.info("queue.ringing")
                 answered = await self._await_answer(caller, ticket, leg, agent_id)
                 if not answered:

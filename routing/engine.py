@@ -167,6 +167,10 @@ class RoutingEngine:
         self._wake.set()
         return True
 
+    def reserving(self, call_id: str) -> bool:
+        """True while an agent is reserved (or being reserved) to ring for this call."""
+        return self.dispatcher.is_ringing(call_id)
+
     def position(self, call_id: str) -> int | None:
         return self.dispatcher.position(call_id, self._clock())
 
