@@ -6,6 +6,13 @@ dials the agent's PJSIP endpoint as a new channel in the Stasis app (``appArgs``
 agent answers, that channel enters Stasis and caller and agent are moved into a mixing bridge. Whoever hangs up
 first ends the conversation for both. A caller who hangs up at any point takes everything down with them: the
 agent leg, both bridges, and the reservation of the agent.
+
+Callbacks. A waiting caller whose estimated wait is longer than ``callback_threshold`` hears the offer with the
+position announcements; pressing ``callback_key`` then hands the call's place to a callback
+(:class:`CallbackDesk`: stored with the number encrypted, the place moved in the engine), the caller hears that
+it is registered and the call ends. A callback whose agent is reserved and whose patient answered is served
+here too (:meth:`CallerQueue.serve_callback`): the patient waits in a holding bridge while the reserved agent's
+phone rings, exactly as a caller who waited on the line.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ import structlog
 
 from ivr.ari_channel import AriCallChannel, AriDispatcher
 from ivr.ari_client import AriClient, AriError, AriNotFound
-from ivr.channel import CallerHungUp, CallInfo, ChannelError
+from ivr.channel import CallerHungUp, CallerId, CallInfo, ChannelError
 from ivr.flow_model import RouteCategory
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
+from routing.callbacks import CALLBACK_ACCEPTED, CALLBACK_DUPLICATE, CALLBACK_UNAVAILABLE, CallbackPolicy, offer_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
 from routing.upgrade import UpgradeKeys
@@ -52,6 +60,8 @@ class QueueSettings:
     emergency_key: str = "0"
     # An agent who presses these keys during the conversation upgrades the call to emergency (empty: disabled).
     upgrade_keys: str = "*0"
+    # Callbacks instead of waiting (``routing.callbacks``); key "" or no CallbackDesk: never offered.
+    callback: CallbackPolicy = CallbackPolicy(key="")  # noqa: RUF009 - frozen, so one shared default is safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +77,7 @@ class EscalationTransfer:
 
 @dataclass(frozen=True, slots=True)
 class QueueResult:
-    outcome: Literal["answered", "caller_hangup", "transferred", "unavailable", "failed"]
+    outcome: Literal["answered", "caller_hangup", "transferred", "unavailable", "failed", "callback"]
     agent_id: str | None = None
     transfer_to: str | None = None
 
@@ -77,6 +87,17 @@ QueueStep = Callable[[str, str | None, str | None], Awaitable[None]]
 OnUpgrade = Callable[[str, str], Awaitable[None]]
 # What the agent hears once the upgrade is recorded (a sound every Asterisk has).
 UPGRADED_SOUND = "beep"
+
+
+CallbackOutcome = Literal["accepted", "duplicate", "unavailable"]
+
+
+class CallbackDesk(Protocol):
+    """Registers a waiting caller's callback (``medhotline.callbacks.CallbackService``): the number is stored
+    encrypted and the call's place passes to the callback. "duplicate": the number has an open callback already;
+    "unavailable": nothing was stored and the call still waits in its place (e.g. an agent rings for it now)."""
+
+    async def accept(self, call_id: str, caller: CallerId, request: CallRequest) -> CallbackOutcome: ...
 
 
 class ConversationRecorder(Protocol):
@@ -128,7 +149,9 @@ class CallerQueue:
         escalation_groups: Mapping[str, EscalationTransfer],
         recorder: ConversationRecorder | None = None,
         on_upgrade: OnUpgrade | None = None,
+        callbacks: CallbackDesk | None = None,
     ) -> None:
+        self.callbacks = callbacks
         self._recorder = recorder
         self._on_upgrade = on_upgrade
         self._ari = ari
@@ -176,11 +199,46 @@ class CallerQueue:
             with contextlib.suppress(ChannelError):
                 await self._ari.request("DELETE", f"/bridges/{hold}")
 
+    async def serve_callback(
+        self, patient: AriCallChannel, ticket: Ticket, offer: Offer, on_step: QueueStep | None = None
+    ) -> QueueResult:
+        """A callback's patient answered; ``offer`` is the agent reserved for it before the patient was dialled.
+        The patient waits in a holding bridge while that agent's phone rings, then they talk. An agent who does
+        not answer puts the callback back in its place in the engine, with the patient now waiting on the line
+        like any caller. Never raises for telephony trouble."""
+        step = on_step or _no_step
+        call_id = ticket.request.call_id
+        hold = f"hold-{call_id}"
+        try:
+            await self._request("POST", "/bridges", {"type": "holding", "bridgeId": hold, "name": hold})
+            await self._request(
+                "POST", f"/bridges/{hold}/addChannel", {"channel": patient.info.channel_id, "role": "participant"}
+            )
+            await self._moh(hold, on=True)
+            result = await self._ring(patient, ticket, hold, offer, step)
+            if result is not None:
+                return result
+            return await self._wait(patient, ticket, hold, step)
+        except CallerHungUp:
+            log.info("queue.callback_patient_hung_up")
+            await self._engine.abandon(call_id)
+            return QueueResult("caller_hangup")
+        except ChannelError as exc:
+            log.error("queue.failed", reason=str(exc))
+            await self._engine.abandon(call_id)
+            with contextlib.suppress(ChannelError):
+                await patient.hangup()
+            return QueueResult("failed")
+        finally:
+            with contextlib.suppress(ChannelError):
+                await self._ari.request("DELETE", f"/bridges/{hold}")
+
     # -- waiting ------------------------------------------------------------------------------------
     async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: str, step: QueueStep) -> QueueResult:
         call_id = ticket.request.call_id
         loop = asyncio.get_running_loop()
         announce_at = loop.time() + self._settings.first_announcement
+        offered = False
         while True:
             item = await self._next(ticket, caller, announce_at - loop.time())
             if item is None:
@@ -189,6 +247,11 @@ class CallerQueue:
                     log.info("queue.announce", position=position)
                     # A key pressed during the announcement counts: that is when callers hear the hint.
                     item = await self._announce(caller, hold, position_text(position))
+                    if item is None and self._long_wait(caller, ticket):
+                        if not offered:
+                            await step("callback_offered", None, None)
+                        offered = True
+                        item = await self._announce(caller, hold, offer_text(self._settings.callback.key))
                 announce_at = loop.time() + self._settings.announce_every
                 if item is None:
                     continue
@@ -196,6 +259,10 @@ class CallerQueue:
                 if item == self._settings.emergency_key and self._engine.reclassify_emergency(call_id):
                     await step("reclassified", "emergency", item)
                     await self._announce(caller, hold, RECLASSIFIED)
+                elif offered and item == self._settings.callback.key:
+                    result = await self._take_callback(caller, ticket, hold, step)
+                    if result is not None:
+                        return result
                 continue
             if isinstance(item, Offer):
                 result = await self._ring(caller, ticket, hold, item, step)
@@ -207,6 +274,37 @@ class CallerQueue:
                 if result is not None:
                     return result
             # A CancelRing for a ring that already ended needs nothing.
+
+    def _long_wait(self, caller: AriCallChannel, ticket: Ticket) -> bool:
+        """Whether to offer this caller a callback now: callbacks on, a number to call back (never for a callback's
+        own patient), and an estimated wait longer than the threshold (or unknown: nobody could take it now)."""
+        policy = self._settings.callback
+        if self.callbacks is None or not policy.key or ticket.request.callback or not caller.info.caller:
+            return False
+        estimate = self._engine.estimate(ticket.request.call_id, policy.handle_seconds)
+        return estimate is not None and policy.offer(estimate[1])
+
+    async def _take_callback(
+        self, caller: AriCallChannel, ticket: Ticket, hold: str, step: QueueStep
+    ) -> QueueResult | None:
+        """The caller pressed the callback key after the offer. A result ends the call (registered, or the number
+        has one already); None: nothing was registered and the caller keeps waiting in their place."""
+        assert self.callbacks is not None
+        outcome = await self.callbacks.accept(ticket.request.call_id, caller.info.caller, ticket.request)
+        await step("callback", outcome, self._settings.callback.key)
+        log.info("queue.callback", outcome=outcome)
+        if outcome == "unavailable":
+            await self._announce(caller, hold, CALLBACK_UNAVAILABLE)
+            return None
+        if outcome == "duplicate":
+            # The earlier callback keeps its place; this call leaves the queue (the number is called back once).
+            await self._engine.abandon(ticket.request.call_id)
+        await self._moh(hold, on=False)
+        with contextlib.suppress(ChannelError):
+            await caller.play(self._sound(CALLBACK_ACCEPTED if outcome == "accepted" else CALLBACK_DUPLICATE))
+        with contextlib.suppress(ChannelError):
+            await caller.hangup()
+        return QueueResult("callback")
 
     async def _next(self, ticket: Ticket, caller: AriCallChannel, timeout: float) -> TicketItem | str | None:
         """The engine's next item for this call, a key the caller pressed, or None when ``timeout`` passed.
