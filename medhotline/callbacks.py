@@ -110,6 +110,7 @@ class CallbackService:
         # Callback id → the engine's request id (the current attempt's call id) of callbacks in the engine.
         self._active: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watched: set[str] = set()  # callback ids whose engine request has a task serving it
         self._busy: set[asyncio.Task[Any]] = set()  # those past the reservation: dialling or talking
 
     def patients_ready(self, services: PatientServices) -> None:
@@ -135,6 +136,19 @@ class CallbackService:
         callback_id = str(uuid.uuid4())
         attempt_id = str(uuid.uuid4())
         now = self._clock()
+        # Held from before the row exists, so the due loop never puts it into the engine a second time.
+        self._active[callback_id] = attempt_id
+        try:
+            return await self._register(callback_id, attempt_id, call_id, number, request=request, now=now)
+        finally:
+            if callback_id not in self._watched:
+                self._active.pop(callback_id, None)
+
+    async def _register(
+        self, callback_id: str, attempt_id: str, call_id: str, number: str, *, request: CallRequest, now: datetime
+    ) -> CallbackOutcome:
+        assert self._ring is not None
+        assert self._indexer is not None
         try:
             index = await self._indexer(number)
             key = await self._ring.current_key(PURPOSE)
@@ -209,6 +223,7 @@ class CallbackService:
 
     def _watch(self, callback_id: str, ticket: Ticket) -> None:
         self._active[callback_id] = ticket.request.call_id
+        self._watched.add(callback_id)
         task = asyncio.create_task(self._serve(callback_id, ticket))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -239,6 +254,7 @@ class CallbackService:
             finally:
                 if self._active.get(callback_id) == attempt_id:
                     del self._active[callback_id]
+                    self._watched.discard(callback_id)
 
     async def _dial(self, callback_id: str, ticket: Ticket, offer: Offer) -> None:
         attempt_id = ticket.request.call_id
