@@ -14,7 +14,7 @@ import dataclasses
 import random
 import signal
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,8 +38,9 @@ from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
 from ivr.flow_model import ROUTE_CATEGORIES, RouteCategory
 from ivr.flow_registry import FlowRegistry
+from ivr.flow_source import LoadedFlow
 from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
-from ivr.ports import ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
+from ivr.ports import CallRecorder, ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 from ivr.prompts import Voice, sound_name
 from keywords.registry import LexiconRegistry
 from medhotline import db, maintenance
@@ -234,14 +235,11 @@ class HotlineService:
         call_id = str(uuid.uuid4())
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             flows = self.flows.current  # this call's snapshot: later edits don't change it
-            if flow is not None and flow not in flows:
-                # An outbound call must run its own flow, never the hotline's in its place.
-                log.error("call.flow_missing", flow=flow)
+            loaded = self._entry_flow(flows, flow, info.flow)
+            if loaded is None:
                 with contextlib.suppress(Exception):
                     await channel.hangup()
                 return call_id, "error"
-            entry = flow or (self.surge.entry_flow(info.flow) if self.surge is not None else info.flow)
-            loaded = flows.get(entry) or flows[self.config.hotline.flow]
             log.info(
                 "call.start",
                 transport=info.transport,
@@ -249,7 +247,14 @@ class HotlineService:
                 flow=loaded.flow.flow,
                 version=loaded.version,
             )
-            await self._record(
+            # The call's record is written in order beside the call, never in its way (a commit waits for the
+            # disk); whatever refers to the call's row waits for these writes first (see _CallWrites).
+            # Calls that may route at once (the queue answers them) hold their writes until the agent is dialled.
+            defer_answer = (
+                self.queue is not None and isinstance(channel, AriCallChannel) and not self.config.recordings.record_ivr
+            )
+            writes = _CallWrites(self._record, paused=defer_answer)
+            writes.add(
                 "start",
                 self.repo.start,
                 call_id=call_id,
@@ -269,12 +274,15 @@ class HotlineService:
             async def on_step(step: Step) -> None:
                 nonlocal answered, ivr_recording
                 now = datetime.now(UTC)
+                if step.node_type != "route":
+                    writes.resume()  # the IVR talks to the caller: nothing to get out of the way of
                 if not answered:
                     answered = True
-                    await self._record("answer", self.repo.mark_answered, call_id, now)
+                    writes.add("answer", self.repo.mark_answered, call_id, now)
                     if ivr_recorder is not None and self.config.recordings.record_ivr:
+                        await writes.drain()  # the recording's row refers to the call's
                         ivr_recording = await self._start_ivr_recording(ivr_recorder, channel)
-                await self._record(
+                writes.add(
                     "step",
                     self.repo.add_step,
                     call_id,
@@ -293,8 +301,10 @@ class HotlineService:
                 recognizer=self.recognizer,
                 directory=self.directory,
                 consent=_CallConsent(recordings, call_id) if recordings is not None else None,
-                recorder=recordings.recorder(call_id, "consent") if recordings is not None else None,
+                recorder=_AfterWrites(recordings.recorder(call_id, "consent"), writes) if recordings else None,
                 outreach=outreach or self._inbound_outreach(lambda: runner.variables.get("patient_ref"), call_id),
+                # A route-first flow: the ARI queue answers the caller while it rings the agent.
+                defer_answer=defer_answer,
             )
             try:
                 result = await runner.run(loaded.flow, channel)
@@ -308,8 +318,9 @@ class HotlineService:
             if recordings is not None and result.variables.get("patient_ref"):
                 recordings.identify(call_id, result.variables["patient_ref"])
             if result.triage is not None:
-                # Before the queue: a nurse's upgrade during the conversation lands beside what the IVR heard.
-                await self._record(
+                # In order with the call's other writes (the row may not be written yet) and before the queue: a
+                # nurse's upgrade during the conversation lands beside what the IVR heard.
+                writes.add(
                     "triage",
                     self.repo.record_triage,
                     call_id,
@@ -319,19 +330,8 @@ class HotlineService:
                     confirm_answer=result.triage.confirm_answer,
                 )
             if result.outcome == "routed" and result.route is not None:
-                result = await self._to_agent(channel, call_id, result)
-            await self._record(
-                "finish",
-                self.repo.finish,
-                call_id,
-                outcome=result.outcome,
-                ended_at=datetime.now(UTC),
-                last_step=result.last_step,
-                error=result.error,
-                route_category=result.route.category if result.route else None,
-                route_priority=result.route.priority if result.route else None,
-                transfer_to=result.transfer_to,
-            )
+                result = await self._to_agent(channel, call_id, result, writes)
+            await self._finish_record(writes, call_id, result)
             log.info("call.end", outcome=result.outcome, last_step=result.last_step)
             if call_id not in self._handed_over:
                 self._call_ended(call_id)
@@ -379,13 +379,17 @@ class HotlineService:
             log.exception("recording.ivr_not_started")  # the call goes on unrecorded; the row says so
             return None
 
-    async def _to_agent(self, channel: CallChannel, call_id: str, result: FlowResult) -> FlowResult:
+    async def _to_agent(
+        self, channel: CallChannel, call_id: str, result: FlowResult, writes: _CallWrites
+    ) -> FlowResult:
         """The IVR routed the call: wait in the queue for a qualified agent, then talk. Never raises."""
         route = result.route
         assert route is not None
         if self.queue is not None and isinstance(channel, FastAgiCallChannel):
             # The queue needs ARI (bridges, agent legs): the dialplan takes the call into Stasis as "queue".
             try:
+                await writes.drain()  # the ARI side looks the call up by its record
+
                 await channel.hand_over(
                     QUEUE_CONTEXT,
                     {
@@ -407,7 +411,7 @@ class HotlineService:
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return result
-        if await self._overflowed(channel, call_id, route.category, route.priority):
+        if await self._overflowed(channel, call_id, route.category, route.priority, writes, answer=not result.answered):
             return result
         queued = await self._queue(
             channel,
@@ -415,6 +419,8 @@ class HotlineService:
             cast(RouteCategory, route.category),
             route.priority,
             patient_ref=result.variables.get("patient_ref"),
+            writes=writes,
+            answer=not result.answered,
         )
         # Who answered is in the ring history, an unavailable end in the path; the record keeps how it ended.
         return dataclasses.replace(
@@ -432,20 +438,25 @@ class HotlineService:
         priority: str,
         *,
         patient_ref: str | None = None,
+        writes: _CallWrites | None = None,
+        answer: bool = False,
         serve: Callable[[QueueStep], Coroutine[Any, Any, QueueResult]] | None = None,
     ) -> QueueResult:
         """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises.
-        ``serve``: how the queue serves the call (default: a caller joining the queue).
+        ``writes``: the call's record writes, which the queue's steps join (in order); ``answer``: the IVR left the
+        caller unanswered. ``serve``: how the queue serves the call (default: a caller joining the queue, answered
+        by it if ``answer``); it is given the step recorder.
 
         When the IVR identified the caller, the answering agent gets the "current call" scope of the access
         policy for that patient until the wrap-up ends, and not a moment longer.
         """
         assert self.queue is not None
         assigned = False
+        steps = writes or _CallWrites(self._record)
 
         async def on_step(node: str, edge: str | None, value: str | None) -> None:
             nonlocal assigned
-            await self._record(
+            steps.add(
                 "queue step",
                 self.repo.add_step,
                 call_id,
@@ -457,6 +468,9 @@ class HotlineService:
                 at=datetime.now(UTC),
                 moves_last_step=False,
             )
+            if node == "answered":
+                # The conversation's recording and the agent's access refer to the call's record: written first.
+                await steps.drain()
             if node == "answered" and edge is not None:
                 self._answered.add(call_id)
             if node == "answered" and edge is not None and patient_ref and self.access is not None:
@@ -472,20 +486,53 @@ class HotlineService:
 
         try:
             if serve is not None:
+                steps.resume()  # no hold hook to wait for: the agent is reserved already
                 return await serve(on_step)
-            return await self.queue.serve(channel, call_id, category, cast(CallPriority, priority), on_step)
+            return await self.queue.serve(
+                channel, call_id, category, cast(CallPriority, priority), on_step, answer=answer, on_hold=steps.resume
+            )
         except Exception:
             log.exception("routing.crashed")
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return QueueResult("failed")
         finally:
+            await steps.drain()
             if assigned:
                 self._spawn(self._end_assignment(call_id, self.config.routing.wrap_up))
 
-    async def _overflowed(self, channel: AriCallChannel, call_id: str, category: str, priority: str) -> bool:
+    def _entry_flow(self, flows: Mapping[str, LoadedFlow], flow: str | None, dialled: str) -> LoadedFlow | None:
+        """The flow a call runs: an outbound call's own (None when it is missing: it must never run the hotline's
+        in its place); else the dialled flow, through surge mode's entry while it is on; else the hotline's."""
+        if flow is not None and flow not in flows:
+            log.error("call.flow_missing", flow=flow)
+            return None
+        entry = flow or (self.surge.entry_flow(dialled) if self.surge is not None else dialled)
+        return flows.get(entry) or flows[self.config.hotline.flow]
+
+    async def _finish_record(self, writes: _CallWrites, call_id: str, result: FlowResult) -> None:
+        """The call's final outcome, after every earlier write of the call."""
+        writes.add(
+            "finish",
+            self.repo.finish,
+            call_id,
+            outcome=result.outcome,
+            ended_at=datetime.now(UTC),
+            last_step=result.last_step,
+            error=result.error,
+            route_category=result.route.category if result.route else None,
+            route_priority=result.route.priority if result.route else None,
+            transfer_to=result.transfer_to,
+        )
+        await writes.drain()
+
+    async def _overflowed(
+        self, channel: AriCallChannel, call_id: str, category: str, priority: str, writes: _CallWrites, *, answer: bool
+    ) -> bool:
         """Surge mode's capacity limit: a normal call to a full queue hears the overflow message and the hang-up
-        instead of waiting without end. Emergencies are never turned away. True when the call was turned away."""
+        instead of waiting without end. Emergencies are never turned away. True when the call was turned away.
+        ``answer``: the IVR left the caller unanswered (a route-first flow), so they are answered to hear it; the
+        steps join the call's ``writes`` (its row may not be written yet)."""
         from routing.surge import OVERFLOW_GOODBYE, over_capacity, overflow_texts
 
         profile = self.surge.profile if self.surge is not None else None
@@ -495,7 +542,8 @@ class HotlineService:
         if not over_capacity(profile, request, self.engine.waiting_by_category()):
             return False
         log.warning("surge.overflow", category=category)
-        await self._record(
+        writes.resume()  # turned away: no reservation for the record's writes to get out of the way of
+        writes.add(
             "overflow step", self.repo.add_step, call_id, flow="queue", node="overflow", node_type="queue",
             edge=category, input=None, at=datetime.now(UTC), moves_last_step=False,
         )  # fmt: skip
@@ -503,12 +551,14 @@ class HotlineService:
         key = self.config.routing.callback_key if self.callbacks is not None and channel.info.caller else ""
         texts = overflow_texts(profile, key)
         try:
+            if answer:
+                await channel.answer()
             pressed = await channel.play(sound_name(texts[0], self.voice), barge_in=True)
             if texts[1] != OVERFLOW_GOODBYE:
                 pressed = pressed or await channel.play(sound_name(texts[1], self.voice), barge_in=True)
                 pressed = pressed or await channel.read_digits(max_digits=1, timeout=OVERFLOW_KEY_WAIT)
                 if pressed == key:
-                    await self._overflow_callback(channel, call_id, request)
+                    await self._overflow_callback(channel, call_id, request, writes)
                     return True
             await channel.play(sound_name(OVERFLOW_GOODBYE, self.voice))
             await channel.hangup()
@@ -516,13 +566,15 @@ class HotlineService:
             pass  # the caller hung up meanwhile
         return True
 
-    async def _overflow_callback(self, channel: AriCallChannel, call_id: str, request: CallRequest) -> None:
+    async def _overflow_callback(
+        self, channel: AriCallChannel, call_id: str, request: CallRequest, writes: _CallWrites
+    ) -> None:
         """The caller turned away by a full queue chose a callback: registered at their arrival time."""
         from routing.surge import OVERFLOW_GOODBYE
 
         assert self.callbacks is not None
         outcome = await self.callbacks.accept(call_id, channel.info.caller, request)
-        await self._record(
+        writes.add(
             "callback step", self.repo.add_step, call_id, flow="queue", node="callback", node_type="queue",
             edge=outcome, input=self.config.routing.callback_key, at=datetime.now(UTC), moves_last_step=False,
         )  # fmt: skip
@@ -710,14 +762,17 @@ class HotlineService:
         call_id = ticket.request.call_id
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             now = datetime.now(UTC)
-            await self._record(
+            # As for any call, the record is written in order beside the call (the greeting and the agent's ring
+            # don't wait for a commit); the queue's steps join these writes, the finish waits for all of them.
+            writes = _CallWrites(self._record)
+            writes.add(
                 "start", self.repo.start, call_id=call_id, node=self.config.service.node_name, transport="ari",
                 channel_id=leg.info.channel_id, channel_name=leg.info.channel_name, flow="callback",
                 flow_version=None, started_at=now,
             )  # fmt: skip
-            await self._record("answer", self.repo.mark_answered, call_id, now)
+            writes.add("answer", self.repo.mark_answered, call_id, now)
             # The path names the call that asked for it (the callback's own id is in the callbacks table).
-            await self._record(
+            writes.add(
                 "callback step", self.repo.add_step, call_id, flow="callback", node="callback", node_type="callback",
                 edge=callback.call_id, input=str(callback.attempts), at=now,
             )  # fmt: skip
@@ -732,13 +787,14 @@ class HotlineService:
                 return await queue.serve_callback(leg, ticket, offer, step)
 
             queued = await self._queue(
-                leg, call_id, cast(RouteCategory, callback.category), callback.priority, serve=serve
+                leg, call_id, cast(RouteCategory, callback.category), callback.priority, writes=writes, serve=serve
             )
-            await self._record(
+            writes.add(
                 "finish", self.repo.finish, call_id, outcome=QUEUE_OUTCOMES[queued.outcome], ended_at=datetime.now(UTC),
                 last_step="callback", error="queue failed" if queued.outcome == "failed" else None,
                 route_category=callback.category, route_priority=callback.priority,
             )  # fmt: skip
+            await writes.drain()
             self._call_ended(call_id)
             return queued.outcome
 
@@ -853,6 +909,56 @@ class HotlineService:
                 self.engine.close()
             await self.ari.aclose()
             log.info("service.stopped")
+
+
+class _CallWrites:
+    """One call's record writes, in the order they were made, off the call's path: the caller never waits for a
+    commit. ``drain`` waits for every write made so far; it comes before anything that reads the call's record
+    back or writes a row that refers to it (a recording, the FastAGI hand-over, the agent's access, the end)."""
+
+    def __init__(self, record: Callable[..., Awaitable[None]], *, paused: bool = False) -> None:
+        self._record = record  # HotlineService._record: logs a failure, never raises
+        self._tail: asyncio.Task[None] | None = None
+        # Paused: the writes wait (in order) until resume(), so they don't contend with the agent's reservation
+        # for the database on the way to the agent's phone.
+        self._go = asyncio.Event()
+        if not paused:
+            self._go.set()
+
+    def add(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        previous, go = self._tail, self._go
+
+        async def write() -> None:
+            if previous is not None:
+                await previous
+            else:
+                await go.wait()
+            await self._record(what, func, *args, **kwargs)
+
+        self._tail = asyncio.create_task(write())
+
+    def resume(self) -> None:
+        self._go.set()
+
+    async def drain(self) -> None:
+        self.resume()
+        if self._tail is not None:
+            await asyncio.shield(self._tail)
+
+
+class _AfterWrites:
+    """A call recorder whose recordings start only once the call's record is written (their rows refer to it)."""
+
+    def __init__(self, recorder: CallRecorder, writes: _CallWrites) -> None:
+        self._recorder = recorder
+        self._writes = writes
+
+    async def start(self, channel: CallChannel, label: str) -> str:
+        await self._writes.drain()
+        return await self._recorder.start(channel, label)
+
+    async def stop(self, channel: CallChannel, name: str) -> None:
+        await self._recorder.stop(channel, name)
 
 
 class _CallConsent:
