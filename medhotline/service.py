@@ -48,7 +48,8 @@ from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
 from medhotline.config import Config
 from medhotline.ids import is_uuid
-from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
+from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings, QueueStep
+from routing.callbacks import CALLBACK_ACCEPTED, CALLBACK_DUPLICATE, CALLBACK_GREETING, CallbackPolicy
 from routing.engine import RoutingEngine
 
 if TYPE_CHECKING:
@@ -57,18 +58,23 @@ if TYPE_CHECKING:
     from compliance.access_store import AccessControl
     from compliance.audit import AuditLog
     from his.directory import PatientServices
+    from medhotline.callbacks import CallbackService
     from medhotline.surge import SurgeState
     from recordings.capture import CallRecordings, ChannelRecorder
     from routing.agent_endpoints import ContactView
+    from routing.callback_store import CallbackRecord
+    from routing.engine import Offer, Ticket
     from scheduler.outreach import CallOutreach, Outreach
     from scheduler.runner import OutreachScheduler
 from medhotline.prompts import sounds_dir
-from routing.model import CallPriority
+from routing.model import CallPriority, CallRequest
 from scheduler.outreach import OUTBOUND_ARG
 
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 20.0
+# Seconds a caller turned away by a full queue has to press the callback key after the offer.
+OVERFLOW_KEY_WAIT = 5.0
 # The dialplan context (and Stasis argument) through which FastAGI calls join the ARI queue.
 QUEUE_CONTEXT = "medhotline-queue"
 QUEUE_ARG = "queue"
@@ -79,6 +85,8 @@ QUEUE_OUTCOMES: dict[str, Outcome] = {
     "caller_hangup": "caller_hangup",
     # Routed, but nobody could take it: the caller was told where to turn; the path says "unavailable".
     "unavailable": "routed",
+    # The caller chose to be called back; the path says "callback", the callbacks table has the rest.
+    "callback": "routed",
     "failed": "error",
 }
 
@@ -97,6 +105,18 @@ class Backoff:
 
     def reset(self) -> None:
         self._current = 0.0
+
+
+def callback_policy(config: Config) -> CallbackPolicy:
+    """``[routing]``'s callback settings (key "" : callbacks off)."""
+    rc = config.routing
+    return CallbackPolicy(
+        threshold=rc.callback_threshold,
+        handle_seconds=rc.callback_handle_seconds,
+        max_attempts=rc.callback_attempts,
+        retry_after=rc.callback_retry_after,
+        key=rc.callback_key,
+    )
 
 
 def asterisk_credentials(config: Config) -> AsteriskCredentials:
@@ -142,6 +162,8 @@ class HotlineService:
         self.outreach: Outreach | None = None
         # The hotline's mode from the database (surge or normal), polled on the reload loop; None in unit tests.
         self.surge: SurgeState | None = None
+        # Callbacks instead of waiting (set by enable_callbacks when routing and callbacks are on).
+        self.callbacks: CallbackService | None = None
         self.scheduler: OutreachScheduler | None = None
         # Calls an agent answered (their summary is sealed after the wrap-up) and calls handed to the ARI queue
         # by FastAGI (whose record is finished by the queue's side).
@@ -184,6 +206,7 @@ class HotlineService:
                     agent_caller_id=config.hotline.number,
                     emergency_key=rc.emergency_key,
                     upgrade_keys=rc.upgrade_keys,
+                    callback=callback_policy(config),
                 ),
                 sound=lambda text: sound_name(text, self.voice),
                 escalation_groups={
@@ -388,7 +411,7 @@ class HotlineService:
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return result
-        if await self._overflowed(channel, call_id, route.category, route.priority):
+        if await self._overflowed(channel, call_id, route.category, route.priority, writes, answer=not result.answered):
             return result
         queued = await self._queue(
             channel,
@@ -417,8 +440,12 @@ class HotlineService:
         patient_ref: str | None = None,
         writes: _CallWrites | None = None,
         answer: bool = False,
+        serve: Callable[[QueueStep], Coroutine[Any, Any, QueueResult]] | None = None,
     ) -> QueueResult:
         """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises.
+        ``writes``: the call's record writes, which the queue's steps join (in order); ``answer``: the IVR left the
+        caller unanswered. ``serve``: how the queue serves the call (default: a caller joining the queue, answered
+        by it if ``answer``); it is given the step recorder.
 
         When the IVR identified the caller, the answering agent gets the "current call" scope of the access
         policy for that patient until the wrap-up ends, and not a moment longer.
@@ -458,6 +485,9 @@ class HotlineService:
                 assigned = True
 
         try:
+            if serve is not None:
+                steps.resume()  # no hold hook to wait for: the agent is reserved already
+                return await serve(on_step)
             return await self.queue.serve(
                 channel, call_id, category, cast(CallPriority, priority), on_step, answer=answer, on_hold=steps.resume
             )
@@ -496,11 +526,14 @@ class HotlineService:
         )
         await writes.drain()
 
-    async def _overflowed(self, channel: AriCallChannel, call_id: str, category: str, priority: str) -> bool:
+    async def _overflowed(
+        self, channel: AriCallChannel, call_id: str, category: str, priority: str, writes: _CallWrites, *, answer: bool
+    ) -> bool:
         """Surge mode's capacity limit: a normal call to a full queue hears the overflow message and the hang-up
-        instead of waiting without end. Emergencies are never turned away. True when the call was turned away."""
-        from routing.model import CallRequest
-        from routing.surge import over_capacity, overflow_texts
+        instead of waiting without end. Emergencies are never turned away. True when the call was turned away.
+        ``answer``: the IVR left the caller unanswered (a route-first flow), so they are answered to hear it; the
+        steps join the call's ``writes`` (its row may not be written yet)."""
+        from routing.surge import OVERFLOW_GOODBYE, over_capacity, overflow_texts
 
         profile = self.surge.profile if self.surge is not None else None
         if profile is None or self.engine is None:
@@ -509,17 +542,45 @@ class HotlineService:
         if not over_capacity(profile, request, self.engine.waiting_by_category()):
             return False
         log.warning("surge.overflow", category=category)
-        await self._record(
+        writes.resume()  # turned away: no reservation for the record's writes to get out of the way of
+        writes.add(
             "overflow step", self.repo.add_step, call_id, flow="queue", node="overflow", node_type="queue",
             edge=category, input=None, at=datetime.now(UTC), moves_last_step=False,
         )  # fmt: skip
+        # The profile's `overflow: callback` offers a callback at the place the caller would have had.
+        key = self.config.routing.callback_key if self.callbacks is not None and channel.info.caller else ""
+        texts = overflow_texts(profile, key)
         try:
-            for text in overflow_texts(profile, callback_offered=False):
-                await channel.play(sound_name(text, self.voice))
+            if answer:
+                await channel.answer()
+            pressed = await channel.play(sound_name(texts[0], self.voice), barge_in=True)
+            if texts[1] != OVERFLOW_GOODBYE:
+                pressed = pressed or await channel.play(sound_name(texts[1], self.voice), barge_in=True)
+                pressed = pressed or await channel.read_digits(max_digits=1, timeout=OVERFLOW_KEY_WAIT)
+                if pressed == key:
+                    await self._overflow_callback(channel, call_id, request, writes)
+                    return True
+            await channel.play(sound_name(OVERFLOW_GOODBYE, self.voice))
             await channel.hangup()
         except ChannelError:
             pass  # the caller hung up meanwhile
         return True
+
+    async def _overflow_callback(
+        self, channel: AriCallChannel, call_id: str, request: CallRequest, writes: _CallWrites
+    ) -> None:
+        """The caller turned away by a full queue chose a callback: registered at their arrival time."""
+        from routing.surge import OVERFLOW_GOODBYE
+
+        assert self.callbacks is not None
+        outcome = await self.callbacks.accept(call_id, channel.info.caller, request)
+        writes.add(
+            "callback step", self.repo.add_step, call_id, flow="queue", node="callback", node_type="queue",
+            edge=outcome, input=self.config.routing.callback_key, at=datetime.now(UTC), moves_last_step=False,
+        )  # fmt: skip
+        text = {"accepted": CALLBACK_ACCEPTED, "duplicate": CALLBACK_DUPLICATE}.get(outcome, OVERFLOW_GOODBYE)
+        await channel.play(sound_name(text, self.voice))
+        await channel.hangup()
 
     async def _upgraded(self, call_id: str, agent_id: str) -> None:
         """An agent upgraded the call to emergency from their phone: the record says so (who, when), and the audit
@@ -673,6 +734,69 @@ class HotlineService:
     def _patients_ready(self, services: PatientServices) -> None:
         if self.outreach is not None:
             self.outreach.patients_ready(services)  # the dialer reads numbers, the nodes check identities
+        if self.callbacks is not None:
+            self.callbacks.patients_ready(services)  # callbacks' numbers are encrypted and indexed through it
+
+    def enable_callbacks(self, sessions: sessionmaker[Session]) -> None:
+        """Callbacks instead of waiting: the queue's offer and this node's callback dialler."""
+        from medhotline.callbacks import CallbackService
+
+        if self.engine is None or self.queue is None or not self.config.routing.callback_key:
+            return
+        self.callbacks = CallbackService(
+            self.config,
+            sessions,
+            self.ari,
+            self.dispatcher,
+            self.engine,
+            callback_policy(self.config),
+            serve_answered=self._serve_callback,
+        )
+        self.queue.callbacks = self.callbacks
+
+    async def _serve_callback(self, leg: AriCallChannel, ticket: Ticket, offer: Offer, callback: CallbackRecord) -> str:
+        """A callback's patient answered: the attempt is a call of its own (record, path, recording), which starts
+        by telling the patient who calls and continues as a routed call with the agent reserved for it."""
+        assert self.queue is not None
+        queue = self.queue
+        call_id = ticket.request.call_id
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            now = datetime.now(UTC)
+            # As for any call, the record is written in order beside the call (the greeting and the agent's ring
+            # don't wait for a commit); the queue's steps join these writes, the finish waits for all of them.
+            writes = _CallWrites(self._record)
+            writes.add(
+                "start", self.repo.start, call_id=call_id, node=self.config.service.node_name, transport="ari",
+                channel_id=leg.info.channel_id, channel_name=leg.info.channel_name, flow="callback",
+                flow_version=None, started_at=now,
+            )  # fmt: skip
+            writes.add("answer", self.repo.mark_answered, call_id, now)
+            # The path names the call that asked for it (the callback's own id is in the callbacks table).
+            writes.add(
+                "callback step", self.repo.add_step, call_id, flow="callback", node="callback", node_type="callback",
+                edge=callback.call_id, input=str(callback.attempts), at=now,
+            )  # fmt: skip
+
+            async def serve(step: QueueStep) -> QueueResult:
+                try:
+                    await leg.play(sound_name(CALLBACK_GREETING, self.voice))
+                except ChannelError:
+                    if self.engine is not None:
+                        await self.engine.abandon(call_id)  # frees the reserved agent
+                    return QueueResult("caller_hangup")
+                return await queue.serve_callback(leg, ticket, offer, step)
+
+            queued = await self._queue(
+                leg, call_id, cast(RouteCategory, callback.category), callback.priority, writes=writes, serve=serve
+            )
+            writes.add(
+                "finish", self.repo.finish, call_id, outcome=QUEUE_OUTCOMES[queued.outcome], ended_at=datetime.now(UTC),
+                last_step="callback", error="queue failed" if queued.outcome == "failed" else None,
+                route_category=callback.category, route_priority=callback.priority,
+            )  # fmt: skip
+            await writes.drain()
+            self._call_ended(call_id)
+            return queued.outcome
 
     def enable_outreach(self, sessions: sessionmaker[Session], bind: Engine) -> None:
         """Outbound calls: the scheduler (jobs, leader lock) and the dialer, over this service's ARI."""
@@ -752,6 +876,8 @@ class HotlineService:
             )
         if self.recordings is not None:
             loops.append(asyncio.create_task(self.recordings.resume_loop(self.ari, datetime.now(UTC))))
+        if self.callbacks is not None:
+            loops.append(asyncio.create_task(self.callbacks.run()))
         if self.outreach is not None and self.scheduler is not None:
             loops.append(asyncio.create_task(self.scheduler.run()))
             loops.append(asyncio.create_task(self.outreach.dialer_loop(self.scheduler.leading)))
@@ -771,6 +897,8 @@ class HotlineService:
                     task.cancel()
             if self.outreach is not None:
                 await self.outreach.drain(SHUTDOWN_GRACE)
+            if self.callbacks is not None:
+                await self.callbacks.drain(SHUTDOWN_GRACE)
             if self.recordings is not None:
                 await self.recordings.drain(SHUTDOWN_GRACE)
             for loop in loops:
@@ -963,10 +1091,18 @@ def run_service(config: Config) -> int:
         )
         if config.outreach.enabled:
             service.enable_outreach(sessions, bind)
+        service.enable_callbacks(sessions)
         from medhotline.surge import SurgeState
         from routing.callback_store import ModeStore
 
-        service.surge = SurgeState(ModeStore(sessions), flows, engine, config.hotline.flow, service.speak)
+        service.surge = SurgeState(
+            ModeStore(sessions),
+            flows,
+            engine,
+            config.hotline.flow,
+            service.speak,
+            callback_key=config.routing.callback_key if service.callbacks is not None else "",
+        )
         try:
             await service.surge.poll()  # a node started during a surge serves it from its first call
         except Exception:

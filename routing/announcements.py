@@ -27,7 +27,10 @@ def position_text(position: int) -> str:
     return f"您前面还有{position - 1}位来电在等候，请不要挂机。" + EMERGENCY_HINT
 
 
-def announcement_texts() -> list[str]:
-    """Every text the queue may play, so prompts can be rendered ahead of time."""
+def announcement_texts(callback_key: str = "") -> list[str]:
+    """Every text the queue may play, so prompts can be rendered ahead of time; with ``callback_key``
+    (``routing.callback_key``) the callback offer and its answers too."""
+    from routing.callbacks import callback_texts
+
     positions = [position_text(p) for p in range(1, MAX_SPOKEN_POSITION + 3)]
-    return list(dict.fromkeys([*positions, ESCALATING, RECLASSIFIED]))
+    return list(dict.fromkeys([*positions, ESCALATING, RECLASSIFIED, *callback_texts(callback_key)]))
