@@ -747,6 +747,15 @@ class Spotter:
         text: str, candidate: _Candidate, chosen: list[_Candidate], markers: list[_Marker]
     ) -> _Marker | None:
         """A topic marker after a coordinated term covers this one too (中暑和热射病有什么区别)."""
+        after = text[candidate.end : candidate.end + 1]
+        if after in ("和", "跟", "与", "或"):
+            # X和Y有什么区别 where Y is no lexicon term (中暑和感冒有什么区别): the marker within a few words.
+            chain = next(
+                (m for m in markers if m.kind == "topic_after" and candidate.end + 1 < m.start <= candidate.end + 6),
+                None,
+            )
+            if chain is not None:
+                return chain
         for other in chosen:
             if other.start <= candidate.end or other.start - candidate.end > 2:
                 continue
@@ -784,7 +793,7 @@ _PLAIN = re.compile(r"[^\\.^$*+?{}\[\]|()]+")
 _FIRST_GROUP = re.compile(r"\(([^()]*)\)(?![?*{])")
 
 
-_CUE_DENIAL = re.compile(r"没有|没|不|未|无|如果|万一|要是|假如|假设")
+_CUE_DENIAL = re.compile(r"没有|没|不(?!退|停|断|住|下)|未|无|如果|万一|要是|假如|假设")
 
 
 def _cue_denied(text: str, match: re.Match[str]) -> bool:
