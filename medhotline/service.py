@@ -33,7 +33,7 @@ from ivr.ari_channel import (
     event_channel_id,
 )
 from ivr.ari_client import AriClient, AriError
-from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost
+from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost, tell_unavailable_and_hang_up
 from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
@@ -154,10 +154,12 @@ class HotlineService:
         self.dispatcher = AriDispatcher()
         self.ari = AriClient(
             config.asterisk.host,
-            config.asterisk.ari_port,
+            config.asterisk.ari_connect_port or config.asterisk.ari_port,
             creds.ari_username,
             creds.ari_password,
             config.asterisk.ari_app,
+            timeout=config.asterisk.ari_timeout,
+            max_connections=config.asterisk.ari_connections,
         )
         self._calls: set[asyncio.Task[None]] = set()
         self.engine = engine
@@ -269,7 +271,7 @@ class HotlineService:
                 log.exception("call.crashed")
                 result = FlowResult("error", "unknown", f"{type(exc).__name__}")
                 with contextlib.suppress(Exception):
-                    await channel.hangup()
+                    await tell_unavailable_and_hang_up(channel)
             if ivr_recorder is not None and ivr_recording is not None:
                 await ivr_recorder.stop(channel, ivr_recording)
             if recordings is not None and result.variables.get("patient_ref"):

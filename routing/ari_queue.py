@@ -21,8 +21,8 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from ivr.ari_channel import AriCallChannel, AriDispatcher
-from ivr.ari_client import AriClient, AriError, AriNotFound
-from ivr.channel import CallerHungUp, CallInfo, ChannelError
+from ivr.ari_client import AriClient, AriError, AriNotFound, AriUnavailable
+from ivr.channel import CallerHungUp, CallInfo, ChannelError, tell_unavailable_and_hang_up
 from ivr.flow_model import ConsultCategory
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
@@ -161,7 +161,9 @@ class CallerQueue:
             log.error("queue.failed", reason=str(exc))
             await self._engine.abandon(call_id)
             with contextlib.suppress(ChannelError):
-                await caller.hangup()
+                await self._moh(hold, on=False)
+            # Told, then hung up: never left on hold music (or silence) that leads nowhere.
+            await tell_unavailable_and_hang_up(caller)
             return QueueResult("failed")
         finally:
             with contextlib.suppress(ChannelError):
@@ -259,7 +261,9 @@ class CallerQueue:
                             "callerId": f'"{self._settings.agent_caller_id}" <{self._settings.agent_caller_id}>',
                         },
                     )
-                except AriError as exc:
+                except (AriError, AriUnavailable) as exc:
+                    # Not retried: an originate that got no answer may be ringing the phone already. The leg is
+                    # hung up below by its id either way, and the call waits for the next offer.
                     log.warning("queue.dial_failed", reason=str(exc))
                     await self._engine.no_answer(call_id, agent_id, reachable=False)
                     return None

@@ -126,7 +126,13 @@ class Hotline:
 
 
 def write_config(
-    state: Path, instance: str, extra: str = "", *, flow: str = "hotline", extra_flows: tuple[Path, ...] = ()
+    state: Path,
+    instance: str,
+    extra: str = "",
+    *,
+    flow: str = "hotline",
+    extra_flows: tuple[Path, ...] = (),
+    asterisk_extra: str = "",
 ) -> Path:
     rtp = free_rtp_range(60)
     # A copy of the shipped flows, so that tests can edit them while the service runs (hot reload).
@@ -146,7 +152,9 @@ log_level = "debug"
 sip_port = {free_port(socket.SOCK_DGRAM)}
 rtp_start = {rtp}
 rtp_end = {rtp + 60}
+max_calls = 10
 ari_port = {free_port(socket.SOCK_STREAM)}
+{asterisk_extra}
 ami_port = {free_port(socket.SOCK_STREAM)}
 
 [asterisk.sandbox]
