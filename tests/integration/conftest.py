@@ -121,6 +121,11 @@ class Hotline:
         loaded = load_flows(self.config.hotline.flows_dir)[flow]
         return [text for node in nodes if (text := loaded.flow.nodes[node].say)]
 
+    def sound_of(self, flow: str, node: str) -> str:
+        """The Asterisk sound name of a node's prompt (``medhotline/<digest>``)."""
+        voice = Voice(self.config.prompts.voice, self.config.prompts.speed)
+        return sound_name(self.flow_texts(flow, [node])[0], voice)
+
     def ms_of(self, flow: str, nodes: list[str]) -> int:
         return int(1000 * self.prompt_seconds(self.flow_texts(flow, nodes)))
 
@@ -198,13 +203,16 @@ def running_hotline(
     flow: str = "hotline",
     extra_flows: tuple[Path, ...] = (),
     before_start: Callable[[Config], None] | None = None,
+    asterisk_extra: str = "",
 ) -> Iterator[Hotline]:
     """A sandbox instance of its own and a service on it: Asterisk, database, prompts, `medhotline serve`.
 
     ``before_start`` runs once the database is migrated and before the service starts (e.g. to add agents).
     """
     check_prerequisites()
-    path = write_config(state, f"{name}{os.getpid()}", extra_config, flow=flow, extra_flows=extra_flows)
+    path = write_config(
+        state, f"{name}{os.getpid()}", extra_config, flow=flow, extra_flows=extra_flows, asterisk_extra=asterisk_extra
+    )
     config = load_config(path, environ={})
     sandbox = Sandbox(config)
     try:
