@@ -611,7 +611,9 @@ class HotlineService:
             try:
                 # The engine's own last read of the agent table (refreshed every refresh_interval).
                 await self.engine.refreshed.wait()
-                text = render_agent_endpoints(cast("list[ContactView]", list(self.engine.snapshot)))
+                text = render_agent_endpoints(
+                    cast("list[ContactView]", list(self.engine.snapshot)), media_address=self.config.asterisk.host
+                )
                 if await asyncio.to_thread(sandbox.write_etc_file, FILE_NAME, text):
                     await self.ari.request("PUT", "/asterisk/modules/res_pjsip.so")
                     log.info("routing.agent_endpoints_reloaded", agents=text.count("type = aor"))

@@ -71,6 +71,8 @@ def test_default_config_renders_too() -> None:
     ("file", "pattern"),
     [
         ("pjsip.conf", r"^bind = 127\.0\.0\.1:15060$"),
+        # RTP bound to Asterisk's own address: no per-call look-up of the host name and A.ROOT-SERVERS.NET.
+        ("pjsip.conf", r"^media_address = 127\.0\.0\.1\nbind_rtp_to_media_address = yes$"),
         ("http.conf", r"^bindport = 18088$"),
         ("manager.conf", r"^port = 15038$"),
         ("rtp.conf", r"^rtpstart = 21000$"),
