@@ -374,6 +374,13 @@ async def main_async(args: argparse.Namespace) -> list[Step]:
         listening.cancel()
         with suppress(asyncio.CancelledError, Exception):
             await listening
+    if args.asyncio_debug:
+        # asyncio's debug mode logs "Executing <callback> took 0.123 seconds" for every slow callback.
+        output = (state / "service.stdout").read_text(errors="replace")
+        slow = [line for line in output.splitlines() if "Executing" in line and " took " in line]
+        print(f"asyncio debug: {len(slow)} callbacks held the event loop over 100 ms")
+        for line in slow[:10]:
+            print(f"  {line[:200]}")
     print(f"state (logs, SIPp errors): {state}")
     return results
 
@@ -386,7 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chart", type=Path, default=Path("load.png"), help="PNG chart of the figures")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 and 5 calls, 8 s each")
     parser.add_argument("--profile", action="store_true", help="py-spy the service during the largest step")
+    parser.add_argument(
+        "--asyncio-debug",
+        action="store_true",
+        help="run the service in asyncio debug mode and report callbacks that held the event loop over 100 ms",
+    )
     args = parser.parse_args(argv)
+    if args.asyncio_debug:
+        os.environ["PYTHONASYNCIODEBUG"] = "1"  # inherited by `medhotline serve`
     if args.quick:
         args.steps, args.hold = "2,5", 8.0
     if os.geteuid() != 0 or shutil.which("sipp") is None:

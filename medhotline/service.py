@@ -218,7 +218,11 @@ class HotlineService:
                 flow=loaded.flow.flow,
                 version=loaded.version,
             )
-            await self._record(
+            # The call's record is written in order but off the caller's path: a key press must not wait for a
+            # database commit before the next prompt starts (that commit was most of the key-to-prompt time
+            # under load). The record is complete before the call's end is written (see ``writes.drain``).
+            writes = _OrderedWrites(self._record)
+            writes.add(
                 "start",
                 self.repo.start,
                 call_id=call_id,
@@ -240,10 +244,10 @@ class HotlineService:
                 now = datetime.now(UTC)
                 if not answered:
                     answered = True
-                    await self._record("answer", self.repo.mark_answered, call_id, now)
+                    writes.add("answer", self.repo.mark_answered, call_id, now)
                     if ivr_recorder is not None and self.config.recordings.record_ivr:
                         ivr_recording = await self._start_ivr_recording(ivr_recorder, channel)
-                await self._record(
+                writes.add(
                     "step",
                     self.repo.add_step,
                     call_id,
@@ -276,6 +280,7 @@ class HotlineService:
                 await ivr_recorder.stop(channel, ivr_recording)
             if recordings is not None and result.variables.get("patient_ref"):
                 recordings.identify(call_id, result.variables["patient_ref"])
+            await writes.drain()  # the queue's milestones and the end follow the IVR's steps
             if result.outcome == "routed" and result.route is not None:
                 result = await self._to_agent(channel, call_id, result)
             await self._record(
@@ -685,6 +690,31 @@ class HotlineService:
                 self.engine.close()
             await self.ari.aclose()
             log.info("service.stopped")
+
+
+class _OrderedWrites:
+    """A call's database writes, each started after the one before it finished, without the call waiting.
+
+    ``record`` never raises (a failed write is logged), so one failure does not stop the writes after it."""
+
+    def __init__(self, record: Callable[..., Coroutine[Any, Any, None]]) -> None:
+        self._record = record
+        self._last: asyncio.Task[None] | None = None
+
+    def add(self, what: str, func: Any, *args: Any, **kwargs: Any) -> None:
+        previous = self._last
+
+        async def write() -> None:
+            if previous is not None:
+                await previous
+            await self._record(what, func, *args, **kwargs)
+
+        self._last = asyncio.create_task(write())
+
+    async def drain(self) -> None:
+        """Wait until every write added so far has been done."""
+        if self._last is not None:
+            await asyncio.shield(self._last)
 
 
 class _CallConsent:
