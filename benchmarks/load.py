@@ -45,10 +45,10 @@ from urllib.parse import urlencode
 from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, sound_name
 from medhotline import db
-from medhotline.config import Config, load_config
+from medhotline.config import Config, ConfigError, load_config
 from medhotline.phones import Press, patient_scenario
 from medhotline.prompts import build_prompts
-from medhotline.sandbox import Sandbox
+from medhotline.sandbox import Sandbox, SandboxError
 from medhotline.service_process import KeyServiceProcess, ServiceProcess
 
 DIALPLANS = Path(__file__).resolve().parents[1] / "dialplans"
@@ -89,7 +89,8 @@ def _free_port(kind: socket.SocketKind) -> int:
 
 def write_config(state: Path, max_calls: int) -> Path:
     ports = 6 * max_calls + 100
-    start = random.randrange(20000, 60000 - ports, 2)
+    # Below the ephemeral ports (32768+), where the SIP, ARI and AMI ports of this and other sessions come from.
+    start = random.randrange(10000, 32768 - ports, 2)
     shutil.copytree(DIALPLANS, state / "dialplans")
     path = state / "medhotline.toml"
     path.write_text(
@@ -129,10 +130,21 @@ speed = 240
 
 @contextmanager
 def running_service(state: Path, max_calls: int) -> Iterator[tuple[Config, Sandbox, ServiceProcess]]:
-    path = write_config(state, max_calls)
-    config = load_config(path, environ={})
-    sandbox = Sandbox(config)
-    sandbox.up()
+    for attempt in range(10):
+        # The machine is shared: a port of the random RTP range may be taken; another range then.
+        attempt_dir = state / f"attempt{attempt}"
+        attempt_dir.mkdir(mode=0o700)
+        try:
+            path = write_config(attempt_dir, max_calls)
+            config = load_config(path, environ={})  # an ephemeral SIP port may fall into the random RTP range
+            sandbox = Sandbox(config)
+            sandbox.up()
+            break
+        except (SandboxError, ConfigError) as exc:
+            print(f"sandbox not started ({exc}); another port range", file=sys.stderr)
+    else:
+        raise SystemExit("the sandbox could not start on ten port ranges")
+    state = attempt_dir
     try:
         db.upgrade(config.database_url)
         build_prompts(config)
@@ -350,6 +362,7 @@ async def main_async(args: argparse.Namespace) -> list[Step]:
     state = Path(tempfile.mkdtemp(prefix="medhotline-load-"))
     results: list[Step] = []
     with running_service(state, max(steps_wanted) + 20) as (config, sandbox, service):
+        state = config.service.state_dir
         presses, tail_ms = caller_script(config, sandbox, args.hold)
         scenario = state / "caller.xml"
         scenario.write_text(patient_scenario(presses, tail_ms), encoding="utf-8")
