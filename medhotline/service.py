@@ -32,7 +32,7 @@ from ivr.ari_channel import (
     event_channel_id,
 )
 from ivr.ari_client import AriClient, AriError
-from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost
+from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost, tell_unavailable_and_hang_up
 from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
@@ -184,10 +184,12 @@ class HotlineService:
         self.dispatcher = AriDispatcher()
         self.ari = AriClient(
             config.asterisk.host,
-            config.asterisk.ari_port,
+            config.asterisk.ari_connect_port or config.asterisk.ari_port,
             creds.ari_username,
             creds.ari_password,
             config.asterisk.ari_app,
+            timeout=config.asterisk.ari_timeout,
+            max_connections=config.asterisk.ari_connections,
         )
         self._calls: set[asyncio.Task[None]] = set()
         self.engine = engine
@@ -312,7 +314,7 @@ class HotlineService:
                 log.exception("call.crashed")
                 result = FlowResult("error", "unknown", f"{type(exc).__name__}")
                 with contextlib.suppress(Exception):
-                    await channel.hangup()
+                    await tell_unavailable_and_hang_up(channel)
             if ivr_recorder is not None and ivr_recording is not None:
                 await ivr_recorder.stop(channel, ivr_recording)
             if recordings is not None and result.variables.get("patient_ref"):
@@ -833,7 +835,9 @@ class HotlineService:
             try:
                 # The engine's own last read of the agent table (refreshed every refresh_interval).
                 await self.engine.refreshed.wait()
-                text = render_agent_endpoints(cast("list[ContactView]", list(self.engine.snapshot)))
+                text = render_agent_endpoints(
+                    cast("list[ContactView]", list(self.engine.snapshot)), media_address=self.config.asterisk.host
+                )
                 if await asyncio.to_thread(sandbox.write_etc_file, FILE_NAME, text):
                     await self.ari.request("PUT", "/asterisk/modules/res_pjsip.so")
                     log.info("routing.agent_endpoints_reloaded", agents=text.count("type = aor"))
