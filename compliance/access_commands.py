@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from medhotline.errors import CommandError
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
@@ -128,7 +130,6 @@ def _cmd_accounts_roles(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_accounts_departments(config: Config, args: argparse.Namespace) -> int:
     from compliance.access_store import cli_actor
-    from medhotline.cli import CommandError
 
     if bool(args.department) == args.none:
         raise CommandError("accounts departments: give --department D (repeatable) or --none to remove them all")
@@ -182,7 +183,6 @@ def _grant_line(grant: BreakGlassGrant, now: datetime) -> str:
 
 
 def _cmd_breakglass_open(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.cli import CommandError
 
     if (args.patient is None) == (args.department is None):
         raise CommandError("breakglass open: give exactly one of --patient ID or --department D")
@@ -248,7 +248,6 @@ def _cmd_access_check(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_access_assign(config: Config, args: argparse.Namespace) -> int:
     from compliance.access_store import cli_actor
-    from medhotline.cli import CommandError
 
     until = None
     if args.until is not None:

@@ -26,6 +26,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from medhotline.errors import CommandError
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
@@ -84,7 +86,6 @@ def run_keyed(config: Config, work: Callable[[KeyedDatabase], Awaitable[T]]) -> 
 
 def operator_id(given: str | None) -> str:
     """The audit actor of a CLI operation: ``--as`` if given, else the operating-system user (``os:<name>``)."""
-    from medhotline.cli import CommandError
 
     actor = given if given is not None else f"os:{getpass.getuser()}"
     if not _ACTOR.match(actor):

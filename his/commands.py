@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from medhotline.errors import CommandError
+
 if TYPE_CHECKING:
     from compliance.key_commands import KeyedDatabase
     from his.registry import PatientInput, PatientRegistry
@@ -32,7 +34,6 @@ _STDIN_HELP: Final = (
 
 
 def _read_json(source: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-    from medhotline.cli import CommandError
 
     where = "standard input" if source == "-" else source
     try:
@@ -54,7 +55,6 @@ def _read_json(source: str, allowed: tuple[str, ...]) -> dict[str, Any]:
 
 def _patient_input(args: argparse.Namespace) -> PatientInput:
     from his.registry import PatientInput, PatientInputError
-    from medhotline.cli import CommandError
 
     given = {name: getattr(args, name) for name in _INPUT_FIELDS}
     if args.from_json is not None:
@@ -106,7 +106,6 @@ def _cmd_add(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_find(config: Config, args: argparse.Namespace) -> int:
     from compliance.key_commands import ADMIN_ROLE, operator_id, run_keyed
-    from medhotline.cli import CommandError
 
     if args.from_json is not None:
         if args.phone is not None:
@@ -136,7 +135,6 @@ def _cmd_show(config: Config, args: argparse.Namespace) -> int:
     from compliance.key_commands import run_keyed
     from his.registry import check_patient_id
     from his.tables import PatientStore
-    from medhotline.cli import CommandError
 
     patient_id = check_patient_id(args.patient_id)
     if not ACCOUNT_ID.match(args.as_):

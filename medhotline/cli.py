@@ -12,16 +12,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from compliance import access_commands, key_commands
+from his import commands as his_commands
 from medhotline.config import Config, ConfigError, load_config
-from medhotline.errors import MedhotlineError
+from medhotline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, MedhotlineError
+from recordings import commands as recordings_commands
+from routing import commands as routing_commands
+from scheduler import commands as scheduler_commands
+from scheduler import vaccination_commands
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-class CommandError(MedhotlineError):
-    """An expected failure of a command; its message is shown to the operator as is."""
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "CommandError", "main"]
 
 
 def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
@@ -168,13 +168,6 @@ def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
 
 def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Feature packages own their command groups (agents, credentials, patients, keys, accounts, break-glass)."""
-    from compliance import access_commands, key_commands
-    from his import commands as his_commands
-    from recordings import commands as recordings_commands
-    from routing import commands as routing_commands
-    from scheduler import commands as scheduler_commands
-    from scheduler import vaccination_commands
-
     for register in (
         recordings_commands.register,
         scheduler_commands.register,

@@ -8,3 +8,14 @@ patient identifier.
 
 class MedhotlineError(Exception):
     """An expected failure with a message fit to show an operator as is."""
+
+
+# Process exit codes of every `medhotline` command, here at the bottom so command modules in any package can
+# return them without importing the CLI that registers them.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CommandError(MedhotlineError):
+    """An expected failure of a command; its message is shown to the operator as is."""

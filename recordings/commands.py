@@ -26,6 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from medhotline.errors import CommandError
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
@@ -122,7 +124,6 @@ def _authorize(keyed: KeyedDatabase, account: str, action: str, row: RecordingRo
 
 
 async def _plain_chunks(keyed: KeyedDatabase, config: Config, row: RecordingRow) -> tuple[Iterator[bytes], bytearray]:
-    from medhotline.cli import CommandError
     from recordings.envelope import open_sealed
 
     if row.state != "stored" or row.path is None or row.wrapped_key is None:
@@ -134,7 +135,6 @@ async def _plain_chunks(keyed: KeyedDatabase, config: Config, row: RecordingRow)
 def _cmd_export(config: Config, args: argparse.Namespace) -> int:
     from compliance.key_commands import run_keyed
     from compliance.keyservice_client import wipe
-    from medhotline.cli import CommandError
     from recordings.envelope import load_recipient_public_key, seal_for_recipient, watermark_wav
 
     if (args.recipient is None) == (not args.watermark):
@@ -181,7 +181,6 @@ def _cmd_export(config: Config, args: argparse.Namespace) -> int:
 def _cmd_play(config: Config, args: argparse.Namespace) -> int:
     from compliance.key_commands import run_keyed
     from compliance.keyservice_client import wipe
-    from medhotline.cli import CommandError
 
     if sys.stdout.isatty():
         raise CommandError("play writes the WAV to standard output: pipe it into a player (e.g. `| aplay`)")
@@ -202,7 +201,6 @@ def _cmd_play(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_decrypt_export(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.cli import CommandError
     from recordings.envelope import load_identity, open_for_recipient
 
     if args.out.exists():
@@ -233,7 +231,6 @@ def _cmd_hold(config: Config, args: argparse.Namespace) -> int:
     from compliance.access import check_reason
     from compliance.audit import AuditLog, SqlAuditStore
     from compliance.key_commands import operator_id
-    from medhotline.cli import CommandError
     from recordings.store import RecordingStore
 
     on = args.recordings_action == "hold"
@@ -289,7 +286,6 @@ def _remove(
 def _cmd_delete(config: Config, args: argparse.Namespace) -> int:
     from compliance.audit import AuditLog, SqlAuditStore
     from compliance.key_commands import operator_id
-    from medhotline.cli import CommandError
     from recordings.store import RecordingStore
 
     actor = operator_id(args.as_)
@@ -360,8 +356,6 @@ def _cmd_note(config: Config, args: argparse.Namespace) -> int:
         else args.text
     )
     if text is None:
-        from medhotline.cli import CommandError
-
         raise CommandError("records note needs --text or --file (use --file - for standard input)")
 
     async def work(keyed: KeyedDatabase) -> tuple[str, str]:
@@ -403,7 +397,6 @@ def _cmd_records_show(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
     from compliance.key_commands import run_keyed
-    from medhotline.cli import CommandError
     from recordings.records import configured_tsa_certificates, verify_records
     from recordings.signed import RecordCheck
 

@@ -24,6 +24,8 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from medhotline.errors import CommandError
+
 if TYPE_CHECKING:
     from compliance.accounts import AccountStore
     from compliance.audit import AuditAction, AuditLog, JsonValue
@@ -45,7 +47,6 @@ _CHUNK: Final = 1 << 20
 
 
 def _error(message: str) -> Exception:
-    from medhotline.cli import CommandError
 
     return CommandError(message)
 

@@ -17,6 +17,8 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
+from medhotline.errors import CommandError
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
@@ -45,7 +47,6 @@ def _engine(config: Config) -> AbstractContextManager[Engine]:
 
 
 def _thresholds(condition: str, given: list[str]) -> dict[str, Threshold]:
-    from medhotline.cli import CommandError
     from scheduler.store import Threshold
 
     result = {k: Threshold(lo, hi) for k, (lo, hi) in DEFAULT_THRESHOLDS.get(condition, {}).items()}
@@ -63,7 +64,6 @@ def _thresholds(condition: str, given: list[str]) -> dict[str, Threshold]:
 def _cmd_add(config: Config, args: argparse.Namespace) -> int:
     from compliance.key_commands import operator_id
     from his.registry import check_patient_id
-    from medhotline.cli import CommandError
     from scheduler.policy import PolicyError, Window
     from scheduler.store import PlanStore
 
@@ -133,7 +133,6 @@ def _cmd_run_now(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_end(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.cli import CommandError
     from scheduler.store import PlanStore
 
     with _engine(config) as engine:
@@ -144,7 +143,6 @@ def _cmd_end(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.cli import CommandError
     from scheduler.tasks import TaskStore
 
     with _engine(config) as engine:
@@ -165,7 +163,6 @@ def _cmd_tasks(config: Config, args: argparse.Namespace) -> int:
 
 
 def _read_phone() -> str:
-    from medhotline.cli import CommandError
 
     text = sys.stdin.read().strip()
     try:
@@ -254,7 +251,6 @@ def _cmd_reminder_run_now(config: Config, args: argparse.Namespace) -> int:
     from sqlalchemy import update
     from sqlalchemy.orm import Session
 
-    from medhotline.cli import CommandError
     from scheduler.tables import MedicationReminder
 
     with _engine(config) as engine, Session(engine) as session, session.begin():

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Final, Literal
 
+from medhotline.errors import CommandError
 from scheduler.policy import LOCAL_TZ
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ def _now() -> datetime:
 
 
 def _error(message: str) -> Exception:
-    from medhotline.cli import CommandError
 
     return CommandError(message)
 
