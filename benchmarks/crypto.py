@@ -45,10 +45,10 @@ from compliance.data_keys import DataKeyRing, DataKeyStore
 from compliance.fields import FieldCipher, normalise_phone
 from compliance.keyservice_client import KeyServiceClient
 from compliance.keystore import KeyStore
+from ground import db
+from ground.logs import configure_logging
 from his.registry import PatientInput, PatientRegistry, encrypt_fields
 from his.tables import PatientStore
-from medhotline import db
-from medhotline.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 

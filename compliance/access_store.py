@@ -81,9 +81,9 @@ from compliance.accounts import (
     record_of,
 )
 from compliance.audit import AuditAction, AuditError, AuditLog, AuditOutcome, JsonValue, SqlAuditStore
-from medhotline.db import Repository
-from medhotline.errors import MedhotlineError
-from medhotline.models import Base, UTCDateTime
+from ground.db import Repository
+from ground.errors import MedhotlineError
+from ground.models import Base, UTCDateTime
 
 GRANT_ID: Final = re.compile(r"bg-[a-z]{12}")
 SESSION_ID: Final = re.compile(r"s-[a-z]{32}")

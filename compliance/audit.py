@@ -494,7 +494,7 @@ AUDIT_NAMING_CONVENTION: Final[dict[str, str]] = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-# Its own MetaData: the audit store is not part of the business schema (medhotline.models.Base.metadata).
+# Its own MetaData: the audit store is not part of the business schema (ground.models.Base.metadata).
 AUDIT_METADATA: Final = MetaData(naming_convention=AUDIT_NAMING_CONVENTION)
 
 audit_entries: Final = Table(

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 from datetime import date, time
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from telephony.consult import ConsultCategory
 
 NodeId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 FlowName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
@@ -19,11 +21,6 @@ VarName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 Digit = Annotated[str, Field(pattern=r"^[0-9*#]$")]
 Seconds = Annotated[float, Field(gt=0, le=120)]
 Retries = Annotated[int, Field(ge=0, le=9)]
-
-ConsultCategory = Literal[
-    "emergency", "diagnosis", "medication", "adverse_reaction", "vaccination", "appointment", "general"
-]
-CONSULT_CATEGORIES: tuple[ConsultCategory, ...] = get_args(ConsultCategory)
 
 
 def _check_regex(pattern: str, key: str) -> None:
@@ -278,7 +275,7 @@ class ConsentNode(_Node):
 
 
 class _PortNode(_Node):
-    """A node whose work is done by the outreach port (``ivr.ports.OutreachPort``). It has no prompt of its own:
+    """A node whose work is done by the outreach port (``telephony.ports.OutreachPort``). It has no prompt of its own:
     an announcement goes into a play node before it, so what the caller hears is always in one obvious place."""
 
     barge_in: bool = False

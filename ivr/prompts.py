@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 SOUND_PREFIX = "medhotline"
 # Prompts the dialplan plays itself, with fixed names, when the service can't take the call.

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 DEFAULT_SAMPLE_RATE = 8000
 DEFAULT_MAX_SECONDS = 20.0

@@ -100,11 +100,11 @@ class Classification:
         return tuple(m for m in self.matched if m.counts)
 
     def as_recognition_fields(self) -> tuple[Category, bool, tuple[str, ...]]:
-        """(category, emergency, matched terms) for ``ivr.ports.Recognition``: canonical terms that counted."""
+        """(category, emergency, matched terms) for ``telephony.ports.Recognition``: canonical terms that counted."""
         return self.category, self.emergency, tuple(dict.fromkeys(m.canonical for m in self.counted))
 
     def triage_fields(self) -> tuple[Level, float, str, bool]:
-        """(level, confidence, discriminator, confirm) for ``ivr.ports.Recognition``."""
+        """(level, confidence, discriminator, confirm) for ``telephony.ports.Recognition``."""
         return self.level, self.confidence, self.discriminator, self.confirm
 
     def as_json(self) -> dict[str, object]:

@@ -12,14 +12,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from compliance import access_commands, key_commands
-from his import commands as his_commands
-from medhotline.config import Config, ConfigError, load_config
-from medhotline.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, MedhotlineError
-from recordings import commands as recordings_commands
-from routing import commands as routing_commands
-from scheduler import commands as scheduler_commands
-from scheduler import vaccination_commands
+from ground.config import Config, ConfigError, load_config
+from ground.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, MedhotlineError
+from medhotline.commands import access as access_commands
+from medhotline.commands import keys as key_commands
+from medhotline.commands import outreach as scheduler_commands
+from medhotline.commands import patients as his_commands
+from medhotline.commands import recordings as recordings_commands
+from medhotline.commands import routing as routing_commands
+from medhotline.commands import vaccination as vaccination_commands
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "CommandError", "main"]
 
@@ -52,7 +53,8 @@ def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_db(config: Config, args: argparse.Namespace) -> int:
-    from medhotline import db, db_roles
+    from ground import db
+    from medhotline import db_roles
 
     if args.action in db_roles.ACTIONS:
         return db_roles.command(config, args)
@@ -88,7 +90,7 @@ def _cmd_demo(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
-    from medhotline import db
+    from ground import db
 
     db.ensure_current(config.database_url)
     repo = db.CallRepository(db.make_sessionmaker(config.database_url))
@@ -119,8 +121,8 @@ def _cmd_flows(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_keywords(config: Config, args: argparse.Namespace) -> int:
-    from keywords import commands
     from keywords.lexicon import DEFAULT_LEXICON_DIR
+    from medhotline.commands import keywords as commands
 
     if args.action == "classify":
         if args.paths:
@@ -156,7 +158,7 @@ def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
     from compliance.audit import Ed25519Signer
-    from compliance.audit_commands import prove_command, verify_command
+    from medhotline.commands.audit import prove_command, verify_command
 
     public_key = args.public_key or config.service.state_dir / "audit" / Ed25519Signer.PUBLIC_FILE
     if args.action == "verify":
@@ -262,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medhotline: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from medhotline.logs import configure_logging
+    from ground.logs import configure_logging
 
     configure_logging(config.service.log_level, config.service.log_file)
     func: Callable[[Config, argparse.Namespace], int] = args.func

@@ -37,10 +37,10 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from medhotline import db
+from ground import db
 
 if TYPE_CHECKING:
-    from medhotline.config import Config
+    from ground.config import Config
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1

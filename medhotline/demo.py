@@ -12,8 +12,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from medhotline import db
-from medhotline.config import Config
+from ground import db
+from ground.config import Config
 from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.phones.agent import AgentPhone
 from medhotline.prompts import build_prompts

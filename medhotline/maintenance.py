@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import structlog
 
 from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore
-from ivr.ports import PatientDirectory
-from medhotline import db
-from medhotline.config import Config
+from ground import db
+from ground.config import Config
+from telephony.ports import PatientDirectory
 
 if TYPE_CHECKING:
     from his.directory import PatientServices

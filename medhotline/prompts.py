@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ground.config import Config
 from ivr.flow_loader import load_flows
 from ivr.prompts import BuildReport, PromptError, Voice, build
-from medhotline.config import Config
 from routing.announcements import announcement_texts
 
 

@@ -24,7 +24,21 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
-from ivr.ari_channel import (
+from ground import db
+from ground.config import Config
+from ivr.fastagi import FastAgiCallChannel
+from ivr.fastagi import start_server as start_fastagi
+from ivr.flow_loader import FlowError
+from ivr.flow_registry import FlowRegistry
+from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
+from ivr.prompts import Voice, sound_name
+from keywords.registry import LexiconRegistry
+from medhotline import maintenance
+from medhotline.ami import AmiMonitor
+from medhotline.asterisk_config import AsteriskCredentials
+from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
+from routing.engine import RoutingEngine
+from telephony.ari_channel import (
     MEDIA_CHANNEL_PREFIX,
     SNOOP_ARG,
     SNOOP_CHANNEL_PREFIX,
@@ -32,23 +46,10 @@ from ivr.ari_channel import (
     AriDispatcher,
     event_channel_id,
 )
-from ivr.ari_client import AriClient, AriError
-from ivr.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost
-from ivr.fastagi import FastAgiCallChannel
-from ivr.fastagi import start_server as start_fastagi
-from ivr.flow_loader import FlowError
-from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
-from ivr.flow_registry import FlowRegistry
-from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
-from ivr.ports import ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
-from ivr.prompts import Voice, sound_name
-from keywords.registry import LexiconRegistry
-from medhotline import db, maintenance
-from medhotline.ami import AmiMonitor
-from medhotline.asterisk_config import AsteriskCredentials
-from medhotline.config import Config
-from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
-from routing.engine import RoutingEngine
+from telephony.ari_client import AriClient, AriError
+from telephony.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost
+from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
+from telephony.ports import ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine

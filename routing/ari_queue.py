@@ -20,13 +20,13 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
-from ivr.ari_channel import AriCallChannel, AriDispatcher
-from ivr.ari_client import AriClient, AriError, AriNotFound
-from ivr.channel import CallerHungUp, CallInfo, ChannelError
-from ivr.flow_model import ConsultCategory
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
+from telephony.ari_channel import AriCallChannel, AriDispatcher
+from telephony.ari_client import AriClient, AriError, AriNotFound
+from telephony.channel import CallerHungUp, CallInfo, ChannelError
+from telephony.consult import ConsultCategory
 
 log = structlog.get_logger(__name__)
 

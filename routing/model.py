@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from ivr.flow_model import ConsultCategory
+from telephony.consult import ConsultCategory
 
 CallPriority = Literal["emergency", "normal"]
 CredentialStatus = Literal["active", "revoked"]

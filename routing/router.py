@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from ivr.flow_model import ConsultCategory
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 from routing.model import Agent, CallPriority, CallRequest
 from routing.rules import EscalationRule, RoutingRules
+from telephony.consult import ConsultCategory
 
 __all__ = [
     "AgentState",

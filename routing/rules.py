@@ -27,8 +27,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
+from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
 
 __all__ = [
     "DEFAULT_RULES",

@@ -1,5 +1,5 @@
 """Outreach in the running service: due plans become rounds of calls, the dialer places them over ARI, and each
-answered call runs its flow with an :class:`~ivr.ports.OutreachPort` that reaches the stores.
+answered call runs its flow with an :class:`~telephony.ports.OutreachPort` that reaches the stores.
 
 Only the leader (see :mod:`scheduler.leader`) fires jobs and dials. The dialer, every second: takes the due
 attempts, moves each into the allowed hours (plan window, quiet hours) or skips a number on the do-not-call
@@ -20,27 +20,25 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit import AuditLog
-from ivr.ari_channel import AriCallChannel, AriDispatcher
-from ivr.ari_client import AriClient, AriError
-from ivr.channel import CallInfo, ChannelError
-from ivr.ports import BookingResult, OutreachUnavailable, ReadingsVerdict
-from medhotline.config import Config
-from medhotline.errors import MedhotlineError
+from ground.config import Config
+from ground.errors import MedhotlineError
 from scheduler.policy import DialPolicy, Window, failure_outcome
+from scheduler.ports import OutreachPatients
 from scheduler.rounds import open_followup_round
 from scheduler.store import AttemptRecord, AttemptStore, PlanRecord, PlanStore
 from scheduler.tables import DATA_KEY_PURPOSE, DoNotCall, FollowupPlan, MedicationReminder, Reading
 from scheduler.tasks import TaskStore
-
-if TYPE_CHECKING:
-    from his.directory import PatientServices
+from telephony.ari_channel import AriCallChannel, AriDispatcher
+from telephony.ari_client import AriClient, AriError
+from telephony.channel import CallInfo, ChannelError
+from telephony.ports import BookingResult, OutreachUnavailable, ReadingsVerdict
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +70,7 @@ class CallContext:
 
 
 class CallOutreach:
-    """The :class:`~ivr.ports.OutreachPort` of one call (outbound: the attempt's patient; inbound: the caller the
+    """The :class:`~telephony.ports.OutreachPort` of one call (outbound: the attempt's patient; inbound: the caller the
     IVR identified, found through ``patient_of``)."""
 
     def __init__(
@@ -162,15 +160,15 @@ class Outreach:
         self.plans = PlanStore(sessions)
         self.attempts = AttemptStore(sessions)
         self.tasks = TaskStore(sessions)
-        self._patients: PatientServices | None = None
+        self._patients: OutreachPatients | None = None
         self._calls: set[asyncio.Task[None]] = set()
         self._node = config.service.node_name
         self._warned_no_gateway = False
 
-    def patients_ready(self, services: PatientServices) -> None:
+    def patients_ready(self, services: OutreachPatients) -> None:
         self._patients = services
 
-    def _services(self) -> PatientServices:
+    def _services(self) -> OutreachPatients:
         if self._patients is None:
             raise OutreachUnavailable("the patient registry is not connected yet (key service)")
         return self._patients

@@ -25,7 +25,7 @@ from compliance.audit import AuditLog, SqlAuditStore
 from compliance.keyservice_client import KeyServiceClient
 from compliance.keyservice_server import KeyServiceServer
 from compliance.keystore import KeyStore
-from medhotline import db
+from ground import db
 from recordings.envelope import open_sealed
 from recordings.store import RecordingRow, RecordingStore
 

@@ -10,11 +10,11 @@ from typing import Final
 
 import pytest
 
-from compliance.access_commands import ROLE_NAMES
 from compliance.accounts import ROLES
 from compliance.audit import AuditEntry, SqlAuditStore
-from medhotline import db
+from ground import db
 from medhotline.cli import main
+from medhotline.commands.access import ROLE_NAMES
 
 PATIENT: Final = "ab" * 16
 PHONE: Final = "13812345678"

@@ -28,7 +28,7 @@ from compliance.access_store import (
 )
 from compliance.accounts import AccountError
 from compliance.audit import AuditEntry, AuditError, AuditLog, MemoryAuditStore, SqlAuditStore, StoredEntry
-from medhotline import db
+from ground import db
 
 T0: Final = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 P: Final = "ab" * 16  # an opaque hex patient id (its own audit reference)

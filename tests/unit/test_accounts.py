@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import Engine
 
 from compliance.accounts import ROLES, AccountError, AccountStore, check_separation
-from medhotline import db
+from ground import db
 
 T0: Final = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 

@@ -16,9 +16,9 @@ from structlog.testing import capture_logs
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from ivr.ari_channel import AriCallChannel, AriDispatcher, event_channel_id
-from ivr.ari_client import AriClient, AriError, AriNotFound
-from ivr.channel import CallerHungUp, CallInfo, ConnectionLost
+from telephony.ari_channel import AriCallChannel, AriDispatcher, event_channel_id
+from telephony.ari_client import AriClient, AriError, AriNotFound
+from telephony.channel import CallerHungUp, CallInfo, ConnectionLost
 
 CHANNEL_ID = "1700000000.1"
 INFO = CallInfo(channel_id=CHANNEL_ID, channel_name="PJSIP/trunk-00000001", transport="ari", flow="hotline", dialed="")

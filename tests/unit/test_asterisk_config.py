@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ground.config import Config
 from medhotline.asterisk_config import (
     TEMPLATE_DIR,
     AsteriskCredentials,
@@ -15,7 +16,6 @@ from medhotline.asterisk_config import (
     render_text,
     template_values,
 )
-from medhotline.config import Config
 
 
 @pytest.fixture(scope="module")

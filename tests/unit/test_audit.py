@@ -38,10 +38,10 @@ from compliance import (
     verify,
 )
 from compliance.audit import AuditStore, key_id, signed_head_bytes
-from compliance.audit_commands import prove_command, verify_command
 from compliance.merkle import leaf_hash, merkle_root
-from medhotline import db
-from medhotline.models import Base
+from ground import db
+from ground.models import Base
+from medhotline.commands.audit import prove_command, verify_command
 
 T0 = datetime(2026, 11, 27, 8, 30, 0, tzinfo=UTC)
 PATIENT = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"

@@ -14,14 +14,14 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from ivr import ari_channel
-from ivr.ari_channel import SNOOP_ARG, SNOOP_CHANNEL_PREFIX, AriCallChannel, AriDispatcher
-from ivr.ari_client import AriClient, AriError
-from ivr.channel import RECORDING_NAME, CallerHungUp, CallInfo, ChannelError, check_recording_name
 from ivr.fastagi import MIXMONITOR_ID_VAR, FastAgiCallChannel
 from ivr.flow_loader import load_flow
 from ivr.interpreter import FlowRunner
 from ivr.memory_channel import InMemoryCallChannel, MemoryConsentSink, MemoryRecorder
+from telephony import ari_channel
+from telephony.ari_channel import SNOOP_ARG, SNOOP_CHANNEL_PREFIX, AriCallChannel, AriDispatcher
+from telephony.ari_client import AriClient, AriError
+from telephony.channel import RECORDING_NAME, CallerHungUp, CallInfo, ChannelError, check_recording_name
 from tests.unit.test_fastagi import Recorder, _asterisk, _server
 
 CHANNEL_ID = "1700000000.1"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medhotline.config import ConfigError, load_config
+from ground.config import ConfigError, load_config
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from ivr.channel import CallChannel, ChannelError
+from ground.errors import MedhotlineError
 from ivr.flow_loader import FlowError, LoadedFlow, check_paths, load_flow
 from ivr.flow_model import ConsentNode, Flow
 from ivr.interpreter import FlowResult, FlowRunner, Step
 from ivr.memory_channel import InMemoryCallChannel, MemoryConsentSink, MemoryRecorder, Operation
-from ivr.ports import CallRecorder, ConsentExchange, ConsentSink
-from medhotline.errors import MedhotlineError
+from telephony.channel import CallChannel, ChannelError
+from telephony.ports import CallRecorder, ConsentExchange, ConsentSink
 
 REPO = Path(__file__).resolve().parents[2]
 DESK = load_flow(REPO / "tests" / "data" / "flows" / "consent_desk.yaml")

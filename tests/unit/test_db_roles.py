@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore, verify
-from medhotline import db
+from ground import db
 from medhotline.cli import main
 from medhotline.db_roles import (
     AUDIT_TABLE_GRANT,

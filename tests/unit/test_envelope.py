@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import recordings.envelope as envelope
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 from recordings.envelope import (
     CHUNK_SIZE,
     EnvelopeError,

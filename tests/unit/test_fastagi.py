@@ -13,10 +13,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from ivr import fastagi
-from ivr.channel import CallerHungUp, CallerId, CallInfo, ChannelError
 from ivr.fastagi import MAX_HEADER_BYTES, FastAgiCallChannel, read_agi_headers, script_name, start_server
 from ivr.flow_model import Flow
 from ivr.interpreter import Step, run_flow
+from telephony.channel import CallerHungUp, CallerId, CallInfo, ChannelError
 
 CALLER = "13912345678"
 HEADERS = (

@@ -26,7 +26,7 @@ import structlog
 
 from compliance.accounts import AccountStore
 from compliance.audit import SqlAuditStore
-from medhotline import db
+from ground import db
 from medhotline.cli import main
 from tests.unit.test_his_registry import LI, LI_CHILD, WANG, assert_no_secret
 

@@ -31,6 +31,8 @@ from compliance.keyservice_client import GeneratedDataKey, KeyServiceClient, Key
 from compliance.keyservice_protocol import KeyServiceUnavailable
 from compliance.keyservice_server import KeyServiceServer
 from compliance.keystore import KeyStore
+from ground import db
+from ground.config import load_config
 from his import (
     PatientInput,
     PatientInputError,
@@ -40,10 +42,8 @@ from his import (
     RegistryPatientDirectory,
     open_patient_directory,
 )
-from ivr.channel import CallerId, CallInfo
 from ivr.memory_channel import InMemoryCallChannel
-from medhotline import db
-from medhotline.config import load_config
+from telephony.channel import CallerId, CallInfo
 
 TOKEN = "registry-test-token-0123456789abcdef"
 

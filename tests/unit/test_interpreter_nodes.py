@@ -13,13 +13,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from ivr import InMemoryCallChannel
-from ivr.channel import CallChannel
 from ivr.conditions import is_open
 from ivr.flow_loader import LoadedFlow, load_flow
 from ivr.flow_model import Flow, Hours
 from ivr.interpreter import MAX_REPEATS, FlowResult, FlowRunner, RouteDecision, Step
 from ivr.memory_channel import MemoryOutreach
-from ivr.ports import NoRecognizer, OutreachPort, PatientMatch, Recognition, Recognizer, ScriptedRecognizer
+from telephony.channel import CallChannel
+from telephony.ports import NoRecognizer, OutreachPort, PatientMatch, Recognition, Recognizer, ScriptedRecognizer
 
 DIALPLANS = Path(__file__).resolve().parents[2] / "dialplans"
 SHANGHAI = ZoneInfo("Asia/Shanghai")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import structlog
 
-from medhotline.logs import PHONE, REDACTED, bind_call, configure_logging, get_logger, redact
+from ground.logs import PHONE, REDACTED, bind_call, configure_logging, get_logger, redact
 
 
 @pytest.fixture(autouse=True)

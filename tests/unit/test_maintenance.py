@@ -9,9 +9,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from compliance.audit import AuditLog, SqlAuditStore
-from ivr.ports import PatientDirectory
-from medhotline import db, maintenance
-from medhotline.config import Config, load_config
+from ground import db
+from ground.config import Config, load_config
+from medhotline import maintenance
+from telephony.ports import PatientDirectory
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from compliance.data_keys import DataKeyRing, DataKeyStore
 from compliance.fields import FieldDecryptError
 from compliance.keyservice_client import KeyServiceClient
-from medhotline.models import Base
+from ground.models import Base
 from scheduler.medication import (
     MAX_TEXT_CHARS,
     MedicationError,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import inspect
 
-from medhotline import db
-from medhotline.db import CallNotFound, CallRepository, DatabaseError, DatabaseNotReady
+from ground import db
+from ground.db import CallNotFound, CallRepository, DatabaseError, DatabaseNotReady
 
 EXPECTED_COLUMNS = {
     "id",

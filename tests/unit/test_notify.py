@@ -28,8 +28,8 @@ from structlog.testing import capture_logs
 
 from compliance.data_keys import DataKeyRing, DataKeyStore
 from compliance.keyservice_client import KeyServiceClient
-from medhotline import db
-from medhotline.models import Base
+from ground import db
+from ground.models import Base
 from scheduler.notify import (
     BACKOFF,
     MAX_ATTEMPTS,

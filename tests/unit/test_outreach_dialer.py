@@ -24,17 +24,17 @@ from structlog.testing import capture_logs
 from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import DataKeyRing, DataKeyStore
 from compliance.keyservice_client import KeyServiceClient
+from ground.config import load_config
 from his.directory import PatientServices, RegistryPatientDirectory
 from his.registry import PatientInput, PatientRegistry
 from his.tables import PatientStore
-from ivr.ari_channel import AriDispatcher
-from ivr.ari_client import AriClient
-from medhotline.config import load_config
 from scheduler.outreach import CallOutreach, Outreach
 from scheduler.policy import LOCAL_TZ, DialPolicy, Window
 from scheduler.rounds import open_followup_round
 from scheduler.store import Threshold
 from scheduler.tables import DoNotCall, OutreachAttempt
+from telephony.ari_channel import AriDispatcher
+from telephony.ari_client import AriClient
 from tests.unit.recordings_fixtures import (  # noqa: F401 - fixtures
     keys,
     keyservice,

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from ground.errors import MedhotlineError
 from ivr.flow_graph import check_flows
 from ivr.flow_loader import FlowError, LoadedFlow, load_flow, load_flows
 from ivr.flow_model import (
@@ -26,9 +27,8 @@ from ivr.flow_model import (
 )
 from ivr.interpreter import FlowResult, FlowRunner, Step
 from ivr.memory_channel import InMemoryCallChannel, MemoryOutreach, Operation
-from ivr.ports import BookingResult, OutreachPort, ReadingsVerdict
-from medhotline.errors import MedhotlineError
 from medhotline.flows import render_dot, render_text, schema_text
+from telephony.ports import BookingResult, OutreachPort, ReadingsVerdict
 
 REPO = Path(__file__).resolve().parents[2]
 DIALPLANS = REPO / "dialplans"

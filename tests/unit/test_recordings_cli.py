@@ -22,9 +22,9 @@ from compliance.audit import AuditLog, SqlAuditStore, StoredEntry
 from compliance.data_keys import DataKeyRing, DataKeyStore
 from compliance.keyservice_client import KeyServiceClient
 from compliance.keystore import read_token_file
-from medhotline import db
+from ground import db
+from ground.config import load_config
 from medhotline.cli import main
-from medhotline.config import load_config
 from recordings.envelope import read_wav_comment
 from recordings.records import KeyServiceTimestamper, RecordSealer
 from recordings.store import RecordingRow, RecordingStore

@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from compliance.audit import AuditLog
 from compliance.keyservice_client import KeyServiceClient
 from compliance.keyservice_protocol import KeyServiceError
-from medhotline import db
+from ground import db
 from recordings.envelope import EnvelopeError, open_sealed, seal_file, sha256_file
 from recordings.ingest import SUFFIX, TEMP_MARK, IngestError, Ingestor, stored_path, wav_duration
 from recordings.retention import RetentionPolicy
@@ -497,7 +497,7 @@ CRASHING_INGEST = textwrap.dedent(
     import sys
     from pathlib import Path
 
-    from medhotline import db
+    from ground import db
     from compliance.keyservice_client import KeyServiceClient
     from recordings.ingest import Ingestor
     from recordings.retention import RetentionPolicy

@@ -15,8 +15,8 @@ from sqlalchemy.exc import DBAPIError
 
 from compliance.data_keys import DataKeyStore
 from compliance.keystore import WRAP_FORMAT, WRAPPED_SIZE
-from medhotline.db import DatabaseError
-from medhotline.errors import MedhotlineError
+from ground.db import DatabaseError
+from ground.errors import MedhotlineError
 from recordings.envelope import SealedFile
 from recordings.records import CallRecordStore
 from recordings.store import RecordingNotFound, RecordingRow, RecordingStore, recording_name

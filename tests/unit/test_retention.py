@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from medhotline.config import RETENTION_FLOOR_YEARS, ConfigError, RetentionYears, load_config
+from ground.config import RETENTION_FLOOR_YEARS, ConfigError, RetentionYears, load_config
 from recordings.retention import (
     RETENTION_CLASSES,
     RetentionClass,

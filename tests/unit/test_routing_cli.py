@@ -13,9 +13,9 @@ import pytest
 
 from compliance.accounts import AccountStore
 from compliance.audit import SqlAuditStore, StoredEntry
-from medhotline import db
+from ground import db
 from medhotline.cli import main
-from routing.commands import CHINA_STANDARD_TIME, parse_date
+from medhotline.commands.routing import CHINA_STANDARD_TIME, parse_date
 from routing.store import AgentStore
 
 

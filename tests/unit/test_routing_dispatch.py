@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
 from routing.model import Agent, CallPriority, CallRequest, Credential
 from routing.router import AgentState, Assignment, Dispatcher, RoutingError, eligible
 from routing.rules import DEFAULT_RULES, CategoryRule, RoutingRules, SkillExpr, Step
+from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import Engine, select, update
 
 from compliance.accounts import AccountStore
-from medhotline import db
+from ground import db
 from routing.store import AgentStore
 from routing.tables import AgentRow
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
 from routing.model import Agent, CallRequest, Credential
 from routing.router import eligible
 from routing.rules import (
@@ -21,6 +20,7 @@ from routing.rules import (
     load_rules,
     parse_rules,
 )
+from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

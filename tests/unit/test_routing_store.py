@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from compliance.accounts import AccountError, AccountStore
-from medhotline import db
+from ground import db
 from routing.model import Credential
 from routing.store import AgentError, AgentStore, AgentView, CredentialRecord
 from routing.tables import AgentRow, AgentSkill, CredentialRow

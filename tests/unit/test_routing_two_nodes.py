@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy.orm import sessionmaker
 
 from compliance.accounts import AccountStore
-from medhotline import db
+from ground import db
 from routing.engine import EngineSettings, Offer, RoutingEngine
 from routing.model import CallRequest
 from routing.rules import DEFAULT_RULES

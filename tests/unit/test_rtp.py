@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from keywords.rtp import (
+from telephony.rtp import (
     ALAW_TABLE,
     PT_PCMA,
     PT_PCMU,

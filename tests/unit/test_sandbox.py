@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import structlog
 
+from ground.config import Config
 from medhotline import sandbox as sandbox_module
 from medhotline.asterisk_config import TEMPLATE_DIR
 from medhotline.cli import main
-from medhotline.config import Config
 from medhotline.sandbox import Sandbox, SandboxError
 
 MODULES = "usr/lib/x86_64-linux-gnu/asterisk/modules"

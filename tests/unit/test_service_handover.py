@@ -11,16 +11,16 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from ivr.ari_channel import AriCallChannel
-from ivr.ari_client import AriClient
-from ivr.channel import CallInfo
+from ground import db
+from ground.config import load_config
 from ivr.flow_registry import FlowRegistry
-from medhotline import db
 from medhotline.asterisk_config import AsteriskCredentials
-from medhotline.config import load_config
 from medhotline.service import HotlineService
 from routing.engine import EngineSettings, RoutingEngine
 from routing.rules import DEFAULT_RULES
+from telephony.ari_channel import AriCallChannel
+from telephony.ari_client import AriClient
+from telephony.channel import CallInfo
 from tests.unit.test_routing_engine import FakeAgentTable
 
 DIALPLANS = Path(__file__).resolve().parents[2] / "dialplans"

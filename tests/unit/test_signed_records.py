@@ -28,7 +28,8 @@ from compliance.audit import AuditLog
 from compliance.data_keys import DataKeyRing, DataKeyStore
 from compliance.keyservice_client import KeyServiceClient
 from compliance.keystore import signed_message
-from medhotline import db
+from compliance.timestamps import LocalTimestampAuthority, LocalTimestamper
+from ground import db
 from recordings.ingest import Ingestor
 from recordings.records import (
     DATA_KEY_PURPOSE,
@@ -52,7 +53,6 @@ from recordings.signed import (
     timestamp_imprint,
 )
 from recordings.store import RecordingRow, RecordingStore
-from recordings.timestamps import LocalTimestampAuthority, LocalTimestamper
 from tests.unit.recordings_fixtures import (  # noqa: F401 (fixtures)
     AGENT,
     audit,

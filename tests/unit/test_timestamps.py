@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medhotline.errors import MedhotlineError
-from recordings.timestamps import (
+from compliance.timestamps import (
     POLICY_OID,
     HttpTimestampClient,
     LocalTimestampAuthority,
@@ -35,6 +34,7 @@ from recordings.timestamps import (
     token_from_response,
     verify_token,
 )
+from ground.errors import MedhotlineError
 
 DIGEST = hashlib.sha256(b"call record 0001: Ed25519 signature bytes").digest()
 OTHER_DIGEST = hashlib.sha256(b"call record 0002: Ed25519 signature bytes").digest()

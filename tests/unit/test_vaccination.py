@@ -27,11 +27,12 @@ from structlog.testing import capture_logs
 
 from compliance.audit import AuditLog, MemoryAuditStore, SqlAuditStore
 from compliance.data_keys import DataKey
+from ground import db
+from ground.config import load_config
+from ground.errors import MedhotlineError
+from ground.models import Base
 from his.tables import Patient
-from medhotline import db
-from medhotline.config import load_config
-from medhotline.errors import MedhotlineError
-from medhotline.models import Base
+from medhotline.commands.vaccination import parse_start, register
 from scheduler.tasks import TaskStore
 from scheduler.vaccination import (
     ADVERSE_REACTION_ROLE,
@@ -54,7 +55,6 @@ from scheduler.vaccination import (
     report_adverse_reaction,
     send_day_before_reminders,
 )
-from scheduler.vaccination_commands import parse_start, register
 from scheduler.vaccination_tables import VaccinationBooking, VaccinationSlot
 
 T0 = datetime(2026, 11, 30, 2, 0, tzinfo=UTC)  # 10:00 on 30 November, local

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, insert, select, update
 
-from medhotline import db
+from ground import db
 from scheduler import vaccination
 from scheduler.vaccination import (
     LOCAL_TZ,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 
-from ivr.channel import CallChannel, ChannelError
+from telephony.channel import CallChannel, ChannelError
 
 
 class RecognitionUnavailable(ChannelError):

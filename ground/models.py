@@ -1,6 +1,6 @@
 """Database schema, declared once with SQLAlchemy 2 typed mappings.
 
-The schema itself is created and changed only by the Alembic migrations in ``medhotline/migrations``; these
+The schema itself is created and changed only by the Alembic migrations in ``ground/migrations``; these
 classes describe it for the repositories. Patient identifiers (caller number, name, record number) are never
 stored in clear: there is deliberately no caller number column here, the encrypted columns and the blind index
 come with the encryption work.

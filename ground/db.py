@@ -31,8 +31,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from medhotline.errors import MedhotlineError
-from medhotline.models import CALL_OUTCOMES, Call, CallOutcome, CallStep, Transport
+from ground.errors import MedhotlineError
+from ground.models import CALL_OUTCOMES, Call, CallOutcome, CallStep, Transport
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS: Final = 5000

@@ -25,7 +25,7 @@ from typing import Final
 
 import structlog
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 log = structlog.get_logger(__name__)
 

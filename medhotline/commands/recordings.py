@@ -26,14 +26,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from medhotline.errors import CommandError
+from ground.errors import CommandError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from compliance.audit import AuditLog
-    from compliance.key_commands import KeyedDatabase
-    from medhotline.config import Config
+    from ground.config import Config
+    from medhotline.commands.keys import KeyedDatabase
     from recordings.records import RecordSealer
     from recordings.store import RecordingRow, RecordingStore
 
@@ -46,7 +46,7 @@ def _now() -> datetime:
 
 
 def _engine(config: Config) -> AbstractContextManager[Engine]:
-    from medhotline import db
+    from ground import db
 
     return db.current_engine(config.database_url)
 
@@ -133,8 +133,8 @@ async def _plain_chunks(keyed: KeyedDatabase, config: Config, row: RecordingRow)
 
 
 def _cmd_export(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import run_keyed
     from compliance.keyservice_client import wipe
+    from medhotline.commands.keys import run_keyed
     from recordings.envelope import load_recipient_public_key, seal_for_recipient, watermark_wav
 
     if (args.recipient is None) == (not args.watermark):
@@ -179,8 +179,8 @@ def _cmd_export(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_play(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import run_keyed
     from compliance.keyservice_client import wipe
+    from medhotline.commands.keys import run_keyed
 
     if sys.stdout.isatty():
         raise CommandError("play writes the WAV to standard output: pipe it into a player (e.g. `| aplay`)")
@@ -230,7 +230,7 @@ def _cmd_keygen(config: Config, args: argparse.Namespace) -> int:
 def _cmd_hold(config: Config, args: argparse.Namespace) -> int:
     from compliance.access import check_reason
     from compliance.audit import AuditLog, SqlAuditStore
-    from compliance.key_commands import operator_id
+    from medhotline.commands.keys import operator_id
     from recordings.store import RecordingStore
 
     on = args.recordings_action == "hold"
@@ -285,7 +285,7 @@ def _remove(
 
 def _cmd_delete(config: Config, args: argparse.Namespace) -> int:
     from compliance.audit import AuditLog, SqlAuditStore
-    from compliance.key_commands import operator_id
+    from medhotline.commands.keys import operator_id
     from recordings.store import RecordingStore
 
     actor = operator_id(args.as_)
@@ -320,8 +320,8 @@ def _purge(config: Config, store: RecordingStore, audit: AuditLog, *, actor: str
 
 
 def _cmd_ingest(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import run_keyed
-    from medhotline import db
+    from ground import db
+    from medhotline.commands.keys import run_keyed
     from medhotline.service import recording_spool
     from recordings.ingest import Ingestor
     from recordings.retention import RetentionPolicy
@@ -346,7 +346,7 @@ def _cmd_ingest(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_note(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import run_keyed
+    from medhotline.commands.keys import run_keyed
 
     text = (
         sys.stdin.read()
@@ -372,8 +372,8 @@ def _cmd_note(config: Config, args: argparse.Namespace) -> int:
 def _cmd_records_show(config: Config, args: argparse.Namespace) -> int:
     from compliance.access import Resource
     from compliance.access_store import AccessControl
-    from compliance.key_commands import run_keyed
     from his.tables import PatientStore
+    from medhotline.commands.keys import run_keyed
 
     async def work(keyed: KeyedDatabase) -> list[str]:
         sealer = _sealer(config, keyed)
@@ -396,7 +396,7 @@ def _cmd_records_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import run_keyed
+    from medhotline.commands.keys import run_keyed
     from recordings.records import configured_tsa_certificates, verify_records
     from recordings.signed import RecordCheck
 

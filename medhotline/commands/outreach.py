@@ -17,13 +17,13 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
-from medhotline.errors import CommandError
+from ground.errors import CommandError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from compliance.key_commands import KeyedDatabase
-    from medhotline.config import Config
+    from ground.config import Config
+    from medhotline.commands.keys import KeyedDatabase
     from scheduler.store import Threshold
 
 EXIT_OK: Final = 0
@@ -41,7 +41,7 @@ def _now() -> datetime:
 
 
 def _engine(config: Config) -> AbstractContextManager[Engine]:
-    from medhotline import db
+    from ground import db
 
     return db.current_engine(config.database_url)
 
@@ -62,8 +62,8 @@ def _thresholds(condition: str, given: list[str]) -> dict[str, Threshold]:
 
 
 def _cmd_add(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import operator_id
     from his.registry import check_patient_id
+    from medhotline.commands.keys import operator_id
     from scheduler.policy import PolicyError, Window
     from scheduler.store import PlanStore
 
@@ -176,9 +176,9 @@ def _read_phone() -> str:
 
 
 def _cmd_dnc(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import operator_id, run_keyed
     from his.registry import PatientRegistry
     from his.tables import PatientStore
+    from medhotline.commands.keys import operator_id, run_keyed
     from scheduler.tables import DoNotCall
 
     actor = operator_id(args.as_)
@@ -219,8 +219,8 @@ def _cmd_dnc(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_reminder_add(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import run_keyed
     from his.registry import check_patient_id
+    from medhotline.commands.keys import run_keyed
     from scheduler.medication import MedicationStore
     from scheduler.policy import parse_hhmm
 

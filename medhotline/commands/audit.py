@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from compliance.audit import AuditError, SqlAuditStore, check_inclusion, load_public_key, prove, verify
 from compliance.merkle import ProofError
-from medhotline.db import DatabaseError, make_engine, mask_url
+from ground.db import DatabaseError, make_engine, mask_url
 
 EXIT_OK = 0
 EXIT_TAMPERED = 1

@@ -25,7 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from medhotline.errors import MedhotlineError
+from ground.daytime import PolicyError, Window
+from ground.errors import MedhotlineError
 
 ENV_PREFIX = "MEDHOTLINE__"
 CONFIG_ENV = "MEDHOTLINE_CONFIG"
@@ -272,8 +273,6 @@ class OutreachConfig(_Section):
     def _consistent(self) -> OutreachConfig:
         if "{number}" not in self.dial_string:
             raise ValueError("dial_string must contain {number}")
-        from scheduler.policy import PolicyError, Window
-
         try:
             Window.parse(self.quiet_hours, "quiet_hours")
         except PolicyError as exc:

@@ -17,7 +17,7 @@ depends_on: str | None = None
 
 
 def upgrade() -> None:
-    # Spelled out rather than imported from medhotline.models: a migration must keep creating the schema as it
+    # Spelled out rather than imported from ground.models: a migration must keep creating the schema as it
     # was at this revision even after the models move on.
     op.create_table(
         "calls",

@@ -24,12 +24,12 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from medhotline.errors import CommandError
+from ground.errors import CommandError
 
 if TYPE_CHECKING:
     from compliance.accounts import AccountStore
     from compliance.audit import AuditAction, AuditLog, JsonValue
-    from medhotline.config import Config
+    from ground.config import Config
     from routing.store import AgentStore, AgentView, CredentialRecord
 
 CHINA_STANDARD_TIME: Final = timezone(timedelta(hours=8), "CST")
@@ -118,7 +118,7 @@ class _Db:
 def _open(config: Config) -> Iterator[_Db]:
     from compliance.accounts import AccountStore
     from compliance.audit import AuditLog, SqlAuditStore
-    from medhotline import db
+    from ground import db
     from routing.store import AgentStore
 
     with db.current_engine(config.database_url) as engine:

@@ -20,9 +20,9 @@ from typing import Any
 
 import structlog
 
-from ivr.ari_client import AriClient, AriError, AriNotFound
-from ivr.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost, check_recording_name
-from keywords.rtp import RtpReceiver
+from telephony.ari_client import AriClient, AriError, AriNotFound
+from telephony.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost, check_recording_name
+from telephony.rtp import RtpReceiver
 
 log = structlog.get_logger(__name__)
 

@@ -16,13 +16,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from medhotline.errors import CommandError
+from ground.errors import CommandError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from compliance.access_store import AccessControl, BreakGlassGrant, PatientRef
-    from medhotline.config import Config
+    from ground.config import Config
 
 EXIT_OK = 0
 EXIT_DENIED = 1
@@ -61,7 +61,7 @@ class _RegistryRefs:
 def _service(config: Config) -> Iterator[AccessControl]:
     """The access service over the configured database (schema checked first); the engine is disposed after."""
     from compliance.access_store import AccessControl
-    from medhotline import db
+    from ground import db
 
     with db.current_engine(config.database_url) as engine:
         yield AccessControl.for_engine(engine, patients=_RegistryRefs(engine))

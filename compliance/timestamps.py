@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 __all__ = [
     "POLICY_OID",

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Final, Literal
 
-from medhotline.errors import CommandError
+from ground.errors import CommandError
 from scheduler.policy import LOCAL_TZ
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy import Engine
 
-    from medhotline.config import Config
+    from ground.config import Config
     from scheduler.vaccination import BookingRecord, SlotRecord, VaccinationStore
 
     Actions: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -78,7 +78,7 @@ def _local(at: datetime, form: str = "%Y-%m-%d %H:%M") -> str:
 def _store(config: Config) -> Iterator[tuple[VaccinationStore, Engine]]:
     """The store over the configured database, refused with what to do when the schema is not current; its
     connections closed when the command is done."""
-    from medhotline import db
+    from ground import db
     from scheduler.vaccination import VaccinationStore
 
     with db.current_engine(config.database_url) as engine:
@@ -199,7 +199,7 @@ def _check_patient(engine: Engine, patient_id: str) -> None:
 
 
 def _cmd_book(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import operator_id
+    from medhotline.commands.keys import operator_id
 
     actor = operator_id(args.as_)
     if (args.slot is None) == (args.date is None):
@@ -221,7 +221,7 @@ def _cmd_book(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import operator_id
+    from medhotline.commands.keys import operator_id
 
     actor = operator_id(args.as_)
     with _store(config) as (store, engine):
@@ -235,7 +235,7 @@ def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_change(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import operator_id
+    from medhotline.commands.keys import operator_id
 
     actor = operator_id(args.as_)
     with _store(config) as (store, engine):

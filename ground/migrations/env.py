@@ -1,6 +1,6 @@
-"""Alembic environment, driven programmatically by :func:`medhotline.db.upgrade`.
+"""Alembic environment, driven programmatically by :func:`ground.db.upgrade`.
 
-There is no ``alembic.ini`` at run time: ``medhotline.db`` builds the Alembic ``Config`` itself and hands over
+There is no ``alembic.ini`` at run time: ``ground.db`` builds the Alembic ``Config`` itself and hands over
 an open connection in ``config.attributes["connection"]``, so the same code path serves the CLI, the service
 start-up check and the tests, on SQLite and on PostgreSQL. Logging is not configured here (no ``fileConfig``):
 the service's own JSON logging already covers Alembic's logger.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from medhotline.models import Base
+from ground.models import Base
 
 
 def _run(connection: Connection) -> None:
@@ -31,7 +31,7 @@ def _main() -> None:
         raise RuntimeError("offline (SQL script) migrations are not supported; use `medhotline db upgrade`")
     connection = context.config.attributes.get("connection")
     if not isinstance(connection, Connection):
-        raise TypeError("run migrations through medhotline.db.upgrade(), which supplies the connection")
+        raise TypeError("run migrations through ground.db.upgrade(), which supplies the connection")
     _run(connection)
 
 

@@ -12,7 +12,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 Transport = Literal["ari", "fastagi"]
 

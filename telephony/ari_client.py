@@ -19,7 +19,7 @@ import structlog
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
-from ivr.channel import ChannelError, ConnectionLost
+from telephony.channel import ChannelError, ConnectionLost
 
 log = structlog.get_logger(__name__)
 

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from medhotline.errors import CommandError
+from ground.errors import CommandError
 
 if TYPE_CHECKING:
-    from compliance.key_commands import KeyedDatabase
+    from ground.config import Config
     from his.registry import PatientInput, PatientRegistry
-    from medhotline.config import Config
+    from medhotline.commands.keys import KeyedDatabase
 
 EXIT_OK: Final = 0
 EXIT_NOT_FOUND: Final = 1
@@ -91,7 +91,7 @@ def _registry(keyed: KeyedDatabase, authorize: Any = None) -> PatientRegistry:
 def _cmd_add(config: Config, args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from compliance.key_commands import ADMIN_ROLE, operator_id, run_keyed
+    from medhotline.commands.keys import ADMIN_ROLE, operator_id, run_keyed
 
     # Checked before connecting anywhere: a typo is reported without touching the key service or the database.
     patient = _patient_input(args).checked(datetime.now(UTC))
@@ -105,7 +105,7 @@ def _cmd_add(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_find(config: Config, args: argparse.Namespace) -> int:
-    from compliance.key_commands import ADMIN_ROLE, operator_id, run_keyed
+    from medhotline.commands.keys import ADMIN_ROLE, operator_id, run_keyed
 
     if args.from_json is not None:
         if args.phone is not None:
@@ -132,9 +132,9 @@ def _cmd_find(config: Config, args: argparse.Namespace) -> int:
 def _cmd_show(config: Config, args: argparse.Namespace) -> int:
     from compliance.access_store import AccessControl, registry_authorizer
     from compliance.accounts import ACCOUNT_ID, AccountStore
-    from compliance.key_commands import run_keyed
     from his.registry import check_patient_id
     from his.tables import PatientStore
+    from medhotline.commands.keys import run_keyed
 
     patient_id = check_patient_id(args.patient_id)
     if not ACCOUNT_ID.match(args.as_):

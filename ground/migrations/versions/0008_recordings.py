@@ -221,7 +221,7 @@ def upgrade() -> None:
             "BEGIN SELECT RAISE(ABORT, 'medhotline recordings: shortening the retention of a stored recording "
             "refused'); END"
         )
-        # SQLite stores UTC as 'YYYY-MM-DD HH:MM:SS[.ffffff]' text (see medhotline.models.UTCDateTime).
+        # SQLite stores UTC as 'YYYY-MM-DD HH:MM:SS[.ffffff]' text (see ground.models.UTCDateTime).
         op.execute(
             "CREATE TRIGGER recordings_retention BEFORE UPDATE OF state ON recordings "
             "WHEN NEW.state = 'purged' AND OLD.state <> 'purged' AND (NEW.legal_hold OR OLD.legal_hold "

@@ -26,7 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
-from medhotline.errors import CommandError
+from ground.errors import CommandError
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from compliance.audit import AuditLog
     from compliance.data_keys import DataKeyRing, RewrapReport
     from compliance.keyservice_client import KeyServiceClient
-    from medhotline.config import Config
+    from ground.config import Config
 
 T = TypeVar("T")
 EXIT_OK: Final = 0
@@ -61,7 +61,7 @@ async def keyed_database(config: Config) -> AsyncIterator[KeyedDatabase]:
     """
     from compliance.audit import AuditLog, SqlAuditStore
     from compliance.data_keys import DataKeyRing, DataKeyStore, key_service_for
-    from medhotline import db
+    from ground import db
 
     await asyncio.to_thread(db.ensure_current, config.database_url)
     keys = key_service_for(config)
