@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import DataKeyRing, DataKeyStore, key_service_for
 from compliance.keyservice_client import KeyServiceClient
+from ground import db
 from ground.config import Config
 from ground.errors import MedhotlineError
 from ground.logs import get_logger
@@ -113,7 +114,6 @@ async def open_patient_directory(
     not answer or the schema is not current, so a node never starts with a directory that can't look anyone up.
     ``audit`` defaults to the audit log in the same database; ``authorize`` is the access policy's check.
     """
-    from ground import db
 
     await asyncio.to_thread(db.ensure_current, config.database_url)
     keys = key_service_for(config)

@@ -98,6 +98,7 @@ def model_layout_problems(path: Path) -> list[str]:
 
 def _import_vosk() -> Any:
     try:
+        # Lazily: vosk loads a native library; only nodes with a speech model configured pay for it.
         import vosk
     except ImportError as exc:
         raise SpeechModelError(

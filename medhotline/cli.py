@@ -8,25 +8,40 @@ means a bug.
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from compliance.audit import Ed25519Signer
+from compliance.keyservice_server import run_keyservice
+from ground import db
 from ground.config import Config, ConfigError, load_config
 from ground.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, MedhotlineError
+from ground.logs import configure_logging
+from keywords.lexicon import DEFAULT_LEXICON_DIR
+from keywords.speech_models import fetch_command
+from medhotline import db_roles
+from medhotline import flows as flow_tools
 from medhotline.commands import access as access_commands
 from medhotline.commands import keys as key_commands
+from medhotline.commands import keywords as commands
 from medhotline.commands import outreach as scheduler_commands
 from medhotline.commands import patients as his_commands
 from medhotline.commands import recordings as recordings_commands
 from medhotline.commands import routing as routing_commands
 from medhotline.commands import vaccination as vaccination_commands
+from medhotline.commands.audit import prove_command, verify_command
+from medhotline.demo import run_demo
+from medhotline.prompts import build_prompts
+from medhotline.sandbox import Sandbox
+from medhotline.service import run_service
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "CommandError", "main"]
 
 
 def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.sandbox import Sandbox
 
     sandbox = Sandbox(config)
     if args.action == "up":
@@ -53,8 +68,6 @@ def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_db(config: Config, args: argparse.Namespace) -> int:
-    from ground import db
-    from medhotline import db_roles
 
     if args.action in db_roles.ACTIONS:
         return db_roles.command(config, args)
@@ -70,7 +83,6 @@ def _cmd_db(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_prompts(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.prompts import build_prompts
 
     report = build_prompts(config)
     print(f"prompts: {report.rendered} rendered, {report.cached} cached, in {report.directory}")
@@ -78,19 +90,16 @@ def _cmd_prompts(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.service import run_service
 
     return run_service(config)
 
 
 def _cmd_demo(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.demo import run_demo
 
     return run_demo(config, calls=args.calls, keep_running=args.keep_running, config_path=args.config)
 
 
 def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
-    from ground import db
 
     db.ensure_current(config.database_url)
     repo = db.CallRepository(db.make_sessionmaker(config.database_url))
@@ -103,7 +112,6 @@ def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_flows(config: Config, args: argparse.Namespace) -> int:
-    from medhotline import flows as flow_tools
 
     if args.action == "check":
         paths = [Path(p) for p in args.paths] or [config.hotline.flows_dir]
@@ -121,8 +129,6 @@ def _cmd_flows(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_keywords(config: Config, args: argparse.Namespace) -> int:
-    from keywords.lexicon import DEFAULT_LEXICON_DIR
-    from medhotline.commands import keywords as commands
 
     if args.action == "classify":
         if args.paths:
@@ -134,16 +140,11 @@ def _cmd_keywords(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_models(config: Config, args: argparse.Namespace) -> int:
-    from keywords.speech_models import fetch_command
 
     return fetch_command(args.name, args.dest or config.service.state_dir / "models", args.sha256)
 
 
 def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
-    import os
-    import secrets
-
-    from compliance.keyservice_server import run_keyservice
 
     state = config.service.state_dir
     token_path = state / "keyservice.token"
@@ -157,8 +158,6 @@ def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
-    from compliance.audit import Ed25519Signer
-    from medhotline.commands.audit import prove_command, verify_command
 
     public_key = args.public_key or config.service.state_dir / "audit" / Ed25519Signer.PUBLIC_FILE
     if args.action == "verify":
@@ -264,7 +263,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medhotline: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from ground.logs import configure_logging
 
     configure_logging(config.service.log_level, config.service.log_file)
     func: Callable[[Config, argparse.Namespace], int] = args.func

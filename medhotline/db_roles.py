@@ -37,6 +37,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from compliance.audit import AUDIT_METADATA
 from ground import db
 
 if TYPE_CHECKING:
@@ -232,7 +233,6 @@ class RoleReport:
 
 
 def _audit_tables() -> frozenset[str]:
-    from compliance.audit import AUDIT_METADATA
 
     return frozenset(AUDIT_METADATA.tables)
 

@@ -15,9 +15,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from compliance.access_store import AccessControl
 from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore
+from compliance.keyservice_protocol import KeyServiceError
 from ground import db
 from ground.config import Config
+from his import open_patient_directory
+from routing.store import AgentStore
+from routing.validity import validity_report
 from telephony.ports import PatientDirectory
 
 if TYPE_CHECKING:
@@ -43,8 +48,6 @@ async def connect_patient_directory(
 
     Runs until cancelled; the connection is closed then.
     """
-    from compliance.keyservice_protocol import KeyServiceError
-    from his import open_patient_directory
 
     services = None
     try:
@@ -93,8 +96,6 @@ async def check_credentials_daily(config: Config, interval: float = CREDENTIAL_C
     Routing never depends on this report: every decision checks validity itself. The report is for the people
     who renew licences before they lapse.
     """
-    from routing.store import AgentStore
-    from routing.validity import validity_report
 
     store = AgentStore(db.make_sessionmaker(config.database_url))
     while True:
@@ -112,7 +113,6 @@ async def check_credentials_daily(config: Config, interval: float = CREDENTIAL_C
 async def sweep_break_glass(config: Config, interval: float = BREAK_GLASS_SWEEP_INTERVAL) -> None:
     """Close and audit expired break-glass grants. Expired grants are refused at check time anyway; the sweep
     puts each end on record (and into the supervisors' review list) within ``interval``."""
-    from compliance.access_store import AccessControl
 
     engine = db.make_engine(config.database_url)
     access = AccessControl.for_engine(engine)

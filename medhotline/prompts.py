@@ -5,6 +5,7 @@ from __future__ import annotations
 from ground.config import Config
 from ivr.flow_loader import load_flows
 from ivr.prompts import BuildReport, PromptError, Voice, build
+from medhotline.sandbox import Sandbox
 from routing.announcements import announcement_texts
 
 
@@ -13,8 +14,6 @@ def build_prompts(config: Config) -> BuildReport:
     texts = [text for loaded in flows.values() for text in loaded.flow.prompt_texts()]
     texts += announcement_texts()
     if config.asterisk.mode == "sandbox":
-        from medhotline.sandbox import Sandbox
-
         sandbox = Sandbox(config)
         sandbox.ensure_rootfs()
         sounds_dir = sandbox.sounds_dir

@@ -24,20 +24,40 @@ from typing import TYPE_CHECKING, Any, cast
 import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
+from compliance.access_store import AccessControl
+from compliance.audit import AuditLog, SqlAuditStore
+from compliance.data_keys import LazyKeyService
 from ground import db
 from ground.config import Config
+from his.tables import PatientStore
 from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
 from ivr.flow_registry import FlowRegistry
 from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
-from ivr.prompts import Voice, sound_name
+from ivr.prompts import Voice, render, sound_name
+from keywords.lexicon import DEFAULT_LEXICON_DIR, LexiconError
+from keywords.recognizer import ScriptedSpeech, SpeechEngine, StreamingRecognizer, registry_classifier
 from keywords.registry import LexiconRegistry
+from keywords.speech import SpeechModel
 from medhotline import maintenance
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
+from medhotline.sandbox import Sandbox
+from recordings.capture import CallRecordings
+from recordings.ingest import Ingestor
+from recordings.records import open_sealer
+from recordings.retention import RetentionPolicy
+from recordings.store import RecordingStore
+from routing.agent_endpoints import FILE_NAME, render_agent_endpoints
 from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
-from routing.engine import RoutingEngine
+from routing.engine import EngineSettings, RoutingEngine
+from routing.rules import DEFAULT_RULES, load_rules
+from routing.store import AgentStore
+from scheduler.leader import leader_lock_for
+from scheduler.outreach import CallOutreach, Outreach
+from scheduler.policy import DialPolicy
+from scheduler.runner import OutreachScheduler
 from telephony.ari_channel import (
     MEDIA_CHANNEL_PREFIX,
     SNOOP_ARG,
@@ -110,7 +130,6 @@ def asterisk_credentials(config: Config) -> AsteriskCredentials:
             ast.ami_username,
             ast.ami_secret.get_secret_value(),
         )
-    from medhotline.sandbox import Sandbox
 
     return Sandbox(config).credentials()
 
@@ -302,7 +321,6 @@ class HotlineService:
         """Vaccination booking and adverse-reaction reports on the hotline: for the caller the IVR identified."""
         if self.outreach is None:
             return None
-        from scheduler.outreach import CallOutreach
 
         return CallOutreach(self.outreach, patient_of=patient_of, call_id=lambda: call_id)
 
@@ -312,7 +330,6 @@ class HotlineService:
 
     async def speak(self, text: str) -> str:
         """A sound for a text known only at call time (a medication, a booked date), rendered if new."""
-        from ivr.prompts import render
 
         name = sound_name(text, self.voice)
         target = self._sounds_dir() / f"{name}.wav"
@@ -323,7 +340,6 @@ class HotlineService:
     def _sounds_dir(self) -> Path:
         if self.config.prompts.sounds_dir is not None:
             return self.config.prompts.sounds_dir
-        from medhotline.sandbox import Sandbox
 
         return Sandbox(self.config).sounds_dir
 
@@ -577,10 +593,6 @@ class HotlineService:
 
     def enable_outreach(self, sessions: sessionmaker[Session], bind: Engine) -> None:
         """Outbound calls: the scheduler (jobs, leader lock) and the dialer, over this service's ARI."""
-        from scheduler.leader import leader_lock_for
-        from scheduler.outreach import Outreach
-        from scheduler.policy import DialPolicy
-        from scheduler.runner import OutreachScheduler
 
         self.outreach = Outreach(
             self.config,
@@ -601,8 +613,6 @@ class HotlineService:
 
     async def agent_endpoints_loop(self) -> None:
         """Sandbox only: keep the agents' PJSIP endpoints in Asterisk in step with the agent table."""
-        from medhotline.sandbox import Sandbox
-        from routing.agent_endpoints import FILE_NAME, render_agent_endpoints
 
         assert self.engine is not None
         sandbox = Sandbox(self.config)
@@ -701,8 +711,6 @@ def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None
     speech = config.speech
     if speech.engine == "none":
         return NoRecognizer(), None
-    from keywords.lexicon import DEFAULT_LEXICON_DIR, LexiconError
-    from keywords.recognizer import ScriptedSpeech, SpeechEngine, StreamingRecognizer, registry_classifier
 
     lexicon = LexiconRegistry(speech.lexicon_dir or DEFAULT_LEXICON_DIR)
     problems = lexicon.refresh()
@@ -713,8 +721,6 @@ def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None
     if speech.engine == "scripted":
         engine = ScriptedSpeech(list(speech.script))
     else:
-        from keywords.speech import SpeechModel
-
         assert speech.model_path is not None  # guaranteed by config validation
         engine = SpeechModel.load(speech.model_path)
     return StreamingRecognizer(engine, classify), lexicon
@@ -722,9 +728,6 @@ def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None
 
 def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> RoutingEngine:
     """The routing engine over the shared agent table; rules from ``routing.rules_file`` or the built-in ones."""
-    from routing.engine import EngineSettings
-    from routing.rules import DEFAULT_RULES, load_rules
-    from routing.store import AgentStore
 
     rc = config.routing
     rules = load_rules(rc.rules_file) if rc.rules_file is not None else DEFAULT_RULES
@@ -743,7 +746,6 @@ def recording_spool(config: Config) -> Path:
         return config.recordings.spool_dir
     if config.asterisk.mode == "external":
         return Path("/var/spool/asterisk/recording")
-    from medhotline.sandbox import Sandbox
 
     return Sandbox(config).instance_dir / "spool" / "recording"
 
@@ -751,13 +753,6 @@ def recording_spool(config: Config) -> Path:
 def build_recordings(config: Config, sessions: sessionmaker[Session]) -> CallRecordings:
     """Capture, ingest and signed records over the key service (connected on first use, so the service starts
     and records even while the key service is still coming up; ingest waits for it)."""
-    from compliance.audit import AuditLog, SqlAuditStore
-    from compliance.data_keys import LazyKeyService
-    from recordings.capture import CallRecordings
-    from recordings.ingest import Ingestor
-    from recordings.records import open_sealer
-    from recordings.retention import RetentionPolicy
-    from recordings.store import RecordingStore
 
     keys = LazyKeyService(config)
     audit = AuditLog(SqlAuditStore(db.make_engine(config.database_url)))
@@ -787,8 +782,6 @@ def run_service(config: Config) -> int:
     repo = db.CallRepository(sessions)
     recognizer, lexicon = build_recognizer(config)
     engine = build_routing_engine(config, sessions)
-    from compliance.access_store import AccessControl
-    from his.tables import PatientStore
 
     bind = db.make_engine(config.database_url)
     access = AccessControl.for_engine(bind, patients=PatientStore.for_engine(bind))

@@ -26,9 +26,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit import AuditLog, JsonValue
-from compliance.data_keys import DataKeyRing
+from compliance.data_keys import DataKeyRing, DataKeyStore, KeyServicePort
 from compliance.keyservice_client import TrustAnchors
-from compliance.timestamps import TimestampError, make_request, token_from_response, verify_token
+from compliance.timestamps import HttpTimestampClient, TimestampError, make_request, token_from_response, verify_token
 from ground.config import Config
 from ground.db import CallRepository, DatabaseError, Repository
 from ground.errors import MedhotlineError
@@ -475,12 +475,9 @@ def open_sealer(
 ) -> RecordSealer:
     """The sealer the configuration asks for: the key service signs; the local authority inside it timestamps,
     or the external TSA at ``recordings.tsa_url``."""
-    from compliance.data_keys import DataKeyStore, KeyServicePort
 
     timestamper: Timestamper
     if config.recordings.tsa_url:
-        from compliance.timestamps import HttpTimestampClient
-
         timestamper = HttpTimestampClient(config.recordings.tsa_url)
     else:
         timestamper = KeyServiceTimestamper(keys)

@@ -27,14 +27,25 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit import AuditLog
+from compliance.keystore import read_token_file
 from ground.config import Config
 from ground.errors import MedhotlineError
+from scheduler.medication import MedicationStore, next_due
+from scheduler.notify import HttpSmsGateway, Outbox, deliver_pending
 from scheduler.policy import DialPolicy, Window, failure_outcome
 from scheduler.ports import OutreachPatients
 from scheduler.rounds import open_followup_round
+from scheduler.runner import MEDICATION_GRACE
 from scheduler.store import AttemptRecord, AttemptStore, PlanRecord, PlanStore
 from scheduler.tables import DATA_KEY_PURPOSE, DoNotCall, FollowupPlan, MedicationReminder, Reading
 from scheduler.tasks import TaskStore
+from scheduler.vaccination import (
+    SlotFull,
+    VaccinationStore,
+    audit_booking_change,
+    report_adverse_reaction,
+    send_day_before_reminders,
+)
 from telephony.ari_channel import AriCallChannel, AriDispatcher
 from telephony.ari_client import AriClient, AriError
 from telephony.channel import CallInfo, ChannelError
@@ -185,7 +196,6 @@ class Outreach:
         """What should have a job: active plans and call/SMS medication reminders at their next due time. A
         follow-up long overdue is due now (still worth calling); a medication reminder late beyond its grace is
         skipped to its next dose (see :mod:`scheduler.runner`)."""
-        from scheduler.runner import MEDICATION_GRACE
 
         now = self._clock()
         items: list[tuple[str, str, datetime]] = []
@@ -200,7 +210,6 @@ class Outreach:
         return items
 
     def _skip_reminder(self, reminder_id: str, now: datetime) -> None:
-        from scheduler.medication import next_due
 
         with self._sessions.begin() as session:
             row = session.get(MedicationReminder, reminder_id)
@@ -221,7 +230,6 @@ class Outreach:
         log.info("outreach.round_opened", kind="followup", plan_id=plan_id, opened=opened is not None)
 
     async def _fire_medication(self, reminder_id: str, now: datetime) -> None:
-        from scheduler.medication import next_due
 
         def advance() -> tuple[str, str, datetime] | None:
             with self._sessions.begin() as session:
@@ -250,13 +258,11 @@ class Outreach:
             )
 
     async def _medication_text(self, reminder_id: str) -> str:
-        from scheduler.medication import MedicationStore
 
         medication, dose = await MedicationStore(self._sessions).text(self._services().ring, reminder_id)
         return f"用药提醒：请按时服用{medication}，{dose}。"
 
     async def enqueue_sms(self, patient_id: str, kind: str, subject_id: str | None, text: str) -> str:
-        from scheduler.notify import Outbox
 
         return await Outbox(self._sessions).enqueue(
             self._services().ring, patient_id=patient_id, kind=kind, text=text, subject_id=subject_id, at=self._clock()
@@ -386,7 +392,6 @@ class Outreach:
             context.medication_sound = await self._speak(f"{medication}，{dose}。")
 
     async def _medication_parts(self, reminder_id: str) -> tuple[str, str]:
-        from scheduler.medication import MedicationStore
 
         return await MedicationStore(self._sessions).text(self._services().ring, reminder_id)
 
@@ -525,14 +530,12 @@ class Outreach:
         return abnormal_any
 
     async def record_confirmation(self, reminder_id: str, attempt_id: str, confirmed: bool, keys: str) -> None:
-        from scheduler.medication import MedicationStore
 
         await asyncio.to_thread(
             MedicationStore(self._sessions).record_confirmation, reminder_id, attempt_id, confirmed, keys, self._clock()
         )
 
     async def book_vaccination(self, patient_id: str | None, day: int, slot: str) -> BookingResult:
-        from scheduler.vaccination import SlotFull, VaccinationStore, audit_booking_change
 
         if patient_id is None:
             return BookingResult("not_identified")
@@ -561,10 +564,8 @@ class Outreach:
         return BookingResult("booked", booking_id=booking.id, sound=sound)
 
     async def cancel_vaccination(self, patient_id: str) -> bool:
-        from scheduler.vaccination import VaccinationStore
 
         store = VaccinationStore(self._sessions)
-        from scheduler.vaccination import audit_booking_change
 
         booking = await asyncio.to_thread(store.next_booking, patient_id, self._clock())
         if booking is None:
@@ -584,7 +585,6 @@ class Outreach:
         return cancelled
 
     async def report_adverse_reaction(self, patient_id: str, call_id: str | None) -> None:
-        from scheduler.vaccination import VaccinationStore, report_adverse_reaction
 
         store = VaccinationStore(self._sessions)
         now = self._clock()
@@ -606,7 +606,6 @@ class Outreach:
         return {"outbox": (30.0, self.deliver_outbox), "vaccination_reminders": (3600.0, self.vaccination_reminders)}
 
     async def deliver_outbox(self) -> None:
-        from scheduler.notify import Outbox, deliver_pending
 
         gateway = self._gateway()
         if gateway is None:
@@ -626,12 +625,10 @@ class Outreach:
         await deliver_pending(Outbox(self._sessions), self._services().ring, gateway, phone_of, self._clock())
 
     def _gateway(self) -> Any:
-        from scheduler.notify import HttpSmsGateway
 
         oc = self._config.outreach
         if not oc.sms_gateway_url:
             return None
-        from compliance.keystore import read_token_file
 
         assert oc.sms_token_file is not None  # guaranteed by config validation
         token = read_token_file(oc.sms_token_file).decode("utf-8").strip()  # refuses a token others can read
@@ -639,7 +636,6 @@ class Outreach:
 
     async def vaccination_reminders(self) -> None:
         """Once a day in effect: every booking of tomorrow without a reminder gets one (idempotent per booking)."""
-        from scheduler.vaccination import VaccinationStore, send_day_before_reminders
 
         if self._patients is None:
             return

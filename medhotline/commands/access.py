@@ -16,7 +16,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from compliance.access import ACTIONS, BLIND_ID, MAX_BREAK_GLASS_MINUTES, RECORD_KINDS, VERDICTS, Resource
+from compliance.access_store import AccessControl, cli_actor
+from ground import db
 from ground.errors import CommandError
+from his import PatientStore
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -45,12 +49,10 @@ class _RegistryRefs:
     """Patients' blind ids and departments from the registry (``his.PatientStore``) for registry ids (UUIDs)."""
 
     def __init__(self, engine: Engine) -> None:
-        from his import PatientStore
 
         self._store = PatientStore.for_engine(engine)
 
     def ref(self, patient_id: str) -> PatientRef:
-        from compliance.access import BLIND_ID
 
         if BLIND_ID.fullmatch(patient_id):
             return _OwnRef(patient_id)
@@ -60,8 +62,6 @@ class _RegistryRefs:
 @contextmanager
 def _service(config: Config) -> Iterator[AccessControl]:
     """The access service over the configured database (schema checked first); the engine is disposed after."""
-    from compliance.access_store import AccessControl
-    from ground import db
 
     with db.current_engine(config.database_url) as engine:
         yield AccessControl.for_engine(engine, patients=_RegistryRefs(engine))
@@ -75,7 +75,6 @@ def _when(at: datetime | None) -> str:
 
 
 def _cmd_accounts_add(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import cli_actor
 
     with _service(config) as service:
         record = service.add_account(
@@ -120,7 +119,6 @@ def _cmd_accounts_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_accounts_roles(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import cli_actor
 
     with _service(config) as service:
         record = service.set_roles(args.id, args.role, _now(), actor=cli_actor(args.by))
@@ -129,7 +127,6 @@ def _cmd_accounts_roles(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_accounts_departments(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import cli_actor
 
     if bool(args.department) == args.none:
         raise CommandError("accounts departments: give --department D (repeatable) or --none to remove them all")
@@ -141,7 +138,6 @@ def _cmd_accounts_departments(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_accounts_freeze(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import cli_actor
 
     # The same path as freeze_account(), which `agents freeze` calls.
     with _service(config) as service:
@@ -153,7 +149,6 @@ def _cmd_accounts_freeze(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_accounts_unfreeze(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import cli_actor
 
     with _service(config) as service:
         record = service.unfreeze(args.id, args.reason or "unfrozen, no reason given", _now(), actor=cli_actor(args.by))
@@ -197,7 +192,6 @@ def _cmd_breakglass_open(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_breakglass_close(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import cli_actor
 
     with _service(config) as service:
         grant = service.close_break_glass(args.id, _now(), args.reason, actor=cli_actor(args.by))
@@ -234,7 +228,6 @@ def _cmd_breakglass_sweep(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_access_check(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access import Resource
 
     resource = Resource(args.kind, args.patient, args.department, args.call)
     with _service(config) as service:
@@ -247,7 +240,6 @@ def _cmd_access_check(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_access_assign(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import cli_actor
 
     until = None
     if args.until is not None:
@@ -267,7 +259,6 @@ def _cmd_access_assign(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_access_unassign(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import cli_actor
 
     with _service(config) as service:
         ended = service.unassign_patient(args.account, args.patient, _now(), actor=cli_actor(args.by))
@@ -330,7 +321,6 @@ def _register_accounts(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _register_breakglass(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from compliance.access import MAX_BREAK_GLASS_MINUTES, VERDICTS
 
     glass = sub.add_parser("breakglass", help="break-glass grants: open, close, list, supervisor review")
     gacts = glass.add_subparsers(dest="action", required=True)
@@ -360,7 +350,6 @@ def _register_breakglass(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _register_access(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from compliance.access import ACTIONS, RECORD_KINDS
 
     access = sub.add_parser("access", help="access questions and responsible-patient assignments")
     aacts = access.add_subparsers(dest="action", required=True)

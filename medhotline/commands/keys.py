@@ -26,7 +26,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
+from compliance.audit import AuditLog, SqlAuditStore
+from compliance.data_keys import DataKeyRing, DataKeyStore, check_purpose, key_service_for
+from ground import db
 from ground.errors import CommandError
+from recordings.keys import RecordingRewrap, counts_by_kek_version, rewrap_recordings
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -59,9 +63,6 @@ async def keyed_database(config: Config) -> AsyncIterator[KeyedDatabase]:
 
     Refuses with a clear error when the schema is not current or the key service is not running.
     """
-    from compliance.audit import AuditLog, SqlAuditStore
-    from compliance.data_keys import DataKeyRing, DataKeyStore, key_service_for
-    from ground import db
 
     await asyncio.to_thread(db.ensure_current, config.database_url)
     keys = key_service_for(config)
@@ -114,7 +115,6 @@ def _cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _recording_counts(keyed: KeyedDatabase) -> dict[int, int]:
-    from recordings.keys import counts_by_kek_version
 
     return await asyncio.to_thread(counts_by_kek_version, keyed.engine)
 
@@ -128,7 +128,6 @@ def _cmd_rotate(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_rewrap(config: Config, args: argparse.Namespace) -> int:
-    from recordings.keys import RecordingRewrap, rewrap_recordings
 
     actor = operator_id(args.as_)
 
@@ -181,7 +180,6 @@ def _cmd_rewrap(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_new_data_key(config: Config, args: argparse.Namespace) -> int:
-    from compliance.data_keys import check_purpose
 
     purpose = check_purpose(args.purpose)
     actor = operator_id(args.as_)

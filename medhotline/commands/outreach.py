@@ -10,6 +10,7 @@ keeps the do-not-call list (numbers are read from standard input and stored as a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import sys
@@ -17,7 +18,20 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ground import db
 from ground.errors import CommandError
+from his.registry import PatientRegistry, check_patient_id
+from his.tables import PatientStore
+from ivr.flow_loader import load_flows
+from medhotline.commands.keys import operator_id, run_keyed
+from scheduler.medication import MedicationStore
+from scheduler.policy import PolicyError, Window, parse_hhmm
+from scheduler.store import AttemptStore, PlanStore, Threshold
+from scheduler.tables import DoNotCall, MedicationReminder
+from scheduler.tasks import TaskStore
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -41,13 +55,11 @@ def _now() -> datetime:
 
 
 def _engine(config: Config) -> AbstractContextManager[Engine]:
-    from ground import db
 
     return db.current_engine(config.database_url)
 
 
 def _thresholds(condition: str, given: list[str]) -> dict[str, Threshold]:
-    from scheduler.store import Threshold
 
     result = {k: Threshold(lo, hi) for k, (lo, hi) in DEFAULT_THRESHOLDS.get(condition, {}).items()}
     for text in given:
@@ -62,10 +74,6 @@ def _thresholds(condition: str, given: list[str]) -> dict[str, Threshold]:
 
 
 def _cmd_add(config: Config, args: argparse.Namespace) -> int:
-    from his.registry import check_patient_id
-    from medhotline.commands.keys import operator_id
-    from scheduler.policy import PolicyError, Window
-    from scheduler.store import PlanStore
 
     patient = check_patient_id(args.patient)
     try:
@@ -95,13 +103,11 @@ def _cmd_add(config: Config, args: argparse.Namespace) -> int:
 
 
 def _flows(config: Config) -> set[str]:
-    from ivr.flow_loader import load_flows
 
     return set(load_flows(config.hotline.flows_dir))
 
 
 def _cmd_list(config: Config, args: argparse.Namespace) -> int:
-    from scheduler.store import AttemptStore, PlanStore
 
     with _engine(config) as engine:
         plans = PlanStore.for_engine(engine).all()
@@ -122,7 +128,6 @@ def _cmd_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_run_now(config: Config, args: argparse.Namespace) -> int:
-    from scheduler.store import PlanStore
 
     with _engine(config) as engine:
         store = PlanStore.for_engine(engine)
@@ -133,7 +138,6 @@ def _cmd_run_now(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_end(config: Config, args: argparse.Namespace) -> int:
-    from scheduler.store import PlanStore
 
     with _engine(config) as engine:
         if not PlanStore.for_engine(engine).deactivate(args.plan):
@@ -143,7 +147,6 @@ def _cmd_end(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(config: Config, args: argparse.Namespace) -> int:
-    from scheduler.tasks import TaskStore
 
     with _engine(config) as engine:
         store = TaskStore.for_engine(engine)
@@ -176,18 +179,11 @@ def _read_phone() -> str:
 
 
 def _cmd_dnc(config: Config, args: argparse.Namespace) -> int:
-    from his.registry import PatientRegistry
-    from his.tables import PatientStore
-    from medhotline.commands.keys import operator_id, run_keyed
-    from scheduler.tables import DoNotCall
 
     actor = operator_id(args.as_)
     phone = _read_phone() if args.dnc_action in ("add", "remove") else ""
 
     async def work(keyed: KeyedDatabase) -> str:
-        import asyncio
-
-        from sqlalchemy.orm import Session
 
         registry = PatientRegistry(PatientStore.for_engine(keyed.engine), keyed.ring, keyed.keys, audit=keyed.audit)
         index = await registry.phone_index(phone) if phone else ""
@@ -219,17 +215,12 @@ def _cmd_dnc(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_reminder_add(config: Config, args: argparse.Namespace) -> int:
-    from his.registry import check_patient_id
-    from medhotline.commands.keys import run_keyed
-    from scheduler.medication import MedicationStore
-    from scheduler.policy import parse_hhmm
 
     patient = check_patient_id(args.patient)
     parse_hhmm(args.at, "--at")
     data = json.loads(sys.stdin.read()) if args.from_json else {"medication": args.medication, "dose": args.dose}
 
     async def work(keyed: KeyedDatabase) -> str:
-        from sqlalchemy.orm import sessionmaker
 
         store = MedicationStore(sessionmaker(keyed.engine, expire_on_commit=False))
         return await store.add(
@@ -248,10 +239,6 @@ def _cmd_reminder_add(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_reminder_run_now(config: Config, args: argparse.Namespace) -> int:
-    from sqlalchemy import update
-    from sqlalchemy.orm import Session
-
-    from scheduler.tables import MedicationReminder
 
     with _engine(config) as engine, Session(engine) as session, session.begin():
         changed = session.execute(

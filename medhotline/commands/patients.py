@@ -12,12 +12,19 @@ patient of the current call, break-glass) and frozen state are read at the momen
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from compliance.access_store import AccessControl, registry_authorizer
+from compliance.accounts import ACCOUNT_ID, AccountStore
 from ground.errors import CommandError
+from his.registry import PatientInput, PatientInputError, PatientRegistry, check_patient_id
+from his.tables import PatientStore
+from medhotline.commands.keys import ADMIN_ROLE, operator_id, run_keyed
 
 if TYPE_CHECKING:
     from ground.config import Config
@@ -54,7 +61,6 @@ def _read_json(source: str, allowed: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _patient_input(args: argparse.Namespace) -> PatientInput:
-    from his.registry import PatientInput, PatientInputError
 
     given = {name: getattr(args, name) for name in _INPUT_FIELDS}
     if args.from_json is not None:
@@ -80,8 +86,6 @@ def _patient_input(args: argparse.Namespace) -> PatientInput:
 
 
 def _registry(keyed: KeyedDatabase, authorize: Any = None) -> PatientRegistry:
-    from his.registry import PatientRegistry
-    from his.tables import PatientStore
 
     return PatientRegistry(
         PatientStore.for_engine(keyed.engine), keyed.ring, keyed.keys, audit=keyed.audit, authorize=authorize
@@ -89,9 +93,6 @@ def _registry(keyed: KeyedDatabase, authorize: Any = None) -> PatientRegistry:
 
 
 def _cmd_add(config: Config, args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
-    from medhotline.commands.keys import ADMIN_ROLE, operator_id, run_keyed
 
     # Checked before connecting anywhere: a typo is reported without touching the key service or the database.
     patient = _patient_input(args).checked(datetime.now(UTC))
@@ -105,7 +106,6 @@ def _cmd_add(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_find(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.commands.keys import ADMIN_ROLE, operator_id, run_keyed
 
     if args.from_json is not None:
         if args.phone is not None:
@@ -130,18 +130,12 @@ def _cmd_find(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_show(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access_store import AccessControl, registry_authorizer
-    from compliance.accounts import ACCOUNT_ID, AccountStore
-    from his.registry import check_patient_id
-    from his.tables import PatientStore
-    from medhotline.commands.keys import run_keyed
 
     patient_id = check_patient_id(args.patient_id)
     if not ACCOUNT_ID.match(args.as_):
         raise CommandError("--as must be an account id (2-64 of a-z 0-9 _ . - starting with a letter)")
 
     async def work(keyed: KeyedDatabase) -> list[str]:
-        import asyncio
 
         accounts = AccountStore.for_engine(keyed.engine)
         account = await asyncio.to_thread(accounts.find, args.as_)

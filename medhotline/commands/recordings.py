@@ -26,7 +26,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from sqlalchemy.orm import sessionmaker
+
+from compliance.access import Resource, check_reason
+from compliance.access_store import AccessControl
+from compliance.audit import AuditLog, SqlAuditStore
+from compliance.keyservice_client import wipe
+from ground import db
 from ground.errors import CommandError
+from his.tables import PatientStore
+from medhotline.commands.keys import operator_id, run_keyed
+from medhotline.service import recording_spool
+from recordings.envelope import (
+    generate_identity,
+    load_identity,
+    load_recipient_public_key,
+    open_for_recipient,
+    open_sealed,
+    seal_for_recipient,
+    watermark_wav,
+)
+from recordings.ingest import Ingestor
+from recordings.records import configured_tsa_certificates, open_sealer, verify_records
+from recordings.retention import RetentionPolicy, check_removal
+from recordings.signed import RecordCheck
+from recordings.store import RecordingStore
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -46,21 +70,16 @@ def _now() -> datetime:
 
 
 def _engine(config: Config) -> AbstractContextManager[Engine]:
-    from ground import db
 
     return db.current_engine(config.database_url)
 
 
 def _store(keyed: KeyedDatabase) -> RecordingStore:
-    from recordings.store import RecordingStore
 
     return RecordingStore.for_engine(keyed.engine)
 
 
 def _sealer(config: Config, keyed: KeyedDatabase) -> RecordSealer:
-    from sqlalchemy.orm import sessionmaker
-
-    from recordings.records import open_sealer
 
     return open_sealer(config, sessionmaker(keyed.engine, expire_on_commit=False), keyed.keys, keyed.audit)
 
@@ -88,7 +107,6 @@ def _describe(row: RecordingRow) -> list[str]:
 
 
 def _cmd_list(config: Config, args: argparse.Namespace) -> int:
-    from recordings.store import RecordingStore
 
     with _engine(config) as engine:
         rows = RecordingStore.for_engine(engine).recent(call_id=args.call, state=args.state, limit=args.limit)
@@ -103,7 +121,6 @@ def _cmd_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_show(config: Config, args: argparse.Namespace) -> int:
-    from recordings.store import RecordingStore
 
     with _engine(config) as engine:
         row = RecordingStore.for_engine(engine).get(args.recording)
@@ -114,9 +131,6 @@ def _cmd_show(config: Config, args: argparse.Namespace) -> int:
 
 def _authorize(keyed: KeyedDatabase, account: str, action: str, row: RecordingRow, reason: str) -> None:
     """The access policy for this recording; raises AccessDenied (audited) when refused."""
-    from compliance.access import Resource
-    from compliance.access_store import AccessControl
-    from his.tables import PatientStore
 
     access = AccessControl.for_engine(keyed.engine, keyed.audit, patients=PatientStore.for_engine(keyed.engine))
     resource = Resource(kind="recording", patient_id=row.patient_id, department=row.department, call_id=row.call_id)
@@ -124,7 +138,6 @@ def _authorize(keyed: KeyedDatabase, account: str, action: str, row: RecordingRo
 
 
 async def _plain_chunks(keyed: KeyedDatabase, config: Config, row: RecordingRow) -> tuple[Iterator[bytes], bytearray]:
-    from recordings.envelope import open_sealed
 
     if row.state != "stored" or row.path is None or row.wrapped_key is None:
         raise CommandError(f"recording {row.id} is {row.state}: there is no audio to give out")
@@ -133,9 +146,6 @@ async def _plain_chunks(keyed: KeyedDatabase, config: Config, row: RecordingRow)
 
 
 def _cmd_export(config: Config, args: argparse.Namespace) -> int:
-    from compliance.keyservice_client import wipe
-    from medhotline.commands.keys import run_keyed
-    from recordings.envelope import load_recipient_public_key, seal_for_recipient, watermark_wav
 
     if (args.recipient is None) == (not args.watermark):
         raise CommandError("export needs exactly one of --recipient PUBLIC.pem (re-encrypted) or --watermark")
@@ -179,8 +189,6 @@ def _cmd_export(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_play(config: Config, args: argparse.Namespace) -> int:
-    from compliance.keyservice_client import wipe
-    from medhotline.commands.keys import run_keyed
 
     if sys.stdout.isatty():
         raise CommandError("play writes the WAV to standard output: pipe it into a player (e.g. `| aplay`)")
@@ -201,7 +209,6 @@ def _cmd_play(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_decrypt_export(config: Config, args: argparse.Namespace) -> int:
-    from recordings.envelope import load_identity, open_for_recipient
 
     if args.out.exists():
         raise CommandError(f"{args.out} exists: refusing to overwrite it")
@@ -220,7 +227,6 @@ def _cmd_decrypt_export(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(config: Config, args: argparse.Namespace) -> int:
-    from recordings.envelope import generate_identity
 
     generate_identity(args.private, args.public)
     print(f"private key {args.private} (keep it), public key {args.public} (give it to whoever exports for you)")
@@ -228,10 +234,6 @@ def _cmd_keygen(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_hold(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access import check_reason
-    from compliance.audit import AuditLog, SqlAuditStore
-    from medhotline.commands.keys import operator_id
-    from recordings.store import RecordingStore
 
     on = args.recordings_action == "hold"
     reason = check_reason(args.reason)
@@ -259,7 +261,6 @@ def _remove(
 
     The row is marked purged first (the database refuses that before the retention date or under hold), then
     the file goes; a crash between the two leaves a file the next purge removes."""
-    from recordings.retention import check_removal
 
     now = _now()
     verdict = check_removal(state=row.state, retain_until=row.retain_until, legal_hold=row.legal_hold, now=now)
@@ -284,9 +285,6 @@ def _remove(
 
 
 def _cmd_delete(config: Config, args: argparse.Namespace) -> int:
-    from compliance.audit import AuditLog, SqlAuditStore
-    from medhotline.commands.keys import operator_id
-    from recordings.store import RecordingStore
 
     actor = operator_id(args.as_)
     if args.recordings_action == "purge" and not args.expired:
@@ -320,11 +318,6 @@ def _purge(config: Config, store: RecordingStore, audit: AuditLog, *, actor: str
 
 
 def _cmd_ingest(config: Config, args: argparse.Namespace) -> int:
-    from ground import db
-    from medhotline.commands.keys import run_keyed
-    from medhotline.service import recording_spool
-    from recordings.ingest import Ingestor
-    from recordings.retention import RetentionPolicy
 
     async def work(keyed: KeyedDatabase) -> int:
         ingestor = Ingestor(
@@ -346,7 +339,6 @@ def _cmd_ingest(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_note(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.commands.keys import run_keyed
 
     text = (
         sys.stdin.read()
@@ -370,10 +362,6 @@ def _cmd_note(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_records_show(config: Config, args: argparse.Namespace) -> int:
-    from compliance.access import Resource
-    from compliance.access_store import AccessControl
-    from his.tables import PatientStore
-    from medhotline.commands.keys import run_keyed
 
     async def work(keyed: KeyedDatabase) -> list[str]:
         sealer = _sealer(config, keyed)
@@ -396,9 +384,6 @@ def _cmd_records_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.commands.keys import run_keyed
-    from recordings.records import configured_tsa_certificates, verify_records
-    from recordings.signed import RecordCheck
 
     if (args.call is None) == (not args.all):
         raise CommandError("records verify needs a CALL_ID or --all")

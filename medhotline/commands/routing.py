@@ -24,7 +24,14 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from compliance.accounts import AccountStore
+from compliance.audit import AuditEntry, AuditError, AuditLog, SqlAuditStore
+from ground import db
 from ground.errors import CommandError
+from routing.store import AgentError, AgentStore
+from routing.validity import credential_state, validity_report
 
 if TYPE_CHECKING:
     from compliance.accounts import AccountStore
@@ -116,10 +123,6 @@ class _Db:
 
 @contextmanager
 def _open(config: Config) -> Iterator[_Db]:
-    from compliance.accounts import AccountStore
-    from compliance.audit import AuditLog, SqlAuditStore
-    from ground import db
-    from routing.store import AgentStore
 
     with db.current_engine(config.database_url) as engine:
         yield _Db(AgentStore.for_engine(engine), AccountStore.for_engine(engine), AuditLog(SqlAuditStore(engine)))
@@ -137,7 +140,6 @@ class _Audited:
         reason: str,
         details: dict[str, JsonValue],
     ) -> None:
-        from compliance.audit import AuditEntry, AuditError
 
         self._log, self._actor, self._action, self._reason, self._details = log, actor, action, reason, details
         try:
@@ -146,9 +148,6 @@ class _Audited:
             raise _error(f"the audit log would refuse this change's entry, so nothing was changed: {exc}") from None
 
     def done(self) -> None:
-        from sqlalchemy.exc import SQLAlchemyError
-
-        from compliance.audit import AuditError
 
         try:
             self._log.append(
@@ -244,7 +243,6 @@ def _agents_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def _credential_line(record: CredentialRecord, now: datetime, within_days: int = 30) -> str:
-    from routing.validity import credential_state
 
     state = credential_state(record.credential, now, within_days)
     if record.status == "revoked" and record.revoked_at is not None:
@@ -304,7 +302,6 @@ def _agents_freeze(config: Config, args: argparse.Namespace) -> int:
 
 
 def _find_view(store: AgentStore, account_id: str) -> AgentView | None:
-    from routing.store import AgentError
 
     try:
         return store.view(account_id)
@@ -433,7 +430,6 @@ def _credentials_list(config: Config, args: argparse.Namespace) -> int:
 
 
 def _credentials_check(config: Config, args: argparse.Namespace) -> int:
-    from routing.validity import validity_report
 
     if not args.within_days.isdigit() or int(args.within_days) > 3650:
         raise _error(f"--within-days {args.within_days!r}: expected a number of days from 0 to 3650")

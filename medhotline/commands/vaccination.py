@@ -20,8 +20,14 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Final, Literal
 
+from compliance.access import AccessError, check_patient_id
+from compliance.audit import AuditLog, SqlAuditStore
+from ground import db
 from ground.errors import CommandError
+from his.tables import PatientStore
+from medhotline.commands.keys import operator_id
 from scheduler.policy import LOCAL_TZ
+from scheduler.vaccination import VaccinationStore, audit_booking_change
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -78,8 +84,6 @@ def _local(at: datetime, form: str = "%Y-%m-%d %H:%M") -> str:
 def _store(config: Config) -> Iterator[tuple[VaccinationStore, Engine]]:
     """The store over the configured database, refused with what to do when the schema is not current; its
     connections closed when the command is done."""
-    from ground import db
-    from scheduler.vaccination import VaccinationStore
 
     with db.current_engine(config.database_url) as engine:
         yield VaccinationStore.for_engine(engine), engine
@@ -92,8 +96,6 @@ def _audit(
     booking: BookingRecord,
     changed_from: str | None = None,
 ) -> None:
-    from compliance.audit import AuditLog, SqlAuditStore
-    from scheduler.vaccination import audit_booking_change
 
     audit_booking_change(
         AuditLog(SqlAuditStore(engine)),
@@ -188,8 +190,6 @@ def _cmd_slots_list(config: Config, args: argparse.Namespace) -> int:
 
 def _check_patient(engine: Engine, patient_id: str) -> None:
     """The patient must be in the registry (by opaque id; nothing is decrypted)."""
-    from compliance.access import AccessError, check_patient_id
-    from his.tables import PatientStore
 
     try:
         check_patient_id(patient_id)
@@ -199,7 +199,6 @@ def _check_patient(engine: Engine, patient_id: str) -> None:
 
 
 def _cmd_book(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.commands.keys import operator_id
 
     actor = operator_id(args.as_)
     if (args.slot is None) == (args.date is None):
@@ -221,7 +220,6 @@ def _cmd_book(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.commands.keys import operator_id
 
     actor = operator_id(args.as_)
     with _store(config) as (store, engine):
@@ -235,7 +233,6 @@ def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_change(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.commands.keys import operator_id
 
     actor = operator_id(args.as_)
     with _store(config) as (store, engine):
