@@ -81,6 +81,9 @@ AuditAction: TypeAlias = Literal[
     "legal_hold",
     "sign",
     "store",
+    # The hotline switched to a public-health surge configuration and back (routing.surge).
+    "surge_on",
+    "surge_off",
 ]
 AuditOutcome: TypeAlias = Literal["success", "denied", "error"]
 AUDIT_ACTIONS: Final[frozenset[str]] = frozenset(get_args(AuditAction))

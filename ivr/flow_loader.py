@@ -144,6 +144,19 @@ def _load_file(path: Path, sounds_dir: Path | None = None) -> _FileResult:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         return _FileResult(path, None, [FlowProblem(path, line, 0, "", "not UTF-8 text")])
+    return _load_text(text, raw, path, sounds_dir)
+
+
+def load_flow_text(
+    text: str, source: Path, sounds_dir: Path | None = None
+) -> tuple[LoadedFlow | None, list[FlowProblem]]:
+    """A flow from YAML text that is not a file in the flows directory (surge mode's generated entry flow),
+    checked exactly like a file: schema and graph. ``source`` names it in problems."""
+    result = _load_text(text, text.encode("utf-8"), source, sounds_dir)
+    return result.loaded, result.problems
+
+
+def _load_text(text: str, raw: bytes, path: Path, sounds_dir: Path | None) -> _FileResult:
     data, source, problems = parse_flow_yaml(text, path)
     name = data.get("flow") if isinstance(data, dict) and isinstance(data.get("flow"), str) else None
     if data is None and not problems:

@@ -1,14 +1,26 @@
-"""The consult category of an utterance, from the spotter's matches: sans-I/O, deterministic, explainable.
+"""The triage level and consult category of an utterance, from the spotter's matches: sans-I/O, deterministic,
+explainable.
 
-The decision, in order (the first that applies):
+The triage level (docs/triage.md), in order (the first that applies):
 
-1. ``emergency`` when any emergency term counts (not denied, past, hypothetical or a topic). Recall comes
-   first: an uncertain report (不知道是不是中风) is an emergency, and so is one about someone else.
+- ``emergency`` when a **strong** discriminator counts (not denied, past, hypothetical or a topic); when two
+  different **weak** cues count; when a weak cue or a ``population`` symptom comes with a population modifier
+  (新生儿, 孕妇, 化疗, 华法林 …). Recall comes first: an uncertain report (不知道是不是中风) is an emergency,
+  and so is one about someone else.
+- one weak cue alone: ``urgent`` with ``confirm`` set — the IVR asks once whether an ambulance is needed rather
+  than decide silently either way.
+- ``urgent`` when a symptom counts (发烧, 呕吐, 扭伤): nurse triage.
+- ``routine`` otherwise.
+
+The consult category, in order (the first that applies):
+
+1. ``emergency`` when the level is emergency.
 2. ``adverse_reaction`` when a reaction term counts (副作用, 接种部位红肿), or a symptom (发烧, 起疹子) follows an
    exposure, a vaccine or a drug taken (打完疫苗后发烧, 吃了头孢以后起疹子). A symptom before the vaccine is a
    question about vaccinating (孩子发烧了还能打疫苗吗).
-3. ``diagnosis`` (是不是得了, 会不会是, 什么病) — answered by physicians only.
-4. ``medication`` (怎么吃, 剂量, 漏服, 降压药).
+3. ``diagnosis`` by a strong request (严重吗, 要不要手术, 空腹血糖7.2) — answered by physicians only.
+4. ``medication`` (怎么吃, 剂量, 漏服, any drug named: 华法林, 络活喜).
+4a. ``diagnosis`` by a generic question (是不是, 怎么回事) when no drug is named.
 5. ``vaccination`` (疫苗, 接种, 九价) — before appointment: booking a vaccine (预约疫苗) is vaccination.
 6. ``appointment`` (挂号, 预约, 复诊, 处方, 取药).
 7. ``general`` otherwise.
@@ -18,13 +30,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from keywords.lexicon import Category, Lexicon
-from keywords.spotter import Classification, Match, Spotter
+from keywords.spotter import Classification, Level, Match, Spotter
 
-__all__ = ["Classifier", "decide"]
+__all__ = ["Classifier", "Triage", "decide", "triage"]
 
-PRECEDENCE: tuple[Category, ...] = ("diagnosis", "medication", "vaccination", "appointment")
+# (category, strong terms only): a strong diagnosis request (严重吗, 要不要手术, a lab value) outranks a drug; a
+# generic question (是不是, 怎么回事) about a named drug is medication guidance.
+PRECEDENCE: tuple[tuple[Category, bool], ...] = (
+    ("diagnosis", True),
+    ("medication", False),
+    ("diagnosis", False),
+    ("vaccination", False),
+    ("appointment", False),
+)
 EXPOSURE_CATEGORIES: frozenset[str] = frozenset({"vaccination", "medication"})
 EXPOSURE_LOOKBEHIND = 2  # characters before the exposure term that may say it was taken (打了疫苗, 吃了头孢)
 
@@ -40,15 +61,124 @@ def _after_exposure(text: str, symptom: Match, counted: Sequence[Match], cues: S
     return None
 
 
-def decide(text: str, matches: Sequence[Match], cues: Sequence[str] = ("了", "完", "后", "过")) -> Classification:
-    """The category and the emergency flag for ``matches`` (from :meth:`Spotter.spot` on ``text``)."""
+# How sure the classifier is, by what decided (fixed, documented values: an explanation, not a probability).
+CONFIDENCE = {
+    "strong": 0.95,
+    "strong_homophone": 0.8,
+    "two_weak": 0.8,
+    "weak_population": 0.75,
+    "symptom_population": 0.7,
+    "weak": 0.5,
+    "urgent": 0.7,
+    "routine_term": 0.9,
+    "routine_none": 0.6,
+}
+POPULATION_DISCRIMINATOR = "high_risk_population"
+
+
+@dataclass(frozen=True)
+class Triage:
+    level: Level
+    confidence: float
+    discriminator: str
+    confirm: bool
+    why: str
+
+
+def _inside_other(match: Match, counted: Sequence[Match]) -> bool:
+    """A symptom inside a longer term of another kind is that term (感冒药 is a drug, not a cold)."""
+    return any(
+        not o.symptom and o.start <= match.start and match.end <= o.end and o.end - o.start > match.end - match.start
+        for o in counted
+    )
+
+
+def triage(counted: Sequence[Match], population: Sequence[str], symptom_risk: Sequence[str] = ()) -> Triage | None:
+    """The triage level from the counted matches, or None for routine (see the module docstring)."""
+    emergencies = [m for m in counted if m.category == "emergency"]
+    strong = sorted((m for m in emergencies if m.cue == "strong"), key=lambda m: (m.via == "homophone", m.start))
+    weak = [m for m in emergencies if m.cue == "weak"]
+    modifier = ", ".join(population)
+    if strong:
+        first = strong[0]
+        sure = CONFIDENCE["strong_homophone" if first.via == "homophone" else "strong"]
+        names = ", ".join(dict.fromkeys(m.canonical for m in strong))
+        return Triage("emergency", sure, first.discriminator, False, f"emergency: {names}")
+    # Two cues are two things said (冷汗 and 脸色苍白 are both signs of shock), not two lexicon entries.
+    weak_terms = list(dict.fromkeys(m.variant or m.canonical for m in weak))
+    if len(weak_terms) >= 2:
+        return Triage(
+            "emergency",
+            CONFIDENCE["two_weak"],
+            weak[0].discriminator,
+            False,
+            "emergency: two cues " + ", ".join(weak_terms),
+        )
+    if weak and population:
+        return Triage(
+            "emergency",
+            CONFIDENCE["weak_population"],
+            weak[0].discriminator,
+            False,
+            f"emergency: {weak[0].canonical} + {modifier}",
+        )
+    raised = [m for m in counted if m.symptom and m.population]
+    if raised and symptom_risk:
+        why = f"emergency: {raised[0].canonical} + {', '.join(symptom_risk)}"
+        return Triage("emergency", CONFIDENCE["symptom_population"], POPULATION_DISCRIMINATOR, False, why)
+    if weak:
+        return Triage("urgent", CONFIDENCE["weak"], weak[0].discriminator, True, f"ask: one cue {weak[0].canonical}")
+    symptoms = [m for m in counted if m.symptom and not _inside_other(m, counted)]
+    if symptoms:
+        return Triage(
+            "urgent",
+            CONFIDENCE["urgent"],
+            "",
+            False,
+            "urgent: " + ", ".join(dict.fromkeys(m.canonical for m in symptoms)),
+        )
+    return None
+
+
+def decide(
+    text: str,
+    matches: Sequence[Match],
+    cues: Sequence[str] = ("了", "完", "后", "过"),
+    population: Sequence[str] = (),
+    symptom_risk: Sequence[str] = (),
+) -> Classification:
+    """The level, category and emergency flag for ``matches`` (from :meth:`Spotter.analyse` on ``text``)."""
     rules = [m.reason for m in matches if m.reason]
     rules.extend(f"homophone: {m.term} → {m.variant} ({m.canonical})" for m in matches if m.via == "homophone")
     counted = [m for m in matches if m.counts]
-    emergencies = [m for m in counted if m.category == "emergency"]
-    if emergencies:
-        rules.append("emergency: " + ", ".join(dict.fromkeys(m.canonical for m in emergencies)))
-        return Classification(text, True, "emergency", tuple(matches), tuple(rules), level="emergency")
+    level = triage(counted, population, symptom_risk)
+    if level is not None:
+        rules.append(level.why)
+    if level is not None and level.level == "emergency":
+        return Classification(
+            text,
+            True,
+            "emergency",
+            tuple(matches),
+            tuple(rules),
+            "",
+            "emergency",
+            level.confidence,
+            level.discriminator,
+        )
+    result = _category(text, matches, counted, cues, rules)
+    if level is None:
+        sure = CONFIDENCE["routine_none" if result.category == "general" else "routine_term"]
+        return dataclasses.replace(result, confidence=sure)
+    return dataclasses.replace(
+        result, level=level.level, confidence=level.confidence, discriminator=level.discriminator, confirm=level.confirm
+    )
+
+
+def _category(
+    text: str, matches: Sequence[Match], counted: Sequence[Match], cues: Sequence[str], rules: list[str]
+) -> Classification:
+    """The consult category of a call that is not an emergency."""
     reactions = [m for m in counted if m.category == "adverse_reaction" and not m.symptom]
     for symptom in (m for m in counted if m.category == "adverse_reaction" and m.symptom):
         exposure = _after_exposure(text, symptom, counted, cues)
@@ -58,8 +188,8 @@ def decide(text: str, matches: Sequence[Match], cues: Sequence[str] = ("了", "�
     if reactions:
         rules.append("adverse_reaction: " + ", ".join(dict.fromkeys(m.canonical for m in reactions)))
         return Classification(text, False, "adverse_reaction", tuple(matches), tuple(rules))
-    for category in PRECEDENCE:
-        found = [m for m in counted if m.category == category]
+    for category, strong_only in PRECEDENCE:
+        found = [m for m in counted if m.category == category and (m.severity != "normal" or not strong_only)]
         if found:
             rules.append(f"{category}: " + ", ".join(dict.fromkeys(m.canonical for m in found)))
             return Classification(text, False, category, tuple(matches), tuple(rules))
@@ -80,5 +210,6 @@ class Classifier:
         return self.lexicon.version
 
     def classify(self, text: str) -> Classification:
-        result = decide(text, self.spotter.spot(text), self._cues)
+        analysis = self.spotter.analyse(text)
+        result = decide(text, analysis.matches, self._cues, analysis.population, analysis.symptom_risk)
         return dataclasses.replace(result, lexicon_version=self.lexicon.version)

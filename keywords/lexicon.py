@@ -12,7 +12,27 @@ Files live in ``keywords/lexicon/*.yaml`` (``DEFAULT_LEXICON_DIR``). Each file h
         exclude: [中风险]               # optional: contexts in which a match does not count
         patterns: ['(一侧|半边)(手|脚)+没劲'] # optional: regular expressions over the text without spaces/punctuation
         homophones: true                # optional (default true): also match sound-alike ASR errors
-        symptom: false                  # optional: a symptom that is an adverse reaction only after an exposure
+        symptom: false                  # optional: a symptom (urgent tier; an adverse reaction after an exposure)
+
+Emergency terms are **triage discriminators** (docs/triage.md): each names its ``discriminator`` id and the
+``source`` (the triage scale it comes from), is a ``strong`` red flag (alone an emergency) or a ``weak`` cue
+(alone the IVR asks the caller once; two weak cues, or one with a population modifier, are an emergency), and
+besides variants and patterns may hold ``clauses``, a small grammar: a body part or function and a failure or
+severity predicate within one clause::
+
+      - term: 呼吸停止
+        category: emergency
+        severity: critical
+        discriminator: not_breathing
+        source: MTS inadequate breathing; CN-ED level 1
+        clauses:
+          - subject: [呼吸, 气, 心跳]
+            predicate: [停了, 没了, 断了]
+            gap: 3                      # at most this many characters between them (default 4)
+            order: subject_first        # subject_first (default) | predicate_first | either
+
+A symptom term with ``population: true`` is a red flag when the caller names a population modifier
+(``markers.population``: an infant, a pregnant woman, chemotherapy, anticoagulants …).
 
 Loading is strict like the flows: a safe YAML loader that rejects duplicate keys and remembers where every key
 is, a pydantic schema, and cross-file checks (a variant claimed by two terms). Every problem is reported at
@@ -38,6 +58,8 @@ __all__ = [
     "CATEGORIES",
     "DEFAULT_LEXICON_DIR",
     "Category",
+    "Clause",
+    "Cue",
     "Lexicon",
     "LexiconError",
     "LexiconProblem",
@@ -55,6 +77,9 @@ DEFAULT_LEXICON_DIR = Path(__file__).resolve().parent / "lexicon"
 Category = ConsultCategory
 CATEGORIES: tuple[Category, ...] = CONSULT_CATEGORIES
 Severity = Literal["critical", "high", "normal"]
+Cue = Literal["strong", "weak"]
+ClauseOrder = Literal["subject_first", "predicate_first", "either"]
+_DISCRIMINATOR_ID = re.compile(r"^[a-z][a-z0-9_]*$")
 
 _SYLLABLE = re.compile(r"^[a-z]+$")
 _SPACE = re.compile(r"\s+")
@@ -71,6 +96,23 @@ def _clean_words(values: Sequence[str], what: str) -> tuple[str, ...]:
     return tuple(words)
 
 
+class Clause(BaseModel):
+    """A small grammar: a ``subject`` (body part, function, substance) and a ``predicate`` (failure, severity,
+    exposure) within one clause, at most ``gap`` characters apart, in the given order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subject: tuple[str, ...] = Field(min_length=1)
+    predicate: tuple[str, ...] = Field(min_length=1)
+    gap: int = Field(default=4, ge=0, le=12)
+    order: ClauseOrder = "subject_first"
+
+    @field_validator("subject", "predicate")
+    @classmethod
+    def _words(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _clean_words(value, "a clause word")
+
+
 class Term(BaseModel):
     """One lexicon entry: a canonical term and the ways callers (and the recognizer) say it."""
 
@@ -85,6 +127,11 @@ class Term(BaseModel):
     patterns: tuple[str, ...] = ()
     homophones: bool = True
     symptom: bool = False
+    discriminator: str = ""
+    source: str = ""
+    cue: Cue = "strong"
+    clauses: tuple[Clause, ...] = ()
+    population: bool = False
 
     @field_validator("term")
     @classmethod
@@ -119,6 +166,19 @@ class Term(BaseModel):
             if compiled.match(""):
                 raise ValueError(f"pattern {pattern!r} matches empty text")
         return value
+
+    @model_validator(mode="after")
+    def _check_triage(self) -> Term:
+        if self.category == "emergency":
+            if not self.discriminator:
+                raise ValueError("an emergency term needs its `discriminator` (an id from docs/triage.md)")
+            if not _DISCRIMINATOR_ID.match(self.discriminator):
+                raise ValueError(f"discriminator {self.discriminator!r} is not an id (lower case, digits, _)")
+        elif self.discriminator or self.cue != "strong" or self.clauses:
+            raise ValueError("`discriminator`, `cue` and `clauses` belong to emergency terms only")
+        if self.population and not self.symptom:
+            raise ValueError("`population: true` is for symptom terms (`symptom: true`)")
+        return self
 
     @model_validator(mode="after")
     def _check_pinyin(self) -> Term:
@@ -168,6 +228,10 @@ class Markers(BaseModel):
     coordinators: tuple[str, ...] = ()
     # Between an exposure (a vaccine, a drug) and a symptom: the symptom came after it (了, 完, 后).
     exposure_after: tuple[str, ...] = ()
+    # Population modifiers that raise a weak cue to a red flag (新生儿, 孕妇, 华法林, 糖尿病).
+    population: tuple[str, ...] = ()
+    # The few in which a `population: true` symptom (fever) alone is a red flag (新生儿, 化疗, 透析).
+    symptom_risk: tuple[str, ...] = ()
 
     @field_validator("*", mode="before")
     @classmethod

@@ -34,11 +34,11 @@ from pypinyin import Style, lazy_pinyin, pinyin
 
 from keywords.lexicon import Category, Lexicon, Severity, Term
 
-__all__ = ["Classification", "Match", "Normalised", "Rule", "Spotter", "fuzzy_syllable", "normalise"]
+__all__ = ["Analysis", "Classification", "Match", "Normalised", "Rule", "Spotter", "fuzzy_syllable", "normalise"]
 
 Level = Literal["emergency", "urgent", "routine"]
 Rule = Literal["affirmed", "third_party", "uncertain", "negated", "history", "hypothetical", "topic", "excluded"]
-Via = Literal["exact", "homophone", "pattern"]
+Via = Literal["exact", "homophone", "pattern", "grammar"]
 
 # Rules under which a match counts towards the classification.
 COUNTING_RULES: frozenset[str] = frozenset({"affirmed", "third_party", "uncertain"})
@@ -49,6 +49,8 @@ SCOPED_CATEGORIES: frozenset[str] = frozenset({"emergency", "adverse_reaction"})
 NEGATION_WINDOW = 8  # normalised characters between a negator and the term it denies
 COMMON_WORD_RATIO = 10  # a sound-alike this much more frequent than the variant is a word in its own right
 AFTER_WINDOW = 3  # a history/hypothetical/topic marker after the term must start within this many characters
+# A negation inside a clause grammar's gap denies the pair (呼吸不太困难): the pair is not formed at all.
+_GAP_NEGATION = frozenset("不没无未别非否")
 _TIME_AGO = re.compile(r"[0-9一二两三四五六七八九十几多半]+(?:年|个月|月|周|个星期|星期|天)(?:以|之)?前")
 
 
@@ -68,6 +70,9 @@ class Match:
     variant: str = ""
     symptom: bool = False
     reason: str = ""
+    discriminator: str = ""
+    cue: str = "strong"
+    population: bool = False
 
     @property
     def counts(self) -> bool:
@@ -99,9 +104,16 @@ class Classification:
         """The matches that took part in the decision (not denied, past, hypothetical or a topic)."""
         return tuple(m for m in self.matched if m.counts)
 
+    @property
+    def deciding(self) -> tuple[Match, ...]:
+        """The matches that explain the decision: for an emergency its emergency terms, otherwise all counted."""
+        if self.emergency:
+            return tuple(m for m in self.counted if m.category == "emergency")
+        return self.counted
+
     def as_recognition_fields(self) -> tuple[Category, bool, tuple[str, ...]]:
-        """(category, emergency, matched terms) for ``telephony.ports.Recognition``: canonical terms that counted."""
-        return self.category, self.emergency, tuple(dict.fromkeys(m.canonical for m in self.counted))
+        """(category, emergency, matched terms) for ``telephony.ports.Recognition``: canonical terms that decided."""
+        return self.category, self.emergency, tuple(dict.fromkeys(m.canonical for m in self.deciding))
 
     def triage_fields(self) -> tuple[Level, float, str, bool]:
         """(level, confidence, discriminator, confirm) for ``telephony.ports.Recognition``."""
@@ -113,7 +125,7 @@ class Classification:
             "text": self.text,
             "emergency": self.emergency,
             "category": self.category,
-            "matched": [m.as_dict() for m in self.counted],
+            "matched": [m.as_dict() for m in self.deciding],
             "level": self.level,
             "confidence": self.confidence,
             "discriminator": self.discriminator,
@@ -154,6 +166,10 @@ def normalise(text: str) -> Normalised:
             continue
         for folded in unicodedata.normalize("NFKC", char):
             if folded.isspace():
+                continue
+            if folded == "." and chars and chars[-1].isdigit() and text[position + 1 : position + 2].isdigit():
+                chars.append(folded)  # a decimal point (血糖2.1) is part of the number, not a clause boundary
+                index.append(position)
                 continue
             kind = unicodedata.category(folded)
             if kind[0] in "PSZC":
@@ -240,6 +256,21 @@ class _Marker:
     end: int
 
 
+@dataclass(frozen=True)
+class _ClauseWord:
+    rule: int  # index into Spotter._clause_rules
+    role: Literal["subject", "predicate"]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Every term found in an utterance (with its scope), and the population modifiers named in it."""
+
+    matches: tuple[Match, ...]
+    population: tuple[str, ...] = ()
+    symptom_risk: tuple[str, ...] = ()
+
+
 @functools.cache
 def _base_dictionary() -> tuple[dict[str, int], int]:
     """jieba's own dictionary, loaded once per process (its cache file makes that ~0.3 s)."""
@@ -277,6 +308,19 @@ class Spotter:
                 if len(variant) >= 2:
                     self._tokenizer.add_word(variant)
         self._patterns = [(re.compile(p), term) for term in lexicon.terms for p in term.patterns]
+        # Clause grammars: one trie over every subject and predicate word, scanned once per utterance.
+        self._clause_rules = [(term, clause) for term in lexicon.terms for clause in term.clauses]
+        self._clause_trie: dict[str, list[_ClauseWord]] = {}
+        self._clause_prefixes: set[str] = set()
+        for index, (_term, clause) in enumerate(self._clause_rules):
+            for role, words in (("subject", clause.subject), ("predicate", clause.predicate)):
+                for word in words:
+                    variant = normalise(word).text
+                    if not variant:
+                        continue
+                    self._clause_trie.setdefault(variant, []).append(_ClauseWord(index, role))  # type: ignore[arg-type]
+                    self._clause_prefixes.update(variant[:n] for n in range(1, len(variant)))
+        self._clause_max = max((len(w) for w in self._clause_trie), default=0)
         self._marker_kinds: dict[str, list[str]] = {}
         for kind in type(self.markers).model_fields:
             for word in getattr(self.markers, kind):
@@ -302,9 +346,13 @@ class Spotter:
 
     def spot(self, text: str) -> tuple[Match, ...]:
         """Every lexicon term in ``text``, ordered by position, each with its scope rule."""
+        return self.analyse(text).matches
+
+    def analyse(self, text: str) -> Analysis:
+        """:meth:`spot`, and the population modifiers (an infant, a pregnant woman ...) the caller named."""
         norm = normalise(text)
         if not norm.text:
-            return ()
+            return Analysis(())
         tokens = self.tokens(norm.text)
         starts: set[int] = set()
         ends: set[int] = set()
@@ -313,14 +361,15 @@ class Spotter:
             starts.add(position)
             position += len(token)
             ends.add(position)
+        markers = self._markers(norm.text, starts, ends)
+        clause_starts = sorted({0, *norm.breaks, *(m.end for m in markers if m.kind == "scope_breakers")})
         candidates = (
             self._exact_candidates(norm.text)
             + self._pattern_candidates(norm.text)
+            + self._clause_candidates(norm.text, clause_starts)
             + [c for c in self._sound_candidates(norm.text) if self._plausible_error(norm.text, c, starts, ends)]
         )
         chosen = self._choose(norm.text, candidates)
-        markers = self._markers(norm.text, starts, ends)
-        clause_starts = sorted({0, *norm.breaks, *(m.end for m in markers if m.kind == "scope_breakers")})
         matches = []
         for candidate in chosen:
             rule, reason = self._scope(norm, candidate, chosen, markers, clause_starts)
@@ -339,9 +388,14 @@ class Spotter:
                     variant=candidate.entry.variant,
                     symptom=term.symptom,
                     reason=reason,
+                    discriminator=term.discriminator,
+                    cue=term.cue,
+                    population=term.population,
                 )
             )
-        return tuple(matches)
+        population = tuple(dict.fromkeys(m.word for m in markers if m.kind == "population"))
+        risk = tuple(dict.fromkeys(m.word for m in markers if m.kind == "symptom_risk"))
+        return Analysis(tuple(matches), population, risk)
 
     # -- matching ----------------------------------------------------------------------------------------------
 
@@ -364,6 +418,47 @@ class Spotter:
             for m in pattern.finditer(text)
             if m.end() > m.start()
         ]
+
+    def _clause_candidates(self, text: str, clause_starts: list[int]) -> list[_Candidate]:
+        """Subject × predicate pairs of one clause grammar, within its gap, in its order, in one clause, with no
+        negation in between. For each word the nearest partner is taken."""
+        if not self._clause_rules:
+            return []
+        found: dict[int, list[tuple[str, int, int]]] = {}
+        for start in range(len(text)):
+            for end in range(start + 1, min(len(text), start + self._clause_max) + 1):
+                piece = text[start:end]
+                for word in self._clause_trie.get(piece, ()):
+                    found.setdefault(word.rule, []).append((word.role, start, end))
+                if piece not in self._clause_prefixes:
+                    break
+        candidates: list[_Candidate] = []
+        for index, occurrences in found.items():
+            term, clause = self._clause_rules[index]
+            subjects = [(s, e) for role, s, e in occurrences if role == "subject"]
+            predicates = [(s, e) for role, s, e in occurrences if role == "predicate"]
+            for subject in subjects:
+                best: tuple[int, int, int] | None = None  # (distance, start, end)
+                for predicate in predicates:
+                    pairs = []
+                    if clause.order in ("subject_first", "either"):
+                        pairs.append((subject, predicate))
+                    if clause.order in ("predicate_first", "either"):
+                        pairs.append((predicate, subject))
+                    for first, second in pairs:
+                        gap = second[0] - first[1]
+                        if gap < 0 or gap > clause.gap:
+                            continue
+                        if any(first[0] < b <= second[0] for b in clause_starts):
+                            continue
+                        if any(c in _GAP_NEGATION for c in text[first[1] : second[0]]):
+                            continue
+                        if best is None or gap < best[0]:
+                            best = (gap, first[0], second[1])
+                if best is not None:
+                    _, start, end = best
+                    candidates.append(_Candidate(start, end, _Entry(term, text[start:end]), "grammar"))
+        return candidates
 
     def _sound_candidates(self, text: str) -> list[_Candidate]:
         readings = [_char_readings(c) for c in text]

@@ -31,6 +31,7 @@ from medhotline.commands import outreach as scheduler_commands
 from medhotline.commands import patients as his_commands
 from medhotline.commands import recordings as recordings_commands
 from medhotline.commands import routing as routing_commands
+from medhotline.commands import surge as surge_commands
 from medhotline.commands import vaccination as vaccination_commands
 from medhotline.commands.audit import prove_command, verify_command
 from medhotline.demo import run_demo
@@ -174,6 +175,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         scheduler_commands.register,
         vaccination_commands.register,
         routing_commands.register,
+        surge_commands.register,
         his_commands.register,
         key_commands.register,
         access_commands.register,

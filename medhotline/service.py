@@ -44,6 +44,7 @@ from medhotline import maintenance
 from medhotline.ami import AmiMonitor
 from medhotline.asterisk_config import AsteriskCredentials
 from medhotline.sandbox import Sandbox
+from medhotline.surge import SurgeState
 from recordings.capture import CallRecordings
 from recordings.ingest import Ingestor
 from recordings.records import open_sealer
@@ -51,9 +52,12 @@ from recordings.retention import RetentionPolicy
 from recordings.store import RecordingStore
 from routing.agent_endpoints import FILE_NAME, render_agent_endpoints
 from routing.ari_queue import AGENT_LEG_ARG, CallerQueue, EscalationTransfer, QueueResult, QueueSettings
+from routing.callback_store import ModeStore
 from routing.engine import EngineSettings, RoutingEngine
+from routing.model import CallRequest
 from routing.rules import DEFAULT_RULES, load_rules
 from routing.store import AgentStore
+from routing.surge import over_capacity, overflow_texts
 from scheduler.leader import leader_lock_for
 from scheduler.outreach import CallOutreach, Outreach
 from scheduler.policy import DialPolicy
@@ -76,6 +80,7 @@ if TYPE_CHECKING:
 
     from compliance.access_store import AccessControl
     from his.directory import PatientServices
+    from medhotline.surge import SurgeState
     from recordings.capture import CallRecordings, ChannelRecorder
     from routing.agent_endpoints import ContactView
     from scheduler.outreach import CallOutreach, Outreach
@@ -154,6 +159,8 @@ class HotlineService:
         self.recordings = recordings
         # Outbound calls and the outreach nodes (set by run_service when [outreach] is enabled).
         self.outreach: Outreach | None = None
+        # The hotline's mode from the database (surge or normal), polled on the reload loop; None in unit tests.
+        self.surge: SurgeState | None = None
         self.scheduler: OutreachScheduler | None = None
         # Calls an agent answered (their summary is sealed after the wrap-up) and calls handed to the ARI queue
         # by FastAGI (whose record is finished by the queue's side).
@@ -228,7 +235,8 @@ class HotlineService:
                 with contextlib.suppress(Exception):
                     await channel.hangup()
                 return call_id, "error"
-            loaded = flows.get(flow or info.flow) or flows[self.config.hotline.flow]
+            entry = flow or (self.surge.entry_flow(info.flow) if self.surge is not None else info.flow)
+            loaded = flows.get(entry) or flows[self.config.hotline.flow]
             log.info(
                 "call.start",
                 transport=info.transport,
@@ -387,6 +395,8 @@ class HotlineService:
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return result
+        if await self._overflowed(channel, call_id, route.category, route.priority):
+            return result
         queued = await self._queue(
             channel,
             call_id,
@@ -456,6 +466,29 @@ class HotlineService:
         finally:
             if assigned:
                 self._spawn(self._end_assignment(call_id, self.config.routing.wrap_up))
+
+    async def _overflowed(self, channel: AriCallChannel, call_id: str, category: str, priority: str) -> bool:
+        """Surge mode's capacity limit: a normal call to a full queue hears the overflow message and the hang-up
+        instead of waiting without end. Emergencies are never turned away. True when the call was turned away."""
+
+        profile = self.surge.profile if self.surge is not None else None
+        if profile is None or self.engine is None:
+            return False
+        request = CallRequest(call_id, cast(ConsultCategory, category), cast(CallPriority, priority), datetime.now(UTC))
+        if not over_capacity(profile, request, self.engine.waiting_by_category()):
+            return False
+        log.warning("surge.overflow", category=category)
+        await self._record(
+            "overflow step", self.repo.add_step, call_id, flow="queue", node="overflow", node_type="queue",
+            edge=category, input=None, at=datetime.now(UTC), moves_last_step=False,
+        )  # fmt: skip
+        try:
+            for text in overflow_texts(profile, callback_offered=False):
+                await channel.play(sound_name(text, self.voice))
+            await channel.hangup()
+        except ChannelError:
+            pass  # the caller hung up meanwhile
+        return True
 
     async def _end_assignment(self, call_id: str, after: float) -> None:
         await asyncio.sleep(after)
@@ -579,6 +612,8 @@ class HotlineService:
             await asyncio.sleep(self.config.hotline.reload_interval)
             try:
                 await asyncio.to_thread(self.flows.refresh)
+                if self.surge is not None:
+                    await self.surge.poll()
                 if self.lexicon is not None:
                     await asyncio.to_thread(self.lexicon.refresh)
             except Exception:
@@ -803,6 +838,12 @@ def run_service(config: Config) -> int:
         )
         if config.outreach.enabled:
             service.enable_outreach(sessions, bind)
+
+        service.surge = SurgeState(ModeStore(sessions), flows, engine, config.hotline.flow, service.speak)
+        try:
+            await service.surge.poll()  # a node started during a surge serves it from its first call
+        except Exception:
+            log.exception("surge.poll_failed")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

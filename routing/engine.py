@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,8 +28,9 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
+from routing.callbacks import estimated_wait
 from routing.model import Agent, CallRequest
-from routing.router import Assignment, Dispatcher, RoutingError
+from routing.router import VOLUNTEER_KIND, Assignment, Dispatcher, RoutingError
 from routing.rules import EscalationRule, RoutingRules
 
 log = structlog.get_logger(__name__)
@@ -55,7 +57,14 @@ class AgentDirectory(Protocol):
 
     def routing_snapshot(self) -> Sequence[AgentSnapshot]: ...
     def reserve(
-        self, account_id: str, call_id: str, node: str, at: datetime, required: Sequence[Sequence[str]] = ()
+        self,
+        account_id: str,
+        call_id: str,
+        node: str,
+        at: datetime,
+        required: Sequence[Sequence[str]] = (),
+        *,
+        excluded: Sequence[str] = (),
     ) -> bool: ...
     def release(self, account_id: str, call_id: str) -> bool: ...
     def release_node(self, node: str) -> int: ...
@@ -111,6 +120,8 @@ class EngineSettings:
     no_answer_pause: float = 60.0
     # An agent whose phone could not be reached at all (not registered, network) is retried after this long.
     unreachable_retry: float = 30.0
+    # Seconds of waiting credit a callback gives up against live callers; 0 keeps the caller's place exactly.
+    callback_delay: float = 0.0
 
 
 def _now() -> datetime:
@@ -129,7 +140,7 @@ class RoutingEngine:
         self.directory = directory
         self.rules = rules
         self.settings = settings
-        self.dispatcher = Dispatcher(rules)
+        self.dispatcher = Dispatcher(rules, callback_delay=settings.callback_delay)
         self._clock = clock
         self._tickets: dict[str, Ticket] = {}
         self._held: dict[str, str] = {}  # agent id → call id this node holds them for (ring, talk, wrap-up)
@@ -166,6 +177,58 @@ class RoutingEngine:
 
     def position(self, call_id: str) -> int | None:
         return self.dispatcher.position(call_id, self._clock())
+
+    def estimate(self, call_id: str, handle_seconds: float) -> tuple[int, float | None] | None:
+        """(position, estimated seconds to wait) of a waiting call; None when it is not waiting.
+
+        The estimate counts the agents who may take its category and are logged in (see
+        ``routing.callbacks.estimated_wait``); None for the seconds when nobody could take it now.
+        """
+
+        at = self._clock()
+        position = self.dispatcher.position(call_id, at)
+        ticket = self._tickets.get(call_id)
+        if position is None or ticket is None:
+            return None
+        category = next(
+            (c.category for c in self.dispatcher.waiting(at) if c.call_id == call_id), ticket.request.category
+        )
+        return position, estimated_wait(position, self.dispatcher.serving_agents(category, at), handle_seconds)
+
+    def waiting_by_category(self) -> dict[str, int]:
+        """Callers on the line waiting per category (callbacks not counted): surge mode's capacity limits."""
+        return self.dispatcher.waiting_by_category()
+
+    def set_volunteers(self, categories: frozenset[str]) -> None:
+        """Surge mode on (the categories overflow agents take) or off (empty): effective from the next decision."""
+        if categories != self.dispatcher.volunteers:
+            log.warning("routing.volunteers", categories=sorted(categories))
+        self.dispatcher.volunteers = categories
+        self._wake.set()
+
+    def enqueue_callback(self, request: CallRequest) -> Ticket:
+        """A callback request enters the order at its original caller's place (``request.enqueued_at``)."""
+        if not request.callback:
+            raise RoutingError(f"call {request.call_id} is not a callback request")
+        return self.enqueue(request)
+
+    def queued(self) -> set[str]:
+        """Ids of the calls and callbacks this node's engine holds (waiting or ringing)."""
+        return set(self._tickets)
+
+    def move_to_callback(self, call_id: str, callback_call_id: str) -> CallRequest | None:
+        """A waiting caller accepted a callback: their place passes to ``callback_call_id`` (same arrival time).
+        None (and nothing changed) when the call is no longer waiting, e.g. an agent rings for it already."""
+        if call_id not in self._tickets or not self.dispatcher.is_waiting(call_id):
+            return None
+        at = self._clock()
+        call = self.dispatcher.remove(call_id, at)
+        self._tickets.pop(call_id, None)
+        if call is None:
+            return None
+        request = CallRequest(callback_call_id, call.category, call.priority, call.enqueued_at, callback=True)
+        self.enqueue_callback(request)
+        return request
 
     def waiting_count(self) -> int:
         return len(self.dispatcher.waiting(self._clock()))
@@ -313,8 +376,16 @@ class RoutingEngine:
                 return
             call_id, agent_id = assignment.call.call_id, assignment.agent_id
             required = self.rules.rule(assignment.call.category).required
+            # Overflow agents take only the categories surge mode allows them: checked again by the database.
+            excluded = () if assignment.call.category in self.dispatcher.volunteers else (VOLUNTEER_KIND,)
             reserved = await self._db(
-                "reserve agent", self.directory.reserve, agent_id, call_id, self.settings.node, at, required
+                "reserve agent",
+                functools.partial(self.directory.reserve, excluded=excluded),
+                agent_id,
+                call_id,
+                self.settings.node,
+                at,
+                required,
             )
             if self.dispatcher.ringing().get(call_id) != agent_id:
                 # The caller hung up (or the agent was frozen) while the database answered.
@@ -342,7 +413,8 @@ class RoutingEngine:
         at = self._clock()
         for due in self.dispatcher.escalations(at):
             ticket = self._tickets.get(due.call.call_id)
-            if ticket is not None and not ticket.escalated:
+            # A callback waits without anyone on the line: it has nobody to transfer and keeps its place.
+            if ticket is not None and not ticket.escalated and not due.call.callback:
                 ticket.escalated = True
                 log.warning("routing.escalation_due", category=due.call.category, after=due.rule.after)
                 ticket.items.put_nowait(Escalate(due.rule))
@@ -351,7 +423,7 @@ class RoutingEngine:
             return
         for call in self.dispatcher.waiting(at):
             ticket = self._tickets.get(call.call_id)
-            if call.category in unserved and ticket is not None and not ticket.escalated:
+            if call.category in unserved and ticket is not None and not ticket.escalated and not call.callback:
                 ticket.escalated = True
                 log.error("routing.no_qualified_agent", category=call.category)
                 ticket.items.put_nowait(Escalate(self.rules.rule(call.category).escalation, "no_qualified_agent"))

@@ -26,6 +26,9 @@ from routing.model import Agent, CallPriority, CallRequest
 from routing.rules import EscalationRule, RoutingRules
 from telephony.consult import ConsultCategory
 
+# The overflow agents' credential kind (``routing.surge``); spelled here so the core needs no surge import.
+VOLUNTEER_KIND = "surge_volunteer"
+
 __all__ = [
     "AgentState",
     "AgentStatus",
@@ -50,16 +53,27 @@ def waited_seconds(call: CallRequest, at: datetime) -> float:
     return max(0.0, (at - call.enqueued_at).total_seconds())
 
 
-def qualified(agent: Agent, call: CallRequest, rules: RoutingRules, at: datetime) -> bool:
-    """The hard requirement only: not frozen and every required group met by a valid verified credential."""
+def qualified(
+    agent: Agent, call: CallRequest, rules: RoutingRules, at: datetime, volunteers: frozenset[str] = frozenset()
+) -> bool:
+    """The hard requirement only: not frozen and every required group met by a valid verified credential.
+
+    An overflow agent (a valid ``surge_volunteer`` credential) takes only the categories in ``volunteers``, the
+    ones surge mode allows them now (empty outside surge mode: they take nothing).
+    """
     if agent.frozen:
         return False
-    return rules.rule(call.category).credentials_satisfied(agent.valid_credential_kinds(at))
+    kinds = agent.valid_credential_kinds(at)
+    if VOLUNTEER_KIND in kinds and call.category not in volunteers:
+        return False
+    return rules.rule(call.category).credentials_satisfied(kinds)
 
 
-def eligible(agent: Agent, call: CallRequest, rules: RoutingRules, at: datetime) -> bool:
+def eligible(
+    agent: Agent, call: CallRequest, rules: RoutingRules, at: datetime, volunteers: frozenset[str] = frozenset()
+) -> bool:
     """May ``agent`` take ``call`` at ``at``: qualified, and meets the skill step in force for the call's wait."""
-    if not qualified(agent, call, rules, at):
+    if not qualified(agent, call, rules, at, volunteers):
         return False
     rule = rules.rule(call.category)
     return rule.steps[rule.step_index(waited_seconds(call, at))].match.matches(agent.skills)
@@ -102,6 +116,9 @@ class Dispatcher:
         # decision needs the head of each list's run per skill step, not a sort of every waiting call.
         self._lists: dict[_ListKey, list[tuple[datetime, str]]] = {}
         self._ringing: dict[str, tuple[CallRequest, str]] = {}  # call id → (call, agent id)
+        # Surge mode: the categories overflow agents may take now (empty: none, surge mode is off), and whether
+        # they go first for those categories so that clinicians stay free for clinical calls.
+        self.volunteers: frozenset[str] = frozenset()
 
     # -- agents -----------------------------------------------------------------------------------------
     def add_agent(self, agent: Agent, at: datetime, state: AgentState = "offline") -> None:
@@ -255,8 +272,8 @@ class Dispatcher:
         if not available:
             return None
         for call in sorted(self._candidates(at), key=lambda c: self._rank(c, at)):
-            for agent in available:
-                if eligible(agent, call, self.rules, at):
+            for agent in self._preferred(available, call, at):
+                if eligible(agent, call, self.rules, at, self.volunteers):
                     self._wait_pop(call.call_id)
                     self._ringing[call.call_id] = (call, agent.id)
                     self._status[agent.id] = AgentStatus("ringing", at)
@@ -318,14 +335,7 @@ class Dispatcher:
         credential they require, or all who do are frozen): waiting for them is pointless."""
         waiting = {c.category for c in self._waiting.values()}
         agents = list(self._agents.values())
-        return {
-            category
-            for category in waiting
-            if not any(
-                not a.frozen and self.rules.rule(category).credentials_satisfied(a.valid_credential_kinds(at))
-                for a in agents
-            )
-        }
+        return {category for category in waiting if not any(self._may_serve(a, category, at) for a in agents)}
 
     def why_waiting(self, call_id: str, at: datetime) -> WaitReason | None:
         """Why a waiting call has no agent (None if it is not waiting)."""
@@ -333,9 +343,9 @@ class Dispatcher:
         if call is None:
             return None
         agents = list(self._agents.values())
-        if not any(qualified(a, call, self.rules, at) for a in agents):
+        if not any(qualified(a, call, self.rules, at, self.volunteers) for a in agents):
             return "no_qualified_agent"
-        able = [a for a in agents if eligible(a, call, self.rules, at)]
+        able = [a for a in agents if eligible(a, call, self.rules, at, self.volunteers)]
         if not able:
             return "no_agent_with_skill"
         if not any(self._status[a.id].state == "available" for a in able):
@@ -359,6 +369,35 @@ class Dispatcher:
         return min(later, default=None)
 
     # -- internals --------------------------------------------------------------------------------------
+    def _may_serve(self, agent: Agent, category: ConsultCategory, at: datetime) -> bool:
+        if agent.frozen:
+            return False
+        kinds = agent.valid_credential_kinds(at)
+        if VOLUNTEER_KIND in kinds and category not in self.volunteers:
+            return False
+        return self.rules.rule(category).credentials_satisfied(kinds)
+
+    def serving_agents(self, category: ConsultCategory, at: datetime) -> int:
+        """Agents who may take ``category`` and are logged in (not offline or paused): for wait estimates."""
+        return sum(
+            1
+            for a in self._agents.values()
+            if self._status[a.id].state not in ("offline", "paused") and self._may_serve(a, category, at)
+        )
+
+    def waiting_by_category(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for call in self._waiting.values():
+            if not call.callback:
+                counts[call.category] = counts.get(call.category, 0) + 1
+        return counts
+
+    def _preferred(self, available: list[Agent], call: CallRequest, at: datetime) -> list[Agent]:
+        """Longest idle first; in surge mode, overflow agents before clinicians for the categories they take."""
+        if call.category not in self.volunteers:
+            return available
+        return sorted(available, key=lambda a: VOLUNTEER_KIND not in a.valid_credential_kinds(at))
+
     def _rank(self, call: CallRequest, at: datetime) -> tuple[int, float, datetime, str]:
         urgency = 0 if call.priority == "emergency" else 1
         return (urgency, -self.effective_wait(call, at), call.enqueued_at, call.call_id)

@@ -286,7 +286,7 @@ def _rowcount(result: CursorResult[Any]) -> int:
 # --- the reservation statements ---------------------------------------------------------------------------------
 
 
-def _reserve_statement(groups: int) -> Update:
+def _reserve_statement(groups: int, *, excluding: bool = False) -> Update:
     """The conditional UPDATE of :meth:`AgentStore.reserve` for ``groups`` credential groups.
 
     Built once with bound parameters (``agent``, ``call``, ``node``, ``at``, ``kinds0`` …; not column names, which
@@ -311,6 +311,19 @@ def _reserve_statement(groups: int) -> Update:
                 CredentialRow.valid_until > at,
             )
         )
+    if excluding:
+        # Surge mode's overflow agents: the agent holds no valid credential of the excluded kinds.
+        conditions.append(
+            ~exists().where(
+                CredentialRow.account_id == AgentRow.account_id,
+                CredentialRow.kind.in_(bindparam("excluded", expanding=True)),
+                CredentialRow.status == "active",
+                CredentialRow.verified_at.is_not(None),
+                CredentialRow.verified_at <= at,
+                CredentialRow.valid_from <= at,
+                CredentialRow.valid_until > at,
+            )
+        )
     return (
         update(AgentRow)
         .where(*conditions)
@@ -320,6 +333,7 @@ def _reserve_statement(groups: int) -> Update:
 
 # Immutable statements, shared by every store: rules rarely need more than two credential groups.
 _RESERVE: Final = tuple(_reserve_statement(groups) for groups in range(4))
+_RESERVE_EXCLUDING: Final = tuple(_reserve_statement(groups, excluding=True) for groups in range(4))
 _RELEASE: Final = (
     update(AgentRow)
     .where(AgentRow.account_id == bindparam("agent"), AgentRow.reserved_call_id == bindparam("call"))
@@ -438,10 +452,13 @@ class AgentStore(Repository):
         node: str,
         at: datetime,
         required: Sequence[Sequence[str]] = (),
+        *,
+        excluded: Sequence[str] = (),
     ) -> bool:
         """Take the agent for ``call_id`` if, at ``at``, nobody holds them, they are not paused, their account is
         not frozen and every group in ``required`` is met by one of their credentials that is active, verified
-        (``verified_at <= at``) and valid (``valid_from <= at < valid_until``).
+        (``verified_at <= at``) and valid (``valid_from <= at < valid_until``), and none of their valid
+        credentials is of a kind in ``excluded`` (surge mode's overflow agents, for calls they may not take).
 
         All of it is the WHERE of one UPDATE, so the check and the take cannot be separated by another node:
         True means this call holds the agent; False means it does not (already held, even by this very call;
@@ -456,9 +473,18 @@ class AgentStore(Repository):
                 raise AgentError("a required credential group is empty: it could never be met")
             for kind in group:
                 _check_name(kind, "credential kind")
+        for kind in excluded:
+            _check_name(kind, "excluded credential kind")
         parameters: dict[str, object] = {"agent": account_id, "call": call_id, "node": node, "at": at}
         parameters.update({f"kinds{index}": list(group) for index, group in enumerate(groups)})
-        statement = _RESERVE[len(groups)] if len(groups) < len(_RESERVE) else _reserve_statement(len(groups))
+        cached = _RESERVE_EXCLUDING if excluded else _RESERVE
+        if excluded:
+            parameters["excluded"] = list(excluded)
+        statement = (
+            cached[len(groups)]
+            if len(groups) < len(cached)
+            else _reserve_statement(len(groups), excluding=bool(excluded))
+        )
         return self._update(statement, f"reserving agent {account_id} for call {call_id}", parameters) == 1
 
     def release(self, account_id: str, call_id: str) -> bool:

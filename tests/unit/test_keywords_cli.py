@@ -74,7 +74,7 @@ def test_classify_contract(
     }
     assert objects[1]["text"] == "没有胸痛，想问降压药怎么吃"
     assert (objects[1]["emergency"], objects[1]["category"]) == (False, "medication")
-    assert (objects[2]["emergency"], objects[2]["category"], objects[2]["matched"]) == (False, "general", [])
+    assert (objects[2]["emergency"], objects[2]["category"], objects[2]["level"]) == (False, "general", "routine")
     assert "胸口疼" in lines[0]  # UTF-8 text, not \\u escapes
     assert "Traceback" not in captured.err
 

@@ -14,6 +14,7 @@ terms:
     category: emergency
     severity: critical
     variants: [嘴歪, 说话不清]
+    discriminator: stroke_signs
 """
 
 
@@ -89,7 +90,7 @@ def test_blank_variant(tmp_path: Path) -> None:
 def test_duplicate_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "a.yaml", GOOD + "    severity: high\n")
     assert _problems(tmp_path) == [
-        f"{path}:6:5: terms.0.severity: duplicate key 'severity' (first on line 4, again on line 6)"
+        f"{path}:7:5: terms.0.severity: duplicate key 'severity' (first on line 4, again on line 7)"
     ]
 
 

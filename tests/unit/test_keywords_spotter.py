@@ -32,7 +32,7 @@ def test_issue_examples(classifier: Classifier) -> None:
     urgent = classifier.classify("我爸胸口疼得厉害，喘不上气")
     assert urgent.emergency
     assert urgent.category == "emergency"
-    assert [(m.term, m.start, m.end) for m in urgent.counted] == [("胸口疼", 2, 5), ("喘不上气", 9, 13)]
+    assert [(m.term, m.start, m.end) for m in urgent.deciding] == [("胸口疼", 2, 5), ("喘不上气", 9, 13)]
     calm = classifier.classify("没有胸痛，想问降压药怎么吃")
     assert not calm.emergency
     assert calm.category == "medication"
@@ -125,7 +125,7 @@ def test_third_party_reports_are_emergencies(classifier: Classifier, text: str) 
         ("我爸中疯了", "中风", "中疯"),
         ("奶奶昏谜了", "昏迷", "昏谜"),
         ("我爸好像中分了", "中风", "中分"),  # near-homophone: fen / feng
-        ("我爸心机梗塞", "心肌梗死", "心机梗塞"),
+        ("我爸心机梗塞", "胸痛", "心机梗塞"),  # 心肌梗塞 belongs to the cardiac chest pain discriminator
         ("说话不亲楚", "中风", "说话不亲楚"),  # qin / qing (说话不清楚)
     ],
 )
@@ -203,10 +203,14 @@ def test_recognition_fields(classifier: Classifier) -> None:
 
 
 def test_lexicon_from_code() -> None:
-    lexicon = Lexicon.from_terms([Term(term="中风", category="emergency", severity="critical", variants=("嘴歪",))])
+    lexicon = Lexicon.from_terms(
+        [Term(term="中风", category="emergency", severity="critical", discriminator="stroke_signs", variants=("嘴歪",))]
+    )
     result = Classifier(lexicon).classify("他嘴歪")
     assert result.emergency
-    assert result.matched == (Match("嘴歪", "中风", "emergency", "critical", 1, 3, "affirmed", variant="嘴歪"),)
+    assert result.matched == (
+        Match("嘴歪", "中风", "emergency", "critical", 1, 3, "affirmed", variant="嘴歪", discriminator="stroke_signs"),
+    )
     assert result.lexicon_version == lexicon.version
 
 

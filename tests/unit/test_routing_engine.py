@@ -49,7 +49,14 @@ class FakeAgentTable:
             return list(self.views.values())
 
     def reserve(
-        self, account_id: str, call_id: str, node: str, at: datetime, required: Sequence[Sequence[str]] = ()
+        self,
+        account_id: str,
+        call_id: str,
+        node: str,
+        at: datetime,
+        required: Sequence[Sequence[str]] = (),
+        *,
+        excluded: Sequence[str] = (),
     ) -> bool:
         if self.fail_reserve:
             raise RuntimeError("database unreachable")
@@ -57,6 +64,8 @@ class FakeAgentTable:
             view = self.views[account_id]
             kinds = view.agent.valid_credential_kinds(at)
             if view.reserved_call_id or view.paused_reason or view.agent.frozen:
+                return False
+            if kinds & set(excluded):
                 return False
             if not all(any(k in kinds for k in group) for group in required):
                 return False
