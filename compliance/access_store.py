@@ -27,7 +27,6 @@ short transaction (plus audit appends after the commit of what they record, or b
 from __future__ import annotations
 
 import asyncio
-import getpass
 import re
 import secrets
 import string
@@ -84,6 +83,7 @@ from compliance.audit import AuditAction, AuditError, AuditLog, AuditOutcome, Js
 from ground.db import Repository
 from ground.errors import MedhotlineError
 from ground.models import Base, UTCDateTime
+from ground.operator import operator_id
 
 GRANT_ID: Final = re.compile(r"bg-[a-z]{12}")
 SESSION_ID: Final = re.compile(r"s-[a-z]{32}")
@@ -97,7 +97,6 @@ _AUDITED: Final[Mapping[Action, AuditAction]] = {
     "change": "change",
     "delete": "change",
 }
-_OS_USER: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,100}")
 
 
 class AccessDenied(MedhotlineError):
@@ -239,8 +238,7 @@ class Actor:
 
     @classmethod
     def operator(cls, user: str | None = None) -> Actor:
-        name = user if user is not None else getpass.getuser()
-        return cls(f"os:{name}" if _OS_USER.fullmatch(name) else "os:unknown", "operator")
+        return cls(operator_id(user), "operator")
 
     @classmethod
     def system(cls) -> Actor:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, TypeAlias, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeAlias, get_args
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -61,6 +61,12 @@ from compliance.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from ground.canonical import canonical_json
+from ground.errors import MedhotlineError
+from ground.ids import UUID_PATTERN
+
+if TYPE_CHECKING:
+    from compliance.audit_witness import HeadWitness
 
 AuditAction: TypeAlias = Literal[
     "read",
@@ -101,7 +107,6 @@ _DETAIL_KEY: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # record number or a date of birth. Such values belong in the encrypted business tables, never in the audit log.
 _NUMBER_LIKE: Final = re.compile(r"\d(?:[\s.()/-]*\d){6,}")
 _DIGEST: Final = re.compile(r"(?:[0-9a-f]{2}){16,64}")
-_UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _PII_KEYS: Final = frozenset(
     {"name", "first_name", "last_name", "full_name", "patient_name", "phone", "phone_number", "telephone",
      "mobile", "msisdn", "caller_id", "email", "address", "birth", "birthdate", "date_of_birth", "dob", "mrn",
@@ -109,8 +114,10 @@ _PII_KEYS: Final = frozenset(
 )  # fmt: skip
 
 
-class AuditError(Exception):
-    """An audit entry is invalid (e.g. would carry personal data) or the log cannot be appended to."""
+class AuditError(MedhotlineError):
+    """An audit entry is invalid (e.g. would carry personal data) or the log cannot be appended to.
+
+    A MedhotlineError: the CLI shows its message and exits 1; an operation that needs its entry did not happen."""
 
 
 class AuditIntegrityError(AuditError):
@@ -128,10 +135,6 @@ def _format_time(at: datetime) -> str:
 
 def _parse_time(value: str) -> datetime:
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
-def _canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def _check_free_text(what: str, value: str) -> None:
@@ -152,7 +155,7 @@ def _check_details(value: object, where: str = "details") -> None:
             raise AuditError(f"{where}: large number {value} looks like an identifier; use a blind id")
         return
     if isinstance(value, str):
-        if _UUID.fullmatch(value) or _DIGEST.fullmatch(value):
+        if UUID_PATTERN.fullmatch(value) or _DIGEST.fullmatch(value):
             # A record's random id (call, recording, signed record) or a hash: 32+ hex characters of random
             # shape, whose digit runs are not a phone or record number.
             return
@@ -195,7 +198,7 @@ class StoredEntry:
 
     def canonical(self, seq: int | None = None) -> bytes:
         """The leaf bytes; ``seq`` overrides the stored sequence number (used to diagnose moved entries)."""
-        return _canonical_json(
+        return canonical_json(
             {
                 "v": ENTRY_FORMAT,
                 "seq": self.seq if seq is None else seq,
@@ -281,7 +284,7 @@ class AuditEntry:
             patient=self.patient,
             reason=self.reason,
             outcome=self.outcome,
-            details=_canonical_json(dict(self.details)).decode(),
+            details=canonical_json(dict(self.details)).decode(),
             leaf_hash=b"",
         )
         return replace(row, leaf_hash=leaf_hash(row.canonical()))
@@ -350,7 +353,7 @@ class SignedTreeHead:
 def signed_head_bytes(size: int, root_hash: bytes, timestamp: datetime) -> bytes:
     """What the head signature covers: a domain tag, then canonical JSON of size, root and time."""
     body = {"size": size, "root_hash": root_hash.hex(), "timestamp": _format_time(timestamp)}
-    return HEAD_DOMAIN + _canonical_json(body)
+    return HEAD_DOMAIN + canonical_json(body)
 
 
 class HeadSigner(Protocol):
@@ -665,17 +668,21 @@ class AuditLog:
             self._store.append_next(build)
         return built[0]
 
-    def sign_head(self, signer: HeadSigner) -> SignedTreeHead:
+    def sign_head(self, signer: HeadSigner, *, witness: HeadWitness | None = None) -> SignedTreeHead:
         """Sign the head of the whole log as stored now; returns the previous head if nothing was appended.
 
         Refuses (AuditIntegrityError) to sign a log that does not extend the last signed head, or whose entries
         since that head do not match their hashes: the signature must never bless tampering. (Entries the last
-        head covers are vouched for by its root; the full check is :func:`verify`.)
+        head covers are vouched for by its root; the full check is :func:`verify`.) With a ``witness`` the log
+        must also extend the largest head ever signed (the database's heads may have been deleted with their
+        entries), and the new head is remembered and published there before it is stored.
         """
         with self._lock:
             heads = self._store.heads()
             previous = heads[-1] if heads else None
             hashes = self._store.leaf_hashes()
+            if witness is not None:
+                witness.check_extends(hashes)
             base = 0
             if previous is not None:
                 try:
@@ -706,6 +713,8 @@ class AuditLog:
             timestamp = self._clock()
             signature = signer.sign(signed_head_bytes(len(hashes), root, timestamp))
             head = SignedTreeHead(len(hashes), root, timestamp, signature, key_id(signer.public_key))
+            if witness is not None:
+                witness.record(head)
             self._store.add_head(head)
             return head
 

@@ -67,7 +67,7 @@ from compliance.keystore import (
     check_purpose,
     read_token_file,
 )
-from ground.errors import MedhotlineError
+from ground.errors import EXIT_UNABLE, EXIT_USAGE, MedhotlineError
 from ground.logs import get_logger
 
 log = get_logger("medhotline.keyservice")
@@ -415,7 +415,7 @@ def run_keyservice(directory: Path, socket_path: Path, token_path: Path, allowed
     except (MedhotlineError, OSError) as exc:
         log.error("keyservice_config_error", error=str(exc))
         print(f"medhotline keyservice: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE  # its key directory or token file is wrong: nothing was started
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -427,7 +427,7 @@ def run_keyservice(directory: Path, socket_path: Path, token_path: Path, allowed
         except (MedhotlineError, OSError) as exc:
             log.error("keyservice_failed", error=str(exc))
             print(f"medhotline keyservice: {exc}", file=sys.stderr)
-            return 2
+            return EXIT_UNABLE
         return 0
 
     return asyncio.run(main())

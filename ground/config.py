@@ -9,11 +9,13 @@ key and the reason, never later in the middle of a call.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -197,6 +199,9 @@ class RoutingConfig(_Section):
     moh_class: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # A waiting caller who presses this key becomes an emergency and jumps ahead ("" disables it).
     emergency_key: str = Field(default="0", pattern=r"^[0-9*#]?$")
+    # An agent who presses these keys on their phone during a conversation upgrades the call to emergency: the
+    # record says so, with who and when ("" disables it; 2 to 4 keys, so one stray key never does it).
+    upgrade_keys: str = Field(default="*0", pattern=r"^([0-9*#]{2,4})?$")
     # How often each node re-reads agent states (frozen, paused, reserved elsewhere) from the database.
     refresh_interval: float = Field(default=0.5, gt=0, le=30)
     # Targets of the rules' escalation groups, e.g. [routing.escalation_groups.on_call_physicians].
@@ -280,11 +285,41 @@ class OutreachConfig(_Section):
         if any(m < 1 for m in self.backoff_minutes):
             raise ValueError("backoff_minutes must all be at least 1")
         if self.sms_gateway_url:
-            if not self.sms_gateway_url.startswith(("https://", "http://127.", "http://localhost", "http://[::1]")):
+            if not _safe_gateway_url(self.sms_gateway_url):
                 raise ValueError("sms_gateway_url must be https:// (plain http only to this host)")
             if self.sms_token_file is None:
                 raise ValueError("sms_gateway_url needs sms_token_file: the gateway's bearer token, mode 0600")
         return self
+
+
+def _safe_gateway_url(url: str) -> bool:
+    """https:// to any host, or plain http:// only to this host (the bearer token must not cross a network in
+    clear). The host is parsed, not prefix-matched: ``http://localhost.gateway.invalid`` is another machine."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http":
+        return False
+    if host == "localhost":  # urlsplit lower-cases the host
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return False
+
+
+class AuditConfig(_Section):
+    # Every signed audit head is appended here (JSON lines, fsynced) so `audit verify` can tell a rolled-back
+    # trail from a short one. Best on another disk or a mount the database's administrators can't write.
+    # Default: <state_dir>/audit/heads.witness.jsonl.
+    witness_file: Path | None = None
 
 
 class Config(_Section):
@@ -299,6 +334,23 @@ class Config(_Section):
     routing: RoutingConfig = RoutingConfig()
     recordings: RecordingsConfig = RecordingsConfig()
     outreach: OutreachConfig = OutreachConfig()
+    audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _sounds_where_asterisk_plays_them(self) -> Config:
+        # One rule for where prompts are rendered (medhotline.prompts.sounds_dir): the sandbox's own directory,
+        # or, for an Asterisk managed elsewhere, the directory that Asterisk plays from. Never a guess.
+        if self.asterisk.mode == "external" and self.prompts.sounds_dir is None:
+            raise ValueError(
+                "asterisk.mode is external: set prompts.sounds_dir to that Asterisk's sounds directory "
+                "(where prompts are rendered)"
+            )
+        if self.asterisk.mode == "sandbox" and self.prompts.sounds_dir is not None:
+            raise ValueError(
+                "prompts.sounds_dir is for asterisk.mode external; the sandbox renders prompts into its own "
+                "sounds directory, which is the only one its Asterisk plays"
+            )
+        return self
 
     @property
     def recordings_store(self) -> Path:
@@ -307,6 +359,15 @@ class Config(_Section):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.service.state_dir / 'medhotline.db'}"
+
+    @property
+    def audit_key_dir(self) -> Path:
+        """The audit head signer's own directory: its key, and the largest head it signed."""
+        return self.service.state_dir / "audit"
+
+    @property
+    def audit_witness_file(self) -> Path:
+        return self.audit.witness_file or self.audit_key_dir / "heads.witness.jsonl"
 
     @property
     def keyservice_socket(self) -> Path:

@@ -275,6 +275,13 @@ class CallRecord:
     route_category: str | None = None
     route_priority: str | None = None
     transfer_to: str | None = None
+    triage_level: str | None = None
+    triage_confidence: float | None = None
+    triage_discriminator: str | None = None
+    triage_confirm_asked: bool = False
+    triage_confirm_answer: str | None = None
+    upgraded_at: datetime | None = None
+    upgraded_by: str | None = None
 
     @classmethod
     def from_row(cls, row: Call) -> CallRecord:
@@ -295,7 +302,19 @@ class CallRecord:
             route_category=row.route_category,
             route_priority=row.route_priority,
             transfer_to=row.transfer_to,
+            triage_level=row.triage_level,
+            triage_confidence=row.triage_confidence,
+            triage_discriminator=row.triage_discriminator,
+            triage_confirm_asked=bool(row.triage_confirm_asked),
+            triage_confirm_answer=row.triage_confirm_answer,
+            upgraded_at=row.upgraded_at,
+            upgraded_by=row.upgraded_by,
         )
+
+
+TRIAGE_LEVELS: Final = ("emergency", "urgent", "routine")
+CONFIRM_ANSWERS: Final = ("key", "speech", "declined", "no_input")
+_AGENT_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
 def _check_final(outcome: str) -> None:
@@ -401,8 +420,49 @@ class CallRepository(Repository):
                 row.last_step = last_step
             row.error = error
             row.route_category = route_category
-            row.route_priority = route_priority
+            # An agent's upgrade during the conversation stands: the end of the call never makes it normal again.
+            row.route_priority = "emergency" if row.upgraded_at is not None else route_priority
             row.transfer_to = transfer_to
+            return True
+
+    def record_triage(
+        self,
+        call_id: str,
+        *,
+        level: str,
+        confidence: float,
+        discriminator: str,
+        confirm_answer: str | None = None,
+    ) -> None:
+        """What the IVR's classifier made of the caller's words (never the words) and, when the caller was asked
+        "是否需要急救", the answer. Written once the IVR is done, before the call waits for an agent."""
+        if level not in TRIAGE_LEVELS:
+            raise ValueError(f"triage level {level!r} is not one of {', '.join(TRIAGE_LEVELS)}")
+        if not 0.0 <= confidence <= 1.0:
+            raise ValueError(f"triage confidence {confidence!r} is outside 0..1")
+        if confirm_answer is not None and confirm_answer not in CONFIRM_ANSWERS:
+            raise ValueError(f"confirmation answer {confirm_answer!r} is not one of {', '.join(CONFIRM_ANSWERS)}")
+        with self._transaction(f"recording the triage of call {call_id}") as session:
+            row = self._load(session, call_id)
+            row.triage_level = level
+            row.triage_confidence = confidence
+            row.triage_discriminator = discriminator[:64] or None
+            row.triage_confirm_asked = confirm_answer is not None
+            row.triage_confirm_answer = confirm_answer
+
+    def upgrade_to_emergency(self, call_id: str, *, by: str, at: datetime) -> bool:
+        """An agent upgraded the call to emergency: the record says so, with who and when, from now on (also
+        after the call ends). The classifier's own level is kept beside it: the difference is what evaluating
+        triage needs. False (and nothing changed) when the call was upgraded before; the first upgrade stands."""
+        if not _AGENT_ID.match(by):
+            raise ValueError("the upgrading agent must be an account id (letters, digits, _ . @ -; at most 64)")
+        with self._transaction(f"upgrading call {call_id} to emergency") as session:
+            row = self._load(session, call_id)
+            if row.upgraded_at is not None:
+                return False
+            row.upgraded_at = at
+            row.upgraded_by = by
+            row.route_priority = "emergency"
             return True
 
     def add_step(

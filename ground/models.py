@@ -2,8 +2,8 @@
 
 The schema itself is created and changed only by the Alembic migrations in ``ground/migrations``; these
 classes describe it for the repositories. Patient identifiers (caller number, name, record number) are never
-stored in clear: there is deliberately no caller number column here, the encrypted columns and the blind index
-come with the encryption work.
+stored in clear: there is deliberately no caller number column here; the patient registry (``his/tables.py``)
+holds them as field-encrypted tokens with a keyed blind index for phone lookups.
 """
 
 from __future__ import annotations
@@ -11,7 +11,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-from sqlalchemy import CheckConstraint, DateTime, Dialect, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -100,6 +113,16 @@ class Call(Base):
     route_category: Mapped[str | None] = mapped_column(String(32))
     route_priority: Mapped[str | None] = mapped_column(String(16))
     transfer_to: Mapped[str | None] = mapped_column(String(32))
+    # Triage of what the caller said (docs/triage.md), never the words: the level, how sure the classifier was,
+    # the discriminator that fired; whether "是否需要急救" was asked and the answer (key, speech, declined,
+    # no_input). ``upgraded_*``: the agent who upgraded the call to emergency during the conversation, and when.
+    triage_level: Mapped[str | None] = mapped_column(String(16))
+    triage_confidence: Mapped[float | None] = mapped_column(Float)
+    triage_discriminator: Mapped[str | None] = mapped_column(String(64))
+    triage_confirm_asked: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    triage_confirm_answer: Mapped[str | None] = mapped_column(String(16))
+    upgraded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    upgraded_by: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         # The database refuses values the code does not know, whichever node or tool wrote them.
@@ -109,6 +132,18 @@ class Call(Base):
             name="outcome",
         ),
         CheckConstraint("transport IN ('ari', 'fastagi')", name="transport"),
+        CheckConstraint(
+            "triage_level IS NULL OR triage_level IN ('emergency', 'urgent', 'routine')", name="triage_level"
+        ),
+        CheckConstraint(
+            "triage_confidence IS NULL OR (triage_confidence >= 0 AND triage_confidence <= 1)", name="triage_confidence"
+        ),
+        CheckConstraint(
+            "triage_confirm_answer IS NULL OR "
+            "(triage_confirm_asked AND triage_confirm_answer IN ('key', 'speech', 'declined', 'no_input'))",
+            name="triage_confirm_answer",
+        ),
+        CheckConstraint("(upgraded_at IS NULL) = (upgraded_by IS NULL)", name="upgraded"),
         Index("ix_calls_started_at", "started_at"),
         Index("ix_calls_channel_id", "channel_id"),
     )

@@ -34,6 +34,7 @@ from compliance.audit import AuditEntry, AuditError, AuditLog, AuditOutcome, Jso
 from compliance.data_keys import DataKeyRing
 from compliance.fields import BlindIndexer, FieldCipher, FieldCipherError, normalise_phone
 from ground.errors import MedhotlineError
+from ground.ids import is_uuid
 from ground.logs import get_logger
 from his.tables import TABLE, PatientRef, PatientStore, RecordNumberTaken, StoredPatient
 
@@ -50,7 +51,6 @@ _NAME_MAX: Final = 128
 _NATIONAL_ID: Final = re.compile(r"^[0-9A-Z]{6,32}$")
 _RECORD_NUMBER: Final = re.compile(r"^[0-9A-Z][0-9A-Z-]{0,31}$")
 _DEPARTMENT: Final = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_UUID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 AccessAction = Literal["read", "change", "create"]
 # The access policy's check: ``await authorize(accessor, action, patient_id)`` returns to allow, raises to deny.
@@ -154,7 +154,7 @@ class PatientRecord:
 
 def check_patient_id(patient_id: str) -> str:
     """A patient id is a lower-case UUID; anything else is refused without echoing it (it may be a number)."""
-    if not isinstance(patient_id, str) or not _UUID.match(patient_id):
+    if not isinstance(patient_id, str) or not is_uuid(patient_id):
         raise PatientInputError("a patient id is a UUID such as 0b7f5c7e-1d2a-4c1e-9a51-2f0d3c4b5a69")
     return patient_id
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Final
 
 from ivr.flow_model import (
     TERMINAL_TYPES,
@@ -54,6 +55,10 @@ def edges(node: _Node) -> list[tuple[str, str, PathKey]]:
             result += [(f"heard {c}", t, ("categories", c)) for c, t in node.categories.items()]
         result += [(f"press {d}", t, ("choices", d)) for d, t in node.choices.items()]
         if isinstance(node, ListenNode):
+            if node.triage is not None:
+                result.append(("triage urgent", node.triage.urgent, ("triage", "urgent")))
+                if node.triage.emergency is not None:
+                    result.append(("triage emergency", node.triage.emergency, ("triage", "emergency")))
             result.append(("default", node.default, ("default",)))
     elif isinstance(node, BranchNode):
         result += [(f"case {i + 1}", c.next, ("cases", str(i), "next")) for i, c in enumerate(node.cases)]
@@ -136,6 +141,12 @@ def _problem(source: SourceMap, node_id: str, keys: PathKey, message: str) -> Fl
     return source.problem(("nodes", node_id, *keys), message)
 
 
+# The first Stasis argument is a flow name unless it is one of these: the service's own legs (snoop taps, agent
+# legs, outbound calls, FastAGI calls joining the queue). A flow with such a name would be misrouted, so the
+# checker refuses it. A test keeps this set equal to the constants the service dispatches on.
+RESERVED_FLOW_NAMES: Final[frozenset[str]] = frozenset({"snoop", "agent", "outbound", "queue"})
+
+
 def check_flow(
     flow: Flow,
     source: SourceMap,
@@ -150,6 +161,14 @@ def check_flow(
     The loader turns off the checks that would mislead on a partial flow (nodes with schema errors left out).
     """
     problems: list[FlowProblem] = []
+    if flow.flow in RESERVED_FLOW_NAMES:
+        problems.append(
+            source.problem(
+                ("flow",),
+                f"flow name {flow.flow!r} is reserved for the service's own Stasis legs "
+                f"({', '.join(sorted(RESERVED_FLOW_NAMES))}): choose another name",
+            )
+        )
     if check_start and flow.start not in flow.nodes:
         problems.append(source.problem(("start",), f"start node {flow.start!r} is not defined under nodes"))
     broken: set[str] = set()

@@ -224,6 +224,9 @@ def _raw_targets(raw: dict[Any, Any]) -> list[tuple[PathKey, str]]:
             found.append(((key,), raw[key]))
     if isinstance(raw.get("next"), dict):  # a consent node's next: {given: …, refused: …}
         found += [(("next", str(k)), v) for k, v in raw["next"].items() if isinstance(v, str)]
+    triage = raw.get("triage")
+    if isinstance(triage, dict):  # a listen node's triage targets
+        found += [(("triage", k), triage[k]) for k in ("urgent", "emergency") if isinstance(triage.get(k), str)]
     for key in ("choices", "categories"):
         if isinstance(raw.get(key), dict):
             found += [((key, str(k)), v) for k, v in raw[key].items() if isinstance(v, str)]

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from telephony.consult import ConsultCategory
+from telephony.consult import ConsultCategory, RouteCategory
 
 NodeId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 FlowName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
@@ -145,6 +145,58 @@ class CollectNode(_Waiting):
         return {"next": self.next, "fallback": self.fallback}
 
 
+_DOCUMENT = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+_KEY = re.compile(r"^[0-9*#]$")
+
+
+def _key_as_text(value: object) -> object:
+    # `key: 1` in YAML is an integer; administrators should not have to quote digits.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _one_key(value: str) -> str:
+    if not _KEY.match(value):
+        raise ValueError(f"key must be one key of the phone: 0-9, * or # (got {value!r})")
+    return value
+
+
+# The question a ``listen`` node's triage asks once when the classifier found a single weak red-flag cue.
+CONFIRM_QUESTION = "是否需要急救？需要请按1"
+
+
+class TriageConfirm(_Strict):
+    """The one question asked on a single weak red-flag cue: ``key`` (or a spoken yes) means emergency."""
+
+    say: str = Field(default=CONFIRM_QUESTION, min_length=1, max_length=2000)
+    key: str = Field(default="1", json_schema_extra={"pattern": _KEY.pattern})
+    # Seconds to wait for the key after the question (and after the short speech pass).
+    timeout: Seconds = 6.0
+    # The short speech pass for "需要 / 是的 / 要" (only where speech recognition is available).
+    max_seconds: Seconds = 4.0
+
+    @field_validator("key", mode="before")
+    @classmethod
+    def _key_as_text(cls, value: object) -> object:
+        return _key_as_text(value)
+
+    @field_validator("key")
+    @classmethod
+    def _one_key(cls, value: str) -> str:
+        return _one_key(value)
+
+
+class ListenTriage(_Strict):
+    """Triage levels on a ``listen`` node (docs/triage.md): where urgent callers and confirmed emergencies go."""
+
+    # Symptoms without a red flag (level "urgent"): the nurse-triage route.
+    urgent: NodeId
+    # A red flag, or a weak cue the caller confirmed: default the node of ``categories.emergency``.
+    emergency: NodeId | None = None
+    # Categories whose own route already reaches clinicians: an urgent caller in one of them keeps that route.
+    clinical_categories: list[ConsultCategory] = Field(default_factory=list)
+    confirm: TriageConfirm = Field(default_factory=TriageConfirm)
+
+
 class ListenNode(_Waiting):
     """Speech: transcript → consult category; a recognizer that is unavailable leads to ``fallback``."""
 
@@ -156,6 +208,8 @@ class ListenNode(_Waiting):
     default: NodeId
     # Keys pressed while the caller is asked to speak are honoured as in a menu.
     choices: dict[Digit, NodeId] = Field(default_factory=dict)
+    # Triage levels; without it the node routes by category only (emergency included).
+    triage: ListenTriage | None = None
 
     @field_validator("choices", mode="before")
     @classmethod
@@ -164,9 +218,28 @@ class ListenNode(_Waiting):
             return {str(k): v for k, v in value.items()}
         return value
 
+    @model_validator(mode="after")
+    def _triage_has_emergency(self) -> ListenNode:
+        if self.triage is not None and self.triage.emergency is None and "emergency" not in self.categories:
+            raise ValueError(
+                "triage needs an emergency target: give `triage.emergency` or a `categories.emergency` node"
+            )
+        return self
+
+    @property
+    def emergency_target(self) -> str | None:
+        """Where a red flag or a confirmed weak cue goes (only with ``triage``)."""
+        if self.triage is None:
+            return None
+        return self.triage.emergency or self.categories.get("emergency")
+
     def targets(self) -> dict[str, str]:
         edges = {f"heard {c}": t for c, t in self.categories.items()}
         edges.update({f"press {d}": t for d, t in self.choices.items()})
+        if self.triage is not None:
+            edges["triage urgent"] = self.triage.urgent
+            if self.triage.emergency is not None:
+                edges["triage emergency"] = self.triage.emergency
         return {**edges, "default": self.default, "fallback": self.fallback}
 
 
@@ -188,21 +261,6 @@ class ConfirmNode(_Waiting):
 
     def targets(self) -> dict[str, str]:
         return {"confirmed": self.next, "fallback": self.fallback}
-
-
-_DOCUMENT = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
-_KEY = re.compile(r"^[0-9*#]$")
-
-
-def _key_as_text(value: object) -> object:
-    # `key: 1` in YAML is an integer; administrators should not have to quote digits.
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-def _one_key(value: str) -> str:
-    if not _KEY.match(value):
-        raise ValueError(f"key must be one key of the phone: 0-9, * or # (got {value!r})")
-    return value
 
 
 class ConsentNext(_Strict):
@@ -556,7 +614,7 @@ class RouteNode(_Node):
     """Hand the call to routing: a consult category (which decides the credentials required) and priority."""
 
     type: Literal["route"]
-    category: ConsultCategory
+    category: RouteCategory
     priority: Literal["normal", "emergency"] | None = None
 
     @property
@@ -706,4 +764,6 @@ class Flow(_Strict):
                     texts.append(node.no_input.say)
             if isinstance(node, MedicationConfirmNode):
                 texts += node.texts()
+            if isinstance(node, ListenNode) and node.triage is not None:
+                texts.append(node.triage.confirm.say)
         return texts

@@ -16,6 +16,7 @@ not be handled never passes for one that was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from ivr.flow_model import (
     SetNode,
     SubflowNode,
     TransferNode,
+    TriageConfirm,
     VaccinationBookNode,
     VaccinationCancelNode,
     VerifyIdentityNode,
@@ -65,6 +67,7 @@ from telephony.ports import (
     OutreachUnavailable,
     PatientDirectory,
     ReadingsVerdict,
+    Recognition,
     RecognitionUnavailable,
     Recognizer,
 )
@@ -93,6 +96,17 @@ _BOOKING_EDGES: Mapping[str, Literal["booked", "full", "not_booked"]] = {
     "failed": "not_booked",
 }
 T = TypeVar("T")
+# A spoken answer to the confirmation question: yes only with one of these and no negation anywhere (不需要, 不要,
+# 没事, 别): a hesitant or negated answer goes to the nurse, who can still upgrade the call.
+_YES_WORDS = ("需要", "是的", "要", "是", "对", "快")
+_NEGATORS = ("不", "没", "别", "无", "否")
+_NOT_TEXT = re.compile(r"[\s\W_]+", re.UNICODE)
+
+
+def spoken_yes(transcript: str) -> bool:
+    """Is this transcript a yes to "是否需要急救"? Punctuation and spaces (ASR output) are ignored."""
+    text = _NOT_TEXT.sub("", transcript)
+    return any(word in text for word in _YES_WORDS) and not any(neg in text for neg in _NEGATORS)
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,27 @@ class RouteDecision:
     node: str
 
 
+ConfirmAnswer = Literal["key", "speech", "declined", "no_input"]
+
+
+@dataclass(frozen=True)
+class TriageResult:
+    """What the last ``listen`` node made of the caller's words, for the call record (never the words).
+
+    ``confirm_answer`` is None when no confirmation was asked; otherwise how it ended: "key" or "speech" (yes:
+    emergency), "declined" (another key or other words: the urgent tier), "no_input".
+    """
+
+    level: str
+    confidence: float
+    discriminator: str
+    confirm_answer: ConfirmAnswer | None = None
+
+    @property
+    def confirm_asked(self) -> bool:
+        return self.confirm_answer is not None
+
+
 @dataclass(frozen=True)
 class FlowResult:
     outcome: Outcome
@@ -121,6 +156,7 @@ class FlowResult:
     route: RouteDecision | None = None
     transfer_to: str | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
+    triage: TriageResult | None = None
 
 
 SoundFor = Callable[[str], str]
@@ -156,6 +192,8 @@ class FlowRunner:
     # Where the call is: "node", or "subflow:node" inside a subflow. Reported with the outcome.
     _where: str = field(default="answer", init=False)
     _typeahead: str | None = field(default=None, init=False)
+    # The triage of the last utterance a listen node classified (reported with the outcome).
+    _triage: TriageResult | None = field(default=None, init=False)
 
     async def run(self, flow: Flow, channel: CallChannel) -> FlowResult:
         """Answer, walk the flow from its start node, and end in a hang-up, a route or a transfer."""
@@ -165,15 +203,15 @@ class FlowRunner:
         except _Done as done:
             return done.result
         except CallerHungUp:
-            return FlowResult("caller_hangup", self._where, variables=self.variables)
+            return FlowResult("caller_hangup", self._where, variables=self.variables, triage=self._triage)
         except ConnectionLost as exc:
-            return FlowResult("connection_lost", self._where, str(exc), variables=self.variables)
+            return FlowResult("connection_lost", self._where, str(exc), variables=self.variables, triage=self._triage)
         except ChannelError as exc:
             log.error("flow.failed", node=self._where, error=str(exc))
             # Best effort: the channel that just failed may fail its hang-up too.
             with contextlib.suppress(ChannelError):
                 await channel.hangup()
-            return FlowResult("error", self._where, str(exc), variables=self.variables)
+            return FlowResult("error", self._where, str(exc), variables=self.variables, triage=self._triage)
 
     async def _walk(self, flow: Flow, channel: CallChannel) -> FlowResult:
         stack: list[tuple[Flow, str]] = []  # (calling flow, node to continue at) for subflows
@@ -202,7 +240,13 @@ class FlowRunner:
         raise ChannelError(f"flow {flow.flow!r} ran {MAX_STEPS} steps without reaching an end")
 
     def _result(self, outcome: Outcome, **extra: object) -> FlowResult:
-        return FlowResult(outcome, self._where, variables=dict(self.variables), **extra)  # type: ignore[arg-type]
+        return FlowResult(
+            outcome,
+            self._where,
+            variables=dict(self.variables),
+            triage=self._triage,
+            **extra,  # type: ignore[arg-type]
+        )
 
     async def _say(self, channel: CallChannel, prompt: Prompt | None, barge_in: bool) -> str | None:
         """Play a prompt. A key pressed during an earlier interruptible announcement (type-ahead) answers an
@@ -371,6 +415,11 @@ class FlowRunner:
                 self.variables[node.var] = recognition.transcript
                 if recognition.emergency:
                     self.variables["priority"] = "emergency"
+                self._triage = TriageResult(recognition.level, recognition.confidence, recognition.discriminator[:64])
+                if node.triage is not None:
+                    tiered = await self._triage_edge(node, recognition, channel)
+                    if tiered is not None:
+                        return tiered
                 category = recognition.category
                 # The record keeps why: the category and the terms that fired, never the transcript itself.
                 why = f"{category or 'unclassified'}: {','.join(recognition.matched)}"[:64]
@@ -381,6 +430,55 @@ class FlowRunner:
             kind = "no_input" if pressed is None else "invalid"
             if not await self._retry_or_fallback(node, attempt, kind, channel):
                 return "fallback", kind, node.fallback
+
+    async def _triage_edge(
+        self, node: ListenNode, recognition: Recognition, channel: CallChannel
+    ) -> tuple[str, str, str] | None:
+        """The triage levels of a listen node: a red flag → the emergency target at once; a single weak cue → ask
+        once; symptoms without a red flag → the urgent (nurse-triage) target. None: route by category."""
+        triage = node.triage
+        emergency = node.emergency_target
+        # The model guarantees both: triage is why we are here, and it needs an emergency target.
+        assert triage is not None
+        assert emergency is not None
+        why = f"{recognition.level} {recognition.discriminator or '-'} {recognition.confidence:.2f}"[:64]
+        if recognition.emergency or recognition.level == "emergency":
+            self.variables["priority"] = "emergency"
+            return "triage emergency", why, emergency
+        if recognition.confirm:
+            answer = await self._ask_confirm(triage.confirm, channel)
+            self._triage = dataclasses.replace(self._triage, confirm_answer=answer) if self._triage else None
+            if answer in ("key", "speech"):
+                self.variables["priority"] = "emergency"
+                return "confirmed emergency", f"{answer}: {why}"[:64], emergency
+            return "not confirmed", f"{answer}: {why}"[:64], triage.urgent
+        if recognition.level == "urgent" and recognition.category not in triage.clinical_categories:
+            return "triage urgent", why, triage.urgent
+        return None
+
+    async def _ask_confirm(self, confirm: TriageConfirm, channel: CallChannel) -> ConfirmAnswer:
+        """ "是否需要急救？需要请按1", once. The question is heard in full (a key pressed before it is no answer);
+        then a short speech pass where speech is available, then the key. A spoken yes or ``key`` is an emergency;
+        another key or other words decline; silence is no input. Both of the last go to the urgent tier."""
+        self._typeahead = None
+        await channel.play(self.sound_for(confirm.say), barge_in=False)
+        heard = ""
+        if self.recognizer.available_for(channel):
+            try:
+                said = await self.recognizer.recognize(channel, confirm.max_seconds)
+            except RecognitionUnavailable as exc:
+                log.error("speech.unavailable", node=self._where, reason=str(exc))
+                said = None
+            heard = said.transcript if said is not None else ""
+            if heard and spoken_yes(heard):
+                return "speech"
+        # A key pressed while the caller was listened to is still waiting to be read; otherwise wait for one.
+        pressed = await channel.read_digits(max_digits=1, timeout=0.5 if heard else confirm.timeout)
+        if pressed == confirm.key:
+            return "key"
+        if pressed or heard:
+            return "declined"
+        return "no_input"
 
     # -- consent ----------------------------------------------------------------------------------------
 

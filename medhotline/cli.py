@@ -12,13 +12,24 @@ import os
 import secrets
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from compliance.audit import Ed25519Signer
+from compliance.audit_witness import HeadWitness
 from compliance.keyservice_server import run_keyservice
 from ground import db
 from ground.config import Config, ConfigError, load_config
-from ground.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, CommandError, MedhotlineError
+from ground.db import CallRecord
+from ground.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    MedhotlineError,
+)
 from ground.logs import configure_logging
 from keywords.lexicon import DEFAULT_LEXICON_DIR
 from keywords.speech_models import fetch_command
@@ -64,7 +75,7 @@ def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
             print(f"running (pid {status.pid}) {status.version or ''}".rstrip())
             return EXIT_OK
         print("not running")
-        return 3  # like `systemctl status`: scripts can tell "stopped" from "failed"
+        return EXIT_NOT_RUNNING  # like `systemctl status`: scripts can tell "stopped" from "failed"
     return sandbox.cli(" ".join(args.command) if args.command else None)
 
 
@@ -100,14 +111,63 @@ def _cmd_demo(config: Config, args: argparse.Namespace) -> int:
     return run_demo(config, calls=args.calls, keep_running=args.keep_running, config_path=args.config)
 
 
+def _triage_text(call: CallRecord) -> str:
+    """The call's triage in one word: its level, ``!`` when an agent upgraded it, ``?`` when the caller was asked."""
+    if call.triage_level is None:
+        return "emergency!" if call.upgraded_at is not None else "-"
+    return call.triage_level + ("?" if call.triage_confirm_asked else "") + ("!" if call.upgraded_at else "")
+
+
+def _show_call(call: CallRecord) -> None:
+    """Every column of the call record but none of what the caller said (the record never has it)."""
+
+    def when(at: datetime | None) -> str:
+        return at.isoformat(timespec="seconds") if at is not None else "-"
+
+    rows = [
+        ("call", call.id),
+        ("node", call.node),
+        ("transport", f"{call.transport} ({call.channel_name})"),
+        ("flow", f"{call.flow} {call.flow_version or ''}".rstrip()),
+        ("started", when(call.started_at)),
+        ("answered", when(call.answered_at)),
+        ("ended", when(call.ended_at)),
+        ("outcome", call.outcome + (f" ({call.error})" if call.error else "")),
+        ("last step", call.last_step or "-"),
+        ("route", f"{call.route_category or '-'} priority={call.route_priority or '-'}"),
+        ("transfer to", call.transfer_to or "-"),
+    ]
+    if call.triage_level is not None:
+        confidence = f"{call.triage_confidence:.2f}" if call.triage_confidence is not None else "-"
+        rows.append(
+            ("triage", f"{call.triage_level} confidence={confidence} discriminator={call.triage_discriminator or '-'}")
+        )
+        asked = f"asked, answer={call.triage_confirm_answer or '-'}" if call.triage_confirm_asked else "not asked"
+        rows.append(("confirmation", asked))
+    if call.upgraded_at is not None:
+        rows.append(("upgraded", f"to emergency by {call.upgraded_by} at {when(call.upgraded_at)}"))
+    for label, value in rows:
+        print(f"{label + ':':<14}{value}")
+
+
 def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
 
     db.ensure_current(config.database_url)
     repo = db.CallRepository(db.make_sessionmaker(config.database_url))
+    if args.action == "show":
+        if not args.call_id:
+            raise CommandError("calls show needs a CALL_ID (see `medhotline calls list`)")
+        call = repo.get(args.call_id)
+        if call is None:
+            raise CommandError(f"no call {args.call_id!r} recorded")
+        _show_call(call)
+        return EXIT_OK
+    if args.call_id:
+        raise CommandError("calls list takes no CALL_ID (use `calls show CALL_ID`)")
     for call in repo.list_recent(args.limit):
         print(
             f"{call.id}  {call.started_at:%Y-%m-%d %H:%M:%S}  {call.transport:<7}  {call.flow:<10}  "
-            f"{call.outcome:<15}  {call.last_step or '-'}"
+            f"{call.outcome:<15}  {_triage_text(call):<11}  {call.last_step or '-'}"
         )
     return EXIT_OK
 
@@ -160,9 +220,10 @@ def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
 
-    public_key = args.public_key or config.service.state_dir / "audit" / Ed25519Signer.PUBLIC_FILE
+    public_key = args.public_key or config.audit_key_dir / Ed25519Signer.PUBLIC_FILE
     if args.action == "verify":
-        return verify_command(config.database_url, public_key)
+        witness = HeadWitness(config.audit_key_dir, config.audit_witness_file)
+        return verify_command(config.database_url, public_key, witness=witness)
     if args.seq is None:
         raise CommandError("audit prove needs the entry number: medhotline audit prove N")
     return prove_command(config.database_url, args.seq, public_key)
@@ -181,6 +242,14 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         access_commands.register,
     ):
         register(sub)
+
+
+def _calls_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    calls = sub.add_parser("calls", help="recent calls from the database (list), or one call's record (show)")
+    calls.add_argument("action", choices=["list", "show"])
+    calls.add_argument("call_id", nargs="?", metavar="CALL_ID", help="show: the call")
+    calls.add_argument("--limit", type=int, default=20)
+    calls.set_defaults(func=_cmd_calls)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -249,11 +318,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="leave Asterisk and the service running")
     demo.set_defaults(func=_cmd_demo)
 
-    calls = sub.add_parser("calls", help="recent calls from the database")
-    calls.add_argument("action", choices=["list"])
-    calls.add_argument("--limit", type=int, default=20)
-    calls.set_defaults(func=_cmd_calls)
-
+    _calls_command(sub)
     _feature_commands(sub)
     return parser
 
@@ -274,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medhotline: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

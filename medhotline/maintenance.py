@@ -17,6 +17,7 @@ import structlog
 
 from compliance.access_store import AccessControl
 from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore
+from compliance.audit_witness import HeadWitness
 from compliance.keyservice_protocol import KeyServiceError
 from ground import db
 from ground.config import Config
@@ -70,13 +71,16 @@ async def connect_patient_directory(
 async def sign_audit_heads(config: Config, interval: float = AUDIT_HEAD_INTERVAL) -> None:
     """Sign the audit log's tree head every ``interval`` and once more when stopped, so an auditor can check
     every entry against a signed head. Refusals (the log does not extend the last head) are loud errors."""
-    signer = Ed25519Signer.load_or_create(config.service.state_dir / "audit")
+
+    signer = Ed25519Signer.load_or_create(config.audit_key_dir)
+    # Remembered beside the key and published to the witness file, so a rollback can't pass `audit verify`.
+    witness = HeadWitness(config.audit_key_dir, config.audit_witness_file)
     engine = db.make_engine(config.database_url)
     audit = AuditLog(SqlAuditStore(engine))
 
     async def sign() -> None:
         try:
-            head = await asyncio.to_thread(audit.sign_head, signer)
+            head = await asyncio.to_thread(lambda: audit.sign_head(signer, witness=witness))
             log.debug("audit.head_signed", size=head.size)
         except Exception:
             log.exception("audit.head_signing_failed")

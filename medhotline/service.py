@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import random
-import re
 import signal
 import uuid
 from collections.abc import Callable, Coroutine
@@ -29,6 +28,7 @@ from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import LazyKeyService
 from ground import db
 from ground.config import Config
+from ground.ids import is_uuid
 from his.tables import PatientStore
 from ivr.fastagi import FastAgiCallChannel
 from ivr.fastagi import start_server as start_fastagi
@@ -72,19 +72,21 @@ from telephony.ari_channel import (
 )
 from telephony.ari_client import AriClient, AriError
 from telephony.channel import CallChannel, CallerId, CallInfo, ChannelError, ConnectionLost
-from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
+from telephony.consult import ROUTE_CATEGORIES, RouteCategory
 from telephony.ports import ConsentExchange, NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from compliance.access_store import AccessControl
+    from compliance.audit import AuditLog
     from his.directory import PatientServices
     from medhotline.surge import SurgeState
     from recordings.capture import CallRecordings, ChannelRecorder
     from routing.agent_endpoints import ContactView
     from scheduler.outreach import CallOutreach, Outreach
     from scheduler.runner import OutreachScheduler
+from medhotline.prompts import sounds_dir
 from routing.model import CallPriority
 from scheduler.outreach import OUTBOUND_ARG
 
@@ -103,7 +105,6 @@ QUEUE_OUTCOMES: dict[str, Outcome] = {
     "unavailable": "routed",
     "failed": "error",
 }
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass
@@ -154,7 +155,10 @@ class HotlineService:
         connect_directory: bool = False,
         access: AccessControl | None = None,
         recordings: CallRecordings | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
+        # Where an agent's upgrade of a call to emergency is audited (None only in tests of the IVR and routing).
+        self.audit = audit
         # Recording, ingest and signed records; None only in tests of the IVR and routing alone.
         self.recordings = recordings
         # Outbound calls and the outreach nodes (set by run_service when [outreach] is enabled).
@@ -202,6 +206,7 @@ class HotlineService:
                     moh_class=rc.moh_class,
                     agent_caller_id=config.hotline.number,
                     emergency_key=rc.emergency_key,
+                    upgrade_keys=rc.upgrade_keys,
                 ),
                 sound=lambda text: sound_name(text, self.voice),
                 escalation_groups={
@@ -209,6 +214,7 @@ class HotlineService:
                     for name, g in rc.escalation_groups.items()
                 },
                 recorder=recordings,
+                on_upgrade=self._upgraded,
             )
 
     # -- calls ------------------------------------------------------------------------------------
@@ -302,6 +308,17 @@ class HotlineService:
                 await ivr_recorder.stop(channel, ivr_recording)
             if recordings is not None and result.variables.get("patient_ref"):
                 recordings.identify(call_id, result.variables["patient_ref"])
+            if result.triage is not None:
+                # Before the queue: a nurse's upgrade during the conversation lands beside what the IVR heard.
+                await self._record(
+                    "triage",
+                    self.repo.record_triage,
+                    call_id,
+                    level=result.triage.level,
+                    confidence=min(1.0, max(0.0, result.triage.confidence)),
+                    discriminator=result.triage.discriminator,
+                    confirm_answer=result.triage.confirm_answer,
+                )
             if result.outcome == "routed" and result.route is not None:
                 result = await self._to_agent(channel, call_id, result)
             await self._record(
@@ -340,16 +357,10 @@ class HotlineService:
         """A sound for a text known only at call time (a medication, a booked date), rendered if new."""
 
         name = sound_name(text, self.voice)
-        target = self._sounds_dir() / f"{name}.wav"
+        target = sounds_dir(self.config) / f"{name}.wav"
         if not await asyncio.to_thread(target.exists):
             await asyncio.to_thread(render, text, self.voice, target)
         return name
-
-    def _sounds_dir(self) -> Path:
-        if self.config.prompts.sounds_dir is not None:
-            return self.config.prompts.sounds_dir
-
-        return Sandbox(self.config).sounds_dir
 
     def _call_ended(self, call_id: str) -> None:
         """Seal the call's summary after the wrap-up (the recordings know whether there is anything to seal)."""
@@ -400,7 +411,7 @@ class HotlineService:
         queued = await self._queue(
             channel,
             call_id,
-            cast(ConsultCategory, route.category),
+            cast(RouteCategory, route.category),
             route.priority,
             patient_ref=result.variables.get("patient_ref"),
         )
@@ -416,7 +427,7 @@ class HotlineService:
         self,
         channel: AriCallChannel,
         call_id: str,
-        category: ConsultCategory,
+        category: RouteCategory,
         priority: str,
         *,
         patient_ref: str | None = None,
@@ -474,7 +485,7 @@ class HotlineService:
         profile = self.surge.profile if self.surge is not None else None
         if profile is None or self.engine is None:
             return False
-        request = CallRequest(call_id, cast(ConsultCategory, category), cast(CallPriority, priority), datetime.now(UTC))
+        request = CallRequest(call_id, cast(RouteCategory, category), cast(CallPriority, priority), datetime.now(UTC))
         if not over_capacity(profile, request, self.engine.waiting_by_category()):
             return False
         log.warning("surge.overflow", category=category)
@@ -489,6 +500,23 @@ class HotlineService:
         except ChannelError:
             pass  # the caller hung up meanwhile
         return True
+
+    async def _upgraded(self, call_id: str, agent_id: str) -> None:
+        """An agent upgraded the call to emergency from their phone: the record says so (who, when), and the audit
+        trail has it. The record comes first: it is what the hospital reads; a failed audit entry is logged."""
+        at = datetime.now(UTC)
+        await asyncio.to_thread(self.repo.upgrade_to_emergency, call_id, by=agent_id, at=at)
+        if self.audit is not None:
+            await self._record(
+                "upgrade audit",
+                self.audit.append,
+                actor=agent_id,
+                role="agent",
+                action="change",
+                outcome="success",
+                reason="call upgraded to emergency by the agent",
+                details={"call": call_id, "priority": "emergency", "via": "phone keys"},
+            )
 
     async def _end_assignment(self, call_id: str, after: float) -> None:
         await asyncio.sleep(after)
@@ -506,8 +534,8 @@ class HotlineService:
                 await channel.hangup()
             return
         call_id, category, priority = values
-        known = await asyncio.to_thread(self.repo.get, call_id) if _UUID.match(call_id) else None
-        if known is None or category not in CONSULT_CATEGORIES or priority not in ("normal", "emergency"):
+        known = await asyncio.to_thread(self.repo.get, call_id) if is_uuid(call_id) else None
+        if known is None or category not in ROUTE_CATEGORIES or priority not in ("normal", "emergency"):
             # Only the service's own hand-over sets these; anything else is refused, never guessed at.
             log.error("routing.hand_over_invalid", known_call=known is not None, category=category[:32])
             with contextlib.suppress(Exception):
@@ -823,6 +851,8 @@ def run_service(config: Config) -> int:
 
     recordings = build_recordings(config, sessions) if config.recordings.enabled else None
 
+    audit = AuditLog(SqlAuditStore(bind))
+
     async def main() -> None:
         service = HotlineService(
             config,
@@ -835,6 +865,7 @@ def run_service(config: Config) -> int:
             connect_directory=True,
             access=access,
             recordings=recordings,
+            audit=audit,
         )
         if config.outreach.enabled:
             service.enable_outreach(sessions, bind)

@@ -1,1 +1,2 @@
-"""recordings: arrives with its own issue; the package exists so the layout of DESIGN.md holds."""
+"""recordings: call capture, envelope encryption per recording, ingest, retention and legal hold, export, and
+signed, timestamped call records (see docs/recordings.md)."""

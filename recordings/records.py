@@ -29,6 +29,7 @@ from compliance.audit import AuditLog, JsonValue
 from compliance.data_keys import DataKeyRing, DataKeyStore, KeyServicePort
 from compliance.keyservice_client import TrustAnchors
 from compliance.timestamps import HttpTimestampClient, TimestampError, make_request, token_from_response, verify_token
+from ground.canonical import canonical_json
 from ground.config import Config
 from ground.db import CallRepository, DatabaseError, Repository
 from ground.errors import MedhotlineError
@@ -40,7 +41,6 @@ from recordings.signed import (
     RecordCheck,
     RecordingFacts,
     StoredRecord,
-    canonical_json,
     check_record,
     format_time,
     key_id,

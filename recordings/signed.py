@@ -23,7 +23,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from compliance.keystore import signed_message
 from compliance.timestamps import TimestampError, verify_token
+from ground.canonical import canonical_json
 from ground.errors import MedhotlineError
 
 HEADER_FORMAT: Final = 1
@@ -42,10 +43,6 @@ MAX_TIMESTAMP_SKEW: Final = timedelta(minutes=10)
 
 class RecordFormatError(MedhotlineError):
     pass
-
-
-def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def format_time(at: datetime) -> str:

@@ -23,10 +23,11 @@ import structlog
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
+from routing.upgrade import UpgradeKeys
 from telephony.ari_channel import AriCallChannel, AriDispatcher
 from telephony.ari_client import AriClient, AriError, AriNotFound
 from telephony.channel import CallerHungUp, CallInfo, ChannelError
-from telephony.consult import ConsultCategory
+from telephony.consult import RouteCategory
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,8 @@ class QueueSettings:
     agent_caller_id: str = "12320"
     # A waiting caller who presses this key is an emergency from then on (empty: disabled).
     emergency_key: str = "0"
+    # An agent who presses these keys during the conversation upgrades the call to emergency (empty: disabled).
+    upgrade_keys: str = "*0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,10 @@ class QueueResult:
 
 
 QueueStep = Callable[[str, str | None, str | None], Awaitable[None]]
+# An agent upgraded the call to emergency (``routing.upgrade``): (call id, agent id) → the record says so.
+OnUpgrade = Callable[[str, str], Awaitable[None]]
+# What the agent hears once the upgrade is recorded (a sound every Asterisk has).
+UPGRADED_SOUND = "beep"
 
 
 class ConversationRecorder(Protocol):
@@ -120,8 +127,10 @@ class CallerQueue:
         sound: Callable[[str], str],
         escalation_groups: Mapping[str, EscalationTransfer],
         recorder: ConversationRecorder | None = None,
+        on_upgrade: OnUpgrade | None = None,
     ) -> None:
         self._recorder = recorder
+        self._on_upgrade = on_upgrade
         self._ari = ari
         self._events = events
         self._engine = engine
@@ -133,7 +142,7 @@ class CallerQueue:
         self,
         caller: AriCallChannel,
         call_id: str,
-        category: ConsultCategory,
+        category: RouteCategory,
         priority: CallPriority,
         on_step: QueueStep | None = None,
     ) -> QueueResult:
@@ -270,7 +279,7 @@ class CallerQueue:
                 await self._engine.answered(call_id, agent_id)
                 await step("answered", agent_id, None)
                 try:
-                    await self._talk(caller, leg, hold, call_id)
+                    await self._talk(caller, leg, hold, call_id, agent_id=agent_id, step=step)
                 finally:
                     await self._engine.finished(call_id, agent_id)
                 return QueueResult("answered", agent_id=agent_id)
@@ -322,8 +331,11 @@ class CallerQueue:
             if not caller_gone.done():
                 caller_gone.cancel()
 
-    async def _talk(self, caller: AriCallChannel, leg: AriCallChannel, hold: str, call_id: str) -> None:
-        """Caller and agent in one mixing bridge until either hangs up; then the other is hung up too."""
+    async def _talk(
+        self, caller: AriCallChannel, leg: AriCallChannel, hold: str, call_id: str, *, agent_id: str, step: QueueStep
+    ) -> None:
+        """Caller and agent in one mixing bridge until either hangs up; then the other is hung up too. Meanwhile
+        the agent's keys are watched for the upgrade sequence."""
         talk = f"talk-{call_id}"
         recording: Any = None
         with contextlib.suppress(AriError):
@@ -339,7 +351,7 @@ class CallerQueue:
             if self._recorder is not None:
                 recording = await self._recorder.start_bridge(self._ari, talk, call_id)
             caller_gone = asyncio.ensure_future(caller.wait_gone())
-            agent_gone = asyncio.ensure_future(leg.wait_gone())
+            agent_gone = asyncio.ensure_future(self._agent_keys(leg, call_id, agent_id, step))
             done, _ = await asyncio.wait({caller_gone, agent_gone}, return_when=asyncio.FIRST_COMPLETED)
             for task in (caller_gone, agent_gone):
                 if not task.done():
@@ -353,6 +365,33 @@ class CallerQueue:
                 await self._recorder.stop_bridge(self._ari, recording)
             with contextlib.suppress(ChannelError):
                 await self._ari.request("DELETE", f"/bridges/{talk}")
+
+    async def _agent_keys(self, leg: AriCallChannel, call_id: str, agent_id: str, step: QueueStep) -> None:
+        """Until the agent's leg is gone: the upgrade sequence, once, upgrades the call (record, path, audit by the
+        service's ``on_upgrade``), and the agent hears a beep that it is done."""
+        keys = UpgradeKeys(self._settings.upgrade_keys) if self._settings.upgrade_keys else None
+        loop = asyncio.get_running_loop()
+        while True:
+            event = await leg.next_event()
+            if event is None:
+                continue
+            if leg.gone:
+                return
+            if keys is None or event["type"] != "ChannelDtmfReceived":
+                continue
+            if not keys.press(str(event.get("digit", "")), loop.time()):
+                continue
+            log.warning("queue.upgraded", agent=agent_id)
+            await step("upgraded", "emergency", agent_id)
+            if self._on_upgrade is not None:
+                try:
+                    await self._on_upgrade(call_id, agent_id)
+                except Exception:  # the conversation goes on; the failure is loud
+                    log.exception("queue.upgrade_not_recorded")
+            with contextlib.suppress(ChannelError):
+                await self._ari.request(
+                    "POST", f"/channels/{leg.info.channel_id}/play/{uuid.uuid4()}", {"media": f"sound:{UPGRADED_SOUND}"}
+                )
 
     # -- escalation ---------------------------------------------------------------------------------
     async def _escalate(

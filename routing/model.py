@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from telephony.consult import ConsultCategory
+from telephony.consult import RouteCategory
 
 CallPriority = Literal["emergency", "normal"]
 CredentialStatus = Literal["active", "revoked"]
@@ -59,7 +59,7 @@ class CallRequest:
     """A call (or a callback request) waiting for an agent; ``enqueued_at`` is its place in the queue."""
 
     call_id: str
-    category: ConsultCategory
+    category: RouteCategory
     priority: CallPriority
     enqueued_at: datetime
     callback: bool = False

@@ -24,7 +24,7 @@ from typing import Literal
 from ground.errors import MedhotlineError
 from routing.model import Agent, CallPriority, CallRequest
 from routing.rules import EscalationRule, RoutingRules
-from telephony.consult import ConsultCategory
+from telephony.consult import RouteCategory
 
 # The overflow agents' credential kind (``routing.surge``); spelled here so the core needs no surge import.
 VOLUNTEER_KIND = "surge_volunteer"
@@ -177,7 +177,7 @@ class Dispatcher:
             raise RoutingError(f"call {call.call_id} is already queued")
         self._wait_add(call)
 
-    def reclassify(self, call_id: str, category: ConsultCategory, priority: CallPriority) -> CallRequest:
+    def reclassify(self, call_id: str, category: RouteCategory, priority: CallPriority) -> CallRequest:
         """New category and priority for a waiting call; it keeps its place (``enqueued_at``)."""
         call = self._waiting.get(call_id)
         if call is None:
@@ -330,7 +330,7 @@ class Dispatcher:
                 due.append(EscalationDue(call, escalation, due_at))
         return sorted(due, key=lambda e: (e.due_at, e.call.call_id))
 
-    def unserved_categories(self, at: datetime) -> set[ConsultCategory]:
+    def unserved_categories(self, at: datetime) -> set[RouteCategory]:
         """Categories of waiting calls that no known agent may take at all (nobody holds a valid verified
         credential they require, or all who do are frozen): waiting for them is pointless."""
         waiting = {c.category for c in self._waiting.values()}
@@ -369,7 +369,7 @@ class Dispatcher:
         return min(later, default=None)
 
     # -- internals --------------------------------------------------------------------------------------
-    def _may_serve(self, agent: Agent, category: ConsultCategory, at: datetime) -> bool:
+    def _may_serve(self, agent: Agent, category: RouteCategory, at: datetime) -> bool:
         if agent.frozen:
             return False
         kinds = agent.valid_credential_kinds(at)
@@ -377,7 +377,7 @@ class Dispatcher:
             return False
         return self.rules.rule(category).credentials_satisfied(kinds)
 
-    def serving_agents(self, category: ConsultCategory, at: datetime) -> int:
+    def serving_agents(self, category: RouteCategory, at: datetime) -> int:
         """Agents who may take ``category`` and are logged in (not offline or paused): for wait estimates."""
         return sum(
             1
@@ -435,7 +435,7 @@ class Dispatcher:
         return call
 
 
-_ListKey = tuple[CallPriority, ConsultCategory, bool]
+_ListKey = tuple[CallPriority, RouteCategory, bool]
 
 
 def _list_key(call: CallRequest) -> _ListKey:

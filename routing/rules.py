@@ -1,7 +1,8 @@
 """Routing rules per consult category: hard credential requirements, widening skill steps, escalation.
 
 Rules are a Python constant (:data:`DEFAULT_RULES`) or a YAML file (:func:`load_rules`) whose top level maps
-each of the seven consult categories to its rule::
+each of the seven consult categories, and ``triage`` (the nurse-triage tier: symptoms without a red flag), to
+its rule::
 
     medication:
       required: [[pharmacist_license, physician_license]]   # one of these, valid and verified
@@ -28,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ground.errors import MedhotlineError
-from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
+from telephony.consult import ROUTE_CATEGORIES, RouteCategory
 
 __all__ = [
     "DEFAULT_RULES",
@@ -133,16 +134,16 @@ class CategoryRule(_Strict):
 
 
 class RoutingRules(_Strict):
-    categories: dict[ConsultCategory, CategoryRule]
+    categories: dict[RouteCategory, CategoryRule]
 
     @model_validator(mode="after")
     def _all_categories(self) -> RoutingRules:
-        missing = [c for c in CONSULT_CATEGORIES if c not in self.categories]
+        missing = [c for c in ROUTE_CATEGORIES if c not in self.categories]
         if missing:
             raise ValueError(f"no rule for consult categories: {', '.join(missing)}")
         return self
 
-    def rule(self, category: ConsultCategory) -> CategoryRule:
+    def rule(self, category: RouteCategory) -> CategoryRule:
         return self.categories[category]
 
 
@@ -162,7 +163,7 @@ def _problem(error: Any) -> str:
         category = str(loc[1])
         rest = [str(part) for part in loc[2:] if part != "[key]"]
         if "[key]" in [str(part) for part in loc[2:]]:
-            return f"{category}: not a consult category (expected one of {', '.join(CONSULT_CATEGORIES)})"
+            return f"{category}: not a consult category (expected one of {', '.join(ROUTE_CATEGORIES)})"
         message = message.removeprefix("Value error, ")
         if not rest:
             return f"{category}: {message}"
@@ -237,6 +238,15 @@ DEFAULT_RULES = RoutingRules(
             _skill("vaccination", 2, 60),
             escalate_after=900,
             group="nursing_backoffice",
+        ),
+        # Symptoms without a red flag (docs/triage.md): clinicians only, never the front desk, and ahead of the
+        # information questions; the nurse can upgrade the call to emergency in one action (docs/routing.md).
+        "triage": _rule(
+            [["nurse_license", "physician_license"]],
+            _skill("triage", 2, 45),
+            head_start=60,
+            escalate_after=300,
+            group="on_call_physicians",
         ),
         "appointment": _rule([], escalate_after=900, group="front_desk"),
         "general": _rule([], escalate_after=900, group="front_desk"),

@@ -208,7 +208,7 @@ def over_capacity(profile: SurgeProfile | None, call: CallRequest, waiting: Mapp
     """A new call that would wait in a queue already holding its capacity. Emergencies are never refused."""
     if profile is None or call.priority == "emergency":
         return False
-    limit = profile.capacity.get(call.category)
+    limit = profile.capacity.get(call.category) if call.category != "triage" else None
     return limit is not None and waiting.get(call.category, 0) >= limit
 
 

@@ -30,6 +30,7 @@ from sqlalchemy import select, update
 from compliance.data_keys import DataKeyRing
 from ground.db import Repository
 from ground.errors import MedhotlineError
+from ground.ids import is_uuid
 from ground.logs import get_logger
 from scheduler.policy import LOCAL_TZ
 from scheduler.tables import DATA_KEY_PURPOSE, MedicationConfirmation, MedicationReminder
@@ -43,7 +44,6 @@ CHANNELS: Final[tuple[Channel, ...]] = ("call", "sms")
 MAX_TEXT_CHARS: Final = 200
 PAD_BLOCK: Final = 128  # a drug name and dose of up to ~30 Chinese characters together fit one block
 _HHMM: Final = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
-_UUID: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _ACCOUNT: Final = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 # The keys pressed at the two questions, e.g. "1,1", "1,2", "1,-" (no key): see MedicationConfirmation.keys.
 _KEYS: Final = re.compile(r"^[0-9*#-]{1,7}(,[0-9*#-]{1,7})?$")
@@ -170,7 +170,7 @@ class MedicationStore(Repository):
         tz: tzinfo = LOCAL_TZ,
     ) -> str:
         """A new active reminder, first due at the next ``at_time`` (local in ``tz``) after ``now``; its id."""
-        if not isinstance(patient_id, str) or not _UUID.match(patient_id):
+        if not isinstance(patient_id, str) or not is_uuid(patient_id):
             raise MedicationError("a reminder's patient is a registry id (a UUID)")
         medication = _check_text(medication, "medication")
         dose = _check_text(dose, "dose")

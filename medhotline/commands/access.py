@@ -25,7 +25,7 @@ from his import PatientStore
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from compliance.access_store import AccessControl, BreakGlassGrant, PatientRef
+    from compliance.access_store import AccessControl, BreakGlassGrant, FreezeResult, PatientRef
     from ground.config import Config
 
 EXIT_OK = 0
@@ -142,10 +142,17 @@ def _cmd_accounts_freeze(config: Config, args: argparse.Namespace) -> int:
     # The same path as freeze_account(), which `agents freeze` calls.
     with _service(config) as service:
         result = service.freeze(args.id, args.reason, _now(), actor=cli_actor(args.by))
-    print(f"account {result.account.id} FROZEN: no routing, no data access, sessions before epoch "
-          f"{result.account.session_epoch} invalid; {len(result.grants_closed)} break-glass grant(s) closed, "
-          f"{result.sessions_closed} session(s) closed, {result.calls_ended} call assignment(s) ended")  # fmt: skip
+    print(freeze_summary(result))
     return EXIT_OK
+
+
+def freeze_summary(result: FreezeResult) -> str:
+    """What a freeze did, as both `accounts freeze` and `agents freeze` print it."""
+    return (
+        f"account {result.account.id} FROZEN: no routing, no data access, sessions before epoch "
+        f"{result.account.session_epoch} invalid; {len(result.grants_closed)} break-glass grant(s) closed, "
+        f"{result.sessions_closed} session(s) closed, {result.calls_ended} call assignment(s) ended"
+    )
 
 
 def _cmd_accounts_unfreeze(config: Config, args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """``medhotline audit verify`` and ``medhotline audit prove N``, as functions the CLI wires up.
 
-Exit codes: 0 the log (or proof) checks out, 1 it does not (tampering found), 2 the check could not run
-(database unreachable, schema not migrated, key unreadable, no such entry).
+Exit codes (ground.errors): 0 the log (or proof) checks out, 1 it does not (tampering found), 4 the check
+could not run (database unreachable, schema not migrated, key unreadable, no such entry).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from compliance.audit import AuditError, SqlAuditStore, check_inclusion, load_public_key, prove, verify
+from compliance.audit_witness import HeadWitness, missing_message
 from compliance.merkle import ProofError
 from ground.db import DatabaseError, make_engine, mask_url
+from ground.errors import EXIT_OK, EXIT_PROBLEMS, EXIT_UNABLE
 
-EXIT_OK = 0
-EXIT_TAMPERED = 1
-EXIT_ERROR = 2
+EXIT_TAMPERED = EXIT_PROBLEMS
+EXIT_ERROR = EXIT_UNABLE
 
 
 def _fail(message: str) -> int:
@@ -36,14 +37,35 @@ def _open(database_url: str, public_key_path: Path) -> tuple[Ed25519PublicKey, E
         return _fail(str(exc))
 
 
-def verify_command(database_url: str, public_key_path: Path) -> int:
-    """Verify the whole audit log; print a one-line verdict (first problem named) and return the exit code."""
+def verify_command(database_url: str, public_key_path: Path, *, witness: HeadWitness | None = None) -> int:
+    """Verify the whole audit log; print a one-line verdict (first problem named) and return the exit code.
+
+    With a ``witness`` the log must also still hold the largest head ever signed: deleting the newest entries
+    together with their heads (or wiping both tables) leaves a log that is consistent on its own.
+    """
     opened = _open(database_url, public_key_path)
     if isinstance(opened, int):
         return opened
     public_key, engine = opened
     try:
-        report = verify(SqlAuditStore(engine), public_key)
+        store = SqlAuditStore(engine)
+        remembered = witness.latest() if witness is not None else None
+        if remembered is not None:
+            try:
+                remembered.check_signature(public_key)
+            except ProofError as exc:
+                assert witness is not None
+                print(f"audit log BROKEN: the head remembered in {witness.where()} is not signed by this key: {exc}")
+                return EXIT_TAMPERED
+            size = len(store.leaf_hashes())
+            if size < remembered.size:
+                print(f"audit log BROKEN: {missing_message(size, remembered)}")
+                return EXIT_TAMPERED
+            if any(h.size == remembered.size and h.root_hash == remembered.root_hash for h in store.heads()):
+                remembered = None  # the database still holds it: verify() checks it there
+        report = verify(store, public_key, trusted_head=remembered)
+    except AuditError as exc:
+        return _fail(str(exc))
     except SQLAlchemyError as exc:
         return _fail(f"database at {mask_url(database_url)}: reading the audit log failed: {type(exc).__name__}")
     finally:

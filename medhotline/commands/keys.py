@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +29,7 @@ from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import DataKeyRing, DataKeyStore, check_purpose, key_service_for
 from ground import db
 from ground.errors import CommandError
+from ground.operator import operator_id as os_operator
 from recordings.keys import RecordingRewrap, counts_by_kek_version, rewrap_recordings
 
 if TYPE_CHECKING:
@@ -86,9 +86,9 @@ def run_keyed(config: Config, work: Callable[[KeyedDatabase], Awaitable[T]]) -> 
 
 
 def operator_id(given: str | None) -> str:
-    """The audit actor of a CLI operation: ``--as`` if given, else the operating-system user (``os:<name>``)."""
+    """The audit actor of a CLI operation: ``--as`` if given, else :func:`ground.operator.operator_id`."""
 
-    actor = given if given is not None else f"os:{getpass.getuser()}"
+    actor = given if given is not None else os_operator()
     if not _ACTOR.match(actor):
         raise CommandError("--as must be an account id (letters, digits and _ . : @ / -, up to 128)")
     return actor

@@ -55,7 +55,7 @@ from recordings.store import RecordingStore
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from compliance.audit import AuditLog
+    from compliance.audit import AuditLog, JsonValue
     from ground.config import Config
     from medhotline.commands.keys import KeyedDatabase
     from recordings.records import RecordSealer
@@ -259,12 +259,14 @@ def _remove(
 ) -> str | None:
     """Purge one recording's audio if retention allows; returns the refusal, or None when removed.
 
-    The row is marked purged first (the database refuses that before the retention date or under hold), then
-    the file goes; a crash between the two leaves a file the next purge removes."""
+    The audit entry comes first: a deletion the audit log cannot record does not happen (AuditError, nothing
+    changed). Then the row is marked purged (the database refuses that before the retention date or under hold),
+    then the file goes; a crash between the two leaves a file the next purge removes. If the row changed between
+    the entry and the mark, a second entry (outcome ``error``) says the deletion did not happen."""
 
     now = _now()
     verdict = check_removal(state=row.state, retain_until=row.retain_until, legal_hold=row.legal_hold, now=now)
-    details = {"recording": row.id, "call": row.call_id, "operation": "purge"}
+    details: dict[str, JsonValue] = {"recording": row.id, "call": row.call_id, "operation": "purge"}
     if not verdict.allowed:
         audit.append(
             actor=actor,
@@ -276,11 +278,19 @@ def _remove(
             details={**details, "why": verdict.refusal},
         )
         return verdict.explanation
+    audit.append(actor=actor, role="operator", action="delete", outcome="success", reason=reason, details=details)
     if not store.mark_purged(row.id, by=actor, at=now):
+        audit.append(
+            actor=actor,
+            role="operator",
+            action="delete",
+            outcome="error",
+            reason=reason,
+            details={**details, "why": "changed_meanwhile"},
+        )
         return "changed meanwhile (held, or purged by someone else)"
     if row.path is not None:
         (config.recordings_store / row.path).unlink(missing_ok=True)
-    audit.append(actor=actor, role="operator", action="delete", outcome="success", reason=reason, details=details)
     return None
 
 
@@ -289,13 +299,15 @@ def _cmd_delete(config: Config, args: argparse.Namespace) -> int:
     actor = operator_id(args.as_)
     if args.recordings_action == "purge" and not args.expired:
         raise CommandError("purge removes only what retention allows: say so with --expired")
+    # Checked as `hold` checks it, before anything is read or written: it goes into the audit trail.
+    reason = check_reason(args.reason)
     with _engine(config) as engine:
         store = RecordingStore.for_engine(engine)
         audit = AuditLog(SqlAuditStore(engine))
         if args.recordings_action == "purge":
-            return _purge(config, store, audit, actor=actor, reason=args.reason, dry_run=args.dry_run)
+            return _purge(config, store, audit, actor=actor, reason=reason, dry_run=args.dry_run)
         row = store.get(args.recording)
-        refusal = _remove(config, store, row, actor=actor, reason=args.reason, audit=audit)
+        refusal = _remove(config, store, row, actor=actor, reason=reason, audit=audit)
     if refusal is not None:
         raise CommandError(f"delete of recording {row.id} refused: {refusal} (the refusal is audited)")
     print(f"recording {row.id} purged; its metadata and digests remain")

@@ -1,10 +1,12 @@
 """``medhotline agents …`` and ``medhotline credentials …``: manage who may take which calls.
 
 Every command checks the schema first (``medhotline db upgrade`` migrates; these commands never do) and validates
-its arguments before writing anything. Freezing, unfreezing, creating an account with roles, and verifying or
-revoking a credential change who may do what, so each appends an entry to the audit trail: the actor is the OS
-user running the command, or the verifier (``--by``). The entry is validated before the change is made, so an
-entry the audit log would refuse stops the command with nothing changed.
+its arguments before writing anything. Freezing and unfreezing are the same operation as ``accounts freeze`` /
+``accounts unfreeze`` (:class:`compliance.access_store.AccessControl`: role check, grants, sessions and call
+assignments closed, every step audited). Creating an account with roles, and verifying or revoking a credential
+change who may do what, so each appends an entry to the audit trail: the actor is the OS user running the
+command, or the verifier (``--by``). The entry is validated before the change is made, so an entry the audit log
+would refuse stops the command with nothing changed.
 
 Dates on the command line are calendar dates in China Standard Time (UTC+08:00): a credential "valid from D1
 until D2" is valid from 00:00 on D1 until 00:00 on D2, i.e. no longer on D2 itself.
@@ -13,9 +15,7 @@ until D2" is valid from 00:00 on D1 until 00:00 on D2, i.e. no longer on D2 itse
 from __future__ import annotations
 
 import argparse
-import getpass
 import hashlib
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,14 +26,19 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from compliance.access_store import AccessControl, cli_actor, freeze_account
 from compliance.accounts import AccountStore
 from compliance.audit import AuditEntry, AuditError, AuditLog, SqlAuditStore
 from ground import db
 from ground.errors import CommandError
+from ground.operator import OPERATOR_ROLE, operator_id
+from medhotline.commands.access import freeze_summary
 from routing.store import AgentError, AgentStore
 from routing.validity import credential_state, validity_report
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from compliance.accounts import AccountStore
     from compliance.audit import AuditAction, AuditLog, JsonValue
     from ground.config import Config
@@ -104,18 +109,12 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return f"uid{os.getuid()}"
-
-
 # --- the opened database ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Db:
+    engine: Engine
     agents: AgentStore
     accounts: AccountStore
     audit: AuditLog
@@ -125,7 +124,9 @@ class _Db:
 def _open(config: Config) -> Iterator[_Db]:
 
     with db.current_engine(config.database_url) as engine:
-        yield _Db(AgentStore.for_engine(engine), AccountStore.for_engine(engine), AuditLog(SqlAuditStore(engine)))
+        yield _Db(
+            engine, AgentStore.for_engine(engine), AccountStore.for_engine(engine), AuditLog(SqlAuditStore(engine))
+        )
 
 
 class _Audited:
@@ -139,11 +140,13 @@ class _Audited:
         action: AuditAction,
         reason: str,
         details: dict[str, JsonValue],
+        role: str = AUDIT_ROLE,
     ) -> None:
 
         self._log, self._actor, self._action, self._reason, self._details = log, actor, action, reason, details
+        self._role = role
         try:
-            AuditEntry(0, datetime.now(UTC), actor, AUDIT_ROLE, action, "success", None, reason, details)
+            AuditEntry(0, datetime.now(UTC), actor, role, action, "success", None, reason, details)
         except AuditError as exc:
             raise _error(f"the audit log would refuse this change's entry, so nothing was changed: {exc}") from None
 
@@ -152,7 +155,7 @@ class _Audited:
         try:
             self._log.append(
                 actor=self._actor,
-                role=AUDIT_ROLE,
+                role=self._role,
                 action=self._action,
                 outcome="success",
                 reason=self._reason,
@@ -179,7 +182,8 @@ def _agents_add(config: Config, args: argparse.Namespace) -> int:
             roles = args.role or ["agent"]
             audit = _Audited(
                 db.audit,
-                actor=_os_user(),
+                actor=operator_id(),
+                role=OPERATOR_ROLE,
                 action="permission_change",
                 reason="account created for an agent",
                 details={
@@ -287,15 +291,13 @@ def _agents_show(config: Config, args: argparse.Namespace) -> int:
 
 
 def _agents_freeze(config: Config, args: argparse.Namespace) -> int:
-    now = datetime.now(UTC)
+
+    # One operation whichever command freezes a person: `accounts freeze` calls the same function, which checks
+    # the actor's role, closes grants, sessions and call assignments, and audits each of them.
     with _open(config) as db:
-        audit = _Audited(
-            db.audit, actor=_os_user(), action="account_freeze", reason=args.reason, details={"account": args.id}
-        )
-        record = db.accounts.freeze(args.id, args.reason, now)
-        audit.done()
+        result = freeze_account(db.engine, args.id, args.reason, cli_actor(args.by), datetime.now(UTC), audit=db.audit)
         view = _find_view(db.agents, args.id)
-    print(f"account {record.id} frozen: no new calls and no data access (session epoch {record.session_epoch})")
+    print(freeze_summary(result))
     if view is not None and view.reserved_call_id is not None:
         print(f"  it is reserved for call {view.reserved_call_id} by node {view.reserved_by}, which moves that call on")
     return 0
@@ -310,17 +312,11 @@ def _find_view(store: AgentStore, account_id: str) -> AgentView | None:
 
 
 def _agents_unfreeze(config: Config, args: argparse.Namespace) -> int:
-    now = datetime.now(UTC)
+
     with _open(config) as db:
-        audit = _Audited(
-            db.audit,
-            actor=_os_user(),
-            action="account_unfreeze",
-            reason=args.reason or "",
-            details={"account": args.id},
+        AccessControl.for_engine(db.engine, db.audit).unfreeze(
+            args.id, args.reason or "unfrozen, no reason given", datetime.now(UTC), actor=cli_actor(args.by)
         )
-        db.accounts.unfreeze(args.id, now)
-        audit.done()
     print(f"account {args.id} unfrozen: routed again if its credentials are valid")
     return 0
 
@@ -402,7 +398,8 @@ def _credentials_revoke(config: Config, args: argparse.Namespace) -> int:
         record = db.agents.credential(credential_id)
         audit = _Audited(
             db.audit,
-            actor=_os_user(),
+            actor=operator_id(),
+            role=OPERATOR_ROLE,
             action="permission_change",
             reason=args.reason,
             details={
@@ -480,11 +477,13 @@ def _register_agents(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     freeze = actions.add_parser("freeze", help="freeze the account: no calls, no data access, at once (audited)")
     freeze.add_argument("id")
     freeze.add_argument("--reason", required=True)
+    freeze.add_argument("--by", metavar="ACCOUNT", help="who freezes (admin or supervisor; default: the OS user)")
     freeze.set_defaults(func=_agents_freeze)
 
     unfreeze = actions.add_parser("unfreeze", help="unfreeze the account (audited)")
     unfreeze.add_argument("id")
     unfreeze.add_argument("--reason", help="why (recorded in the audit trail)")
+    unfreeze.add_argument("--by", metavar="ACCOUNT", help="who unfreezes (admin; default: the OS user)")
     unfreeze.set_defaults(func=_agents_unfreeze)
 
     pause = actions.add_parser("pause", help="no new calls for this agent until unpaused")

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 from compliance.audit import AuditLog, SqlAuditStore
 from ground import db
+from ground.errors import CommandError
+from ground.operator import operator_id
 from ivr.flow_registry import FlowRegistry
-from medhotline.cli import CommandError
-from medhotline.commands.routing import _Audited, _os_user
+from medhotline.commands.routing import _Audited
 from routing.callback_store import CallbackStore, ModeStore
 from routing.surge import SURGE_FLOW, SurgeError, entry_flow_yaml, load_profile
 
@@ -64,7 +65,8 @@ def checked_profile(config: Config, given: str) -> tuple[SurgeProfile, str, str]
 
 def _actor(args: argparse.Namespace) -> str:
 
-    return str(args.actor or _os_user())
+    # One audit identity for the operator at the shell, whichever command they run (ground.operator).
+    return str(args.actor or operator_id())
 
 
 def _audit(config: Config, actor: str, action: AuditAction, reason: str, profile: str) -> _Audited:

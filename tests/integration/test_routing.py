@@ -48,6 +48,8 @@ adverse_reaction:
   required: [[physician_license, nurse_license]]
 vaccination:
   required: [[nurse_license, physician_license]]
+triage:
+  required: [[nurse_license, physician_license]]
 appointment: {}
 general: {}
 """

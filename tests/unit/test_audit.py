@@ -40,6 +40,7 @@ from compliance import (
 from compliance.audit import AuditStore, key_id, signed_head_bytes
 from compliance.merkle import leaf_hash, merkle_root
 from ground import db
+from ground.errors import EXIT_UNABLE
 from ground.models import Base
 from medhotline.commands.audit import prove_command, verify_command
 
@@ -646,7 +647,7 @@ def test_verify_command(
     assert code == 1
     assert "entry 17: content does not match its leaf hash (altered)" in out
     code, _, err = run(capsys, lambda: verify_command(sqlite_url, public_key_file.with_name("missing.pem")))
-    assert code == 2
+    assert code == EXIT_UNABLE
     assert "cannot read the audit public key" in err
 
 
@@ -660,7 +661,7 @@ def test_prove_command(
     assert proof.head is not None
     assert check_inclusion(proof, proof.head, load_public_key(public_key_file))
     code, _, err = run(capsys, lambda: prove_command(sqlite_url, 24, public_key_file))
-    assert code == 2
+    assert code == EXIT_UNABLE
     assert "not yet covered" in err
 
 
@@ -669,7 +670,7 @@ def test_commands_on_an_unmigrated_database(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     code, _, err = run(capsys, lambda: verify_command(url, public_key_file))
-    assert code == 2
+    assert code == EXIT_UNABLE
     assert "reading the audit log failed" in err
     code, _, err = run(capsys, lambda: prove_command(url, 0, public_key_file))
-    assert code == 2
+    assert code == EXIT_UNABLE

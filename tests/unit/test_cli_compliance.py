@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ground.errors import EXIT_UNABLE
 from medhotline.cli import main
 
 
@@ -26,7 +27,7 @@ def test_audit_prove_without_an_entry_number_says_so(tmp_path: Path, capsys: pyt
 def test_audit_verify_without_the_public_key_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(tmp_path)
     assert main(["--config", str(config), "db", "upgrade"]) == 0
-    assert main(["--config", str(config), "audit", "verify"]) == 2
+    assert main(["--config", str(config), "audit", "verify"]) == EXIT_UNABLE  # could not run: not a usage error
     assert "audit-head.pub.pem" in capsys.readouterr().err
 
 

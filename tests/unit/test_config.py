@@ -8,6 +8,8 @@ import pytest
 
 from ground.config import ConfigError, load_config
 
+EXTERNAL = "[asterisk]\nmode = 'external'\nari_password = 'a'\nami_secret = 'b'\n"
+
 
 def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "medhotline.toml"
@@ -76,7 +78,7 @@ def test_bad_file_value_names_file_key_and_reason(tmp_path: Path, toml: str, key
 
 
 def test_external_mode_with_secrets_is_accepted(tmp_path: Path) -> None:
-    path = _write(tmp_path, "[asterisk]\nmode = 'external'\nari_password = 'a'\nami_secret = 'b'\n")
+    path = _write(tmp_path, f"{EXTERNAL}[prompts]\nsounds_dir = '{tmp_path}'\n")
     config = load_config(path, {})
     assert config.asterisk.ari_password is not None
     assert config.asterisk.ari_password.get_secret_value() == "a"
@@ -162,3 +164,57 @@ def test_several_errors_reported_at_once(tmp_path: Path) -> None:
     for key in ("asterisk.sip_port", "asterisk.sip_prot", "fastagi.port", "nosuch", "hotline.entry"):
         assert f": {key}: " in message
     assert "environment MEDHOTLINE__HOTLINE__ENTRY: hotline.entry" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost.gateway.invalid/send",
+        "http://127.0.0.1.gateway.invalid/send",
+        "http://localhost@gateway.invalid/send",
+        "http://[::2]:8025/send",
+        "http://gateway.invalid/send",
+        "ftp://127.0.0.1/send",
+        "https:///send",
+    ],
+)
+def test_sms_gateway_plain_http_only_to_a_loopback_host(tmp_path: Path, url: str) -> None:
+    path = _write(tmp_path, f"[outreach]\nsms_gateway_url = '{url}'\nsms_token_file = '{tmp_path / 't'}'\n")
+    assert "sms_gateway_url must be https://" in _error(path)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://gateway.invalid/send",
+        "http://localhost:8025/send",
+        "http://LOCALHOST/send",
+        "http://127.0.0.1:8025/send",
+        "http://127.1.2.3/send",
+        "http://[::1]:8025/send",
+    ],
+)
+def test_sms_gateway_accepts_https_and_loopback_http(tmp_path: Path, url: str) -> None:
+    path = _write(tmp_path, f"[outreach]\nsms_gateway_url = '{url}'\nsms_token_file = '{tmp_path / 't'}'\n")
+    assert load_config(path, {}).outreach.sms_gateway_url == url
+
+
+def test_external_mode_needs_the_sounds_dir_of_that_asterisk(tmp_path: Path) -> None:
+    message = _error(_write(tmp_path, EXTERNAL))
+    assert "prompts.sounds_dir" in message
+    assert "external" in message
+
+
+def test_sandbox_mode_refuses_a_sounds_dir_it_would_not_play(tmp_path: Path) -> None:
+    message = _error(_write(tmp_path, f"[prompts]\nsounds_dir = '{tmp_path / 'sounds'}'\n"))
+    assert "prompts.sounds_dir" in message
+
+
+def test_one_function_decides_where_prompts_go(tmp_path: Path) -> None:
+    from medhotline.prompts import sounds_dir
+    from medhotline.sandbox import Sandbox
+
+    external = load_config(_write(tmp_path, EXTERNAL + f"[prompts]\nsounds_dir = '{tmp_path / 'sounds'}'\n"), {})
+    assert sounds_dir(external) == tmp_path / "sounds"
+    sandbox = load_config(_write(tmp_path, f"[asterisk.sandbox]\nroot = '{tmp_path / 'root'}'\n"), {})
+    assert sounds_dir(sandbox) == Sandbox(sandbox).sounds_dir

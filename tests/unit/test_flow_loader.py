@@ -341,3 +341,24 @@ def test_lenient_reload_without_previous_leaves_broken_flow_out(tmp_path: Path) 
         "node 'nowhere' is not defined",
         "node 'bye' is unreachable from start 'hello'",
     ]
+
+
+@pytest.mark.parametrize("name", ["snoop", "agent", "outbound", "queue"])
+def test_a_flow_may_not_take_a_stasis_argument_name(tmp_path: Path, name: str) -> None:
+    """The service reads the first Stasis argument as a flow name unless it is one of its own legs: a flow named
+    like such a leg would be misrouted, so the checker refuses the name, naming the file and the flow."""
+    path = _write(tmp_path, f"{name}.yaml", VALID.replace("flow: test", f"flow: {name}"))
+    with pytest.raises(FlowError) as info:
+        load_flows(tmp_path)
+    assert str(path) in str(info.value)
+    assert f"flow name {name!r} is reserved" in str(info.value)
+
+
+def test_the_reserved_flow_names_are_the_services_stasis_arguments() -> None:
+    from ivr.flow_graph import RESERVED_FLOW_NAMES
+    from medhotline.service import QUEUE_ARG
+    from routing.ari_queue import AGENT_LEG_ARG
+    from scheduler.outreach import OUTBOUND_ARG
+    from telephony.ari_channel import SNOOP_ARG
+
+    assert {SNOOP_ARG, AGENT_LEG_ARG, OUTBOUND_ARG, QUEUE_ARG} <= RESERVED_FLOW_NAMES

@@ -31,6 +31,13 @@ EXPECTED_COLUMNS = {
     "route_category",
     "route_priority",
     "transfer_to",
+    "triage_level",
+    "triage_confidence",
+    "triage_discriminator",
+    "triage_confirm_asked",
+    "triage_confirm_answer",
+    "upgraded_at",
+    "upgraded_by",
 }
 STEP_COLUMNS = {"call_id", "seq", "flow", "node", "node_type", "edge", "input", "at"}
 T0 = datetime(2024, 11, 26, 12, 0, 0, tzinfo=UTC)

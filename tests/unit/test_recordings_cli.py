@@ -238,3 +238,57 @@ def test_records_verify_names_a_tampered_recording(desk: Setup, capsys: pytest.C
     bad = run(desk, capsys, "records", "verify", row.call_id)
     assert bad.code == 1
     assert f"recording {row.id}: the encrypted file's SHA-256 differs from the signed one" in bad.out
+
+
+def _expired_and_stored(desk: Setup, capsys: pytest.CaptureFixture[str]) -> tuple[RecordingRow, Path]:
+    row = make_recording(desk, ended_ago=YEARS_16)
+    assert run(desk, capsys, "recordings", "ingest", "--pending").code == 0
+    row = stored(desk, row.id)
+    path = load_config(desk.config).recordings_store / (row.path or "x")
+    assert path.exists()
+    return row, path
+
+
+def test_a_delete_whose_audit_entry_fails_deletes_nothing(desk: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    row, path = _expired_and_stored(desk, capsys)
+    engine = db.make_engine(desk.database_url)
+    try:
+        with engine.begin() as conn:  # the audit log refuses every deletion entry (a full disk, a broken table)
+            if engine.dialect.name == "sqlite":
+                conn.execute(
+                    text(
+                        "CREATE TRIGGER no_delete_entries BEFORE INSERT ON audit_entries "
+                        "WHEN NEW.action = 'delete' BEGIN SELECT RAISE(ABORT, 'audit unavailable'); END"
+                    )
+                )
+            else:
+                conn.execute(
+                    text(
+                        "CREATE FUNCTION no_delete_entries() RETURNS trigger LANGUAGE plpgsql AS "
+                        "$$ BEGIN RAISE EXCEPTION 'audit unavailable'; END $$"
+                    )
+                )
+                conn.execute(text("CREATE TRIGGER no_delete_entries BEFORE INSERT ON audit_entries FOR EACH ROW "
+                                  "WHEN (NEW.action = 'delete') EXECUTE FUNCTION no_delete_entries()"))  # fmt: skip
+    finally:
+        engine.dispose()
+    deleted = run(desk, capsys, "recordings", "delete", row.id, "--reason", "retention period ended")
+    assert deleted.code == 1
+    assert deleted.err.startswith("medhotline: ")
+    assert "audit" in deleted.err
+    assert stored(desk, row.id).state == "stored"  # nothing deleted without its audit entry
+    assert path.exists()
+
+
+def test_a_delete_reason_is_checked_like_a_hold_reason(desk: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    row, path = _expired_and_stored(desk, capsys)
+    before = len(audit_entries(desk))
+    for reason in ("called from 13800138000", " "):
+        deleted = run(desk, capsys, "recordings", "delete", row.id, "--reason", reason)
+        assert deleted.code == 1
+        assert deleted.err.startswith("medhotline: ")
+        assert "reason" in deleted.err
+        assert "13800138000" not in deleted.err
+    assert stored(desk, row.id).state == "stored"
+    assert path.exists()
+    assert len(audit_entries(desk)) == before

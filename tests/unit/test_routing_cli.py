@@ -136,7 +136,7 @@ def test_freeze_and_unfreeze_are_audited_and_take_the_agent_out(cli: Cli) -> Non
     cli.ok("agents", "add", "phys1", "--name", "Dr Wang", "--endpoint", "phys1", "--role", "physician")
     before = len(cli.audit())
     out = cli.ok("agents", "freeze", "phys1", "--reason", "left the hospital")
-    assert "account phys1 frozen" in out
+    assert "account phys1 FROZEN" in out
     _, agents = cli.stores()
     assert agents.view("phys1").state == "frozen"
     assert agents.reserve("phys1", "call-1", "node1", datetime.now(UTC)) is False
@@ -144,9 +144,15 @@ def test_freeze_and_unfreeze_are_audited_and_take_the_agent_out(cli: Cli) -> Non
     assert "frozen since" in cli.ok("agents", "show", "phys1")
     entries = cli.audit()[before:]
     assert [(e.action, e.actor, e.role, e.outcome, e.reason) for e in entries] == [
-        ("account_freeze", getpass.getuser(), "admin", "success", "left the hospital")
+        ("account_freeze", f"os:{getpass.getuser()}", "operator", "success", "left the hospital")
     ]
-    assert _details(entries[0]) == {"account": "phys1"}
+    assert _details(entries[0]) == {
+        "account": "phys1",
+        "epoch": 1,
+        "grants_closed": 0,
+        "sessions_closed": 0,
+        "calls_ended": 0,
+    }
 
     cli.ok("agents", "unfreeze", "phys1", "--reason", "came back")
     assert agents.view("phys1").state == "ready"
@@ -157,7 +163,7 @@ def test_a_freeze_the_audit_log_would_refuse_changes_nothing(cli: Cli) -> None:
     cli.ok("agents", "add", "phys1", "--name", "Dr Wang", "--endpoint", "phys1")
     before = len(cli.audit())
     err = cli.fails("agents", "freeze", "phys1", "--reason", "called from 13800138000")
-    assert "nothing was changed" in err
+    assert "holds no patient identifiers" in err
     assert "13800138000" not in err  # the refused text is not echoed
     accounts, _ = cli.stores()
     assert accounts.get("phys1").frozen is False
@@ -205,7 +211,7 @@ def test_credentials_add_verify_revoke_list(cli: Cli) -> None:
     assert agents.reserve("phys1", "c2", "node1", datetime.now(UTC), [["physician_license"]]) is False
     revoked = cli.audit()[before + 1 :]
     assert [(e.action, e.actor, e.reason) for e in revoked] == [
-        ("permission_change", getpass.getuser(), "suspended by the board")
+        ("permission_change", f"os:{getpass.getuser()}", "suspended by the board")
     ]
     assert "revoked" in cli.ok("credentials", "list")
     assert "valid today: none" in cli.ok("agents", "show", "phys1")
@@ -313,3 +319,53 @@ def test_help_states_the_time_zone_of_dates(cli: Cli) -> None:
     out = cli.capsys.readouterr().out
     assert "China Standard Time" in out
     assert "UTC+08:00" in out
+
+
+def test_agents_freeze_is_the_same_operation_as_accounts_freeze(cli: Cli) -> None:
+    """`agents freeze` closes grants and call assignments and audits them, exactly as `accounts freeze` does."""
+    from compliance.access_store import AccessControl
+
+    cli.ok("agents", "add", "phys1", "--name", "Dr Wang", "--endpoint", "phys1", "--role", "physician")
+    cli.ok("breakglass", "open", "--as", "phys1", "--reason", "patient unconscious, history needed",
+           "--department", "emergency")  # fmt: skip
+    engine = db.make_engine(cli.url)
+    try:
+        AccessControl.for_engine(engine).begin_call_assignment("phys1", "ab" * 16, "call-1", datetime.now(UTC))
+    finally:
+        engine.dispose()
+    out = cli.ok("agents", "freeze", "phys1", "--reason", "left the hospital")
+    assert "1 break-glass grant(s) closed" in out
+    assert "1 call assignment(s) ended" in out
+    entries = cli.audit()
+    assert [e.action for e in entries[-2:]] == ["account_freeze", "break_glass_end"]
+    assert "break-glass  0 open" in cli.ok("accounts", "show", "phys1")
+    assert "assignments  0 responsible, 0 current call" in cli.ok("accounts", "show", "phys1")
+
+
+def test_agents_freeze_by_an_account_checks_its_role(cli: Cli) -> None:
+    cli.ok("agents", "add", "phys1", "--name", "Dr Wang", "--endpoint", "phys1", "--role", "physician")
+    cli.ok("agents", "add", "phys2", "--name", "Dr Zhou", "--endpoint", "phys2", "--role", "physician")
+    err = cli.fails("agents", "freeze", "phys1", "--reason", "left the hospital", "--by", "phys2")
+    assert "needs the role admin or supervisor" in err
+    accounts, _ = cli.stores()
+    assert accounts.get("phys1").frozen is False
+
+
+@pytest.mark.parametrize("login", ["ops.wang", None])
+def test_the_operator_at_the_shell_has_one_audit_identity_across_commands(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, login: str | None
+) -> None:
+    """`agents add` (routing) and `accounts add` (compliance) audit the same operator the same way, also when the
+    login name cannot be had (no passwd entry in a container)."""
+
+    def getuser() -> str:
+        if login is None:
+            raise OSError("no login name")
+        return login
+
+    monkeypatch.setattr(getpass, "getuser", getuser)
+    cli.ok("agents", "add", "phys1", "--name", "Dr Wang", "--endpoint", "phys1")
+    cli.ok("accounts", "add", "nurse.wu", "--name", "Wu Fang", "--role", "nurse")
+    first, second = cli.audit()[-2:]
+    assert (first.actor, first.role) == (second.actor, second.role)
+    assert first.actor == (f"os:{login}" if login else "os:unknown")

@@ -20,7 +20,7 @@ from routing.rules import (
     load_rules,
     parse_rules,
 )
-from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
+from telephony.consult import ROUTE_CATEGORIES, ConsultCategory
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -121,11 +121,11 @@ def test_agent_skill_levels_are_checked() -> None:
 
 
 def test_default_rules_cover_every_category() -> None:
-    assert set(DEFAULT_RULES.categories) == set(CONSULT_CATEGORIES)
+    assert set(DEFAULT_RULES.categories) == set(ROUTE_CATEGORIES)
     assert DEFAULT_RULES.rule("diagnosis").required == [["physician_license"]]
     assert DEFAULT_RULES.rule("adverse_reaction").required == [["physician_license", "nurse_license"]]
     assert DEFAULT_RULES.rule("medication").required == [["pharmacist_license", "physician_license"]]
-    assert all(DEFAULT_RULES.rule(c).escalation is not None for c in CONSULT_CATEGORIES)
+    assert all(DEFAULT_RULES.rule(c).escalation is not None for c in ROUTE_CATEGORIES)
 
 
 def test_step_index_follows_cumulative_expiry() -> None:
@@ -189,9 +189,19 @@ def test_error_missing_category() -> None:
     assert _errors({}, drop="vaccination") == ["no rule for consult categories: vaccination"]
 
 
+def test_triage_is_for_clinicians_only_and_a_rules_file_must_say_so() -> None:
+    # Nurse triage: symptoms without a red flag are never for the front desk.
+    assert DEFAULT_RULES.rule("triage").required == [["nurse_license", "physician_license"]]
+    for kinds, ok in (({"nurse_license"}, True), ({"physician_license"}, True), (set(), False)):
+        assert DEFAULT_RULES.rule("triage").credentials_satisfied(frozenset(kinds)) is ok
+    assert not DEFAULT_RULES.rule("triage").credentials_satisfied(frozenset({"pharmacist_license"}))
+    # A site's file that predates triage is refused with the category named, never given a silent default.
+    assert _errors({}, drop="triage") == ["no rule for consult categories: triage"]
+
+
 def test_error_unknown_category() -> None:
     problems = _errors({"dermatology": {"required": []}})
-    assert problems == [f"dermatology: not a consult category (expected one of {', '.join(CONSULT_CATEGORIES)})"]
+    assert problems == [f"dermatology: not a consult category (expected one of {', '.join(ROUTE_CATEGORIES)})"]
 
 
 @pytest.mark.parametrize(

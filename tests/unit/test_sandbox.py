@@ -33,7 +33,9 @@ def _mode(path: Path) -> int:
 
 
 def test_external_mode_has_no_sandbox(tmp_path: Path) -> None:
-    config = _config(tmp_path, mode="external", ari_password="a", ami_secret="b")
+    config = Config.model_validate(
+        {"asterisk": {"mode": "external", "ari_password": "a", "ami_secret": "b"}, "prompts": {"sounds_dir": "s"}}
+    )
     with pytest.raises(SandboxError, match="external"):
         Sandbox(config)
 
@@ -164,7 +166,10 @@ def test_cli_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureF
 @pytest.mark.usefixtures("_restore_logging")
 def test_cli_sandbox_error_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "medhotline.toml"
-    path.write_text('[asterisk]\nmode = "external"\nari_password = "a"\nami_secret = "b"\n', encoding="utf-8")
+    path.write_text(
+        '[asterisk]\nmode = "external"\nari_password = "a"\nami_secret = "b"\n[prompts]\nsounds_dir = "s"\n',
+        encoding="utf-8",
+    )
     assert main(["--config", str(path), "asterisk", "up"]) == 1
     captured = capsys.readouterr()
     assert captured.err.strip() == (

@@ -156,7 +156,7 @@ def test_migration_matches_the_models_and_downgrades(database_url: str, engine: 
     finally:
         downgrade_engine.dispose()
     db.upgrade(database_url)
-    assert db.current_revision(database_url) == "0010_vaccination"
+    assert db.current_revision(database_url) == db.head_revision()
 
 
 def test_the_schema_refuses_an_overbooked_slot_and_a_second_upcoming_booking(

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0012_callbacks_surge"
-down_revision: str | None = "0010_vaccination"
+down_revision: str | None = "0011_triage"
 branch_labels: str | None = None
 depends_on: str | None = None
 
