@@ -18,7 +18,7 @@ def test_package_docstrings_describe_what_is_there(package: str) -> None:
 
 
 def test_the_schema_docstring_does_not_promise_encryption_that_exists() -> None:
-    doc = importlib.import_module("medhotline.models").__doc__ or ""
+    doc = importlib.import_module("ground.models").__doc__ or ""
     assert "come with the encryption work" not in doc
 
 
