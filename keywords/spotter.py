@@ -49,8 +49,9 @@ SCOPED_CATEGORIES: frozenset[str] = frozenset({"emergency", "adverse_reaction"})
 NEGATION_WINDOW = 8  # normalised characters between a negator and the term it denies
 COMMON_WORD_RATIO = 10  # a sound-alike this much more frequent than the variant is a word in its own right
 AFTER_WINDOW = 3  # a history/hypothetical/topic marker after the term must start within this many characters
-# A negation inside a clause grammar's gap denies the pair (呼吸不太困难): the pair is not formed at all.
-_GAP_NEGATION = frozenset("不没无未别非否")
+# A negation inside a clause grammar's gap denies the pair (呼吸不太困难): the pair is not formed at all. A word
+# test, not a character test: 特别, 非常, 不停, 不断 and 无力 are no negations (血不停地往外冒 is a pair).
+_GAP_NEGATION = re.compile(r"不(?!停|断|住|时|少)|没|未|无(?!力|法)")
 _TIME_AGO = re.compile(r"[0-9一二两三四五六七八九十几多半]+(?:年|个月|月|周|个星期|星期|天)(?:以|之)?前")
 
 
@@ -451,7 +452,7 @@ class Spotter:
                             continue
                         if any(first[0] < b <= second[0] for b in clause_starts):
                             continue
-                        if any(c in _GAP_NEGATION for c in text[first[1] : second[0]]):
+                        if _GAP_NEGATION.search(text[first[1] : second[0]]):
                             continue
                         if best is None or gap < best[0]:
                             best = (gap, first[0], second[1])
@@ -582,9 +583,20 @@ class Spotter:
             blocked = between_party or self._separated(text, negator, candidate, chosen, markers)
             if not blocked:
                 return "negated", f"negation: {negator.word} → {text[candidate.start : candidate.end]}"
+        # A hypothetical (如果, 万一, 怕) holds to the end of its sentence part: a scope breaker after it (如果老人
+        # 突然晕倒了) starts no new report, so it looks back to the punctuation, not to the breaker.
+        punct_start = max((b for b in (0, *norm.breaks) if b <= candidate.start), default=0)
+        hypothetical_before = [
+            m
+            for m in markers
+            if m.kind == "hypothetical_before" and punct_start <= m.start and m.end <= candidate.start
+            and not inside_other(m)
+        ]  # fmt: skip
         scoped: tuple[tuple[str, Rule], ...] = (("history", "history"), ("hypothetical", "hypothetical"))
         for kind, rule in scoped:
             marker = next((m for m in before if m.kind == f"{kind}_before"), None)
+            if marker is None and kind == "hypothetical":
+                marker = next(iter(hypothetical_before), None)
             if marker is None:
                 marker = next((m for m in after if m.kind == f"{kind}_after" and self._adjacent(m, candidate)), None)
             if marker is None and kind == "hypothetical":
@@ -594,13 +606,38 @@ class Spotter:
             if marker is not None:
                 return rule, f"{rule}: {marker.word} + {text[candidate.start : candidate.end]}"
         topic = next((m for m in after if m.kind == "topic_after" and m.start == candidate.end), None)
+        if topic is None:
+            topic = self._coordinated_topic(text, candidate, chosen, markers)
         if topic is not None:
             return "topic", f"topic: {text[candidate.start : candidate.end]}{topic.word}"
+        resolved = next(
+            (m for m in markers if m.kind == "resolved_after" and m.start >= candidate.end and not inside_other(m)),
+            None,
+        )
+        if resolved is not None and not any(
+            c.entry.term.category == term.category and c.start >= resolved.end for c in chosen
+        ):
+            return "history", f"history: {text[candidate.start : candidate.end]} … {resolved.word}"
         if uncertain and term.category == "emergency":
             return "uncertain", f"uncertain: {uncertain[-1].word} {text[candidate.start : candidate.end]}"
         if third_party is not None and term.category == "emergency":
             return "third_party", f"third party: {third_party.word}"
         return "affirmed", ""
+
+    @staticmethod
+    def _coordinated_topic(
+        text: str, candidate: _Candidate, chosen: list[_Candidate], markers: list[_Marker]
+    ) -> _Marker | None:
+        """A topic marker after a coordinated term covers this one too (中暑和热射病有什么区别)."""
+        for other in chosen:
+            if other.start <= candidate.end or other.start - candidate.end > 2:
+                continue
+            joined = any(
+                m.kind == "coordinators" and m.start == candidate.end and m.end == other.start for m in markers
+            ) or text[candidate.end : other.start] in ("和", "跟", "与", "或", "还是")
+            if joined:
+                return next((m for m in markers if m.kind == "topic_after" and m.start == other.end), None)
+        return None
 
     @staticmethod
     def _adjacent(marker: _Marker, candidate: _Candidate) -> bool:
