@@ -15,7 +15,7 @@ from benchmarks import keywords as bench
 from keywords import CATEGORIES, Classifier, Lexicon, Markers, Term, load_lexicon
 from keywords.lexicon import Clause
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TRIAGE = ROOT / "tests" / "data" / "triage"
 DISCRIMINATOR_ROW = re.compile(r"^\| `([a-z_]+)` \|", re.MULTILINE)
 NON_EMERGENCY_TAGS = {
