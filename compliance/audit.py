@@ -49,7 +49,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from compliance.merkle import (
     ProofError,
@@ -574,6 +574,11 @@ class SqlAuditStore:
                 # Another writer took this seq (or held the SQLite write lock): read the new end and retry.
                 last_error = type(exc).__name__
                 continue
+            except DBAPIError as exc:
+                # Anything else the database refuses (a trigger, a permission): mapped here, at the adapter edge,
+                # so callers see an AuditError (first line only: SQLAlchemy appends the statement and values).
+                first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0][:200]
+                raise AuditError(f"the audit log refused the entry: {first}") from None
         raise AuditError(f"could not append to the audit log after {_APPEND_ATTEMPTS} attempts: {last_error}")
 
     def entries(self, start: int = 0) -> Iterator[StoredEntry]:

@@ -220,6 +220,8 @@ class Markers(BaseModel):
     hypothetical_adjacent: tuple[str, ...] = ()
     # Right after a term: the term is a topic, not an event (中风的药, 中风后遗症, 心梗的症状).
     topic_after: tuple[str, ...] = ()
+    # Before a term in its clause: a question about it (什么是过敏性休克).
+    topic_before: tuple[str, ...] = ()
     # Anywhere after a term, with no other such term after it: it is over (胸口疼了一下，今天已经完全好了).
     resolved_after: tuple[str, ...] = ()
     # Someone else is the patient (我爸, 孩子, 同事): a report about them is as urgent as one's own.

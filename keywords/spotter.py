@@ -146,10 +146,15 @@ class Normalised:
     text: str
     index: tuple[int, ...]
     breaks: frozenset[int]
+    # Where a sentence (not just a clause) ended: 。？！；— a hypothetical (如果 X，Y) holds to here.
+    sentences: frozenset[int] = frozenset()
 
     def span(self, start: int, end: int) -> tuple[int, int]:
         """Original (start, end) of normalised ``[start, end)``."""
         return self.index[start], self.index[end - 1] + 1
+
+
+_SENTENCE_ENDS = frozenset("。.？?！!；;")
 
 
 def _is_han(char: str) -> bool:
@@ -160,6 +165,7 @@ def normalise(text: str) -> Normalised:
     chars: list[str] = []
     index: list[int] = []
     breaks: set[int] = set()
+    sentences: set[int] = set()
     for position, char in enumerate(text):
         if _is_han(char):
             chars.append(char)
@@ -175,10 +181,12 @@ def normalise(text: str) -> Normalised:
             kind = unicodedata.category(folded)
             if kind[0] in "PSZC":
                 breaks.add(len(chars))
+                if folded in _SENTENCE_ENDS:
+                    sentences.add(len(chars))
                 continue
             chars.append(folded.lower())
             index.append(position)
-    return Normalised(text, "".join(chars), tuple(index), frozenset(breaks))
+    return Normalised(text, "".join(chars), tuple(index), frozenset(breaks), frozenset(sentences))
 
 
 # -- pinyin ---------------------------------------------------------------------------------------------------
@@ -202,11 +210,11 @@ def fuzzy_syllable(syllable: str) -> str:
 
 
 @functools.lru_cache(maxsize=16384)
-def _char_readings(char: str) -> frozenset[str]:
+def _char_readings(char: str) -> tuple[str, ...]:
     if not _is_han(char):
-        return frozenset()
+        return ()
     readings = pinyin(char, style=Style.NORMAL, heteronym=True, errors="ignore")
-    return frozenset(fuzzy_syllable(r) for r in readings[0]) if readings else frozenset()
+    return tuple(sorted({fuzzy_syllable(r) for r in readings[0]})) if readings else ()
 
 
 # -- tries ----------------------------------------------------------------------------------------------------
@@ -255,6 +263,11 @@ class _Marker:
     word: str
     start: int
     end: int
+
+
+_FUNCTION_CHARS = frozenset("了的得着不没地过吗呢啊吧呀都也就")
+# The sound trie of grammar words holds their words under this stand-in term (only ``variant`` is read).
+_CLAUSE_WORD = Term(term="clause-word", category="general", severity="normal")
 
 
 @dataclass(frozen=True)
@@ -308,9 +321,10 @@ class Spotter:
                     _insert(self._sound, (fuzzy_syllable(s) for s in syllables), entry)
                 if len(variant) >= 2:
                     self._tokenizer.add_word(variant)
-        self._patterns = [(re.compile(p), term) for term in lexicon.terms for p in term.patterns]
+        self._patterns = [(re.compile(p), term, _first_chars(p)) for term in lexicon.terms for p in term.patterns]
         # Clause grammars: one trie over every subject and predicate word, scanned once per utterance.
         self._clause_rules = [(term, clause) for term in lexicon.terms for clause in term.clauses]
+        self._clause_sound = self._sound  # one trie, one pass: grammar words are entries of _CLAUSE_WORD
         self._clause_trie: dict[str, list[_ClauseWord]] = {}
         self._clause_prefixes: set[str] = set()
         for index, (_term, clause) in enumerate(self._clause_rules):
@@ -321,6 +335,10 @@ class Spotter:
                         continue
                     self._clause_trie.setdefault(variant, []).append(_ClauseWord(index, role))  # type: ignore[arg-type]
                     self._clause_prefixes.update(variant[:n] for n in range(1, len(variant)))
+                    if len(variant) >= 2 and all(_is_han(c) for c in variant):
+                        # Grammar words are heard wrong too (新跳 for 心跳): their sound, as for variants.
+                        keys = (fuzzy_syllable(x) for x in lazy_pinyin(variant, style=Style.NORMAL))
+                        _insert(self._clause_sound, keys, _Entry(_CLAUSE_WORD, variant))
         self._clause_max = max((len(w) for w in self._clause_trie), default=0)
         self._marker_kinds: dict[str, list[str]] = {}
         for kind in type(self.markers).model_fields:
@@ -364,11 +382,16 @@ class Spotter:
             ends.add(position)
         markers = self._markers(norm.text, starts, ends)
         clause_starts = sorted({0, *norm.breaks, *(m.end for m in markers if m.kind == "scope_breakers")})
+        sound = self._sound_candidates(norm.text)
         candidates = (
             self._exact_candidates(norm.text)
             + self._pattern_candidates(norm.text)
-            + self._clause_candidates(norm.text, clause_starts)
-            + [c for c in self._sound_candidates(norm.text) if self._plausible_error(norm.text, c, starts, ends)]
+            + self._clause_candidates(norm.text, clause_starts, starts, ends, sound)
+            + [
+                c
+                for c in sound
+                if c.entry.term is not _CLAUSE_WORD and self._plausible_error(norm.text, c, starts, ends)
+            ]
         )
         chosen = self._choose(norm.text, candidates)
         matches = []
@@ -413,16 +436,26 @@ class Spotter:
         return found
 
     def _pattern_candidates(self, text: str) -> list[_Candidate]:
+        present = set(text)
         return [
             _Candidate(m.start(), m.end(), _Entry(term, m.group()), "pattern")
-            for pattern, term in self._patterns
+            for pattern, term, first in self._patterns
+            if first is None or not first.isdisjoint(present)
             for m in pattern.finditer(text)
             if m.end() > m.start()
         ]
 
-    def _clause_candidates(self, text: str, clause_starts: list[int]) -> list[_Candidate]:
+    def _clause_candidates(
+        self,
+        text: str,
+        clause_starts: list[int],
+        starts: set[int] | None = None,
+        ends: set[int] | None = None,
+        sound: list[_Candidate] | None = None,
+    ) -> list[_Candidate]:
         """Subject × predicate pairs of one clause grammar, within its gap, in its order, in one clause, with no
-        negation in between. For each word the nearest partner is taken."""
+        negation in between. For each word the nearest partner is taken. Words are found as said or, standing as
+        words of their own (``starts``/``ends``: token boundaries), by their sound."""
         if not self._clause_rules:
             return []
         found: dict[int, list[tuple[str, int, int]]] = {}
@@ -433,6 +466,18 @@ class Spotter:
                     found.setdefault(word.rule, []).append((word.role, start, end))
                 if piece not in self._clause_prefixes:
                     break
+        if starts is not None and ends is not None:
+            heard = self._sound_candidates(text) if sound is None else sound
+            for candidate in (c for c in heard if c.entry.term is _CLAUSE_WORD):
+                said = text[candidate.start : candidate.end]
+                shared = [a for a, b in zip(said, candidate.entry.variant, strict=True) if a == b]
+                # Grammar words are short: a sound-alike must share a content character (新跳 → 心跳), not just
+                # a particle (吃了 is not 气了).
+                if all(c in _FUNCTION_CHARS for c in shared):
+                    continue
+                if self._plausible_error(text, candidate, starts, ends):
+                    for word in self._clause_trie.get(candidate.entry.variant, ()):
+                        found.setdefault(word.rule, []).append((word.role, candidate.start, candidate.end))
         candidates: list[_Candidate] = []
         for index, occurrences in found.items():
             term, clause = self._clause_rules[index]
@@ -461,24 +506,24 @@ class Spotter:
                     candidates.append(_Candidate(start, end, _Entry(term, text[start:end]), "grammar"))
         return candidates
 
-    def _sound_candidates(self, text: str) -> list[_Candidate]:
+    def _sound_candidates(self, text: str, trie: _Node | None = None) -> list[_Candidate]:
         readings = [_char_readings(c) for c in text]
         found: list[_Candidate] = []
+        root = self._sound if trie is None else trie
         for start in range(len(text)):
-            frontier = [self._sound]
+            frontier = [root]
             for end in range(start, len(text)):
                 if not readings[end]:
                     break
-                frontier = [
-                    child for node in frontier for r in sorted(readings[end]) if (child := node.children.get(r))
-                ]
+                frontier = [child for node in frontier for r in readings[end] if (child := node.children.get(r))]
                 if not frontier:
                     break
                 surface = text[start : end + 1]
                 for node in frontier:
                     for entry in node.entries:
                         same = sum(a == b for a, b in zip(surface, entry.variant, strict=True))
-                        if same < len(surface) and same >= max(1, len(surface) // 2):
+                        # At least half the characters, and two of three or more (行不行 is not 喊不醒).
+                        if same < len(surface) and same >= max(1, (len(surface) + 1) // 2):
                             found.append(_Candidate(start, end + 1, entry, "homophone"))
         return found
 
@@ -583,9 +628,9 @@ class Spotter:
             blocked = between_party or self._separated(text, negator, candidate, chosen, markers)
             if not blocked:
                 return "negated", f"negation: {negator.word} → {text[candidate.start : candidate.end]}"
-        # A hypothetical (如果, 万一, 怕) holds to the end of its sentence part: a scope breaker after it (如果老人
-        # 突然晕倒了) starts no new report, so it looks back to the punctuation, not to the breaker.
-        punct_start = max((b for b in (0, *norm.breaks) if b <= candidate.start), default=0)
+        # A hypothetical (如果, 万一, 怕) holds to the end of its sentence: a scope breaker after it (如果老人突然
+        # 晕倒了) starts no new report, nor does the consequent after a comma (万一喘不上气了，是打120还是…).
+        punct_start = max((b for b in (0, *norm.sentences) if b <= candidate.start), default=0)
         hypothetical_before = [
             m
             for m in markers
@@ -608,6 +653,8 @@ class Spotter:
         topic = next((m for m in after if m.kind == "topic_after" and m.start == candidate.end), None)
         if topic is None:
             topic = self._coordinated_topic(text, candidate, chosen, markers)
+        if topic is None:
+            topic = next((m for m in before if m.kind == "topic_before"), None)
         if topic is not None:
             return "topic", f"topic: {text[candidate.start : candidate.end]}{topic.word}"
         resolved = next(
@@ -660,6 +707,26 @@ class Spotter:
             if not gap and "critical" in (candidate.entry.term.severity, other.entry.term.severity):
                 return True
         return False
+
+
+_PLAIN = re.compile(r"[^\\.^$*+?{}\[\]|()]+")
+_FIRST_GROUP = re.compile(r"\(([^()]*)\)(?![?*{])")
+
+
+def _first_chars(pattern: str) -> frozenset[str] | None:
+    """The characters a match of ``pattern`` can start with, when the pattern says so plainly: a literal first,
+    or a first group of literal alternatives (``(胸口|心口)…``) that is not optional. None when it can't be told.
+    Patterns whose first characters are absent from an utterance are not run: most never apply."""
+    group = _FIRST_GROUP.match(pattern)
+    if group is not None:
+        options = group.group(1).split("|")
+        if all(_PLAIN.fullmatch(option) for option in options):
+            return frozenset(option[0] for option in options)
+        return None
+    if pattern and _PLAIN.match(pattern[0]):
+        following = pattern[1:2]
+        return None if following in ("?", "*", "{") else frozenset(pattern[0])
+    return None
 
 
 def _covers(text: str, context: str, start: int, end: int) -> bool:

@@ -161,7 +161,7 @@ def test_fuzzy_syllables() -> None:
 def test_spaced_characters_and_full_width(classifier: Classifier) -> None:
     result = classifier.classify("我 爸 胸 口 疼 ， 喘 不 上 气")
     assert result.emergency
-    assert [m.term for m in result.counted] == ["胸 口 疼", "喘 不 上 气"]
+    assert [m.term for m in result.deciding] == ["胸 口 疼", "喘 不 上 气"]
     _check_spans(result)
     assert classifier.classify("ＨＰＶ疫苗多大能打").category == "vaccination"
 
