@@ -125,8 +125,9 @@ def eligibility(path: Path) -> str:
 
 def speed(funcs: Sequence[Callable[[str], object]], texts: Sequence[str], rounds: int) -> list[Speed]:
     """Each function on each utterance in turn (interleaved, so that the shared machine's noise falls on both
-    alike), after one warm-up pass (pinyin readings, jieba routes). Each round is one block; the p99 reported is
-    the median of the blocks' p99s, so one burst of noise on a shared machine does not decide the figure."""
+    alike), after one warm-up pass (pinyin readings, jieba routes). Times are this thread's CPU time
+    (``time.thread_time``): on a shared machine, time spent waiting for the CPU is other processes' and is not
+    counted against either function. Each round is one block; the p99 reported is the median of the blocks'."""
     for func in funcs:
         for text in texts:
             func(text)
@@ -136,9 +137,9 @@ def speed(funcs: Sequence[Callable[[str], object]], texts: Sequence[str], rounds
         block: list[list[float]] = [[] for _ in funcs]
         for text in texts:
             for index, func in enumerate(funcs):
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 func(text)
-                took = time.perf_counter() - t0
+                took = time.thread_time() - t0
                 block[index].append(took)
                 elapsed[index] += took
         blocks.append(block)

@@ -157,6 +157,8 @@ class FlowResult:
     transfer_to: str | None = None
     variables: Mapping[str, str] = field(default_factory=dict)
     triage: TriageResult | None = None
+    # False only for a route decision taken before answering (see FlowRunner.defer_answer): the queue answers.
+    answered: bool = True
 
 
 SoundFor = Callable[[str], str]
@@ -188,17 +190,25 @@ class FlowRunner:
     recorder: CallRecorder | None = None
     # For the outreach nodes; None means "not configured" and such a node ends the flow with an error.
     outreach: OutreachPort | None = None
+    # A flow that starts with a silent route node says nothing to the caller: leave the answer to whoever takes
+    # the routed call (the ARI queue answers concurrently with ringing the agent). Only for transports whose
+    # queue can answer; the result's ``answered`` tells.
+    defer_answer: bool = False
 
     # Where the call is: "node", or "subflow:node" inside a subflow. Reported with the outcome.
     _where: str = field(default="answer", init=False)
     _typeahead: str | None = field(default=None, init=False)
     # The triage of the last utterance a listen node classified (reported with the outcome).
     _triage: TriageResult | None = field(default=None, init=False)
+    _answered: bool = field(default=False, init=False)
 
     async def run(self, flow: Flow, channel: CallChannel) -> FlowResult:
         """Answer, walk the flow from its start node, and end in a hang-up, a route or a transfer."""
         try:
-            await channel.answer()
+            start = flow.nodes[flow.start]
+            if not (self.defer_answer and isinstance(start, RouteNode) and start.prompt is None):
+                await channel.answer()
+                self._answered = True
             return await self._walk(flow, channel)
         except _Done as done:
             return done.result
@@ -323,7 +333,7 @@ class FlowRunner:
                 await self._say(channel, node.prompt, False)
                 decision = RouteDecision(node.category, node.effective_priority, node_id)
                 await self.on_step(Step(flow.flow, node_id, "route", node.category, decision.priority))
-                raise _Done(self._result("routed", route=decision))
+                raise _Done(self._result("routed", route=decision, answered=self._answered))
             case TransferNode():
                 await self._say(channel, node.prompt, False)
                 await self.on_step(Step(flow.flow, node_id, "transfer", node.trunk or "internal", node.to))

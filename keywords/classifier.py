@@ -37,17 +37,18 @@ from keywords.spotter import Classification, Level, Match, Spotter
 
 __all__ = ["Classifier", "Triage", "decide", "triage"]
 
-# (category, strong terms only): a strong diagnosis request (严重吗, 要不要手术, a lab value) outranks a drug; a
-# generic question (是不是, 怎么回事) about a named drug is medication guidance.
+# (category, strong terms only): a strong diagnosis request (严重吗, 要不要手术, a lab value asked about) outranks a
+# drug; a generic question (是不是, 怎么回事) about a named drug is medication guidance.
 PRECEDENCE: tuple[tuple[Category, bool], ...] = (
     ("diagnosis", True),
+    ("appointment", True),  # prescription logistics (续方, 处方审核, 取药) name a drug but are about the order
     ("medication", False),
     ("diagnosis", False),
     ("vaccination", False),
     ("appointment", False),
 )
 EXPOSURE_CATEGORIES: frozenset[str] = frozenset({"vaccination", "medication"})
-EXPOSURE_LOOKBEHIND = 2  # characters before the exposure term that may say it was taken (打了疫苗, 吃了头孢)
+EXPOSURE_LOOKBEHIND = 6  # characters before the exposure term that may say it was taken (打完hpv疫苗, 吃了头孢)
 
 
 def _after_exposure(text: str, symptom: Match, counted: Sequence[Match], cues: Sequence[str]) -> Match | None:

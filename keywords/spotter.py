@@ -247,8 +247,11 @@ class _Candidate:
     entry: _Entry
     via: Via
 
-    def key(self) -> tuple[int, int, int, int, str]:
+    def key(self) -> tuple[int, int, int, int, int, str]:
+        # A strong red flag is never displaced by an overlapping weak cue (突然…晕倒 keeps 晕倒); otherwise the
+        # longest match first.
         return (
+            0 if self.entry.term.cue == "strong" else 1,
             -(self.end - self.start),
             0 if self.via != "homophone" else 1,
             SEVERITY_RANK[self.entry.term.severity],
@@ -308,6 +311,14 @@ class Spotter:
         self._tokenizer.initialized = True
         self._exact = _Node()
         self._sound = _Node()
+        self._index_terms(lexicon)
+        self._index_patterns(lexicon)
+        self._index_clauses(lexicon)
+        self._index_markers()
+        self._third_party = frozenset(normalise(w).text for w in self.markers.third_party)
+
+    def _index_terms(self, lexicon: Lexicon) -> None:
+        """Every surface form in the exact trie, its sound in the sound trie, and in the tokenizer as a word."""
         for term in lexicon.terms:
             for surface in term.surfaces:
                 variant = normalise(surface).text
@@ -321,10 +332,24 @@ class Spotter:
                     _insert(self._sound, (fuzzy_syllable(s) for s in syllables), entry)
                 if len(variant) >= 2:
                     self._tokenizer.add_word(variant)
+
+    def _index_patterns(self, lexicon: Lexicon) -> None:
+        """Patterns by the characters they can start with: an utterance runs only those whose first characters it
+        holds, and the few whose start can't be told."""
         self._patterns = [(re.compile(p), term, _first_chars(p)) for term in lexicon.terms for p in term.patterns]
-        # Clause grammars: one trie over every subject and predicate word, scanned once per utterance.
+        self._patterns_by_char: dict[str, list[int]] = {}
+        self._patterns_always: list[int] = []
+        for number, (_pattern, _term, first) in enumerate(self._patterns):
+            if first is None:
+                self._patterns_always.append(number)
+            else:
+                for char in first:
+                    self._patterns_by_char.setdefault(char, []).append(number)
+
+    def _index_clauses(self, lexicon: Lexicon) -> None:
+        """Clause grammars: one table of every subject and predicate word, scanned once per utterance; their sound
+        shares the variants' sound trie (one pass), under the stand-in term ``_CLAUSE_WORD``."""
         self._clause_rules = [(term, clause) for term in lexicon.terms for clause in term.clauses]
-        self._clause_sound = self._sound  # one trie, one pass: grammar words are entries of _CLAUSE_WORD
         self._clause_trie: dict[str, list[_ClauseWord]] = {}
         self._clause_prefixes: set[str] = set()
         for index, (_term, clause) in enumerate(self._clause_rules):
@@ -338,8 +363,10 @@ class Spotter:
                     if len(variant) >= 2 and all(_is_han(c) for c in variant):
                         # Grammar words are heard wrong too (新跳 for 心跳): their sound, as for variants.
                         keys = (fuzzy_syllable(x) for x in lazy_pinyin(variant, style=Style.NORMAL))
-                        _insert(self._clause_sound, keys, _Entry(_CLAUSE_WORD, variant))
+                        _insert(self._sound, keys, _Entry(_CLAUSE_WORD, variant))
         self._clause_max = max((len(w) for w in self._clause_trie), default=0)
+
+    def _index_markers(self) -> None:
         self._marker_kinds: dict[str, list[str]] = {}
         for kind in type(self.markers).model_fields:
             for word in getattr(self.markers, kind):
@@ -354,7 +381,6 @@ class Spotter:
             node.word = word
             if len(word) >= 2:
                 self._tokenizer.add_word(word)
-        self._third_party = frozenset(normalise(w).text for w in self.markers.third_party)
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -385,7 +411,7 @@ class Spotter:
         sound = self._sound_candidates(norm.text)
         candidates = (
             self._exact_candidates(norm.text)
-            + self._pattern_candidates(norm.text)
+            + self._pattern_candidates(norm.text, norm.breaks)
             + self._clause_candidates(norm.text, clause_starts, starts, ends, sound)
             + [
                 c
@@ -435,14 +461,19 @@ class Spotter:
                 found.extend(_Candidate(start, end + 1, entry, "exact") for entry in node.entries)
         return found
 
-    def _pattern_candidates(self, text: str) -> list[_Candidate]:
-        present = set(text)
+    def _pattern_candidates(self, text: str, breaks: frozenset[int] = frozenset()) -> list[_Candidate]:
+        """Matches of the terms' patterns. A pattern without an explicit gap (``.{0,n}``) describes one phrase, so
+        its match may not run across punctuation (发烧，浑身酸疼 is no 烧…浑身 burn)."""
+        numbers = set(self._patterns_always)
+        for char in set(text):
+            numbers.update(self._patterns_by_char.get(char, ()))
         return [
             _Candidate(m.start(), m.end(), _Entry(term, m.group()), "pattern")
-            for pattern, term, first in self._patterns
-            if first is None or not first.isdisjoint(present)
+            for pattern, term, _first in (self._patterns[n] for n in sorted(numbers))
             for m in pattern.finditer(text)
             if m.end() > m.start()
+            and not _cue_denied(text, m)
+            and (".{" in pattern.pattern or not any(m.start() < b < m.end() for b in breaks))
         ]
 
     def _clause_candidates(
@@ -530,7 +561,10 @@ class Spotter:
     def _plausible_error(self, text: str, candidate: _Candidate, starts: set[int], ends: set[int]) -> bool:
         """Whether a sound-alike is plausibly the recognizer's error for the variant: it stands as words of its
         own (烧三 in 发烧三十八 does not) and is not a far more common word (不是 is not 不适 misheard)."""
-        if candidate.start not in starts or candidate.end not in ends:
+        aligned = (candidate.start in starts) + (candidate.end in ends)
+        # Two-character sound-alikes must stand as a word; longer ones may lean on a neighbour at one end
+        # (凶口痛 in 凶口痛痛到下巴: the recognizer's error need not fall on jieba's boundaries).
+        if aligned < (2 if candidate.end - candidate.start < 3 else 1):
             return False
         surface = text[candidate.start : candidate.end]
         said = self._frequency.get(surface) or 0
@@ -711,6 +745,18 @@ class Spotter:
 
 _PLAIN = re.compile(r"[^\\.^$*+?{}\[\]|()]+")
 _FIRST_GROUP = re.compile(r"\(([^()]*)\)(?![?*{])")
+
+
+_CUE_NEGATION = re.compile(r"(没有|没|不|未|无)$")
+
+
+def _cue_denied(text: str, match: re.Match[str]) -> bool:
+    """A co-occurrence pattern names its second finding ``(?P<cue>…)`` (摔到头 … 吐): a negation right before it
+    (磕到头了，没吐) denies the finding, so the pattern does not apply."""
+    if "cue" not in match.re.groupindex or match.start("cue") < 0:
+        return False
+    before = text[max(match.start(), match.start("cue") - 2) : match.start("cue")]
+    return _CUE_NEGATION.search(before) is not None
 
 
 def _first_chars(pattern: str) -> frozenset[str] | None:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol, cast
 
@@ -24,6 +24,7 @@ from ground.config import Config
 from ground.ids import is_uuid
 from ivr.fastagi import FastAgiCallChannel
 from ivr.flow_registry import FlowRegistry
+from ivr.flow_source import LoadedFlow
 from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
 from ivr.prompts import Voice, render, sound_name
 from medhotline.prompts import sounds_dir
@@ -41,7 +42,12 @@ from telephony.ari_channel import (
 from telephony.ari_client import AriClient
 from telephony.channel import CallChannel, ChannelError
 from telephony.consult import ROUTE_CATEGORIES, RouteCategory
-from telephony.ports import ConsentExchange, PatientDirectory, Recognizer
+from telephony.ports import (
+    CallRecorder,
+    ConsentExchange,
+    PatientDirectory,
+    Recognizer,
+)
 
 log = structlog.get_logger("medhotline.service")
 
@@ -106,14 +112,11 @@ class CallLifecycle:
         call_id = str(uuid.uuid4())
         with structlog.contextvars.bound_contextvars(call_id=call_id):
             flows = self.wiring.flows.current  # this call's snapshot: later edits don't change it
-            if flow is not None and flow not in flows:
-                # An outbound call must run its own flow, never the hotline's in its place.
-                log.error("call.flow_missing", flow=flow)
+            loaded = self._entry_flow(flows, flow, info.flow)
+            if loaded is None:
                 with contextlib.suppress(Exception):
                     await channel.hangup()
                 return call_id, "error"
-            entry = flow or (self.wiring.surge.entry_flow(info.flow) if self.wiring.surge is not None else info.flow)
-            loaded = flows.get(entry) or flows[self.wiring.config.hotline.flow]
             log.info(
                 "call.start",
                 transport=info.transport,
@@ -121,7 +124,16 @@ class CallLifecycle:
                 flow=loaded.flow.flow,
                 version=loaded.version,
             )
-            await self._record(
+            # The call's record is written in order beside the call, never in its way (a commit waits for the
+            # disk); whatever refers to the call's row waits for these writes first (see _CallWrites).
+            # Calls that may route at once (the queue answers them) hold their writes until the agent is dialled.
+            defer_answer = (
+                self.wiring.queue is not None
+                and isinstance(channel, AriCallChannel)
+                and not self.wiring.config.recordings.record_ivr
+            )
+            writes = _CallWrites(self._record, paused=defer_answer)
+            writes.add(
                 "start",
                 self.wiring.repo.start,
                 call_id=call_id,
@@ -141,12 +153,15 @@ class CallLifecycle:
             async def on_step(step: Step) -> None:
                 nonlocal answered, ivr_recording
                 now = datetime.now(UTC)
+                if step.node_type != "route":
+                    writes.resume()  # the IVR talks to the caller: nothing to get out of the way of
                 if not answered:
                     answered = True
-                    await self._record("answer", self.wiring.repo.mark_answered, call_id, now)
+                    writes.add("answer", self.wiring.repo.mark_answered, call_id, now)
                     if ivr_recorder is not None and self.wiring.config.recordings.record_ivr:
+                        await writes.drain()  # the recording's row refers to the call's
                         ivr_recording = await self._start_ivr_recording(ivr_recorder, channel)
-                await self._record(
+                writes.add(
                     "step",
                     self.wiring.repo.add_step,
                     call_id,
@@ -165,8 +180,10 @@ class CallLifecycle:
                 recognizer=self.wiring.recognizer,
                 directory=self.wiring.directory,
                 consent=_CallConsent(recordings, call_id) if recordings is not None else None,
-                recorder=recordings.recorder(call_id, "consent") if recordings is not None else None,
+                recorder=_AfterWrites(recordings.recorder(call_id, "consent"), writes) if recordings else None,
                 outreach=outreach or self._inbound_outreach(lambda: runner.variables.get("patient_ref"), call_id),
+                # A route-first flow: the ARI queue answers the caller while it rings the agent.
+                defer_answer=defer_answer,
             )
             try:
                 result = await runner.run(loaded.flow, channel)
@@ -180,8 +197,9 @@ class CallLifecycle:
             if recordings is not None and result.variables.get("patient_ref"):
                 recordings.identify(call_id, result.variables["patient_ref"])
             if result.triage is not None:
-                # Before the queue: a nurse's upgrade during the conversation lands beside what the IVR heard.
-                await self._record(
+                # In order with the call's other writes (the row may not be written yet) and before the queue: a
+                # nurse's upgrade during the conversation lands beside what the IVR heard.
+                writes.add(
                     "triage",
                     self.wiring.repo.record_triage,
                     call_id,
@@ -191,19 +209,8 @@ class CallLifecycle:
                     confirm_answer=result.triage.confirm_answer,
                 )
             if result.outcome == "routed" and result.route is not None:
-                result = await self._to_agent(channel, call_id, result)
-            await self._record(
-                "finish",
-                self.wiring.repo.finish,
-                call_id,
-                outcome=result.outcome,
-                ended_at=datetime.now(UTC),
-                last_step=result.last_step,
-                error=result.error,
-                route_category=result.route.category if result.route else None,
-                route_priority=result.route.priority if result.route else None,
-                transfer_to=result.transfer_to,
-            )
+                result = await self._to_agent(channel, call_id, result, writes)
+            await self._finish_record(writes, call_id, result)
             log.info("call.end", outcome=result.outcome, last_step=result.last_step)
             if call_id not in self._handed_over:
                 self._call_ended(call_id)
@@ -248,13 +255,17 @@ class CallLifecycle:
             log.exception("recording.ivr_not_started")  # the call goes on unrecorded; the row says so
             return None
 
-    async def _to_agent(self, channel: CallChannel, call_id: str, result: FlowResult) -> FlowResult:
+    async def _to_agent(
+        self, channel: CallChannel, call_id: str, result: FlowResult, writes: _CallWrites
+    ) -> FlowResult:
         """The IVR routed the call: wait in the queue for a qualified agent, then talk. Never raises."""
         route = result.route
         assert route is not None
         if self.wiring.queue is not None and isinstance(channel, FastAgiCallChannel):
             # The queue needs ARI (bridges, agent legs): the dialplan takes the call into Stasis as "queue".
             try:
+                await writes.drain()  # the ARI side looks the call up by its record
+
                 await channel.hand_over(
                     QUEUE_CONTEXT,
                     {
@@ -284,6 +295,8 @@ class CallLifecycle:
             cast(RouteCategory, route.category),
             route.priority,
             patient_ref=result.variables.get("patient_ref"),
+            writes=writes,
+            answer=not result.answered,
         )
         # Who answered is in the ring history, an unavailable end in the path; the record keeps how it ended.
         return dataclasses.replace(
@@ -301,6 +314,8 @@ class CallLifecycle:
         priority: str,
         *,
         patient_ref: str | None = None,
+        writes: _CallWrites | None = None,
+        answer: bool = False,
     ) -> QueueResult:
         """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises.
 
@@ -309,10 +324,11 @@ class CallLifecycle:
         """
         assert self.wiring.queue is not None
         assigned = False
+        steps = writes or _CallWrites(self._record)
 
         async def on_step(node: str, edge: str | None, value: str | None) -> None:
             nonlocal assigned
-            await self._record(
+            steps.add(
                 "queue step",
                 self.wiring.repo.add_step,
                 call_id,
@@ -324,6 +340,9 @@ class CallLifecycle:
                 at=datetime.now(UTC),
                 moves_last_step=False,
             )
+            if node == "answered":
+                # The conversation's recording and the agent's access refer to the call's record: written first.
+                await steps.drain()
             if node == "answered" and edge is not None:
                 self._answered.add(call_id)
             if node == "answered" and edge is not None and patient_ref and self.wiring.access is not None:
@@ -338,15 +357,43 @@ class CallLifecycle:
                 assigned = True
 
         try:
-            return await self.wiring.queue.serve(channel, call_id, category, cast(CallPriority, priority), on_step)
+            return await self.wiring.queue.serve(
+                channel, call_id, category, cast(CallPriority, priority), on_step, answer=answer, on_hold=steps.resume
+            )
         except Exception:
             log.exception("routing.crashed")
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return QueueResult("failed")
         finally:
+            await steps.drain()
             if assigned:
                 self.spawn(self._end_assignment(call_id, self.wiring.config.routing.wrap_up))
+
+    def _entry_flow(self, flows: Mapping[str, LoadedFlow], flow: str | None, dialled: str) -> LoadedFlow | None:
+        """The flow a call runs: an outbound call's own (None when it is missing: it must never run the hotline's
+        in its place); else the dialled flow, through surge mode's entry while it is on; else the hotline's."""
+        if flow is not None and flow not in flows:
+            log.error("call.flow_missing", flow=flow)
+            return None
+        entry = flow or (self.wiring.surge.entry_flow(dialled) if self.wiring.surge is not None else dialled)
+        return flows.get(entry) or flows[self.wiring.config.hotline.flow]
+
+    async def _finish_record(self, writes: _CallWrites, call_id: str, result: FlowResult) -> None:
+        """The call's final outcome, after every earlier write of the call."""
+        writes.add(
+            "finish",
+            self.wiring.repo.finish,
+            call_id,
+            outcome=result.outcome,
+            ended_at=datetime.now(UTC),
+            last_step=result.last_step,
+            error=result.error,
+            route_category=result.route.category if result.route else None,
+            route_priority=result.route.priority if result.route else None,
+            transfer_to=result.transfer_to,
+        )
+        await writes.drain()
 
     async def _overflowed(self, channel: AriCallChannel, call_id: str, category: str, priority: str) -> bool:
         """Surge mode's capacity limit: a normal call to a full queue hears the overflow message and the hang-up
@@ -434,6 +481,56 @@ class CallLifecycle:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
+
+
+class _CallWrites:
+    """One call's record writes, in the order they were made, off the call's path: the caller never waits for a
+    commit. ``drain`` waits for every write made so far; it comes before anything that reads the call's record
+    back or writes a row that refers to it (a recording, the FastAGI hand-over, the agent's access, the end)."""
+
+    def __init__(self, record: Callable[..., Awaitable[None]], *, paused: bool = False) -> None:
+        self._record = record  # HotlineService._record: logs a failure, never raises
+        self._tail: asyncio.Task[None] | None = None
+        # Paused: the writes wait (in order) until resume(), so they don't contend with the agent's reservation
+        # for the database on the way to the agent's phone.
+        self._go = asyncio.Event()
+        if not paused:
+            self._go.set()
+
+    def add(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        previous, go = self._tail, self._go
+
+        async def write() -> None:
+            if previous is not None:
+                await previous
+            else:
+                await go.wait()
+            await self._record(what, func, *args, **kwargs)
+
+        self._tail = asyncio.create_task(write())
+
+    def resume(self) -> None:
+        self._go.set()
+
+    async def drain(self) -> None:
+        self.resume()
+        if self._tail is not None:
+            await asyncio.shield(self._tail)
+
+
+class _AfterWrites:
+    """A call recorder whose recordings start only once the call's record is written (their rows refer to it)."""
+
+    def __init__(self, recorder: CallRecorder, writes: _CallWrites) -> None:
+        self._recorder = recorder
+        self._writes = writes
+
+    async def start(self, channel: CallChannel, label: str) -> str:
+        await self._writes.drain()
+        return await self._recorder.start(channel, label)
+
+    async def stop(self, channel: CallChannel, name: str) -> None:
+        await self._recorder.stop(channel, name)
 
 
 class _CallConsent:

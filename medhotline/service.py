@@ -62,7 +62,12 @@ from telephony.ari_channel import (
 )
 from telephony.ari_client import AriClient
 from telephony.channel import CallChannel
-from telephony.ports import NoPatientDirectory, NoRecognizer, PatientDirectory, Recognizer
+from telephony.ports import (
+    NoPatientDirectory,
+    NoRecognizer,
+    PatientDirectory,
+    Recognizer,
+)
 
 __all__ = [
     "QUEUE_ARG",

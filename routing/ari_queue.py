@@ -1,11 +1,13 @@
 """The telephony of waiting for an agent, over ARI: holding bridge, agent legs, and the conversation bridge.
 
 A routed caller joins a holding bridge of their own (music on hold, position announcements), and the call's
-task waits for what the :class:`~routing.engine.RoutingEngine` hands out. An :class:`~routing.engine.Offer`
-dials the agent's PJSIP endpoint as a new channel in the Stasis app (``appArgs`` ``agent,<call id>``); when the
-agent answers, that channel enters Stasis and caller and agent are moved into a mixing bridge. Whoever hangs up
-first ends the conversation for both. A caller who hangs up at any point takes everything down with them: the
-agent leg, both bridges, and the reservation of the agent.
+task waits for what the :class:`~routing.engine.RoutingEngine` hands out. The agent's leg comes first: the
+caller's side (answer when the IVR left it to the queue, holding bridge, music) is set up concurrently with the
+reservation and the dial, and waited for only where it is needed (an announcement, the conversation bridge).
+An :class:`~routing.engine.Offer` dials the agent's PJSIP endpoint as a new channel in the Stasis app
+(``appArgs`` ``agent,<call id>``); when the agent answers, that channel enters Stasis and caller and agent are
+moved into a mixing bridge. Whoever hangs up first ends the conversation for both. A caller who hangs up at any
+point takes everything down with them: the agent leg, both bridges, and the reservation of the agent.
 """
 
 from __future__ import annotations
@@ -79,6 +81,62 @@ OnUpgrade = Callable[[str, str], Awaitable[None]]
 UPGRADED_SOUND = "beep"
 
 
+# How long the caller's side waits for the agent's leg to be dialled first. The reservation takes milliseconds;
+# this bounds the wait when it is slow or refused, so a caller never waits for music longer than this.
+HOLD_GRACE = 0.1
+
+
+class _Hold:
+    """The caller's holding bridge and the task that sets it up (answer, bridge, music on hold).
+
+    Started once the first agent's leg is dialled (or at once when no agent is being reserved, or after
+    ``HOLD_GRACE``): the caller's requests then don't compete with the agent's on the way to the phone.
+    """
+
+    def __init__(
+        self, bridge: str, setup: Callable[[], Awaitable[None]], on_start: Callable[[], None] | None = None
+    ) -> None:
+        self.bridge = bridge
+        self._setup = setup
+        self._on_start = on_start
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def task(self) -> asyncio.Task[None]:
+        """The setup, started now if it was not yet."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._setup())
+            self._task.add_done_callback(_retrieved)
+            if self._on_start is not None:
+                self._on_start()
+        return self._task
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    def start(self) -> None:
+        self.task  # noqa: B018 - the property starts it
+
+    async def ready(self) -> str:
+        """The bridge, once the caller is in it with music; raises what the setup raised (a hang-up, an ARI error).
+        Shielded: whoever waits for it being cancelled must not cancel the setup itself."""
+        await asyncio.shield(self.task)
+        return self.bridge
+
+    def check(self) -> None:
+        """Raise the setup's error if it has failed already."""
+        task = self._task
+        if task is not None and task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """The setup's error is raised where the hold is needed; marked seen here for calls that never need it."""
+    if not task.cancelled():
+        task.exception()
+
+
 class ConversationRecorder(Protocol):
     """Records the conversation bridge (``recordings.capture.CallRecordings`` satisfies it). ``start`` returns a
     handle for ``stop``, or None when the recording could not start (the call goes on regardless)."""
@@ -145,22 +203,28 @@ class CallerQueue:
         category: RouteCategory,
         priority: CallPriority,
         on_step: QueueStep | None = None,
+        *,
+        answer: bool = False,
+        on_hold: Callable[[], None] | None = None,
     ) -> QueueResult:
         """Never raises for telephony trouble: the result says how the call left the queue.
 
         ``on_step(node, edge, input)`` records the queue's milestones in the call's path (queued, reclassified,
-        answered by which agent, escalated); every ring is in the agents' ring history.
+        answered by which agent, escalated); every ring is in the agents' ring history. ``answer``: the IVR left
+        the caller unanswered (a flow that starts with its route node), the queue answers them. ``on_hold()`` is
+        called when the caller's side starts: the agent's leg is dialled (or nobody is being reserved), so the
+        caller's other work (their record) no longer competes with it.
         """
         step = on_step or _no_step
+        # The agent first: the engine reserves and offers while the caller's side is set up beside it.
         ticket = self._engine.enqueue(CallRequest(call_id, category, priority, datetime.now(UTC)))
-        await step("queued", category, None)
-        hold = f"hold-{call_id}"
+        bridge = f"hold-{call_id}"
+        hold = _Hold(bridge, lambda: self._hold(caller, bridge, answer=answer), on_hold)
         try:
-            await self._request("POST", "/bridges", {"type": "holding", "bridgeId": hold, "name": hold})
-            await self._request(
-                "POST", f"/bridges/{hold}/addChannel", {"channel": caller.info.channel_id, "role": "participant"}
-            )
-            await self._moh(hold, on=True)
+            await step("queued", category, None)
+            await asyncio.sleep(0)  # the engine takes its decision up to the reservation's database write
+            if not self._engine.reserving(call_id):
+                hold.start()  # nobody to ring yet: the caller's side starts now
             return await self._wait(caller, ticket, hold, step)
         except CallerHungUp:
             log.info("queue.caller_hung_up", position=self._engine.position(call_id))
@@ -173,16 +237,34 @@ class CallerQueue:
                 await caller.hangup()
             return QueueResult("failed")
         finally:
-            with contextlib.suppress(ChannelError):
-                await self._ari.request("DELETE", f"/bridges/{hold}")
+            if hold.started:
+                # Let the setup finish rather than cancel it, so no bridge it is creating outlives this DELETE.
+                with contextlib.suppress(ChannelError, asyncio.CancelledError):
+                    await hold.ready()
+                with contextlib.suppress(ChannelError):
+                    await self._ari.request("DELETE", f"/bridges/{bridge}")
+
+    async def _hold(self, caller: AriCallChannel, bridge: str, *, answer: bool) -> None:
+        """Answer (if the IVR did not), put the caller into their holding bridge and start the music."""
+        if answer:
+            await caller.answer()
+        await self._request("POST", "/bridges", {"type": "holding", "bridgeId": bridge, "name": bridge})
+        await self._request(
+            "POST", f"/bridges/{bridge}/addChannel", {"channel": caller.info.channel_id, "role": "participant"}
+        )
+        await self._moh(bridge, on=True)
 
     # -- waiting ------------------------------------------------------------------------------------
-    async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: str, step: QueueStep) -> QueueResult:
+    async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: _Hold, step: QueueStep) -> QueueResult:
         call_id = ticket.request.call_id
         loop = asyncio.get_running_loop()
         announce_at = loop.time() + self._settings.first_announcement
         while True:
-            item = await self._next(ticket, caller, announce_at - loop.time())
+            remaining = announce_at - loop.time()
+            item = await self._next(ticket, caller, hold, remaining if hold.started else min(remaining, HOLD_GRACE))
+            if item is None and not hold.started:
+                hold.start()  # the agent's leg is slow in coming: the caller's side goes ahead
+                continue
             if item is None:
                 position = self._engine.position(call_id)
                 if position is not None:
@@ -208,13 +290,25 @@ class CallerQueue:
                     return result
             # A CancelRing for a ring that already ended needs nothing.
 
-    async def _next(self, ticket: Ticket, caller: AriCallChannel, timeout: float) -> TicketItem | str | None:
+    async def _next(
+        self, ticket: Ticket, caller: AriCallChannel, hold: _Hold, timeout: float
+    ) -> TicketItem | str | None:
         """The engine's next item for this call, a key the caller pressed, or None when ``timeout`` passed.
-        CallerHungUp if the caller left."""
+        CallerHungUp if the caller left; the hold's error if setting it up failed meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
         get = asyncio.ensure_future(ticket.items.get())
         key = asyncio.ensure_future(_next_key(caller))
         try:
-            done, _ = await asyncio.wait({get, key}, timeout=max(0.0, timeout), return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                hold.check()
+                setup = hold.task if hold.started else None
+                waiting = {get, key} if setup is None or setup.done() else {get, key, setup}
+                remaining = max(0.0, deadline - loop.time())
+                done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if setup is None or done != {setup}:
+                    break  # an item, a key, or the timeout; the hold finishing alone is no reason to return
+            hold.check()  # a failed setup ends the wait even if an item came with it (abandon() releases it)
         finally:
             if not get.done():
                 get.cancel()
@@ -227,11 +321,12 @@ class CallerQueue:
             return get.result()
         return key.result() if key in done else None
 
-    async def _announce(self, caller: AriCallChannel, hold: str, text: str) -> str | None:
+    async def _announce(self, caller: AriCallChannel, hold: _Hold, text: str) -> str | None:
         """Music stops for the announcement and resumes after it; a key pressed meanwhile ends it and is returned."""
-        await self._moh(hold, on=False)
+        bridge = await hold.ready()
+        await self._moh(bridge, on=False)
         key = await caller.play(self._sound(text), barge_in=True)
-        await self._moh(hold, on=True)
+        await self._moh(bridge, on=True)
         return key
 
     async def _moh(self, bridge: str, *, on: bool) -> None:
@@ -243,7 +338,7 @@ class CallerQueue:
 
     # -- ringing an agent ---------------------------------------------------------------------------
     async def _ring(
-        self, caller: AriCallChannel, ticket: Ticket, hold: str, offer: Offer, step: QueueStep
+        self, caller: AriCallChannel, ticket: Ticket, hold: _Hold, offer: Offer, step: QueueStep
     ) -> QueueResult | None:
         """Ring the offered agent. A result ends the call's time in the queue; None means "back to waiting"."""
         call_id = ticket.request.call_id
@@ -269,9 +364,11 @@ class CallerQueue:
                         },
                     )
                 except AriError as exc:
+                    hold.start()
                     log.warning("queue.dial_failed", reason=str(exc))
                     await self._engine.no_answer(call_id, agent_id, reachable=False)
                     return None
+                hold.start()  # the agent's phone is being dialled: now the caller's side, beside it
                 log.info("queue.ringing")
                 answered = await self._await_answer(caller, ticket, leg, agent_id)
                 if not answered:
@@ -332,15 +429,16 @@ class CallerQueue:
                 caller_gone.cancel()
 
     async def _talk(
-        self, caller: AriCallChannel, leg: AriCallChannel, hold: str, call_id: str, *, agent_id: str, step: QueueStep
+        self, caller: AriCallChannel, leg: AriCallChannel, hold: _Hold, call_id: str, *, agent_id: str, step: QueueStep
     ) -> None:
         """Caller and agent in one mixing bridge until either hangs up; then the other is hung up too. Meanwhile
         the agent's keys are watched for the upgrade sequence."""
         talk = f"talk-{call_id}"
         recording: Any = None
+        bridge = await hold.ready()  # an agent quicker than the caller's setup waits for it here
         with contextlib.suppress(AriError):
-            await self._moh(hold, on=False)
-        await self._request("POST", f"/bridges/{hold}/removeChannel", {"channel": caller.info.channel_id})
+            await self._moh(bridge, on=False)
+        await self._request("POST", f"/bridges/{bridge}/removeChannel", {"channel": caller.info.channel_id})
         await self._request("POST", "/bridges", {"type": "mixing", "bridgeId": talk, "name": talk})
         try:
             await self._request(
@@ -395,7 +493,7 @@ class CallerQueue:
 
     # -- escalation ---------------------------------------------------------------------------------
     async def _escalate(
-        self, caller: AriCallChannel, call_id: str, hold: str, escalate: Escalate, step: QueueStep
+        self, caller: AriCallChannel, call_id: str, hold: _Hold, escalate: Escalate, step: QueueStep
     ) -> QueueResult | None:
         """Transfer to the rule's target. Without one (no rule, or its group has no configured target), a caller
         who waited the rule's time, or whom nobody could ever take, is told so and where to turn (120 for an
@@ -409,7 +507,8 @@ class CallerQueue:
             if target is None:
                 log.error("queue.escalation_unconfigured", group=rule.group, hint="set [routing.escalation_groups]")
         await self._engine.abandon(call_id)
-        await self._moh(hold, on=False)
+        bridge = await hold.ready()
+        await self._moh(bridge, on=False)
         if target is None:
             await step("unavailable", escalate.reason, None)
             log.warning("queue.unavailable", reason=escalate.reason)
@@ -419,7 +518,7 @@ class CallerQueue:
         log.warning("queue.escalating", group=rule.group if rule else None, trunk=target.trunk or None)
         await step("escalated", (rule.group if rule else None) or "transfer", None)
         await caller.play(self._sound(ESCALATING))
-        await self._request("POST", f"/bridges/{hold}/removeChannel", {"channel": caller.info.channel_id})
+        await self._request("POST", f"/bridges/{bridge}/removeChannel", {"channel": caller.info.channel_id})
         # The dialplan's [medhotline-transfer] rings the target, then the second target if nobody answered.
         await caller.set_variable("MEDHOTLINE_RING", str(target.ring_seconds))
         await caller.set_variable("MEDHOTLINE_THEN", target.then_number)

@@ -66,6 +66,16 @@ class AgentDirectory(Protocol):
         *,
         excluded: Sequence[str] = (),
     ) -> bool: ...
+    def reserve_ring(
+        self,
+        account_id: str,
+        call_id: str,
+        node: str,
+        at: datetime,
+        required: Sequence[Sequence[str]] = (),
+        *,
+        excluded: Sequence[str] = (),
+    ) -> int | None: ...
     def release(self, account_id: str, call_id: str) -> bool: ...
     def release_node(self, node: str) -> int: ...
     def pause(self, account_id: str, reason: str, at: datetime) -> None: ...
@@ -174,6 +184,10 @@ class RoutingEngine:
         log.warning("routing.reclassified", old_category=current.category, category="emergency")
         self._wake.set()
         return True
+
+    def reserving(self, call_id: str) -> bool:
+        """True while an agent is reserved (or being reserved) to ring for this call."""
+        return self.dispatcher.is_ringing(call_id)
 
     def position(self, call_id: str) -> int | None:
         return self.dispatcher.position(call_id, self._clock())
@@ -296,12 +310,22 @@ class RoutingEngine:
         )
         if released:
             log.warning("routing.stale_reservations_released", count=released)
+        loop = asyncio.get_running_loop()
+        refresh_due = loop.time()
         while True:
             try:
-                await self.step()
+                if loop.time() >= refresh_due:
+                    refresh_due = loop.time() + self.settings.refresh_interval
+                    await self.step()
+                else:
+                    # Woken between refreshes (a call arrived, an agent came free): decide at once on the view of
+                    # the agents read at most refresh_interval ago. That is safe because the reservation checks
+                    # paused, frozen, held and credentials again in the database; a stale view costs at most a
+                    # refused reservation, never a wrong ring. The new call skips a read of the whole table.
+                    await self.decide()
             except Exception:
                 log.exception("routing.step_failed")
-            timeout = self.settings.refresh_interval
+            timeout = max(0.0, refresh_due - loop.time())
             change = self.dispatcher.next_change(self._clock())
             if change is not None:
                 timeout = max(0.01, min(timeout, (change - self._clock()).total_seconds()))
@@ -316,6 +340,10 @@ class RoutingEngine:
         self._apply(views, self._clock())
         self.snapshot = views
         self.refreshed.set()
+        await self.decide()
+
+    async def decide(self) -> None:
+        """Every assignment and escalation now due, on the agent states as last read."""
         await self._assign()
         self._escalate()
 
@@ -378,34 +406,40 @@ class RoutingEngine:
             required = self.rules.rule(assignment.call.category).required
             # Overflow agents take only the categories surge mode allows them: checked again by the database.
             excluded = () if assignment.call.category in self.dispatcher.volunteers else (VOLUNTEER_KIND,)
-            reserved = await self._db(
+            # The reservation and its ring row in one commit: the only database write before the phone rings.
+            ring_id = await self._db(
                 "reserve agent",
-                functools.partial(self.directory.reserve, excluded=excluded),
+                functools.partial(self.directory.reserve_ring, excluded=excluded),
                 agent_id,
                 call_id,
                 self.settings.node,
                 at,
                 required,
             )
-            if self.dispatcher.ringing().get(call_id) != agent_id:
-                # The caller hung up (or the agent was frozen) while the database answered.
-                if reserved:
+            ticket = self._tickets.get(call_id)
+            if self.dispatcher.ringing().get(call_id) != agent_id or ticket is None:
+                # The caller hung up (or the agent was frozen) while the database answered: the phone never rang.
+                if ring_id is not None:
+                    outcome: RingOutcome = "caller_gone" if ticket is None else "released"
+                    await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, self._clock())
                     await self._db("release", self.directory.release, agent_id, call_id)
+                with contextlib.suppress(RoutingError):
+                    if ticket is None:
+                        self.dispatcher.remove(call_id, at)
                 continue
-            if not reserved:
+            if ring_id is None:
                 self.dispatcher.reservation_refused(call_id, agent_id, at)
                 log.info("routing.reservation_refused", agent=agent_id)
                 continue
-            ring_id = await self._db("ring", self.directory.record_ring, call_id, agent_id, self.settings.node, at)
-            ticket = self._tickets.get(call_id)
-            if ticket is None or ring_id is None:
-                await self._db("release", self.directory.release, agent_id, call_id)
-                with contextlib.suppress(RoutingError):
-                    self.dispatcher.remove(call_id, at)
-                continue
             self._held[agent_id] = call_id
             self._rings[call_id] = (agent_id, ring_id)
-            log.info("routing.offer", agent=agent_id, step=assignment.step, category=assignment.call.category)
+            log.info(
+                "routing.offer",
+                call_id=call_id,
+                agent=agent_id,
+                step=assignment.step,
+                category=assignment.call.category,
+            )
             ticket.items.put_nowait(Offer(assignment, ring_id))
 
     def _escalate(self) -> None:

@@ -221,6 +221,10 @@ class Dispatcher:
     def is_waiting(self, call_id: str) -> bool:
         return call_id in self._waiting
 
+    def is_ringing(self, call_id: str) -> bool:
+        """An agent is reserved for this call (its phone rings, or is about to)."""
+        return call_id in self._ringing
+
     def position(self, call_id: str, at: datetime) -> int | None:
         """1 for the next call to be served, None if the call is not waiting (ringing, gone).
 

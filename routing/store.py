@@ -23,7 +23,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Final, Literal
 
-from sqlalchemy import CursorResult, Update, bindparam, exists, false, func, select, update
+from sqlalchemy import CursorResult, Update, bindparam, exists, false, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from compliance.accounts import Account, new_account_row
@@ -331,6 +331,38 @@ def _reserve_statement(groups: int, *, excluding: bool = False) -> Update:
     )
 
 
+def _reservation(
+    account_id: str,
+    call_id: str,
+    node: str,
+    at: datetime,
+    required: Sequence[Sequence[str]],
+    *,
+    excluded: Sequence[str] = (),
+) -> tuple[Update, dict[str, object]]:
+    """The checked statement and parameters of one reservation (see :meth:`AgentStore.reserve`)."""
+    _check_call_id(call_id)
+    _check_node(node)
+    _aware(at)
+    groups = [tuple(group) for group in required]
+    for group in groups:
+        if not group:
+            raise AgentError("a required credential group is empty: it could never be met")
+        for kind in group:
+            _check_name(kind, "credential kind")
+    for kind in excluded:
+        _check_name(kind, "excluded credential kind")
+    parameters: dict[str, object] = {"agent": account_id, "call": call_id, "node": node, "at": at}
+    parameters.update({f"kinds{index}": list(group) for index, group in enumerate(groups)})
+    cached = _RESERVE_EXCLUDING if excluded else _RESERVE
+    if excluded:
+        parameters["excluded"] = list(excluded)
+    statement = (
+        cached[len(groups)] if len(groups) < len(cached) else _reserve_statement(len(groups), excluding=bool(excluded))
+    )
+    return statement, parameters
+
+
 # Immutable statements, shared by every store: rules rarely need more than two credential groups.
 _RESERVE: Final = tuple(_reserve_statement(groups) for groups in range(4))
 _RESERVE_EXCLUDING: Final = tuple(_reserve_statement(groups, excluding=True) for groups in range(4))
@@ -464,28 +496,33 @@ class AgentStore(Repository):
         True means this call holds the agent; False means it does not (already held, even by this very call;
         paused; frozen; unqualified; or no such agent) and nothing was changed.
         """
-        _check_call_id(call_id)
-        _check_node(node)
-        _aware(at)
-        groups = [tuple(group) for group in required]
-        for group in groups:
-            if not group:
-                raise AgentError("a required credential group is empty: it could never be met")
-            for kind in group:
-                _check_name(kind, "credential kind")
-        for kind in excluded:
-            _check_name(kind, "excluded credential kind")
-        parameters: dict[str, object] = {"agent": account_id, "call": call_id, "node": node, "at": at}
-        parameters.update({f"kinds{index}": list(group) for index, group in enumerate(groups)})
-        cached = _RESERVE_EXCLUDING if excluded else _RESERVE
-        if excluded:
-            parameters["excluded"] = list(excluded)
-        statement = (
-            cached[len(groups)]
-            if len(groups) < len(cached)
-            else _reserve_statement(len(groups), excluding=bool(excluded))
-        )
+        statement, parameters = _reservation(account_id, call_id, node, at, required, excluded=excluded)
         return self._update(statement, f"reserving agent {account_id} for call {call_id}", parameters) == 1
+
+    def reserve_ring(
+        self,
+        account_id: str,
+        call_id: str,
+        node: str,
+        at: datetime,
+        required: Sequence[Sequence[str]] = (),
+        *,
+        excluded: Sequence[str] = (),
+    ) -> int | None:
+        """:meth:`reserve` and :meth:`record_ring` in one transaction: the ring's id, or None when the agent could
+        not be reserved (and nothing was written).
+
+        One commit instead of two on the way to the agent's phone; and a ring row exists exactly when its
+        reservation was taken.
+        """
+        statement, parameters = _reservation(account_id, call_id, node, at, required, excluded=excluded)
+        with self._transaction(f"reserving agent {account_id} for call {call_id}") as session:
+            connection = session.connection()
+            if _rowcount(connection.execute(statement, parameters)) != 1:
+                return None
+            # A Core insert: this is on the way to the agent's phone, the ORM's unit of work is not needed.
+            ring = {"call_id": call_id, "account_id": account_id, "node": node, "rung_at": at}
+            return int(connection.execute(insert(AgentRing).values(ring).returning(AgentRing.id)).scalar_one())
 
     def release(self, account_id: str, call_id: str) -> bool:
         """Drop the reservation if (and only if) it is held for ``call_id``; True if it was."""

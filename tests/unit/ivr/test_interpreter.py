@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from ivr import ChannelError, InMemoryCallChannel
 from ivr.flow_model import Flow, HangupNode, MenuNode, PlayNode, RouteNode, SetNode
-from ivr.interpreter import MAX_STEPS, FlowResult, RouteDecision, Step, run_flow
+from ivr.interpreter import MAX_STEPS, FlowResult, FlowRunner, RouteDecision, Step, run_flow
 
 
 def _flow(start: str, nodes: dict[str, dict[str, Any]]) -> Flow:
@@ -274,3 +274,20 @@ def test_random_menu_flows_driven_by_random_keys_end_with_a_known_outcome(
         assert channel.hung_up
     if result.outcome in ("completed", "routed"):
         assert recorded[-1].node == result.last_step
+
+
+async def test_a_silent_route_at_the_start_leaves_the_answer_to_the_queue_when_told() -> None:
+    route_first = _flow("route", {"route": {"type": "route", "category": "general"}})
+    announced = _flow("route", {"route": {"type": "route", "category": "general", "say": "one moment"}})
+    for flow, defer, answered in (
+        (route_first, True, False),  # nothing to say: the queue answers while it rings the agent
+        (route_first, False, True),  # a transport whose queue can't answer: answered here as always
+        (announced, True, True),  # a prompt needs an answered channel
+        (GREETING, True, True),
+    ):
+        channel = InMemoryCallChannel()
+        result = await FlowRunner({}, _sound_for, defer_answer=defer).run(flow, channel)
+        assert result.answered is answered, (flow.start, defer)
+        assert (("answer",) in channel.operations) is answered
+        if flow is route_first:
+            assert (result.outcome, result.route) == ("routed", RouteDecision("general", "normal", "route"))

@@ -72,6 +72,21 @@ class FakeAgentTable:
             self.views[account_id] = replace(view, reserved_call_id=call_id)
             return True
 
+    def reserve_ring(
+        self,
+        account_id: str,
+        call_id: str,
+        node: str,
+        at: datetime,
+        required: Sequence[Sequence[str]] = (),
+        *,
+        excluded: Sequence[str] = (),
+    ) -> int | None:
+        """Like the store: the reservation and its ring row together, or neither."""
+        if not self.reserve(account_id, call_id, node, at, required, excluded=excluded):
+            return None
+        return self.record_ring(call_id, account_id, node, at)
+
     def release(self, account_id: str, call_id: str) -> bool:
         with self._lock:
             view = self.views[account_id]
@@ -399,3 +414,51 @@ async def test_a_call_nobody_could_ever_take_is_escalated_at_once() -> None:
     assert general.items.empty()  # the desk agent may take it once back: it waits
     await engine.step()
     assert diagnosis.items.empty()  # signalled once
+
+
+async def test_a_call_arriving_between_refreshes_is_offered_without_reading_the_agent_table() -> None:
+    table = FakeAgentTable(agent("doc", "physician_license"))
+    reads = 0
+    snapshot = table.routing_snapshot
+
+    def counted() -> Sequence[View]:
+        nonlocal reads
+        reads += 1
+        return snapshot()
+
+    table.routing_snapshot = counted  # type: ignore[method-assign]
+    engine, _ = engine_for(table, refresh_interval=60.0)
+    runner = asyncio.create_task(engine.run())
+    try:
+        await asyncio.wait_for(engine.refreshed.wait(), 5)
+        ticket = engine.enqueue(call("c1"))
+        offer = await asyncio.wait_for(ticket.items.get(), 5)
+        assert isinstance(offer, Offer)
+        assert offer.assignment.agent_id == "doc"
+        assert table.views["doc"].reserved_call_id == "c1"
+        assert reads == 1  # the start-up refresh only: the reservation itself re-checks the agent
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        engine.close()
+
+
+async def test_a_caller_leaving_while_the_reservation_is_written_ends_the_ring_and_frees_the_agent() -> None:
+    table = FakeAgentTable(agent("doc", "physician_license"))
+    engine, _ = engine_for(table)
+    await engine.step()
+    reserve_ring = table.reserve_ring
+
+    def slow_reserve_ring(*args: object, **kwargs: object) -> int | None:
+        ring_id = reserve_ring(*args, **kwargs)  # type: ignore[arg-type]
+        engine.dispatcher.remove("c1", T0)  # what abandon() does while the database answers
+        engine._tickets.pop("c1", None)
+        return ring_id
+
+    table.reserve_ring = slow_reserve_ring  # type: ignore[method-assign]
+    ticket = engine.enqueue(call("c1"))
+    await engine.decide()
+    assert ticket.items.empty()
+    assert table.views["doc"].reserved_call_id is None
+    assert [outcome for _, _, outcome in table.rings.values()] == ["caller_gone"]
+    assert engine.dispatcher.status("doc").state == "available"

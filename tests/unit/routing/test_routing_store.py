@@ -265,6 +265,25 @@ def test_reserve_and_release(stores: Stores) -> None:
     assert stores.agents.view("phys1").reserved_by == "node2"
 
 
+def test_reserve_ring_takes_the_agent_and_records_the_ring_together_or_not_at_all(stores: Stores) -> None:
+    stores.agent("phys1", "physician")
+    stores.licence("phys1")
+    stores.agent("gen1")
+    ring_id = stores.agents.reserve_ring("phys1", "call-1", "node1", T0, PHYSICIAN)
+    assert ring_id is not None
+    assert stores.agents.view("phys1").reserved_call_id == "call-1"
+    assert [(r.id, r.account_id, r.node, r.outcome) for r in stores.agents.rings("call-1")] == [
+        (ring_id, "phys1", "node1", None)
+    ]
+    # Refused (held already; unqualified): no reservation and no ring row.
+    assert stores.agents.reserve_ring("phys1", "call-2", "node1", at(1)) is None
+    assert stores.agents.reserve_ring("gen1", "call-2", "node1", at(1), PHYSICIAN) is None
+    assert stores.agents.view("gen1").reserved_call_id is None
+    assert stores.agents.rings("call-2") == []
+    with pytest.raises(AgentError, match="call id"):
+        stores.agents.reserve_ring("gen1", "c 1", "node1", T0)
+
+
 def test_release_node_drops_only_that_nodes_reservations(stores: Stores) -> None:
     for name in ("a1", "a2", "a3"):
         stores.agent(name)
