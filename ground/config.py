@@ -206,8 +206,27 @@ class RoutingConfig(_Section):
     refresh_interval: float = Field(default=0.5, gt=0, le=30)
     # Targets of the rules' escalation groups, e.g. [routing.escalation_groups.on_call_physicians].
     escalation_groups: dict[str, EscalationTarget] = Field(default_factory=dict)
+    # Callbacks instead of waiting: a waiting caller whose estimated wait is longer than `callback_threshold`
+    # seconds hears the offer and may press `callback_key` to hang up and be called back at their place ("" turns
+    # callbacks off). The estimate counts `callback_handle_seconds` per call and agent (talk and wrap-up).
+    callback_key: str = Field(default="1", pattern=r"^[0-9*#]?$")
+    callback_threshold: float = Field(default=120.0, ge=0, le=7200)
+    callback_handle_seconds: float = Field(default=240.0, gt=0, le=7200)
+    # Dialling attempts before an unanswered callback becomes an `unreachable` task for staff, and the pause
+    # between two attempts.
+    callback_attempts: int = Field(default=3, ge=1, le=10)
+    callback_retry_after: float = Field(default=120.0, ge=0, le=86400)
 
     _rules_empty = field_validator("rules_file", mode="before")(_empty_is_none)
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> RoutingConfig:
+        if self.callback_key and self.callback_key == self.emergency_key:
+            raise ValueError(
+                f"callback_key and emergency_key are both {self.callback_key!r}: a waiting caller's key "
+                "must mean one thing"
+            )
+        return self
 
 
 # The legal floor: call records are part of the medical record (医疗机构病历管理规定), kept at least 15 years.

@@ -454,6 +454,8 @@ class FlowRunner:
         why = f"{recognition.level} {recognition.discriminator or '-'} {recognition.confidence:.2f}"[:64]
         if recognition.emergency or recognition.level == "emergency":
             self.variables["priority"] = "emergency"
+            if recognition.category == "emergency" and node.categories.get("emergency") == emergency:
+                return None  # the category route says the same, with the terms that fired ("heard emergency")
             return "triage emergency", why, emergency
         if recognition.confirm:
             answer = await self._ask_confirm(triage.confirm, channel)

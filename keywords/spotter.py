@@ -628,7 +628,11 @@ class Spotter:
         clause_start = max(s for s in clause_starts if s <= candidate.start)
         following = [s for s in (*clause_starts, *sorted(norm.breaks)) if s > candidate.start]
         clause_end = min(following, default=len(text))
-        other_spans = [(c.start, c.end) for c in chosen if c is not candidate]
+        # Marker words inside another clinical term are part of that term (不 in 不适); inside a question or a
+        # drug name they still speak (是什么 in 是什么病 makes 主动脉夹层 a topic).
+        other_spans = [
+            (c.start, c.end) for c in chosen if c is not candidate and c.entry.term.category in SCOPED_CATEGORIES
+        ]
 
         def inside_other(marker: _Marker) -> bool:
             return any(s <= marker.start and marker.end <= e for s, e in other_spans) or (
@@ -747,16 +751,17 @@ _PLAIN = re.compile(r"[^\\.^$*+?{}\[\]|()]+")
 _FIRST_GROUP = re.compile(r"\(([^()]*)\)(?![?*{])")
 
 
-_CUE_NEGATION = re.compile(r"(没有|没|不|未|无)$")
+_CUE_DENIAL = re.compile(r"没有|没|不|未|无|如果|万一|要是|假如|假设")
 
 
 def _cue_denied(text: str, match: re.Match[str]) -> bool:
-    """A co-occurrence pattern names its second finding ``(?P<cue>…)`` (摔到头 … 吐): a negation right before it
-    (磕到头了，没吐) denies the finding, so the pattern does not apply."""
+    """A co-occurrence pattern names its second finding ``(?P<cue>…)`` (摔到头 … 吐): a negation or a hypothetical
+    in the few characters before it (磕到头了，没吐; 也没有吃抗凝药; 如果突然流血) denies the finding, so the
+    pattern does not apply."""
     if "cue" not in match.re.groupindex or match.start("cue") < 0:
         return False
-    before = text[max(match.start(), match.start("cue") - 2) : match.start("cue")]
-    return _CUE_NEGATION.search(before) is not None
+    before = text[max(match.start(), match.start("cue") - 4) : match.start("cue")]
+    return _CUE_DENIAL.search(before) is not None
 
 
 def _first_chars(pattern: str) -> frozenset[str] | None:

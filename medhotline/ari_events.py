@@ -49,7 +49,7 @@ class AriEventRouter:
 
     def __init__(
         self,
-        ari: AriClient,
+        ari_of: Callable[[], AriClient],
         dispatcher: AriDispatcher,
         *,
         default_flow: Callable[[], str],
@@ -57,12 +57,17 @@ class AriEventRouter:
         on_handed_over: Callable[[AriCallChannel], Awaitable[None]],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
-        self.ari = ari
+        # The service's ARI client, read at each use (a test or a reconnect may replace it).
+        self._ari_of = ari_of
         self.dispatcher = dispatcher
         self._default_flow = default_flow
         self._on_call = on_call
         self._on_handed_over = on_handed_over
         self._spawn = spawn
+
+    @property
+    def ari(self) -> AriClient:
+        return self._ari_of()
 
     def on_ari_event(self, event: dict[str, Any]) -> None:
         log.debug("ari.event", event_type=event["type"], channel_id=event_channel_id(event))

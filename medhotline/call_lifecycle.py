@@ -27,13 +27,16 @@ from ivr.flow_registry import FlowRegistry
 from ivr.flow_source import LoadedFlow
 from ivr.interpreter import FlowResult, FlowRunner, Outcome, Step
 from ivr.prompts import Voice, render, sound_name
+from medhotline.callbacks import CallbackService
 from medhotline.prompts import sounds_dir
 from medhotline.surge import SurgeState
 from recordings.capture import CallRecordings, ChannelRecorder
-from routing.ari_queue import CallerQueue, QueueResult
-from routing.engine import RoutingEngine
+from routing.ari_queue import CallerQueue, QueueResult, QueueStep
+from routing.callback_store import CallbackRecord
+from routing.callbacks import CALLBACK_ACCEPTED, CALLBACK_DUPLICATE, CALLBACK_GREETING
+from routing.engine import Offer, RoutingEngine, Ticket
 from routing.model import CallPriority, CallRequest
-from routing.surge import over_capacity, overflow_texts
+from routing.surge import OVERFLOW_GOODBYE, over_capacity, overflow_texts
 from scheduler.outreach import CallOutreach, Outreach
 from telephony.ari_channel import (
     AriCallChannel,
@@ -51,6 +54,8 @@ from telephony.ports import (
 
 log = structlog.get_logger("medhotline.service")
 
+# Seconds a caller turned away by a full queue has to press the callback key after the offer.
+OVERFLOW_KEY_WAIT = 5.0
 # The dialplan context (and Stasis argument) through which FastAGI calls join the ARI queue.
 QUEUE_CONTEXT = "medhotline-queue"
 QUEUE_ARG = "queue"
@@ -61,6 +66,8 @@ QUEUE_OUTCOMES: dict[str, Outcome] = {
     "caller_hangup": "caller_hangup",
     # Routed, but nobody could take it: the caller was told where to turn; the path says "unavailable".
     "unavailable": "routed",
+    # The caller chose to be called back; the path says "callback", the callbacks table has the rest.
+    "callback": "routed",
     "failed": "error",
 }
 
@@ -83,6 +90,7 @@ class CallWiring(Protocol):
     outreach: Outreach | None
     recognizer: Recognizer
     directory: PatientDirectory
+    callbacks: CallbackService | None
 
 
 class CallLifecycle:
@@ -287,7 +295,7 @@ class CallLifecycle:
             with contextlib.suppress(Exception):
                 await channel.hangup()
             return result
-        if await self._overflowed(channel, call_id, route.category, route.priority):
+        if await self._overflowed(channel, call_id, route.category, route.priority, writes, answer=not result.answered):
             return result
         queued = await self._queue(
             channel,
@@ -316,8 +324,12 @@ class CallLifecycle:
         patient_ref: str | None = None,
         writes: _CallWrites | None = None,
         answer: bool = False,
+        serve: Callable[[QueueStep], Coroutine[Any, Any, QueueResult]] | None = None,
     ) -> QueueResult:
         """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises.
+        ``writes``: the call's record writes, which the queue's steps join (in order); ``answer``: the IVR left the
+        caller unanswered. ``serve``: how the queue serves the call (default: a caller joining the queue, answered
+        by it if ``answer``); it is given the step recorder.
 
         When the IVR identified the caller, the answering agent gets the "current call" scope of the access
         policy for that patient until the wrap-up ends, and not a moment longer.
@@ -357,6 +369,9 @@ class CallLifecycle:
                 assigned = True
 
         try:
+            if serve is not None:
+                steps.resume()  # no hold hook to wait for: the agent is reserved already
+                return await serve(on_step)
             return await self.wiring.queue.serve(
                 channel, call_id, category, cast(CallPriority, priority), on_step, answer=answer, on_hold=steps.resume
             )
@@ -395,9 +410,13 @@ class CallLifecycle:
         )
         await writes.drain()
 
-    async def _overflowed(self, channel: AriCallChannel, call_id: str, category: str, priority: str) -> bool:
+    async def _overflowed(
+        self, channel: AriCallChannel, call_id: str, category: str, priority: str, writes: _CallWrites, *, answer: bool
+    ) -> bool:
         """Surge mode's capacity limit: a normal call to a full queue hears the overflow message and the hang-up
-        instead of waiting without end. Emergencies are never turned away. True when the call was turned away."""
+        instead of waiting without end. Emergencies are never turned away. True when the call was turned away.
+        ``answer``: the IVR left the caller unanswered (a route-first flow), so they are answered to hear it; the
+        steps join the call's ``writes`` (its row may not be written yet)."""
 
         profile = self.wiring.surge.profile if self.wiring.surge is not None else None
         if profile is None or self.wiring.engine is None:
@@ -406,17 +425,126 @@ class CallLifecycle:
         if not over_capacity(profile, request, self.wiring.engine.waiting_by_category()):
             return False
         log.warning("surge.overflow", category=category)
-        await self._record(
-            "overflow step", self.wiring.repo.add_step, call_id, flow="queue", node="overflow", node_type="queue",
-            edge=category, input=None, at=datetime.now(UTC), moves_last_step=False,
-        )  # fmt: skip
+        writes.resume()  # turned away: no reservation for the record's writes to get out of the way of
+        writes.add(
+            "overflow step",
+            self.wiring.repo.add_step,
+            call_id,
+            flow="queue",
+            node="overflow",
+            node_type="queue",
+            edge=category,
+            input=None,
+            at=datetime.now(UTC),
+            moves_last_step=False,
+        )
+        # The profile's `overflow: callback` offers a callback at the place the caller would have had.
+        key = (
+            self.wiring.config.routing.callback_key if self.wiring.callbacks is not None and channel.info.caller else ""
+        )
+        texts = overflow_texts(profile, key)
         try:
-            for text in overflow_texts(profile, callback_offered=False):
-                await channel.play(sound_name(text, self.wiring.voice))
+            if answer:
+                await channel.answer()
+            pressed = await channel.play(sound_name(texts[0], self.wiring.voice), barge_in=True)
+            if texts[1] != OVERFLOW_GOODBYE:
+                pressed = pressed or await channel.play(sound_name(texts[1], self.wiring.voice), barge_in=True)
+                pressed = pressed or await channel.read_digits(max_digits=1, timeout=OVERFLOW_KEY_WAIT)
+                if pressed == key:
+                    await self._overflow_callback(channel, call_id, request, writes)
+                    return True
+            await channel.play(sound_name(OVERFLOW_GOODBYE, self.wiring.voice))
             await channel.hangup()
         except ChannelError:
             pass  # the caller hung up meanwhile
         return True
+
+    async def _overflow_callback(
+        self, channel: AriCallChannel, call_id: str, request: CallRequest, writes: _CallWrites
+    ) -> None:
+        """The caller turned away by a full queue chose a callback: registered at their arrival time."""
+
+        assert self.wiring.callbacks is not None
+        outcome = await self.wiring.callbacks.accept(call_id, channel.info.caller, request)
+        writes.add(
+            "callback step",
+            self.wiring.repo.add_step,
+            call_id,
+            flow="queue",
+            node="callback",
+            node_type="queue",
+            edge=outcome,
+            input=self.wiring.config.routing.callback_key,
+            at=datetime.now(UTC),
+            moves_last_step=False,
+        )
+        text = {"accepted": CALLBACK_ACCEPTED, "duplicate": CALLBACK_DUPLICATE}.get(outcome, OVERFLOW_GOODBYE)
+        await channel.play(sound_name(text, self.wiring.voice))
+        await channel.hangup()
+
+    async def serve_callback(self, leg: AriCallChannel, ticket: Ticket, offer: Offer, callback: CallbackRecord) -> str:
+        """A callback's patient answered: the attempt is a call of its own (record, path, recording), which starts
+        by telling the patient who calls and continues as a routed call with the agent reserved for it."""
+        assert self.wiring.queue is not None
+        queue = self.wiring.queue
+        call_id = ticket.request.call_id
+        with structlog.contextvars.bound_contextvars(call_id=call_id):
+            now = datetime.now(UTC)
+            # As for any call, the record is written in order beside the call (the greeting and the agent's ring
+            # don't wait for a commit); the queue's steps join these writes, the finish waits for all of them.
+            writes = _CallWrites(self._record)
+            writes.add(
+                "start",
+                self.wiring.repo.start,
+                call_id=call_id,
+                node=self.wiring.config.service.node_name,
+                transport="ari",
+                channel_id=leg.info.channel_id,
+                channel_name=leg.info.channel_name,
+                flow="callback",
+                flow_version=None,
+                started_at=now,
+            )
+            writes.add("answer", self.wiring.repo.mark_answered, call_id, now)
+            # The path names the call that asked for it (the callback's own id is in the callbacks table).
+            writes.add(
+                "callback step",
+                self.wiring.repo.add_step,
+                call_id,
+                flow="callback",
+                node="callback",
+                node_type="callback",
+                edge=callback.call_id,
+                input=str(callback.attempts),
+                at=now,
+            )
+
+            async def serve(step: QueueStep) -> QueueResult:
+                try:
+                    await leg.play(sound_name(CALLBACK_GREETING, self.wiring.voice))
+                except ChannelError:
+                    if self.wiring.engine is not None:
+                        await self.wiring.engine.abandon(call_id)  # frees the reserved agent
+                    return QueueResult("caller_hangup")
+                return await queue.serve_callback(leg, ticket, offer, step)
+
+            queued = await self._queue(
+                leg, call_id, cast(RouteCategory, callback.category), callback.priority, writes=writes, serve=serve
+            )
+            writes.add(
+                "finish",
+                self.wiring.repo.finish,
+                call_id,
+                outcome=QUEUE_OUTCOMES[queued.outcome],
+                ended_at=datetime.now(UTC),
+                last_step="callback",
+                error="queue failed" if queued.outcome == "failed" else None,
+                route_category=callback.category,
+                route_priority=callback.priority,
+            )
+            await writes.drain()
+            self._call_ended(call_id)
+            return queued.outcome
 
     async def upgraded(self, call_id: str, agent_id: str) -> None:
         """An agent upgraded the call to emergency from their phone: the record says so (who, when), and the audit

@@ -25,7 +25,7 @@ def sounds_dir(config: Config) -> Path:
 def build_prompts(config: Config) -> BuildReport:
     flows = load_flows(config.hotline.flows_dir)
     texts = [text for loaded in flows.values() for text in loaded.flow.prompt_texts()]
-    texts += announcement_texts()
+    texts += announcement_texts(config.routing.callback_key)
     if config.asterisk.mode == "sandbox":
         Sandbox(config).ensure_rootfs()
     return build(texts, Voice(config.prompts.voice, config.prompts.speed), sounds_dir(config))

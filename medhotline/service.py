@@ -36,9 +36,19 @@ from keywords.registry import LexiconRegistry
 from keywords.speech import SpeechModel
 from medhotline import maintenance
 from medhotline.ami import AmiMonitor
-from medhotline.ari_events import AriEventRouter, Backoff
+from medhotline.ari_events import AriEventRouter
 from medhotline.asterisk_config import AsteriskCredentials
-from medhotline.call_lifecycle import QUEUE_ARG, QUEUE_CONTEXT, QUEUE_OUTCOMES, CallLifecycle, _CallConsent
+from medhotline.call_lifecycle import (
+    OVERFLOW_KEY_WAIT,
+    QUEUE_ARG,
+    QUEUE_CONTEXT,
+    QUEUE_OUTCOMES,
+    CallLifecycle,
+    _AfterWrites,
+    _CallConsent,
+    _CallWrites,
+)
+from medhotline.callbacks import CallbackService
 from medhotline.sandbox import Sandbox
 from medhotline.surge import SurgeState
 from recordings.capture import CallRecordings
@@ -49,6 +59,7 @@ from recordings.store import RecordingStore
 from routing.agent_endpoints import FILE_NAME, ContactView, render_agent_endpoints
 from routing.ari_queue import CallerQueue, EscalationTransfer, QueueSettings
 from routing.callback_store import ModeStore
+from routing.callbacks import CallbackPolicy
 from routing.engine import EngineSettings, RoutingEngine
 from routing.rules import DEFAULT_RULES, load_rules
 from routing.store import AgentStore
@@ -70,18 +81,32 @@ from telephony.ports import (
 )
 
 __all__ = [
+    "OVERFLOW_KEY_WAIT",
     "QUEUE_ARG",
     "QUEUE_CONTEXT",
     "QUEUE_OUTCOMES",
-    "Backoff",
     "HotlineService",
+    "_AfterWrites",
     "_CallConsent",
+    "_CallWrites",
     "run_service",
 ]
 
 log = structlog.get_logger(__name__)
 
 SHUTDOWN_GRACE = 20.0
+
+
+def callback_policy(config: Config) -> CallbackPolicy:
+    """``[routing]``'s callback settings (key "" : callbacks off)."""
+    rc = config.routing
+    return CallbackPolicy(
+        threshold=rc.callback_threshold,
+        handle_seconds=rc.callback_handle_seconds,
+        max_attempts=rc.callback_attempts,
+        retry_after=rc.callback_retry_after,
+        key=rc.callback_key,
+    )
 
 
 def asterisk_credentials(config: Config) -> AsteriskCredentials:
@@ -131,6 +156,8 @@ class HotlineService:
         self.outreach: Outreach | None = None
         # The hotline's mode from the database (surge or normal), polled on the reload loop; None in unit tests.
         self.surge: SurgeState | None = None
+        # Callbacks instead of waiting (set by enable_callbacks when routing and callbacks are on).
+        self.callbacks: CallbackService | None = None
         self.scheduler: OutreachScheduler | None = None
         # The access policy: the agent who answers an identified caller may see that patient during the call.
         self.access = access
@@ -156,7 +183,7 @@ class HotlineService:
         # One call's life (composition: it reads this wiring) and the ARI event router feeding it.
         self.calls = CallLifecycle(self)
         self.events = AriEventRouter(
-            self.ari,
+            lambda: self.ari,
             self.dispatcher,
             default_flow=lambda: self.config.hotline.flow,
             on_call=self.calls.handle_call,
@@ -178,6 +205,7 @@ class HotlineService:
                     agent_caller_id=config.hotline.number,
                     emergency_key=rc.emergency_key,
                     upgrade_keys=rc.upgrade_keys,
+                    callback=callback_policy(config),
                 ),
                 sound=lambda text: sound_name(text, self.voice),
                 escalation_groups={
@@ -213,6 +241,13 @@ class HotlineService:
     async def ari_loop(self) -> None:
         await self.events.ari_loop()
 
+    # Pre-split private entry points that tests drive directly (a call's writes, surge overflow).
+    async def _record(self, what: str, func: Any, *args: Any, **kwargs: Any) -> None:
+        await self.calls._record(what, func, *args, **kwargs)
+
+    async def _overflowed(self, *args: Any, **kwargs: Any) -> bool:
+        return await self.calls._overflowed(*args, **kwargs)
+
     async def reload_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.hotline.reload_interval)
@@ -231,6 +266,24 @@ class HotlineService:
     def _patients_ready(self, services: PatientServices) -> None:
         if self.outreach is not None:
             self.outreach.patients_ready(services)  # the dialer reads numbers, the nodes check identities
+        if self.callbacks is not None:
+            self.callbacks.patients_ready(services)  # callbacks' numbers are encrypted and indexed through it
+
+    def enable_callbacks(self, sessions: sessionmaker[Session]) -> None:
+        """Callbacks instead of waiting: the queue's offer and this node's callback dialler."""
+
+        if self.engine is None or self.queue is None or not self.config.routing.callback_key:
+            return
+        self.callbacks = CallbackService(
+            self.config,
+            sessions,
+            self.ari,
+            self.dispatcher,
+            self.engine,
+            callback_policy(self.config),
+            serve_answered=self.calls.serve_callback,
+        )
+        self.queue.callbacks = self.callbacks
 
     def enable_outreach(self, sessions: sessionmaker[Session], bind: Engine) -> None:
         """Outbound calls: the scheduler (jobs, leader lock) and the dialer, over this service's ARI."""
@@ -302,6 +355,8 @@ class HotlineService:
             )
         if self.recordings is not None:
             loops.append(asyncio.create_task(self.recordings.resume_loop(self.ari, datetime.now(UTC))))
+        if self.callbacks is not None:
+            loops.append(asyncio.create_task(self.callbacks.run()))
         if self.outreach is not None and self.scheduler is not None:
             loops.append(asyncio.create_task(self.scheduler.run()))
             loops.append(asyncio.create_task(self.outreach.dialer_loop(self.scheduler.leading)))
@@ -321,6 +376,8 @@ class HotlineService:
                     task.cancel()
             if self.outreach is not None:
                 await self.outreach.drain(SHUTDOWN_GRACE)
+            if self.callbacks is not None:
+                await self.callbacks.drain(SHUTDOWN_GRACE)
             if self.recordings is not None:
                 await self.recordings.drain(SHUTDOWN_GRACE)
             for loop in loops:
@@ -433,8 +490,16 @@ def run_service(config: Config) -> int:
         )
         if config.outreach.enabled:
             service.enable_outreach(sessions, bind)
+        service.enable_callbacks(sessions)
 
-        service.surge = SurgeState(ModeStore(sessions), flows, engine, config.hotline.flow, service.speak)
+        service.surge = SurgeState(
+            ModeStore(sessions),
+            flows,
+            engine,
+            config.hotline.flow,
+            service.speak,
+            callback_key=config.routing.callback_key if service.callbacks is not None else "",
+        )
         try:
             await service.surge.poll()  # a node started during a surge serves it from its first call
         except Exception:

@@ -21,7 +21,7 @@ import structlog
 from ivr.flow_registry import FlowRegistry
 from routing.callback_store import ModeRecord, ModeStore
 from routing.engine import RoutingEngine
-from routing.surge import SURGE_FLOW, SurgeError, SurgeProfile, parse_profile
+from routing.surge import SURGE_FLOW, SurgeError, SurgeProfile, overflow_texts, parse_profile
 
 log = structlog.get_logger(__name__)
 
@@ -32,8 +32,16 @@ class SurgeState:
     """This node's view of the hotline mode; :meth:`poll` brings it up to date with the database."""
 
     def __init__(
-        self, modes: ModeStore, flows: FlowRegistry, engine: RoutingEngine | None, hotline_flow: str, speak: Speak
+        self,
+        modes: ModeStore,
+        flows: FlowRegistry,
+        engine: RoutingEngine | None,
+        hotline_flow: str,
+        speak: Speak,
+        *,
+        callback_key: str = "",
     ) -> None:
+        self._callback_key = callback_key
         self._modes = modes
         self._flows = flows
         self._engine = engine
@@ -77,7 +85,9 @@ class SurgeState:
             log.error("surge.flow_rejected", switch=record.id, problems=len(problems))
             return
         # Render what the callers will hear before the first call needs it.
-        for text in self._flows.current[SURGE_FLOW].flow.prompt_texts():
+        for text in [*self._flows.current[SURGE_FLOW].flow.prompt_texts(), *overflow_texts(profile, "")]:
+            await self._speak(text)
+        for text in overflow_texts(profile, self._callback_key):
             await self._speak(text)
         self.profile = profile
         if self._engine is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from routing.callbacks import callback_texts
+
 MAX_SPOKEN_POSITION: Final = 20
 # Every waiting caller is reminded that an emergency jumps the queue (the key is routing.emergency_key).
 EMERGENCY_HINT: Final = "如病情紧急，请按0。"
@@ -27,7 +29,9 @@ def position_text(position: int) -> str:
     return f"您前面还有{position - 1}位来电在等候，请不要挂机。" + EMERGENCY_HINT
 
 
-def announcement_texts() -> list[str]:
-    """Every text the queue may play, so prompts can be rendered ahead of time."""
+def announcement_texts(callback_key: str = "") -> list[str]:
+    """Every text the queue may play, so prompts can be rendered ahead of time; with ``callback_key``
+    (``routing.callback_key``) the callback offer and its answers too."""
+
     positions = [position_text(p) for p in range(1, MAX_SPOKEN_POSITION + 3)]
-    return list(dict.fromkeys([*positions, ESCALATING, RECLASSIFIED]))
+    return list(dict.fromkeys([*positions, ESCALATING, RECLASSIFIED, *callback_texts(callback_key)]))

@@ -8,6 +8,13 @@ An :class:`~routing.engine.Offer` dials the agent's PJSIP endpoint as a new chan
 (``appArgs`` ``agent,<call id>``); when the agent answers, that channel enters Stasis and caller and agent are
 moved into a mixing bridge. Whoever hangs up first ends the conversation for both. A caller who hangs up at any
 point takes everything down with them: the agent leg, both bridges, and the reservation of the agent.
+
+Callbacks. A waiting caller whose estimated wait is longer than ``callback_threshold`` hears the offer with the
+position announcements; pressing ``callback_key`` then hands the call's place to a callback
+(:class:`CallbackDesk`: stored with the number encrypted, the place moved in the engine), the caller hears that
+it is registered and the call ends. A callback whose agent is reserved and whose patient answered is served
+here too (:meth:`CallerQueue.serve_callback`): the reserved agent's phone is dialled first and the patient
+(answered already) waits in a holding bridge while it rings, exactly as a caller who waited on the line.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ from typing import Any, Literal, Protocol
 import structlog
 
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
+from routing.callbacks import CALLBACK_ACCEPTED, CALLBACK_DUPLICATE, CALLBACK_UNAVAILABLE, CallbackPolicy, offer_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
 from routing.upgrade import UpgradeKeys
 from telephony.ari_channel import AriCallChannel, AriDispatcher
 from telephony.ari_client import AriClient, AriError, AriNotFound
-from telephony.channel import CallerHungUp, CallInfo, ChannelError
+from telephony.channel import CallerHungUp, CallerId, CallInfo, ChannelError
 from telephony.consult import RouteCategory
 
 log = structlog.get_logger(__name__)
@@ -54,6 +62,8 @@ class QueueSettings:
     emergency_key: str = "0"
     # An agent who presses these keys during the conversation upgrades the call to emergency (empty: disabled).
     upgrade_keys: str = "*0"
+    # Callbacks instead of waiting (``routing.callbacks``); key "" or no CallbackDesk: never offered.
+    callback: CallbackPolicy = CallbackPolicy(key="")  # noqa: RUF009 - frozen, so one shared default is safe
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +79,7 @@ class EscalationTransfer:
 
 @dataclass(frozen=True, slots=True)
 class QueueResult:
-    outcome: Literal["answered", "caller_hangup", "transferred", "unavailable", "failed"]
+    outcome: Literal["answered", "caller_hangup", "transferred", "unavailable", "failed", "callback"]
     agent_id: str | None = None
     transfer_to: str | None = None
 
@@ -79,6 +89,17 @@ QueueStep = Callable[[str, str | None, str | None], Awaitable[None]]
 OnUpgrade = Callable[[str, str], Awaitable[None]]
 # What the agent hears once the upgrade is recorded (a sound every Asterisk has).
 UPGRADED_SOUND = "beep"
+
+
+CallbackOutcome = Literal["accepted", "duplicate", "unavailable"]
+
+
+class CallbackDesk(Protocol):
+    """Registers a waiting caller's callback (``medhotline.callbacks.CallbackService``): the number is stored
+    encrypted and the call's place passes to the callback. "duplicate": the number has an open callback already;
+    "unavailable": nothing was stored and the call still waits in its place (e.g. an agent rings for it now)."""
+
+    async def accept(self, call_id: str, caller: CallerId, request: CallRequest) -> CallbackOutcome: ...
 
 
 # How long the caller's side waits for the agent's leg to be dialled first. The reservation takes milliseconds;
@@ -186,7 +207,9 @@ class CallerQueue:
         escalation_groups: Mapping[str, EscalationTransfer],
         recorder: ConversationRecorder | None = None,
         on_upgrade: OnUpgrade | None = None,
+        callbacks: CallbackDesk | None = None,
     ) -> None:
+        self.callbacks = callbacks
         self._recorder = recorder
         self._on_upgrade = on_upgrade
         self._ari = ari
@@ -237,12 +260,16 @@ class CallerQueue:
                 await caller.hangup()
             return QueueResult("failed")
         finally:
-            if hold.started:
-                # Let the setup finish rather than cancel it, so no bridge it is creating outlives this DELETE.
-                with contextlib.suppress(ChannelError, asyncio.CancelledError):
-                    await hold.ready()
-                with contextlib.suppress(ChannelError):
-                    await self._ari.request("DELETE", f"/bridges/{bridge}")
+            await self._drop_hold(hold)
+
+    async def _drop_hold(self, hold: _Hold) -> None:
+        """The holding bridge goes when the call leaves the queue (if its setup ever started)."""
+        if hold.started:
+            # Let the setup finish rather than cancel it, so no bridge it is creating outlives this DELETE.
+            with contextlib.suppress(ChannelError, asyncio.CancelledError):
+                await hold.ready()
+            with contextlib.suppress(ChannelError):
+                await self._ari.request("DELETE", f"/bridges/{hold.bridge}")
 
     async def _hold(self, caller: AriCallChannel, bridge: str, *, answer: bool) -> None:
         """Answer (if the IVR did not), put the caller into their holding bridge and start the music."""
@@ -254,11 +281,42 @@ class CallerQueue:
         )
         await self._moh(bridge, on=True)
 
+    async def serve_callback(
+        self, patient: AriCallChannel, ticket: Ticket, offer: Offer, on_step: QueueStep | None = None
+    ) -> QueueResult:
+        """A callback's patient answered; ``offer`` is the agent reserved for it before the patient was dialled.
+        As for a caller, the agent's leg comes first: the reserved agent's phone is dialled, then the patient (on
+        the line already, so not answered again) waits in a holding bridge while it rings, then they talk. An agent
+        who does not answer puts the callback back in its place in the engine, with the patient now waiting on the
+        line like any caller. Never raises for telephony trouble."""
+        step = on_step or _no_step
+        call_id = ticket.request.call_id
+        bridge = f"hold-{call_id}"
+        hold = _Hold(bridge, lambda: self._hold(patient, bridge, answer=False))
+        try:
+            result = await self._ring(patient, ticket, hold, offer, step)
+            if result is not None:
+                return result
+            return await self._wait(patient, ticket, hold, step)
+        except CallerHungUp:
+            log.info("queue.callback_patient_hung_up")
+            await self._engine.abandon(call_id)
+            return QueueResult("caller_hangup")
+        except ChannelError as exc:
+            log.error("queue.failed", reason=str(exc))
+            await self._engine.abandon(call_id)
+            with contextlib.suppress(ChannelError):
+                await patient.hangup()
+            return QueueResult("failed")
+        finally:
+            await self._drop_hold(hold)
+
     # -- waiting ------------------------------------------------------------------------------------
     async def _wait(self, caller: AriCallChannel, ticket: Ticket, hold: _Hold, step: QueueStep) -> QueueResult:
         call_id = ticket.request.call_id
         loop = asyncio.get_running_loop()
         announce_at = loop.time() + self._settings.first_announcement
+        offered = False
         while True:
             remaining = announce_at - loop.time()
             item = await self._next(ticket, caller, hold, remaining if hold.started else min(remaining, HOLD_GRACE))
@@ -271,6 +329,11 @@ class CallerQueue:
                     log.info("queue.announce", position=position)
                     # A key pressed during the announcement counts: that is when callers hear the hint.
                     item = await self._announce(caller, hold, position_text(position))
+                    if item is None and self._long_wait(caller, ticket):
+                        if not offered:
+                            await step("callback_offered", None, None)
+                        offered = True
+                        item = await self._announce(caller, hold, offer_text(self._settings.callback.key))
                 announce_at = loop.time() + self._settings.announce_every
                 if item is None:
                     continue
@@ -278,6 +341,10 @@ class CallerQueue:
                 if item == self._settings.emergency_key and self._engine.reclassify_emergency(call_id):
                     await step("reclassified", "emergency", item)
                     await self._announce(caller, hold, RECLASSIFIED)
+                elif offered and item == self._settings.callback.key:
+                    result = await self._take_callback(caller, ticket, hold, step)
+                    if result is not None:
+                        return result
                 continue
             if isinstance(item, Offer):
                 result = await self._ring(caller, ticket, hold, item, step)
@@ -289,6 +356,38 @@ class CallerQueue:
                 if result is not None:
                     return result
             # A CancelRing for a ring that already ended needs nothing.
+
+    def _long_wait(self, caller: AriCallChannel, ticket: Ticket) -> bool:
+        """Whether to offer this caller a callback now: callbacks on, a number to call back (never for a callback's
+        own patient), and an estimated wait longer than the threshold (or unknown: nobody could take it now)."""
+        policy = self._settings.callback
+        if self.callbacks is None or not policy.key or ticket.request.callback or not caller.info.caller:
+            return False
+        estimate = self._engine.estimate(ticket.request.call_id, policy.handle_seconds)
+        return estimate is not None and policy.offer(estimate[1])
+
+    async def _take_callback(
+        self, caller: AriCallChannel, ticket: Ticket, hold: _Hold, step: QueueStep
+    ) -> QueueResult | None:
+        """The caller pressed the callback key after the offer. A result ends the call (registered, or the number
+        has one already); None: nothing was registered and the caller keeps waiting in their place."""
+        assert self.callbacks is not None
+        outcome = await self.callbacks.accept(ticket.request.call_id, caller.info.caller, ticket.request)
+        await step("callback", outcome, self._settings.callback.key)
+        log.info("queue.callback", outcome=outcome)
+        if outcome == "unavailable":
+            await self._announce(caller, hold, CALLBACK_UNAVAILABLE)
+            return None
+        if outcome == "duplicate":
+            # The earlier callback keeps its place; this call leaves the queue (the number is called back once).
+            await self._engine.abandon(ticket.request.call_id)
+        bridge = await hold.ready()  # set up already: the offer was announced in it
+        await self._moh(bridge, on=False)
+        with contextlib.suppress(ChannelError):
+            await caller.play(self._sound(CALLBACK_ACCEPTED if outcome == "accepted" else CALLBACK_DUPLICATE))
+        with contextlib.suppress(ChannelError):
+            await caller.hangup()
+        return QueueResult("callback")
 
     async def _next(
         self, ticket: Ticket, caller: AriCallChannel, hold: _Hold, timeout: float

@@ -24,20 +24,40 @@ from typing import Final
 __all__ = [
     "CALLBACK_ACCEPTED",
     "CALLBACK_DUPLICATE",
-    "CALLBACK_OFFER",
+    "CALLBACK_GREETING",
     "CALLBACK_UNAVAILABLE",
     "CallbackPolicy",
     "PendingCallback",
+    "callback_texts",
     "due_callbacks",
     "estimated_wait",
     "next_attempt",
+    "offer_text",
 ]
 
-# What the caller hears (rendered by `prompts build` like every other announcement).
-CALLBACK_OFFER: Final = "当前等待时间较长。如需挂机后由我们按顺序回电，请按9；继续等待请不要挂机。"
+# What the caller hears (rendered by `prompts build` like every other announcement, for the configured key).
 CALLBACK_ACCEPTED: Final = "已为您登记回电，您的排队顺序将被保留。请挂机，我们将尽快给您回电。再见。"
 CALLBACK_DUPLICATE: Final = "您的号码已登记回电，请挂机等候，我们将按顺序给您回电。再见。"
 CALLBACK_UNAVAILABLE: Final = "抱歉，暂时无法登记回电，请继续等待。"
+# What a callback's patient hears once they answer, while the reserved agent's phone rings.
+CALLBACK_GREETING: Final = "您好，这里是医院热线，为您回电。正在为您接通工作人员，请不要挂机。"
+_SPOKEN_KEYS: Final = {"*": "星号键", "#": "井号键"}
+
+
+def spoken_key(key: str) -> str:
+    return _SPOKEN_KEYS.get(key, key)
+
+
+def offer_text(key: str) -> str:
+    """The offer a waiting caller hears when the estimated wait is long."""
+    return f"预计等待时间较长，如需挂机后由我们按顺序回电，请按{spoken_key(key)}；继续等待请不要挂机。"
+
+
+def callback_texts(key: str) -> list[str]:
+    """Every text of the callback dialogue for ``key`` ("" : callbacks off, nothing to render)."""
+    if not key:
+        return []
+    return [offer_text(key), CALLBACK_ACCEPTED, CALLBACK_DUPLICATE, CALLBACK_UNAVAILABLE, CALLBACK_GREETING]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +71,7 @@ class CallbackPolicy:
     handle_seconds: float = 240.0
     max_attempts: int = 3
     retry_after: float = 120.0
-    key: str = "9"
+    key: str = "1"
 
     def __post_init__(self) -> None:
         if self.threshold < 0 or self.handle_seconds <= 0 or self.retry_after < 0:

@@ -226,6 +226,10 @@ class RoutingEngine:
             raise RoutingError(f"call {request.call_id} is not a callback request")
         return self.enqueue(request)
 
+    def ticket(self, call_id: str) -> Ticket | None:
+        """The ticket of a call or callback this node's engine holds."""
+        return self._tickets.get(call_id)
+
     def queued(self) -> set[str]:
         """Ids of the calls and callbacks this node's engine holds (waiting or ringing)."""
         return set(self._tickets)

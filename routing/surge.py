@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ground.errors import MedhotlineError
+from routing.callbacks import spoken_key
 from routing.model import Agent, CallRequest
 from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
 
@@ -58,7 +59,6 @@ NEVER_VOLUNTEER: Final[frozenset[str]] = frozenset(
 SURGE_FLOW: Final = "surge_entry"
 SYMPTOMS_CHOICE: Final = "有症状请按1，了解信息请按2，如为急症请按0。"
 DEFAULT_OVERFLOW: Final = "目前来电较多，您所在的队列已满，感谢您的耐心。"
-OVERFLOW_CALLBACK: Final = "如需挂机后由我们按顺序回电，请按9。"
 OVERFLOW_GOODBYE: Final = "请稍后再拨，如情况危急请直接拨打120。再见。"
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -189,9 +189,18 @@ def entry_flow_yaml(profile: SurgeProfile) -> str:
     return yaml.safe_dump(flow, allow_unicode=True, sort_keys=False)
 
 
-def overflow_texts(profile: SurgeProfile, callback_offered: bool) -> list[str]:
-    """What a caller turned away by a full queue hears, in order."""
-    return [profile.overflow_message, OVERFLOW_CALLBACK if callback_offered else OVERFLOW_GOODBYE]
+def overflow_callback_text(key: str) -> str:
+    """The overflow's callback offer (the caller keeps the place they would have had in the full queue)."""
+
+    return f"如需挂机后由我们按顺序回电，请按{spoken_key(key)}；否则请稍后再拨，如情况危急请直接拨打120。"
+
+
+def overflow_texts(profile: SurgeProfile, callback_key: str = "") -> list[str]:
+    """What a caller turned away by a full queue hears, in order: the message, then the callback offer when the
+    profile says ``overflow: callback`` and callbacks are on (``callback_key``), else the goodbye."""
+    if profile.overflow == "callback" and callback_key:
+        return [profile.overflow_message, overflow_callback_text(callback_key)]
+    return [profile.overflow_message, OVERFLOW_GOODBYE]
 
 
 def is_volunteer(agent: Agent, at: datetime) -> bool:

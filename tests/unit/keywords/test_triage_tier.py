@@ -201,13 +201,15 @@ async def test_a_red_flag_goes_to_emergency_at_once() -> None:
     call = await _call(TRIAGE, ScriptedRecognizer([RED]))
     assert call.result.route == EMERGENCY
     assert call.channel.sounds == []  # never asked
-    assert _listen_step(call).edge == "triage emergency"
+    # The category route says the same and keeps the terms that fired in the record (as before the triage tier).
+    assert _listen_step(call).edge == "heard emergency"
 
 
 async def test_a_red_flag_in_another_category_still_goes_to_emergency() -> None:
     heard = Recognition("吃了药以后喘不上气", "adverse_reaction", True, (), "emergency", 0.9, "anaphylaxis")
     call = await _call(TRIAGE, ScriptedRecognizer([heard]))
     assert call.result.route == EMERGENCY
+    assert _listen_step(call).edge == "triage emergency"
 
 
 async def test_routine_routes_by_category() -> None:

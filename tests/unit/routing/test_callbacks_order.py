@@ -146,3 +146,28 @@ def test_one_open_callback_per_number_rule(indexes: list[str]) -> None:
             kept.append(index)
     assert at_most_one_per_number(kept)
     assert at_most_one_per_number(indexes) == (len(set(indexes)) == len(indexes))
+
+
+def test_the_offer_names_the_configured_key_and_prompts_build_renders_it() -> None:
+    from routing.announcements import announcement_texts
+    from routing.callbacks import CALLBACK_ACCEPTED, callback_texts, offer_text
+
+    assert "请按1" in offer_text("1")
+    assert "请按井号键" in offer_text("#")
+    assert offer_text("1") in announcement_texts("1")
+    assert CALLBACK_ACCEPTED in announcement_texts("1")
+    assert callback_texts("") == []
+    assert CALLBACK_ACCEPTED not in announcement_texts("")
+
+
+def test_callback_and_emergency_keys_must_differ() -> None:
+    from pydantic import ValidationError
+
+    from ground.config import RoutingConfig
+
+    assert RoutingConfig().callback_key == "1"
+    assert RoutingConfig(callback_key="").callback_key == ""
+    with pytest.raises(ValidationError, match="callback_key and emergency_key are both '0'"):
+        RoutingConfig(callback_key="0")
+    with pytest.raises(ValidationError, match="callback_key"):
+        RoutingConfig(callback_key="12")

@@ -257,3 +257,15 @@ async def test_a_node_follows_the_mode_in_the_database_and_restores_the_hotline(
     assert state.entry_flow("hotline") == "hotline"
     assert state.profile is None
     assert dict(flows.current) == before
+
+
+def test_a_full_queue_offers_a_callback_only_when_the_profile_says_so_and_callbacks_are_on() -> None:
+    from routing.surge import OVERFLOW_GOODBYE, overflow_texts, parse_profile
+
+    callback = parse_profile("name: p\nbulletin: 公告。\noverflow: callback\n")
+    hangup = parse_profile("name: p\nbulletin: 公告。\noverflow: hangup\n")
+    message, offer = overflow_texts(callback, "1")
+    assert message == callback.overflow_message
+    assert "请按1" in offer
+    assert overflow_texts(callback, "") == [callback.overflow_message, OVERFLOW_GOODBYE]
+    assert overflow_texts(hangup, "1") == [hangup.overflow_message, OVERFLOW_GOODBYE]
