@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -260,6 +260,20 @@ class LexiconFile(BaseModel):
 
     terms: tuple[Term, ...] = ()
     markers: Markers = Field(default_factory=Markers)
+    # A medical character and the characters a recognizer writes for it (血: [雪, 学]): a single-character word
+    # of the utterance that is one of them is also read as the medical character (流雪 → 流血, 头云 → 头晕).
+    sound_alikes: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("sound_alikes")
+    @classmethod
+    def _sound_alikes(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for target, heard in value.items():
+            for char in (target, *heard):
+                if len(char) != 1 or not ("\u4e00" <= char <= "\u9fff"):
+                    raise ValueError(f"{char!r} is not one Chinese character (sound_alikes.{target})")
+            if target in heard:
+                raise ValueError(f"{target!r} is listed as its own sound-alike")
+        return value
 
 
 # A lexicon file's problems are the shared source problems (``file:line:column: path: message``).
@@ -286,17 +300,22 @@ class Lexicon:
     markers: Markers
     version: str
     files: tuple[Path, ...] = ()
+    # Heard character → the medical character it stands for (see ``LexiconFile.sound_alikes``).
+    sound_alikes: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_terms(cls, terms: Iterable[Term], markers: Markers | None = None) -> Lexicon:
-        """A lexicon built in code (tests); its version hashes the terms and markers."""
+    def from_terms(
+        cls, terms: Iterable[Term], markers: Markers | None = None, sound_alikes: Mapping[str, str] | None = None
+    ) -> Lexicon:
+        """A lexicon built in code (tests); its version hashes the terms, markers and sound-alikes."""
         terms = tuple(terms)
         markers = markers or Markers()
         digest = hashlib.sha256()
         for term in terms:
             digest.update(term.model_dump_json().encode())
         digest.update(markers.model_dump_json().encode())
-        return cls(terms, markers, digest.hexdigest()[:12])
+        digest.update(repr(sorted((sound_alikes or {}).items())).encode())
+        return cls(terms, markers, digest.hexdigest()[:12], (), dict(sound_alikes or {}))
 
 
 @dataclass
@@ -412,13 +431,24 @@ def scan_lexicon(paths: Sequence[Path] | Path = DEFAULT_LEXICON_DIR) -> LexiconR
     terms: dict[str, Term] = {}
     markers = Markers()
     digest = hashlib.sha256()
+    heard: dict[str, str] = {}
+    for item in parsed:
+        assert item.data is not None
+        for target, alikes in item.data.sound_alikes.items():
+            for char in alikes:
+                if heard.setdefault(char, target) != target:
+                    report.problems.append(
+                        item.problem(("sound_alikes", target), f"{char!r} already stands for {heard[char]!r}")
+                    )
+    if report.problems:
+        return report
     for item in parsed:
         assert item.data is not None
         digest.update(item.path.name.encode() + b"\0" + item.text + b"\0")
         markers = markers.merged(item.data.markers)
         for term in item.data.terms:
             terms[term.term] = term
-    report.lexicon = Lexicon(tuple(terms.values()), markers, digest.hexdigest()[:12], tuple(files))
+    report.lexicon = Lexicon(tuple(terms.values()), markers, digest.hexdigest()[:12], tuple(files), heard)
     return report
 
 

@@ -315,6 +315,7 @@ class Spotter:
         self._index_patterns(lexicon)
         self._index_clauses(lexicon)
         self._index_markers()
+        self._sound_alikes = dict(lexicon.sound_alikes)
         self._third_party = frozenset(normalise(w).text for w in self.markers.third_party)
 
     def _index_terms(self, lexicon: Lexicon) -> None:
@@ -418,6 +419,7 @@ class Spotter:
                 for c in sound
                 if c.entry.term is not _CLAUSE_WORD and self._plausible_error(norm.text, c, starts, ends)
             ]
+            + self._heard_as(norm.text, tokens, norm.breaks, clause_starts)
         )
         chosen = self._choose(norm.text, candidates)
         matches = []
@@ -474,6 +476,37 @@ class Spotter:
             if m.end() > m.start()
             and not _cue_denied(text, m)
             and (".{" in pattern.pattern or not any(m.start() < b < m.end() for b in breaks))
+        ]
+
+    def _heard_as(
+        self, text: str, tokens: list[str], breaks: frozenset[int], clause_starts: list[int]
+    ) -> list[_Candidate]:
+        """Terms found once every single-character word that a recognizer writes for a medical character (雪 for
+        血, 云 for 晕: the lexicon's ``sound_alikes``) is read as that character. Only words of one character are
+        read so (学 in 学校 stays 学), and only candidates that rest on such a reading are new; they count as
+        sound-alikes. The positions do not move, so spans stay spans of the caller's text."""
+        if not self._sound_alikes:
+            return []
+        chars = list(text)
+        changed: list[int] = []
+        position = 0
+        for token in tokens:
+            if len(token) == 1 and token in self._sound_alikes:
+                chars[position] = self._sound_alikes[token]
+                changed.append(position)
+            position += len(token)
+        if not changed:
+            return []
+        heard = "".join(chars)
+        found = (
+            self._exact_candidates(heard)
+            + self._pattern_candidates(heard, breaks)
+            + self._clause_candidates(heard, clause_starts)
+        )
+        return [
+            _Candidate(c.start, c.end, _Entry(c.entry.term, c.entry.variant), "homophone")
+            for c in found
+            if any(c.start <= i < c.end for i in changed)
         ]
 
     def _clause_candidates(
@@ -714,6 +747,15 @@ class Spotter:
         text: str, candidate: _Candidate, chosen: list[_Candidate], markers: list[_Marker]
     ) -> _Marker | None:
         """A topic marker after a coordinated term covers this one too (中暑和热射病有什么区别)."""
+        after = text[candidate.end : candidate.end + 1]
+        if after in ("和", "跟", "与", "或"):
+            # X和Y有什么区别 where Y is no lexicon term (中暑和感冒有什么区别): the marker within a few words.
+            chain = next(
+                (m for m in markers if m.kind == "topic_after" and candidate.end + 1 < m.start <= candidate.end + 6),
+                None,
+            )
+            if chain is not None:
+                return chain
         for other in chosen:
             if other.start <= candidate.end or other.start - candidate.end > 2:
                 continue
@@ -751,7 +793,7 @@ _PLAIN = re.compile(r"[^\\.^$*+?{}\[\]|()]+")
 _FIRST_GROUP = re.compile(r"\(([^()]*)\)(?![?*{])")
 
 
-_CUE_DENIAL = re.compile(r"没有|没|不|未|无|如果|万一|要是|假如|假设")
+_CUE_DENIAL = re.compile(r"没有|没|不(?!退|停|断|住|下)|未|无|如果|万一|要是|假如|假设")
 
 
 def _cue_denied(text: str, match: re.Match[str]) -> bool:

@@ -137,3 +137,23 @@ def test_benchmark_smoke_scores_sets_and_never_prints_a_blind_sentence(capsys: p
     for path in blind:
         for line in path.read_text(encoding="utf-8").splitlines()[:50]:
             assert json.loads(line)["text"] not in out
+
+
+def test_a_single_character_word_heard_wrong_is_read_as_the_medical_character(classifier: Classifier) -> None:
+    heard = classifier.classify("他割到手流雪流得满地都是")  # 雪 for 血
+    assert heard.emergency, heard.rules
+    assert heard.discriminator == "major_haemorrhage"
+    assert any(m.via == "homophone" and m.category == "emergency" for m in heard.matched)
+    # A character inside a word of its own is not re-read: 学校 stays a school.
+    assert not classifier.classify("孩子在学校流了好多汗").emergency
+
+
+def test_sound_alikes_are_checked(tmp_path: Path) -> None:
+    from keywords import scan_lexicon
+
+    (tmp_path / "a.yaml").write_text("sound_alikes:\n  血: [雪]\n  晕: [雪]\n", encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("sound_alikes:\n  血: [xue]\n", encoding="utf-8")
+    problems = [str(p) for p in scan_lexicon([tmp_path]).problems]
+    assert any("'xue' is not one Chinese character" in p for p in problems), problems
+    report = scan_lexicon([tmp_path / "a.yaml"])
+    assert [p.message for p in report.problems] == ["'雪' already stands for '血'"]
