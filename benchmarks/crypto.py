@@ -130,7 +130,7 @@ async def key_service(workdir: Path) -> AsyncIterator[tuple[KeyServiceClient, Ke
         handle.write(token)
     socket_path = run_dir / "ks.sock"
     code = (
-        "import sys; from pathlib import Path; from medhotline.logs import configure_logging; "
+        "import sys; from pathlib import Path; from ground.logs import configure_logging; "
         "configure_logging('warning'); from compliance.keyservice_server import run_keyservice; "
         f"sys.exit(run_keyservice(Path({str(keydir)!r}), Path({str(socket_path)!r}), Path({str(token_path)!r}), set()))"
     )

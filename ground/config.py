@@ -88,13 +88,28 @@ class SandboxConfig(_Section):
     boot_timeout: float = Field(default=60.0, gt=0, le=600)
 
 
+# RTP ports one call may hold at once: three streams (patient leg, agent leg, external media), RTP + RTCP each.
+RTP_PORTS_PER_CALL = 6
+
+
 class AsteriskConfig(_Section):
     mode: Literal["sandbox", "external"] = "sandbox"
     host: str = "127.0.0.1"
     sip_port: int = _port(5060)
+    # Each call holds up to three RTP streams (patient leg, agent leg, external media for speech), each an even
+    # RTP port and the odd RTCP port above it: RTP_PORTS_PER_CALL ports. 10000-20000 is Asterisk's own default
+    # and holds about 1600 calls.
     rtp_start: int = _port(10000)
-    rtp_end: int = _port(10200)
+    rtp_end: int = _port(20000)
+    # The concurrent calls this node is sized for: the RTP range must hold them, the ARI connection pool and
+    # Asterisk's HTTP session limit are sized from it.
+    max_calls: int = Field(default=500, ge=1, le=20000)
     ari_port: int = _port(8088)
+    # Where the service reaches ARI when something sits in front of Asterisk's HTTP port (a TLS terminator, a
+    # proxy); empty: ari_port.
+    ari_connect_port: int | None = Field(default=None, ge=1, le=65535)
+    # Seconds a REST request may take, waiting for a free connection included, before it counts as unanswered.
+    ari_timeout: float = Field(default=5.0, gt=0, le=60)
     ami_port: int = _port(5038)
     ari_app: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
     ari_username: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
@@ -106,12 +121,31 @@ class AsteriskConfig(_Section):
     patient_trunk_match: str = "127.0.0.1"
     sandbox: SandboxConfig = SandboxConfig()
 
+    _connect_port_empty = field_validator("ari_connect_port", mode="before")(_empty_is_none)
+
+    @property
+    def ari_connections(self) -> int:
+        """The service's ARI connection pool: one request in flight per call, plus the node's own (queue,
+        recordings, dialer, agent endpoints)."""
+        return self.max_calls + 20
+
+    @property
+    def http_session_limit(self) -> int:
+        """Asterisk's HTTP ``sessionlimit``: the pool, the event WebSocket, and room for an operator's tools."""
+        return self.ari_connections + 20
+
     @model_validator(mode="after")
     def _consistent(self) -> AsteriskConfig:
         if self.rtp_start >= self.rtp_end:
             raise ValueError(f"rtp_start ({self.rtp_start}) must be below rtp_end ({self.rtp_end})")
-        if self.rtp_end - self.rtp_start < 10:
-            raise ValueError("the RTP range must hold at least 10 ports (two per call leg)")
+        ports = self.rtp_end - self.rtp_start + 1
+        if ports < RTP_PORTS_PER_CALL * self.max_calls:
+            raise ValueError(
+                f"the RTP range {self.rtp_start}-{self.rtp_end} ({ports} ports) is too small for max_calls = "
+                f"{self.max_calls}: each call needs up to {RTP_PORTS_PER_CALL} ports (patient leg, agent leg and "
+                f"speech tap, RTP and RTCP each), so at least {RTP_PORTS_PER_CALL * self.max_calls}; widen the "
+                "range or lower max_calls"
+            )
         if self.ari_port == self.ami_port:
             raise ValueError(f"ari_port and ami_port are both {self.ari_port}")
         if self.rtp_start <= self.sip_port <= self.rtp_end:

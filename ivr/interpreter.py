@@ -54,7 +54,7 @@ from ivr.flow_model import (
     VaccinationCancelNode,
     VerifyIdentityNode,
 )
-from telephony.channel import CallChannel, CallerHungUp, ChannelError, ConnectionLost
+from telephony.channel import CallChannel, CallerHungUp, ChannelError, ConnectionLost, tell_unavailable_and_hang_up
 from telephony.ports import (
     BookingResult,
     CallRecorder,
@@ -73,6 +73,7 @@ from telephony.ports import (
 )
 
 log = structlog.get_logger(__name__)
+
 
 Outcome = Literal["completed", "routed", "transferred", "caller_hangup", "connection_lost", "error"]
 # Every step is bounded: a caller pressing "repeat" forever, or a loop an administrator did not foresee,
@@ -215,12 +216,14 @@ class FlowRunner:
         except CallerHungUp:
             return FlowResult("caller_hangup", self._where, variables=self.variables, triage=self._triage)
         except ConnectionLost as exc:
+            # The event stream is gone, so a prompt's end would never be heard of; the REST side may still work,
+            # and a hang-up is better than a silent line until the caller gives up.
+            with contextlib.suppress(ChannelError):
+                await channel.hangup()
             return FlowResult("connection_lost", self._where, str(exc), variables=self.variables, triage=self._triage)
         except ChannelError as exc:
             log.error("flow.failed", node=self._where, error=str(exc))
-            # Best effort: the channel that just failed may fail its hang-up too.
-            with contextlib.suppress(ChannelError):
-                await channel.hangup()
+            await tell_unavailable_and_hang_up(channel)
             return FlowResult("error", self._where, str(exc), variables=self.variables, triage=self._triage)
 
     async def _walk(self, flow: Flow, channel: CallChannel) -> FlowResult:

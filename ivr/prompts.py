@@ -23,6 +23,8 @@ SOUND_PREFIX = "medhotline"
 SYSTEM_PROMPTS = {
     "unavailable": "系统暂时无法接听您的来电，请稍后再拨。如遇危急情况，请立即拨打120急救电话。",
 }
+# The "unavailable" prompt is also what a caller hears when the service fails them (the queue, the IVR after a
+# telephony failure); its sound name, telephony.channel.UNAVAILABLE_SOUND, is SOUND_PREFIX/unavailable.
 
 
 class PromptError(MedhotlineError):

@@ -52,6 +52,7 @@ def template_values(
         "rtp_start": str(ast.rtp_start),
         "rtp_end": str(ast.rtp_end),
         "ari_port": str(ast.ari_port),
+        "http_session_limit": str(ast.http_session_limit),
         "ami_port": str(ast.ami_port),
         "ari_app": ast.ari_app,
         "ari_username": credentials.ari_username,

@@ -43,7 +43,7 @@ from telephony.ari_channel import (
     AriDispatcher,
 )
 from telephony.ari_client import AriClient
-from telephony.channel import CallChannel, ChannelError
+from telephony.channel import CallChannel, ChannelError, tell_unavailable_and_hang_up
 from telephony.consult import ROUTE_CATEGORIES, RouteCategory
 from telephony.ports import (
     CallRecorder,
@@ -199,7 +199,7 @@ class CallLifecycle:
                 log.exception("call.crashed")
                 result = FlowResult("error", "unknown", f"{type(exc).__name__}")
                 with contextlib.suppress(Exception):
-                    await channel.hangup()
+                    await tell_unavailable_and_hang_up(channel)
             if ivr_recorder is not None and ivr_recording is not None:
                 await ivr_recorder.stop(channel, ivr_recording)
             if recordings is not None and result.variables.get("patient_ref"):

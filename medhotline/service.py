@@ -174,10 +174,12 @@ class HotlineService:
         self.dispatcher = AriDispatcher()
         self.ari = AriClient(
             config.asterisk.host,
-            config.asterisk.ari_port,
+            config.asterisk.ari_connect_port or config.asterisk.ari_port,
             creds.ari_username,
             creds.ari_password,
             config.asterisk.ari_app,
+            timeout=config.asterisk.ari_timeout,
+            max_connections=config.asterisk.ari_connections,
         )
         self.engine = engine
         # One call's life (composition: it reads this wiring) and the ARI event router feeding it.
@@ -314,7 +316,9 @@ class HotlineService:
             try:
                 # The engine's own last read of the agent table (refreshed every refresh_interval).
                 await self.engine.refreshed.wait()
-                text = render_agent_endpoints(cast("list[ContactView]", list(self.engine.snapshot)))
+                text = render_agent_endpoints(
+                    cast("list[ContactView]", list(self.engine.snapshot)), media_address=self.config.asterisk.host
+                )
                 if await asyncio.to_thread(sandbox.write_etc_file, FILE_NAME, text):
                     await self.ari.request("PUT", "/asterisk/modules/res_pjsip.so")
                     log.info("routing.agent_endpoints_reloaded", agents=text.count("type = aor"))

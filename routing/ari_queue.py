@@ -35,8 +35,8 @@ from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, T
 from routing.model import CallPriority, CallRequest
 from routing.upgrade import UpgradeKeys
 from telephony.ari_channel import AriCallChannel, AriDispatcher
-from telephony.ari_client import AriClient, AriError, AriNotFound
-from telephony.channel import CallerHungUp, CallerId, CallInfo, ChannelError
+from telephony.ari_client import AriClient, AriError, AriNotFound, AriUnavailable
+from telephony.channel import CallerHungUp, CallerId, CallInfo, ChannelError, tell_unavailable_and_hang_up
 from telephony.consult import RouteCategory
 
 log = structlog.get_logger(__name__)
@@ -256,8 +256,11 @@ class CallerQueue:
         except ChannelError as exc:
             log.error("queue.failed", reason=str(exc))
             await self._engine.abandon(call_id)
-            with contextlib.suppress(ChannelError):
-                await caller.hangup()
+            if hold.started:
+                with contextlib.suppress(ChannelError, AriError):
+                    await self._moh(hold.bridge, on=False)
+            # Told, then hung up: never left on hold music (or silence) that leads nowhere.
+            await tell_unavailable_and_hang_up(caller)
             return QueueResult("failed")
         finally:
             await self._drop_hold(hold)
@@ -462,7 +465,9 @@ class CallerQueue:
                             "callerId": f'"{self._settings.agent_caller_id}" <{self._settings.agent_caller_id}>',
                         },
                     )
-                except AriError as exc:
+                except (AriError, AriUnavailable) as exc:
+                    # Not retried: an originate that got no answer may be ringing the phone already. The leg is
+                    # hung up below by its id either way, and the call waits for the next offer.
                     hold.start()
                     log.warning("queue.dial_failed", reason=str(exc))
                     await self._engine.no_answer(call_id, agent_id, reachable=False)

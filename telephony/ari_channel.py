@@ -14,14 +14,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
 
-from telephony.ari_client import AriClient, AriError, AriNotFound
-from telephony.channel import CallerHungUp, CallInfo, ChannelError, ConnectionLost, check_recording_name
+from telephony.ari_client import (
+    RETRY_ATTEMPTS,
+    RETRY_PAUSE,
+    AriClient,
+    AriError,
+    AriNotFound,
+    AriUnavailable,
+    is_retryable,
+)
+from telephony.channel import CallerHungUp, CallInfo, ChannelError, check_recording_name
 from telephony.rtp import RtpReceiver
 
 log = structlog.get_logger(__name__)
@@ -39,6 +48,8 @@ SNOOP_ID_PREFIX = "snoop-"
 # recording to close its file. Asterisk does each within milliseconds; the bound keeps a broken one from hanging.
 _WAIT_ATTEMPTS = 40
 _WAIT_PAUSE = 0.05
+# How many ended calls' channel ids the dispatcher remembers, to recognise their late events.
+_CLOSED_REMEMBERED = 4096
 
 
 def event_channel_id(event: dict[str, Any]) -> str | None:
@@ -70,11 +81,13 @@ class AriCallChannel:
     def deliver(self, event: dict[str, Any] | BaseException) -> None:
         self._events.put_nowait(event)
 
-    async def _call(self, method: str, path: str, params: dict[str, str] | None = None) -> Any:
+    async def _call(
+        self, method: str, path: str, params: dict[str, str] | None = None, *, retry: bool | None = None
+    ) -> Any:
         if self._gone:
             raise CallerHungUp("caller hung up")
         try:
-            return await self._client.request(method, path, params)
+            return await self._client.request(method, path, params, retry=retry)
         except AriNotFound:
             # The channel vanished between the event and our request: that is a hang-up, not an error.
             self._gone = True
@@ -117,7 +130,8 @@ class AriCallChannel:
         return self._gone
 
     async def answer(self) -> None:
-        await self._call("POST", f"/channels/{self._info.channel_id}/answer")
+        # Answering an answered channel changes nothing, so a request that got no answer is simply repeated.
+        await self._call("POST", f"/channels/{self._info.channel_id}/answer", retry=True)
 
     def _discard_pending_digits(self) -> None:
         """Keys pressed before a prompt that does not allow barge-in are not input for what follows."""
@@ -132,8 +146,7 @@ class AriCallChannel:
     async def play(self, sound: str, *, barge_in: bool = False) -> str | None:
         if not barge_in:
             self._discard_pending_digits()
-        playback_id = str(uuid.uuid4())
-        await self._call("POST", f"/channels/{self._info.channel_id}/play/{playback_id}", {"media": f"sound:{sound}"})
+        playback_id = await self._start_playback(sound)
         while True:
             event = await self._next_event()
             playback = event.get("playback") or {}
@@ -145,6 +158,30 @@ class AriCallChannel:
                 with contextlib.suppress(AriNotFound):  # the prompt may have ended in the meantime
                     await self._client.request("DELETE", f"/playbacks/{playback_id}")
                 return str(event.get("digit", ""))
+
+    async def _start_playback(self, sound: str) -> str:
+        """Start playing ``sound``; returns the playback id. A request that got no answer (or a 5xx) is repeated
+        under a new playback id: should the first have started after all, its events carry the old id and are
+        passed over by the wait for this one, so the caller hears the prompt rather than silence."""
+        pause = RETRY_PAUSE
+        for attempt in range(1, RETRY_ATTEMPTS + 1):
+            playback_id = str(uuid.uuid4())
+            try:
+                await self._call(
+                    "POST",
+                    f"/channels/{self._info.channel_id}/play/{playback_id}",
+                    {"media": f"sound:{sound}"},
+                    retry=False,
+                )
+            except (AriError, AriUnavailable) as exc:
+                if attempt == RETRY_ATTEMPTS or not is_retryable(exc):
+                    raise
+                log.warning("ari.playback_retried", attempt=attempt, reason=str(exc))
+                await asyncio.sleep(pause)
+                pause *= 2
+            else:
+                return playback_id
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def read_digits(self, *, max_digits: int, timeout: float, terminator: str | None = None) -> str:
         digits = ""
@@ -225,9 +262,11 @@ class AriCallChannel:
         await self._client.request("POST", f"/bridges/{bridge_id}/addChannel", {"channel": channel_id})
 
     async def hangup(self) -> None:
+        """Hang up (a DELETE, retried on no answer). If Asterisk still does not answer, the failure is raised:
+        the caller may still be on the line, and whoever hangs up must know."""
         if self._gone:
             return
-        with contextlib.suppress(AriNotFound, ConnectionLost):
+        with contextlib.suppress(AriNotFound):
             await self._client.request("DELETE", f"/channels/{self._info.channel_id}")
         self._gone = True
 
@@ -318,12 +357,19 @@ class AriDispatcher:
 
     def __init__(self) -> None:
         self._channels: dict[str, AriCallChannel] = {}
+        # Channels whose calls have ended here, most recent last: their late events (a playback that finished as
+        # the call was hung up, the hang-up itself) are routine and are not reported as strangers. Bounded, so a
+        # long-running node does not grow it.
+        self._closed: OrderedDict[str, None] = OrderedDict()
 
     def register(self, channel: AriCallChannel) -> None:
         self._channels[channel.info.channel_id] = channel
 
     def unregister(self, channel_id: str) -> None:
-        self._channels.pop(channel_id, None)
+        if self._channels.pop(channel_id, None) is not None:
+            self._closed[channel_id] = None
+            if len(self._closed) > _CLOSED_REMEMBERED:
+                self._closed.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -337,7 +383,9 @@ class AriDispatcher:
         if channel is None:
             name = str((event.get("channel") or {}).get("name", ""))
             helper = name.startswith((MEDIA_CHANNEL_PREFIX, SNOOP_CHANNEL_PREFIX))  # our own taps: never calls
-            if event["type"] not in _GONE_EVENTS and not helper:  # late hang-up events of finished calls are routine
+            if channel_id in self._closed:
+                log.debug("ari.event_for_closed_call", event_type=event["type"], channel_id=channel_id)
+            elif event["type"] not in _GONE_EVENTS and not helper:  # late hang-ups of finished calls are routine
                 log.warning("ari.event_for_unknown_channel", event_type=event["type"], channel_id=channel_id)
             return False
         channel.deliver(event)

@@ -8,8 +8,10 @@ library error to our own at this edge (like httpx's transports) and inject a fak
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import random
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
@@ -36,6 +38,27 @@ class AriNotFound(AriError):
     """The channel, bridge or playback no longer exists (usually: the caller hung up)."""
 
 
+class AriUnavailable(ChannelError):
+    """A REST request got no answer: it timed out (also waiting for a free connection), or the HTTP connection
+    was refused or reset. Not a lost event stream (that is ``ConnectionLost``): the call's events still arrive,
+    so the call can still be told and hung up; and not the caller's doing."""
+
+
+# REST requests that may be repeated without changing the outcome: reading, and deleting what may already be
+# gone. POSTs are repeated only when the caller says so (``retry=True``): answering, and a playback under a new
+# id; never an originate, whose first attempt may already be ringing a phone.
+_IDEMPOTENT = frozenset({"GET", "DELETE", "PUT"})
+# Attempts for a retried request, and the first pause between them (doubled each time, with jitter).
+RETRY_ATTEMPTS = 3
+RETRY_PAUSE = 0.2
+
+
+def is_retryable(error: ChannelError) -> bool:
+    """A failure another attempt may not meet: no answer at all, or Asterisk's own 5xx (an internal error or
+    an overloaded HTTP server); never a 4xx, which says the request itself is wrong for the channel's state."""
+    return isinstance(error, AriUnavailable) or (isinstance(error, AriError) and error.status >= 500)
+
+
 class AriClient:
     """REST calls and the event stream of one Stasis application."""
 
@@ -48,7 +71,8 @@ class AriClient:
         app: str,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        timeout: float = 10.0,
+        timeout: float = 5.0,
+        max_connections: int = 300,
     ) -> None:
         self.app = app
         # Where Asterisk can reach this service's RTP receivers (external media); the ARI host by default.
@@ -62,17 +86,49 @@ class AriClient:
             auth=httpx.BasicAuth(username, password),
             transport=transport,
             timeout=timeout,
+            # One connection per request in flight: every call waits on at most one request, so the pool is
+            # sized for the calls the node carries (httpx's default of 100 made requests queue for a connection
+            # at 200+ calls until the timeout). Keep-alive spares a TCP handshake and an Asterisk HTTP thread
+            # start per request; Asterisk's ``sessionlimit`` (http.conf) is rendered above this size.
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=10.0,  # below Asterisk's session_keep_alive (15 s): never reuse a closed one
+            ),
         )
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def request(self, method: str, path: str, params: Mapping[str, str] | None = None) -> Any:
-        """One REST call; returns the decoded JSON body (or None). Errors become AriError/ConnectionLost."""
+    async def request(
+        self, method: str, path: str, params: Mapping[str, str] | None = None, *, retry: bool | None = None
+    ) -> Any:
+        """One REST call; returns the decoded JSON body (or None). Errors become AriError/AriUnavailable.
+
+        A request that may safely be repeated (GET, DELETE, PUT; a POST only with ``retry=True``) is tried up
+        to ``RETRY_ATTEMPTS`` times while it meets a timeout, a refused or reset connection or a 5xx, with
+        growing pauses between; the last failure is raised.
+        """
+        attempts = RETRY_ATTEMPTS if (method in _IDEMPOTENT if retry is None else retry) else 1
+        pause = RETRY_PAUSE
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._request_once(method, path, params)
+            except (AriError, AriUnavailable) as exc:
+                if attempt == attempts or not is_retryable(exc):
+                    raise
+                log.warning("ari.request_retried", method=method, attempt=attempt, reason=str(exc))
+                await asyncio.sleep(pause * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not security
+                pause *= 2
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _request_once(self, method: str, path: str, params: Mapping[str, str] | None) -> Any:
         try:
             response = await self._http.request(method, path, params=params)
+        except httpx.TimeoutException as exc:
+            raise AriUnavailable(f"ARI {method} {path}: no answer in time ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
-            raise ConnectionLost(f"ARI {method} {path}: Asterisk unreachable ({type(exc).__name__})") from None
+            raise AriUnavailable(f"ARI {method} {path}: Asterisk unreachable ({type(exc).__name__})") from None
         if response.status_code >= 400:
             try:
                 detail = str(response.json().get("message", response.text))

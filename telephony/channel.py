@@ -6,13 +6,18 @@ hanging up surfaces as ``CallerHungUp`` from whichever operation was waiting, so
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+import structlog
+
 from ground.errors import MedhotlineError
+
+log = structlog.get_logger(__name__)
 
 Transport = Literal["ari", "fastagi"]
 
@@ -147,3 +152,32 @@ class AudioSource(Protocol):
     def caller_audio(self, max_seconds: float = 30.0) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """While open, yields the caller's audio as 16-bit little-endian PCM at 8 kHz, in small chunks."""
         ...
+
+
+# What a caller hears when the service fails them. The name is the call edge's (the queue and the IVR play it);
+# ivr.prompts renders the file under it, so it is defined here, below both.
+UNAVAILABLE_SOUND = "medhotline/unavailable"
+
+# The unavailable prompt lasts about 8 s; should the end of its playback never be reported, the caller is hung
+# up after this bound anyway rather than left on a silent line.
+APOLOGY_TIMEOUT = 30.0
+
+
+async def tell_unavailable_and_hang_up(channel: CallChannel) -> None:
+    """After a failure that is not the caller's doing: answer if needed, play the unavailable prompt (call back
+    later, 120 in an emergency), hang up. Every step is best effort and bounded; a caller is never left in
+    silence because one of them failed."""
+    try:
+        async with asyncio.timeout(APOLOGY_TIMEOUT):
+            await channel.answer()
+            await channel.play(UNAVAILABLE_SOUND)
+    except CallerHungUp:
+        return
+    except (ChannelError, TimeoutError) as exc:
+        log.error("call.unavailable_prompt_failed", error=str(exc) or type(exc).__name__)
+    try:
+        await channel.hangup()
+    except CallerHungUp:
+        pass
+    except ChannelError as exc:
+        log.error("call.hangup_failed", error=str(exc))

@@ -121,12 +121,23 @@ class Hotline:
         loaded = load_flows(self.config.hotline.flows_dir)[flow]
         return [text for node in nodes if (text := loaded.flow.nodes[node].say)]
 
+    def sound_of(self, flow: str, node: str) -> str:
+        """The Asterisk sound name of a node's prompt (``medhotline/<digest>``)."""
+        voice = Voice(self.config.prompts.voice, self.config.prompts.speed)
+        return sound_name(self.flow_texts(flow, [node])[0], voice)
+
     def ms_of(self, flow: str, nodes: list[str]) -> int:
         return int(1000 * self.prompt_seconds(self.flow_texts(flow, nodes)))
 
 
 def write_config(
-    state: Path, instance: str, extra: str = "", *, flow: str = "hotline", extra_flows: tuple[Path, ...] = ()
+    state: Path,
+    instance: str,
+    extra: str = "",
+    *,
+    flow: str = "hotline",
+    extra_flows: tuple[Path, ...] = (),
+    asterisk_extra: str = "",
 ) -> Path:
     rtp = free_rtp_range(60)
     # A copy of the shipped flows, so that tests can edit them while the service runs (hot reload).
@@ -146,7 +157,9 @@ log_level = "debug"
 sip_port = {free_port(socket.SOCK_DGRAM)}
 rtp_start = {rtp}
 rtp_end = {rtp + 60}
+max_calls = 10
 ari_port = {free_port(socket.SOCK_STREAM)}
+{asterisk_extra}
 ami_port = {free_port(socket.SOCK_STREAM)}
 
 [asterisk.sandbox]
@@ -190,13 +203,16 @@ def running_hotline(
     flow: str = "hotline",
     extra_flows: tuple[Path, ...] = (),
     before_start: Callable[[Config], None] | None = None,
+    asterisk_extra: str = "",
 ) -> Iterator[Hotline]:
     """A sandbox instance of its own and a service on it: Asterisk, database, prompts, `medhotline serve`.
 
     ``before_start`` runs once the database is migrated and before the service starts (e.g. to add agents).
     """
     check_prerequisites()
-    path = write_config(state, f"{name}{os.getpid()}", extra_config, flow=flow, extra_flows=extra_flows)
+    path = write_config(
+        state, f"{name}{os.getpid()}", extra_config, flow=flow, extra_flows=extra_flows, asterisk_extra=asterisk_extra
+    )
     config = load_config(path, environ={})
     sandbox = Sandbox(config)
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ground.config import ConfigError, load_config
+from ground.config import Config, ConfigError, load_config
 
 EXTERNAL = "[asterisk]\nmode = 'external'\nari_password = 'a'\nami_secret = 'b'\n"
 
@@ -30,6 +30,20 @@ def test_defaults_load_without_a_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert config.asterisk.mode == "sandbox"
     assert config.database_url.startswith("sqlite:///")
     assert config.service.log_file is None
+
+
+def test_default_rtp_range_holds_the_default_capacity() -> None:
+    """500 concurrent calls, each with a patient leg, an agent leg and a speech tap (RTP + RTCP each)."""
+    ast = Config().asterisk
+    assert ast.max_calls >= 500
+    assert ast.rtp_end - ast.rtp_start + 1 >= 6 * ast.max_calls
+    assert ast.http_session_limit > ast.ari_connections > ast.max_calls
+
+
+def test_example_config_fits_its_capacity() -> None:
+    example = Path(__file__).resolve().parents[3] / "medhotline.example.toml"
+    ast = load_config(example, {}).asterisk
+    assert ast.rtp_end - ast.rtp_start + 1 >= 6 * ast.max_calls >= 6 * 500
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
@@ -59,7 +73,16 @@ def test_file_values_are_used(tmp_path: Path) -> None:
             "asterisk",
             "rtp_start (20000) must be below rtp_end",
         ),
-        ("[asterisk]\nrtp_start = 20000\nrtp_end = 20005\n", "asterisk", "RTP range must hold at least 10"),
+        (
+            "[asterisk]\nrtp_start = 20000\nrtp_end = 20005\n",
+            "asterisk",
+            "RTP range 20000-20005 (6 ports) is too small for max_calls = 500",
+        ),
+        # The old example range (10000-10200) holds about 33 calls of three streams each.
+        ("[asterisk]\nrtp_end = 10200\n", "asterisk", "at least 3000; widen the range or lower max_calls"),
+        ("[asterisk]\nrtp_end = 10200\nmax_calls = 34\n", "asterisk", "too small for max_calls = 34"),
+        ("[asterisk]\nmax_calls = 0\n", "asterisk.max_calls", "greater than or equal to 1"),
+        ("[asterisk]\nari_timeout = 0\n", "asterisk.ari_timeout", "greater than 0"),
         ("[asterisk]\nsip_port = 10050\n", "asterisk", "sip_port 10050 lies inside the RTP range"),
         ("[asterisk]\nari_port = 5038\n", "asterisk", "ari_port and ami_port are both 5038"),
         ("[asterisk]\nsip_prot = 5070\n", "asterisk.sip_prot", "unknown key"),

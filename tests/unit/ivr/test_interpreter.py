@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -13,6 +14,8 @@ from structlog.testing import capture_logs
 from ivr import ChannelError, InMemoryCallChannel
 from ivr.flow_model import Flow, HangupNode, MenuNode, PlayNode, RouteNode, SetNode
 from ivr.interpreter import MAX_STEPS, FlowResult, FlowRunner, RouteDecision, Step, run_flow
+from ivr.prompts import SOUND_PREFIX, SYSTEM_PROMPTS
+from telephony.channel import UNAVAILABLE_SOUND
 
 
 def _flow(start: str, nodes: dict[str, dict[str, Any]]) -> Flow:
@@ -90,19 +93,41 @@ async def test_connection_lost_is_its_own_outcome() -> None:
     assert result.outcome == "connection_lost"
     assert result.last_step == "greeting"
     assert result.error is not None
-    assert not channel.hung_up
+    # Without events no prompt's end could be heard of; but the caller is hung up, not left on a silent line.
+    assert channel.operations[-1] == ("hangup",)
+    assert channel.hung_up
 
 
-async def test_channel_error_is_error_and_the_call_is_hung_up() -> None:
+async def test_channel_error_is_error_and_the_caller_is_told_then_hung_up() -> None:
     channel = InMemoryCallChannel(fail_at=3)
     with capture_logs() as logs:
         result, _ = await _run(GREETING, channel)
     assert result.outcome == "error"
     assert result.last_step == "notice"
-    assert channel.operations[-1] == ("hangup",)
+    assert channel.operations[-3:] == [("answer",), ("play", UNAVAILABLE_SOUND), ("hangup",)]
     assert channel.hung_up
     assert [e["event"] for e in logs] == ["flow.failed"]
     assert logs[0]["node"] == "notice"
+
+
+class SilentPlayback(InMemoryCallChannel):
+    """A channel whose playbacks never report their end (the event of a prompt's end is lost)."""
+
+    async def play(self, sound: str, *, barge_in: bool = False) -> str | None:
+        self.operations.append(("play", sound))
+        if sound == UNAVAILABLE_SOUND:
+            await asyncio.sleep(3600)
+        raise ChannelError("play failed with HTTP 500")
+
+
+async def test_the_unavailable_prompt_is_bounded_and_the_caller_still_hung_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("telephony.channel.APOLOGY_TIMEOUT", 0.05)
+    channel = SilentPlayback()
+    with capture_logs() as logs:
+        result, _ = await asyncio.wait_for(_run(GREETING, channel), timeout=10)
+    assert result.outcome == "error"
+    assert channel.operations[-1] == ("hangup",)
+    assert "call.unavailable_prompt_failed" in [e["event"] for e in logs]
 
 
 class BrokenHangup(InMemoryCallChannel):
@@ -119,7 +144,8 @@ async def test_failing_hangup_is_an_error_outcome_not_an_exception() -> None:
         result, _ = await _run(GREETING, channel)
     assert result.outcome == "error"
     assert result.last_step == "bye"
-    assert channel.operations[-2:] == [("hangup",), ("hangup",)]  # the end's hang-up, then the error path's
+    # The end's hang-up, then the error path's: told, and hung up once more.
+    assert [op[0] for op in channel.operations[-4:]] == ["hangup", "answer", "play", "hangup"]
 
 
 async def test_play_only_loop_ends_with_error_after_max_steps() -> None:
@@ -291,3 +317,9 @@ async def test_a_silent_route_at_the_start_leaves_the_answer_to_the_queue_when_t
         assert (("answer",) in channel.operations) is answered
         if flow is route_first:
             assert (result.outcome, result.route) == ("routed", RouteDecision("general", "normal", "route"))
+
+
+def test_unavailable_sound_is_the_rendered_system_prompt() -> None:
+    # The call edge names the sound (telephony sits below ivr); the prompts module renders it: they must agree.
+    assert f"{SOUND_PREFIX}/unavailable" == UNAVAILABLE_SOUND
+    assert "unavailable" in SYSTEM_PROMPTS

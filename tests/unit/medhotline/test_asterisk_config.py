@@ -22,7 +22,14 @@ from medhotline.asterisk_config import (
 def config() -> Config:
     return Config.model_validate(
         {
-            "asterisk": {"sip_port": 15060, "rtp_start": 21000, "rtp_end": 21050, "ari_port": 18088, "ami_port": 15038},
+            "asterisk": {
+                "sip_port": 15060,
+                "rtp_start": 21000,
+                "rtp_end": 21050,
+                "max_calls": 8,
+                "ari_port": 18088,
+                "ami_port": 15038,
+            },
             "fastagi": {"port": 14573},
             "hotline": {"number": "96120"},
         }
@@ -64,10 +71,14 @@ def test_default_config_renders_too() -> None:
     ("file", "pattern"),
     [
         ("pjsip.conf", r"^bind = 127\.0\.0\.1:15060$"),
+        # RTP bound to Asterisk's own address: no per-call look-up of the host name and A.ROOT-SERVERS.NET.
+        ("pjsip.conf", r"^media_address = 127\.0\.0\.1\nbind_rtp_to_media_address = yes$"),
         ("http.conf", r"^bindport = 18088$"),
         ("manager.conf", r"^port = 15038$"),
         ("rtp.conf", r"^rtpstart = 21000$"),
         ("rtp.conf", r"^rtpend = 21050$"),
+        # max_calls 8: a pool of 28 ARI connections, and Asterisk's HTTP session limit above it.
+        ("http.conf", r"^sessionlimit = 48$"),
         ("extensions.conf", r"^exten => 96120,1,Goto\(hotline-ari,s,1\)$"),
         ("extensions.conf", r"AGI\(agi://127\.0\.0\.1:14573/hotline\)"),
         ("extensions.conf", r"Stasis\(medhotline,hotline\)"),

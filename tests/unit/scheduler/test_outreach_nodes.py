@@ -28,6 +28,7 @@ from ivr.flow_model import (
 from ivr.interpreter import FlowResult, FlowRunner, Step
 from ivr.memory_channel import InMemoryCallChannel, MemoryOutreach, Operation
 from medhotline.flows import render_dot, render_text, schema_text
+from telephony.channel import UNAVAILABLE_SOUND
 from telephony.ports import BookingResult, OutreachPort, ReadingsVerdict
 
 REPO = Path(__file__).resolve().parents[3]
@@ -530,7 +531,8 @@ async def test_without_a_port_the_flow_ends_in_error_naming_flow_and_node(kind: 
     assert call.result.outcome == "error"
     assert call.result.last_step == "n"
     assert call.result.error == "flow 't' node 'n': no outreach port configured, so this node can't do its work"
-    assert call.channel.sounds == []  # nothing said or asked
+    # Nothing of the node said or asked; the caller is told the service can't take the call, then hung up.
+    assert call.channel.sounds == [UNAVAILABLE_SOUND]
     assert call.channel.operations[-1] == ("hangup",)
     assert call.path == ["start"]
     [failed] = [e for e in call.logs if e["event"] == "flow.failed"]

@@ -17,7 +17,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from telephony.ari_channel import AriCallChannel, AriDispatcher, event_channel_id
-from telephony.ari_client import AriClient, AriError, AriNotFound
+from telephony.ari_client import RETRY_ATTEMPTS, AriClient, AriError, AriNotFound, AriUnavailable
 from telephony.channel import CallerHungUp, CallInfo, ConnectionLost
 
 CHANNEL_ID = "1700000000.1"
@@ -88,16 +88,120 @@ async def test_request_errors(response: httpx.Response, error_type: type[AriErro
     assert str(info.value) == f"ARI POST /channels/x/answer failed with HTTP {status}: {detail}"
 
 
-async def test_transport_error_is_connection_lost() -> None:
+async def test_transport_error_is_unavailable_not_a_lost_connection() -> None:
+    """A refused REST request is not a lost event stream: the call's events may still arrive."""
+    attempts = 0
+
     async def refuse(request: httpx.Request) -> httpx.Response:
+        nonlocal attempts
+        attempts += 1
         raise httpx.ConnectError("Connection refused", request=request)
 
     client = _client(refuse)
     try:
-        with pytest.raises(ConnectionLost, match="Asterisk unreachable"):
+        with pytest.raises(AriUnavailable, match="Asterisk unreachable") as info:
             await client.request("GET", "/asterisk/info")
     finally:
         await client.aclose()
+    assert not isinstance(info.value, ConnectionLost)
+    assert attempts == RETRY_ATTEMPTS  # a GET is repeated
+
+
+class Flaky:
+    """Fails the first ``failures`` requests (raising ``error`` or answering ``status``), then answers 204."""
+
+    def __init__(self, failures: int, *, error: type[httpx.TransportError] | None = None, status: int = 500) -> None:
+        self.failures = failures
+        self.error = error
+        self.status = status
+        self.requests: list[httpx.Request] = []
+        self.second = asyncio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if len(self.requests) == 2:
+            self.second.set()
+        if len(self.requests) <= self.failures:
+            if self.error is not None:
+                raise self.error("injected", request=request)
+            return httpx.Response(self.status, json={"message": "injected"})
+        return httpx.Response(204)
+
+
+@pytest.mark.parametrize(
+    "flaky",
+    [
+        Flaky(2, error=httpx.ReadTimeout),
+        Flaky(2, error=httpx.PoolTimeout),  # waited for a free connection: the failure seen at 300 calls
+        Flaky(1, error=httpx.RemoteProtocolError),
+        Flaky(2, status=503),
+    ],
+    ids=["read-timeout", "pool-timeout", "reset", "503"],
+)
+async def test_idempotent_requests_are_retried_until_answered(flaky: Flaky) -> None:
+    client = _client(flaky)
+    try:
+        assert await client.request("DELETE", f"/channels/{CHANNEL_ID}") is None
+        assert await client.request("POST", f"/channels/{CHANNEL_ID}/answer", retry=True) is None
+    finally:
+        await client.aclose()
+    assert len(flaky.requests) == flaky.failures + 2
+
+
+@pytest.mark.parametrize(
+    ("flaky", "error"),
+    [
+        (Flaky(1, error=httpx.ReadTimeout), AriUnavailable),  # a POST is not repeated unless said so
+        (Flaky(1, status=500), AriError),
+    ],
+)
+async def test_other_posts_are_tried_once(flaky: Flaky, error: type[Exception]) -> None:
+    client = _client(flaky)
+    try:
+        with pytest.raises(error):
+            await client.request("POST", "/channels", {"endpoint": "PJSIP/agent"})
+    finally:
+        await client.aclose()
+    assert len(flaky.requests) == 1
+
+
+async def test_client_errors_are_not_retried() -> None:
+    flaky = Flaky(5, status=409)
+    client = _client(flaky)
+    try:
+        with pytest.raises(AriError):
+            await client.request("GET", "/recordings/live/x")
+    finally:
+        await client.aclose()
+    assert len(flaky.requests) == 1  # a 409 says the request is wrong now; repeating it changes nothing
+
+
+async def test_requests_waiting_for_a_connection_time_out_as_unavailable() -> None:
+    """The limit the issue met at 300 calls: requests queue for the pool's connections. Over real sockets to a
+    server that accepts and never answers, with a pool of one: both end as AriUnavailable within the timeout."""
+
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)  # never answers; the client gives up
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = AriClient("127.0.0.1", port, "u", "p", "medhotline", timeout=0.2, max_connections=1)
+    try:
+        results = await asyncio.gather(
+            client.request("POST", "/channels/a/answer"),
+            client.request("POST", "/channels/b/answer"),
+            return_exceptions=True,
+        )
+    finally:
+        await client.aclose()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert all(isinstance(r, AriUnavailable) and "no answer in time" in str(r) for r in results), results
+    assert {str(r).rsplit("(", 1)[1] for r in results} == {"ReadTimeout)", "PoolTimeout)"}
 
 
 # -- event routing ------------------------------------------------------------------------------------
@@ -147,7 +251,13 @@ async def test_dispatch_routes_to_registered_channel_and_logs_unknown() -> None:
     ]
     dispatcher.unregister(CHANNEL_ID)
     assert len(dispatcher) == 0
-    assert not dispatcher.dispatch(_event("StasisEnd"))
+    with capture_logs() as logs:
+        assert not dispatcher.dispatch(_event("StasisEnd"))
+        # A closed call's late events are expected (a playback ending as it was hung up): not warnings.
+        assert not dispatcher.dispatch(_finished("pb-late"))
+        assert not dispatcher.dispatch(_event("ChannelDtmfReceived", digit="5"))
+    assert {e["log_level"] for e in logs} == {"debug"}
+    assert {e["event"] for e in logs} == {"ari.event_for_closed_call"}
 
 
 # -- AriCallChannel ------------------------------------------------------------------------------------
@@ -239,6 +349,50 @@ async def test_answer_then_hangup_deletes_the_channel_once() -> None:
         await channel.hangup()
         await channel.hangup()
     assert fake.calls() == [("POST", f"/ari/channels/{CHANNEL_ID}/answer"), ("DELETE", f"/ari/channels/{CHANNEL_ID}")]
+
+
+async def test_answer_that_timed_out_is_repeated() -> None:
+    flaky = Flaky(1, error=httpx.ReadTimeout)
+    client = _client(flaky)
+    channel = AriCallChannel(client, INFO)
+    try:
+        await channel.answer()
+    finally:
+        await client.aclose()
+    assert [r.url.path for r in flaky.requests] == [f"/ari/channels/{CHANNEL_ID}/answer"] * 2
+
+
+async def test_play_that_got_no_answer_is_repeated_under_a_new_playback_id() -> None:
+    flaky = Flaky(1, error=httpx.ReadTimeout)
+    client = _client(flaky)
+    channel = AriCallChannel(client, INFO)
+    dispatcher = AriDispatcher()
+    dispatcher.register(channel)
+    try:
+        task = asyncio.create_task(channel.play("medhotline/ab12"))
+        await asyncio.wait_for(flaky.second.wait(), 5)
+        first, second = (r.url.path.rsplit("/", 1)[1] for r in flaky.requests)
+        assert first != second
+        dispatcher.dispatch(_finished(first))  # the first started after all: its end is not this prompt's
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        dispatcher.dispatch(_finished(second))
+        await asyncio.wait_for(task, 5)
+    finally:
+        await client.aclose()
+
+
+async def test_play_that_keeps_failing_raises_unavailable() -> None:
+    flaky = Flaky(99, status=500)
+    client = _client(flaky)
+    channel = AriCallChannel(client, INFO)
+    try:
+        with pytest.raises(AriError):
+            await channel.play("medhotline/ab12")
+    finally:
+        await client.aclose()
+    assert len(flaky.requests) == RETRY_ATTEMPTS
+    assert len({r.url.path for r in flaky.requests}) == RETRY_ATTEMPTS  # a new playback id each time
 
 
 @pytest.mark.parametrize("status", [404, 500])
