@@ -45,10 +45,10 @@ from compliance.data_keys import DataKeyRing, DataKeyStore
 from compliance.fields import FieldCipher, normalise_phone
 from compliance.keyservice_client import KeyServiceClient
 from compliance.keystore import KeyStore
+from ground import db
+from ground.logs import configure_logging
 from his.registry import PatientInput, PatientRegistry, encrypt_fields
 from his.tables import PatientStore
-from medhotline import db
-from medhotline.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ async def key_service(workdir: Path) -> AsyncIterator[tuple[KeyServiceClient, Ke
         handle.write(token)
     socket_path = run_dir / "ks.sock"
     code = (
-        "import sys; from pathlib import Path; from medhotline.logs import configure_logging; "
+        "import sys; from pathlib import Path; from ground.logs import configure_logging; "
         "configure_logging('warning'); from compliance.keyservice_server import run_keyservice; "
         f"sys.exit(run_keyservice(Path({str(keydir)!r}), Path({str(socket_path)!r}), Path({str(token_path)!r}), set()))"
     )

@@ -42,10 +42,10 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
+from ground import db
+from ground.config import Config, ConfigError, load_config
 from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, sound_name
-from medhotline import db
-from medhotline.config import Config, ConfigError, load_config
 from medhotline.phones import Press, patient_scenario
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox, SandboxError

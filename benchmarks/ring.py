@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from medhotline import db
-from medhotline.config import Config, load_config
+from ground import db
+from ground.config import Config, load_config
 from medhotline.phones import _STAMP
 from medhotline.phones.agent import AgentPhone
 from medhotline.prompts import build_prompts

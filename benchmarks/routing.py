@@ -41,13 +41,13 @@ from sqlalchemy import Engine, text, update
 from sqlalchemy.orm import Session
 
 from compliance.accounts import Account
-from ivr.flow_model import ConsultCategory
-from medhotline import db
+from ground import db
 from routing.model import Agent, CallRequest, Credential
 from routing.router import Dispatcher
 from routing.rules import DEFAULT_RULES
 from routing.store import AgentStore
 from routing.tables import AgentRow, AgentSkill, CredentialRow
+from telephony.consult import ConsultCategory
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 YEAR = timedelta(days=365)

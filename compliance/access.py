@@ -87,7 +87,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Final, Literal, get_args
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 if TYPE_CHECKING:  # annotations only: the policy imports no database code
     from compliance.accounts import AccountRecord, Role

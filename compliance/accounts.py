@@ -17,8 +17,8 @@ from typing import Final, Literal, get_args
 from sqlalchemy import Boolean, CheckConstraint, Integer, String, false, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from medhotline.db import DatabaseError, Repository
-from medhotline.models import Base, UTCDateTime
+from ground.db import DatabaseError, Repository
+from ground.models import Base, UTCDateTime
 
 Role = Literal["agent", "nurse", "pharmacist", "physician", "supervisor", "admin", "auditor"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)

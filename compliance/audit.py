@@ -61,9 +61,9 @@ from compliance.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from medhotline.canonical import canonical_json
-from medhotline.errors import MedhotlineError
-from medhotline.ids import UUID_PATTERN
+from ground.canonical import canonical_json
+from ground.errors import MedhotlineError
+from ground.ids import UUID_PATTERN
 
 if TYPE_CHECKING:
     from compliance.audit_witness import HeadWitness
@@ -500,7 +500,7 @@ AUDIT_NAMING_CONVENTION: Final[dict[str, str]] = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-# Its own MetaData: the audit store is not part of the business schema (medhotline.models.Base.metadata).
+# Its own MetaData: the audit store is not part of the business schema (ground.models.Base.metadata).
 AUDIT_METADATA: Final = MetaData(naming_convention=AUDIT_NAMING_CONVENTION)
 
 audit_entries: Final = Table(

@@ -45,11 +45,11 @@ from compliance.fields import FieldCipher
 from compliance.keyservice_client import GeneratedDataKey, KeyServiceClient, KeyServiceStatus, TrustAnchors, wipe
 from compliance.keyservice_protocol import KeyServiceRefused, KeyServiceUnavailable
 from compliance.keystore import KeyStoreError, UnwrapError, read_token_file, wrapped_version
-from medhotline.config import Config
-from medhotline.db import Repository
-from medhotline.errors import MedhotlineError
-from medhotline.logs import get_logger
-from medhotline.models import Base, UTCDateTime
+from ground.config import Config
+from ground.db import Repository
+from ground.errors import MedhotlineError
+from ground.logs import get_logger
+from ground.models import Base, UTCDateTime
 
 log = get_logger("medhotline.data_keys")
 

@@ -26,7 +26,7 @@ from typing import Final, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 NONCE_SIZE: Final = 12
 TAG_SIZE: Final = 16

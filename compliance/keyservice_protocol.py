@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 MAX_FRAME_SIZE: Final = 64 * 1024
 HEADER: Final = struct.Struct(">I")

@@ -67,8 +67,8 @@ from compliance.keystore import (
     check_purpose,
     read_token_file,
 )
-from medhotline.errors import EXIT_UNABLE, EXIT_USAGE, MedhotlineError
-from medhotline.logs import get_logger
+from ground.errors import EXIT_UNABLE, EXIT_USAGE, MedhotlineError
+from ground.logs import get_logger
 
 log = get_logger("medhotline.keyservice")
 

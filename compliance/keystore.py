@@ -39,10 +39,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from medhotline.errors import MedhotlineError
+from compliance.timestamps import LocalTimestampAuthority
+from ground.errors import MedhotlineError
 
 if TYPE_CHECKING:
-    from recordings.timestamps import LocalTimestampAuthority
+    from compliance.timestamps import LocalTimestampAuthority
 
 KEY_SIZE: Final = 32
 NONCE_SIZE: Final = 12
@@ -275,8 +276,6 @@ class KeyStore:
     def timestamp_authority(self) -> LocalTimestampAuthority:
         """The local RFC 3161 timestamp authority (key and certificate in ``tsa/``), created on first use."""
         if self._tsa is None:
-            from recordings.timestamps import LocalTimestampAuthority
-
             self._tsa = LocalTimestampAuthority.load_or_create(self._directory / TSA_DIRECTORY)
         return self._tsa
 

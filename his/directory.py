@@ -1,6 +1,6 @@
 """The IVR's patient directory over the registry, and the factory that opens both from the configuration.
 
-``RegistryPatientDirectory`` implements ``ivr.ports.PatientDirectory``: the flows' ``lookup_patient`` node asks it
+``RegistryPatientDirectory`` implements ``telephony.ports.PatientDirectory``: the flows' ``lookup_patient`` node asks it
 who is calling. The caller's number is revealed from its ``CallerId`` wrapper here and nowhere else, turned into
 its blind index by the key service, and matched against ``patients.phone_bidx``. Exactly one match gives the flow
 an opaque ``patient_ref`` (the patient id); none or several (a family sharing a phone) give "not found", because
@@ -23,13 +23,14 @@ from sqlalchemy import Engine
 from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import DataKeyRing, DataKeyStore, key_service_for
 from compliance.keyservice_client import KeyServiceClient
+from ground import db
+from ground.config import Config
+from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from his.registry import Authorize, PatientInputError, PatientRegistry
 from his.tables import PatientStore
-from ivr.channel import CallChannel
-from ivr.ports import PatientMatch
-from medhotline.config import Config
-from medhotline.errors import MedhotlineError
-from medhotline.logs import get_logger
+from telephony.channel import CallChannel
+from telephony.ports import PatientMatch
 
 log = get_logger("medhotline.his.directory")
 
@@ -113,7 +114,6 @@ async def open_patient_directory(
     not answer or the schema is not current, so a node never starts with a directory that can't look anyone up.
     ``audit`` defaults to the audit log in the same database; ``authorize`` is the access policy's check.
     """
-    from medhotline import db
 
     await asyncio.to_thread(db.ensure_current, config.database_url)
     keys = key_service_for(config)

@@ -33,10 +33,10 @@ from typing import Final, Literal
 from compliance.audit import AuditEntry, AuditError, AuditLog, AuditOutcome, JsonValue
 from compliance.data_keys import DataKeyRing
 from compliance.fields import BlindIndexer, FieldCipher, FieldCipherError, normalise_phone
+from ground.errors import MedhotlineError
+from ground.ids import is_uuid
+from ground.logs import get_logger
 from his.tables import TABLE, PatientRef, PatientStore, RecordNumberTaken, StoredPatient
-from medhotline.errors import MedhotlineError
-from medhotline.ids import is_uuid
-from medhotline.logs import get_logger
 
 log = get_logger("medhotline.his.registry")
 

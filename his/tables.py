@@ -17,8 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from compliance.data_keys import DataKey, DataKeyRecord, data_key_record
-from medhotline.db import DatabaseError, Repository
-from medhotline.models import Base, UTCDateTime
+from ground.db import DatabaseError, Repository
+from ground.models import Base, UTCDateTime
 
 TABLE: Final = "patients"
 # The identifying columns, each a FieldCipher token bound to (patients, column, row id).

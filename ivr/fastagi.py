@@ -17,7 +17,15 @@ from typing import Any
 import structlog
 from panoramisk.utils import parse_agi_result
 
-from ivr.channel import DIGITS, CallerHungUp, CallerId, CallInfo, ChannelError, ConnectionLost, check_recording_name
+from telephony.channel import (
+    DIGITS,
+    CallerHungUp,
+    CallerId,
+    CallInfo,
+    ChannelError,
+    ConnectionLost,
+    check_recording_name,
+)
 
 log = structlog.get_logger(__name__)
 

@@ -18,11 +18,11 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from ground.errors import MedhotlineError
+from ground.yaml_source import StrictYamlLoader, parse_yaml
 from ivr.flow_graph import check_flow, check_flows, check_subflows
 from ivr.flow_model import CONDITION_TAGS, Flow
 from ivr.flow_source import FlowProblem, LoadedFlow, PathKey, SourceMap
-from ivr.yaml_source import StrictYamlLoader, parse_yaml
-from medhotline.errors import MedhotlineError
 
 __all__ = [
     "FlowError",

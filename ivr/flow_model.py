@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import re
 from datetime import date, time
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+from telephony.consult import ConsultCategory, RouteCategory
 
 NodeId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 FlowName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
@@ -19,17 +22,6 @@ VarName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 Digit = Annotated[str, Field(pattern=r"^[0-9*#]$")]
 Seconds = Annotated[float, Field(gt=0, le=120)]
 Retries = Annotated[int, Field(ge=0, le=9)]
-
-ConsultCategory = Literal[
-    "emergency", "diagnosis", "medication", "adverse_reaction", "vaccination", "appointment", "general"
-]
-CONSULT_CATEGORIES: tuple[ConsultCategory, ...] = get_args(ConsultCategory)
-# What a ``route`` node hands to routing: a consult category, or ``triage`` (the nurse-triage tier of callers with
-# symptoms but no red flag; docs/triage.md). The classifier never returns ``triage``: it is a level, not a topic.
-RouteCategory = Literal[
-    "emergency", "diagnosis", "medication", "adverse_reaction", "vaccination", "appointment", "general", "triage"
-]
-ROUTE_CATEGORIES: tuple[RouteCategory, ...] = get_args(RouteCategory)
 
 
 def _check_regex(pattern: str, key: str) -> None:
@@ -342,7 +334,7 @@ class ConsentNode(_Node):
 
 
 class _PortNode(_Node):
-    """A node whose work is done by the outreach port (``ivr.ports.OutreachPort``). It has no prompt of its own:
+    """A node whose work is done by the outreach port (``telephony.ports.OutreachPort``). It has no prompt of its own:
     an announcement goes into a play node before it, so what the caller hears is always in one obvious place."""
 
     barge_in: bool = False
@@ -713,7 +705,6 @@ class Hours(_Strict):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
         try:
             ZoneInfo(value)

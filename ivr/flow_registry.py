@@ -14,22 +14,11 @@ from types import MappingProxyType
 
 import structlog
 
+from ground.files import directory_fingerprint
 from ivr.flow_graph import check_subflows
 from ivr.flow_loader import FlowProblem, LoadedFlow, load_flow_text, load_flows_lenient
 
 log = structlog.get_logger(__name__)
-
-
-def directory_fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
-    """Name, mtime and size of every ``*.yaml`` file: cheap to take, changes with any edit or replacement."""
-    entries = []
-    for path in sorted(directory.glob("*.yaml")):
-        try:
-            stat = path.stat()
-        except OSError:
-            continue
-        entries.append((path.name, stat.st_mtime_ns, stat.st_size))
-    return tuple(entries)
 
 
 @dataclass

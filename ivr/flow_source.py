@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ground.yaml_source import PathKey, SourceMap, SourceProblem, dotted
 from ivr.flow_model import Flow
-from ivr.yaml_source import PathKey, SourceMap, SourceProblem, dotted
 
 # A flow file's problems are the shared source problems; the name stays for readers of the flow code.
 FlowProblem = SourceProblem

@@ -21,11 +21,11 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, assert_never
 
 import structlog
 
-from ivr.channel import CallChannel, CallerHungUp, ChannelError, ConnectionLost, tell_unavailable_and_hang_up
+from ground.errors import MedhotlineError
 from ivr.conditions import evaluate
 from ivr.flow_loader import LoadedFlow
 from ivr.flow_model import (
@@ -39,6 +39,7 @@ from ivr.flow_model import (
     LookupPatientNode,
     MedicationConfirmNode,
     MenuNode,
+    Node,
     PlayNode,
     Prompt,
     ReportAdverseReactionNode,
@@ -53,7 +54,8 @@ from ivr.flow_model import (
     VaccinationCancelNode,
     VerifyIdentityNode,
 )
-from ivr.ports import (
+from telephony.channel import CallChannel, CallerHungUp, ChannelError, ConnectionLost, tell_unavailable_and_hang_up
+from telephony.ports import (
     BookingResult,
     CallRecorder,
     ConsentExchange,
@@ -69,7 +71,6 @@ from ivr.ports import (
     RecognitionUnavailable,
     Recognizer,
 )
-from medhotline.errors import MedhotlineError
 
 log = structlog.get_logger(__name__)
 
@@ -274,75 +275,75 @@ class FlowRunner:
         return await channel.play(sound, barge_in=barge_in)
 
     async def _step(
-        self, flow: Flow, node_id: str, node: object, channel: CallChannel
+        self, flow: Flow, node_id: str, node: Node, channel: CallChannel
     ) -> tuple[str | None, str | None, str | None]:
-        """Run one node; returns (edge label, recorded input, next node). Terminal nodes raise _Done."""
-        if isinstance(node, PlayNode):
-            pressed = await self._say(channel, node.prompt, node.barge_in)
-            # The key skipped this announcement and is kept for the next question.
-            self._typeahead = pressed
-            return "next", pressed and "skipped", node.next
-        if isinstance(node, SetNode):
-            self.variables.update(node.vars)
-            return "next", None, node.next
-        if isinstance(node, BranchNode):
-            for index, case in enumerate(node.cases):
-                if evaluate(case.when, self.variables, flow.hours, self.now()):
-                    return f"case {index + 1}", None, case.next
-            return "default", None, node.default
-        if isinstance(node, LookupPatientNode):
-            await self._say(channel, node.prompt, node.barge_in)
-            match = await self.directory.lookup_caller(channel)
-            if match is None:
-                return "not found", None, node.not_found
-            self.variables["patient_ref"] = match.patient_ref
-            return "found", None, node.found
-        if isinstance(node, SubflowNode):
-            await self._say(channel, node.prompt, node.barge_in)
-            return "subflow", node.flow, None
-        if isinstance(node, ReturnNode):
-            await self._say(channel, node.prompt, node.barge_in)
-            return "return", None, None
-        if isinstance(node, MenuNode):
-            return await self._menu(node, channel)
-        if isinstance(node, CollectNode):
-            return await self._collect(node, channel)
-        if isinstance(node, ConfirmNode):
-            return await self._confirm(node, channel)
-        if isinstance(node, ListenNode):
-            return await self._listen(node, channel)
-        if isinstance(node, ConsentNode):
-            return await self._consent(flow.flow, node_id, node, channel)
-        if isinstance(
-            node,
-            VerifyIdentityNode
-            | SaveReadingsNode
-            | MedicationConfirmNode
-            | VaccinationBookNode
-            | VaccinationCancelNode
-            | ReportAdverseReactionNode,
-        ):
-            return await self._outreach_step(f"flow {flow.flow!r} node {node_id!r}", node, channel)
-        await self._terminal(flow.flow, node_id, node, channel)
-        raise AssertionError("unreachable")
+        """Run one node; returns (edge label, recorded input, next node). Terminal nodes raise _Done.
 
-    async def _terminal(self, flow_name: str, node_id: str, node: object, channel: CallChannel) -> None:
-        if isinstance(node, HangupNode):
-            await self._say(channel, node.prompt, False)
-            await self.on_step(Step(flow_name, node_id, "hangup"))
-            await channel.hangup()
-            raise _Done(self._result("completed"))
-        if isinstance(node, RouteNode):
-            await self._say(channel, node.prompt, False)
-            decision = RouteDecision(node.category, node.effective_priority, node_id)
-            await self.on_step(Step(flow_name, node_id, "route", node.category, decision.priority))
-            raise _Done(self._result("routed", route=decision, answered=self._answered))
-        if isinstance(node, TransferNode):
-            await self._say(channel, node.prompt, False)
-            await self.on_step(Step(flow_name, node_id, "transfer", node.trunk or "internal", node.to))
-            await channel.transfer(node.to, node.trunk)
-            raise _Done(self._result("transferred", transfer_to=node.to))
-        raise ChannelError(f"node {node_id}: unsupported node type {type(node).__name__}")
+        One case per member of the typed node union; ``assert_never`` makes mypy name a node type added to
+        the union without a case here."""
+        match node:
+            case PlayNode():
+                pressed = await self._say(channel, node.prompt, node.barge_in)
+                # The key skipped this announcement and is kept for the next question.
+                self._typeahead = pressed
+                return "next", pressed and "skipped", node.next
+            case SetNode():
+                self.variables.update(node.vars)
+                return "next", None, node.next
+            case BranchNode():
+                for index, case in enumerate(node.cases):
+                    if evaluate(case.when, self.variables, flow.hours, self.now()):
+                        return f"case {index + 1}", None, case.next
+                return "default", None, node.default
+            case LookupPatientNode():
+                await self._say(channel, node.prompt, node.barge_in)
+                match = await self.directory.lookup_caller(channel)
+                if match is None:
+                    return "not found", None, node.not_found
+                self.variables["patient_ref"] = match.patient_ref
+                return "found", None, node.found
+            case SubflowNode():
+                await self._say(channel, node.prompt, node.barge_in)
+                return "subflow", node.flow, None
+            case ReturnNode():
+                await self._say(channel, node.prompt, node.barge_in)
+                return "return", None, None
+            case MenuNode():
+                return await self._menu(node, channel)
+            case CollectNode():
+                return await self._collect(node, channel)
+            case ConfirmNode():
+                return await self._confirm(node, channel)
+            case ListenNode():
+                return await self._listen(node, channel)
+            case ConsentNode():
+                return await self._consent(flow.flow, node_id, node, channel)
+            case (
+                VerifyIdentityNode()
+                | SaveReadingsNode()
+                | MedicationConfirmNode()
+                | VaccinationBookNode()
+                | VaccinationCancelNode()
+                | ReportAdverseReactionNode()
+            ):
+                return await self._outreach_step(f"flow {flow.flow!r} node {node_id!r}", node, channel)
+            case HangupNode():
+                await self._say(channel, node.prompt, False)
+                await self.on_step(Step(flow.flow, node_id, "hangup"))
+                await channel.hangup()
+                raise _Done(self._result("completed"))
+            case RouteNode():
+                await self._say(channel, node.prompt, False)
+                decision = RouteDecision(node.category, node.effective_priority, node_id)
+                await self.on_step(Step(flow.flow, node_id, "route", node.category, decision.priority))
+                raise _Done(self._result("routed", route=decision, answered=self._answered))
+            case TransferNode():
+                await self._say(channel, node.prompt, False)
+                await self.on_step(Step(flow.flow, node_id, "transfer", node.trunk or "internal", node.to))
+                await channel.transfer(node.to, node.trunk)
+                raise _Done(self._result("transferred", transfer_to=node.to))
+            case _:
+                assert_never(node)
 
     # -- waiting nodes ------------------------------------------------------------------------------
 
@@ -615,39 +616,43 @@ class FlowRunner:
         port = self.outreach
         if port is None:
             raise OutreachUnavailable(f"{where}: no outreach port configured, so this node can't do its work")
-        if isinstance(node, VerifyIdentityNode):
-            verified = await self._ask_port(
-                where, "the identity check", port.verify_identity(self._values(where, node.vars))
-            )
-            # Only a plain True lets the caller through: a port answering anything else has not verified anyone.
-            if verified is True:
-                return "verified", None, node.next.verified
-            return "not_verified", None, node.next.not_verified
-        if isinstance(node, SaveReadingsNode):
-            values = self._values(where, node.vars)
-            for name, value in list(values.items()):
-                values[name] = value.replace("*", ".")  # the keypad has no decimal point: `*` stands for it
-                if not _DECIMAL.fullmatch(values[name]):
-                    # The collect node's pattern let something through that is no number (the value stays out).
-                    raise OutreachUnavailable(f"{where}: variable {name!r} is not a number")
-            verdict = await self._ask_port(where, "saving the readings", port.save_readings(values))
-            if not isinstance(verdict, ReadingsVerdict):
-                raise OutreachUnavailable(f"{where}: saving the readings gave no verdict")
-            # Anything but a plain "not abnormal" is treated as abnormal: the caller hears the recall suggestion.
-            if verdict.abnormal is False:
-                return "normal", None, node.next.normal
-            return "abnormal", None, node.next.abnormal
-        if isinstance(node, MedicationConfirmNode):
-            return await self._medication(where, node, port, channel)
-        if isinstance(node, VaccinationBookNode):
-            return await self._book(where, node, port, channel)
-        if isinstance(node, VaccinationCancelNode):
-            cancelled = await self._ask_port(where, "the cancellation", port.cancel_vaccination())
-            if cancelled is True:
-                return "cancelled", None, node.next.cancelled
-            return "none", None, node.next.none
-        await self._ask_port(where, "the adverse reaction report", port.report_adverse_reaction())
-        return "next", None, node.next
+        match node:
+            case VerifyIdentityNode():
+                verified = await self._ask_port(
+                    where, "the identity check", port.verify_identity(self._values(where, node.vars))
+                )
+                # Only a plain True lets the caller through: a port answering anything else has not verified anyone.
+                if verified is True:
+                    return "verified", None, node.next.verified
+                return "not_verified", None, node.next.not_verified
+            case SaveReadingsNode():
+                values = self._values(where, node.vars)
+                for name, value in list(values.items()):
+                    values[name] = value.replace("*", ".")  # the keypad has no decimal point: `*` stands for it
+                    if not _DECIMAL.fullmatch(values[name]):
+                        # The collect node's pattern let something through that is no number (the value stays out).
+                        raise OutreachUnavailable(f"{where}: variable {name!r} is not a number")
+                verdict = await self._ask_port(where, "saving the readings", port.save_readings(values))
+                if not isinstance(verdict, ReadingsVerdict):
+                    raise OutreachUnavailable(f"{where}: saving the readings gave no verdict")
+                # Anything but a plain "not abnormal" is treated as abnormal: the caller hears the recall suggestion.
+                if verdict.abnormal is False:
+                    return "normal", None, node.next.normal
+                return "abnormal", None, node.next.abnormal
+            case MedicationConfirmNode():
+                return await self._medication(where, node, port, channel)
+            case VaccinationBookNode():
+                return await self._book(where, node, port, channel)
+            case VaccinationCancelNode():
+                cancelled = await self._ask_port(where, "the cancellation", port.cancel_vaccination())
+                if cancelled is True:
+                    return "cancelled", None, node.next.cancelled
+                return "none", None, node.next.none
+            case ReportAdverseReactionNode():
+                await self._ask_port(where, "the adverse reaction report", port.report_adverse_reaction())
+                return "next", None, node.next
+            case _:
+                assert_never(node)
 
     async def _ask_port(self, where: str, what: str, call: Awaitable[T]) -> T:
         """Await a port call; any failure becomes OutreachUnavailable (outcome "error"), never a crashed call.

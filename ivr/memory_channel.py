@@ -35,9 +35,9 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ivr.channel import CallChannel, CallerHungUp, CallInfo, ChannelError, ConnectionLost, check_recording_name
-from ivr.ports import BookingOutcome, BookingResult, ConsentExchange, ReadingsVerdict
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
+from telephony.channel import CallChannel, CallerHungUp, CallInfo, ChannelError, ConnectionLost, check_recording_name
+from telephony.ports import BookingOutcome, BookingResult, ConsentExchange, ReadingsVerdict
 
 Operation = tuple[str, ...]
 

@@ -16,15 +16,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 SOUND_PREFIX = "medhotline"
 # Prompts the dialplan plays itself, with fixed names, when the service can't take the call.
 SYSTEM_PROMPTS = {
     "unavailable": "系统暂时无法接听您的来电，请稍后再拨。如遇危急情况，请立即拨打120急救电话。",
 }
-# What a caller hears when the service fails them (the queue, the IVR after a telephony failure).
-UNAVAILABLE_SOUND = f"{SOUND_PREFIX}/unavailable"
+# The "unavailable" prompt is also what a caller hears when the service fails them (the queue, the IVR after a
+# telephony failure); its sound name, telephony.channel.UNAVAILABLE_SOUND, is SOUND_PREFIX/unavailable.
 
 
 class PromptError(MedhotlineError):

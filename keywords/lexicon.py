@@ -50,9 +50,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
-from ivr.yaml_source import SourceMap, SourceProblem, parse_yaml
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
+from ground.yaml_source import SourceMap, SourceProblem, parse_yaml
+from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
 
 __all__ = [
     "CATEGORIES",

@@ -2,7 +2,7 @@
 
 Partial results go to the spotter as they arrive, so an emergency term ends the listening at once, while the
 caller is still talking; otherwise the first final result (Vosk's end-of-utterance) or the time limit decides.
-Implements ``ivr.ports.Recognizer``; calls whose transport carries no audio (FastAGI) are "not available",
+Implements ``telephony.ports.Recognizer``; calls whose transport carries no audio (FastAGI) are "not available",
 so their flow takes the key-menu fallback instead of waiting in silence.
 """
 
@@ -15,11 +15,11 @@ from typing import Protocol
 
 import structlog
 
-from ivr.channel import AudioSource, CallChannel, CallerHungUp, ChannelError, ConnectionLost
-from ivr.ports import Recognition, RecognitionUnavailable
 from keywords.registry import LexiconRegistry
-from keywords.rtp import RtpError
 from keywords.speech import SpeechEvent, SpeechStreamError
+from telephony.channel import AudioSource, CallChannel, CallerHungUp, ChannelError, ConnectionLost
+from telephony.ports import Recognition, RecognitionUnavailable
+from telephony.rtp import RtpError
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from ivr.flow_registry import directory_fingerprint
+from ground.files import directory_fingerprint
 from keywords.classifier import Classifier
 from keywords.lexicon import DEFAULT_LEXICON_DIR, LexiconProblem, scan_lexicon
 

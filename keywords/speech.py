@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 DEFAULT_SAMPLE_RATE = 8000
 DEFAULT_MAX_SECONDS = 20.0
@@ -98,6 +98,7 @@ def model_layout_problems(path: Path) -> list[str]:
 
 def _import_vosk() -> Any:
     try:
+        # Lazily: vosk loads a native library; only nodes with a speech model configured pay for it.
         import vosk
     except ImportError as exc:
         raise SpeechModelError(

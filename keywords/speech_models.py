@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
+from ground.errors import MedhotlineError
 from keywords.speech import model_layout_problems
-from medhotline.errors import MedhotlineError
 
 MODELS_URL = "https://alphacephei.com/vosk/models/"
 CHUNK_BYTES = 1 << 20

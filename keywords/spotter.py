@@ -113,11 +113,11 @@ class Classification:
         return self.counted
 
     def as_recognition_fields(self) -> tuple[Category, bool, tuple[str, ...]]:
-        """(category, emergency, matched terms) for ``ivr.ports.Recognition``: canonical terms that decided."""
+        """(category, emergency, matched terms) for ``telephony.ports.Recognition``: canonical terms that decided."""
         return self.category, self.emergency, tuple(dict.fromkeys(m.canonical for m in self.deciding))
 
     def triage_fields(self) -> tuple[Level, float, str, bool]:
-        """(level, confidence, discriminator, confirm) for ``ivr.ports.Recognition``."""
+        """(level, confidence, discriminator, confirm) for ``telephony.ports.Recognition``."""
         return self.level, self.confidence, self.discriminator, self.confirm
 
     def as_json(self) -> dict[str, object]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 APT_DIR = Path("/etc/apt")
 

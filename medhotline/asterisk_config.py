@@ -12,8 +12,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from medhotline.config import Config
-from medhotline.errors import MedhotlineError
+from ground.config import Config
+from ground.errors import MedhotlineError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "asterisk-config"
 _PLACEHOLDER = re.compile(r"\{\{\s*([a-z_]+)\s*\}\}")

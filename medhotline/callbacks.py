@@ -31,10 +31,7 @@ import structlog
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.fields import FieldCipherError, normalise_phone
-from ivr.ari_channel import AriCallChannel, AriDispatcher
-from ivr.ari_client import AriClient, AriError
-from ivr.channel import CallerId, CallInfo, ChannelError
-from medhotline.config import Config
+from ground.config import Config
 from routing.ari_queue import CallbackOutcome
 from routing.callback_store import CallbackRecord, CallbackStore
 from routing.callbacks import CallbackPolicy, PendingCallback, due_callbacks, next_attempt
@@ -42,12 +39,15 @@ from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket
 from routing.model import CallPriority, CallRequest
 from scheduler.policy import failure_outcome
 from scheduler.tasks import TaskStore
+from telephony.ari_channel import AriCallChannel, AriDispatcher
+from telephony.ari_client import AriClient, AriError
+from telephony.channel import CallerId, CallInfo, ChannelError
 
 if TYPE_CHECKING:
     from compliance.audit import AuditLog, JsonValue
     from compliance.data_keys import DataKeyRing
     from his.directory import PatientServices
-    from ivr.flow_model import RouteCategory
+    from telephony.consult import RouteCategory
 
 log = structlog.get_logger(__name__)
 

@@ -8,27 +8,52 @@ means a bug.
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from medhotline.config import Config, ConfigError, load_config
-from medhotline.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, MedhotlineError
-
-if TYPE_CHECKING:
-    from medhotline.db import CallRecord
+from compliance.audit import Ed25519Signer
+from compliance.audit_witness import HeadWitness
+from compliance.keyservice_server import run_keyservice
+from ground import db
+from ground.config import Config, ConfigError, load_config
+from ground.db import CallRecord
+from ground.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandError,
+    MedhotlineError,
+)
+from ground.logs import configure_logging
+from keywords.lexicon import DEFAULT_LEXICON_DIR
+from keywords.speech_models import fetch_command
+from medhotline import db_roles
+from medhotline import flows as flow_tools
+from medhotline.commands import access as access_commands
+from medhotline.commands import keys as key_commands
+from medhotline.commands import keywords as commands
+from medhotline.commands import outreach as scheduler_commands
+from medhotline.commands import patients as his_commands
+from medhotline.commands import recordings as recordings_commands
+from medhotline.commands import routing as routing_commands
+from medhotline.commands import surge as surge_commands
+from medhotline.commands import vaccination as vaccination_commands
+from medhotline.commands.audit import prove_command, verify_command
+from medhotline.demo import run_demo
+from medhotline.prompts import build_prompts
+from medhotline.sandbox import Sandbox
+from medhotline.service import run_service
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "CommandError", "main"]
 
 
-class CommandError(MedhotlineError):
-    """An expected failure of a command; its message is shown to the operator as is."""
-
-
 def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.sandbox import Sandbox
 
     sandbox = Sandbox(config)
     if args.action == "up":
@@ -55,7 +80,6 @@ def _cmd_asterisk(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_db(config: Config, args: argparse.Namespace) -> int:
-    from medhotline import db, db_roles
 
     if args.action in db_roles.ACTIONS:
         return db_roles.command(config, args)
@@ -71,7 +95,6 @@ def _cmd_db(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_prompts(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.prompts import build_prompts
 
     report = build_prompts(config)
     print(f"prompts: {report.rendered} rendered, {report.cached} cached, in {report.directory}")
@@ -79,13 +102,11 @@ def _cmd_prompts(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.service import run_service
 
     return run_service(config)
 
 
 def _cmd_demo(config: Config, args: argparse.Namespace) -> int:
-    from medhotline.demo import run_demo
 
     return run_demo(config, calls=args.calls, keep_running=args.keep_running, config_path=args.config)
 
@@ -130,7 +151,6 @@ def _show_call(call: CallRecord) -> None:
 
 
 def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
-    from medhotline import db
 
     db.ensure_current(config.database_url)
     repo = db.CallRepository(db.make_sessionmaker(config.database_url))
@@ -153,7 +173,6 @@ def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_flows(config: Config, args: argparse.Namespace) -> int:
-    from medhotline import flows as flow_tools
 
     if args.action == "check":
         paths = [Path(p) for p in args.paths] or [config.hotline.flows_dir]
@@ -171,8 +190,6 @@ def _cmd_flows(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_keywords(config: Config, args: argparse.Namespace) -> int:
-    from keywords import commands
-    from keywords.lexicon import DEFAULT_LEXICON_DIR
 
     if args.action == "classify":
         if args.paths:
@@ -184,16 +201,11 @@ def _cmd_keywords(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_models(config: Config, args: argparse.Namespace) -> int:
-    from keywords.speech_models import fetch_command
 
     return fetch_command(args.name, args.dest or config.service.state_dir / "models", args.sha256)
 
 
 def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
-    import os
-    import secrets
-
-    from compliance.keyservice_server import run_keyservice
 
     state = config.service.state_dir
     token_path = state / "keyservice.token"
@@ -207,9 +219,6 @@ def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
-    from compliance.audit import Ed25519Signer
-    from compliance.audit_commands import prove_command, verify_command
-    from compliance.audit_witness import HeadWitness
 
     public_key = args.public_key or config.audit_key_dir / Ed25519Signer.PUBLIC_FILE
     if args.action == "verify":
@@ -222,14 +231,6 @@ def _cmd_audit(config: Config, args: argparse.Namespace) -> int:
 
 def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Feature packages own their command groups (agents, credentials, patients, keys, accounts, break-glass)."""
-    from compliance import access_commands, key_commands
-    from his import commands as his_commands
-    from recordings import commands as recordings_commands
-    from routing import commands as routing_commands
-    from routing import surge_commands
-    from scheduler import commands as scheduler_commands
-    from scheduler import vaccination_commands
-
     for register in (
         recordings_commands.register,
         scheduler_commands.register,
@@ -329,7 +330,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medhotline: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from medhotline.logs import configure_logging
 
     configure_logging(config.service.log_level, config.service.log_file)
     func: Callable[[Config, argparse.Namespace], int] = args.func

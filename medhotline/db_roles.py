@@ -37,10 +37,11 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from medhotline import db
+from compliance.audit import AUDIT_METADATA
+from ground import db
 
 if TYPE_CHECKING:
-    from medhotline.config import Config
+    from ground.config import Config
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -232,7 +233,6 @@ class RoleReport:
 
 
 def _audit_tables() -> frozenset[str]:
-    from compliance.audit import AUDIT_METADATA
 
     return frozenset(AUDIT_METADATA.tables)
 

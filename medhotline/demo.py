@@ -10,15 +10,20 @@ unless ``--keep-running`` is given.
 from __future__ import annotations
 
 import socket
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from medhotline import db
-from medhotline.config import Config
+from compliance.accounts import AccountStore
+from ground import db
+from ground.config import Config
 from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.phones.agent import AgentPhone
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox
 from medhotline.service_process import KeyServiceProcess, ServiceProcess
+from recordings.records import CallRecordStore
+from recordings.store import RecordingStore
+from routing.store import AgentStore
 
 # A made-up caller number: the demo shows that it reaches neither the log nor the database.
 DEMO_CALLER = "13800000000"
@@ -45,10 +50,6 @@ DEMO_ADMIN = "demo-admin"
 
 def prepare_agents(config: Config, phones: dict[str, AgentPhone]) -> None:
     """The demo agents exist, hold a valid verified licence, and their phones are at this run's ports."""
-    from datetime import UTC, datetime, timedelta
-
-    from compliance.accounts import AccountStore
-    from routing.store import AgentStore
 
     now = datetime.now(UTC)
     sessions = db.make_sessionmaker(config.database_url)
@@ -131,9 +132,6 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
 
 def _summary(config: Config, observed: list[tuple[str, PhoneCall]], log_path: Path, keep_running: bool) -> int:
     """What the phones saw next to what the service recorded; 0 when every call went where it should."""
-    from recordings.records import CallRecordStore
-    from recordings.store import RecordingStore
-    from routing.store import AgentStore
 
     sessions = db.make_sessionmaker(config.database_url)
     recordings, records = RecordingStore(sessions), CallRecordStore(sessions)

@@ -15,10 +15,16 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from compliance.access_store import AccessControl
 from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore
-from ivr.ports import PatientDirectory
-from medhotline import db
-from medhotline.config import Config
+from compliance.audit_witness import HeadWitness
+from compliance.keyservice_protocol import KeyServiceError
+from ground import db
+from ground.config import Config
+from his import open_patient_directory
+from routing.store import AgentStore
+from routing.validity import validity_report
+from telephony.ports import PatientDirectory
 
 if TYPE_CHECKING:
     from his.directory import PatientServices
@@ -43,8 +49,6 @@ async def connect_patient_directory(
 
     Runs until cancelled; the connection is closed then.
     """
-    from compliance.keyservice_protocol import KeyServiceError
-    from his import open_patient_directory
 
     services = None
     try:
@@ -67,7 +71,6 @@ async def connect_patient_directory(
 async def sign_audit_heads(config: Config, interval: float = AUDIT_HEAD_INTERVAL) -> None:
     """Sign the audit log's tree head every ``interval`` and once more when stopped, so an auditor can check
     every entry against a signed head. Refusals (the log does not extend the last head) are loud errors."""
-    from compliance.audit_witness import HeadWitness
 
     signer = Ed25519Signer.load_or_create(config.audit_key_dir)
     # Remembered beside the key and published to the witness file, so a rollback can't pass `audit verify`.
@@ -97,8 +100,6 @@ async def check_credentials_daily(config: Config, interval: float = CREDENTIAL_C
     Routing never depends on this report: every decision checks validity itself. The report is for the people
     who renew licences before they lapse.
     """
-    from routing.store import AgentStore
-    from routing.validity import validity_report
 
     store = AgentStore(db.make_sessionmaker(config.database_url))
     while True:
@@ -116,7 +117,6 @@ async def check_credentials_daily(config: Config, interval: float = CREDENTIAL_C
 async def sweep_break_glass(config: Config, interval: float = BREAK_GLASS_SWEEP_INTERVAL) -> None:
     """Close and audit expired break-glass grants. Expired grants are refused at check time anyway; the sweep
     puts each end on record (and into the supervisors' review list) within ``interval``."""
-    from compliance.access_store import AccessControl
 
     engine = db.make_engine(config.database_url)
     access = AccessControl.for_engine(engine)

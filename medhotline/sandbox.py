@@ -24,10 +24,10 @@ from pathlib import Path
 
 import structlog
 
+from ground.config import Config
+from ground.errors import MedhotlineError
 from medhotline.apt_sources import MirrorNotFound, find_debian_mirror
 from medhotline.asterisk_config import AsteriskCredentials, render_all, template_values
-from medhotline.config import Config
-from medhotline.errors import MedhotlineError
 
 log = structlog.get_logger(__name__)
 

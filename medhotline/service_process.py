@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from medhotline.config import CONFIG_ENV, Config
-from medhotline.errors import MedhotlineError
+from ground.config import CONFIG_ENV, Config
+from ground.errors import MedhotlineError
 from medhotline.sandbox import Sandbox
 
 

@@ -5,7 +5,7 @@ Two ways a call is recorded, both writing ``<name>.wav`` into Asterisk's recordi
 - the conversation: when caller and agent are joined, the mixing bridge is recorded (``POST
   /bridges/{id}/record``), so both parties are in one file from the moment the agent joins;
 - a recorded flow step (``consent``) or, with ``recordings.record_ivr``, the IVR part: through the call
-  channel's own recording (ARI snoop channel, or MixMonitor over FastAGI), see ``ivr.channel``.
+  channel's own recording (ARI snoop channel, or MixMonitor over FastAGI), see ``telephony.channel``.
 
 Every recording is registered in the database *before* Asterisk is asked to start it, so a crash leaves a row
 to resume from. When it stops, the file is awaited (Asterisk closes it asynchronously), the row is marked
@@ -28,14 +28,14 @@ from typing import Any, Final
 
 import structlog
 
-from ivr.ari_client import AriClient, AriError, AriNotFound
-from ivr.channel import CallChannel, ChannelError
-from ivr.ports import ConsentExchange
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 from recordings.ingest import Ingestor
 from recordings.records import RecordSealer
 from recordings.signed import format_time
 from recordings.store import RecordingRow, RecordingStore
+from telephony.ari_client import AriClient, AriError, AriNotFound
+from telephony.channel import CallChannel, ChannelError
+from telephony.ports import ConsentExchange
 
 log = structlog.get_logger(__name__)
 

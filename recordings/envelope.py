@@ -65,7 +65,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 RECORDING_MAGIC: Final = b"MHREC"
 EXPORT_MAGIC: Final = b"MHEXP"

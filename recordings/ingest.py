@@ -37,7 +37,7 @@ import structlog
 
 from compliance.audit import AuditLog, JsonValue
 from compliance.keyservice_client import GeneratedDataKey, wipe
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 from recordings.envelope import EnvelopeError, SealedFile, open_sealed, seal_file, sha256_file
 from recordings.retention import RetentionPolicy, retention_class
 from recordings.store import RecordingRow, RecordingStore

@@ -26,12 +26,13 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.audit import AuditLog, JsonValue
-from compliance.data_keys import DataKeyRing
+from compliance.data_keys import DataKeyRing, DataKeyStore, KeyServicePort
 from compliance.keyservice_client import TrustAnchors
-from medhotline.canonical import canonical_json
-from medhotline.config import Config
-from medhotline.db import CallRepository, DatabaseError, Repository
-from medhotline.errors import MedhotlineError
+from compliance.timestamps import HttpTimestampClient, TimestampError, make_request, token_from_response, verify_token
+from ground.canonical import canonical_json
+from ground.config import Config
+from ground.db import CallRepository, DatabaseError, Repository
+from ground.errors import MedhotlineError
 from recordings.envelope import sha256_file
 from recordings.signed import (
     SIGNING_PURPOSE,
@@ -47,7 +48,6 @@ from recordings.signed import (
 )
 from recordings.store import RecordingRow
 from recordings.tables import CallNote, Recording, SignedCallRecord
-from recordings.timestamps import TimestampError, make_request, token_from_response, verify_token
 
 log = structlog.get_logger(__name__)
 
@@ -475,12 +475,9 @@ def open_sealer(
 ) -> RecordSealer:
     """The sealer the configuration asks for: the key service signs; the local authority inside it timestamps,
     or the external TSA at ``recordings.tsa_url``."""
-    from compliance.data_keys import DataKeyStore, KeyServicePort
 
     timestamper: Timestamper
     if config.recordings.tsa_url:
-        from recordings.timestamps import HttpTimestampClient
-
         timestamper = HttpTimestampClient(config.recordings.tsa_url)
     else:
         timestamper = KeyServiceTimestamper(keys)

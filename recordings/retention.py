@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from datetime import MAXYEAR, datetime
 from typing import Final, Literal
 
-from medhotline.config import RETENTION_FLOOR_YEARS, RetentionYears
-from medhotline.errors import MedhotlineError
+from ground.config import RETENTION_FLOOR_YEARS, RetentionYears
+from ground.errors import MedhotlineError
 
 RetentionClass = Literal["outpatient", "emergency", "inpatient"]
 RETENTION_CLASSES: Final[tuple[RetentionClass, ...]] = ("outpatient", "emergency", "inpatient")

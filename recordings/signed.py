@@ -30,9 +30,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from compliance.keystore import signed_message
-from medhotline.canonical import canonical_json
-from medhotline.errors import MedhotlineError
-from recordings.timestamps import TimestampError, verify_token
+from compliance.timestamps import TimestampError, verify_token
+from ground.canonical import canonical_json
+from ground.errors import MedhotlineError
 
 HEADER_FORMAT: Final = 1
 SIGNING_PURPOSE: Final = "call_records"

@@ -15,8 +15,8 @@ from datetime import datetime
 
 from sqlalchemy import func, or_, select, update
 
-from medhotline.db import Repository
-from medhotline.errors import MedhotlineError
+from ground.db import Repository
+from ground.errors import MedhotlineError
 from recordings.envelope import SealedFile
 from recordings.tables import RECORDING_KINDS, Recording
 

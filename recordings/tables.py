@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from medhotline.models import Base, UTCDateTime
+from ground.models import Base, UTCDateTime
 
 RecordingState = Literal["capturing", "finished", "stored", "purged", "missing"]
 RECORDING_STATES: Final[tuple[RecordingState, ...]] = ("capturing", "finished", "stored", "purged", "missing")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from routing.callbacks import callback_texts
+
 MAX_SPOKEN_POSITION: Final = 20
 # Every waiting caller is reminded that an emergency jumps the queue (the key is routing.emergency_key).
 EMERGENCY_HINT: Final = "如病情紧急，请按0。"
@@ -30,7 +32,6 @@ def position_text(position: int) -> str:
 def announcement_texts(callback_key: str = "") -> list[str]:
     """Every text the queue may play, so prompts can be rendered ahead of time; with ``callback_key``
     (``routing.callback_key``) the callback offer and its answers too."""
-    from routing.callbacks import callback_texts
 
     positions = [position_text(p) for p in range(1, MAX_SPOKEN_POSITION + 3)]
     return list(dict.fromkeys([*positions, ESCALATING, RECLASSIFIED, *callback_texts(callback_key)]))

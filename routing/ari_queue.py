@@ -29,15 +29,15 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
-from ivr.ari_channel import AriCallChannel, AriDispatcher
-from ivr.ari_client import AriClient, AriError, AriNotFound, AriUnavailable
-from ivr.channel import CallerHungUp, CallerId, CallInfo, ChannelError, tell_unavailable_and_hang_up
-from ivr.flow_model import RouteCategory
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.callbacks import CALLBACK_ACCEPTED, CALLBACK_DUPLICATE, CALLBACK_UNAVAILABLE, CallbackPolicy, offer_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
 from routing.upgrade import UpgradeKeys
+from telephony.ari_channel import AriCallChannel, AriDispatcher
+from telephony.ari_client import AriClient, AriError, AriNotFound, AriUnavailable
+from telephony.channel import CallerHungUp, CallerId, CallInfo, ChannelError, tell_unavailable_and_hang_up
+from telephony.consult import RouteCategory
 
 log = structlog.get_logger(__name__)
 

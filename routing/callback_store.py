@@ -15,7 +15,7 @@ from typing import Final
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from medhotline.db import DatabaseError, Repository
+from ground.db import DatabaseError, Repository
 from routing.callback_tables import OPEN_STATES, CallbackRow, HotlineModeRow
 
 __all__ = ["CallbackError", "CallbackRecord", "CallbackStore", "ModeRecord", "ModeStore", "SwitchConflict"]

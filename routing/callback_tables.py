@@ -20,7 +20,7 @@ from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 import compliance.data_keys  # noqa: F401  (data_keys on Base.metadata for the foreign key)
-from medhotline.models import Base, UTCDateTime
+from ground.models import Base, UTCDateTime
 
 __all__ = ["CALLBACK_STATES", "OPEN_STATES", "CallbackRow", "CallbackState", "HotlineModeRow"]
 

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
+from routing.callbacks import estimated_wait
 from routing.model import Agent, CallRequest
 from routing.router import VOLUNTEER_KIND, Assignment, Dispatcher, RoutingError
 from routing.rules import EscalationRule, RoutingRules
@@ -197,7 +198,6 @@ class RoutingEngine:
         The estimate counts the agents who may take its category and are logged in (see
         ``routing.callbacks.estimated_wait``); None for the seconds when nobody could take it now.
         """
-        from routing.callbacks import estimated_wait
 
         at = self._clock()
         position = self.dispatcher.position(call_id, at)

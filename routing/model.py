@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from ivr.flow_model import RouteCategory
+from telephony.consult import RouteCategory
 
 CallPriority = Literal["emergency", "normal"]
 CredentialStatus = Literal["active", "revoked"]

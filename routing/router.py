@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from ivr.flow_model import RouteCategory
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 from routing.model import Agent, CallPriority, CallRequest
 from routing.rules import EscalationRule, RoutingRules
+from telephony.consult import RouteCategory
 
 # The overflow agents' credential kind (``routing.surge``); spelled here so the core needs no surge import.
 VOLUNTEER_KIND = "surge_volunteer"

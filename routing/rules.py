@@ -28,8 +28,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ivr.flow_model import ROUTE_CATEGORIES, RouteCategory
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
+from telephony.consult import ROUTE_CATEGORIES, RouteCategory
 
 __all__ = [
     "DEFAULT_RULES",

@@ -9,7 +9,7 @@ row wins; the others get False and pick again. On PostgreSQL under READ COMMITTE
 UPDATE that waited for a row lock re-checks its WHERE against the row as committed; on SQLite the database write
 lock serialises the writers.
 
-Every public method is one short transaction (``medhotline.db.Repository``). Bad input raises
+Every public method is one short transaction (``ground.db.Repository``). Bad input raises
 :class:`AgentError` naming the agent, credential or field and why, before anything is written.
 """
 
@@ -27,8 +27,8 @@ from sqlalchemy import CursorResult, Update, bindparam, exists, false, func, ins
 from sqlalchemy.orm import Session
 
 from compliance.accounts import Account, new_account_row
-from medhotline.db import DatabaseError, Repository
-from medhotline.models import UTCDateTime
+from ground.db import DatabaseError, Repository
+from ground.models import UTCDateTime
 from routing.model import Agent, Credential, CredentialStatus
 from routing.tables import RING_OUTCOMES, AgentRing, AgentRow, AgentSkill, CredentialRow, RingOutcome
 

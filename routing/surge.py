@@ -31,9 +31,10 @@ from typing import Annotated, Any, Final, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ivr.flow_model import CONSULT_CATEGORIES, ConsultCategory
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
+from routing.callbacks import spoken_key
 from routing.model import Agent, CallRequest
+from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
 
 __all__ = [
     "NEVER_VOLUNTEER",
@@ -190,7 +191,6 @@ def entry_flow_yaml(profile: SurgeProfile) -> str:
 
 def overflow_callback_text(key: str) -> str:
     """The overflow's callback offer (the caller keeps the place they would have had in the full queue)."""
-    from routing.callbacks import spoken_key
 
     return f"如需挂机后由我们按顺序回电，请按{spoken_key(key)}；否则请稍后再拨，如情况危急请直接拨打120。"
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 # The accounts table must be on Base.metadata for the foreign keys below to resolve.
 import compliance.accounts  # noqa: F401
-from medhotline.models import Base, UTCDateTime
+from ground.models import Base, UTCDateTime
 
 __all__ = ["RING_OUTCOMES", "AgentRing", "AgentRow", "AgentSkill", "CredentialRow", "RingOutcome"]
 

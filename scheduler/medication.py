@@ -28,10 +28,10 @@ from typing import Final, Literal
 from sqlalchemy import select, update
 
 from compliance.data_keys import DataKeyRing
-from medhotline.db import Repository
-from medhotline.errors import MedhotlineError
-from medhotline.ids import is_uuid
-from medhotline.logs import get_logger
+from ground.db import Repository
+from ground.errors import MedhotlineError
+from ground.ids import is_uuid
+from ground.logs import get_logger
 from scheduler.policy import LOCAL_TZ
 from scheduler.tables import DATA_KEY_PURPOSE, MedicationConfirmation, MedicationReminder
 

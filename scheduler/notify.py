@@ -40,9 +40,9 @@ from sqlalchemy import func, select, update
 
 from compliance.data_keys import DataKeyRing
 from compliance.fields import FieldCipherError
-from medhotline.db import Repository
-from medhotline.errors import MedhotlineError
-from medhotline.logs import get_logger
+from ground.db import Repository
+from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from scheduler.tables import DATA_KEY_PURPOSE, OutboxMessage
 
 log = get_logger("medhotline.scheduler.notify")

@@ -1,5 +1,5 @@
 """Outreach in the running service: due plans become rounds of calls, the dialer places them over ARI, and each
-answered call runs its flow with an :class:`~ivr.ports.OutreachPort` that reaches the stores.
+answered call runs its flow with an :class:`~telephony.ports.OutreachPort` that reaches the stores.
 
 Only the leader (see :mod:`scheduler.leader`) fires jobs and dials. The dialer, every second: takes the due
 attempts, moves each into the allowed hours (plan window, quiet hours) or skips a number on the do-not-call
@@ -14,65 +14,50 @@ to the responsible physician.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from compliance.audit import AuditLog
-from ivr.ari_channel import AriCallChannel, AriDispatcher
-from ivr.ari_client import AriClient, AriError
-from ivr.channel import CallInfo, ChannelError
-from ivr.ports import BookingResult, OutreachUnavailable, ReadingsVerdict
-from medhotline.config import Config
-from medhotline.errors import MedhotlineError
-from scheduler.policy import DialPolicy, Window, failure_outcome
+from ground.config import Config
+from scheduler.call_actions import CallActions
+from scheduler.dialer import CHANNEL_PREFIX, DIAL_EVERY, FLOW_OF_KIND, OUTBOUND_ARG, CallContext, Dialer, RunCall, Speak
+from scheduler.medication import next_due
+from scheduler.notifications import Notifications
+from scheduler.outreach_core import SYSTEM_ACTOR, SYSTEM_ROLE, OutreachCore
+from scheduler.policy import DialPolicy
+from scheduler.ports import OutreachPatients
 from scheduler.rounds import open_followup_round
-from scheduler.store import AttemptRecord, AttemptStore, PlanRecord, PlanStore
-from scheduler.tables import DATA_KEY_PURPOSE, DoNotCall, FollowupPlan, MedicationReminder, Reading
+from scheduler.runner import MEDICATION_GRACE
+from scheduler.store import AttemptStore, PlanRecord, PlanStore
+from scheduler.tables import MedicationReminder
 from scheduler.tasks import TaskStore
+from telephony.ari_channel import AriDispatcher
+from telephony.ari_client import AriClient
+from telephony.ports import BookingResult, OutreachUnavailable, ReadingsVerdict
 
-if TYPE_CHECKING:
-    from his.directory import PatientServices
+__all__ = [
+    "CHANNEL_PREFIX",
+    "DIAL_EVERY",
+    "FLOW_OF_KIND",
+    "OUTBOUND_ARG",
+    "SYSTEM_ACTOR",
+    "SYSTEM_ROLE",
+    "CallContext",
+    "CallOutreach",
+    "Outreach",
+    "RunCall",
+    "Speak",
+]
 
 log = structlog.get_logger(__name__)
 
-OUTBOUND_ARG: Final = "outbound"
-CHANNEL_PREFIX: Final = "outreach-"
-DIAL_EVERY: Final = 1.0
-SYSTEM_ACTOR: Final = "scheduler"
-SYSTEM_ROLE: Final = "system"
-# Outcomes of an answered call after which the round is over (nothing to retry).
-_DONE: Final = frozenset({"completed", "identity_failed", "confirmed"})
-FLOW_OF_KIND: Final = {
-    "medication": "medication",
-    "vaccination_reminder": "vaccination",
-    "adverse_followup": "adverse_followup",
-}
-
-RunCall = Callable[[AriCallChannel, str, "CallOutreach"], Awaitable[tuple[str, str]]]
-Speak = Callable[[str], Awaitable[str]]
-
-
-@dataclass
-class CallContext:
-    attempt: AttemptRecord
-    plan: PlanRecord | None = None
-    reminder_id: str | None = None
-    medication_sound: str | None = None
-    outcome: str | None = None
-    confirmed_keys: str | None = None
-
 
 class CallOutreach:
-    """The :class:`~ivr.ports.OutreachPort` of one call (outbound: the attempt's patient; inbound: the caller the
+    """The :class:`~telephony.ports.OutreachPort` of one call (outbound: the attempt's patient; inbound: the caller the
     IVR identified, found through ``patient_of``)."""
 
     def __init__(
@@ -137,7 +122,9 @@ class CallOutreach:
 
 
 class Outreach:
-    """One per service node: the scheduler's hooks, the dialer and the stores (see the module docstring)."""
+    """One per service node: the scheduler's hooks here; the dialer (:class:`~scheduler.dialer.Dialer`), what the
+    nodes do (:class:`~scheduler.call_actions.CallActions`) and the SMS outbox
+    (:class:`~scheduler.notifications.Notifications`) are parts it is composed of, over one shared core."""
 
     def __init__(
         self,
@@ -151,35 +138,42 @@ class Outreach:
         policy: DialPolicy,
         clock: Callable[[], datetime] | None = None,
     ) -> None:
-        self._config = config
+        self.core = OutreachCore(
+            config,
+            sessions,
+            policy,
+            clock or (lambda: datetime.now(UTC)),
+            PlanStore(sessions),
+            AttemptStore(sessions),
+            TaskStore(sessions),
+        )
         self._sessions = sessions
-        self._ari = ari
-        self._dispatcher = dispatcher
-        self._run_call = run_call
-        self._speak = speak
+        self._clock = self.core.clock
         self.policy = policy
-        self._clock = clock or (lambda: datetime.now(UTC))
-        self.plans = PlanStore(sessions)
-        self.attempts = AttemptStore(sessions)
-        self.tasks = TaskStore(sessions)
-        self._patients: PatientServices | None = None
-        self._calls: set[asyncio.Task[None]] = set()
-        self._node = config.service.node_name
-        self._warned_no_gateway = False
+        self.plans = self.core.plans
+        self.attempts = self.core.attempts
+        self.tasks = self.core.tasks
+        self.actions = CallActions(self.core, speak=speak)
+        self.notifications = Notifications(self.core)
+        self.dialer = Dialer(
+            self.core,
+            ari,
+            dispatcher,
+            run_call=run_call,
+            speak=speak,
+            make_port=lambda attempt, context: CallOutreach(
+                self, patient_of=lambda: attempt.patient_id, context=context
+            ),
+        )
 
-    def patients_ready(self, services: PatientServices) -> None:
-        self._patients = services
+    def patients_ready(self, services: OutreachPatients) -> None:
+        self.core.patients = services
 
-    def _services(self) -> PatientServices:
-        if self._patients is None:
-            raise OutreachUnavailable("the patient registry is not connected yet (key service)")
-        return self._patients
-
-    def _audit(self) -> AuditLog:
-        return self._services().audit
+    def _services(self) -> OutreachPatients:
+        return self.actions._services()
 
     async def patient_record(self, patient_id: str, reason: str) -> Any:
-        return await self._services().registry.get(patient_id, accessor=SYSTEM_ACTOR, role=SYSTEM_ROLE, reason=reason)
+        return await self.actions.patient_record(patient_id, reason)
 
     # --- the scheduler's hooks ---------------------------------------------------------------------------------
 
@@ -187,7 +181,6 @@ class Outreach:
         """What should have a job: active plans and call/SMS medication reminders at their next due time. A
         follow-up long overdue is due now (still worth calling); a medication reminder late beyond its grace is
         skipped to its next dose (see :mod:`scheduler.runner`)."""
-        from scheduler.runner import MEDICATION_GRACE
 
         now = self._clock()
         items: list[tuple[str, str, datetime]] = []
@@ -202,7 +195,6 @@ class Outreach:
         return items
 
     def _skip_reminder(self, reminder_id: str, now: datetime) -> None:
-        from scheduler.medication import next_due
 
         with self._sessions.begin() as session:
             row = session.get(MedicationReminder, reminder_id)
@@ -223,7 +215,6 @@ class Outreach:
         log.info("outreach.round_opened", kind="followup", plan_id=plan_id, opened=opened is not None)
 
     async def _fire_medication(self, reminder_id: str, now: datetime) -> None:
-        from scheduler.medication import next_due
 
         def advance() -> tuple[str, str, datetime] | None:
             with self._sessions.begin() as session:
@@ -252,220 +243,21 @@ class Outreach:
             )
 
     async def _medication_text(self, reminder_id: str) -> str:
-        from scheduler.medication import MedicationStore
+        return await self.notifications._medication_text(reminder_id)
 
-        medication, dose = await MedicationStore(self._sessions).text(self._services().ring, reminder_id)
-        return f"用药提醒：请按时服用{medication}，{dose}。"
+    # --- the parts' public API, kept here for callers ----------------------------------------------------------
 
     async def enqueue_sms(self, patient_id: str, kind: str, subject_id: str | None, text: str) -> str:
-        from scheduler.notify import Outbox
-
-        return await Outbox(self._sessions).enqueue(
-            self._services().ring, patient_id=patient_id, kind=kind, text=text, subject_id=subject_id, at=self._clock()
-        )
-
-    # --- the dialer ----------------------------------------------------------------------------------------------
+        return await self.notifications.enqueue_sms(patient_id, kind, subject_id, text)
 
     async def dialer_loop(self, leading: asyncio.Event) -> None:
-        await self._recover()
-        while True:
-            await leading.wait()
-            try:
-                await self.dial_due()
-            except Exception:
-                log.exception("outreach.dialer_failed")
-            await asyncio.sleep(DIAL_EVERY)
-
-    async def _recover(self) -> None:
-        """Attempts this node was on when it stopped: their end was never seen; count them as failed."""
-        for attempt in await asyncio.to_thread(self.attempts.stale_dialing, self._node):
-            await self._failed(attempt, "interrupted")
+        await self.dialer.dialer_loop(leading)
 
     async def dial_due(self) -> int:
-        now = self._clock()
-        placed = 0
-        trunk = self._config.outreach.trunk
-        for attempt in await asyncio.to_thread(self.attempts.due, now):
-            window = await asyncio.to_thread(self._window_of, attempt)
-            allowed = self.policy.next_allowed(now, window)
-            if allowed > now:
-                await asyncio.to_thread(self.attempts.defer, attempt.id, allowed)
-                continue
-            if not self.policy.has_capacity(await asyncio.to_thread(self.attempts.in_flight, trunk)):
-                break
-            if self._patients is None:
-                log.warning("outreach.waiting_for_registry")
-                break
-            record = await self.patient_record(attempt.patient_id, "placing an outreach call")
-            if await self._on_dnc(record.phone):
-                await asyncio.to_thread(
-                    self.attempts.finish, attempt.id, state="cancelled", outcome="do_not_call", at=now
-                )
-                log.info("outreach.do_not_call", attempt_id=attempt.id)
-                continue
-            channel_id = f"{CHANNEL_PREFIX}{attempt.id}"
-            if not await asyncio.to_thread(self.attempts.claim, attempt.id, self._node, trunk, channel_id, now):
-                continue
-            task = asyncio.ensure_future(self._call(attempt, record.phone, channel_id))
-            self._calls.add(task)
-            task.add_done_callback(self._calls.discard)
-            placed += 1
-        return placed
+        return await self.dialer.dial_due()
 
-    def _window_of(self, attempt: AttemptRecord) -> Window | None:
-        if attempt.kind != "followup":
-            return None
-        plan = self.plans.get(attempt.subject_id)
-        return Window.parse(plan.window)
-
-    async def _on_dnc(self, phone: str) -> bool:
-        index = await self._services().registry.phone_index(phone)
-
-        def listed() -> bool:
-            with self._sessions() as session:
-                return session.get(DoNotCall, index) is not None
-
-        return await asyncio.to_thread(listed)
-
-    async def _call(self, attempt: AttemptRecord, phone: str, channel_id: str) -> None:
-        oc = self._config.outreach
-        context = CallContext(attempt)
-        try:
-            await self._prepare(context)
-        except Exception:
-            log.exception("outreach.prepare_failed", attempt_id=attempt.id)
-            await self._failed(attempt, "failed")
-            return
-        leg = AriCallChannel(self._ari, CallInfo(channel_id, "outbound", "ari", "", ""))
-        self._dispatcher.register(leg)
-        try:
-            with structlog.contextvars.bound_contextvars(attempt_id=attempt.id, outreach=attempt.kind):
-                try:
-                    await self._ari.request(
-                        "POST",
-                        "/channels",
-                        {
-                            "endpoint": oc.dial_string.format(number=phone, trunk=oc.trunk),
-                            "app": self._ari.app,
-                            "appArgs": f"{OUTBOUND_ARG},{attempt.id}",
-                            "channelId": channel_id,
-                            "timeout": str(oc.ring_seconds),
-                            "callerId": f'"{oc.caller_id}" <{oc.caller_id}>',
-                        },
-                    )
-                except AriError as exc:
-                    log.warning("outreach.dial_failed", reason=str(exc))
-                    await self._failed(attempt, "unreachable")
-                    return
-                log.info("outreach.dialling")
-                cause = await self._await_answer(leg, oc.ring_seconds + 10)
-                if cause is not None:
-                    await self._failed(attempt, failure_outcome(cause))
-                    return
-                port = CallOutreach(self, patient_of=lambda: attempt.patient_id, context=context)
-                call_id, outcome = await self._run_call(leg, self._flow_of(context), port)
-                await asyncio.to_thread(self.attempts.answered, attempt.id, call_id)
-                await self._answered(context, outcome)
-        finally:
-            if not leg.gone:
-                with contextlib.suppress(ChannelError):
-                    await leg.hangup()
-            self._dispatcher.unregister(channel_id)
-
-    def _flow_of(self, context: CallContext) -> str:
-        if context.plan is not None:
-            return context.plan.flow
-        return FLOW_OF_KIND[context.attempt.kind]
-
-    async def _prepare(self, context: CallContext) -> None:
-        attempt = context.attempt
-        if attempt.kind == "followup":
-            context.plan = await asyncio.to_thread(self.plans.get, attempt.subject_id)
-        elif attempt.kind == "medication":
-            context.reminder_id = attempt.subject_id
-            medication, dose = await self._medication_parts(attempt.subject_id)
-            # Rendered now, for this call: a medication name is data, not a flow text built in advance.
-            context.medication_sound = await self._speak(f"{medication}，{dose}。")
-
-    async def _medication_parts(self, reminder_id: str) -> tuple[str, str]:
-        from scheduler.medication import MedicationStore
-
-        return await MedicationStore(self._sessions).text(self._services().ring, reminder_id)
-
-    async def _await_answer(self, leg: AriCallChannel, timeout: float) -> int | None:
-        """None when the patient answered (the channel entered Stasis); else the hang-up cause."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return 19
-            event = await leg.next_event(timeout=remaining)
-            if event is None:
-                continue
-            if event["type"] == "StasisStart":
-                return None
-            if leg.gone:
-                return int(event.get("cause") or 0)
-
-    async def _answered(self, context: CallContext, outcome: str) -> None:
-        attempt = context.attempt
-        now = self._clock()
-        result = context.outcome or ("completed" if outcome in ("completed", "routed") else outcome)
-        if attempt.kind == "medication" and result != "confirmed":
-            await asyncio.to_thread(
-                self.attempts.finish, attempt.id, state="failed", outcome=result or "not_confirmed", at=now
-            )
-            await self._retry_or_escalate(attempt, "medication_not_confirmed")
-            return
-        if result in _DONE or outcome == "completed":
-            await asyncio.to_thread(self.attempts.finish, attempt.id, state="completed", outcome=result, at=now)
-            return
-        # Answered but the call ended before its purpose (the patient hung up early): try again later.
-        await asyncio.to_thread(
-            self.attempts.finish, attempt.id, state="failed", outcome=result or "incomplete", at=now
-        )
-        await self._retry_or_escalate(attempt, "unreachable")
-
-    async def _failed(self, attempt: AttemptRecord, outcome: str) -> None:
-        now = self._clock()
-        await asyncio.to_thread(self.attempts.finish, attempt.id, state="failed", outcome=outcome, at=now)
-        log.info("outreach.not_answered", attempt=attempt.attempt, outcome=outcome)
-        await self._retry_or_escalate(
-            attempt, "medication_not_confirmed" if attempt.kind == "medication" else "unreachable"
-        )
-
-    async def _retry_or_escalate(self, attempt: AttemptRecord, task_kind: str) -> None:
-        now = self._clock()
-        window = await asyncio.to_thread(self._window_of, attempt)
-        retry = self.policy.retry_at(attempt.attempt, now, window)
-        if retry is not None:
-            await asyncio.to_thread(self.attempts.next_attempt, attempt, retry)
-            return
-        responsible = await asyncio.to_thread(self._responsible_of, attempt)
-        role = "physician" if task_kind == "medication_not_confirmed" and responsible else "nurse"
-        task = await asyncio.to_thread(
-            self.tasks.create,
-            task_kind,
-            attempt.patient_id,
-            role=role,
-            at=now,
-            assignee=responsible if role == "physician" else None,
-            subject_id=attempt.subject_id,
-        )
-        log.warning("outreach.escalated", task=task.kind, attempts=attempt.attempt)
-
-    def _responsible_of(self, attempt: AttemptRecord) -> str | None:
-        with self._sessions() as session:
-            if attempt.kind == "followup":
-                plan = session.get(FollowupPlan, attempt.subject_id)
-                return plan.responsible if plan else None
-            if attempt.kind == "medication":
-                reminder = session.get(MedicationReminder, attempt.subject_id)
-                return reminder.responsible if reminder else None
-        return None
-
-    # --- what the flows' nodes do ----------------------------------------------------------------------------
+    async def drain(self, timeout: float) -> None:
+        await self.dialer.drain(timeout)
 
     async def save_readings(
         self,
@@ -475,193 +267,26 @@ class Outreach:
         values: Mapping[str, str],
         call_id: str | None,
     ) -> bool:
-        ring = self._services().ring
-        key = await ring.current_key(DATA_KEY_PURPOSE)
-        now = self._clock()
-        thresholds = plan.thresholds if plan is not None else {}
-        abnormal_any = False
-        rows = []
-        async with ring.cipher([key]) as cipher:
-            for kind, raw in sorted(values.items()):
-                value = float(raw)
-                limit = thresholds.get(kind)
-                abnormal = limit is not None and limit.abnormal(value)
-                abnormal_any = abnormal_any or abnormal
-                reading_id = str(uuid.uuid4())
-                token = cipher.encrypt(
-                    json.dumps({"value": value, "abnormal": abnormal}),
-                    table="readings",
-                    column="value",
-                    row_id=reading_id,
-                )
-                rows.append(
-                    Reading(
-                        id=reading_id,
-                        patient_id=patient_id,
-                        plan_id=plan.id if plan else None,
-                        attempt_id=attempt_id,
-                        kind=kind,
-                        value_token=token,
-                        data_key_id=key.id,
-                        taken_at=now,
-                    )
-                )
-
-        def store() -> None:
-            with self._sessions.begin() as session:
-                session.add_all(rows)
-
-        await asyncio.to_thread(store)
-        if abnormal_any:
-            await asyncio.to_thread(
-                self.tasks.create,
-                "recall",
-                patient_id,
-                role="physician",
-                at=now,
-                assignee=plan.responsible if plan else None,
-                subject_id=plan.id if plan else None,
-                call_id=call_id,
-            )
-            log.warning("outreach.abnormal_reading", plan_id=plan.id if plan else None)
-        return abnormal_any
+        return await self.actions.save_readings(patient_id, plan, attempt_id, values, call_id)
 
     async def record_confirmation(self, reminder_id: str, attempt_id: str, confirmed: bool, keys: str) -> None:
-        from scheduler.medication import MedicationStore
-
-        await asyncio.to_thread(
-            MedicationStore(self._sessions).record_confirmation, reminder_id, attempt_id, confirmed, keys, self._clock()
-        )
+        await self.actions.record_confirmation(reminder_id, attempt_id, confirmed, keys)
 
     async def book_vaccination(self, patient_id: str | None, day: int, slot: str) -> BookingResult:
-        from scheduler.vaccination import SlotFull, VaccinationStore, audit_booking_change
-
-        if patient_id is None:
-            return BookingResult("not_identified")
-        local_day = (self._clock().astimezone(self.policy.tz) + timedelta(days=day)).date()
-        try:
-            booking = await asyncio.to_thread(
-                VaccinationStore(self._sessions).book_day_part, patient_id, None, local_day, slot, self._clock()
-            )
-        except SlotFull:
-            return BookingResult("full")
-        except MedhotlineError as exc:
-            log.warning("outreach.booking_failed", reason=type(exc).__name__)
-            return BookingResult("no_slot")
-        await asyncio.to_thread(
-            audit_booking_change,
-            self._audit(),
-            actor=SYSTEM_ACTOR,
-            role=SYSTEM_ROLE,
-            operation="book",
-            booking_id=booking.id,
-            slot_id=booking.slot_id,
-            reason="booked by the patient on the phone",
-        )
-        starts = booking.starts_at.astimezone(self.policy.tz)
-        sound = await self._speak(f"已为您预约{_spoken_date(starts.date())}{starts:%H}点{starts:%M}分。")
-        return BookingResult("booked", booking_id=booking.id, sound=sound)
+        return await self.actions.book_vaccination(patient_id, day, slot)
 
     async def cancel_vaccination(self, patient_id: str) -> bool:
-        from scheduler.vaccination import VaccinationStore
-
-        store = VaccinationStore(self._sessions)
-        from scheduler.vaccination import audit_booking_change
-
-        booking = await asyncio.to_thread(store.next_booking, patient_id, self._clock())
-        if booking is None:
-            return False
-        cancelled = await asyncio.to_thread(store.cancel, booking.id, self._clock(), "patient")
-        if cancelled:
-            await asyncio.to_thread(
-                audit_booking_change,
-                self._audit(),
-                actor=SYSTEM_ACTOR,
-                role=SYSTEM_ROLE,
-                operation="cancel",
-                booking_id=booking.id,
-                slot_id=booking.slot_id,
-                reason="cancelled by the patient on the phone",
-            )
-        return cancelled
+        return await self.actions.cancel_vaccination(patient_id)
 
     async def report_adverse_reaction(self, patient_id: str, call_id: str | None) -> None:
-        from scheduler.vaccination import VaccinationStore, report_adverse_reaction
-
-        store = VaccinationStore(self._sessions)
-        now = self._clock()
-        booking = await asyncio.to_thread(store.last_booking, patient_id, now)
-        await asyncio.to_thread(report_adverse_reaction, patient_id, booking.id if booking else None, now, self.tasks)
-        # A follow-up call by medical staff: the next day, in the allowed hours.
-        subject = booking.id if booking else str(uuid.uuid5(uuid.NAMESPACE_OID, patient_id))
-        await asyncio.to_thread(
-            self.attempts.open_round,
-            "adverse_followup",
-            subject,
-            patient_id,
-            now,
-            self.policy.next_allowed(now + timedelta(days=1)),
-        )
+        await self.actions.report_adverse_reaction(patient_id, call_id)
 
     def periodic_jobs(self) -> dict[str, tuple[float, Callable[[], Awaitable[None]]]]:
         """The leader's recurring jobs: deliver the notification outbox, send tomorrow's vaccination reminders."""
         return {"outbox": (30.0, self.deliver_outbox), "vaccination_reminders": (3600.0, self.vaccination_reminders)}
 
     async def deliver_outbox(self) -> None:
-        from scheduler.notify import Outbox, deliver_pending
-
-        gateway = self._gateway()
-        if gateway is None:
-            if not self._warned_no_gateway:
-                self._warned_no_gateway = True
-                log.warning(
-                    "outreach.no_sms_gateway", hint="set [outreach] sms_gateway_url; messages wait in the outbox"
-                )
-            return
-        if self._patients is None:
-            return
-
-        async def phone_of(patient_id: str) -> str:
-            record = await self.patient_record(patient_id, "sending a notification")
-            return str(record.phone)
-
-        await deliver_pending(Outbox(self._sessions), self._services().ring, gateway, phone_of, self._clock())
-
-    def _gateway(self) -> Any:
-        from scheduler.notify import HttpSmsGateway
-
-        oc = self._config.outreach
-        if not oc.sms_gateway_url:
-            return None
-        from compliance.keystore import read_token_file
-
-        assert oc.sms_token_file is not None  # guaranteed by config validation
-        token = read_token_file(oc.sms_token_file).decode("utf-8").strip()  # refuses a token others can read
-        return HttpSmsGateway(oc.sms_gateway_url, token)
+        await self.notifications.deliver_outbox()
 
     async def vaccination_reminders(self) -> None:
-        """Once a day in effect: every booking of tomorrow without a reminder gets one (idempotent per booking)."""
-        from scheduler.vaccination import VaccinationStore, send_day_before_reminders
-
-        if self._patients is None:
-            return
-        now = self._clock()
-        tomorrow = (now.astimezone(self.policy.tz) + timedelta(days=1)).date()
-
-        async def enqueue(*, patient_id: str, kind: str, text: str, subject_id: str | None) -> str:
-            return await self.enqueue_sms(patient_id, kind, subject_id, text)
-
-        sent = await send_day_before_reminders(VaccinationStore(self._sessions), enqueue, tomorrow, now)
-        if sent:
-            log.info("outreach.vaccination_reminders", count=sent)
-
-    async def drain(self, timeout: float) -> None:
-        if self._calls:
-            _, pending = await asyncio.wait(set(self._calls), timeout=timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-
-def _spoken_date(day: date) -> str:
-    return f"{day.month}月{day.day}日"
+        await self.notifications.vaccination_reminders()

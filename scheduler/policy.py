@@ -18,51 +18,15 @@ from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING, Final
 from zoneinfo import ZoneInfo
 
-from medhotline.errors import MedhotlineError
+from ground.daytime import PolicyError, Window, parse_hhmm
 
 if TYPE_CHECKING:
-    from medhotline.config import OutreachConfig
+    from ground.config import OutreachConfig
+
+__all__ = ["LOCAL_TZ", "DialPolicy", "PolicyError", "Window", "failure_outcome", "parse_hhmm"]
 
 LOCAL_TZ: Final = ZoneInfo("Asia/Shanghai")
 _SEARCH_DAYS: Final = 8
-
-
-class PolicyError(MedhotlineError):
-    pass
-
-
-def parse_hhmm(value: str, what: str = "time") -> time:
-    try:
-        hours, minutes = value.split(":")
-        return time(int(hours), int(minutes))
-    except (ValueError, TypeError):
-        raise PolicyError(f"{what} must be HH:MM (00:00-23:59), got {value!r}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """[start, end) local time of day; start > end wraps over midnight (quiet hours 21:00-08:00)."""
-
-    start: time
-    end: time
-
-    @classmethod
-    def parse(cls, text: str, what: str = "window") -> Window:
-        start, sep, end = text.partition("-")
-        if not sep:
-            raise PolicyError(f"{what} must be HH:MM-HH:MM, got {text!r}")
-        window = cls(parse_hhmm(start, what), parse_hhmm(end, what))
-        if window.start == window.end:
-            raise PolicyError(f"{what} {text!r} is empty")
-        return window
-
-    def contains(self, at: time) -> bool:
-        if self.start < self.end:
-            return self.start <= at < self.end
-        return at >= self.start or at < self.end
-
-    def __str__(self) -> str:
-        return f"{self.start:%H:%M}-{self.end:%H:%M}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,8 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from medhotline.db import DatabaseError, Repository
-from medhotline.errors import MedhotlineError
+from ground.db import DatabaseError, Repository
+from ground.errors import MedhotlineError
 from scheduler.tables import ATTEMPT_KINDS, FollowupPlan, OutreachAttempt
 
 _ROUNDS = uuid.UUID("7d0c5a52-3e8e-4c1b-9a57-6c0e3d1f0b11")  # namespace of round ids

@@ -15,7 +15,7 @@ from typing import Final, Literal
 from sqlalchemy import Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from medhotline.models import Base, UTCDateTime
+from ground.models import Base, UTCDateTime
 
 DATA_KEY_PURPOSE: Final = "outreach"
 

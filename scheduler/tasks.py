@@ -17,8 +17,8 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 
-from medhotline.db import Repository
-from medhotline.errors import MedhotlineError
+from ground.db import Repository
+from ground.errors import MedhotlineError
 from scheduler.tables import TASK_KINDS, ClinicalTask
 
 

@@ -46,8 +46,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from compliance.access import AccessError, check_department, check_patient_id
-from medhotline.db import Repository
-from medhotline.errors import MedhotlineError
+from ground.db import Repository
+from ground.errors import MedhotlineError
 from scheduler.policy import LOCAL_TZ
 from scheduler.vaccination_tables import Clinic, VaccinationBooking, VaccinationSlot, Vaccine
 

@@ -22,7 +22,7 @@ from typing import Final, Literal
 from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from medhotline.models import Base, UTCDateTime
+from ground.models import Base, UTCDateTime
 
 BookingState = Literal["booked", "cancelled", "past"]
 # ``past``: the appointment's time has gone by while the booking was active. The hotline does not know whether the

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from medhotline import db
-from medhotline.db import scratch_postgres_database
+from ground import db
+from ground.db import scratch_postgres_database
 
 POSTGRES_ENV = "MEDHOTLINE_TEST_POSTGRES_URL"
 

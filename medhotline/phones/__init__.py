@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medhotline.errors import MedhotlineError
+from ground.errors import MedhotlineError
 
 SCENARIO_DIR = Path(__file__).resolve().parent
 PATIENT_TEMPLATE = SCENARIO_DIR / "patient.xml.in"

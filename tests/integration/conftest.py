@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from ground import db
+from ground.config import Config, load_config
 from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, sound_name
-from medhotline import db
-from medhotline.config import Config, load_config
 from medhotline.phones import Action, PhoneCall, place_call
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox, SandboxError

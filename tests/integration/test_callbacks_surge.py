@@ -23,8 +23,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from compliance.accounts import AccountStore
-from medhotline import db
-from medhotline.config import Config
+from ground import db
+from ground.config import Config
 from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.phones.agent import AgentPhone
 from medhotline.phones.patient import PatientPhone, dtmf_play_ms

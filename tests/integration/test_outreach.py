@@ -26,9 +26,9 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
+from ground import db
 from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, render, sound_name
-from medhotline import db
 from medhotline.phones import Action, Press
 from medhotline.phones.patient import PatientPhone, dtmf_play_ms
 from medhotline.sandbox import Sandbox

@@ -22,9 +22,9 @@ import pytest
 
 from compliance.accounts import AccountStore
 from compliance.audit import SqlAuditStore
-from medhotline import db
+from ground import db
+from ground.config import Config
 from medhotline.cli import main as cli
-from medhotline.config import Config
 from medhotline.phones import Action, Press
 from medhotline.phones.agent import AgentPhone
 from medhotline.service import recording_spool

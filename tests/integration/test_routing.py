@@ -22,9 +22,9 @@ import pytest
 
 from compliance.accounts import AccountStore
 from compliance.audit import AuditLog, SqlAuditStore
-from medhotline import db
+from ground import db
+from ground.config import Config
 from medhotline.cli import main as cli
-from medhotline.config import Config
 from medhotline.phones import Action, PhoneCall, Press
 from medhotline.phones.agent import NEVER_MS, AgentPhone
 from routing.store import AgentStore

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from compliance.accounts import AccountStore
+from ground import db
+from ground.config import Config
 from ivr.flow_model import CONFIRM_QUESTION
-from medhotline import db
-from medhotline.config import Config
 from medhotline.phones import Press, Speak, speech_wav
 from medhotline.phones.agent import AgentPhone
 from routing.store import AgentStore

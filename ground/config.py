@@ -1,0 +1,512 @@
+"""One validated configuration object for the whole service.
+
+The configuration comes from one TOML file (``medhotline.toml``) plus environment overrides of the form
+``MEDHOTLINE__SECTION__KEY=value`` (double underscores separate the path, so
+``MEDHOTLINE__ASTERISK__SIP_PORT`` sets ``asterisk.sip_port``). Everything is validated once at start into
+frozen pydantic models; a wrong value stops the service with the file (or environment variable), the dotted
+key and the reason, never later in the middle of a call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ground.daytime import PolicyError, Window
+from ground.errors import MedhotlineError
+
+ENV_PREFIX = "MEDHOTLINE__"
+CONFIG_ENV = "MEDHOTLINE_CONFIG"
+DEFAULT_CONFIG_FILE = Path("medhotline.toml")
+
+
+class ConfigError(MedhotlineError):
+    """A configuration value is wrong; the message names where (file or variable), the key and why."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _port(default: int) -> Any:
+    return Field(default=default, ge=1, le=65535)
+
+
+def _empty_is_none(value: Any) -> Any:
+    # TOML and environment variables cannot spell "unset"; "" means it, instead of becoming Path(".").
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+class ServiceConfig(_Section):
+    node_name: str = Field(default="node1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    state_dir: Path = Path("/var/lib/medhotline")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Empty means standard error only; a path adds a JSON-lines file (the same redacted lines).
+    log_file: Path | None = None
+
+    _log_file_empty = field_validator("log_file", mode="before")(_empty_is_none)
+
+
+class DatabaseConfig(_Section):
+    # Empty means the embedded default: a SQLite file inside service.state_dir.
+    url: str = ""
+
+    @model_validator(mode="after")
+    def _known_backend(self) -> DatabaseConfig:
+        if self.url and not self.url.startswith(("sqlite", "postgresql")):
+            raise ValueError("url: only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        return self
+
+
+class SandboxConfig(_Section):
+    # The chroot is big (~500 MB) and slow to build, so it lives outside the checkout and is shared by every
+    # instance; each instance (demo, test session, second node) keeps its own config and state below it.
+    root: Path = Path("/var/cache/medhotline/asterisk-sid")
+    instance: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    suite: str = Field(default="sid", pattern=r"^[a-z0-9-]+$")
+    # Empty means: read the Debian mirror from the host's own apt sources.
+    mirror: str = ""
+    boot_timeout: float = Field(default=60.0, gt=0, le=600)
+
+
+# RTP ports one call may hold at once: three streams (patient leg, agent leg, external media), RTP + RTCP each.
+RTP_PORTS_PER_CALL = 6
+
+
+class AsteriskConfig(_Section):
+    mode: Literal["sandbox", "external"] = "sandbox"
+    host: str = "127.0.0.1"
+    sip_port: int = _port(5060)
+    # Each call holds up to three RTP streams (patient leg, agent leg, external media for speech), each an even
+    # RTP port and the odd RTCP port above it: RTP_PORTS_PER_CALL ports. 10000-20000 is Asterisk's own default
+    # and holds about 1600 calls.
+    rtp_start: int = _port(10000)
+    rtp_end: int = _port(20000)
+    # The concurrent calls this node is sized for: the RTP range must hold them, the ARI connection pool and
+    # Asterisk's HTTP session limit are sized from it.
+    max_calls: int = Field(default=500, ge=1, le=20000)
+    ari_port: int = _port(8088)
+    # Where the service reaches ARI when something sits in front of Asterisk's HTTP port (a TLS terminator, a
+    # proxy); empty: ari_port.
+    ari_connect_port: int | None = Field(default=None, ge=1, le=65535)
+    # Seconds a REST request may take, waiting for a free connection included, before it counts as unanswered.
+    ari_timeout: float = Field(default=5.0, gt=0, le=60)
+    ami_port: int = _port(5038)
+    ari_app: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
+    ari_username: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
+    # In sandbox mode the secrets are generated per instance when unset; external mode requires them.
+    ari_password: SecretStr | None = None
+    ami_username: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
+    ami_secret: SecretStr | None = None
+    # The address of the patients' side (SIP trunk or SIPp) that the sandbox accepts calls from.
+    patient_trunk_match: str = "127.0.0.1"
+    sandbox: SandboxConfig = SandboxConfig()
+
+    _connect_port_empty = field_validator("ari_connect_port", mode="before")(_empty_is_none)
+
+    @property
+    def ari_connections(self) -> int:
+        """The service's ARI connection pool: one request in flight per call, plus the node's own (queue,
+        recordings, dialer, agent endpoints)."""
+        return self.max_calls + 20
+
+    @property
+    def http_session_limit(self) -> int:
+        """Asterisk's HTTP ``sessionlimit``: the pool, the event WebSocket, and room for an operator's tools."""
+        return self.ari_connections + 20
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AsteriskConfig:
+        if self.rtp_start >= self.rtp_end:
+            raise ValueError(f"rtp_start ({self.rtp_start}) must be below rtp_end ({self.rtp_end})")
+        ports = self.rtp_end - self.rtp_start + 1
+        if ports < RTP_PORTS_PER_CALL * self.max_calls:
+            raise ValueError(
+                f"the RTP range {self.rtp_start}-{self.rtp_end} ({ports} ports) is too small for max_calls = "
+                f"{self.max_calls}: each call needs up to {RTP_PORTS_PER_CALL} ports (patient leg, agent leg and "
+                f"speech tap, RTP and RTCP each), so at least {RTP_PORTS_PER_CALL * self.max_calls}; widen the "
+                "range or lower max_calls"
+            )
+        if self.ari_port == self.ami_port:
+            raise ValueError(f"ari_port and ami_port are both {self.ari_port}")
+        if self.rtp_start <= self.sip_port <= self.rtp_end:
+            raise ValueError(f"sip_port {self.sip_port} lies inside the RTP range")
+        if self.mode == "external" and (self.ari_password is None or self.ami_secret is None):
+            raise ValueError("external mode needs ari_password and ami_secret")
+        return self
+
+
+class FastAgiConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = _port(4573)
+
+
+class KeyServiceConfig(_Section):
+    # Empty means a Unix socket inside service.state_dir; tcp_port is for a key service on another host.
+    socket: Path | None = None
+    tcp_port: int = _port(7443)
+    # The key-encryption keys: deliberately outside service.state_dir (which holds the database), so a copy of
+    # the business data directory never carries the keys that unlock it.
+    directory: Path = Path("/var/lib/medhotline-keys")
+
+    _socket_empty = field_validator("socket", mode="before")(_empty_is_none)
+
+
+class HotlineConfig(_Section):
+    number: str = Field(default="12320", pattern=r"^[0-9]{3,15}$")
+    # Which path the dialplan sends the hotline number to; both are always reachable through
+    # ``ari-<number>`` and ``agi-<number>`` so operators can migrate legacy dialplans one at a time.
+    entry: Literal["ari", "fastagi"] = "ari"
+    flows_dir: Path = Path("dialplans")
+    flow: str = Field(default="hotline", pattern=r"^[a-z0-9_-]+$")
+    # How often the flows directory is checked for edits (seconds).
+    reload_interval: float = Field(default=1.0, gt=0, le=300)
+
+
+class PromptsConfig(_Section):
+    voice: str = Field(default="cmn", pattern=r"^[A-Za-z0-9_+-]+$")
+    speed: int = Field(default=150, ge=80, le=450)
+    # External mode: the Asterisk sounds directory to render into (the sandbox knows its own).
+    sounds_dir: Path | None = None
+
+
+class SpeechConfig(_Section):
+    # none: `listen` nodes use their key-menu fallback. vosk: real recognition with the model at model_path.
+    # scripted: a stand-in that hears the caller's audio and returns the sentences of `script` in turn
+    # (demos and tests on machines without a Chinese model).
+    engine: Literal["none", "vosk", "scripted"] = "none"
+    model_path: Path | None = None
+    script: list[str] = Field(default_factory=list)
+    # Empty: the lexicon shipped in keywords/lexicon/. Edits are picked up while the service runs.
+    lexicon_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> SpeechConfig:
+        if self.engine == "vosk" and self.model_path is None:
+            raise ValueError("engine 'vosk' needs model_path (a Vosk model directory; `medhotline models fetch`)")
+        return self
+
+
+class EscalationTarget(_Section):
+    """Where a rule's escalation ``group`` is reached: a number, over a PJSIP trunk (empty: an internal
+    endpoint or extension of this Asterisk), rung ``ring_seconds``; if nobody answers there, ``then_number``
+    (e.g. the external emergency number 120 over the PSTN trunk)."""
+
+    number: str = Field(pattern=r"^\+?[0-9*#]{1,20}$")
+    trunk: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
+    ring_seconds: int = Field(default=30, ge=5, le=300)
+    then_number: str = Field(default="", pattern=r"^(\+?[0-9*#]{1,20})?$")
+    then_trunk: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,64}$")
+
+
+class RoutingConfig(_Section):
+    # Empty: the built-in rules (routing/rules.py); a YAML file is validated at start like the flows.
+    rules_file: Path | None = None
+    # How long an agent's phone rings before the call goes to the next agent (and the agent is paused).
+    ring_timeout: float = Field(default=15.0, ge=3, le=120)
+    # After a conversation, before the agent gets the next call; the agent stays reserved meanwhile.
+    wrap_up: float = Field(default=10.0, ge=0, le=600)
+    # How long an agent who let a call ring out stays paused (agents have only a SIP phone to "log in" with).
+    no_answer_pause: float = Field(default=60.0, ge=0, le=3600)
+    # Position announcements for waiting callers: the first after this long, then every `announce_every`.
+    first_announcement: float = Field(default=5.0, ge=0, le=600)
+    announce_every: float = Field(default=30.0, ge=5, le=600)
+    moh_class: str = Field(default="default", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # A waiting caller who presses this key becomes an emergency and jumps ahead ("" disables it).
+    emergency_key: str = Field(default="0", pattern=r"^[0-9*#]?$")
+    # An agent who presses these keys on their phone during a conversation upgrades the call to emergency: the
+    # record says so, with who and when ("" disables it; 2 to 4 keys, so one stray key never does it).
+    upgrade_keys: str = Field(default="*0", pattern=r"^([0-9*#]{2,4})?$")
+    # How often each node re-reads agent states (frozen, paused, reserved elsewhere) from the database.
+    refresh_interval: float = Field(default=0.5, gt=0, le=30)
+    # Targets of the rules' escalation groups, e.g. [routing.escalation_groups.on_call_physicians].
+    escalation_groups: dict[str, EscalationTarget] = Field(default_factory=dict)
+    # Callbacks instead of waiting: a waiting caller whose estimated wait is longer than `callback_threshold`
+    # seconds hears the offer and may press `callback_key` to hang up and be called back at their place ("" turns
+    # callbacks off). The estimate counts `callback_handle_seconds` per call and agent (talk and wrap-up).
+    callback_key: str = Field(default="1", pattern=r"^[0-9*#]?$")
+    callback_threshold: float = Field(default=120.0, ge=0, le=7200)
+    callback_handle_seconds: float = Field(default=240.0, gt=0, le=7200)
+    # Dialling attempts before an unanswered callback becomes an `unreachable` task for staff, and the pause
+    # between two attempts.
+    callback_attempts: int = Field(default=3, ge=1, le=10)
+    callback_retry_after: float = Field(default=120.0, ge=0, le=86400)
+
+    _rules_empty = field_validator("rules_file", mode="before")(_empty_is_none)
+
+    @model_validator(mode="after")
+    def _distinct_keys(self) -> RoutingConfig:
+        if self.callback_key and self.callback_key == self.emergency_key:
+            raise ValueError(
+                f"callback_key and emergency_key are both {self.callback_key!r}: a waiting caller's key "
+                "must mean one thing"
+            )
+        return self
+
+
+# The legal floor: call records are part of the medical record (医疗机构病历管理规定), kept at least 15 years.
+RETENTION_FLOOR_YEARS = 15
+
+
+class RetentionYears(_Section):
+    """Years a recording (and its call's records) is kept after the call, per record type. Configurable up,
+    never below the legal floor."""
+
+    outpatient: int = Field(default=15, ge=RETENTION_FLOOR_YEARS, le=100)
+    emergency: int = Field(default=15, ge=RETENTION_FLOOR_YEARS, le=100)
+    inpatient: int = Field(default=30, ge=RETENTION_FLOOR_YEARS, le=100)
+
+
+class RecordingsConfig(_Section):
+    # Every answered call is recorded from the moment an agent joins; false is for test benches only.
+    enabled: bool = True
+    # Also record the IVR part (from the answer until the queue); consent steps are recorded regardless.
+    record_ivr: bool = False
+    # Encrypted recordings. Empty: <state_dir>/recordings.
+    store_dir: Path | None = None
+    # Where Asterisk writes recordings (astspooldir/recording), as this host sees it. Empty: the sandbox's own
+    # in sandbox mode, Asterisk's default /var/spool/asterisk/recording in external mode (a PBX on this host);
+    # a PBX elsewhere needs its spool mounted here.
+    spool_dir: Path | None = None
+    # The department that owns recordings of callers the IVR did not identify (the access policy's scope).
+    department: str = Field(default="hotline", pattern=r"^[a-z][a-z0-9_-]{0,63}$")
+    retention_years: RetentionYears = RetentionYears()
+    # RFC 3161 timestamps: empty uses the local timestamp authority inside the key service; a URL names an
+    # external (qualified) TSA, whose issuing CA certificates (PEM files) are listed in tsa_certificates.
+    tsa_url: str = ""
+    tsa_certificates: list[Path] = Field(default_factory=list)
+
+    _store_empty = field_validator("store_dir", mode="before")(_empty_is_none)
+    _spool_empty = field_validator("spool_dir", mode="before")(_empty_is_none)
+
+    @model_validator(mode="after")
+    def _tsa(self) -> RecordingsConfig:
+        if self.tsa_url and not self.tsa_url.startswith(("https://", "http://")):
+            raise ValueError("tsa_url must be an http(s) URL of an RFC 3161 timestamp authority")
+        if self.tsa_url and not self.tsa_certificates:
+            raise ValueError("tsa_url needs tsa_certificates: the CA certificates that issue the TSA's certificate")
+        return self
+
+
+class OutreachConfig(_Section):
+    """Outbound calls (follow-ups, medication reminders) and notifications."""
+
+    # Only the scheduler's leader dials; false keeps this node from ever leading (e.g. an inbound-only node).
+    enabled: bool = True
+    # The PJSIP endpoint of the trunk that reaches patients' phones, and how a number is dialled over it.
+    trunk: str = Field(default="patients", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    dial_string: str = "PJSIP/{number}@{trunk}"
+    caller_id: str = Field(default="12320", pattern=r"^[0-9]{3,15}$")
+    ring_seconds: int = Field(default=30, ge=5, le=120)
+    quiet_hours: str = "21:00-08:00"
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    backoff_minutes: list[int] = Field(default_factory=lambda: [30, 120], min_length=1)
+    trunk_cap: int = Field(default=4, ge=1, le=500)
+    # A JSON-over-HTTPS SMS gateway for reminders that don't need a call; empty: messages wait in the outbox.
+    sms_gateway_url: str = ""
+    sms_token_file: Path | None = None
+
+    _token_empty = field_validator("sms_token_file", mode="before")(_empty_is_none)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OutreachConfig:
+        if "{number}" not in self.dial_string:
+            raise ValueError("dial_string must contain {number}")
+        try:
+            Window.parse(self.quiet_hours, "quiet_hours")
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        if any(m < 1 for m in self.backoff_minutes):
+            raise ValueError("backoff_minutes must all be at least 1")
+        if self.sms_gateway_url:
+            if not _safe_gateway_url(self.sms_gateway_url):
+                raise ValueError("sms_gateway_url must be https:// (plain http only to this host)")
+            if self.sms_token_file is None:
+                raise ValueError("sms_gateway_url needs sms_token_file: the gateway's bearer token, mode 0600")
+        return self
+
+
+def _safe_gateway_url(url: str) -> bool:
+    """https:// to any host, or plain http:// only to this host (the bearer token must not cross a network in
+    clear). The host is parsed, not prefix-matched: ``http://localhost.gateway.invalid`` is another machine."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if parts.scheme == "https":
+        return True
+    if parts.scheme != "http":
+        return False
+    if host == "localhost":  # urlsplit lower-cases the host
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # 127.0.0.0/8 and ::1
+    except ValueError:
+        return False
+
+
+class AuditConfig(_Section):
+    # Every signed audit head is appended here (JSON lines, fsynced) so `audit verify` can tell a rolled-back
+    # trail from a short one. Best on another disk or a mount the database's administrators can't write.
+    # Default: <state_dir>/audit/heads.witness.jsonl.
+    witness_file: Path | None = None
+
+
+class Config(_Section):
+    service: ServiceConfig = ServiceConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    asterisk: AsteriskConfig = AsteriskConfig()
+    fastagi: FastAgiConfig = FastAgiConfig()
+    keyservice: KeyServiceConfig = KeyServiceConfig()
+    hotline: HotlineConfig = HotlineConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    speech: SpeechConfig = SpeechConfig()
+    routing: RoutingConfig = RoutingConfig()
+    recordings: RecordingsConfig = RecordingsConfig()
+    outreach: OutreachConfig = OutreachConfig()
+    audit: AuditConfig = AuditConfig()
+
+    @model_validator(mode="after")
+    def _sounds_where_asterisk_plays_them(self) -> Config:
+        # One rule for where prompts are rendered (medhotline.prompts.sounds_dir): the sandbox's own directory,
+        # or, for an Asterisk managed elsewhere, the directory that Asterisk plays from. Never a guess.
+        if self.asterisk.mode == "external" and self.prompts.sounds_dir is None:
+            raise ValueError(
+                "asterisk.mode is external: set prompts.sounds_dir to that Asterisk's sounds directory "
+                "(where prompts are rendered)"
+            )
+        if self.asterisk.mode == "sandbox" and self.prompts.sounds_dir is not None:
+            raise ValueError(
+                "prompts.sounds_dir is for asterisk.mode external; the sandbox renders prompts into its own "
+                "sounds directory, which is the only one its Asterisk plays"
+            )
+        return self
+
+    @property
+    def recordings_store(self) -> Path:
+        return self.recordings.store_dir or self.service.state_dir / "recordings"
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.service.state_dir / 'medhotline.db'}"
+
+    @property
+    def audit_key_dir(self) -> Path:
+        """The audit head signer's own directory: its key, and the largest head it signed."""
+        return self.service.state_dir / "audit"
+
+    @property
+    def audit_witness_file(self) -> Path:
+        return self.audit.witness_file or self.audit_key_dir / "heads.witness.jsonl"
+
+    @property
+    def keyservice_socket(self) -> Path:
+        return self.keyservice.socket or self.service.state_dir / "keyservice.sock"
+
+
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """Turn MEDHOTLINE__A__B=v into {"a": {"b": "v"}}; remember which variable set which key."""
+    tree: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        if not all(path):
+            raise ConfigError([f"environment {name}: empty key segment"])
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError([f"environment {name}: {'.'.join(path)} is not a section"])
+            node = child
+        node[path[-1]] = value
+        origin[path] = name
+    return tree, origin
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        current = merged.get(key)
+        if isinstance(current, dict) and isinstance(value, Mapping):
+            merged[key] = _merge(current, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown key (typo?)"
+    if "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict | SecretStr):
+        return f"{message} (got {err['input']!r})"
+    return message
+
+
+def _section_sources(loc: tuple[str, ...], origin: Mapping[tuple[str, ...], str], path: Path | None) -> str:
+    """Where a cross-field (section-level) error comes from: the file and every variable set inside it."""
+    sources = [str(path)] if path is not None else []
+    sources += [f"environment {name}" for key, name in sorted(origin.items()) if key[: len(loc)] == loc]
+    return " + ".join(sources) or "built-in defaults"
+
+
+def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, merge and validate the configuration; raise ConfigError naming every problem at once.
+
+    ``path`` None means ``$MEDHOTLINE_CONFIG``, or ``./medhotline.toml`` when it exists, else built-in
+    defaults.
+    """
+    environ = os.environ if environ is None else environ
+    explicit = path is not None or CONFIG_ENV in environ
+    if path is None:
+        path = Path(environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+    data: dict[str, Any] = {}
+    file_read = path.exists()
+    if file_read:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{path}: cannot be read: {exc}"]) from None
+    elif explicit:
+        raise ConfigError([f"{path}: configuration file does not exist"])
+    overrides, origin = _env_overrides(environ)
+    try:
+        return Config.model_validate(_merge(data, overrides))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(str(p) for p in err["loc"])
+            key = ".".join(loc) or "(top level)"
+            where = next(
+                (f"environment {origin[loc[:i]]}" for i in range(len(loc), 0, -1) if loc[:i] in origin),
+                None,
+            ) or _section_sources(loc, origin, path if file_read else None)
+            problems.append(f"{where}: {key}: {_describe(err)}")
+        raise ConfigError(problems) from None

@@ -1,0 +1,178 @@
+"""A thin asyncio ARI client over ``httpx`` (REST) and ``websockets`` (events).
+
+Why our own and not ``ari-py``/``ari-client``/``asyncari``: see docs/decisions.md. In short, ``ari-py`` does
+not import on Python 3, ``ari-client`` configures logging at import and raises bare ``Exception``, and the
+part of ARI medhotline uses is a handful of REST calls plus one event stream. Owning it lets us map every
+library error to our own at this edge (like httpx's transports) and inject a fake transport in unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import structlog
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
+
+from telephony.channel import ChannelError, ConnectionLost
+
+log = structlog.get_logger(__name__)
+
+
+class AriError(ChannelError):
+    """ARI answered with an error status."""
+
+    def __init__(self, method: str, path: str, status: int, detail: str) -> None:
+        self.status = status
+        super().__init__(f"ARI {method} {path} failed with HTTP {status}: {detail}")
+
+
+class AriNotFound(AriError):
+    """The channel, bridge or playback no longer exists (usually: the caller hung up)."""
+
+
+class AriUnavailable(ChannelError):
+    """A REST request got no answer: it timed out (also waiting for a free connection), or the HTTP connection
+    was refused or reset. Not a lost event stream (that is ``ConnectionLost``): the call's events still arrive,
+    so the call can still be told and hung up; and not the caller's doing."""
+
+
+# REST requests that may be repeated without changing the outcome: reading, and deleting what may already be
+# gone. POSTs are repeated only when the caller says so (``retry=True``): answering, and a playback under a new
+# id; never an originate, whose first attempt may already be ringing a phone.
+_IDEMPOTENT = frozenset({"GET", "DELETE", "PUT"})
+# Attempts for a retried request, and the first pause between them (doubled each time, with jitter).
+RETRY_ATTEMPTS = 3
+RETRY_PAUSE = 0.2
+
+
+def is_retryable(error: ChannelError) -> bool:
+    """A failure another attempt may not meet: no answer at all, or Asterisk's own 5xx (an internal error or
+    an overloaded HTTP server); never a 4xx, which says the request itself is wrong for the channel's state."""
+    return isinstance(error, AriUnavailable) or (isinstance(error, AriError) and error.status >= 500)
+
+
+class AriClient:
+    """REST calls and the event stream of one Stasis application."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        password: str,
+        app: str,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 5.0,
+        max_connections: int = 300,
+    ) -> None:
+        self.app = app
+        # Where Asterisk can reach this service's RTP receivers (external media); the ARI host by default.
+        self.media_host = host
+        self._base = f"http://{host}:{port}/ari"
+        self._ws_url = f"ws://{host}:{port}/ari/events?" + urlencode({"app": app, "subscribeAll": "false"})
+        token = base64.b64encode(f"{username}:{password}".encode()).decode()
+        self._auth_header = f"Basic {token}"
+        self._http = httpx.AsyncClient(
+            base_url=self._base,
+            auth=httpx.BasicAuth(username, password),
+            transport=transport,
+            timeout=timeout,
+            # One connection per request in flight: every call waits on at most one request, so the pool is
+            # sized for the calls the node carries (httpx's default of 100 made requests queue for a connection
+            # at 200+ calls until the timeout). Keep-alive spares a TCP handshake and an Asterisk HTTP thread
+            # start per request; Asterisk's ``sessionlimit`` (http.conf) is rendered above this size.
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=10.0,  # below Asterisk's session_keep_alive (15 s): never reuse a closed one
+            ),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(
+        self, method: str, path: str, params: Mapping[str, str] | None = None, *, retry: bool | None = None
+    ) -> Any:
+        """One REST call; returns the decoded JSON body (or None). Errors become AriError/AriUnavailable.
+
+        A request that may safely be repeated (GET, DELETE, PUT; a POST only with ``retry=True``) is tried up
+        to ``RETRY_ATTEMPTS`` times while it meets a timeout, a refused or reset connection or a 5xx, with
+        growing pauses between; the last failure is raised.
+        """
+        attempts = RETRY_ATTEMPTS if (method in _IDEMPOTENT if retry is None else retry) else 1
+        pause = RETRY_PAUSE
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._request_once(method, path, params)
+            except (AriError, AriUnavailable) as exc:
+                if attempt == attempts or not is_retryable(exc):
+                    raise
+                log.warning("ari.request_retried", method=method, attempt=attempt, reason=str(exc))
+                await asyncio.sleep(pause * random.uniform(0.8, 1.2))  # noqa: S311 - jitter, not security
+                pause *= 2
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _request_once(self, method: str, path: str, params: Mapping[str, str] | None) -> Any:
+        try:
+            response = await self._http.request(method, path, params=params)
+        except httpx.TimeoutException as exc:
+            raise AriUnavailable(f"ARI {method} {path}: no answer in time ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise AriUnavailable(f"ARI {method} {path}: Asterisk unreachable ({type(exc).__name__})") from None
+        if response.status_code >= 400:
+            try:
+                detail = str(response.json().get("message", response.text))
+            except ValueError:
+                detail = response.text.strip() or response.reason_phrase
+            error = AriNotFound if response.status_code == 404 else AriError
+            raise error(method, path, response.status_code, detail)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise AriError(method, path, response.status_code, "response is not JSON") from None
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Connect the event WebSocket and yield events until it closes; then raise ConnectionLost.
+
+        Reconnecting is the caller's decision (it knows about backoff and about calls in flight).
+        """
+        try:
+            async with connect(
+                self._ws_url,
+                additional_headers={"Authorization": self._auth_header},
+                open_timeout=10,
+                ping_interval=10,
+                ping_timeout=10,
+                max_size=2**22,
+            ) as ws:
+                log.info("ari.connected", app=self.app)
+                async for message in ws:
+                    try:
+                        event = json.loads(message)
+                    except ValueError:
+                        log.warning("ari.bad_event", reason="not JSON", size=len(message))
+                        continue
+                    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                        log.warning("ari.bad_event", reason="no event type")
+                        continue
+                    yield event
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise AriError("GET", "/events", status, "ARI credentials refused") from None
+            raise ConnectionLost(f"ARI event stream refused with HTTP {status}") from None
+        except (OSError, InvalidHandshake, WebSocketException, TimeoutError) as exc:
+            raise ConnectionLost(f"ARI event stream lost: {type(exc).__name__}: {exc}") from None
+        raise ConnectionLost("ARI event stream closed by Asterisk")
