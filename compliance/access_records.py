@@ -8,10 +8,9 @@ import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Literal, Protocol, cast
+from typing import Final, Literal, Protocol
 
 from sqlalchemy import CheckConstraint, ColumnElement, ForeignKey, Index, Integer, String, or_
-from sqlalchemy.engine import CursorResult, Result
 from sqlalchemy.orm import Mapped, mapped_column
 
 from compliance.access import (
@@ -296,11 +295,6 @@ def _safe_id(account_id: str) -> str:
 def _names(values: Iterable[str]) -> JsonValue:
     names: list[JsonValue] = [*sorted(values)]
     return names
-
-
-def _rowcount(result: Result[Any]) -> int:
-    """Rows matched by an UPDATE (a CursorResult's rowcount; typed as the generic Result by SQLAlchemy)."""
-    return int(cast("CursorResult[Any]", result).rowcount)
 
 
 def _first_line(exc: BaseException) -> str:

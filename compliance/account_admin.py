@@ -22,7 +22,6 @@ from compliance.access_records import (
     PatientAssignment,
     _active_assignment,
     _names,
-    _rowcount,
 )
 from compliance.accounts import (
     AccountRecord,
@@ -31,6 +30,7 @@ from compliance.accounts import (
     freeze_row,
     record_of,
 )
+from ground.db import rowcount
 
 
 class AccountAdministration(AccessPart):
@@ -118,14 +118,14 @@ class AccountAdministration(AccessPart):
                 open_row.close_reason = "expired" if expired else "account frozen"
                 open_row.closed_by = actor.id
                 closed.append(BreakGlassGrant.from_row(open_row))
-            sessions_closed = _rowcount(
+            sessions_closed = rowcount(
                 session.execute(
                     update(AccessSession)
                     .where(AccessSession.account_id == account_id, AccessSession.closed_at.is_(None))
                     .values(closed_at=at, close_reason="account frozen")
                 )
             )
-            calls_ended = _rowcount(
+            calls_ended = rowcount(
                 session.execute(
                     update(PatientAssignment)
                     .where(

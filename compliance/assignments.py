@@ -21,7 +21,6 @@ from compliance.access_records import (
     PatientAssignment,
     _active_assignment,
     _assignment,
-    _rowcount,
     _safe_id,
     _valid_account_id,
 )
@@ -30,6 +29,7 @@ from compliance.accounts import (
     locked_row,
     record_of,
 )
+from ground.db import rowcount
 from ground.errors import MedhotlineError
 
 
@@ -64,7 +64,7 @@ class Assignments(AccessPart):
         """End every open assignment of call ``call_id`` at ``at``; returns how many were open."""
         check_call_id(call_id)
         with self._transaction(f"ending the assignments of call {call_id}") as session:
-            result = _rowcount(
+            result = rowcount(
                 session.execute(
                     update(PatientAssignment)
                     .where(
@@ -131,7 +131,7 @@ class Assignments(AccessPart):
         ref = self._patient_ref(patient_id, audit_ref)
         role = self._actor_role(actor, "patient_unassignment", ("admin", "supervisor"))
         with self._transaction(f"unassigning a patient from {account_id}") as session:
-            ended = _rowcount(
+            ended = rowcount(
                 session.execute(
                     update(PatientAssignment)
                     .where(

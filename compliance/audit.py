@@ -62,6 +62,7 @@ from compliance.merkle import (
     verify_inclusion,
 )
 from ground.canonical import canonical_json
+from ground.clock import utc_text
 from ground.errors import MedhotlineError
 from ground.ids import UUID_PATTERN
 
@@ -130,7 +131,7 @@ class AuditIntegrityError(AuditError):
 def _format_time(at: datetime) -> str:
     if at.tzinfo is None or at.utcoffset() is None:
         raise AuditError("audit times must be timezone-aware")
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_text(at)
 
 
 def _parse_time(value: str) -> datetime:

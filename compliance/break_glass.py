@@ -32,7 +32,6 @@ from compliance.access_records import (
     _letters,
     _names,
     _open_grant,
-    _rowcount,
     _safe_id,
     _valid_account_id,
 )
@@ -40,6 +39,7 @@ from compliance.accounts import (
     locked_row,
 )
 from compliance.audit import JsonValue
+from ground.db import rowcount
 from ground.errors import MedhotlineError
 
 
@@ -140,7 +140,7 @@ class BreakGlass(AccessPart):
     def _close(self, grant_id: str, at: datetime, reason: str, by: str) -> BreakGlassGrant | None:
         """Close if still open (a conditional UPDATE: of two nodes closing at once, exactly one does it)."""
         with self._transaction(f"closing break-glass grant {grant_id}") as session:
-            done = _rowcount(
+            done = rowcount(
                 session.execute(
                     update(BreakGlassRow)
                     .where(BreakGlassRow.id == grant_id, BreakGlassRow.closed_at.is_(None))
@@ -213,7 +213,7 @@ class BreakGlass(AccessPart):
         if supervisor_id == grant.account_id:
             raise self._refuse(supervisor_id, role, "break_glass_review", "nobody reviews their own break-glass")
         with self._transaction(f"reviewing break-glass grant {grant_id}") as session:
-            done = _rowcount(
+            done = rowcount(
                 session.execute(
                     update(BreakGlassRow)
                     .where(BreakGlassRow.id == grant_id, BreakGlassRow.reviewed_at.is_(None))

@@ -46,7 +46,7 @@ from compliance.keyservice_client import GeneratedDataKey, KeyServiceClient, Key
 from compliance.keyservice_protocol import KeyServiceRefused, KeyServiceUnavailable
 from compliance.keystore import KeyStoreError, UnwrapError, read_token_file, wrapped_version
 from ground.config import Config
-from ground.db import Repository
+from ground.db import Repository, rowcount
 from ground.errors import MedhotlineError
 from ground.logs import get_logger
 from ground.models import Base, UTCDateTime
@@ -218,7 +218,7 @@ class DataKeyStore(Repository):
                 .where(DataKey.id == key_id, DataKey.wrapped == old)
                 .values(wrapped=new, kek_version=wrapped_version(new), rewrapped_at=at)
             )
-            return bool(getattr(result, "rowcount", 0) == 1)
+            return rowcount(result) == 1
 
     def list(self, purpose: str | None = None) -> list[DataKeyRecord]:
         query = select(DataKey).order_by(DataKey.purpose, DataKey.version)

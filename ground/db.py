@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 from urllib.parse import quote, quote_plus
 
 from alembic import command
@@ -26,7 +26,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
@@ -315,6 +315,12 @@ class CallRecord:
 TRIAGE_LEVELS: Final = ("emergency", "urgent", "routine")
 CONFIRM_ANSWERS: Final = ("key", "speech", "declined", "no_input")
 _AGENT_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+
+
+def rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched. ``Session.execute`` is typed as returning the generic ``Result``; for a DML
+    statement it is a ``CursorResult``, which has the count: one cast here rather than an ignore at every caller."""
+    return int(cast("CursorResult[Any]", result).rowcount)
 
 
 def _check_final(outcome: str) -> None:

@@ -29,6 +29,8 @@ from typing import Any, Final, TextIO
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from ground.clock import utc_text
+
 REDACTED: Final = "[redacted]"
 PHONE: Final = "[phone]"
 
@@ -226,7 +228,7 @@ def _add_timestamp(logger: WrappedLogger, method_name: str, event_dict: EventDic
     record = event_dict.get("_record")
     created = record.created if isinstance(record, logging.LogRecord) else time.time()
     moment = datetime.fromtimestamp(created, UTC)
-    event_dict["timestamp"] = moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    event_dict["timestamp"] = utc_text(moment)
     return event_dict
 
 

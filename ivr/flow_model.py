@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
+from ground.clock import HOSPITAL_TZ_NAME
 from telephony.consult import ConsultCategory, RouteCategory
 
 NodeId = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
@@ -685,7 +686,7 @@ _SPAN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
 class Hours(_Strict):
     """Weekly opening hours plus holiday dates, e.g. ``weekly: {mon-fri: ["08:00-12:00", "13:30-17:30"]}``."""
 
-    timezone: str = "Asia/Shanghai"
+    timezone: str = HOSPITAL_TZ_NAME
     weekly: dict[str, list[str]] = Field(min_length=1)
     holidays: list[date] = Field(default_factory=list)
     # Working days that fall on a weekend (调休), open with the given weekday's hours.

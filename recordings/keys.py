@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.keyservice_protocol import KeyServiceRefused
 from compliance.keystore import UnwrapError, wrapped_version
+from ground.db import rowcount
 from recordings.tables import Recording
 
 log = structlog.get_logger(__name__)
@@ -69,7 +70,7 @@ async def rewrap_recordings(
                 .where(Recording.id == recording_id, Recording.wrapped_key == old)
                 .values(wrapped_key=new, kek_version=version)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     todo = await asyncio.to_thread(pending)
     rewrapped = 0

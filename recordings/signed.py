@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from compliance.keystore import signed_message
 from compliance.timestamps import TimestampError, verify_token
 from ground.canonical import canonical_json
+from ground.clock import utc_text
 from ground.errors import MedhotlineError
 
 HEADER_FORMAT: Final = 1
@@ -46,9 +47,9 @@ class RecordFormatError(MedhotlineError):
 
 
 def format_time(at: datetime) -> str:
-    if at.tzinfo is None:
+    if at.tzinfo is None or at.utcoffset() is None:
         raise RecordFormatError("record times must be timezone-aware")
-    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc_text(at)
 
 
 def parse_time(value: str) -> datetime:

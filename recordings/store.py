@@ -15,7 +15,7 @@ from datetime import datetime
 
 from sqlalchemy import func, or_, select, update
 
-from ground.db import Repository
+from ground.db import Repository, rowcount
 from ground.errors import MedhotlineError
 from recordings.envelope import SealedFile
 from recordings.tables import RECORDING_KINDS, Recording
@@ -148,7 +148,7 @@ class RecordingStore(Repository):
                 .where(Recording.id == recording_id, Recording.state == "capturing")
                 .values(state="finished", ended_at=ended_at)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     def set_patient(self, call_id: str, patient_id: str | None, department: str | None) -> None:
         """The IVR identified the caller after the recording began: its recordings belong to that patient."""
@@ -205,7 +205,7 @@ class RecordingStore(Repository):
                     retain_until=retain_until,
                 )
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     def mark_spool_removed(self, recording_id: str, at: datetime) -> bool:
         """Note when the plaintext left the spool; True only for the first to note it (who audits the ingest)."""
@@ -215,7 +215,7 @@ class RecordingStore(Repository):
                 .where(Recording.id == recording_id, Recording.spool_removed_at.is_(None))
                 .values(spool_removed_at=at)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     def mark_missing(self, recording_id: str, error: str, at: datetime) -> None:
         with self._transaction(f"recording {recording_id} as missing") as session:
@@ -296,7 +296,7 @@ class RecordingStore(Repository):
                 update(Recording).where(Recording.id.in_(list(recording_ids)), Recording.legal_hold.is_(not on))
                 .values(**values)
             )  # fmt: skip
-            return int(result.rowcount)  # type: ignore[attr-defined]
+            return rowcount(result)
 
     def extend_retention(self, recording_id: str, retention_class: str, retain_until: datetime) -> bool:
         """Move a recording to a longer retention (e.g. the patient was admitted: inpatient). Never shorter."""
@@ -306,7 +306,7 @@ class RecordingStore(Repository):
                 .where(Recording.id == recording_id, Recording.state == "stored", Recording.retain_until < retain_until)
                 .values(retention_class=retention_class, retain_until=retain_until)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     def mark_purged(self, recording_id: str, *, by: str, at: datetime) -> bool:
         """The tombstone: digests and metadata stay; the database refuses this before retention or under hold."""
@@ -321,4 +321,4 @@ class RecordingStore(Repository):
                 )
                 .values(state="purged", purged_at=at, purged_by=by)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))

@@ -15,7 +15,7 @@ from typing import Final
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ground.db import DatabaseError, Repository
+from ground.db import DatabaseError, Repository, rowcount
 from routing.callback_tables import OPEN_STATES, CallbackRow, HotlineModeRow
 
 __all__ = ["CallbackError", "CallbackRecord", "CallbackStore", "ModeRecord", "ModeStore", "SwitchConflict"]
@@ -193,7 +193,7 @@ class CallbackStore(Repository):
             result = session.execute(
                 update(CallbackRow).where(CallbackRow.id == callback_id, CallbackRow.state.in_(states)).values(**values)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
 
 # --- the hotline's mode ------------------------------------------------------------------------------------------

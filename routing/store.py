@@ -21,13 +21,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
-from sqlalchemy import CursorResult, Update, bindparam, exists, false, func, insert, select, update
+from sqlalchemy import Update, bindparam, exists, false, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from compliance.accounts import Account, new_account_row
-from ground.db import DatabaseError, Repository
+from ground.db import DatabaseError, Repository, rowcount
 from ground.models import UTCDateTime
 from routing.model import Agent, Credential, CredentialStatus
 from routing.tables import RING_OUTCOMES, AgentRing, AgentRow, AgentSkill, CredentialRow, RingOutcome
@@ -279,10 +279,6 @@ def _ring_record(row: AgentRing) -> RingRecord:
     return RingRecord(row.id, row.call_id, row.account_id, row.node, row.rung_at, row.ended_at, outcome)
 
 
-def _rowcount(result: CursorResult[Any]) -> int:
-    return int(result.rowcount)
-
-
 # --- the reservation statements ---------------------------------------------------------------------------------
 
 
@@ -518,7 +514,7 @@ class AgentStore(Repository):
         statement, parameters = _reservation(account_id, call_id, node, at, required, excluded=excluded)
         with self._transaction(f"reserving agent {account_id} for call {call_id}") as session:
             connection = session.connection()
-            if _rowcount(connection.execute(statement, parameters)) != 1:
+            if rowcount(connection.execute(statement, parameters)) != 1:
                 return None
             # A Core insert: this is on the way to the agent's phone, the ORM's unit of work is not needed.
             ring = {"call_id": call_id, "account_id": account_id, "node": node, "rung_at": at}
@@ -728,7 +724,7 @@ class AgentStore(Repository):
 
     def _update(self, statement: Update, doing: str, parameters: Mapping[str, object] | None = None) -> int:
         with self._transaction(doing) as session:
-            return _rowcount(session.connection().execute(statement, parameters))
+            return rowcount(session.connection().execute(statement, parameters))
 
     @staticmethod
     def _views(session: Session, account_id: str | None) -> list[AgentView]:

@@ -28,7 +28,7 @@ from typing import Final, Literal
 from sqlalchemy import select, update
 
 from compliance.data_keys import DataKeyRing
-from ground.db import Repository
+from ground.db import Repository, rowcount
 from ground.errors import MedhotlineError
 from ground.ids import is_uuid
 from ground.logs import get_logger
@@ -252,7 +252,7 @@ class MedicationStore(Repository):
             query = query.where(MedicationReminder.next_due_at == from_due)
         with self._transaction(f"advancing medication reminder {reminder_id}") as session:
             result = session.execute(query.values(next_due_at=next_due_at))
-            changed = getattr(result, "rowcount", 0) == 1
+            changed = rowcount(result) == 1
             if not changed and session.get(MedicationReminder, reminder_id) is None:
                 raise MedicationError(f"no medication reminder {reminder_id}")
             return changed
@@ -267,7 +267,7 @@ class MedicationStore(Repository):
                 .where(MedicationReminder.id == reminder_id, MedicationReminder.active.is_(True))
                 .values(active=False)
             )
-            return getattr(result, "rowcount", 0) == 1
+            return rowcount(result) == 1
 
     def record_confirmation(
         self, reminder_id: str, attempt_id: str | None, confirmed: bool, keys: str, at: datetime

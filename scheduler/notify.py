@@ -40,7 +40,7 @@ from sqlalchemy import func, select, update
 
 from compliance.data_keys import DataKeyRing
 from compliance.fields import FieldCipherError
-from ground.db import Repository
+from ground.db import Repository, rowcount
 from ground.errors import MedhotlineError
 from ground.logs import get_logger
 from scheduler.tables import DATA_KEY_PURPOSE, OutboxMessage
@@ -205,7 +205,7 @@ class Outbox(Repository):
                     .where(OutboxMessage.id == message_id, OutboxMessage.state == "pending")
                     .values(state="sending", attempts=OutboxMessage.attempts + 1, not_before=now)
                 )
-                if getattr(result, "rowcount", 0) == 1:
+                if rowcount(result) == 1:
                     row = session.get(OutboxMessage, message_id)
                     if row is not None:
                         claimed.append(_record(row))
@@ -219,7 +219,7 @@ class Outbox(Repository):
                 .where(OutboxMessage.id == message_id, OutboxMessage.state == "sending")
                 .values(state="sent", sent_at=at, gateway_ref=ref[:MAX_REF_CHARS], error=None)
             )
-            return getattr(result, "rowcount", 0) == 1
+            return rowcount(result) == 1
 
     def mark_failed(self, message_id: str, error: str, at: datetime, retry_at: datetime | None) -> State | None:
         """A send failed: back to ``pending`` until ``retry_at`` while fewer than MAX_ATTEMPTS sends were tried
@@ -238,7 +238,7 @@ class Outbox(Repository):
                 .where(OutboxMessage.id == message_id, OutboxMessage.state == "sending")
                 .values(**values)
             )
-            return state if getattr(result, "rowcount", 0) == 1 else None
+            return state if rowcount(result) == 1 else None
 
     def release_stale(self, now: datetime, *, older_than: timedelta = STALE_AFTER) -> int:
         """Hand messages claimed longer than ``older_than`` ago (their sender died) back to ``pending``."""
@@ -248,7 +248,7 @@ class Outbox(Repository):
                 .where(OutboxMessage.state == "sending", OutboxMessage.not_before < now - older_than)
                 .values(state="pending", not_before=now, error="released: its sender stopped before finishing")
             )
-            return int(getattr(result, "rowcount", 0) or 0)
+            return rowcount(result)
 
 
 # --- the gateway port and its HTTP adapter ---------------------------------------------------------------------

@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ground.config import Config
+from ground.db import rowcount
 from scheduler.call_actions import CallActions
 from scheduler.dialer import CHANNEL_PREFIX, DIAL_EVERY, FLOW_OF_KIND, OUTBOUND_ARG, CallContext, Dialer, RunCall, Speak
 from scheduler.medication import next_due
@@ -222,11 +223,13 @@ class Outreach:
                 if row is None or not row.active:
                     return None
                 due = row.next_due_at
-                won = session.execute(
-                    update(MedicationReminder)
-                    .where(MedicationReminder.id == reminder_id, MedicationReminder.next_due_at == due)
-                    .values(next_due_at=next_due(row.at_time, max(due, now), self.policy.tz))
-                ).rowcount  # type: ignore[attr-defined]
+                won = rowcount(
+                    session.execute(
+                        update(MedicationReminder)
+                        .where(MedicationReminder.id == reminder_id, MedicationReminder.next_due_at == due)
+                        .values(next_due_at=next_due(row.at_time, max(due, now), self.policy.tz))
+                    )
+                )
                 return (row.patient_id, row.channel, due) if won else None
 
         fired = await asyncio.to_thread(advance)

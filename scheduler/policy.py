@@ -18,6 +18,7 @@ from datetime import datetime, time, timedelta
 from typing import TYPE_CHECKING, Final
 from zoneinfo import ZoneInfo
 
+from ground.clock import HOSPITAL_TZ
 from ground.daytime import PolicyError, Window, parse_hhmm
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LOCAL_TZ", "DialPolicy", "PolicyError", "Window", "failure_outcome", "parse_hhmm"]
 
-LOCAL_TZ: Final = ZoneInfo("Asia/Shanghai")
+LOCAL_TZ: Final = HOSPITAL_TZ
 _SEARCH_DAYS: Final = 8
 
 

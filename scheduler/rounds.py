@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from ground.db import rowcount
 from scheduler.policy import DialPolicy, Window
 from scheduler.store import AttemptRecord, AttemptStore
 from scheduler.tables import FollowupPlan
@@ -29,11 +30,13 @@ def open_followup_round(
             # Not due yet: a job firing again after it advanced the plan (a duplicate, a leader that lost its
             # lock) must not open the next round early.
             return None
-        advanced = session.execute(
-            update(FollowupPlan)
-            .where(FollowupPlan.id == plan_id, FollowupPlan.next_due_at == due)
-            .values(next_due_at=max(due, now) + timedelta(days=plan.interval_days))
-        ).rowcount  # type: ignore[attr-defined]
+        advanced = rowcount(
+            session.execute(
+                update(FollowupPlan)
+                .where(FollowupPlan.id == plan_id, FollowupPlan.next_due_at == due)
+                .values(next_due_at=max(due, now) + timedelta(days=plan.interval_days))
+            )
+        )
         window = Window.parse(f"{plan.window_start}-{plan.window_end}")
         patient = plan.patient_id
     if not advanced:

@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ground.db import DatabaseError, Repository
+from ground.db import DatabaseError, Repository, rowcount
 from ground.errors import MedhotlineError
 from scheduler.tables import ATTEMPT_KINDS, FollowupPlan, OutreachAttempt
 
@@ -162,7 +162,7 @@ class PlanStore(Repository):
                 update(FollowupPlan).where(FollowupPlan.id == plan_id, FollowupPlan.active.is_(True))
                 .values(active=False)
             )  # fmt: skip
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
 
 class AttemptStore(Repository):
@@ -235,7 +235,7 @@ class AttemptStore(Repository):
                 .where(OutreachAttempt.id == attempt_id, OutreachAttempt.state == "scheduled")
                 .values(state="dialing", node=node, trunk=trunk, channel_id=channel_id, started_at=at)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     def defer(self, attempt_id: str, not_before: datetime) -> None:
         with self._transaction(f"deferring call attempt {attempt_id}") as session:
@@ -263,7 +263,7 @@ class AttemptStore(Repository):
                 .where(OutreachAttempt.id == attempt_id, OutreachAttempt.state == "dialing")
                 .values(state="answered", call_id=call_id)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     def finish(self, attempt_id: str, *, state: str, outcome: str, at: datetime) -> bool:
         with self._transaction(f"finishing call attempt {attempt_id}") as session:
@@ -274,7 +274,7 @@ class AttemptStore(Repository):
                 )
                 .values(state=state, outcome=outcome, ended_at=at)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))
 
     def get(self, attempt_id: str) -> AttemptRecord:
         with self._transaction(f"reading call attempt {attempt_id}") as session:

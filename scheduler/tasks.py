@@ -17,7 +17,7 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 
-from ground.db import Repository
+from ground.db import Repository, rowcount
 from ground.errors import MedhotlineError
 from scheduler.tables import TASK_KINDS, ClinicalTask
 
@@ -104,4 +104,4 @@ class TaskStore(Repository):
                 .where(ClinicalTask.id == task_id, ClinicalTask.status == "open")
                 .values(status="done", closed_at=at, closed_by=by)
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(result))

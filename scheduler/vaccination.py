@@ -38,15 +38,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, get_args
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias, get_args
 
 import structlog
-from sqlalchemy import CursorResult, Select, select, update
+from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from compliance.access import AccessError, check_department, check_patient_id
-from ground.db import Repository
+from ground.db import Repository, rowcount
 from ground.errors import MedhotlineError
 from scheduler.policy import LOCAL_TZ
 from scheduler.vaccination_tables import Clinic, VaccinationBooking, VaccinationSlot, Vaccine
@@ -294,10 +294,6 @@ def day_part_bounds(day: date, part: str) -> tuple[datetime, datetime]:
     return (start, noon) if _part(part) == "morning" else (noon, end)
 
 
-def _rowcount(result: CursorResult[Any]) -> int:
-    return int(result.rowcount)
-
-
 def _unique_violation(exc: IntegrityError) -> bool:
     """True for a unique-key violation (PostgreSQL's SQLSTATE 23505, SQLite's "UNIQUE constraint failed")."""
     orig = exc.orig
@@ -323,7 +319,7 @@ def _take_seat(session: Session, slot_id: str) -> bool:
         .where(VaccinationSlot.id == slot_id, VaccinationSlot.booked < VaccinationSlot.capacity)
         .values(booked=VaccinationSlot.booked + 1)
     )
-    return _rowcount(session.connection().execute(statement)) == 1
+    return rowcount(session.connection().execute(statement)) == 1
 
 
 def _free_seat(session: Session, slot_id: str) -> None:
@@ -333,7 +329,7 @@ def _free_seat(session: Session, slot_id: str) -> None:
         .where(VaccinationSlot.id == slot_id, VaccinationSlot.booked > 0)
         .values(booked=VaccinationSlot.booked - 1)
     )
-    if _rowcount(session.connection().execute(statement)) != 1:
+    if rowcount(session.connection().execute(statement)) != 1:
         # A booking was active but its slot counts nobody: the counter was changed behind the service's back.
         raise VaccinationError(f"slot {slot_id} counts no booking to give back: its counter and bookings disagree")
 
@@ -345,7 +341,7 @@ def _cancel_row(session: Session, booking_id: str, at: datetime, by: str) -> boo
         .where(VaccinationBooking.id == booking_id, VaccinationBooking.state == "booked")
         .values(state="cancelled", cancelled_at=at, cancelled_by=by)
     )
-    return _rowcount(session.connection().execute(statement)) == 1
+    return rowcount(session.connection().execute(statement)) == 1
 
 
 # --- the store --------------------------------------------------------------------------------------------------
@@ -756,7 +752,7 @@ class VaccinationStore(Repository):
                 .where(VaccinationBooking.state == "booked", VaccinationBooking.slot_id.in_(ended))
                 .values(state="past")
             )
-            return _rowcount(result)
+            return rowcount(result)
 
     # -- reminders ----------------------------------------------------------------------------------------------
     def due_reminders(self, day: date) -> list[BookingRecord]:
@@ -788,7 +784,7 @@ class VaccinationStore(Repository):
             .values(reminded_at=at)
         )
         with self._transaction(f"marking the reminder of booking {booking_id}") as session:
-            return _rowcount(session.connection().execute(statement)) == 1
+            return rowcount(session.connection().execute(statement)) == 1
 
     def release_reminder(self, booking_id: str, at: datetime) -> bool:
         """Undo :meth:`mark_reminded` (made at ``at``) when handing the reminder over failed: the next run retries."""
@@ -798,7 +794,7 @@ class VaccinationStore(Repository):
             .values(reminded_at=None)
         )
         with self._transaction(f"releasing the reminder of booking {booking_id}") as session:
-            return _rowcount(session.connection().execute(statement)) == 1
+            return rowcount(session.connection().execute(statement)) == 1
 
 
 # --- reminders, adverse reactions, audit ------------------------------------------------------------------------

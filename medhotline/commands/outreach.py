@@ -22,6 +22,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ground import db
+from ground.db import rowcount
 from ground.errors import CommandError
 from his.registry import PatientRegistry, check_patient_id
 from his.tables import PatientStore
@@ -241,9 +242,11 @@ def _cmd_reminder_add(config: Config, args: argparse.Namespace) -> int:
 def _cmd_reminder_run_now(config: Config, args: argparse.Namespace) -> int:
 
     with _engine(config) as engine, Session(engine) as session, session.begin():
-        changed = session.execute(
-            update(MedicationReminder).where(MedicationReminder.id == args.reminder).values(next_due_at=_now())
-        ).rowcount  # type: ignore[attr-defined]
+        changed = rowcount(
+            session.execute(
+                update(MedicationReminder).where(MedicationReminder.id == args.reminder).values(next_due_at=_now())
+            )
+        )
     if not changed:
         raise CommandError(f"no medication reminder {args.reminder}")
     print(f"reminder {args.reminder} is due now")

@@ -8,7 +8,8 @@ change who may do what, so each appends an entry to the audit trail: the actor i
 command, or the verifier (``--by``). The entry is validated before the change is made, so an entry the audit log
 would refuse stops the command with nothing changed.
 
-Dates on the command line are calendar dates in China Standard Time (UTC+08:00): a credential "valid from D1
+Dates on the command line are calendar dates in the hospital's zone (``ground.clock.HOSPITAL_TZ``, the one the
+scheduler uses): a credential "valid from D1
 until D2" is valid from 00:00 on D1 until 00:00 on D2, i.e. no longer on D2 itself.
 """
 
@@ -20,7 +21,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -30,6 +31,7 @@ from compliance.access_store import AccessControl, cli_actor, freeze_account
 from compliance.accounts import AccountStore
 from compliance.audit import AuditEntry, AuditError, AuditLog, SqlAuditStore
 from ground import db
+from ground.clock import HOSPITAL_TZ, HOSPITAL_TZ_NAME
 from ground.errors import CommandError
 from ground.operator import OPERATOR_ROLE, operator_id
 from medhotline.commands.access import freeze_summary
@@ -44,9 +46,11 @@ if TYPE_CHECKING:
     from ground.config import Config
     from routing.store import AgentStore, AgentView, CredentialRecord
 
-CHINA_STANDARD_TIME: Final = timezone(timedelta(hours=8), "CST")
+# The scheduler's zone, not a fixed +08:00: a date typed here is the same day the scheduler and the other
+# commands mean by it.
+LOCAL_TZ: Final = HOSPITAL_TZ
 DATES_NOTE: Final = (
-    "Dates are YYYY-MM-DD in China Standard Time (UTC+08:00): valid from 00:00 on --valid-from until 00:00 on "
+    f"Dates are YYYY-MM-DD in local time ({HOSPITAL_TZ_NAME}): valid from 00:00 on --valid-from until 00:00 on "
     "--valid-until (no longer valid on that day). Dates are printed the same way."
 )
 AUDIT_ROLE: Final = "admin"
@@ -64,18 +68,18 @@ def _error(message: str) -> Exception:
 
 
 def parse_date(text: str, option: str) -> datetime:
-    """``YYYY-MM-DD`` → 00:00 of that day in China Standard Time."""
+    """``YYYY-MM-DD`` → 00:00 of that day in the hospital's local time."""
     if not _DATE_ARG.match(text):
-        raise _error(f"{option} {text!r}: expected a date YYYY-MM-DD (China Standard Time)")
+        raise _error(f"{option} {text!r}: expected a date YYYY-MM-DD (local time, {HOSPITAL_TZ_NAME})")
     try:
         day = date.fromisoformat(text)
     except ValueError as exc:
         raise _error(f"{option} {text!r}: {exc}") from None
-    return datetime(day.year, day.month, day.day, tzinfo=CHINA_STANDARD_TIME)
+    return datetime(day.year, day.month, day.day, tzinfo=LOCAL_TZ)
 
 
 def format_day(at: datetime) -> str:
-    return at.astimezone(CHINA_STANDARD_TIME).strftime("%Y-%m-%d")
+    return at.astimezone(LOCAL_TZ).strftime("%Y-%m-%d")
 
 
 def parse_skills(items: list[str] | None) -> dict[str, int]:
@@ -433,9 +437,9 @@ def _credentials_check(config: Config, args: argparse.Namespace) -> int:
     within = int(args.within_days)
     with _open(config) as db:
         report = validity_report(db.agents, datetime.now(UTC), within)
-    for line in report.lines(CHINA_STANDARD_TIME):
+    for line in report.lines(LOCAL_TZ):
         print(line)
-    print(report.summary(CHINA_STANDARD_TIME))
+    print(report.summary(LOCAL_TZ))
     return 1 if report.needs_attention else 0
 
 

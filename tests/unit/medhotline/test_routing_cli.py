@@ -14,8 +14,9 @@ import pytest
 from compliance.accounts import AccountStore
 from compliance.audit import SqlAuditStore, StoredEntry
 from ground import db
+from ground.clock import HOSPITAL_TZ_NAME
 from medhotline.cli import main
-from medhotline.commands.routing import CHINA_STANDARD_TIME, parse_date
+from medhotline.commands.routing import LOCAL_TZ, parse_date
 from routing.store import AgentStore
 
 
@@ -66,7 +67,7 @@ def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
 
 
 def today() -> date:
-    return datetime.now(CHINA_STANDARD_TIME).date()
+    return datetime.now(LOCAL_TZ).date()
 
 
 def day(offset: int) -> str:
@@ -187,7 +188,7 @@ def test_credentials_add_verify_revoke_list(cli: Cli) -> None:
     assert record.certificate_sha256 == hashlib.sha256(content).hexdigest()
     # Dates are 00:00 China Standard Time.
     assert record.valid_from == parse_date(day(-400), "x")
-    assert record.valid_from.astimezone(CHINA_STANDARD_TIME).hour == 0
+    assert record.valid_from.astimezone(LOCAL_TZ).hour == 0
     # Only the digest is stored, never the certificate itself.
     database = (cli.tmp_path / "state" / "medhotline.db").read_bytes()
     assert b"CERTIFICATE-COPY" not in database
@@ -317,8 +318,7 @@ def test_help_states_the_time_zone_of_dates(cli: Cli) -> None:
         cli("credentials", "add", "--help")
     assert exit_info.value.code == 0
     out = cli.capsys.readouterr().out
-    assert "China Standard Time" in out
-    assert "UTC+08:00" in out
+    assert HOSPITAL_TZ_NAME in out  # the zone by name: the one the scheduler uses, not a fixed offset
 
 
 def test_agents_freeze_is_the_same_operation_as_accounts_freeze(cli: Cli) -> None:
