@@ -25,7 +25,7 @@ def test_utc_text_is_fixed_width_utc_with_z() -> None:
 
 def test_utc_text_refuses_a_naive_time() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
-        utc_text(datetime(2026, 3, 1))  # noqa: DTZ001 - the naive time is the point
+        utc_text(datetime(2026, 3, 1))  # a naive time is the point of this test
 
 
 def test_audit_records_and_logs_write_the_same_text() -> None:
