@@ -39,7 +39,7 @@ from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket
 from routing.model import CallPriority, CallRequest
 from scheduler.policy import failure_outcome
 from scheduler.tasks import TaskStore
-from telephony.ari_channel import AriCallChannel, AriDispatcher
+from telephony.ari_channel import AriCallChannel, AriDispatcher, await_answer
 from telephony.ari_client import AriClient, AriError
 from telephony.channel import CallerId, CallInfo, ChannelError
 
@@ -288,7 +288,7 @@ class CallbackService:
                 await self._engine.abandon(attempt_id)
                 await self._attempt_failed(callback_id, "unreachable")
                 return
-            cause = await self._await_answer(leg, oc.ring_seconds + _ANSWER_SLACK)
+            cause = await await_answer(leg, oc.ring_seconds + _ANSWER_SLACK)
             if cause is not None:
                 outcome = failure_outcome(cause)
                 log.info("callback.not_answered", outcome=outcome)
@@ -315,23 +315,6 @@ class CallbackService:
         keys = await self._ring.keys([key_id])
         async with self._ring.cipher(keys) as cipher:
             return _unpad(cipher.decrypt_bytes(token, table=TABLE, column=COLUMN, row_id=callback_id))
-
-    async def _await_answer(self, leg: AriCallChannel, timeout: float) -> int | None:
-        """None when the patient answered (the leg entered Stasis); else the hang-up cause (19: no answer)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return 19
-            event = await leg.next_event(timeout=remaining)
-            if event is None:
-                continue
-            if event["type"] == "StasisStart":
-                return None
-            if leg.gone:
-                cause = event.get("cause")
-                return cause if isinstance(cause, int) else 0
 
     async def _attempt_failed(self, callback_id: str, outcome: str) -> None:
         record = await asyncio.to_thread(self.store.get, callback_id)

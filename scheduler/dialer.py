@@ -15,7 +15,7 @@ from scheduler.outreach_core import OutreachCore, OutreachPart
 from scheduler.policy import Window, failure_outcome
 from scheduler.store import AttemptRecord, PlanRecord
 from scheduler.tables import DoNotCall, FollowupPlan, MedicationReminder
-from telephony.ari_channel import AriCallChannel, AriDispatcher
+from telephony.ari_channel import AriCallChannel, AriDispatcher, await_answer
 from telephony.ari_client import AriClient, AriError
 from telephony.channel import CallInfo, ChannelError
 
@@ -163,7 +163,7 @@ class Dialer(OutreachPart):
                     await self._failed(attempt, "unreachable")
                     return
                 log.info("outreach.dialling")
-                cause = await self._await_answer(leg, oc.ring_seconds + 10)
+                cause = await await_answer(leg, oc.ring_seconds + 10)
                 if cause is not None:
                     await self._failed(attempt, failure_outcome(cause))
                     return
@@ -195,22 +195,6 @@ class Dialer(OutreachPart):
     async def _medication_parts(self, reminder_id: str) -> tuple[str, str]:
 
         return await MedicationStore(self._sessions).text(self._services().ring, reminder_id)
-
-    async def _await_answer(self, leg: AriCallChannel, timeout: float) -> int | None:
-        """None when the patient answered (the channel entered Stasis); else the hang-up cause."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return 19
-            event = await leg.next_event(timeout=remaining)
-            if event is None:
-                continue
-            if event["type"] == "StasisStart":
-                return None
-            if leg.gone:
-                return int(event.get("cause") or 0)
 
     async def _answered(self, context: CallContext, outcome: str) -> None:
         attempt = context.attempt

@@ -395,3 +395,22 @@ class AriDispatcher:
         """The event stream is gone: every call waiting on an event learns it now instead of hanging."""
         for channel in self._channels.values():
             channel.deliver(error)
+
+
+async def await_answer(leg: AriCallChannel, timeout: float) -> int | None:
+    """For an outbound leg: None once the callee answered (the leg entered Stasis); else the hang-up cause
+    (19, no answer, when ``timeout`` passed first). One wait for the dialer and the callback service alike."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return 19
+        event = await leg.next_event(timeout=remaining)
+        if event is None:
+            continue
+        if event["type"] == "StasisStart":
+            return None
+        if leg.gone:
+            cause = event.get("cause")
+            return cause if isinstance(cause, int) else 0
