@@ -6,9 +6,11 @@ and how many missed emergencies were at least asked about (the confirmation ques
 discriminator. A set is scored only when git shows it was committed *before* the lexicon's last change (or the
 lexicon has uncommitted changes): a set written after the lexicon could have been written to flatter it.
 ``tests/data/triage/sets.json`` says which sets are blind (never read by the developers: their misses are never
-printed) and which are development sets; a blind set scored once for an earlier lexicon shows as ``seen``.
+printed) and which are development sets; a blind set scored once for an earlier lexicon shows as ``seen``, and
+a set the learned model was trained on as ``trained`` (its figures are in-sample). Each set is also scored by the
+lexicon alone, without the model: the baseline of the same run.
 Speed: p50/p99 per utterance of ``Classifier.classify`` and, on the same utterances in the same run, of
-``jieba.lcut`` (segmentation alone, the baseline); target p99 within 3×.
+``jieba.lcut`` (segmentation alone, the baseline) and of the lexicon alone; target p99 within 3× jieba's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import jieba
 
-from keywords import Classifier, load_lexicon
+from keywords import Classifier, Lexicon, load_lexicon
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -159,9 +161,10 @@ def speed(funcs: Sequence[Callable[[str], object]], texts: Sequence[str], rounds
     return result
 
 
-def sets(version: str = "") -> list[tuple[str, Path, str]]:
+def sets(version: str = "", trained: Sequence[str] = ()) -> list[tuple[str, Path, str]]:
     """(name, path, kind) of every labelled set: the first release's sets, then the triage sets. ``kind`` is dev,
-    blind, or seen (a blind set already scored once for another lexicon ``version``)."""
+    blind, seen (a blind set already scored once for another lexicon ``version``) or trained (the model learned
+    from it: ``trained`` names those sets)."""
     manifest = json.loads((TRIAGE / "sets.json").read_text(encoding="utf-8")) if (TRIAGE / "sets.json").exists() else {}
     found = [(p.name, p, "dev") for p in (DATA / "keywords_eval.jsonl", DATA / "keywords_holdout.jsonl") if p.exists()]
     for path in sorted(TRIAGE.glob("*.jsonl")):
@@ -169,6 +172,8 @@ def sets(version: str = "") -> list[tuple[str, Path, str]]:
         kind = str(entry.get("kind", "blind"))  # unknown sets are treated as blind
         if kind == "blind" and entry.get("scored_once_for") and entry["scored_once_for"] != version:
             kind = "seen"  # its figures were seen for an earlier lexicon: a regression check, no longer blind
+        if path.name in trained:
+            kind = "trained"
         found.append((path.name, path, kind))
     return found
 
@@ -181,11 +186,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     jieba.setLogLevel(logging.WARNING)
     started = time.perf_counter()
-    classifier = Classifier(load_lexicon())
+    lexicon = load_lexicon()
+    classifier = Classifier(lexicon)
+    alone = Classifier(Lexicon(lexicon.terms, lexicon.markers, lexicon.version, lexicon.files, lexicon.sound_alikes))
     print(f"lexicon {classifier.version}: classifier built in {time.perf_counter() - started:.2f} s")
+    trained = lexicon.model.trained_on if lexicon.model is not None else ()
+    if lexicon.model is not None:
+        print(f"learned model: {lexicon.model.version}; sets it learned from show as `trained` (in-sample)")
     scored: list[tuple[str, str, Quality]] = []
     texts: list[str] = []
-    for name, path, kind in sets(classifier.version):
+    for name, path, kind in sets(classifier.version, trained):
         rows = load_rows(path)
         texts.extend(str(r["text"]) for r in rows)
         why_not = eligibility(path)
@@ -199,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{name:<28} {kind:<5} n={q.size:<4} emergencies {q.tp + q.fn:<4} recall {q.recall:.3f}  "
             f"precision {q.precision:.3f}  category {q.accuracy:.3f}{level}  missed-but-asked {q.asked}/{q.fn}"
         )
+        if lexicon.model is not None:
+            b = quality(alone, rows)
+            print(
+                f"{'':<28} {'':<5} lexicon alone: recall {b.recall:.3f}  precision {b.precision:.3f}  category "
+                f"{b.accuracy:.3f}"
+            )
     triage_sets = [
         (name, q) for name, _kind, q in scored if q.by_discriminator and "unlabelled" not in q.by_discriminator
     ]
@@ -211,16 +227,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{d:<24}{cells}")
     if args.misses:
         for name, kind, q in scored:
-            if kind != "dev":
+            if kind not in ("dev", "trained") or (kind == "trained" and name.startswith("blind")):
                 continue  # a blind (or seen) set's sentences are never shown: no lexicon change may see them
             print(f"\n{name}: {len(q.misses)} errors (expected category, got, text)")
             for miss in q.misses:
                 print("  ", *miss)
     jieba.initialize()
     rounds = 1 if args.quick else args.rounds  # blocks of all utterances; p99 = the median block's
-    ours, base = speed([classifier.classify, jieba.lcut], texts, rounds)
+    ours, base, lexicon_only = speed([classifier.classify, jieba.lcut, alone.classify], texts, rounds)
     print()
-    for label, s in (("classifier", ours), ("jieba.lcut", base)):
+    for label, s in (("classifier", ours), ("jieba.lcut", base), ("lexicon", lexicon_only)):
         print(f"{label:<11} {s.per_second:>9.0f} utt/s   p50 {s.p50_ms:.3f} ms   p99 {s.p99_ms:.3f} ms")
     ratio = ours.p99_ms / base.p99_ms
     print(f"ratio       p99 {ratio:.1f}x jieba.lcut's p99 (target ≤ 3x: {'met' if ratio <= 3 else 'MISSED'})")

@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ground.errors import MedhotlineError
 from ground.yaml_source import SourceMap, SourceProblem, parse_yaml
+from keywords.triage_model import MODEL_FILE, TriageModel, TriageModelError, parse_triage_model
 from telephony.consult import CONSULT_CATEGORIES, ConsultCategory
 
 __all__ = [
@@ -302,6 +303,8 @@ class Lexicon:
     files: tuple[Path, ...] = ()
     # Heard character → the medical character it stands for (see ``LexiconFile.sound_alikes``).
     sound_alikes: Mapping[str, str] = field(default_factory=dict)
+    # The learned second opinion (keywords/triage_model.py), when the directory holds one: part of the version.
+    model: TriageModel | None = None
 
     @classmethod
     def from_terms(
@@ -373,6 +376,22 @@ def _parse_file(path: Path) -> _Parsed:
     return parsed
 
 
+def _model(paths: Sequence[Path]) -> tuple[Path | None, bytes, TriageModel | None, list[LexiconProblem]]:
+    """The triage model of the first directory in ``paths`` that holds one (its path, bytes and parse)."""
+    for path in paths:
+        candidate = path / MODEL_FILE
+        if path.is_dir() and candidate.is_file():
+            try:
+                data = candidate.read_bytes()
+                return candidate, data, parse_triage_model(candidate, data), []
+            except OSError as exc:
+                return candidate, b"", None, [LexiconProblem(candidate, 0, 0, "", f"cannot read: {exc.strerror}")]
+            except TriageModelError as exc:
+                message = str(exc).removeprefix(f"{candidate}: ")
+                return candidate, b"", None, [LexiconProblem(candidate, 0, 0, "", message)]
+    return None, b"", None, []
+
+
 def _lexicon_files(paths: Sequence[Path]) -> tuple[list[Path], list[LexiconProblem]]:
     files: list[Path] = []
     problems: list[LexiconProblem] = []
@@ -390,6 +409,8 @@ def scan_lexicon(paths: Sequence[Path] | Path = DEFAULT_LEXICON_DIR) -> LexiconR
     """Load and check lexicon files or directories; the report has every problem, and the lexicon if none."""
     paths = [paths] if isinstance(paths, Path) else list(paths)
     files, problems = _lexicon_files(paths)
+    model_path, model_bytes, model, model_problems = _model(paths)
+    problems.extend(model_problems)
     parsed = [_parse_file(path) for path in files]
     for item in parsed:
         problems.extend(item.problems)
@@ -448,7 +469,9 @@ def scan_lexicon(paths: Sequence[Path] | Path = DEFAULT_LEXICON_DIR) -> LexiconR
         markers = markers.merged(item.data.markers)
         for term in item.data.terms:
             terms[term.term] = term
-    report.lexicon = Lexicon(tuple(terms.values()), markers, digest.hexdigest()[:12], tuple(files), heard)
+    if model_path is not None:
+        digest.update(model_path.name.encode() + b"\0" + model_bytes + b"\0")
+    report.lexicon = Lexicon(tuple(terms.values()), markers, digest.hexdigest()[:12], tuple(files), heard, model)
     return report
 
 

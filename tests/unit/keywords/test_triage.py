@@ -21,6 +21,7 @@ DISCRIMINATOR_ROW = re.compile(r"^\| `([a-z_]+)` \|", re.MULTILINE)
 NON_EMERGENCY_TAGS = {
     "urgent_symptom", "negated", "history", "hypothetical", "topic", "drug_question", "vaccine_question",
     "lab_value", "seriousness_question", "appointment", "adverse_mild", "info", "other",
+    "",  # untagged: sets from dev-16 on name a discriminator for emergencies only
 }  # fmt: skip
 
 
