@@ -229,8 +229,7 @@ def _category(
 
 def second_opinion(result: Classification, model: TriageModel) -> Classification:
     """``result`` with the model's opinion applied (see the module docstring)."""
-    features = model.features(result.text)
-    chance = model.emergency(features)
+    chance, category, sure = model.opinion(result.text)
     ruled_out = any(m.category == "emergency" and not m.counts for m in result.matched)
     if result.emergency:
         doubted = _doubted(result, chance)
@@ -238,6 +237,7 @@ def second_opinion(result: Classification, model: TriageModel) -> Classification
             return result
         result = doubted
     elif chance >= MODEL_ASK and not ruled_out:
+        features = model.features(result.text)  # only for an utterance the model speaks up about
         why = f"model: P(emergency) {chance:.2f} ({', '.join(model.evidence(features))})"
         discriminator = result.discriminator or model.discriminator(features)
         if chance >= MODEL_EMERGENCY and len(result.text) >= VETO_CONTEXT:
@@ -260,7 +260,6 @@ def second_opinion(result: Classification, model: TriageModel) -> Classification
                 discriminator=discriminator,
                 confirm=True,
             )
-    category, sure = model.category(features)
     if sure >= MODEL_CATEGORY and category != result.category and category in CATEGORIES:
         result = dataclasses.replace(result, category=category, rules=(*result.rules, f"{category}: model {sure:.2f}"))
     return result

@@ -31,6 +31,10 @@ NGRAM_RANGE = (1, 3)
 MAX_FEATURES = 20000  # the 20 000 most frequent n-grams: the same held-out figures as all 60 000, a third the size
 C = 4.0  # inverse regularisation, chosen by leave-one-set-out on the development sets (docs/triage.md)
 PRUNE = 0.02  # an n-gram whose weights all stay below this moves no probability by more than a rounding error
+# Which discriminator an emergency resembles is read from each class's strongest n-grams only: on the training
+# emergencies the top 400 per class agree with the full head's choice on 6576 of 6596, at a tenth of the cost
+# (the classifier asks it of every emergency the lexicon did not explain).
+DISCRIMINATOR_TOP = 400
 MAX_DRIFT = 0.02  # the pure-Python reader must reproduce scikit-learn's probabilities to within this
 
 
@@ -56,8 +60,15 @@ def _rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def _head(classes: Sequence[str], model: Any, grams: Sequence[str], binary: bool) -> dict[str, Any]:
-    coef = model.coef_
+def _head(classes: Sequence[str], model: Any, grams: Sequence[str], binary: bool, top: int = 0) -> dict[str, Any]:
+    """The head's weights as JSON; with ``top``, only each class's ``top`` largest weights (others zero)."""
+    coef = model.coef_.copy()
+    if top:
+        for k in range(coef.shape[0]):
+            keep = coef[k].argsort()[-top:]
+            kept = coef[k, keep].copy()
+            coef[k, :] = 0.0
+            coef[k, keep] = kept
     weights: dict[str, list[float]] = {}
     for column, gram in enumerate(grams):
         row = [float(coef[k, column]) for k in range(coef.shape[0])]
@@ -93,7 +104,9 @@ def train(paths: Sequence[Path]) -> tuple[bytes, float]:
         "heads": {
             "emergency": _head([], emergency, grams, binary=True),
             "category": _head([str(c) for c in category.classes_], category, grams, binary=False),
-            "discriminator": _head([str(c) for c in discriminator.classes_], discriminator, grams, binary=False),
+            "discriminator": _head(
+                [str(c) for c in discriminator.classes_], discriminator, grams, binary=False, top=DISCRIMINATOR_TOP
+            ),
         },
     }
     document["version"] = f"{len(rows)} utterances from {len(paths)} sets"
@@ -101,6 +114,9 @@ def train(paths: Sequence[Path]) -> tuple[bytes, float]:
     reader = parse_triage_model(Path(MODEL_FILE), data)
     expected = emergency.predict_proba(matrix)[:, 1]
     drift = max(abs(reader.emergency(reader.features(t)) - float(p)) for t, p in zip(texts, expected, strict=True))
+    chosen = discriminator.predict(matrix[red])
+    agree = sum(reader.discriminator(reader.features(texts[i])) == c for i, c in zip(red, chosen, strict=True))
+    print(f"discriminator head, top {DISCRIMINATOR_TOP} per class: agrees with the full head on {agree}/{len(red)}")
     return data, drift
 
 

@@ -27,6 +27,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ground.errors import MedhotlineError
@@ -52,14 +53,19 @@ class Head:
     intercepts: tuple[float, ...]
     weights: Mapping[str, tuple[float, ...]]
 
+    @cached_property
+    def _sparse(self) -> dict[str, tuple[tuple[int, float], ...]]:
+        # The discriminator head keeps a few hundred weights per class (keywords/training.py): mostly zeros.
+        rows = {g: tuple((k, w) for k, w in enumerate(row) if w) for g, row in self.weights.items()}
+        return {g: row for g, row in rows.items() if row}
+
     def scores(self, features: Mapping[str, float]) -> list[float]:
         """One score per class; a two-class head is stored as scikit-learn stores it, one vector for the second."""
         totals = list(self.intercepts)
+        sparse = self._sparse
         for gram, value in features.items():
-            row = self.weights.get(gram)
-            if row is not None:
-                for index, weight in enumerate(row):
-                    totals[index] += weight * value
+            for index, weight in sparse.get(gram, ()):
+                totals[index] += weight * value
         return [0.0, totals[0]] if len(self.classes) == 2 else totals
 
 
@@ -72,6 +78,44 @@ class TriageModel:
     heads: Mapping[str, Head]
     trained_on: tuple[str, ...]
     version: str
+
+    @cached_property
+    def _table(self) -> dict[str, tuple[float, float, tuple[float, ...] | None]]:
+        """Per n-gram its idf, emergency weight and category weights, for one lookup per n-gram."""
+        emergency, category = self.heads["emergency"].weights, self.heads["category"].weights
+        return {g: (idf, emergency.get(g, (0.0,))[0], category.get(g)) for g, idf in self.idf.items()}
+
+    def opinion(self, text: str) -> tuple[float, str, float]:
+        """P(emergency), the most likely category and its probability: :meth:`emergency` and :meth:`category` of
+        :meth:`features`, in one pass (the classifier asks this of every utterance, so it is kept fast)."""
+        low, high = self.ngram_range
+        doc = _WHITESPACE.sub(" ", text.lower())
+        table = self._table
+        counts: dict[str, int] = {}
+        for n in range(low, min(high, len(doc)) + 1):
+            for i in range(len(doc) - n + 1):
+                gram = doc[i : i + n]
+                if gram in table:
+                    counts[gram] = counts.get(gram, 0) + 1
+        head = self.heads["category"]
+        square = score = 0.0
+        totals = [0.0] * len(head.intercepts)
+        for gram, count in counts.items():
+            idf, weight, row = table[gram]
+            value = idf if count == 1 else (1.0 + math.log(count)) * idf
+            square += value * value
+            score += weight * value
+            if row is not None:
+                totals = [t + w * value for t, w in zip(totals, row, strict=True)]
+        norm = math.sqrt(square) or 1.0
+        score = score / norm + self.heads["emergency"].intercepts[0]
+        chance = 1.0 / (1.0 + math.exp(-score)) if score > -500 else 0.0
+        scores = [t / norm + b for t, b in zip(totals, head.intercepts, strict=True)]
+        if len(head.classes) == 2:
+            scores = [0.0, scores[0]]
+        top = max(scores)
+        index = scores.index(top)
+        return chance, head.classes[index], 1.0 / sum(math.exp(s - top) for s in scores)
 
     def features(self, text: str) -> dict[str, float]:
         """The utterance's TF-IDF vector over the vocabulary, as scikit-learn computes it (sublinear tf, l2)."""
