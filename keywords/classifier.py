@@ -229,7 +229,8 @@ def _category(
 
 def second_opinion(result: Classification, model: TriageModel) -> Classification:
     """``result`` with the model's opinion applied (see the module docstring)."""
-    chance, category, sure = model.opinion(result.text)
+    opinion = model.opinion(result.text)
+    chance, category, sure = opinion.emergency, opinion.category, opinion.category_probability
     ruled_out = any(m.category == "emergency" and not m.counts for m in result.matched)
     if result.emergency:
         doubted = _doubted(result, chance)
@@ -237,7 +238,7 @@ def second_opinion(result: Classification, model: TriageModel) -> Classification
             return result
         result = doubted
     elif chance >= MODEL_ASK and not ruled_out:
-        features = model.features(result.text)  # only for an utterance the model speaks up about
+        features = opinion.features
         why = f"model: P(emergency) {chance:.2f} ({', '.join(model.evidence(features))})"
         discriminator = result.discriminator or model.discriminator(features)
         if chance >= MODEL_EMERGENCY and len(result.text) >= VETO_CONTEXT:
