@@ -198,6 +198,24 @@ class SpeechConfig(_Section):
     script: list[str] = Field(default_factory=list)
     # Empty: the lexicon shipped in keywords/lexicon/. Edits are picked up while the service runs.
     lexicon_dir: Path | None = None
+    # How many callers this node listens to at once; the others get the key menu at once (docs/performance.md).
+    # Unset: 1.5 per CPU core (the knee benchmarks.asr measured: 3 streams in real time on 2 cores), at least 1.
+    max_streams: int | None = None
+
+    @field_validator("max_streams", mode="before")
+    @classmethod
+    def _max_streams(cls, value: Any) -> Any:
+        value = _empty_is_none(value)
+        if value is None:
+            return None
+        # bool is an int to Python; `max_streams = true` is a mistake, not one stream.
+        number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 1000:
+            raise ValueError(
+                "must be a whole number of concurrent recognitions from 1 to 1000 "
+                '(leave it out for 1.5 per CPU core; engine = "none" turns speech off)'
+            )
+        return number
 
     @model_validator(mode="after")
     def _engine_needs(self) -> SpeechConfig:

@@ -282,6 +282,7 @@ class CallRecord:
     triage_confirm_answer: str | None = None
     upgraded_at: datetime | None = None
     upgraded_by: str | None = None
+    speech_admission: str | None = None
 
     @classmethod
     def from_row(cls, row: Call) -> CallRecord:
@@ -309,11 +310,13 @@ class CallRecord:
             triage_confirm_answer=row.triage_confirm_answer,
             upgraded_at=row.upgraded_at,
             upgraded_by=row.upgraded_by,
+            speech_admission=row.speech_admission,
         )
 
 
 TRIAGE_LEVELS: Final = ("emergency", "urgent", "routine")
 CONFIRM_ANSWERS: Final = ("key", "speech", "declined", "no_input")
+SPEECH_ADMISSIONS: Final = ("admitted", "refused")
 _AGENT_ID = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
@@ -455,6 +458,14 @@ class CallRepository(Repository):
             row.triage_discriminator = discriminator[:64] or None
             row.triage_confirm_asked = confirm_answer is not None
             row.triage_confirm_answer = confirm_answer
+
+    def record_speech_admission(self, call_id: str, admission: str) -> None:
+        """Whether the IVR listened to the caller ("admitted") or, with no recognizer free, gave the key menu at
+        once ("refused"). Written once the IVR is done, like the triage."""
+        if admission not in SPEECH_ADMISSIONS:
+            raise ValueError(f"speech admission {admission!r} is not one of {', '.join(SPEECH_ADMISSIONS)}")
+        with self._transaction(f"recording the speech admission of call {call_id}") as session:
+            self._load(session, call_id).speech_admission = admission
 
     def upgrade_to_emergency(self, call_id: str, *, by: str, at: datetime) -> bool:
         """An agent upgraded the call to emergency: the record says so, with who and when, from now on (also

@@ -123,6 +123,10 @@ class Call(Base):
     triage_confirm_answer: Mapped[str | None] = mapped_column(String(16))
     upgraded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     upgraded_by: Mapped[str | None] = mapped_column(String(64))
+    # Did the caller's listen nodes get a recognizer: "admitted", or "refused" when the node's budget of concurrent
+    # recognitions was spent (or the speech engine full) and the caller got the key menu at once. NULL: no listen
+    # node with speech was reached.
+    speech_admission: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (
         # The database refuses values the code does not know, whichever node or tool wrote them.
@@ -144,6 +148,9 @@ class Call(Base):
             name="triage_confirm_answer",
         ),
         CheckConstraint("(upgraded_at IS NULL) = (upgraded_by IS NULL)", name="upgraded"),
+        CheckConstraint(
+            "speech_admission IS NULL OR speech_admission IN ('admitted', 'refused')", name="speech_admission"
+        ),
         Index("ix_calls_started_at", "started_at"),
         Index("ix_calls_channel_id", "channel_id"),
     )

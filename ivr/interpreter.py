@@ -70,6 +70,7 @@ from telephony.ports import (
     Recognition,
     RecognitionUnavailable,
     Recognizer,
+    RecognizerBusy,
 )
 
 log = structlog.get_logger(__name__)
@@ -129,6 +130,9 @@ class RouteDecision:
 
 
 ConfirmAnswer = Literal["key", "speech", "declined", "no_input"]
+# Whether the call's listen nodes got a recognizer: "refused" as soon as one did not (the budget of concurrent
+# recognitions was spent, or the engine was full) and the caller was given the key menu instead.
+SpeechAdmission = Literal["admitted", "refused"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ class FlowResult:
     triage: TriageResult | None = None
     # False only for a route decision taken before answering (see FlowRunner.defer_answer): the queue answers.
     answered: bool = True
+    # None when no listen node was reached with speech available.
+    speech_admission: SpeechAdmission | None = None
 
 
 SoundFor = Callable[[str], str]
@@ -202,6 +208,7 @@ class FlowRunner:
     # The triage of the last utterance a listen node classified (reported with the outcome).
     _triage: TriageResult | None = field(default=None, init=False)
     _answered: bool = field(default=False, init=False)
+    _speech: SpeechAdmission | None = field(default=None, init=False)
 
     async def run(self, flow: Flow, channel: CallChannel) -> FlowResult:
         """Answer, walk the flow from its start node, and end in a hang-up, a route or a transfer."""
@@ -214,17 +221,17 @@ class FlowRunner:
         except _Done as done:
             return done.result
         except CallerHungUp:
-            return FlowResult("caller_hangup", self._where, variables=self.variables, triage=self._triage)
+            return self._ended("caller_hangup")
         except ConnectionLost as exc:
             # The event stream is gone, so a prompt's end would never be heard of; the REST side may still work,
             # and a hang-up is better than a silent line until the caller gives up.
             with contextlib.suppress(ChannelError):
                 await channel.hangup()
-            return FlowResult("connection_lost", self._where, str(exc), variables=self.variables, triage=self._triage)
+            return self._ended("connection_lost", str(exc))
         except ChannelError as exc:
             log.error("flow.failed", node=self._where, error=str(exc))
             await tell_unavailable_and_hang_up(channel)
-            return FlowResult("error", self._where, str(exc), variables=self.variables, triage=self._triage)
+            return self._ended("error", str(exc))
 
     async def _walk(self, flow: Flow, channel: CallChannel) -> FlowResult:
         stack: list[tuple[Flow, str]] = []  # (calling flow, node to continue at) for subflows
@@ -258,7 +265,14 @@ class FlowRunner:
             self._where,
             variables=dict(self.variables),
             triage=self._triage,
+            speech_admission=self._speech,
             **extra,  # type: ignore[arg-type]
+        )
+
+    def _ended(self, outcome: Outcome, error: str | None = None) -> FlowResult:
+        """The walk ended by what the caller or Asterisk did (not by a terminal node)."""
+        return FlowResult(
+            outcome, self._where, error, variables=self.variables, triage=self._triage, speech_admission=self._speech
         )
 
     async def _say(self, channel: CallChannel, prompt: Prompt | None, barge_in: bool) -> str | None:
@@ -411,6 +425,28 @@ class FlowRunner:
         if not self.recognizer.available_for(channel):
             # No speech on this node (or it failed): the caller gets the key menu instead, never silence.
             return "fallback", "speech unavailable", node.fallback
+        admission = contextlib.ExitStack()
+        try:
+            # Before the node's question: a caller over the budget is never invited to speak and then refused.
+            admission.enter_context(self.recognizer.admit(channel))
+        except RecognizerBusy as exc:
+            return self._speech_busy(node, exc)
+        # Held for the whole node (question, listening, confirmation) and released on every way out of it: a
+        # result, a hang-up, an error, the call's task cancelled. Nothing awaits between the admission and here.
+        try:
+            if self._speech is None:
+                self._speech = "admitted"
+            return await self._listen_admitted(node, channel)
+        finally:
+            admission.close()
+
+    def _speech_busy(self, node: ListenNode, exc: RecognizerBusy) -> tuple[str, str, str]:
+        """No recognizer free: the key menu at once (a key typed ahead, 0 included, is still answered there)."""
+        log.warning("speech.busy_fallback", node=self._where, reason=str(exc))
+        self._speech = "refused"
+        return "fallback", "speech busy", node.fallback
+
+    async def _listen_admitted(self, node: ListenNode, channel: CallChannel) -> tuple[str, str | None, str]:
         attempt = 0
         while True:
             pressed = await self._say(channel, node.prompt, True)
@@ -421,6 +457,8 @@ class FlowRunner:
             else:
                 try:
                     recognition = await self.recognizer.recognize(channel, node.max_seconds)
+                except RecognizerBusy as exc:
+                    return self._speech_busy(node, exc)
                 except RecognitionUnavailable as exc:
                     log.error("speech.unavailable", node=self._where, reason=str(exc))
                     return "fallback", "speech failed", node.fallback

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import structlog
 
 from keywords.registry import LexiconRegistry
-from keywords.speech import SpeechEvent, SpeechStreamError
+from keywords.speech import SpeechBusy, SpeechEvent, SpeechStreamError
 from telephony.channel import AudioSource, CallChannel, CallerHungUp, ChannelError, ConnectionLost
-from telephony.ports import Recognition, RecognitionUnavailable
+from telephony.ports import Recognition, RecognitionUnavailable, RecognizerBusy
 from telephony.rtp import RtpError
 
 log = structlog.get_logger(__name__)
@@ -45,10 +46,17 @@ class StreamingRecognizer:
     def available_for(self, channel: CallChannel) -> bool:
         return isinstance(channel, AudioSource)
 
+    def admit(self, channel: CallChannel) -> AbstractContextManager[object]:
+        # The node's budget is keywords.admission.AdmittedRecognizer's; an engine that is full says so per stream.
+        return nullcontext()
+
     async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
         if not isinstance(channel, AudioSource):
             return None
-        stream = self.engine.async_stream(8000, max_seconds=max_seconds)
+        try:
+            stream = self.engine.async_stream(8000, max_seconds=max_seconds)
+        except SpeechBusy as exc:
+            raise RecognizerBusy(str(exc)) from None
         transcript = ""
         try:
             async with asyncio.timeout(max_seconds + 2.0), channel.caller_audio(max_seconds) as frames:
@@ -62,6 +70,8 @@ class StreamingRecognizer:
             pass
         except (CallerHungUp, ConnectionLost):
             raise
+        except SpeechBusy as exc:
+            raise RecognizerBusy(str(exc)) from None
         except (ChannelError, SpeechStreamError, RtpError) as exc:
             raise RecognitionUnavailable(f"speech recognition failed: {exc}") from None
         final = await stream.finish()

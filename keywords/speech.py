@@ -43,6 +43,12 @@ class SpeechStreamError(MedhotlineError):
     """Audio handed to a speech stream is not usable (odd byte count, stream already closed)."""
 
 
+class SpeechBusy(MedhotlineError):
+    """No recognizer is free for another stream now: this node's budget of concurrent recognitions is spent
+    (``speech.max_streams``), or a speech engine with capacity of its own (e.g. every speech server) is full.
+    Never waited on: the ``listen`` node gives the caller its key menu at once."""
+
+
 @dataclass(frozen=True)
 class SpeechEvent:
     """A recognition result: ``partial`` while the caller speaks, ``final`` at the end of an utterance."""

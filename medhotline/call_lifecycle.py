@@ -204,18 +204,7 @@ class CallLifecycle:
                 await ivr_recorder.stop(channel, ivr_recording)
             if recordings is not None and result.variables.get("patient_ref"):
                 recordings.identify(call_id, result.variables["patient_ref"])
-            if result.triage is not None:
-                # In order with the call's other writes (the row may not be written yet) and before the queue: a
-                # nurse's upgrade during the conversation lands beside what the IVR heard.
-                writes.add(
-                    "triage",
-                    self.wiring.repo.record_triage,
-                    call_id,
-                    level=result.triage.level,
-                    confidence=min(1.0, max(0.0, result.triage.confidence)),
-                    discriminator=result.triage.discriminator,
-                    confirm_answer=result.triage.confirm_answer,
-                )
+            self._record_listening(writes, call_id, result)
             if result.outcome == "routed" and result.route is not None:
                 result = await self._to_agent(channel, call_id, result, writes)
             await self._finish_record(writes, call_id, result)
@@ -224,6 +213,24 @@ class CallLifecycle:
                 self._call_ended(call_id)
             self._handed_over.discard(call_id)
             return call_id, result.outcome
+
+    def _record_listening(self, writes: _CallWrites, call_id: str, result: FlowResult) -> None:
+        """What the IVR's listen nodes made of the call: the triage, and whether a recognizer was free."""
+        if result.triage is not None:
+            # In order with the call's other writes (the row may not be written yet) and before the queue: a
+            # nurse's upgrade during the conversation lands beside what the IVR heard.
+            writes.add(
+                "triage",
+                self.wiring.repo.record_triage,
+                call_id,
+                level=result.triage.level,
+                confidence=min(1.0, max(0.0, result.triage.confidence)),
+                discriminator=result.triage.discriminator,
+                confirm_answer=result.triage.confirm_answer,
+            )
+        if result.speech_admission is not None:
+            # A refusal is how capacity planning sees a busy recognizer: per call, node and time.
+            writes.add("speech admission", self.wiring.repo.record_speech_admission, call_id, result.speech_admission)
 
     def _inbound_outreach(self, patient_of: Callable[[], str | None], call_id: str) -> CallOutreach | None:
         """Vaccination booking and adverse-reaction reports on the hotline: for the caller the IVR identified."""

@@ -144,6 +144,9 @@ def _show_call(call: CallRecord) -> None:
         )
         asked = f"asked, answer={call.triage_confirm_answer or '-'}" if call.triage_confirm_asked else "not asked"
         rows.append(("confirmation", asked))
+    if call.speech_admission is not None:
+        listened = "listened to" if call.speech_admission == "admitted" else "refused (no recognizer free: key menu)"
+        rows.append(("speech", listened))
     if call.upgraded_at is not None:
         rows.append(("upgraded", f"to emergency by {call.upgraded_by} at {when(call.upgraded_at)}"))
     for label, value in rows:

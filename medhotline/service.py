@@ -9,6 +9,7 @@ When Asterisk goes away the service keeps running and reconnects with capped exp
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ from ivr.fastagi import start_server as start_fastagi
 from ivr.flow_loader import FlowError
 from ivr.flow_registry import FlowRegistry
 from ivr.prompts import Voice, sound_name
+from keywords.admission import budgeted
 from keywords.lexicon import DEFAULT_LEXICON_DIR, LexiconError
 from keywords.recognizer import ScriptedSpeech, SpeechEngine, StreamingRecognizer, registry_classifier
 from keywords.registry import LexiconRegistry
@@ -411,7 +413,8 @@ def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None
     else:
         assert speech.model_path is not None  # guaranteed by config validation
         engine = SpeechModel.load(speech.model_path)
-    return StreamingRecognizer(engine, classify), lexicon
+    # Whatever the engine, at most speech.max_streams callers are listened to at once (keywords.admission).
+    return budgeted(StreamingRecognizer(engine, classify), speech.max_streams, os.cpu_count()), lexicon
 
 
 def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> RoutingEngine:

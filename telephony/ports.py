@@ -12,6 +12,7 @@ outreach: an identity check or a reading that can't be stored must not pass for 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -22,6 +23,11 @@ from telephony.channel import CallChannel, ChannelError
 class RecognitionUnavailable(ChannelError):
     """Speech recognition failed for this call (media could not be set up, engine error): the ``listen`` node
     takes its key-menu fallback; the call goes on."""
+
+
+class RecognizerBusy(RecognitionUnavailable):
+    """No recognizer is free for this call now (the node's budget of concurrent recognitions is spent, or the
+    speech engine is full): the ``listen`` node gives the caller its key menu at once, never a wait."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,12 @@ class Recognizer(Protocol):
         """Can this call be listened to? (No model loaded, or a transport without audio: no.)"""
         ...
 
+    def admit(self, channel: CallChannel) -> AbstractContextManager[object]:
+        """A place among this node's concurrent recognitions, held while the ``with`` block runs (a whole
+        ``listen`` node: its question, the listening, a confirmation). Raises ``RecognizerBusy`` (when called or
+        entered) when none is free; never waits. Released on any exit, a hang-up and a cancellation included."""
+        ...
+
     async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
         """Listen to the caller for up to ``max_seconds``; None when nothing intelligible was said."""
         ...
@@ -56,6 +68,9 @@ class NoRecognizer:
 
     def available_for(self, channel: CallChannel) -> bool:
         return False
+
+    def admit(self, channel: CallChannel) -> AbstractContextManager[object]:
+        return nullcontext()
 
     async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
         return None
@@ -70,6 +85,9 @@ class ScriptedRecognizer:
 
     def available_for(self, channel: CallChannel) -> bool:
         return self.available
+
+    def admit(self, channel: CallChannel) -> AbstractContextManager[object]:
+        return nullcontext()
 
     async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
         return self.results.pop(0) if self.results else None

@@ -91,6 +91,10 @@ def test_file_values_are_used(tmp_path: Path) -> None:
         ("[asterisk]\nmode = 'external'\n", "asterisk", "external mode needs ari_password and ami_secret"),
         ("[service]\nlog_level = 'loud'\n", "service.log_level", "'loud'"),
         ("[hotline]\nnumber = '12a'\n", "hotline.number", "pattern"),
+        ("[speech]\nmax_streams = 0\n", "speech.max_streams", "whole number of concurrent recognitions from 1"),
+        ("[speech]\nmax_streams = 2.5\n", "speech.max_streams", "whole number of concurrent recognitions"),
+        ("[speech]\nmax_streams = true\n", "speech.max_streams", "whole number of concurrent recognitions"),
+        ("[speech]\nmax_streams = 1001\n", "speech.max_streams", "from 1 to 1000"),
     ],
 )
 def test_bad_file_value_names_file_key_and_reason(tmp_path: Path, toml: str, key: str, reason: str) -> None:
@@ -241,3 +245,12 @@ def test_one_function_decides_where_prompts_go(tmp_path: Path) -> None:
     assert sounds_dir(external) == tmp_path / "sounds"
     sandbox = load_config(_write(tmp_path, f"[asterisk.sandbox]\nroot = '{tmp_path / 'root'}'\n"), {})
     assert sounds_dir(sandbox) == Sandbox(sandbox).sounds_dir
+
+
+def test_speech_max_streams_defaults_to_unset_and_takes_a_number_from_file_or_environment(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, ""), {}).speech.max_streams is None  # the service takes 1.5 per core
+    assert load_config(_write(tmp_path, "[speech]\nmax_streams = 4\n"), {}).speech.max_streams == 4
+    empty = _write(tmp_path, "")
+    assert load_config(empty, {"MEDHOTLINE__SPEECH__MAX_STREAMS": "2"}).speech.max_streams == 2
+    message = _error(empty, {"MEDHOTLINE__SPEECH__MAX_STREAMS": "none"})
+    assert "environment MEDHOTLINE__SPEECH__MAX_STREAMS: speech.max_streams: must be a whole number" in message

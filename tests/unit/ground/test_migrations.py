@@ -9,7 +9,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from alembic import command
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from ground import db
 from ground.db import CallNotFound, CallRepository, DatabaseError, DatabaseNotReady
@@ -38,6 +40,7 @@ EXPECTED_COLUMNS = {
     "triage_confirm_answer",
     "upgraded_at",
     "upgraded_by",
+    "speech_admission",
 }
 STEP_COLUMNS = {"call_id", "seq", "flow", "node", "node_type", "edge", "input", "at"}
 T0 = datetime(2024, 11, 26, 12, 0, 0, tzinfo=UTC)
@@ -118,6 +121,15 @@ def _round_trip_on(repo: CallRepository) -> None:
     assert record.outcome == "caller_hangup"
     assert record.last_step == "menu"
     assert record.error is None
+    assert record.speech_admission is None  # no listen node with speech reached
+    repo.record_speech_admission(call_id, "refused")
+    refused = repo.get(call_id)
+    assert refused is not None
+    assert refused.speech_admission == "refused"
+    with pytest.raises(ValueError, match="speech admission 'maybe'"):
+        repo.record_speech_admission(call_id, "maybe")
+    with pytest.raises(CallNotFound):
+        repo.record_speech_admission("no-such-call", "admitted")
 
     other = str(uuid.uuid4())
     repo.start(
@@ -299,3 +311,42 @@ def test_upgrade_and_round_trip_postgres(postgres_url: str) -> None:
     assert db.current_revision(postgres_url) == db.head_revision()
     db.ensure_current(postgres_url)
     _round_trip(postgres_url)
+
+
+def test_the_schema_refuses_a_speech_admission_the_code_does_not_know(sqlite_url: str) -> None:
+    db.upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    try:
+        repo = CallRepository.for_engine(engine)
+        repo.start(
+            call_id="c1",
+            node="n",
+            transport="ari",
+            channel_id="1",
+            channel_name="x",
+            flow="f",
+            flow_version=None,
+            started_at=T0,
+        )
+        with engine.begin() as connection, pytest.raises(IntegrityError):
+            connection.execute(text("UPDATE calls SET speech_admission = 'queued' WHERE id = 'c1'"))
+        record = repo.get("c1")
+        assert record is not None
+        assert record.speech_admission is None  # the refused write changed nothing
+    finally:
+        engine.dispose()
+
+
+def test_speech_admission_downgrades_and_upgrades_again(sqlite_url: str) -> None:
+    db.upgrade(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    try:
+        with engine.begin() as connection:
+            config = db._alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0012_callbacks_surge")
+        assert "speech_admission" not in {c["name"] for c in inspect(engine).get_columns("calls")}
+    finally:
+        engine.dispose()
+    db.upgrade(sqlite_url)
+    _check_schema(sqlite_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,9 @@ class SpeechOnce:
 
     def available_for(self, channel: CallChannel) -> bool:
         return self.listened == 0
+
+    def admit(self, channel: CallChannel) -> AbstractContextManager[object]:
+        return nullcontext()
 
     async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
         self.listened += 1

@@ -151,6 +151,7 @@ def test_an_upgrade_names_an_account(repo: db.CallRepository) -> None:
         {"triage_confirm_answer": "key"},  # an answer without the question
         {"upgraded_at": T0},  # half an upgrade
         {"upgraded_by": "nurse1"},
+        {"speech_admission": "queued"},  # never a wait: admitted or refused, nothing else
     ],
 )
 def test_the_schema_refuses_what_the_code_would_not_write(
@@ -174,6 +175,7 @@ def test_calls_show_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str])
             asked, level="urgent", confidence=0.55, discriminator="cardiac_chest_pain", confirm_answer="key"
         )
         repo.upgrade_to_emergency(asked, by="nurse1", at=T0 + timedelta(minutes=1))
+        repo.record_speech_admission(asked, "refused")
         plain = _start(repo)
     finally:
         engine.dispose()
@@ -184,11 +186,13 @@ def test_calls_show_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "confirmation: asked, answer=key" in out
     assert "upgraded:     to emergency by nurse1 at 2027-03-03T02:01:00+00:00" in out
     assert "route:        - priority=emergency" in out
+    assert "speech:       refused (no recognizer free: key menu)" in out
 
     assert main(["--config", str(config), "calls", "show", plain]) == 0
     out = capsys.readouterr().out
     assert "triage" not in out
     assert "upgraded" not in out
+    assert "speech" not in out
 
     assert main(["--config", str(config), "calls", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
