@@ -30,8 +30,8 @@ _EMERGENCY: Final = "#c0262d"
 def _nice_top(value: float) -> float:
     """The smallest 1, 2 or 5 × 10^n at least ``value`` (and at least 10 s), for a readable y axis."""
     value = max(value, 10.0)
-    power = 10 ** math.floor(math.log10(value))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= value)
+    power = 10.0 ** math.floor(math.log10(value))
+    return next(float(m * power) for m in (1, 2, 5, 10) if m * power >= value)
 
 
 def waits_svg(report: StatsReport, zone: tzinfo) -> str:
