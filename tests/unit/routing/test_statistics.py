@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from datetime import timedelta
+from xml.etree import ElementTree
 
 import pytest
 
@@ -126,6 +127,7 @@ def test_a_ring_write_that_failed_falls_back_to_the_answered_step() -> None:
 
 def test_the_chart_draws_one_dot_per_ended_wait_and_nothing_identifying() -> None:
     svg = waits_svg(_report(), HOSPITAL_TZ)
+    ElementTree.fromstring(svg)  # well-formed XML, or this raises
     assert svg.startswith("<svg")
     assert svg.rstrip().endswith("</svg>")
     assert svg.count("<circle") == 12  # 13 received, one still waiting
