@@ -55,19 +55,26 @@ supervisor  recording        D !          D !       -         -
 supervisor  call_record      D B          D !       -         -
 supervisor  agent_admin      D            -         -         -
 supervisor  flow_admin       G            -         -         -
+supervisor  statistics       G            G !       -         -
 admin       agent_admin      G            G !       G         -
 admin       key_admin        G            -         G         -
 admin       flow_admin       G            G !       G         G !
+admin       statistics       G            G !       -         -
 auditor     recording        G !          -         -         -
 auditor     audit_log        G            G !       -         -
 auditor     agent_admin      G            -         -         -
 auditor     key_admin        G            -         -         -
 auditor     flow_admin       G            -         -         -
+auditor     statistics       G            G !       -         -
 =========== ================ ============ ========= ========= ========
 
 Every cell not listed is ``-``: no role reads the audit log but the auditor, no role touches keys but the admin
 (``key_admin`` is key *administration*, rotation and status; no role ever exports key material), the admin reads
 no patient data, accounts are frozen rather than deleted (their ids appear in the audit trail forever).
+
+``statistics`` are the queue and agent figures of ``medhotline stats`` (docs/statistics.md): operational data, never
+a patient's, read by those who run and check the hotline (supervisors, admins, auditors); a CSV or chart written to
+a file is an export and needs a reason. Agents and clinical staff do not read each other's figures.
 
 Why these cells: an agent (non-clinical operator) needs the caller's identity and what is said on the call, not
 the patient's history, and hears no recordings. Clinical staff work their department's and their assigned
@@ -104,6 +111,7 @@ RecordKind = Literal[
     "agent_admin",
     "key_admin",
     "flow_admin",
+    "statistics",
 ]
 RECORD_KINDS: Final[tuple[RecordKind, ...]] = get_args(RecordKind)
 PATIENT_KINDS: Final[frozenset[RecordKind]] = frozenset(
@@ -234,6 +242,7 @@ RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
             "call_record": ("D B", "D !", "-", "-"),
             "agent_admin": ("D", "-", "-", "-"),
             "flow_admin": ("G", "-", "-", "-"),
+            "statistics": ("G", "G !", "-", "-"),
         },
     ),
     **_rows(
@@ -242,6 +251,7 @@ RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
             "agent_admin": ("G", "G !", "G", "-"),
             "key_admin": ("G", "-", "G", "-"),
             "flow_admin": ("G", "G !", "G", "G !"),
+            "statistics": ("G", "G !", "-", "-"),
         },
     ),
     **_rows(
@@ -252,6 +262,7 @@ RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
             "agent_admin": ("G", "-", "-", "-"),
             "key_admin": ("G", "-", "-", "-"),
             "flow_admin": ("G", "-", "-", "-"),
+            "statistics": ("G", "G !", "-", "-"),
         },
     ),
 }

@@ -386,6 +386,21 @@ def _safe_gateway_url(url: str) -> bool:
         return False
 
 
+class StatisticsConfig(_Section):
+    """How ``medhotline stats`` (docs/statistics.md) judges waits. Changing a value changes the figures of past
+    days too: the figures are computed from the stored records each time, never stored themselves."""
+
+    # A call answered after waiting at most this long counts as answered within the service level.
+    service_level_seconds: float = Field(default=20.0, gt=0, le=3600)
+    # The same for calls that waited as emergencies (their own, shorter target).
+    emergency_target_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # A caller who hangs up after waiting less than this is a short abandon (a wrong number, a change of mind):
+    # counted as abandoned, but left out of the service level's and the abandon rate's denominator. 0: none is.
+    short_abandon_seconds: float = Field(default=5.0, ge=0, le=600)
+    # A call note written more than this long after the conversation ended is a late note, not wrap-up work.
+    wrap_up_max_seconds: float = Field(default=1800.0, gt=0, le=86400)
+
+
 class AuditConfig(_Section):
     # Every signed audit head is appended here (JSON lines, fsynced) so `audit verify` can tell a rolled-back
     # trail from a short one. Best on another disk or a mount the database's administrators can't write.
@@ -406,6 +421,7 @@ class Config(_Section):
     recordings: RecordingsConfig = RecordingsConfig()
     outreach: OutreachConfig = OutreachConfig()
     audit: AuditConfig = AuditConfig()
+    statistics: StatisticsConfig = StatisticsConfig()
 
     @model_validator(mode="after")
     def _sounds_where_asterisk_plays_them(self) -> Config:

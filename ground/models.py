@@ -169,3 +169,6 @@ class CallStep(Base):
     edge: Mapped[str | None] = mapped_column(String(64))
     input: Mapped[str | None] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    # The statistics find the calls that joined the queue in a window by their ``queued`` step (0014_stats).
+    __table_args__ = (Index("ix_call_steps_node_at", "node", "at"),)

@@ -244,7 +244,9 @@ class CallerQueue:
         bridge = f"hold-{call_id}"
         hold = _Hold(bridge, lambda: self._hold(caller, bridge, answer=answer), on_hold)
         try:
-            await step("queued", category, None)
+            # The priority it waits with: the statistics hold emergencies to their own target (an agent's later
+            # upgrade changes the call's record, not how it waited).
+            await step("queued", category, priority)
             await asyncio.sleep(0)  # the engine takes its decision up to the reservation's database write
             if not self._engine.reserving(call_id):
                 hold.start()  # nobody to ring yet: the caller's side starts now

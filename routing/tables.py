@@ -134,4 +134,6 @@ class AgentRing(Base):
         ),
         Index("ix_agent_rings_call_id", "call_id"),
         Index("ix_agent_rings_account_id", "account_id"),
+        # The agents' statistics over a window (0014_stats).
+        Index("ix_agent_rings_rung_at", "rung_at"),
     )

@@ -45,7 +45,7 @@ def test_patient_hears_the_notices_then_chooses_from_the_menu(hotline: Hotline, 
         ("general", "general", "normal"),
         # No agent is configured on this hotline: nobody could ever take the call, so the caller is told at once
         # where to turn instead of waiting for ever (the routing tests have agents).
-        ("queued", "general", None),
+        ("queued", "general", "normal"),
         ("unavailable", "no_qualified_agent", None),
     ]
     # The phone was held for both notices and the route announcement: Asterisk really played them.

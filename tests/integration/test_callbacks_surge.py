@@ -186,7 +186,7 @@ def test_callers_who_choose_a_callback_are_called_back_in_order_by_the_reserved_
     for record in originals:
         queue_path = [(s.node, s.edge, s.input) for s in hotline.repo.steps(record.id) if s.flow == "queue"]
         assert queue_path == [
-            ("queued", "general", None), ("callback_offered", None, None), ("callback", "accepted", "1")
+            ("queued", "general", "normal"), ("callback_offered", None, None), ("callback", "accepted", "1")
         ]  # fmt: skip
         assert record.outcome == "routed"
     rows = desk.callbacks()

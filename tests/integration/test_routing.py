@@ -333,7 +333,11 @@ def test_a_waiting_caller_pressing_0_becomes_an_emergency(desk: Desk) -> None:
     (record,) = desk.new_calls(before, 1)
     assert desk.rings(record.id) == [("nurse", "answered")]
     queue_path = [(s.node, s.edge, s.input) for s in desk.hotline.repo.steps(record.id) if s.flow == "queue"]
-    assert queue_path == [("queued", "general", None), ("reclassified", "emergency", "0"), ("answered", "nurse", None)]
+    assert queue_path == [
+        ("queued", "general", "normal"),
+        ("reclassified", "emergency", "0"),
+        ("answered", "nurse", None),
+    ]
 
 
 def test_an_emergency_nobody_takes_escalates_to_the_group_then_its_second_target(desk: Desk) -> None:

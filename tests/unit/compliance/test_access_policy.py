@@ -54,6 +54,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("agent",      "agent_admin",      "-",         "-",      "-",      "-"),
     ("agent",      "key_admin",        "-",         "-",      "-",      "-"),
     ("agent",      "flow_admin",       "-",         "-",      "-",      "-"),
+    ("agent",      "statistics",       "-",         "-",      "-",      "-"),
     ("nurse",      "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("nurse",      "clinical_note",    "D A K B",   "-",      "-",      "-"),
     ("nurse",      "transcript",       "D A K B",   "-",      "-",      "-"),
@@ -63,6 +64,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("nurse",      "agent_admin",      "-",         "-",      "-",      "-"),
     ("nurse",      "key_admin",        "-",         "-",      "-",      "-"),
     ("nurse",      "flow_admin",       "-",         "-",      "-",      "-"),
+    ("nurse",      "statistics",       "-",         "-",      "-",      "-"),
     ("pharmacist", "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("pharmacist", "clinical_note",    "D A K B",   "-",      "-",      "-"),
     ("pharmacist", "transcript",       "D A K B",   "-",      "-",      "-"),
@@ -72,6 +74,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("pharmacist", "agent_admin",      "-",         "-",      "-",      "-"),
     ("pharmacist", "key_admin",        "-",         "-",      "-",      "-"),
     ("pharmacist", "flow_admin",       "-",         "-",      "-",      "-"),
+    ("pharmacist", "statistics",       "-",         "-",      "-",      "-"),
     ("physician",  "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("physician",  "clinical_note",    "D A K B",   "D A !",  "D A K",  "-"),
     ("physician",  "transcript",       "D A K B",   "D A !",  "-",      "-"),
@@ -81,6 +84,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("physician",  "agent_admin",      "-",         "-",      "-",      "-"),
     ("physician",  "key_admin",        "-",         "-",      "-",      "-"),
     ("physician",  "flow_admin",       "-",         "-",      "-",      "-"),
+    ("physician",  "statistics",       "-",         "-",      "-",      "-"),
     ("supervisor", "patient_identity", "D B",       "-",      "-",      "-"),
     ("supervisor", "clinical_note",    "D B",       "-",      "-",      "-"),
     ("supervisor", "transcript",       "D B",       "D !",    "-",      "-"),
@@ -90,6 +94,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("supervisor", "agent_admin",      "D",         "-",      "-",      "-"),
     ("supervisor", "key_admin",        "-",         "-",      "-",      "-"),
     ("supervisor", "flow_admin",       "G",         "-",      "-",      "-"),
+    ("supervisor", "statistics",       "G",         "G !",    "-",      "-"),
     ("admin",      "patient_identity", "-",         "-",      "-",      "-"),
     ("admin",      "clinical_note",    "-",         "-",      "-",      "-"),
     ("admin",      "transcript",       "-",         "-",      "-",      "-"),
@@ -99,6 +104,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("admin",      "agent_admin",      "G",         "G !",    "G",      "-"),
     ("admin",      "key_admin",        "G",         "-",      "G",      "-"),
     ("admin",      "flow_admin",       "G",         "G !",    "G",      "G !"),
+    ("admin",      "statistics",       "G",         "G !",    "-",      "-"),
     ("auditor",    "patient_identity", "-",         "-",      "-",      "-"),
     ("auditor",    "clinical_note",    "-",         "-",      "-",      "-"),
     ("auditor",    "transcript",       "-",         "-",      "-",      "-"),
@@ -108,6 +114,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("auditor",    "agent_admin",      "G",         "-",      "-",      "-"),
     ("auditor",    "key_admin",        "G",         "-",      "-",      "-"),
     ("auditor",    "flow_admin",       "G",         "-",      "-",      "-"),
+    ("auditor",    "statistics",       "G",         "G !",    "-",      "-"),
 ]
 # fmt: on
 CELLS: Final = [
@@ -213,7 +220,7 @@ def _decide(role: str, kind: str, action: str, scenario: Scenario, reason: str |
 
 def test_the_matrix_lists_every_role_kind_and_action_once() -> None:
     assert sorted((role, kind) for role, kind, *_ in MATRIX) == sorted((r, k) for r in ROLES for k in RECORD_KINDS)
-    assert len(CELLS) == len(ROLES) * len(RECORD_KINDS) * len(ACTIONS) == 252
+    assert len(CELLS) == len(ROLES) * len(RECORD_KINDS) * len(ACTIONS) == 280
 
 
 @pytest.mark.parametrize(("role", "kind", "action", "spec"), CELLS, ids=[f"{r}-{k}-{a}" for r, k, a, _ in CELLS])
