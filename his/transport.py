@@ -91,6 +91,9 @@ class Backoff:
         return 0.0 if failures <= 0 else min(self.maximum, self.initial * 2 ** (failures - 1))
 
 
+DEFAULT_BACKOFF: Final = Backoff()
+
+
 class MllpClient:
     """A connection to one HIS endpoint, opened on first use and again after it broke (with backoff)."""
 
@@ -104,7 +107,7 @@ class MllpClient:
         connect_timeout: float = 2.0,
         reply_timeout: float = 10.0,
         max_size: int = DEFAULT_MAX_SIZE,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self._host = host
         self._port = port
@@ -143,6 +146,11 @@ class MllpClient:
                 await self._drop()
                 self._failed()
                 raise HisUnavailable(f"connection to the HIS lost while sending {message.type}: {_why(exc)}") from None
+            except asyncio.CancelledError:
+                # The caller gave up (a PDQ over its budget): the reply may still come, on this connection, and
+                # would be taken for the next request's. Close it now, without awaiting anything more.
+                self._drop_now()
+                raise
         try:
             return parse(frame.payload)
         except Hl7Error as exc:
@@ -195,6 +203,12 @@ class MllpClient:
             if not data and not self._pending:
                 raise EOFError("the HIS closed the connection")
         return self._pending.pop(0)
+
+    def _drop_now(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        self._pending.clear()
+        if writer is not None:
+            writer.close()
 
     async def _drop(self) -> None:
         writer, self._reader, self._writer = self._writer, None, None
