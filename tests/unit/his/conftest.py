@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from compliance.keyservice_client import KeyServiceClient
+from compliance.keyservice_server import KeyServiceServer
+from compliance.keystore import KeyStore
 
 
 @dataclass(frozen=True)
@@ -97,3 +104,30 @@ def tls_files(tmp_path: Path) -> TlsFiles:
         files[f"{role}_key"] = d / f"{role}.key"
         _write_key(key, files[f"{role}_key"])
     return TlsFiles(**files)
+
+
+# --- the key service, in process, on a real Unix socket ----------------------------------------------------------
+
+KEYSERVICE_TOKEN = "his-test-token-0123456789abcdef0123"
+
+
+@pytest.fixture
+def his_short_dir() -> Iterator[Path]:
+    """A short private directory: a Unix socket path must stay under ~100 bytes, which tmp_path may not."""
+    path = Path(tempfile.mkdtemp(prefix="mhhis-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def his_keys(tmp_path: Path, his_short_dir: Path) -> AsyncIterator[KeyServiceClient]:
+    server = KeyServiceServer(KeyStore.create(tmp_path / "keys"), KEYSERVICE_TOKEN.encode())
+    socket_path = his_short_dir / "ks.sock"
+    await server.start_unix_server(socket_path)
+    try:
+        async with KeyServiceClient.unix(socket_path, KEYSERVICE_TOKEN) as client:
+            yield client
+    finally:
+        await server.aclose()
