@@ -104,7 +104,7 @@ def update_message(n: int) -> Message:
 
 
 async def drain(outbox: Outbox, client: MllpClient, clock: Clock, steps: int = 20) -> list[str]:
-    kinds = []
+    kinds: list[str] = []
     for _ in range(steps):
         step = await outbox.send_next(client)
         kinds.append(step.kind)
