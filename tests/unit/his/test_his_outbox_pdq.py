@@ -11,12 +11,15 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import Engine, text
 from structlog.testing import capture_logs
 
 from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import DataKeyRing, DataKeyStore
 from compliance.keyservice_client import KeyServiceClient
+from ground.models import Base
 from his import PatientInput, PatientRegistry, PatientStore
 from his.audit import Hl7Audit
 from his.hl7 import Message, Party, header, segment
@@ -332,3 +335,13 @@ async def test_no_identifier_in_logs_tables_or_audit(
         dump = repr([conn.execute(text(f"SELECT * FROM {t}")).all() for t in tables])
     assert "hl7_send" in dump  # the dump holds what was written
     assert not [s for s in secrets if s in dump], "an identifier is stored in clear"
+
+
+def test_the_outbox_migration_matches_its_model(engine: Engine) -> None:
+    def ours(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+        table = name if type_ == "table" else getattr(getattr(obj, "table", None), "name", None)
+        return table == "his_outbox"
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True, "include_object": ours})
+        assert compare_metadata(context, Base.metadata) == []
