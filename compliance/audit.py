@@ -91,6 +91,9 @@ AuditAction: TypeAlias = Literal[
     # The hotline switched to a public-health surge configuration and back (routing.surge).
     "surge_on",
     "surge_off",
+    # An HL7 v2 message sent to or received from the HIS (his/): type, control id, outcome, patient by blind id.
+    "hl7_send",
+    "hl7_receive",
 ]
 AuditOutcome: TypeAlias = Literal["success", "denied", "error"]
 AUDIT_ACTIONS: Final[frozenset[str]] = frozenset(get_args(AuditAction))

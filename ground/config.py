@@ -408,6 +408,52 @@ class AuditConfig(_Section):
     witness_file: Path | None = None
 
 
+_HL7_NAME = r"^[A-Za-z0-9_. -]{1,20}$"
+
+
+class HisConfig(_Section):
+    """The hospital's HIS over HL7 v2 / MLLP (``his/``, docs/his.md). Off until ``enabled``."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = _port(2575)
+    # TLS: the CA that signed the HIS's certificate; with cert_file and key_file the hotline presents its own
+    # (mutual TLS, where the HIS asks for it). server_name: the name in the HIS's certificate, default host.
+    tls: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str = ""
+    sending_application: str = Field(default="MEDHOTLINE", pattern=_HL7_NAME)
+    sending_facility: str = Field(default="HOTLINE", pattern=_HL7_NAME)
+    receiving_application: str = Field(default="HIS", pattern=_HL7_NAME)
+    receiving_facility: str = Field(default="HOSPITAL", pattern=_HL7_NAME)
+    connect_timeout: float = Field(default=2.0, gt=0, le=60)
+    reply_timeout: float = Field(default=10.0, gt=0, le=300)
+    # How long a caller's identification may wait for the HIS (PDQ) before the local registry answers.
+    pdq_budget: float = Field(default=0.8, gt=0, le=10)
+    max_message_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    # Reconnect and outbox retry delays: backoff_initial seconds, doubling up to backoff_max.
+    backoff_initial: float = Field(default=1.0, gt=0, le=600)
+    backoff_max: float = Field(default=60.0, gt=0, le=3600)
+    # An outbox message the HIS answers AE (application error) is retried this many times, then set aside.
+    outbox_max_attempts: int = Field(default=10, ge=1, le=1000)
+
+    _paths_empty = field_validator("ca_file", "cert_file", "key_file", mode="before")(_empty_is_none)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HisConfig:
+        if self.tls and self.ca_file is None:
+            raise ValueError("tls: set ca_file (the CA that signed the HIS's certificate)")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file: set both (mutual TLS) or neither")
+        if self.cert_file is not None and not self.tls:
+            raise ValueError("cert_file is set but tls is false: a client certificate needs TLS")
+        if self.backoff_initial > self.backoff_max:
+            raise ValueError(f"backoff_initial ({self.backoff_initial}) must not exceed backoff_max")
+        return self
+
+
 class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -422,6 +468,7 @@ class Config(_Section):
     outreach: OutreachConfig = OutreachConfig()
     audit: AuditConfig = AuditConfig()
     statistics: StatisticsConfig = StatisticsConfig()
+    his: HisConfig = HisConfig()
 
     @model_validator(mode="after")
     def _sounds_where_asterisk_plays_them(self) -> Config:

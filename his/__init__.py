@@ -1,4 +1,4 @@
-"""his: the patient registry (encrypted identifiers, blind-index lookup) and HIS integration."""
+"""his: the patient registry (encrypted identifiers, blind-index lookup) and HIS integration (HL7 v2 / MLLP)."""
 
 from his.directory import PatientServices, RegistryPatientDirectory, open_patient_directory
 from his.registry import (

@@ -22,6 +22,7 @@ from compliance.keyservice_protocol import KeyServiceError
 from ground import db
 from ground.config import Config
 from his import open_patient_directory
+from his.link import HisLink, open_his_link
 from routing.store import AgentStore
 from routing.validity import validity_report
 from telephony.ports import PatientDirectory
@@ -51,6 +52,7 @@ async def connect_patient_directory(
     """
 
     services = None
+    link: HisLink | None = None
     try:
         while services is None:
             try:
@@ -58,12 +60,18 @@ async def connect_patient_directory(
             except (KeyServiceError, db.DatabaseError) as exc:
                 log.error("patients.directory_unavailable", reason=str(exc), retry_in=DIRECTORY_RETRY)
                 await asyncio.sleep(DIRECTORY_RETRY)
-        install(services.directory)
+        # With the HIS configured, callers are identified by PDQ first and the outbox is sent from this node.
+        link = open_his_link(config, services) if config.his.enabled else None
+        install(services.directory if link is None else link.directory)
         if ready is not None:
             ready(services)
-        log.info("patients.directory_ready")
+        log.info("patients.directory_ready", his=link is not None)
+        if link is not None:
+            await link.run_sender()
         await asyncio.Event().wait()  # hold the connection until the service stops
     finally:
+        if link is not None:
+            await link.aclose()
         if services is not None:
             await services.aclose()
 
