@@ -42,6 +42,7 @@ from medhotline.commands import outreach as scheduler_commands
 from medhotline.commands import patients as his_commands
 from medhotline.commands import recordings as recordings_commands
 from medhotline.commands import routing as routing_commands
+from medhotline.commands import speech as speech_commands
 from medhotline.commands import surge as surge_commands
 from medhotline.commands import vaccination as vaccination_commands
 from medhotline.commands.audit import prove_command, verify_command
@@ -240,6 +241,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         his_commands.register,
         key_commands.register,
         access_commands.register,
+        speech_commands.register,
     ):
         register(sub)
 
