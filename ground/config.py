@@ -189,11 +189,47 @@ class PromptsConfig(_Section):
     sounds_dir: Path | None = None
 
 
+def speech_server_url_problem(url: str) -> str | None:
+    """What is wrong with a speech server's URL (None: usable). ``ws://host:port`` or ``wss://…``, no credentials."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r} is not a URL ({exc})"
+    if parts.scheme not in ("ws", "wss"):
+        return f"{url!r} is not a ws:// or wss:// URL (vosk-server listens on ws://host:2700)"
+    if not parts.hostname:
+        return f"{url!r} names no host"
+    if parts.username is not None or parts.password is not None:
+        return f"{url!r} carries credentials; vosk-server takes none and URLs end up in logs"
+    if parts.query or parts.fragment:
+        return f"{url!r} has a query or fragment; the protocol uses neither"
+    if port == 0:
+        return f"{url!r} has port 0"
+    return None
+
+
+class SpeechServerConfig(_Section):
+    """A speech server speaking Vosk's WebSocket protocol, and how many streams it decodes in real time."""
+
+    url: str
+    capacity: int = Field(ge=1, le=10000)
+
+    @field_validator("url")
+    @classmethod
+    def _usable_url(cls, url: str) -> str:
+        problem = speech_server_url_problem(url)
+        if problem is not None:
+            raise ValueError(problem)
+        return url
+
+
 class SpeechConfig(_Section):
     # none: `listen` nodes use their key-menu fallback. vosk: real recognition with the model at model_path.
+    # servers: recognition on the speech servers of `servers` (vosk-server or `medhotline speech serve`).
     # scripted: a stand-in that hears the caller's audio and returns the sentences of `script` in turn
     # (demos and tests on machines without a Chinese model).
-    engine: Literal["none", "vosk", "scripted"] = "none"
+    engine: Literal["none", "vosk", "scripted", "servers"] = "none"
     model_path: Path | None = None
     script: list[str] = Field(default_factory=list)
     # Empty: the lexicon shipped in keywords/lexicon/. Edits are picked up while the service runs.
@@ -217,10 +253,27 @@ class SpeechConfig(_Section):
             )
         return number
 
+    # engine "servers": where streams go, least loaded first (docs/speech.md).
+    servers: list[SpeechServerConfig] = Field(default_factory=list)
+    # Seconds to open a stream on a server (then the next server is tried); seconds a server may leave audio
+    # unanswered before the stream counts as failed (the caller goes to the key menu); seconds a failed server
+    # gets no new streams.
+    connect_timeout: float = Field(default=2.0, gt=0, le=30)
+    reply_timeout: float = Field(default=3.0, gt=0, le=60)
+    retry_after: float = Field(default=5.0, ge=0, le=3600)
+
     @model_validator(mode="after")
     def _engine_needs(self) -> SpeechConfig:
         if self.engine == "vosk" and self.model_path is None:
             raise ValueError("engine 'vosk' needs model_path (a Vosk model directory; `medhotline models fetch`)")
+        if self.engine == "servers" and not self.servers:
+            raise ValueError('engine "servers" needs servers, e.g. servers = [{url = "ws://…:2700", capacity = 4}]')
+        if self.servers and self.engine != "servers":
+            raise ValueError(f'servers are only used with engine = "servers", not {self.engine!r}')
+        urls = [server.url for server in self.servers]
+        repeated = sorted({url for url in urls if urls.count(url) > 1})
+        if repeated:
+            raise ValueError(f"servers lists {', '.join(repeated)} more than once")
         return self
 
 

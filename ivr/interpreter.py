@@ -461,7 +461,7 @@ class FlowRunner:
                     return self._speech_busy(node, exc)
                 except RecognitionUnavailable as exc:
                     log.error("speech.unavailable", node=self._where, reason=str(exc))
-                    return "fallback", "speech failed", node.fallback
+                    return self._speech_failed(node, exc.heard)
             if recognition is not None and recognition.transcript:
                 self.variables[node.var] = recognition.transcript
                 if recognition.emergency:
@@ -481,6 +481,16 @@ class FlowRunner:
             kind = "no_input" if pressed is None else "invalid"
             if not await self._retry_or_fallback(node, attempt, kind, channel):
                 return "fallback", kind, node.fallback
+
+    def _speech_failed(self, node: ListenNode, heard: Recognition | None) -> tuple[str, str, str]:
+        """Recognition broke off: the key menu (the fallback, whose prompt the caller hears at once). What was heard
+        before the break is kept like a transcript, and the record says what it was classified as."""
+        if heard is None or not heard.transcript:
+            return "fallback", "speech failed", node.fallback
+        self.variables[node.var] = heard.transcript
+        self._triage = TriageResult(heard.level, heard.confidence, heard.discriminator[:64])
+        why = f"speech failed; heard {heard.category or 'unclassified'}: {','.join(heard.matched)}"[:64]
+        return "fallback", why, node.fallback
 
     async def _triage_edge(
         self, node: ListenNode, recognition: Recognition, channel: CallChannel

@@ -33,6 +33,10 @@ class SpeechStreamLike(Protocol):
 
     async def finish(self) -> SpeechEvent: ...
 
+    async def aclose(self) -> None:
+        """Give the stream up, also unfinished (an early decision, a hang-up); idempotent."""
+        ...
+
 
 class SpeechEngine(Protocol):
     def async_stream(self, sample_rate: int = 8000, *, max_seconds: float = 20.0) -> SpeechStreamLike: ...
@@ -59,24 +63,49 @@ class StreamingRecognizer:
             raise RecognizerBusy(str(exc)) from None
         transcript = ""
         try:
-            async with asyncio.timeout(max_seconds + 2.0), channel.caller_audio(max_seconds) as frames:
-                async for pcm in frames:
-                    for event in await stream.accept(pcm):
-                        transcript = event.text or transcript
-                        decided = self._decide(event)
-                        if decided is not None:
-                            return decided
-        except TimeoutError:
-            pass
+            try:
+                async with asyncio.timeout(max_seconds + 2.0), channel.caller_audio(max_seconds) as frames:
+                    async for pcm in frames:
+                        for event in await stream.accept(pcm):
+                            transcript = event.text or transcript
+                            decided = self._decide(event)
+                            if decided is not None:
+                                return decided
+            except TimeoutError:
+                pass
+            final = await stream.finish()
         except (CallerHungUp, ConnectionLost):
             raise
         except SpeechBusy as exc:
             raise RecognizerBusy(str(exc)) from None
-        except (ChannelError, SpeechStreamError, RtpError) as exc:
+        except SpeechStreamError as exc:
+            return self._broken_off(exc, exc.heard or transcript)
+        except (ChannelError, RtpError) as exc:
             raise RecognitionUnavailable(f"speech recognition failed: {exc}") from None
-        final = await stream.finish()
+        finally:
+            # Also after an early decision or a hang-up: a speech server's stream is given back at once.
+            await stream.aclose()
         transcript = final.text or transcript
         return self._decide(SpeechEvent("final", transcript)) if transcript else None
+
+    def _broken_off(self, exc: SpeechStreamError, heard: str) -> Recognition:
+        """Recognition broke off (a speech server failed mid-utterance). What was heard until then is still
+        classified: an emergency in it is decided as if the stream had gone on; anything else goes with the
+        failure to the listen node, which gives the caller the key menu and records what was spotted."""
+        if not heard:
+            raise RecognitionUnavailable(f"speech recognition failed: {exc}") from None
+        recognition = self.classify(heard)
+        log.warning(
+            "speech.broken_off",
+            reason=str(exc),
+            chars=len(heard),
+            category=recognition.category,
+            emergency=recognition.emergency,
+            matched=list(recognition.matched),
+        )
+        if recognition.emergency:
+            return recognition
+        raise RecognitionUnavailable(f"speech recognition failed: {exc}", heard=recognition) from None
 
     def _decide(self, event: SpeechEvent) -> Recognition | None:
         if not event.text:
@@ -117,6 +146,9 @@ class _ScriptedStream:
         # Nothing is "heard" without audio: the stand-in proves the media path, it does not bypass it.
         heard = not self._said and self._fed >= min(self.seconds_before, 0.3)
         return SpeechEvent("final", self.text if heard else "")
+
+    async def aclose(self) -> None:
+        pass
 
 
 @dataclass

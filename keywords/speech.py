@@ -40,7 +40,13 @@ class SpeechModelError(MedhotlineError):
 
 
 class SpeechStreamError(MedhotlineError):
-    """Audio handed to a speech stream is not usable (odd byte count, stream already closed)."""
+    """Audio handed to a speech stream is not usable (odd byte count, stream already closed), or the stream broke
+    (a speech server failed or closed mid-utterance). ``heard`` is what had been recognised until then, so the
+    keywords in it can still be spotted; it is clinical data and never part of the message."""
+
+    def __init__(self, message: str, *, heard: str = "") -> None:
+        super().__init__(message)
+        self.heard = heard
 
 
 class SpeechBusy(MedhotlineError):
@@ -156,12 +162,15 @@ class SpeechModel:
         self, sample_rate: int = DEFAULT_SAMPLE_RATE, *, max_seconds: float = DEFAULT_MAX_SECONDS
     ) -> SpeechStream:
         """A new recognizer for one call (or one listening turn of a call)."""
-        if not 8000 <= sample_rate <= 48000:
-            raise SpeechStreamError(f"sample rate {sample_rate} Hz is outside 8000..48000")
         if max_seconds <= 0:
             raise SpeechStreamError(f"max_seconds must be positive, not {max_seconds}")
-        recognizer = self._vosk.KaldiRecognizer(self._model, float(sample_rate))
-        return SpeechStream(recognizer, sample_rate, max_seconds)
+        return SpeechStream(self.kaldi_recognizer(sample_rate), sample_rate, max_seconds)
+
+    def kaldi_recognizer(self, sample_rate: int = DEFAULT_SAMPLE_RATE) -> Any:
+        """A bare ``KaldiRecognizer`` of this model, for the speech server, which answers with Vosk's own JSON."""
+        if not 8000 <= sample_rate <= 48000:
+            raise SpeechStreamError(f"sample rate {sample_rate} Hz is outside 8000..48000")
+        return self._vosk.KaldiRecognizer(self._model, float(sample_rate))
 
     def async_stream(
         self, sample_rate: int = DEFAULT_SAMPLE_RATE, *, max_seconds: float = DEFAULT_MAX_SECONDS
@@ -284,6 +293,10 @@ class AsyncSpeechStream:
     async def finish(self) -> SpeechEvent:
         async with self._order:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._stream.finish)
+
+    async def aclose(self) -> None:
+        """Give the stream up without its final result (the listening ended early, e.g. on an emergency term).
+        An in-process recognizer holds nothing shared, so there is nothing to give back."""
 
     async def __aenter__(self) -> AsyncSpeechStream:
         return self

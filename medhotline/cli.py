@@ -42,6 +42,7 @@ from medhotline.commands import outreach as scheduler_commands
 from medhotline.commands import patients as his_commands
 from medhotline.commands import recordings as recordings_commands
 from medhotline.commands import routing as routing_commands
+from medhotline.commands import speech as speech_commands
 from medhotline.commands import stats as stats_commands
 from medhotline.commands import surge as surge_commands
 from medhotline.commands import vaccination as vaccination_commands
@@ -245,6 +246,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         key_commands.register,
         access_commands.register,
         stats_commands.register,
+        speech_commands.register,
     ):
         register(sub)
 

@@ -35,6 +35,7 @@ from keywords.admission import budgeted
 from keywords.lexicon import DEFAULT_LEXICON_DIR, LexiconError
 from keywords.recognizer import ScriptedSpeech, SpeechEngine, StreamingRecognizer, registry_classifier
 from keywords.registry import LexiconRegistry
+from keywords.remote_speech import RemoteSettings, RemoteSpeech
 from keywords.speech import SpeechModel
 from medhotline import maintenance
 from medhotline.ami import AmiMonitor
@@ -410,6 +411,9 @@ def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None
     engine: SpeechEngine
     if speech.engine == "scripted":
         engine = ScriptedSpeech(list(speech.script))
+    elif speech.engine == "servers":
+        settings = RemoteSettings(speech.connect_timeout, speech.reply_timeout, speech.retry_after)
+        engine = RemoteSpeech(speech.servers, settings)
     else:
         assert speech.model_path is not None  # guaranteed by config validation
         engine = SpeechModel.load(speech.model_path)

@@ -21,8 +21,13 @@ from telephony.channel import CallChannel, ChannelError
 
 
 class RecognitionUnavailable(ChannelError):
-    """Speech recognition failed for this call (media could not be set up, engine error): the ``listen`` node
-    takes its key-menu fallback; the call goes on."""
+    """Speech recognition failed for this call (media could not be set up, engine error, no recognizer free): the
+    ``listen`` node takes its key-menu fallback; the call goes on. ``heard``: what the caller had said before it
+    broke off, classified, so the record keeps what was spotted (the transcript is never in the message)."""
+
+    def __init__(self, message: str, *, heard: Recognition | None = None) -> None:
+        super().__init__(message)
+        self.heard = heard
 
 
 class RecognizerBusy(RecognitionUnavailable):

@@ -8,7 +8,7 @@ whole message as an AES-256-GCM token under a ``his_outbox`` data key, bound to 
 ``claimed_until`` are the lease of the one node sending the head of the queue.
 
 Revision ID: 0015_his_outbox
-Revises: 0013_speech_admission
+Revises: 0014_stats
 Create Date: 2026-12-09
 """
 

@@ -308,6 +308,9 @@ class _RefusingStream:
     async def finish(self) -> SpeechEvent:
         return SpeechEvent("final", "")
 
+    async def aclose(self) -> None:
+        return None
+
 
 def _no_classifier(text: str) -> Recognition:
     raise AssertionError("nothing was heard, so nothing is classified")

