@@ -48,6 +48,9 @@ SNOOP_ID_PREFIX = "snoop-"
 # recording to close its file. Asterisk does each within milliseconds; the bound keeps a broken one from hanging.
 _WAIT_ATTEMPTS = 40
 _WAIT_PAUSE = 0.05
+# How long to wait for the caller to leave a bridge we deleted before playing to them again. Asterisk does it
+# within milliseconds; past this the prompt is tried anyway (and logged) rather than hold the call.
+LEAVE_TIMEOUT = 2.0
 # How many ended calls' channel ids the dispatcher remembers, to recognise their late events.
 _CLOSED_REMEMBERED = 4096
 
@@ -245,7 +248,35 @@ class AriCallChannel:
                 await self._client.request("DELETE", f"/channels/{media_id}")
             with contextlib.suppress(ChannelError):
                 await self._client.request("DELETE", f"/bridges/{bridge_id}")
+                await self._left(bridge_id)
             await receiver.close()
+
+    async def _left(self, bridge_id: str) -> None:
+        """Wait until the caller has really left ``bridge_id`` (its ``ChannelLeftBridge``), keeping every other
+        event for whoever reads next, in order.
+
+        Why: ``DELETE /bridges/<id>`` answers before the caller's channel has left the bridge. A prompt started
+        in that moment is queued on the bridge channel and dropped when the channel leaves: no PlaybackStarted,
+        no PlaybackFinished, and the caller hears silence (seen with two callers leaving ``listen`` within
+        100 ms on a loaded machine)."""
+        kept: list[dict[str, Any] | BaseException] = []
+        try:
+            async with asyncio.timeout(LEAVE_TIMEOUT):
+                while True:
+                    item = await self._events.get()
+                    kept.append(item)
+                    if isinstance(item, BaseException) or item["type"] in _GONE_EVENTS:
+                        return
+                    if item["type"] == "ChannelLeftBridge" and (item.get("bridge") or {}).get("id") == bridge_id:
+                        kept.pop()
+                        return
+        except TimeoutError:
+            log.warning("ari.bridge_leave_unconfirmed", bridge=bridge_id, waited=LEAVE_TIMEOUT)
+        finally:
+            while not self._events.empty():
+                kept.append(self._events.get_nowait())
+            for item in kept:
+                self._events.put_nowait(item)
 
     async def _add_when_in_stasis(self, bridge_id: str, channel_id: str, attempts: int = 40) -> None:
         """A new external-media channel enters Stasis a moment after it is created; until then Asterisk refuses

@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from telephony import ari_channel
 from telephony.ari_channel import AriCallChannel, AriDispatcher, event_channel_id
 from telephony.ari_client import RETRY_ATTEMPTS, AriClient, AriError, AriNotFound, AriUnavailable
 from telephony.channel import CallerHungUp, CallInfo, ConnectionLost
@@ -285,6 +286,66 @@ async def _started_play(fake: FakeAri, channel: AriCallChannel) -> tuple[asyncio
     assert request.url.path.startswith(prefix)
     assert request.url.params["media"] == "sound:medhotline/ab12"
     return task, request.url.path.removeprefix(prefix)
+
+
+async def _listened(fake: FakeAri, channel: AriCallChannel, dispatcher: AriDispatcher) -> asyncio.Task[None]:
+    """Open and close the caller's audio tap; returns the task, still waiting for the caller to leave the bridge."""
+
+    async def tap() -> None:
+        async with channel.caller_audio(1.0):
+            pass
+
+    task = asyncio.create_task(tap())
+    for _ in range(200):
+        if any(m == "DELETE" and p.startswith("/ari/bridges/listen-") for m, p in fake.calls()):
+            break
+        await asyncio.sleep(0.005)
+    assert not task.done()
+    return task
+
+
+def _bridge_of_listen(fake: FakeAri) -> str:
+    return next(p for m, p in fake.calls() if m == "DELETE" and p.startswith("/ari/bridges/")).rsplit("/", 1)[1]
+
+
+async def test_the_tap_ends_only_when_the_caller_has_left_its_bridge_and_keeps_other_events() -> None:
+    # A prompt requested before the caller has left the bridge would be dropped by Asterisk: silence.
+    fake = FakeAri()
+    async with _call(fake) as (channel, dispatcher):
+        task = await _listened(fake, channel, dispatcher)
+        bridge = _bridge_of_listen(fake)
+        dispatcher.dispatch(_event("ChannelDtmfReceived", digit="0"))
+        dispatcher.dispatch(_event("ChannelLeftBridge", bridge={"id": "another-bridge"}))
+        await asyncio.sleep(0.02)
+        assert not task.done()
+        dispatcher.dispatch(_event("ChannelLeftBridge", bridge={"id": bridge}))
+        await asyncio.wait_for(task, 5)
+        # The key pressed meanwhile is still there for the menu, and in order.
+        first = await channel.next_event(1)
+        second = await channel.next_event(1)
+        assert first is not None
+        assert first["type"] == "ChannelDtmfReceived"
+        assert second is not None
+        assert second["bridge"]["id"] == "another-bridge"
+        assert await channel.next_event(0.01) is None
+
+
+async def test_the_tap_stops_waiting_for_a_caller_who_hung_up_or_a_bridge_that_never_reports(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeAri()
+    async with _call(fake) as (channel, dispatcher):
+        task = await _listened(fake, channel, dispatcher)
+        dispatcher.dispatch(_event("StasisEnd"))
+        await asyncio.wait_for(task, 5)
+        assert (await channel.next_event(1) or {})["type"] == "StasisEnd"  # left for the flow to see
+    monkeypatch.setattr(ari_channel, "LEAVE_TIMEOUT", 0.05)
+    fake = FakeAri()
+    async with _call(fake) as (channel, dispatcher):
+        with capture_logs() as logs:
+            task = await _listened(fake, channel, dispatcher)
+            await asyncio.wait_for(task, 5)
+        assert [e["event"] for e in logs] == ["ari.bridge_leave_unconfirmed"]
 
 
 async def test_play_returns_when_its_own_playback_finishes() -> None:
