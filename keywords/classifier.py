@@ -94,6 +94,9 @@ POPULATION_DISCRIMINATOR = "high_risk_population"
 # one left out; docs/triage.md "The learned second opinion"): at 0.7 the combined recall was 0.993 at precision
 # 0.983, and 11 of the 13 emergencies still missed lay between 0.5 and 0.7, where 1.5% of non-emergencies fall.
 MODEL_EMERGENCY = 0.7
+# With no n-gram it knows, the model's P is its intercept (0.65: the training sets are half emergencies), not an
+# opinion; six known n-grams are about three Chinese characters (a Korean test transcript has one: a space).
+MODEL_MIN_GRAMS = 6
 MODEL_ASK = 0.5
 MODEL_CATEGORY = 0.6  # the model's category was right on 0.949 of non-emergencies this way, the lexicon's 0.902
 # Leave-one-set-out, of the lexicon's emergencies: found only by a sound-alike with P < 0.2, 15 false and none true;
@@ -230,6 +233,8 @@ def _category(
 def second_opinion(result: Classification, model: TriageModel) -> Classification:
     """``result`` with the model's opinion applied (see the module docstring)."""
     opinion = model.opinion(result.text)
+    if len(opinion.features) < MODEL_MIN_GRAMS:
+        return result  # too few n-grams it knows (another language, a word or two): the model has no opinion
     chance, category, sure = opinion.emergency, opinion.category, opinion.category_probability
     ruled_out = any(m.category == "emergency" and not m.counts for m in result.matched)
     if result.emergency:

@@ -418,7 +418,16 @@ def build_recognizer(config: Config) -> tuple[Recognizer, LexiconRegistry | None
         assert speech.model_path is not None  # guaranteed by config validation
         engine = SpeechModel.load(speech.model_path)
     # Whatever the engine, at most speech.max_streams callers are listened to at once (keywords.admission).
-    return budgeted(StreamingRecognizer(engine, classify), speech.max_streams, os.cpu_count()), lexicon
+    return budgeted(StreamingRecognizer(engine, classify), speech_budget(config), os.cpu_count()), lexicon
+
+
+def speech_budget(config: Config) -> int | None:
+    """``speech.max_streams``; unset with speech servers, their summed capacity (this node only forwards the audio,
+    the farm decodes it and refuses when full); unset otherwise, None: the per-core default of this node."""
+    speech = config.speech
+    if speech.max_streams is None and speech.engine == "servers":
+        return sum(server.capacity for server in speech.servers)
+    return speech.max_streams
 
 
 def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> RoutingEngine:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from keywords import Classification, Classifier, Lexicon, Markers, Match, Term, load_lexicon, scan_lexicon
-from keywords.classifier import MODEL_EMERGENCY, VETO_CONTEXT, second_opinion
+from keywords.classifier import MODEL_ASK, MODEL_EMERGENCY, VETO_CONTEXT, second_opinion
 from keywords.lexicon import DEFAULT_LEXICON_DIR
 from keywords.training import MAX_DRIFT, train, training_sets
 from keywords.triage_model import MODEL_FILE, TriageModelError, load_triage_model, parse_triage_model
@@ -21,12 +21,15 @@ from keywords.triage_model import MODEL_FILE, TriageModelError, load_triage_mode
 ROOT = Path(__file__).resolve().parents[3]
 TRIAGE = ROOT / "tests" / "data" / "triage"
 CATEGORY_CLASSES = ["appointment", "general", "medication"]
+# The test utterances' characters, known to the test models with no weight: the model speaks only about an
+# utterance whose n-grams it knows (MODEL_MIN_GRAMS).
+KNOWN_CHARACTERS = "我奶早上在床怎么叫不醒了爸刚才没有昏迷过想挂号看他今天起来以后点太舒服请问明午可吗一下那个办"
 
 
 def _document(weights: dict[str, float], intercept: float = -3.0, **changes: Any) -> dict[str, object]:
     """A model over 1–2 character n-grams whose emergency head weighs ``weights`` (idf 1 everywhere)."""
-    vocabulary = sorted(set(weights) | {"挂", "号", "挂号", "药"})
-    category = {"挂号": [3.0, 0.0, 0.0], "药": [0.0, 0.0, 3.0]}
+    vocabulary = sorted(set(weights) | {"挂", "号", "挂号", "药"} | set(KNOWN_CHARACTERS))
+    category = {"挂号": [8.0, 0.0, 0.0], "药": [0.0, 0.0, 8.0]}
     document: dict[str, object] = {
         "format": 1,
         "ngram_range": [1, 2],
@@ -52,9 +55,9 @@ def _bytes(document: dict[str, object]) -> bytes:
     return gzip.compress(json.dumps(document, ensure_ascii=False).encode(), mtime=0)
 
 
-def _model_lexicon(tmp_path: Path, weights: dict[str, float], *terms: Term) -> Classifier:
+def _model_lexicon(tmp_path: Path, weights: dict[str, float], *terms: Term, intercept: float = -3.0) -> Classifier:
     """A lexicon built in code with a model beside it."""
-    model = parse_triage_model(tmp_path / MODEL_FILE, _bytes(_document(weights)))
+    model = parse_triage_model(tmp_path / MODEL_FILE, _bytes(_document(weights, intercept)))
     lexicon = Lexicon.from_terms(terms, Markers(negation=("没有", "不")))
     return Classifier(Lexicon(lexicon.terms, lexicon.markers, lexicon.version, (), {}, model))
 
@@ -154,7 +157,7 @@ def test_the_model_never_overrides_what_the_lexicon_ruled_out(tmp_path: Path) ->
 
 
 def test_a_short_utterance_or_an_unsure_model_gets_the_question(tmp_path: Path) -> None:
-    classifier = _model_lexicon(tmp_path, {"叫不": 9.0, "不醒": 9.0, "有点": 3.5}, COMA)
+    classifier = _model_lexicon(tmp_path, {"叫不": 9.0, "不醒": 9.0, "有点": 13.0}, COMA)
     short = classifier.classify("叫不醒了")
     assert not short.emergency
     assert short.confirm
@@ -163,6 +166,18 @@ def test_a_short_utterance_or_an_unsure_model_gets_the_question(tmp_path: Path) 
     assert not unsure.emergency
     assert unsure.confirm
     assert any(r.startswith("ask: model: P(emergency)") for r in unsure.rules)
+
+
+def test_the_model_has_no_opinion_on_what_it_knows_no_ngrams_of(tmp_path: Path) -> None:
+    # With nothing known, P(emergency) would be the intercept: with this one 0.62, enough to ask everybody.
+    classifier = _model_lexicon(tmp_path, {"醒": 1.0}, COMA, intercept=0.5)
+    assert classifier.lexicon.model is not None
+    assert classifier.lexicon.model.opinion("안녕하세요 저는 괜찮아요").emergency > MODEL_ASK
+    korean = classifier.classify("안녕하세요 저는 괜찮아요")
+    assert not korean.emergency
+    assert not korean.confirm
+    assert korean.level == "routine"
+    assert not any("model" in r for r in korean.rules)
 
 
 def test_a_red_flag_heard_only_by_sound_alike_is_asked_when_the_model_doubts_it(tmp_path: Path) -> None:
