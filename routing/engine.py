@@ -377,7 +377,8 @@ class RoutingEngine:
                 log.warning("routing.stale_reservations_released", count=released)
         else:
             # The lease's acquisition cleans up what an earlier process under this name left (routing.cluster).
-            await self.cluster.lease.acquire()
+            if self.cluster.lease.epoch is None:
+                await self.cluster.lease.acquire()
             self._lease_task = asyncio.create_task(self.cluster.lease.keep())
         try:
             await self._loop()
@@ -623,6 +624,12 @@ class RoutingEngine:
             del self._foreign[call_id]
             if self.dispatcher.is_waiting(call_id):
                 self.dispatcher.remove(call_id, at)
+        # A waiting call of ours missing from the queue (a write lost with a failed commit) is published again.
+        mine = {v.request.call_id for v in queue if v.node == self.settings.node}
+        for call_id, ticket in self._tickets.items():
+            if call_id not in mine and self.dispatcher.is_waiting(call_id) and not self._writes:
+                log.warning("routing.cluster_republished", call_id=call_id)
+                self._writes.append(functools.partial(self._publish, ticket.request))
 
     def _pick_up(self, view: QueuedView, at: datetime) -> None:
         """Another node reserved an agent for one of this node's calls: ring them from here."""
