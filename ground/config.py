@@ -334,6 +334,15 @@ class RoutingConfig(_Section):
         return self
 
 
+class ClusterConfig(_Section):
+    # Several nodes on one PostgreSQL share one queue of waiting calls and hold their reservations and calls under
+    # a lease (docs/cluster.md). Off: the node routes its own callers only, as a single node does.
+    enabled: bool = False
+    # A node that stops renewing for this long is taken over by another (its agents freed, its calls closed as
+    # lost); it renews every third of it. Keep the nodes' clocks NTP-synchronised, far closer than this.
+    lease_seconds: float = Field(default=6.0, ge=1, le=10)
+
+
 # The legal floor: call records are part of the medical record (医疗机构病历管理规定), kept at least 15 years.
 RETENTION_FLOOR_YEARS = 15
 
@@ -517,6 +526,7 @@ class Config(_Section):
     prompts: PromptsConfig = PromptsConfig()
     speech: SpeechConfig = SpeechConfig()
     routing: RoutingConfig = RoutingConfig()
+    cluster: ClusterConfig = ClusterConfig()
     recordings: RecordingsConfig = RecordingsConfig()
     outreach: OutreachConfig = OutreachConfig()
     audit: AuditConfig = AuditConfig()

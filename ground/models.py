@@ -38,7 +38,11 @@ NAMING_CONVENTION: Final[dict[str, str]] = {
     "pk": "pk_%(table_name)s",
 }
 
-CallOutcome = Literal["in_progress", "completed", "routed", "transferred", "caller_hangup", "connection_lost", "error"]
+# ``node_lost``: the node that held the call stopped renewing its lease; another node closed the record
+# (``ground.leases``), with the time it did so.
+CallOutcome = Literal[
+    "in_progress", "completed", "routed", "transferred", "caller_hangup", "connection_lost", "error", "node_lost"
+]
 CALL_OUTCOMES: Final[tuple[CallOutcome, ...]] = (
     "in_progress",
     "completed",
@@ -47,6 +51,7 @@ CALL_OUTCOMES: Final[tuple[CallOutcome, ...]] = (
     "caller_hangup",
     "connection_lost",
     "error",
+    "node_lost",
 )
 Transport = Literal["ari", "fastagi"]
 
@@ -132,7 +137,7 @@ class Call(Base):
         # The database refuses values the code does not know, whichever node or tool wrote them.
         CheckConstraint(
             "outcome IN ('in_progress', 'completed', 'routed', 'transferred', 'caller_hangup', 'connection_lost', "
-            "'error')",
+            "'error', 'node_lost')",
             name="outcome",
         ),
         CheckConstraint("transport IN ('ari', 'fastagi')", name="transport"),

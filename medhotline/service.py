@@ -63,7 +63,9 @@ from routing.agent_endpoints import FILE_NAME, ContactView, render_agent_endpoin
 from routing.ari_queue import CallerQueue, EscalationTransfer, QueueSettings
 from routing.callback_store import ModeStore
 from routing.callbacks import CallbackPolicy
-from routing.engine import EngineSettings, RoutingEngine
+from routing.cluster import ClusterStore
+from routing.engine import ClusterLink, EngineSettings, RoutingEngine
+from routing.lease import LeaseKeeper, LeaseSettings
 from routing.rules import DEFAULT_RULES, load_rules
 from routing.store import AgentStore
 from scheduler.leader import leader_lock_for
@@ -441,7 +443,12 @@ def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> Rou
         wrap_up=rc.wrap_up,
         no_answer_pause=rc.no_answer_pause,
     )
-    return RoutingEngine(AgentStore(sessions), rules, settings)
+    cluster = None
+    if config.cluster.enabled:
+        store = ClusterStore(sessions)
+        lease = LeaseKeeper(store, config.service.node_name, LeaseSettings(config.cluster.lease_seconds))
+        cluster = ClusterLink(store, lease)
+    return RoutingEngine(AgentStore(sessions), rules, settings, cluster=cluster)
 
 
 def recording_spool(config: Config) -> Path:

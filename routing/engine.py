@@ -14,6 +14,12 @@ ticket (:class:`CancelRing`).
 
 State that belongs to this node's calls (ringing, busy, wrap-up) is owned here; the database holds the
 reservation for the whole time, wrap-up included, so no other node rings an agent who is still writing notes.
+
+With a :class:`ClusterLink` (several nodes, docs/cluster.md) the dispatcher's waiting calls are those of the whole
+cluster: this node publishes its own to the cluster queue and mirrors the others' on every refresh. Whichever node
+chooses a call claims it (``routing.cluster.ClusterStore.claim``: agent reserved, ring recorded, row offered, in one
+transaction), and the node holding the caller picks the offer up on its next refresh and dials. Everything is done
+under this node's lease (``routing.lease``); once the lease is lost the engine dispatches nothing.
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
+from ground.leases import LeaseLost
 from routing.callbacks import estimated_wait
-from routing.model import Agent, CallRequest
+from routing.cluster import ClaimRefused, QueuedView
+from routing.lease import LeaseKeeper
+from routing.model import Agent, CallPriority, CallRequest
 from routing.router import VOLUNTEER_KIND, Assignment, Dispatcher, RoutingError
 from routing.rules import EscalationRule, RoutingRules
 
@@ -82,6 +91,36 @@ class AgentDirectory(Protocol):
     def unpause(self, account_id: str, at: datetime) -> None: ...
     def record_ring(self, call_id: str, account_id: str, node: str, at: datetime) -> int: ...
     def finish_ring(self, ring_id: int, outcome: RingOutcome, at: datetime) -> None: ...
+
+
+class ClusterQueue(Protocol):
+    """The cluster-wide queue (``routing.cluster.ClusterStore``); synchronous, called through a thread."""
+
+    def publish(self, request: CallRequest, node: str, epoch: int) -> None: ...
+    def withdraw(self, call_id: str) -> bool: ...
+    def requeue(self, call_id: str) -> bool: ...
+    def reclassify(self, call_id: str, category: str, priority: CallPriority) -> bool: ...
+    def queue_view(self, node: str) -> Sequence[QueuedView]: ...
+    def claim(  # noqa: PLR0917
+        self,
+        call: QueuedView,
+        agent_id: str,
+        node: str,
+        epoch: int,
+        at: datetime,
+        required: Sequence[Sequence[str]] = (),
+        *,
+        excluded: Sequence[str] = (),
+        known_emergencies: Sequence[str] = (),
+    ) -> int | ClaimRefused: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterLink:
+    """What makes an engine one of several nodes: the shared queue and this node's lease."""
+
+    queue: ClusterQueue
+    lease: LeaseKeeper
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +185,10 @@ class RoutingEngine:
         settings: EngineSettings,
         *,
         clock: Callable[[], datetime] = _now,
+        cluster: ClusterLink | None = None,
     ) -> None:
         self.directory = directory
+        self.cluster = cluster
         self.rules = rules
         self.settings = settings
         self.dispatcher = Dispatcher(rules, callback_delay=settings.callback_delay)
@@ -162,12 +203,24 @@ class RoutingEngine:
         # The agent table as last read, for whoever else needs it (the sandbox's endpoint file): no second query.
         self.snapshot: Sequence[AgentSnapshot] = ()
         self.refreshed = asyncio.Event()
+        # Cluster mode: other nodes' waiting calls in this dispatcher, writes to the cluster queue not yet done (in
+        # order), and whether a claim found the queue changed so that it must be read again before deciding.
+        self._foreign: dict[str, QueuedView] = {}
+        self._writes: list[Callable[[], object]] = []
+        self._writing = asyncio.Lock()
+        self._reread = False
+        self._lease_task: asyncio.Task[None] | None = None
+        self._idle_logged = False
+        if cluster is not None:
+            cluster.lease.on_change(self._wake.set)
 
     # -- the telephony side -------------------------------------------------------------------------
     def enqueue(self, request: CallRequest) -> Ticket:
         self.dispatcher.enqueue(request)
         ticket = Ticket(request)
         self._tickets[request.call_id] = ticket
+        if self.cluster is not None:
+            self._writes.append(functools.partial(self._publish, request))
         log.info("routing.queued", category=request.category, priority=request.priority)
         self._wake.set()
         return ticket
@@ -181,6 +234,8 @@ class RoutingEngine:
         if current.priority == "emergency":
             return False
         self.dispatcher.reclassify(call_id, "emergency", "emergency")
+        if self.cluster is not None:
+            self._writes.append(functools.partial(self.cluster.queue.reclassify, call_id, "emergency", "emergency"))
         log.warning("routing.reclassified", old_category=current.category, category="emergency")
         self._wake.set()
         return True
@@ -242,6 +297,8 @@ class RoutingEngine:
         at = self._clock()
         call = self.dispatcher.remove(call_id, at)
         self._tickets.pop(call_id, None)
+        if self.cluster is not None:
+            self._writes.append(functools.partial(self.cluster.queue.withdraw, call_id))
         if call is None:
             return None
         request = CallRequest(callback_call_id, call.category, call.priority, call.enqueued_at, callback=True)
@@ -256,6 +313,7 @@ class RoutingEngine:
         self.dispatcher.answered(call_id, agent_id, at)
         _, ring_id = self._rings.pop(call_id, (agent_id, None))
         self._tickets.pop(call_id, None)
+        await self._cluster_write(call_id, "withdraw")
         if ring_id is not None:
             await self._db("ring answered", self.directory.finish_ring, ring_id, "answered", at)
         log.info("routing.answered", agent=agent_id)
@@ -277,6 +335,7 @@ class RoutingEngine:
             outcome: RingOutcome = "no_answer" if reachable else "failed"
             await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, at)
         await self._db("release after no answer", self.directory.release, agent_id, call_id)
+        await self._cluster_write(call_id, "requeue")
         log.info("routing.no_answer", agent=agent_id, reason=reason)
         self._wake.set()
 
@@ -292,6 +351,7 @@ class RoutingEngine:
         ring = self._rings.pop(call_id, None)
         with contextlib.suppress(RoutingError):
             self.dispatcher.remove(call_id, at)
+        await self._cluster_write(call_id, "withdraw")
         if ring is not None:
             agent_id, ring_id = ring
             self._held.pop(agent_id, None)
@@ -309,16 +369,30 @@ class RoutingEngine:
 
     # -- the loop -----------------------------------------------------------------------------------
     async def run(self) -> None:
-        released = await self._db(
-            "release this node's stale reservations", self.directory.release_node, self.settings.node
-        )
-        if released:
-            log.warning("routing.stale_reservations_released", count=released)
+        if self.cluster is None:
+            released = await self._db(
+                "release this node's stale reservations", self.directory.release_node, self.settings.node
+            )
+            if released:
+                log.warning("routing.stale_reservations_released", count=released)
+        else:
+            # The lease's acquisition cleans up what an earlier process under this name left (routing.cluster).
+            if self.cluster.lease.epoch is None:
+                await self.cluster.lease.acquire()
+            self._lease_task = asyncio.create_task(self.cluster.lease.keep())
+        try:
+            await self._loop()
+        finally:
+            if self._lease_task is not None:
+                self._lease_task.cancel()
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         refresh_due = loop.time()
         while True:
             try:
-                if loop.time() >= refresh_due:
+                if loop.time() >= refresh_due or self._reread:
+                    self._reread = False
                     refresh_due = loop.time() + self.settings.refresh_interval
                     await self.step()
                 else:
@@ -342,6 +416,10 @@ class RoutingEngine:
         """One refresh of agent states from the database, then every assignment and escalation now due."""
         views = await asyncio.to_thread(self.directory.routing_snapshot)
         self._apply(views, self._clock())
+        if self.cluster is not None and self.cluster.lease.live:
+            await self._flush()
+            queue = await asyncio.to_thread(self.cluster.queue.queue_view, self.settings.node)
+            self._mirror(queue, self._clock())
         self.snapshot = views
         self.refreshed.set()
         await self.decide()
@@ -354,6 +432,8 @@ class RoutingEngine:
     def close(self) -> None:
         for task in self._timers:
             task.cancel()
+        if self._lease_task is not None:
+            self._lease_task.cancel()
 
     # -- internals ----------------------------------------------------------------------------------
     def _apply(self, views: Sequence[AgentSnapshot], at: datetime) -> None:
@@ -401,6 +481,14 @@ class RoutingEngine:
         return "available", None
 
     async def _assign(self) -> None:
+        cluster = self.cluster
+        if cluster is not None:
+            if not cluster.lease.live:
+                if cluster.lease.lost and not self._idle_logged:
+                    self._idle_logged = True
+                    log.error("routing.not_dispatching", node=self.settings.node, reason="lease lost")
+                return
+            await self._flush()
         while True:
             at = self._clock()
             assignment = self.dispatcher.next_assignment(at)
@@ -410,16 +498,26 @@ class RoutingEngine:
             required = self.rules.rule(assignment.call.category).required
             # Overflow agents take only the categories surge mode allows them: checked again by the database.
             excluded = () if assignment.call.category in self.dispatcher.volunteers else (VOLUNTEER_KIND,)
-            # The reservation and its ring row in one commit: the only database write before the phone rings.
-            ring_id = await self._db(
-                "reserve agent",
-                functools.partial(self.directory.reserve_ring, excluded=excluded),
-                agent_id,
-                call_id,
-                self.settings.node,
-                at,
-                required,
-            )
+            refused: ClaimRefused | None = None
+            if cluster is None:
+                # The reservation and its ring row in one commit: the only database write before the phone rings.
+                ring_id = await self._db(
+                    "reserve agent",
+                    functools.partial(self.directory.reserve_ring, excluded=excluded),
+                    agent_id,
+                    call_id,
+                    self.settings.node,
+                    at,
+                    required,
+                )
+            else:
+                claimed = await self._claim(assignment, required, excluded)
+                if call_id in self._foreign:
+                    if not self._claimed_for_other_node(call_id, agent_id, claimed):
+                        return
+                    continue
+                ring_id = claimed if isinstance(claimed, int) else None
+                refused = claimed if isinstance(claimed, str) else None
             ticket = self._tickets.get(call_id)
             if self.dispatcher.ringing().get(call_id) != agent_id or ticket is None:
                 # The caller hung up (or the agent was frozen) while the database answered: the phone never rang.
@@ -427,13 +525,21 @@ class RoutingEngine:
                     outcome: RingOutcome = "caller_gone" if ticket is None else "released"
                     await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, self._clock())
                     await self._db("release", self.directory.release, agent_id, call_id)
+                    if ticket is not None:
+                        await self._cluster_write(call_id, "requeue")
                 with contextlib.suppress(RoutingError):
                     if ticket is None:
                         self.dispatcher.remove(call_id, at)
                 continue
             if ring_id is None:
                 self.dispatcher.reservation_refused(call_id, agent_id, at)
-                log.info("routing.reservation_refused", agent=agent_id)
+                log.info("routing.reservation_refused", agent=agent_id, reason=refused)
+                if refused in ("call", "emergency", "lease"):
+                    # Another node offered this call already, or an emergency arrived that this node has not read
+                    # yet: read the cluster queue again before the next decision.
+                    self._reread = True
+                    self._wake.set()
+                    return
                 continue
             self._held[agent_id] = call_id
             self._rings[call_id] = (agent_id, ring_id)
@@ -445,6 +551,136 @@ class RoutingEngine:
                 category=assignment.call.category,
             )
             ticket.items.put_nowait(Offer(assignment, ring_id))
+
+    # -- the cluster ----------------------------------------------------------------------------------
+    async def _claim(
+        self, assignment: Assignment, required: Sequence[Sequence[str]], excluded: Sequence[str]
+    ) -> int | ClaimRefused | None:
+        """The cluster's reservation of the agent for the call, whichever node holds it (None: database failure)."""
+        assert self.cluster is not None
+        epoch = self.cluster.lease.epoch
+        if epoch is None:
+            return "lease"
+        call = assignment.call
+        view = self._foreign.get(call.call_id) or QueuedView(call, self.settings.node, epoch, "waiting", None, None)
+        return await self._db(
+            "claim a call for an agent",
+            functools.partial(
+                self.cluster.queue.claim,
+                excluded=excluded,
+                known_emergencies=self.dispatcher.waiting_emergencies(),
+            ),
+            view,
+            assignment.agent_id,
+            self.settings.node,
+            epoch,
+            assignment.at,
+            required,
+        )
+
+    def _claimed_for_other_node(self, call_id: str, agent_id: str, claimed: int | ClaimRefused | None) -> bool:
+        """After a claim of another node's call: that node dials (on its next refresh), this one forgets the call.
+        False when the queue must be read again before deciding more."""
+        at = self._clock()
+        owner = self._foreign[call_id].node
+        if isinstance(claimed, int) or claimed in ("call", "lease"):
+            # Offered (their node dials), or gone from the queue (answered elsewhere, hung up, node lost).
+            del self._foreign[call_id]
+            with contextlib.suppress(RoutingError):
+                self.dispatcher.remove(call_id, at)
+            if isinstance(claimed, int):
+                self.dispatcher.agent_state(agent_id, "busy", at, "reserved elsewhere")
+                log.info("routing.offer_for_node", call_id=call_id, agent=agent_id, node=owner)
+            return claimed != "lease"
+        self.dispatcher.reservation_refused(call_id, agent_id, at)
+        if claimed == "emergency":
+            self._reread = True
+            self._wake.set()
+            return False
+        return True
+
+    def _mirror(self, queue: Sequence[QueuedView], at: datetime) -> None:
+        """The cluster queue as just read: other nodes' waiting calls into the dispatcher (and out of it when they
+        left), and offers other nodes made for this node's calls handed to their tickets."""
+        seen: set[str] = set()
+        for view in queue:
+            call_id = view.request.call_id
+            if view.node == self.settings.node:
+                if view.state == "offered" and call_id not in self._rings:
+                    self._pick_up(view, at)
+                continue
+            if view.state != "waiting":
+                continue
+            seen.add(call_id)
+            known = self._foreign.get(call_id)
+            if known is None:
+                if not (self.dispatcher.is_waiting(call_id) or self.dispatcher.is_ringing(call_id)):
+                    self.dispatcher.enqueue(view.request)
+                    self._foreign[call_id] = view
+            elif known.request != view.request and self.dispatcher.is_waiting(call_id):
+                self.dispatcher.reclassify(call_id, view.request.category, view.request.priority)
+                self._foreign[call_id] = view
+        for call_id in [c for c in self._foreign if c not in seen]:
+            del self._foreign[call_id]
+            if self.dispatcher.is_waiting(call_id):
+                self.dispatcher.remove(call_id, at)
+        # A waiting call of ours missing from the queue (a write lost with a failed commit) is published again.
+        mine = {v.request.call_id for v in queue if v.node == self.settings.node}
+        for call_id, ticket in self._tickets.items():
+            if call_id not in mine and self.dispatcher.is_waiting(call_id) and not self._writes:
+                log.warning("routing.cluster_republished", call_id=call_id)
+                self._writes.append(functools.partial(self._publish, ticket.request))
+
+    def _pick_up(self, view: QueuedView, at: datetime) -> None:
+        """Another node reserved an agent for one of this node's calls: ring them from here."""
+        call_id, agent_id, ring_id = view.request.call_id, view.agent_id, view.ring_id
+        if agent_id is None or ring_id is None:
+            return
+        ticket = self._tickets.get(call_id)
+        if ticket is None or not self.dispatcher.is_waiting(call_id):
+            # The call left meanwhile (its abandon withdraws the row too): undo the reservation.
+            self._later(0, self._release_cancelled, agent_id, call_id, str(ring_id))
+            return
+        try:
+            assignment = self.dispatcher.assign(call_id, agent_id, at)
+        except RoutingError:
+            self._later(0, self._release_cancelled, agent_id, call_id, str(ring_id))
+            return
+        self._held[agent_id] = call_id
+        self._rings[call_id] = (agent_id, ring_id)
+        log.info("routing.offer", call_id=call_id, agent=agent_id, step=assignment.step, by="another node")
+        ticket.items.put_nowait(Offer(assignment, ring_id))
+
+    def _publish(self, request: CallRequest) -> None:
+        assert self.cluster is not None
+        epoch = self.cluster.lease.epoch
+        if epoch is None or self.cluster.lease.lost:
+            raise LeaseLost(f"node {self.settings.node} holds no lease: call {request.call_id} not queued")
+        self.cluster.queue.publish(request, self.settings.node, epoch)
+
+    async def _cluster_write(self, call_id: str, what: Literal["withdraw", "requeue"]) -> None:
+        if self.cluster is None:
+            return
+        queue = self.cluster.queue
+        self._writes.append(functools.partial(queue.withdraw if what == "withdraw" else queue.requeue, call_id))
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """The cluster queue writes not yet done, in order. A failed write stays, with those after it, for the next
+        flush (a call must not be withdrawn before it was published); on a lost lease they are dropped."""
+        async with self._writing:
+            while self._writes:
+                write = self._writes[0]
+                try:
+                    await asyncio.to_thread(write)
+                except LeaseLost:
+                    self._writes.clear()
+                    log.error("routing.cluster_write_refused", node=self.settings.node, reason="lease lost")
+                    return
+                except Exception:
+                    log.exception("routing.cluster_write_failed")
+                    return
+                self._writes.pop(0)
 
     def _escalate(self) -> None:
         """Nobody waits for ever: escalate calls past their time, and at once those nobody could ever take."""
@@ -479,6 +715,8 @@ class RoutingEngine:
         at = self._clock()
         await self._db("ring ended", self.directory.finish_ring, int(ring_id), "released", at)
         await self._db("release", self.directory.release, agent_id, call_id)
+        if call_id in self._tickets:
+            await self._cluster_write(call_id, "requeue")
 
     async def _end_wrap_up(self, agent_id: str, call_id: str) -> None:
         if self._held.get(agent_id) == call_id:

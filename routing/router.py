@@ -218,6 +218,23 @@ class Dispatcher:
         self._status[agent_id] = AgentStatus("busy", at, "reserved elsewhere")
         self._wait_add(call)
 
+    def assign(self, call_id: str, agent_id: str, at: datetime) -> Assignment:
+        """Another node reserved ``agent_id`` for this waiting call (the cluster queue): it rings them now."""
+        agent = self._require_agent(agent_id)
+        call = self._waiting.get(call_id)
+        if call is None:
+            raise RoutingError(f"call {call_id} is not waiting")
+        self._release_ringing(agent_id)
+        self._wait_pop(call_id)
+        self._ringing[call_id] = (call, agent_id)
+        self._status[agent_id] = AgentStatus("ringing", at)
+        step = self.rules.rule(call.category).step_index(waited_seconds(call, at))
+        return Assignment(call, agent_id, agent.endpoint, step, at)
+
+    def waiting_emergencies(self) -> list[str]:
+        """Ids of the waiting emergency calls (what a claim of a normal call declares it has considered)."""
+        return [call_id for call_id, call in self._waiting.items() if call.priority == "emergency"]
+
     def is_waiting(self, call_id: str) -> bool:
         return call_id in self._waiting
 
