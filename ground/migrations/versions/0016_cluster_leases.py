@@ -5,7 +5,7 @@ which frees the dead node's agents and closes its calls (``calls.outcome = 'node
 waiting calls of every node, which every node's dispatcher chooses among (docs/cluster.md).
 
 Revision ID: 0016_cluster_leases
-Revises: 0013_speech_admission
+Revises: 0015_his_outbox
 Create Date: 2026-12-10
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0016_cluster_leases"
-down_revision: str | None = "0013_speech_admission"
+down_revision: str | None = "0015_his_outbox"
 branch_labels: str | None = None
 depends_on: str | None = None
 
