@@ -2,12 +2,12 @@
 
 Why (docs/decisions.md, "A learned model beside the lexicon"): callers describe what they see in words nobody
 wrote down, and every fresh test set brought phrasings the lexicon lacked (docs/triage.md, Figures). A model over
-character n-grams (1–3 characters: 叫不醒 is 叫, 不, 醒, 叫不, 不醒, 叫不醒) learns from every labelled utterance
+character n-grams (1–2 characters: 叫不醒 is 叫, 不, 醒, 叫不, 不醒) learns from every labelled utterance
 the writers produced, not only from the words a developer copied into YAML, so it also recognises 嘴唇紫了 when
 only 嘴唇发紫 and 脸紫了 were seen.
 
 The model is data, not code: ``keywords/lexicon/triage_model.json.gz``, written by ``python -m
-keywords.training`` (scikit-learn's ``TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True)``
+keywords.training`` (scikit-learn's ``TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True)``
 and ``LogisticRegression``), read here without scikit-learn, and part of the lexicon's version. Scoring is
 sans-I/O and pure Python: an utterance's n-grams, their TF-IDF weights (``1 + ln(tf)`` × idf, L2-normalised over
 the vocabulary), and per head a dot product with the weights plus the intercept.
@@ -78,14 +78,43 @@ class Head:
         return [0.0, totals[0]] if len(self.classes) == 2 else totals
 
 
-@dataclass(frozen=True)
 class Opinion:
-    """What the model makes of one utterance."""
+    """What the model makes of one utterance: P(emergency) at once; the category and the features only when asked
+    (most utterances need one of them or neither, and each costs as much again)."""
 
-    emergency: float  # P(a red flag now)
-    category: str  # the most likely consult category were it not an emergency
-    category_probability: float
-    features: Mapping[str, float]  # the TF-IDF vector, for the discriminator and the evidence when asked
+    def __init__(self, model: TriageModel, present: list[str], values: list[float], emergency: float) -> None:
+        self._model = model
+        self._present = present
+        self._values = values
+        self.emergency = emergency  # P(a red flag now)
+
+    @property
+    def known(self) -> int:
+        """How many of the utterance's n-grams the model knows."""
+        return len(self._present)
+
+    @cached_property
+    def features(self) -> Mapping[str, float]:
+        """The TF-IDF vector (for the discriminator and the evidence)."""
+        return dict(zip(self._present, self._values, strict=True))
+
+    @cached_property
+    def category(self) -> tuple[str, float]:
+        """The most likely consult category were it not an emergency, and its probability."""
+        head = self._model.heads["category"]
+        rows = self._model.category_rows
+        # Per class, the dot product of its column with the values: transposed and multiplied in C.
+        if self._present:
+            columns = list(zip(*[rows[g] for g in self._present], strict=True))
+        else:
+            columns = [()] * len(head.intercepts)
+        scores = [
+            sum(map(operator.mul, column, self._values)) + b for column, b in zip(columns, head.intercepts, strict=True)
+        ]
+        if len(head.classes) == 2:
+            scores = [0.0, scores[0]]
+        top = max(scores)
+        return head.classes[scores.index(top)], 1.0 / sum(math.exp(s - top) for s in scores)
 
 
 @dataclass(frozen=True)
@@ -99,19 +128,20 @@ class TriageModel:
     version: str
 
     @cached_property
-    def _columns(self) -> tuple[dict[str, float], dict[str, tuple[float, ...]]]:
-        """Per n-gram its emergency weight, and its category weights (zeros where none): one lookup each."""
-        emergency, category = self.heads["emergency"].weights, self.heads["category"].weights
-        zeros = (0.0,) * len(self.heads["category"].intercepts)
-        return (
-            {g: emergency.get(g, (0.0,))[0] for g in self.idf},
-            {g: category.get(g, zeros) for g in self.idf},
-        )
+    def emergency_weights(self) -> dict[str, float]:
+        """Per known n-gram its emergency weight (0 where none): one lookup each."""
+        weights = self.heads["emergency"].weights
+        return {g: weights.get(g, (0.0,))[0] for g in self.idf}
+
+    @cached_property
+    def category_rows(self) -> dict[str, tuple[float, ...]]:
+        """Per known n-gram its category weights (zeros where none)."""
+        weights, zeros = self.heads["category"].weights, (0.0,) * len(self.heads["category"].intercepts)
+        return {g: weights.get(g, zeros) for g in self.idf}
 
     def opinion(self, text: str) -> Opinion:
-        """P(emergency), the most likely category and its probability, and the features: :meth:`emergency` and
-        :meth:`category` of :meth:`features` in one pass (the classifier asks this of every utterance, so the
-        loops are comprehensions and ``map``: a third of the time of one Python loop per n-gram)."""
+        """P(emergency) of ``text`` (the category and the features follow from the :class:`Opinion` when asked).
+        The classifier asks this of every utterance, so the loops are comprehensions and ``map``."""
         low, high = self.ngram_range
         doc = _WHITESPACE.sub(" ", text.lower())
         idf = self.idf
@@ -120,21 +150,9 @@ class TriageModel:
         raw = [idf[g] if counts[g] == 1 else (1.0 + math.log(counts[g])) * idf[g] for g in present]
         norm = math.sqrt(sum(map(operator.mul, raw, raw))) or 1.0
         values = [v / norm for v in raw]
-        emergency, category = self._columns
-        head = self.heads["category"]
-        score = sum(map(operator.mul, [emergency[g] for g in present], values)) + self.heads["emergency"].intercepts[0]
-        chance = 1.0 / (1.0 + math.exp(-score)) if score > -500 else 0.0
-        # Per class, the dot product of its column with the values: transposed and multiplied in C.
-        columns = zip(*[category[g] for g in present], strict=True) if present else ((0.0,),) * len(head.intercepts)
-        scores = [
-            sum(map(operator.mul, column, values)) + b for column, b in zip(columns, head.intercepts, strict=True)
-        ]
-        if len(head.classes) == 2:
-            scores = [0.0, scores[0]]
-        top = max(scores)
-        index = scores.index(top)
-        features = dict(zip(present, values, strict=True))
-        return Opinion(chance, head.classes[index], 1.0 / sum(math.exp(s - top) for s in scores), features)
+        weights = self.emergency_weights
+        score = sum(map(operator.mul, [weights[g] for g in present], values)) + self.heads["emergency"].intercepts[0]
+        return Opinion(self, present, values, 1.0 / (1.0 + math.exp(-score)) if score > -500 else 0.0)
 
     def features(self, text: str) -> Mapping[str, float]:
         """The utterance's TF-IDF vector over the vocabulary, as scikit-learn computes it (sublinear tf, l2)."""
