@@ -95,6 +95,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from ground.errors import MedhotlineError
+from ground.ids import is_patient_id
 
 if TYPE_CHECKING:  # annotations only: the policy imports no database code
     from compliance.accounts import AccountRecord, Role
@@ -142,9 +143,9 @@ MAX_BREAK_GLASS_MINUTES: Final = 240
 # A call assignment a crashed node never ended still lapses: no call lasts this long.
 MAX_CALL_ASSIGNMENT: Final = timedelta(hours=4)
 BREAK_GLASS_ROLES: Final[frozenset[str]] = frozenset({"agent", "nurse", "pharmacist", "physician", "supervisor"})
-# Opaque patient ids only: the registry's random UUID (lower case), or 32-128 lower-case hex digits. A name, phone
-# number or record number never matches, so none can reach the assignment tables, a message or the audit log.
-PATIENT_ID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|(?:[0-9a-f]{2}){16,64}")
+# Opaque patient ids only: the registry's random UUID (lower case), or 32-128 lower-case hex digits
+# (ground.ids.is_patient_id, allow="uuid_or_hex"). A name, phone number or record number never matches, so none
+# can reach the assignment tables, a message or the audit log.
 # How the audit log names a patient: the registry's blind id (keyed HMAC of the patient id), hex.
 BLIND_ID: Final = re.compile(r"(?:[0-9a-f]{2}){16,64}")
 # Who may register a new patient (a caller not yet in the registry): there is no scope on a record that does not
@@ -296,7 +297,7 @@ _check_matrix(RULES)
 
 def check_patient_id(patient_id: str) -> str:
     """The id, if it is an opaque patient id; AccessError otherwise (without repeating the value)."""
-    if not isinstance(patient_id, str) or not PATIENT_ID.fullmatch(patient_id):
+    if not is_patient_id(patient_id, allow="uuid_or_hex"):
         raise AccessError(
             "patient id is not an opaque registry id (a lower-case UUID or 32-128 lower-case hex digits); never pass "
             "a name, phone number or record number where a patient id is expected"

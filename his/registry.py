@@ -34,7 +34,7 @@ from compliance.audit import AuditEntry, AuditError, AuditLog, AuditOutcome, Jso
 from compliance.data_keys import DataKeyRing
 from compliance.fields import BlindIndexer, FieldCipher, FieldCipherError, normalise_phone
 from ground.errors import MedhotlineError
-from ground.ids import is_uuid
+from ground.ids import is_patient_id
 from ground.logs import get_logger
 from his.tables import TABLE, PatientRef, PatientStore, RecordNumberTaken, StoredPatient
 
@@ -154,7 +154,7 @@ class PatientRecord:
 
 def check_patient_id(patient_id: str) -> str:
     """A patient id is a lower-case UUID; anything else is refused without echoing it (it may be a number)."""
-    if not isinstance(patient_id, str) or not is_uuid(patient_id):
+    if not is_patient_id(patient_id, allow="uuid"):
         raise PatientInputError("a patient id is a UUID such as 0b7f5c7e-1d2a-4c1e-9a51-2f0d3c4b5a69")
     return patient_id
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.orm import sessionmaker
 
-from compliance.access import Resource, check_reason
+from compliance.access import Resource
 from compliance.access_store import AccessControl
 from compliance.audit import AuditLog, SqlAuditStore
 from compliance.keyservice_client import wipe
@@ -48,14 +48,14 @@ from recordings.envelope import (
 )
 from recordings.ingest import Ingestor
 from recordings.records import configured_tsa_certificates, open_sealer, verify_records
-from recordings.retention import RetentionPolicy, check_removal
+from recordings.removal import RecordingRemoval
+from recordings.retention import RetentionPolicy
 from recordings.signed import RecordCheck
 from recordings.store import RecordingStore
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from compliance.audit import AuditLog, JsonValue
     from ground.config import Config
     from medhotline.commands.keys import KeyedDatabase
     from recordings.records import RecordSealer
@@ -233,99 +233,48 @@ def _cmd_keygen(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _removal(engine: Engine, config: Config, as_: str | None) -> RecordingRemoval:
+
+    return RecordingRemoval(
+        RecordingStore.for_engine(engine),
+        AuditLog(SqlAuditStore(engine)),
+        config.recordings_store,
+        actor=operator_id(as_),
+    )
+
+
 def _cmd_hold(config: Config, args: argparse.Namespace) -> int:
 
     on = args.recordings_action == "hold"
-    reason = check_reason(args.reason)
-    actor = operator_id(args.as_)
     with _engine(config) as engine:
-        changed = RecordingStore.for_engine(engine).set_hold(args.recording, on=on, reason=reason, by=actor, at=_now())
-        if changed == 0:
-            raise CommandError(f"no recording changed: {'already held' if on else 'not held'}, or no such id")
-        AuditLog(SqlAuditStore(engine)).append(
-            actor=actor,
-            role="operator",
-            action="legal_hold",
-            outcome="success",
-            reason=reason,
-            details={"recordings": list(args.recording), "hold": on},
-        )
+        changed = _removal(engine, config, args.as_).set_hold(args.recording, on=on, reason=args.reason, at=_now())
+    if changed == 0:
+        raise CommandError(f"no recording changed: {'already held' if on else 'not held'}, or no such id")
     print(f"legal hold {'placed on' if on else 'lifted from'} {changed} recording(s)")
     return EXIT_OK
 
 
-def _remove(
-    config: Config, store: RecordingStore, row: RecordingRow, *, actor: str, reason: str, audit: AuditLog
-) -> str | None:
-    """Purge one recording's audio if retention allows; returns the refusal, or None when removed.
-
-    The audit entry comes first: a deletion the audit log cannot record does not happen (AuditError, nothing
-    changed). Then the row is marked purged (the database refuses that before the retention date or under hold),
-    then the file goes; a crash between the two leaves a file the next purge removes. If the row changed between
-    the entry and the mark, a second entry (outcome ``error``) says the deletion did not happen."""
-
-    now = _now()
-    verdict = check_removal(state=row.state, retain_until=row.retain_until, legal_hold=row.legal_hold, now=now)
-    details: dict[str, JsonValue] = {"recording": row.id, "call": row.call_id, "operation": "purge"}
-    if not verdict.allowed:
-        audit.append(
-            actor=actor,
-            role="operator",
-            action="denied",
-            outcome="denied",
-            reason=reason,
-            # The refusal's code, not its text: the audit log takes no dates (they look like birth dates).
-            details={**details, "why": verdict.refusal},
-        )
-        return verdict.explanation
-    audit.append(actor=actor, role="operator", action="delete", outcome="success", reason=reason, details=details)
-    if not store.mark_purged(row.id, by=actor, at=now):
-        audit.append(
-            actor=actor,
-            role="operator",
-            action="delete",
-            outcome="error",
-            reason=reason,
-            details={**details, "why": "changed_meanwhile"},
-        )
-        return "changed meanwhile (held, or purged by someone else)"
-    if row.path is not None:
-        (config.recordings_store / row.path).unlink(missing_ok=True)
-    return None
-
-
 def _cmd_delete(config: Config, args: argparse.Namespace) -> int:
 
-    actor = operator_id(args.as_)
-    if args.recordings_action == "purge" and not args.expired:
-        raise CommandError("purge removes only what retention allows: say so with --expired")
-    # Checked as `hold` checks it, before anything is read or written: it goes into the audit trail.
-    reason = check_reason(args.reason)
     with _engine(config) as engine:
-        store = RecordingStore.for_engine(engine)
-        audit = AuditLog(SqlAuditStore(engine))
-        if args.recordings_action == "purge":
-            return _purge(config, store, audit, actor=actor, reason=reason, dry_run=args.dry_run)
-        row = store.get(args.recording)
-        refusal = _remove(config, store, row, actor=actor, reason=reason, audit=audit)
+        row, refusal = _removal(engine, config, args.as_).remove(args.recording, reason=args.reason, at=_now())
     if refusal is not None:
         raise CommandError(f"delete of recording {row.id} refused: {refusal} (the refusal is audited)")
     print(f"recording {row.id} purged; its metadata and digests remain")
     return EXIT_OK
 
 
-def _purge(config: Config, store: RecordingStore, audit: AuditLog, *, actor: str, reason: str, dry_run: bool) -> int:
-    rows = store.expired(_now())
-    if dry_run:
-        for row in rows:
+def _cmd_purge(config: Config, args: argparse.Namespace) -> int:
+
+    if not args.expired:
+        raise CommandError("purge removes only what retention allows: say so with --expired")
+    with _engine(config) as engine:
+        result = _removal(engine, config, args.as_).purge_expired(reason=args.reason, at=_now(), dry_run=args.dry_run)
+    if args.dry_run:
+        for row in result.expired:
             print(f"would purge {row.id} (kept until {row.retain_until:%Y-%m-%d})")
-        return EXIT_OK
-    purged = sum(1 for row in rows if _remove(config, store, row, actor=actor, reason=reason, audit=audit) is None)
-    # Files of rows already purged whose deletion a crash interrupted.
-    for row in store.recent(state="purged", limit=100_000):
-        if row.path is not None:
-            (config.recordings_store / row.path).unlink(missing_ok=True)
-    print(f"purged {purged} expired recording(s); {len(rows) - purged} skipped")
+    else:
+        print(f"purged {result.purged} expired recording(s); {result.skipped} skipped")
     return EXIT_OK
 
 
@@ -479,7 +428,7 @@ def _register_recordings(sub: argparse._SubParsersAction[argparse.ArgumentParser
     purge.add_argument("--dry-run", action="store_true")
     purge.add_argument("--reason", default="retention period ended")
     purge.add_argument("--as", dest="as_", metavar="ACCOUNT")
-    purge.set_defaults(func=_cmd_delete)
+    purge.set_defaults(func=_cmd_purge)
 
     ingest = actions.add_parser("ingest", help="finish interrupted ingests (the service does so at start too)")
     ingest.add_argument("--pending", action="store_true", required=True)

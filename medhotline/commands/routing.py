@@ -25,24 +25,23 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from compliance.access_store import AccessControl, cli_actor, freeze_account
 from compliance.accounts import AccountStore
-from compliance.audit import AuditEntry, AuditError, AuditLog, SqlAuditStore
+from compliance.audit import AuditLog, SqlAuditStore
 from ground import db
 from ground.clock import HOSPITAL_TZ, HOSPITAL_TZ_NAME
 from ground.errors import CommandError
 from ground.operator import OPERATOR_ROLE, operator_id
 from medhotline.commands.access import freeze_summary
-from routing.store import AgentError, AgentStore
+from routing.admin import AgentAdministration, NewAgent
+from routing.store import AgentStore
 from routing.validity import credential_state, validity_report
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
     from compliance.accounts import AccountStore
-    from compliance.audit import AuditAction, AuditLog, JsonValue
+    from compliance.audit import AuditLog
     from ground.config import Config
     from routing.store import AgentStore, AgentView, CredentialRecord
 
@@ -53,7 +52,6 @@ DATES_NOTE: Final = (
     f"Dates are YYYY-MM-DD in local time ({HOSPITAL_TZ_NAME}): valid from 00:00 on --valid-from until 00:00 on "
     "--valid-until (no longer valid on that day). Dates are printed the same way."
 )
-AUDIT_ROLE: Final = "admin"
 _SKILL_ARG: Final = re.compile(r"^\s*([^=\s]+)\s*=\s*([0-9]+)\s*$")
 _DATE_ARG: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _CHUNK: Final = 1 << 20
@@ -96,6 +94,10 @@ def parse_skills(items: list[str] | None) -> dict[str, int]:
     return skills
 
 
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
 def _parse_id(text: str, what: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise _error(f"{what} {text!r}: expected a positive number (see `medhotline credentials list`)")
@@ -123,6 +125,10 @@ class _Db:
     accounts: AccountStore
     audit: AuditLog
 
+    @property
+    def admin(self) -> AgentAdministration:
+        return AgentAdministration(self.agents, self.accounts, self.audit)
+
 
 @contextmanager
 def _open(config: Config) -> Iterator[_Db]:
@@ -133,99 +139,25 @@ def _open(config: Config) -> Iterator[_Db]:
         )
 
 
-class _Audited:
-    """A permission change and its audit entry: validated first, appended after the change succeeded."""
-
-    def __init__(
-        self,
-        log: AuditLog,
-        *,
-        actor: str,
-        action: AuditAction,
-        reason: str,
-        details: dict[str, JsonValue],
-        role: str = AUDIT_ROLE,
-    ) -> None:
-
-        self._log, self._actor, self._action, self._reason, self._details = log, actor, action, reason, details
-        self._role = role
-        try:
-            AuditEntry(0, datetime.now(UTC), actor, role, action, "success", None, reason, details)
-        except AuditError as exc:
-            raise _error(f"the audit log would refuse this change's entry, so nothing was changed: {exc}") from None
-
-    def done(self) -> None:
-
-        try:
-            self._log.append(
-                actor=self._actor,
-                role=self._role,
-                action=self._action,
-                outcome="success",
-                reason=self._reason,
-                details=self._details,
-            )
-        except (AuditError, SQLAlchemyError) as exc:
-            # First line only: SQLAlchemy appends the statement and its parameters.
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise _error(f"the change was made but its audit entry could not be written: {reason}") from None
-
-
 # --- agents -----------------------------------------------------------------------------------------------------
 
 
 def _agents_add(config: Config, args: argparse.Namespace) -> int:
-    skills = parse_skills(args.skill)
-    languages = args.language or ["zh"]
-    now = datetime.now(UTC)
+    new = NewAgent(
+        args.id,
+        args.endpoint,
+        name=args.name,
+        roles=args.role or (),
+        departments=args.department or (),
+        contact=args.contact,
+        languages=args.language or ["zh"],
+        skills=parse_skills(args.skill),
+    )
     with _open(config) as db:
-        existing = db.accounts.find(args.id)
-        if existing is None:
-            if not args.name:
-                raise _error(f"account {args.id} does not exist: give --name to create it")
-            roles = args.role or ["agent"]
-            audit = _Audited(
-                db.audit,
-                actor=operator_id(),
-                role=OPERATOR_ROLE,
-                action="permission_change",
-                reason="account created for an agent",
-                details={
-                    "account": args.id,
-                    "roles": sorted(set(roles)),
-                    "departments": sorted(set(args.department or [])),
-                },
-            )
-            view = db.agents.add_agent_with_account(
-                args.id,
-                args.name,
-                roles,
-                args.endpoint,
-                now,
-                departments=args.department or (),
-                contact=args.contact,
-                languages=languages,
-                skills=skills,
-            )
-            audit.done()
-            print(f"account {args.id} created with role(s) {', '.join(sorted(view.agent.roles))}")
-        else:
-            differs = []
-            if args.name and args.name.strip() != existing.display_name:
-                differs.append(f"name {existing.display_name!r}")
-            if args.role and frozenset(args.role) != existing.roles:
-                differs.append(f"roles {', '.join(sorted(existing.roles))}")
-            if args.department and frozenset(args.department) != existing.departments:
-                differs.append(f"departments {', '.join(sorted(existing.departments)) or '(none)'}")
-            if differs:
-                raise _error(
-                    f"account {args.id} already exists with {'; '.join(differs)}: this command does not change "
-                    "accounts; leave those options out to make the existing account an agent"
-                )
-            view = db.agents.add_agent(
-                args.id, args.endpoint, now, contact=args.contact, languages=languages, skills=skills
-            )
-        print(f"agent {view.id} added: endpoint {view.agent.endpoint}, state {view.state}")
+        view, created = db.admin.add_agent(new, operator=operator_id(), operator_role=OPERATOR_ROLE, at=_now())
+    if created:
+        print(f"account {args.id} created with role(s) {', '.join(sorted(view.agent.roles))}")
+    print(f"agent {view.id} added: endpoint {view.agent.endpoint}, state {view.state}")
     return 0
 
 
@@ -269,10 +201,8 @@ def _credential_line(record: CredentialRecord, now: datetime, within_days: int =
 def _agents_show(config: Config, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     with _open(config) as db:
-        view = db.agents.view(args.id)
-        account = db.accounts.get(args.id)
-        credentials = db.agents.credentials(args.id)
-        rings = db.agents.ring_counts(args.id)
+        details = db.admin.details(args.id)
+    view, account, credentials, rings = details.view, details.account, details.credentials, details.rings
     state = _state_text(view)
     if account.frozen:
         since = f" since {format_day(account.frozen_at)}" if account.frozen_at else ""
@@ -300,19 +230,11 @@ def _agents_freeze(config: Config, args: argparse.Namespace) -> int:
     # the actor's role, closes grants, sessions and call assignments, and audits each of them.
     with _open(config) as db:
         result = freeze_account(db.engine, args.id, args.reason, cli_actor(args.by), datetime.now(UTC), audit=db.audit)
-        view = _find_view(db.agents, args.id)
+        view = db.admin.find_view(args.id)
     print(freeze_summary(result))
     if view is not None and view.reserved_call_id is not None:
         print(f"  it is reserved for call {view.reserved_call_id} by node {view.reserved_by}, which moves that call on")
     return 0
-
-
-def _find_view(store: AgentStore, account_id: str) -> AgentView | None:
-
-    try:
-        return store.view(account_id)
-    except AgentError:
-        return None
 
 
 def _agents_unfreeze(config: Config, args: argparse.Namespace) -> int:
@@ -382,16 +304,7 @@ def _credentials_add(config: Config, args: argparse.Namespace) -> int:
 def _credentials_verify(config: Config, args: argparse.Namespace) -> int:
     credential_id = _parse_id(args.credential_id, "credential")
     with _open(config) as db:
-        record = db.agents.credential(credential_id)
-        audit = _Audited(
-            db.audit,
-            actor=args.by,
-            action="permission_change",
-            reason="credential verified against its certificate",
-            details={"credential_id": credential_id, "account": record.account_id, "kind": record.kind},
-        )
-        db.agents.verify_credential(credential_id, args.by, datetime.now(UTC))
-        audit.done()
+        record = db.admin.verify_credential(credential_id, by=args.by, at=_now())
     print(f"credential #{credential_id} ({record.kind} of {record.account_id}) verified by {args.by}")
     return 0
 
@@ -399,22 +312,9 @@ def _credentials_verify(config: Config, args: argparse.Namespace) -> int:
 def _credentials_revoke(config: Config, args: argparse.Namespace) -> int:
     credential_id = _parse_id(args.credential_id, "credential")
     with _open(config) as db:
-        record = db.agents.credential(credential_id)
-        audit = _Audited(
-            db.audit,
-            actor=operator_id(),
-            role=OPERATOR_ROLE,
-            action="permission_change",
-            reason=args.reason,
-            details={
-                "credential_id": credential_id,
-                "account": record.account_id,
-                "kind": record.kind,
-                "revoked": True,
-            },
+        record = db.admin.revoke_credential(
+            credential_id, args.reason, operator=operator_id(), operator_role=OPERATOR_ROLE, at=_now()
         )
-        db.agents.revoke_credential(credential_id, args.reason, datetime.now(UTC))
-        audit.done()
     print(f"credential #{credential_id} ({record.kind} of {record.account_id}) revoked: no longer counts for routing")
     return 0
 

@@ -14,18 +14,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compliance.audit import AuditLog, SqlAuditStore
+from compliance.audited_change import AuditedChange
 from ground import db
 from ground.errors import CommandError
 from ground.operator import operator_id
 from ivr.flow_registry import FlowRegistry
-from medhotline.commands.routing import _Audited
 from routing.callback_store import CallbackStore, ModeStore
 from routing.surge import SURGE_FLOW, SurgeError, entry_flow_yaml, load_profile
 
 if TYPE_CHECKING:
     from compliance.audit import AuditAction
     from ground.config import Config
-    from medhotline.commands.routing import _Audited
     from routing.surge import SurgeProfile
 
 PROFILES_DIR = "surge_profiles"
@@ -69,12 +68,12 @@ def _actor(args: argparse.Namespace) -> str:
     return str(args.actor or operator_id())
 
 
-def _audit(config: Config, actor: str, action: AuditAction, reason: str, profile: str) -> _Audited:
+def _audit(config: Config, actor: str, action: AuditAction, reason: str, profile: str) -> AuditedChange:
     """The switch's audit entry, validated now (a reason the log would refuse stops the switch) and appended by
     ``done()`` once the switch is stored."""
 
     engine = db.make_engine(config.database_url)
-    return _Audited(AuditLog(SqlAuditStore(engine)), actor=actor, action=action, reason=reason,
+    return AuditedChange(AuditLog(SqlAuditStore(engine)), actor=actor, action=action, reason=reason,
                     details={"profile": profile})  # fmt: skip
 
 

@@ -9,7 +9,6 @@ fixture fails the test if one is left behind.
 
 from __future__ import annotations
 
-import logging
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -20,7 +19,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import structlog
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -46,19 +44,7 @@ PATIENT = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 INSUFFICIENT_PRIVILEGE = "42501"
 
 
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    """``main`` configures process-global logging: leave it as it was."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in saved_handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(saved_level)
-    logging.getLogger("alembic").setLevel(logging.NOTSET)
-    structlog.reset_defaults()
+pytestmark = pytest.mark.usefixtures("reset_logging")
 
 
 def _write_config(tmp_path: Path, url: str | None, name: str = "medhotline.toml") -> Path:

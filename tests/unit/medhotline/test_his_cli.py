@@ -7,131 +7,25 @@ over its Unix socket with the token file it created. SQLite and PostgreSQL.
 from __future__ import annotations
 
 import getpass
-import io
 import json
-import logging
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import structlog
 
 from compliance.accounts import AccountStore
 from compliance.audit import SqlAuditStore
 from ground import db
 from medhotline.cli import main
 from tests.unit.his.test_his_registry import LI, LI_CHILD, WANG, assert_no_secret
+from tests.unit.medhotline.cli_run import Run, Setup, run
 
 ROOT = Path(__file__).resolve().parents[3]
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
 
-@pytest.fixture(autouse=True)
-def _reset_logging() -> Iterator[None]:
-    """``main`` configures process-global logging (to the config's log file): leave it as it was."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in saved_handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(saved_level)
-    for name in ("alembic", "panoramisk", "websockets", "httpcore", "httpx", "asyncio"):
-        logging.getLogger(name).setLevel(logging.NOTSET)
-    structlog.reset_defaults()
-
-
-@dataclass
-class Setup:
-    config: Path
-    state: Path
-    log_file: Path
-    database_url: str
-    socket: Path
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="mhcli-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def setup(request: pytest.FixtureRequest, tmp_path: Path, short_dir: Path) -> Setup:
-    state = tmp_path / "state"
-    log_file = tmp_path / "logs" / "medhotline.log"
-    url = (
-        f"sqlite:///{state / 'medhotline.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    )
-    socket_path = short_dir / "run" / "ks.sock"
-    config = tmp_path / "medhotline.toml"
-    config.write_text(
-        f'[service]\nstate_dir = "{state}"\nlog_file = "{log_file}"\n'
-        f'[database]\nurl = "{url}"\n'
-        f'[keyservice]\nsocket = "{socket_path}"\ndirectory = "{tmp_path / "keys"}"\n',
-        encoding="utf-8",
-    )
-    return Setup(config, state, log_file, url, socket_path)
-
-
-@pytest.fixture
-def keyservice(setup: Setup) -> Iterator[subprocess.Popen[bytes]]:
-    """``medhotline keyservice`` as its own process; stopped with SIGTERM like systemd would."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "medhotline", "--config", str(setup.config), "keyservice"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not setup.socket.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                stderr = process.stderr.read().decode() if process.stderr else ""
-                pytest.fail(f"the key service did not start (exit {process.poll()}): {stderr[-2000:]}")
-            time.sleep(0.05)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stderr:
-            process.stderr.close()
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-
-def run(setup: Setup, capsys: pytest.CaptureFixture[str], *argv: str, stdin: str | None = None) -> Run:
-    if stdin is not None:
-        saved, sys.stdin = sys.stdin, io.StringIO(stdin)
-    try:
-        code = main(["--config", str(setup.config), *argv])
-    finally:
-        if stdin is not None:
-            sys.stdin = saved
-    captured = capsys.readouterr()
-    return Run(code, captured.out, captured.err)
+pytestmark = pytest.mark.usefixtures("reset_logging")
 
 
 def test_register_find_show_rotate_rewrap(

@@ -28,13 +28,14 @@ from medhotline.cli import main
 from recordings.envelope import read_wav_comment
 from recordings.records import KeyServiceTimestamper, RecordSealer
 from recordings.store import RecordingRow, RecordingStore
-from tests.unit.medhotline.test_his_cli import Setup, keyservice, run, setup, short_dir  # noqa: F401 - fixtures
+from tests.unit.medhotline.cli_run import Setup, run
 
 YEARS_16 = timedelta(days=16 * 366)
+pytestmark = pytest.mark.usefixtures("reset_logging")
 
 
 @pytest.fixture
-def desk(setup: Setup, keyservice: object) -> Setup:  # noqa: F811 - the imported fixture
+def desk(setup: Setup, keyservice: object) -> Setup:
     """A migrated database with a supervisor of the hotline department, an agent, and a recordings spool."""
     with setup.config.open("a", encoding="utf-8") as config:
         config.write(f'[recordings]\nspool_dir = "{setup.state / "spool"}"\n')
