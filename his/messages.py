@@ -221,10 +221,11 @@ def build_pdq_answer(
     return Message(tuple(segments))
 
 
-def pid_segment(patient: PdqPatient, set_id: int = 1) -> Segment:
-    """The PID of ``patient``: PID-1 set id, -3 record number (type MR), -5 name, -7 birth date, -13 phone."""
+def pid_segment(patient: PdqPatient, set_id: int = 1, *, authority: str = "HIS", id_type: str = "MR") -> Segment:
+    """The PID of ``patient``: PID-1 set id, -3 record number (type MR), -5 name, -7 birth date, -13 phone (each
+    left empty when the value is)."""
     birth = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else None
-    mrn = [patient.record_number, "", "", "HIS", "MR"]
+    mrn = [patient.record_number, "", "", authority, id_type]
     phone = [patient.phone] if patient.phone else None
     return segment("PID", str(set_id), None, mrn, None, [patient.name], None, birth, *([None] * 5), phone)
 
