@@ -13,9 +13,10 @@ from ground.config import Config, HisConfig
 from his.audit import Hl7Audit
 from his.directory import PatientServices
 from his.hl7 import Party
-from his.outbox import Outbox
+from his.outbox import AnswerHook, Outbox
 from his.outbox_store import OutboxStore
 from his.pdq import HisPatientDirectory
+from his.producer import HisOutbound
 from his.transport import Backoff, MllpClient, client_tls
 
 
@@ -40,6 +41,7 @@ class HisLink:
     outbox: Outbox
     pdq_client: MllpClient
     outbox_client: MllpClient
+    producer: HisOutbound  # what the scheduler and the CLI hand to the HIS (SIU, VXU, ORU) through the outbox
 
     async def run_sender(self) -> None:
         """Send the outbox until cancelled."""
@@ -50,8 +52,9 @@ class HisLink:
         await self.outbox_client.aclose()
 
 
-def open_his_link(config: Config, services: PatientServices) -> HisLink:
-    """The link over the registry services (their key ring, audit log and database)."""
+def open_his_link(config: Config, services: PatientServices, *, on_answer: AnswerHook | None = None) -> HisLink:
+    """The link over the registry services (their key ring, audit log and database); ``on_answer`` is told of the
+    HIS's final answer to each outbox message (the bookings follow it)."""
     his = config.his
     audit = Hl7Audit(services.audit)
     sender = Party(his.sending_application, his.sending_facility)
@@ -74,5 +77,7 @@ def open_his_link(config: Config, services: PatientServices) -> HisLink:
         backoff=Backoff(his.backoff_initial, his.backoff_max),
         max_attempts=his.outbox_max_attempts,
         lease=max(60.0, his.reply_timeout * 3),
+        on_answer=on_answer,
     )
-    return HisLink(directory, outbox, pdq_client, outbox_client)
+    producer = HisOutbound(services.registry, outbox, sender=sender, receiver=receiver)
+    return HisLink(directory, outbox, pdq_client, outbox_client, producer)

@@ -217,12 +217,17 @@ def build_pdq_answer(
         segment("QAK", tag, "OK" if patients else "NF", PDQ_QUERY_NAME, str(len(patients))),
         qpd,
     ]
-    for i, p in enumerate(patients, 1):
-        birth = p.birth_date.strftime("%Y%m%d") if p.birth_date else None
-        mrn = [p.record_number, "", "", "HIS", "MR"]
-        # PID-1 set id, -3 identifiers, -5 name, -7 birth date, -13 home phone.
-        segments.append(segment("PID", str(i), None, mrn, None, [p.name], None, birth, *([None] * 5), [p.phone]))
+    segments.extend(pid_segment(p, i) for i, p in enumerate(patients, 1))
     return Message(tuple(segments))
+
+
+def pid_segment(patient: PdqPatient, set_id: int = 1, *, authority: str = "HIS", id_type: str = "MR") -> Segment:
+    """The PID of ``patient``: PID-1 set id, -3 record number (type MR), -5 name, -7 birth date, -13 phone (each
+    left empty when the value is)."""
+    birth = patient.birth_date.strftime("%Y%m%d") if patient.birth_date else None
+    mrn = [patient.record_number, "", "", authority, id_type]
+    phone = [patient.phone] if patient.phone else None
+    return segment("PID", str(set_id), None, mrn, None, [patient.name], None, birth, *([None] * 5), phone)
 
 
 def read_pdq_answer(reply: Message, sent_control_id: str) -> PdqAnswer:
@@ -238,20 +243,23 @@ def read_pdq_answer(reply: Message, sent_control_id: str) -> PdqAnswer:
     status = reply.value(qak, 2)
     if status not in ("OK", "NF", "AE", "AR"):
         raise Hl7Error("QAK-2", "query response status must be OK, NF, AE or AR")
-    patients = [_pdq_patient(reply, pid, i) for i, pid in enumerate(reply.all("PID"), 1)]
+    patients = [read_pid(reply, pid, f"PID({i})" if i > 1 else "PID") for i, pid in enumerate(reply.all("PID"), 1)]
     return PdqAnswer(status, tuple(patients))
 
 
-def _pdq_patient(reply: Message, pid: Segment, index: int) -> PdqPatient:
-    where = f"PID({index})" if index > 1 else "PID"
-    record = ""
+def read_record_number(reply: Message, pid: Segment, where: str = "PID") -> str:
+    """The medical record number in PID-3 (the repetition of type MR, or untyped); Hl7Error naming PID-3."""
     for rep in range(reply.repetitions(pid, 3)):
         parts = reply.components(pid, 3, rep)
         if parts and parts[0] and (len(parts) < 5 or parts[4] in ("MR", "")):
-            record = parts[0]
-            break
-    if not record:
-        raise Hl7Error(f"{where}-3", "no medical record number (identifier type MR)", REQUIRED_FIELD_MISSING)
+            return parts[0]
+    raise Hl7Error(f"{where}-3", "no medical record number (identifier type MR)", REQUIRED_FIELD_MISSING)
+
+
+def read_pid(reply: Message, pid: Segment, where: str = "PID") -> PdqPatient:
+    """Record number (PID-3), name (PID-5), birth date (PID-7) and phone (PID-13) of one PID; Hl7Error names
+    the field that is missing or malformed (``where`` is how the segment is named, e.g. ``PID(2)``)."""
+    record = read_record_number(reply, pid, where)
     name_parts = reply.components(pid, 5)
     name = "".join(name_parts[:2]) if name_parts else ""  # Chinese names: family then given, no space
     if not name.strip():

@@ -22,7 +22,7 @@ id>``, padded to 64-byte blocks so its length says little about a name's. Every 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal, Protocol
@@ -32,7 +32,7 @@ from ground.errors import MedhotlineError
 from ground.logs import get_logger
 from his.audit import Hl7Audit
 from his.hl7 import Hl7Error, Message, parse
-from his.messages import read_ack
+from his.messages import Ack, read_ack
 from his.outbox_store import TABLE, OutboxEntry, OutboxStore
 from his.transport import DEFAULT_BACKOFF, Backoff, HisError
 
@@ -52,6 +52,10 @@ class Requester(Protocol):
 
     async def request(self, message: Message) -> Message: ...
 
+
+# Told of the HIS's final answer to a message: control id, message type, and the ACK (AA when sent; AR, or the AE
+# of the last attempt, when set aside). What the hotline shows (an appointment confirmed or refused) follows it.
+AnswerHook = Callable[[str, str, Ack], Awaitable[None]]
 
 StepKind = Literal["idle", "wait", "busy", "sent", "retry", "failed"]
 
@@ -91,7 +95,9 @@ class Outbox:
         max_attempts: int = 10,
         lease: float = 60.0,
         clock: Callable[[], datetime] | None = None,
+        on_answer: AnswerHook | None = None,
     ) -> None:
+        self._on_answer = on_answer
         self._store = store
         self._ring = ring
         self._audit = audit
@@ -166,6 +172,7 @@ class Outbox:
             await self._finish(entry, "sent", attempts=attempts, ack_code="AA")
             await self._audit_send(entry, "success", "AA")
             log.info("his.outbox_sent", type=entry.message_type, control_id=entry.control_id, attempts=attempts)
+            await self._answered(entry, ack)
             return SendStep("sent", entry.control_id)
         if ack.code == "AR" or attempts >= self._max_attempts:
             await self._finish(
@@ -173,6 +180,7 @@ class Outbox:
             )
             await self._audit_send(entry, "error", ack.code, ack.location, ack.error_code)
             log.error("his.outbox_refused", control_id=entry.control_id, ack=ack.code, location=ack.location)
+            await self._answered(entry, ack)
             return SendStep("failed", entry.control_id)
         delay = self._backoff.delay(attempts)
         await self._finish(
@@ -208,6 +216,14 @@ class Outbox:
         if not kept:
             # The lease ran out during the request and another node took the message: its result stands.
             log.warning("his.outbox_lease_lost", control_id=entry.control_id)
+
+    async def _answered(self, entry: OutboxEntry, ack: Ack) -> None:
+        if self._on_answer is None:
+            return
+        try:
+            await self._on_answer(entry.control_id, entry.message_type, ack)
+        except Exception as exc:  # noqa: BLE001 (the delivery is recorded; what follows it must not undo that)
+            log.error("his.outbox_answer_hook_failed", control_id=entry.control_id, error=type(exc).__name__)
 
     async def _audit_send(
         self, entry: OutboxEntry, outcome: Literal["success", "error"], ack: str, location: str = "", code: str = ""

@@ -26,7 +26,7 @@ import asyncio
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Final, Literal
 
@@ -75,6 +75,25 @@ class RegistryError(MedhotlineError):
 
 class PatientInputError(RegistryError):
     """A value given for a patient is not acceptable; the message names the field and the rule, not the value."""
+
+
+class UnknownPatient(RegistryError):
+    """No patient has this record number; ``role`` says which one of an operation (``survivor``, ``merged``)."""
+
+    def __init__(self, message: str, role: str) -> None:
+        super().__init__(message)
+        self.role = role
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """A merge (ADT^A40) as stored: both ids and blind ids; ``changed`` False when it had been done already."""
+
+    survivor_id: str
+    survivor_blind_id: str
+    merged_id: str
+    merged_blind_id: str
+    changed: bool
 
 
 @dataclass(frozen=True)
@@ -258,9 +277,16 @@ class PatientRegistry:
         access = self._access(accessor, role, reason)
         index = await self._record_index(record_number)
         found = await asyncio.to_thread(self._store.by_record, index)
+        if found is not None and found.merged_into is not None:
+            found = await asyncio.to_thread(self._store.load, found.merged_into)  # the number of a merged patient
         blind_id = None if found is None else found.blind_id
         await self._append(access, "read", blind_id, {"lookup": "record_number", "matches": int(found is not None)})
         return None if found is None else found.id
+
+    async def resolve(self, patient_id: str) -> str:
+        """The id a patient is known by now: the survivor's when the HIS merged it (ADT^A40), else its own."""
+        stored = await asyncio.to_thread(self._store.load, check_patient_id(patient_id))
+        return stored.merged_into or stored.id
 
     async def ref(self, patient_id: str) -> PatientRef:
         """Id, blind id and department of a patient, without decrypting anything (for policies and audits)."""
@@ -302,10 +328,15 @@ class PatientRegistry:
         indexes = _Indexes(phone_bidx, record_bidx)
         for _ in range(_UPSERT_ATTEMPTS):
             existing = None if record_bidx is None else await asyncio.to_thread(self._store.by_record, record_bidx)
+            target, target_indexes = checked, indexes
+            if existing is not None and existing.merged_into is not None:
+                # A merged patient's number: the survivor is updated and keeps its own record number.
+                existing = await asyncio.to_thread(self._store.load, existing.merged_into)
+                target, target_indexes = replace(checked, record_number=None), _Indexes(phone_bidx, None)
             try:
                 if existing is None:
                     return await self._create(checked, indexes, access)
-                if await self._update(existing, checked, indexes, access):
+                if await self._update(existing, target, target_indexes, access):
                     return existing.id
             except RecordNumberTaken:
                 pass  # registered by someone else a moment ago: go round again and update that row
@@ -360,6 +391,36 @@ class PatientRegistry:
         fields = [*tokens, *(["department"] if patient.department is not None else [])]
         await self._append(access, "change", existing.blind_id, _change_details(created=False, fields=fields))
         return True
+
+    async def merge(
+        self, survivor_record: str, merged_record: str, *, accessor: str, role: str, reason: str
+    ) -> MergeResult:
+        """Merge the patient with ``merged_record`` into the one with ``survivor_record`` (HIS record numbers).
+
+        The merged row stays with its history and resolves to the survivor (:meth:`resolve`, lookups by either
+        record number); it is no longer found by phone. Doing it again changes nothing (``changed`` False).
+        UnknownPatient names which of the two has no registered record.
+        """
+        access = self._access(accessor, role, reason)
+        survivor = await asyncio.to_thread(self._store.by_record, await self._record_index(survivor_record))
+        if survivor is None:
+            raise UnknownPatient("no registered patient has the surviving record number", "survivor")
+        if survivor.merged_into is not None:
+            survivor = await asyncio.to_thread(self._store.load, survivor.merged_into)
+        merged = await asyncio.to_thread(self._store.by_record, await self._record_index(merged_record))
+        if merged is None:
+            raise UnknownPatient("no registered patient has the record number to merge", "merged")
+        if merged.id == survivor.id:
+            return MergeResult(survivor.id, survivor.blind_id, merged.id, merged.blind_id, changed=False)
+        if self._authorize is not None:
+            await self._authorize(accessor, "change", survivor.id)
+            await self._authorize(accessor, "change", merged.id)
+        changed = await asyncio.to_thread(self._store.merge, merged.id, survivor.id, self._clock())
+        if changed:
+            log.info("patient.merged", patient_id=merged.id, into=survivor.id)
+            await self._append(access, "change", survivor.blind_id, {"merge": "survivor"})
+            await self._append(access, "change", merged.blind_id, {"merge": "merged"})
+        return MergeResult(survivor.id, survivor.blind_id, merged.id, merged.blind_id, changed=changed)
 
     # --- audit ----------------------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text, func, select
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
@@ -49,6 +49,8 @@ class Patient(Base):
     department: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Set when the HIS merged this patient into another (ADT^A40, migration 0017): the row and its history stay.
+    merged_into: Mapped[str | None] = mapped_column(String(36))
 
     __table_args__ = (
         CheckConstraint("(record_bidx IS NULL) = (record_number_enc IS NULL)", name="record_number_indexed"),
@@ -56,6 +58,7 @@ class Patient(Base):
         Index("uq_patients_record_bidx", "record_bidx", unique=True),
         Index("uq_patients_blind_id", "blind_id", unique=True),
         Index("ix_patients_data_key_id", "data_key_id"),
+        Index("ix_patients_merged_into", "merged_into"),
     )
 
 
@@ -72,6 +75,7 @@ class StoredPatient:
     department: str | None
     created_at: datetime
     updated_at: datetime
+    merged_into: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,7 @@ def _stored(row: Patient, key: DataKey) -> StoredPatient:
         department=row.department,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        merged_into=row.merged_into,
     )
 
 
@@ -125,7 +130,7 @@ class PatientStore(Repository):
         with self._transaction("finding patients by phone index") as session:
             rows = session.execute(
                 select(Patient.id, Patient.blind_id, Patient.department)
-                .where(Patient.phone_bidx == phone_bidx)
+                .where(Patient.phone_bidx == phone_bidx, Patient.merged_into.is_(None))
                 .order_by(Patient.created_at, Patient.id)
             ).all()
             return [PatientRef(str(i), str(b), d) for i, b, d in rows]
@@ -199,6 +204,35 @@ class PatientStore(Repository):
                 row.department = department
             row.updated_at = at
             self._flush(session, record_bidx)
+            return True
+
+    def merge(self, merged_id: str, survivor_id: str, at: datetime) -> bool:
+        """Mark ``merged_id`` merged into ``survivor_id``; False if it already was (an A40 sent again).
+
+        Whatever was merged into ``merged_id`` before now points at the survivor too, so a chain never forms.
+        """
+        if merged_id == survivor_id:
+            raise ValueError("a patient cannot be merged into itself")
+        with self._transaction(f"merging patient {merged_id} into {survivor_id}") as session:
+            rows = {
+                r.id: r
+                for r in session.scalars(
+                    select(Patient).where(Patient.id.in_([merged_id, survivor_id])).with_for_update()
+                )
+            }
+            merged, survivor = rows.get(merged_id), rows.get(survivor_id)
+            if merged is None or survivor is None:
+                raise PatientNotFound(f"no patient {merged_id if merged is None else survivor_id}")
+            if survivor.merged_into is not None:
+                raise DatabaseError(f"patient {survivor_id} was itself merged into another and cannot survive")
+            if merged.merged_into == survivor_id:
+                return False
+            merged.merged_into = survivor_id
+            merged.updated_at = at
+            survivor.updated_at = at
+            session.execute(
+                update(Patient).where(Patient.merged_into == merged_id).values(merged_into=survivor_id, updated_at=at)
+            )
             return True
 
     def count(self) -> int:

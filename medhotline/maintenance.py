@@ -23,9 +23,12 @@ from ground import db
 from ground.config import Config
 from his import open_patient_directory
 from his.link import HisLink, open_his_link
+from his.messages import Ack
+from his.outbox import AnswerHook
 from routing.store import AgentStore
 from routing.validity import validity_report
-from telephony.ports import PatientDirectory
+from scheduler.vaccination import VaccinationStore
+from telephony.ports import HisMessages, PatientDirectory
 
 if TYPE_CHECKING:
     from his.directory import PatientServices
@@ -44,6 +47,7 @@ async def connect_patient_directory(
     install: Callable[[PatientDirectory], None],
     *,
     ready: Callable[[PatientServices], None] | None = None,
+    his_ready: Callable[[HisMessages], None] | None = None,
 ) -> None:
     """Open the patient registry through the key service, retrying until it answers; ``install`` gets its IVR
     directory, ``ready`` the registry services themselves (outreach reads numbers and birth years through them).
@@ -61,8 +65,10 @@ async def connect_patient_directory(
                 log.error("patients.directory_unavailable", reason=str(exc), retry_in=DIRECTORY_RETRY)
                 await asyncio.sleep(DIRECTORY_RETRY)
         # With the HIS configured, callers are identified by PDQ first and the outbox is sent from this node.
-        link = open_his_link(config, services) if config.his.enabled else None
+        link = open_his_link(config, services, on_answer=booking_answers(services)) if config.his.enabled else None
         install(services.directory if link is None else link.directory)
+        if link is not None and his_ready is not None:
+            his_ready(link.producer)
         if ready is not None:
             ready(services)
         log.info("patients.directory_ready", his=link is not None)
@@ -74,6 +80,21 @@ async def connect_patient_directory(
             await link.aclose()
         if services is not None:
             await services.aclose()
+
+
+def booking_answers(services: PatientServices) -> AnswerHook:
+    """The outbox's answer hook: an appointment (SIU) becomes ``confirmed`` on AA, ``refused`` with where and why
+    (location and code, never the HIS's free text) on AR or a final AE."""
+    store = VaccinationStore.for_engine(services.engine)
+
+    async def answered(control_id: str, message_type: str, ack: Ack) -> None:
+        if not message_type.startswith("SIU^"):
+            return
+        reason = f"{ack.code} {ack.location} {ack.error_code}".strip()
+        booking = await asyncio.to_thread(store.record_his_answer, control_id, ack.accepted, reason)
+        log.info("his.booking_answered", control_id=control_id, ack=ack.code, booking_id=booking)
+
+    return answered
 
 
 async def sign_audit_heads(config: Config, interval: float = AUDIT_HEAD_INTERVAL) -> None:

@@ -79,6 +79,7 @@ from telephony.ari_channel import (
 from telephony.ari_client import AriClient
 from telephony.channel import CallChannel
 from telephony.ports import (
+    HisMessages,
     NoPatientDirectory,
     NoRecognizer,
     PatientDirectory,
@@ -276,6 +277,10 @@ class HotlineService:
         if self.callbacks is not None:
             self.callbacks.patients_ready(services)  # callbacks' numbers are encrypted and indexed through it
 
+    def _his_ready(self, his: HisMessages) -> None:
+        if self.outreach is not None:
+            self.outreach.core.his = his  # bookings, readings and reported vaccinations go to the HIS too
+
     def enable_callbacks(self, sessions: sessionmaker[Session]) -> None:
         """Callbacks instead of waiting: the queue's offer and this node's callback dialler."""
 
@@ -358,7 +363,7 @@ class HotlineService:
             loops.append(
                 asyncio.create_task(
                     maintenance.connect_patient_directory(
-                        self.config, self._install_directory, ready=self._patients_ready
+                        self.config, self._install_directory, ready=self._patients_ready, his_ready=self._his_ready
                     )
                 )
             )

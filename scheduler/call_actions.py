@@ -17,12 +17,13 @@ from scheduler.outreach_core import SYSTEM_ACTOR, SYSTEM_ROLE, OutreachCore, Out
 from scheduler.store import PlanRecord
 from scheduler.tables import DATA_KEY_PURPOSE, Reading
 from scheduler.vaccination import (
+    BookingRecord,
     SlotFull,
     VaccinationStore,
     audit_booking_change,
     report_adverse_reaction,
 )
-from telephony.ports import BookingResult
+from telephony.ports import AppointmentEvent, AppointmentFacts, BookingResult, ReadingFact, VaccinationFacts
 
 log = structlog.get_logger("scheduler.outreach")
 
@@ -49,6 +50,7 @@ class CallActions(OutreachPart):
         now = self._clock()
         thresholds = plan.thresholds if plan is not None else {}
         abnormal_any = False
+        abnormal_kinds: set[str] = set()
         rows = []
         async with ring.cipher([key]) as cipher:
             for kind, raw in sorted(values.items()):
@@ -56,6 +58,8 @@ class CallActions(OutreachPart):
                 limit = thresholds.get(kind)
                 abnormal = limit is not None and limit.abnormal(value)
                 abnormal_any = abnormal_any or abnormal
+                if abnormal:
+                    abnormal_kinds.add(kind)
                 reading_id = str(uuid.uuid4())
                 token = cipher.encrypt(
                     json.dumps({"value": value, "abnormal": abnormal}),
@@ -81,6 +85,9 @@ class CallActions(OutreachPart):
                 session.add_all(rows)
 
         await asyncio.to_thread(store)
+        if self.core.his is not None:
+            facts = [ReadingFact(r.kind, float(values[r.kind]), r.kind in abnormal_kinds) for r in rows]
+            await self._to_his("readings", self.core.his.readings(patient_id, facts, now))
         if abnormal_any:
             await asyncio.to_thread(
                 self.tasks.create,
@@ -126,7 +133,12 @@ class CallActions(OutreachPart):
             reason="booked by the patient on the phone",
         )
         starts = booking.starts_at.astimezone(self.policy.tz)
-        sound = await self._speak(f"已为您预约{_spoken_date(starts.date())}{starts:%H}点{starts:%M}分。")
+        when = f"{_spoken_date(starts.date())}{starts:%H}点{starts:%M}分"
+        if self.core.his is not None and await self._appointment_to_his("book", booking):
+            # The HIS decides: the caller hears that the request is in, not that it is confirmed (docs/his.md).
+            sound = await self._speak(f"已为您提交{when}的预约申请，医院确认后将短信通知您。")
+        else:
+            sound = await self._speak(f"已为您预约{when}。")
         return BookingResult("booked", booking_id=booking.id, sound=sound)
 
     async def cancel_vaccination(self, patient_id: str) -> bool:
@@ -148,6 +160,8 @@ class CallActions(OutreachPart):
                 slot_id=booking.slot_id,
                 reason="cancelled by the patient on the phone",
             )
+            if self.core.his is not None:
+                await self._appointment_to_his("cancel", booking)
         return cancelled
 
     async def report_adverse_reaction(self, patient_id: str, call_id: str | None) -> None:
@@ -156,6 +170,10 @@ class CallActions(OutreachPart):
         now = self._clock()
         booking = await asyncio.to_thread(store.last_booking, patient_id, now)
         await asyncio.to_thread(report_adverse_reaction, patient_id, booking.id if booking else None, now, self.tasks)
+        if self.core.his is not None and booking is not None:
+            # Patient-reported: the HIS learns of the dose the patient says they had and of the reaction.
+            facts = VaccinationFacts(patient_id, booking.vaccine, booking.vaccine_name, booking.starts_at, True)
+            await self._to_his("vaccination", self.core.his.vaccination(facts))
         # A follow-up call by medical staff: the next day, in the allowed hours.
         subject = booking.id if booking else str(uuid.uuid5(uuid.NAMESPACE_OID, patient_id))
         await asyncio.to_thread(
@@ -166,6 +184,29 @@ class CallActions(OutreachPart):
             now,
             self.policy.next_allowed(now + timedelta(days=1)),
         )
+
+    async def _appointment_to_his(self, event: AppointmentEvent, booking: BookingRecord) -> bool:
+        """Queue the SIU for the HIS and mark the booking ``requested``; False (logged) if it could not be queued."""
+        assert self.core.his is not None
+        facts = AppointmentFacts(
+            booking.id, booking.patient_id, booking.starts_at, booking.ends_at, booking.vaccine,
+            booking.vaccine_name, booking.clinic, booking.changed_from,
+        )  # fmt: skip
+        control_id = await self._to_his("appointment", self.core.his.appointment(event, facts))
+        if control_id is None:
+            return False
+        await asyncio.to_thread(VaccinationStore(self._sessions).mark_his_requested, booking.id, control_id)
+        return True
+
+    @staticmethod
+    async def _to_his(what: str, queued: Awaitable[str]) -> str | None:
+        """The control id of a message queued for the HIS; None when the outbox could not take it (logged: the
+        hotline's own record stands, and an operator sees the booking without a HIS state)."""
+        try:
+            return await queued
+        except MedhotlineError as exc:
+            log.error("outreach.his_queue_failed", what=what, reason=type(exc).__name__)
+            return None
 
 
 def _spoken_date(day: date) -> str:

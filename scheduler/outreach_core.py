@@ -16,7 +16,7 @@ from scheduler.policy import DialPolicy
 from scheduler.ports import OutreachPatients
 from scheduler.store import AttemptStore, PlanStore
 from scheduler.tasks import TaskStore
-from telephony.ports import OutreachUnavailable
+from telephony.ports import HisMessages, OutreachUnavailable
 
 SYSTEM_ACTOR: Final = "scheduler"
 SYSTEM_ROLE: Final = "system"
@@ -35,6 +35,9 @@ class OutreachCore:
     attempts: AttemptStore
     tasks: TaskStore
     patients: OutreachPatients | None = None
+    # The HIS (his.producer.HisOutbound) when ``his.enabled``: bookings, readings and reported vaccinations go
+    # to it through its outbox; None: the hotline's own records are the only ones.
+    his: HisMessages | None = None
 
 
 class OutreachPart:

@@ -796,6 +796,40 @@ class VaccinationStore(Repository):
         with self._transaction(f"releasing the reminder of booking {booking_id}") as session:
             return rowcount(session.connection().execute(statement)) == 1
 
+    # --- the HIS's view (migration 0017) ---------------------------------------------------------------------
+
+    def mark_his_requested(self, booking_id: str, control_id: str) -> bool:
+        """The booking's SIU (``control_id``) is queued for the HIS: ``requested`` until the HIS answers."""
+        statement = (
+            update(VaccinationBooking)
+            .where(VaccinationBooking.id == booking_id)
+            .values(his_state="requested", his_control_id=control_id, his_reason=None)
+        )
+        with self._transaction(f"marking booking {booking_id} as requested from the HIS") as session:
+            return rowcount(session.connection().execute(statement)) == 1
+
+    def record_his_answer(self, control_id: str, accepted: bool, reason: str = "") -> str | None:
+        """The HIS's answer to the booking's last message: ``confirmed`` on AA, ``refused`` with ``reason`` (the
+        refusal's location and code) otherwise. The booking's id, or None when no booking waits for this id (an
+        answer to an older message of a booking changed since is not taken for the newer one's)."""
+        with self._transaction(f"recording the HIS's answer to {control_id}") as session:
+            row = session.scalars(
+                select(VaccinationBooking).where(VaccinationBooking.his_control_id == control_id).with_for_update()
+            ).first()
+            if row is None:
+                return None
+            row.his_state = "confirmed" if accepted else "refused"
+            row.his_reason = None if accepted else (reason or "refused by the HIS")[:120]
+            return row.id
+
+    def his_state(self, booking_id: str) -> tuple[str | None, str | None]:
+        """``(his_state, his_reason)`` of a booking (``(None, None)``: booked without a HIS)."""
+        with self._transaction(f"reading the HIS state of booking {booking_id}") as session:
+            row = session.get(VaccinationBooking, booking_id)
+            if row is None:
+                raise VaccinationNotFound(f"no booking {booking_id}")
+            return row.his_state, row.his_reason
+
 
 # --- reminders, adverse reactions, audit ------------------------------------------------------------------------
 

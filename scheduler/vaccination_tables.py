@@ -29,6 +29,8 @@ BookingState = Literal["booked", "cancelled", "past"]
 # patient came (the clinic's records do); it only stops counting the booking as the patient's upcoming one, so the
 # next dose or next season's vaccination can be booked. The seat stays counted in the slot's ``booked``.
 BOOKING_STATES: Final[tuple[BookingState, ...]] = ("booked", "cancelled", "past")
+HisState = Literal["requested", "confirmed", "refused"]
+HIS_STATE_CHECK: Final = "his_state IS NULL OR his_state IN ('requested', 'confirmed', 'refused')"
 # The one-upcoming-booking-per-vaccine rule, as the partial unique index's condition.
 ACTIVE_BOOKING: Final = "state = 'booked'"
 
@@ -93,9 +95,18 @@ class VaccinationBooking(Base):
     reminded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The booking this one replaced (a change is the old one cancelled and this one made, in one transaction).
     changed_from: Mapped[str | None] = mapped_column(String(36), ForeignKey("vaccination_bookings.id"))
+    # The HIS's view of the booking (migration 0017): ``requested`` once its SIU is queued in the HIS outbox,
+    # ``confirmed`` on the HIS's AA, ``refused`` on AR (or AE after the last retry) with where and why
+    # (``his_reason``: location and code, never the HIS's free text). NULL: booked without a HIS.
+    his_state: Mapped[str | None] = mapped_column(String(12))
+    # MSH-10 of the last message about this booking (S12, S13 or S15): the HIS's answer is matched by it.
+    his_control_id: Mapped[str | None] = mapped_column(String(20))
+    his_reason: Mapped[str | None] = mapped_column(String(120))
 
     __table_args__ = (
         CheckConstraint("state IN ('booked', 'cancelled', 'past')", name="state"),
+        CheckConstraint(HIS_STATE_CHECK, name="his_state"),
+        Index("uq_vaccination_bookings_his_control_id", "his_control_id", unique=True),
         CheckConstraint("(state = 'cancelled') = (cancelled_at IS NOT NULL)", name="cancelled"),
         Index(
             "ix_vaccination_bookings_patient_id_vaccine",

@@ -11,7 +11,7 @@ outreach: an identity check or a reading that can't be stored must not pass for 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -242,3 +242,53 @@ class OutreachPort(Protocol):
     async def report_adverse_reaction(self) -> None:
         """A task for medical staff and a follow-up call scheduled."""
         ...
+
+
+# -- the HIS, as the scheduler and the CLI see it -----------------------------------------------------------------
+
+AppointmentEvent = Literal["book", "change", "cancel"]
+
+
+@dataclass(frozen=True)
+class AppointmentFacts:
+    """A booking as the HIS is told of it (SIU): ids are opaque; the patient is the registry's id."""
+
+    booking_id: str
+    patient_id: str
+    starts_at: datetime
+    ends_at: datetime
+    service: str  # what is booked, e.g. the vaccine code
+    service_name: str
+    location: str  # the clinic's code
+    changed_from: str | None = None  # the booking a change replaced
+
+
+@dataclass(frozen=True)
+class ReadingFact:
+    """One follow-up reading (ORU OBX): its kind (``systolic``…), value, and whether it broke the plan's limit."""
+
+    kind: str
+    value: float = field(repr=False)
+    abnormal: bool = field(repr=False)
+
+
+@dataclass(frozen=True)
+class VaccinationFacts:
+    """A vaccination the patient reported on the phone (VXU), with whether they reported an adverse reaction."""
+
+    patient_id: str
+    vaccine: str
+    vaccine_name: str
+    given_at: datetime
+    reaction: bool = False
+
+
+class HisMessages(Protocol):
+    """Hands what the hotline learns to the HIS: each method queues one message in the durable outbox (written
+    before it returns) and returns its control id, by which the HIS's answer is matched later."""
+
+    async def appointment(self, event: AppointmentEvent, appointment: AppointmentFacts) -> str: ...
+
+    async def readings(self, patient_id: str, readings: Sequence[ReadingFact], taken_at: datetime) -> str: ...
+
+    async def vaccination(self, facts: VaccinationFacts) -> str: ...
