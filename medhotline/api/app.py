@@ -193,7 +193,7 @@ class _Api:
             "flows": [
                 {"flow": n, "version": report.flows[n].version, "file": report.flows[n].path.name}
                 for n in sorted(report.flows)
-            ],  # fmt: skip
+            ],
             "problems": [_problem(p) for p in report.problems],
         }
 
