@@ -1,4 +1,4 @@
-"""``medhotline api`` (serve the HTTP API and the wallboard) and ``medhotline credentials password|totp``.
+"""``medhotline api`` (serve the HTTP API and the wallboard) and ``medhotline signin password|totp``.
 
 The API binds to loopback by default. Any other address is refused unless TLS is configured (``--tls-cert`` and
 ``--tls-key``): passwords, TOTP codes and session tokens must not cross a network in clear. ``--port 0`` takes a
@@ -110,14 +110,14 @@ def _cmd_credentials(config: Config, args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``api`` and ``credentials`` to the ``medhotline`` parser."""
+    """Add ``api`` and ``signin`` to the ``medhotline`` parser."""
     api = sub.add_parser("api", help="serve the HTTP API and the live wallboard (docs/api.md)")
     api.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need TLS)")
     api.add_argument("--port", type=int, default=8080, help="port (0: a free one, printed on start)")
     api.add_argument("--tls-cert", type=Path, metavar="FILE", help="the server's certificate (PEM)")
     api.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
     api.set_defaults(func=_cmd_api)
-    creds = sub.add_parser("credentials", help="an account's API password (stdin) or TOTP second factor")
+    creds = sub.add_parser("signin", help="an account's API sign-in: password (from stdin) or TOTP second factor")
     creds.add_argument("action", choices=["password", "totp"])
     creds.add_argument("account", metavar="ACCOUNT")
     creds.add_argument("--by", metavar="ACCOUNT", help="the staff account making the change (default: the OS user)")
