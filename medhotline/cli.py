@@ -36,6 +36,7 @@ from keywords.speech_models import fetch_command
 from medhotline import db_roles
 from medhotline import flows as flow_tools
 from medhotline.commands import access as access_commands
+from medhotline.commands import api as api_commands
 from medhotline.commands import keys as key_commands
 from medhotline.commands import keywords as commands
 from medhotline.commands import outreach as scheduler_commands
@@ -246,6 +247,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         key_commands.register,
         access_commands.register,
         stats_commands.register,
+        api_commands.register,
         speech_commands.register,
     ):
         register(sub)

@@ -1,0 +1,230 @@
+"""The HTTP API over httpx's ASGI transport, on a real migrated SQLite database: sign-in with a password and (for
+supervisors and auditors) a TOTP code, every endpoint × role through the one access policy, the audit entry of
+each request, and no patient identifier in any response."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
+
+from compliance.access_records import AccessSession, Actor
+from compliance.access_store import freeze_account
+from compliance.accounts import AccountStore
+from compliance.audit import SqlAuditStore, StoredEntry
+from compliance.credentials import CredentialStore, hash_password, password_matches, totp_code, totp_step
+from ground import db
+from ground.errors import CommandError
+from ground.models import Call
+from medhotline.api import ApiSettings, create_app
+from medhotline.commands.api import check_bind
+from routing.statistics import StatsSettings
+from routing.store import AgentStore
+
+PASSWORD = "correct horse battery"
+# The caller's number, written where a careless API would leak it: the channel name and the error text.
+PHONE = "13812345678"
+ROLES = {"nurse.li": "nurse", "sup.wang": "supervisor", "admin.zhao": "admin", "aud.chen": "auditor"}
+ENDPOINTS = ["/api/queues", "/api/agents", "/api/statistics", "/api/calls", "/api/calls/call-waiting-1",
+             "/api/flows"]  # fmt: skip
+FLOWS_DIR = Path(__file__).resolve().parents[3] / "dialplans"
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> AsyncIterator[Engine]:  # type: ignore[misc]
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    db.upgrade(url)
+    engine = db.make_engine(url)
+    yield engine
+    engine.dispose()
+
+
+def _secrets(engine: Engine) -> dict[str, str]:
+    """Accounts of each role with the password; the TOTP secrets of those who need one."""
+    now = datetime.now(UTC)
+    accounts, creds = AccountStore.for_engine(engine), CredentialStore.for_engine(engine)
+    found = {}
+    for account_id, role in ROLES.items():
+        accounts.add(account_id, account_id.title(), [role], now)
+        creds.set_password(account_id, PASSWORD, now)
+        if role in ("supervisor", "auditor"):
+            found[account_id] = creds.enroll_totp(account_id, now)
+    AgentStore.for_engine(engine).add_agent("nurse.li", "ep-li", now)
+    return found
+
+
+def _code(secret: str, offset: int = 0) -> str:
+    return totp_code(base64.b32decode(secret + "=" * (-len(secret) % 8)), totp_step(datetime.now(UTC)) + offset)
+
+
+def _calls(engine: Engine) -> None:
+    """A waiting emergency call and a waiting normal one, both from PHONE as the channel name shows it."""
+    calls = db.CallRepository.for_engine(engine)
+    now = datetime.now(UTC)
+    for call_id, priority, category, ago in (("call-waiting-1", "emergency", "emergency", 30),
+                                             ("call-waiting-2", "normal", "medication", 90)):  # fmt: skip
+        calls.start(call_id=call_id, node="node1", transport="ari", channel_id=f"ch-{call_id}",
+                    channel_name=f"PJSIP/{PHONE}-0000001", flow="hotline", flow_version=None,
+                    started_at=now - timedelta(seconds=ago + 5))  # fmt: skip
+        calls.add_step(call_id, flow="queue", node="queued", node_type="queue", edge=category, input=priority,
+                       at=now - timedelta(seconds=ago), moves_last_step=False)  # fmt: skip
+
+
+async def _client(engine: Engine) -> httpx.AsyncClient:
+    settings = ApiSettings(engine=engine, statistics=StatsSettings(), flows_dir=FLOWS_DIR)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings)), base_url="http://test")
+
+
+async def _login(client: httpx.AsyncClient, account: str, secrets: dict[str, str]) -> str:
+    code = _code(secrets[account]) if account in secrets else None
+    response = await client.post("/api/login", json={"account": account, "password": PASSWORD, "code": code})
+    assert response.status_code == 200, response.text
+    token = response.json()["token"]
+    assert isinstance(token, str)
+    return token
+
+
+def _entries(engine: Engine) -> list[StoredEntry]:
+    return list(SqlAuditStore(engine).entries())
+
+
+def test_passwords_are_scrypt_hashes_and_totp_follows_rfc_6238() -> None:
+    stored = hash_password("s3cret-enough!")
+    assert stored.startswith("scrypt$")
+    assert "s3cret" not in stored
+    assert password_matches("s3cret-enough!", stored)
+    assert not password_matches("s3cret-enough?", stored)
+    assert not password_matches("x", "not-a-hash")
+    # RFC 6238 appendix B, SHA-1, T = 59 s → 94287082 (8 digits); its last 6 digits are the 6-digit code.
+    assert totp_code(b"12345678901234567890", totp_step(datetime.fromtimestamp(59, UTC))) == "287082"
+    assert totp_code(b"12345678901234567890", totp_step(datetime.fromtimestamp(1111111109, UTC))) == "081804"
+
+
+async def test_supervisors_need_a_second_factor_that_is_good_once(engine: Engine) -> None:
+    secrets = _secrets(engine)
+    async with await _client(engine) as client:
+        no_code = await client.post("/api/login", json={"account": "sup.wang", "password": PASSWORD})
+        assert no_code.status_code == 401
+        wrong_pw = await client.post("/api/login", json={"account": "sup.wang", "password": "nope",
+                                                          "code": _code(secrets["sup.wang"])})  # fmt: skip
+        assert wrong_pw.status_code == 401
+        code = _code(secrets["sup.wang"])
+        ok = await client.post("/api/login", json={"account": "sup.wang", "password": PASSWORD, "code": code})
+        assert ok.status_code == 200
+        assert "httponly" in ok.headers["set-cookie"].lower()
+        assert "samesite=strict" in ok.headers["set-cookie"].lower()
+        replay = await client.post("/api/login", json={"account": "sup.wang", "password": PASSWORD, "code": code})
+        assert replay.status_code == 401, "a TOTP code is good once"
+        # A nurse has no second factor to give.
+        assert (await client.post("/api/login", json={"account": "nurse.li", "password": PASSWORD})).status_code == 200
+        unknown = await client.post("/api/login", json={"account": "ghost", "password": PASSWORD})
+        assert unknown.status_code == 401
+        assert unknown.json() == wrong_pw.json(), "no hint which part was wrong"
+    whys = [json.loads(e.details).get("why") for e in _entries(engine) if e.action == "denied"]
+    assert whys == ["the role needs a second factor code", "wrong password", "second factor code already used",
+                    "there is no such account"]  # fmt: skip
+    assert [e.actor for e in _entries(engine) if e.action == "login"] == ["sup.wang", "nurse.li"]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+async def test_every_endpoint_by_role_through_the_access_policy_and_audited(engine: Engine, endpoint: str) -> None:
+    secrets = _secrets(engine)
+    _calls(engine)
+    allowed = {"nurse.li": False, "sup.wang": True, "admin.zhao": True, "aud.chen": True}
+    async with await _client(engine) as client:
+        anonymous = await client.get(endpoint)
+        assert anonymous.status_code == 401
+        assert (await client.get(endpoint, headers={"Authorization": "Bearer s-" + "a" * 32})).status_code == 401
+        for account, ok in allowed.items():
+            token = await _login(client, account, secrets)
+            before = len(_entries(engine))
+            response = await client.get(endpoint, headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == (200 if ok else 403), (account, response.text)
+            added = _entries(engine)[before:]
+            assert len(added) == 1, "one audit entry per request"
+            assert added[0].actor == account
+            assert added[0].action == ("read" if ok else "denied")
+            if ok:
+                assert json.loads(added[0].details)["endpoint"] == f"GET {endpoint}"
+    refusals = [json.loads(e.details) for e in _entries(engine) if e.actor == "anonymous"]
+    assert len(refusals) == 2
+    assert all(r["why"] == "no valid session" for r in refusals)
+
+
+async def test_no_response_carries_the_callers_number(engine: Engine) -> None:
+    secrets = _secrets(engine)
+    _calls(engine)
+    with Session(engine) as session, session.begin():
+        session.execute(update(Call).values(error=f"caller {PHONE} hung up", last_step=PHONE))
+    async with await _client(engine) as client:
+        token = await _login(client, "sup.wang", secrets)
+        bodies = [(await client.get(e, headers={"Authorization": f"Bearer {token}"})).text for e in ENDPOINTS]
+        bodies.append((await client.get("/wallboard")).text)
+    assert all(PHONE not in body for body in bodies)
+    queues = json.loads(bodies[0])["queues"]
+    assert [q["queue"] for q in queues] == ["emergency", "medication"], "the emergency queue first"
+    assert queues[1]["calls"][0]["wait_seconds"] >= 90
+    call = json.loads(bodies[4])
+    assert call["route_category"] is None
+    assert call["queue"]["emergency"] is True
+
+
+async def test_a_frozen_account_is_refused_on_its_next_request(engine: Engine) -> None:
+    secrets = _secrets(engine)
+    async with await _client(engine) as client:
+        token = await _login(client, "aud.chen", secrets)
+        headers = {"Authorization": f"Bearer {token}"}
+        assert (await client.get("/api/agents", headers=headers)).status_code == 200
+        freeze_account(engine, "aud.chen", "left the hospital", Actor.operator("root"), datetime.now(UTC))
+        assert (await client.get("/api/agents", headers=headers)).status_code == 401
+        with Session(engine) as session:
+            assert session.scalars(select(AccessSession.closed_at)).one() is not None
+
+
+async def test_an_expired_session_is_refused(engine: Engine) -> None:
+    _secrets(engine)
+    async with await _client(engine) as client:
+        token = await _login(client, "admin.zhao", {})
+        with Session(engine) as session, session.begin():
+            session.execute(update(AccessSession).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        assert (await client.get("/api/queues", headers={"Authorization": f"Bearer {token}"})).status_code == 401
+
+
+async def test_a_posted_flow_gets_the_flow_checkers_problems(engine: Engine) -> None:
+    _secrets(engine)
+    async with await _client(engine) as client:
+        await _login(client, "admin.zhao", {})  # the cookie carries the session from here on
+        bad = await client.post("/api/flows/validate", content="flow: x\nstart: nowhere\nnodes:\n  a: {type: hangup}\n")
+        good = await client.post("/api/flows/validate", content=(FLOWS_DIR / "hotline.yaml").read_bytes())
+        listed = await client.get("/api/flows")
+    assert bad.status_code == 200
+    assert bad.json()["valid"] is False
+    assert any("nowhere" in p["message"] for p in bad.json()["problems"]), bad.json()
+    assert good.json() == {"valid": True, "flow": "hotline", "problems": []}
+    assert "hotline" in [f["flow"] for f in listed.json()["flows"]]
+
+
+async def test_the_openapi_document_names_every_route(engine: Engine) -> None:
+    async with await _client(engine) as client:
+        paths = (await client.get("/api/openapi.json")).json()["paths"]
+    assert {"/api/login", "/api/queues", "/api/agents", "/api/statistics", "/api/calls", "/api/calls/{call_id}",
+            "/api/flows", "/api/flows/validate", "/api/wallboard/events"} <= set(paths)  # fmt: skip
+
+
+def test_a_non_loopback_bind_needs_tls(tmp_path: Path) -> None:
+    check_bind("127.0.0.1", None, None)
+    check_bind("::1", None, None)
+    with pytest.raises(CommandError, match="not a loopback address, and TLS is not configured"):
+        check_bind("0.0.0.0", None, None)
+    with pytest.raises(CommandError, match="give both"):
+        check_bind("10.1.2.3", tmp_path / "cert.pem", None)
+    (tmp_path / "cert.pem").write_text("x")
+    (tmp_path / "key.pem").write_text("x")
+    check_bind("10.1.2.3", tmp_path / "cert.pem", tmp_path / "key.pem")
