@@ -9,7 +9,7 @@ shoulder can't be replayed.
 
 The pure parts (:func:`hash_password`, :func:`password_matches`, :func:`totp_code`, :func:`totp_step`) read no
 clock and no database; :class:`CredentialStore` keeps the secrets in ``account_credentials`` (migration
-``0017_api_credentials``). Nothing here writes a secret to a log or an exception.
+``0018_api_credentials``). Nothing here writes a secret to a log or an exception.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """API sign-in: each staff account's password hash and TOTP second factor (compliance.credentials).
 
-Revision ID: 0017_api_credentials
-Revises: 0016_cluster_leases
+Revision ID: 0018_api_credentials
+Revises: 0017_his_messages
 Create Date: 2026-12-11
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0017_api_credentials"
-down_revision: str | None = "0016_cluster_leases"
+revision: str = "0018_api_credentials"
+down_revision: str | None = "0017_his_messages"
 branch_labels: str | None = None
 depends_on: str | None = None
 
