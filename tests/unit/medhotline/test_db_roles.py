@@ -214,7 +214,7 @@ def test_the_service_role_appends_to_the_audit_trail_and_can_do_nothing_else_to_
     granted = run(capsys, config, "db", "grant-service-role", service)
     assert granted.code == 0, granted
     assert "SELECT, INSERT on tables audit_entries, audit_heads (audit store, append-only)" in granted.out
-    assert "SELECT, INSERT, UPDATE, DELETE on tables access_sessions, accounts," in granted.out
+    assert "SELECT, INSERT, UPDATE, DELETE on tables access_sessions, account_credentials, accounts," in granted.out
     assert "SELECT on table alembic_version (schema version)" in granted.out
     assert "USAGE, SELECT on sequences agent_rings_id_seq," in granted.out
     assert "CREATE on schema public revoked" in granted.out
@@ -360,7 +360,7 @@ def test_roles_that_could_get_around_the_grants_are_refused(
     missing = f"mh_test_missing_{uuid.uuid4().hex[:10]}"
 
     cases = {
-        owner: f"role {owner} owns the database, table access_sessions, table accounts",
+        owner: f"role {owner} owns the database, table access_sessions, table account_credentials, table accounts",
         via_owner: f"role {via_owner} is a member of {owner}, which owns the database",
         superuser: f"role {superuser} is a superuser: it bypasses every privilege check",
         via_super: f"role {via_super} is a member of superuser role {hidden_super}",
