@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"ring latency, caller's INVITE → agent phone's INVITE (SIPp clocks), {rounds} alternating rounds")
     print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores")
-    print(f"{"path":<18} {'calls':>5} {'failed':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    print(f"{'path':<18} {'calls':>5} {'failed':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
     for path in paths:
         values = bench.results[path]
         if not values:
