@@ -94,6 +94,9 @@ class AriFaultProxy:
                 headers = _headers(head)
                 if headers.get("upgrade", "").lower() == "websocket":
                     up_writer.write(head)
+                    # Asterisk's handshake answer (101) goes through as it is; frames follow it.
+                    writer.write(await up_reader.readuntil(b"\r\n\r\n"))
+                    await writer.drain()
                     await _pipe_both(reader, writer, up_reader, up_writer, self._client_frame)
                     return
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
