@@ -1,6 +1,7 @@
 """Concurrent IVR calls: SIPp callers against the sandbox with the shipped hotline flow, in growing steps.
 
-Run ``python -m benchmarks.load [--steps 10,50,100,200,300,400,500] [--hold 40] [--rate 15] [--chart load.png]``
+Run ``python -m benchmarks.load [--steps 10,50,100,200,300,400,500] [--hold 40] [--rate 15] [--chart load.png]
+[--rest-transport websocket|http]``
 (root: the Asterisk sandbox and SIPp, like the integration tests), or ``--quick`` for a smoke run with tiny
 numbers that CI can afford. ``--profile`` samples the service with py-spy during the largest step and prints
 where it spends its time.
@@ -394,6 +395,10 @@ async def main_async(args: argparse.Namespace) -> list[Step]:
         print(f"asyncio debug: {len(slow)} callbacks held the event loop over 100 ms")
         for line in slow[:10]:
             print(f"  {line[:200]}")
+    service_log = state / "service.jsonl"
+    lines = service_log.read_text(errors="replace").splitlines() if service_log.exists() else []
+    over_ws = any("ari.rest_transport" in line and '"websocket"' in line for line in lines)
+    print(f"ARI REST transport: {'websocket' if over_ws else 'http'} (asked: {args.rest_transport or 'as configured'})")
     print(f"state (logs, SIPp errors): {state}")
     return results
 
@@ -411,7 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the service in asyncio debug mode and report callbacks that held the event loop over 100 ms",
     )
+    parser.add_argument(
+        "--rest-transport",
+        choices=("websocket", "http"),
+        help="ARI REST transport of the service ([asterisk] rest_transport; default: as configured)",
+    )
     args = parser.parse_args(argv)
+    if args.rest_transport:
+        os.environ["MEDHOTLINE__ASTERISK__REST_TRANSPORT"] = args.rest_transport  # inherited by `medhotline serve`
     if args.asyncio_debug:
         os.environ["PYTHONASYNCIODEBUG"] = "1"  # inherited by `medhotline serve`
     if args.quick:

@@ -110,6 +110,10 @@ class AsteriskConfig(_Section):
     ari_connect_port: int | None = Field(default=None, ge=1, le=65535)
     # Seconds a REST request may take, waiting for a free connection included, before it counts as unanswered.
     ari_timeout: float = Field(default=5.0, gt=0, le=60)
+    # How REST requests reach ARI: "websocket" sends them over the event WebSocket where this Asterisk supports
+    # it (22.3+, probed at each connection; HTTP until then, while reconnecting and on older versions), "http"
+    # always uses the HTTP connection pool. See docs/performance.md ("REST over the event WebSocket").
+    rest_transport: Literal["websocket", "http"] = "websocket"
     ami_port: int = _port(5038)
     ari_app: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
     ari_username: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")

@@ -186,6 +186,7 @@ class HotlineService:
             config.asterisk.ari_app,
             timeout=config.asterisk.ari_timeout,
             max_connections=config.asterisk.ari_connections,
+            rest_transport=config.asterisk.rest_transport,
         )
         self.engine = engine
         # One call's life (composition: it reads this wiring) and the ARI event router feeding it.

@@ -1,9 +1,14 @@
-"""A thin asyncio ARI client over ``httpx`` (REST) and ``websockets`` (events).
+"""A thin asyncio ARI client over ``httpx`` (REST) and ``websockets`` (events, and REST where Asterisk can).
 
 Why our own and not ``ari-py``/``ari-client``/``asyncari``: see docs/decisions.md. In short, ``ari-py`` does
 not import on Python 3, ``ari-client`` configures logging at import and raises bare ``Exception``, and the
 part of ARI medhotline uses is a handful of REST calls plus one event stream. Owning it lets us map every
 library error to our own at this edge (like httpx's transports) and inject a fake transport in unit tests.
+
+REST requests travel over the event WebSocket when ``rest_transport`` is ``"websocket"`` and this Asterisk
+answers there (22.3+, 21.8+, 20.13+; probed once per connection with ``GET asterisk/ping``): no HTTP round trip,
+connection pool or HTTP session per request. Over HTTP otherwise, and while the socket is (re)connecting or
+the probe is unanswered. Errors map the same on both: AriNotFound, AriError, AriUnavailable.
 """
 
 from __future__ import annotations
@@ -13,14 +18,23 @@ import base64
 import json
 import random
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 import httpx
 import structlog
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
+from telephony.ari_ws_rest import (
+    RESPONSE_TYPE,
+    BadResponse,
+    PendingRequests,
+    RestResponse,
+    encode_request,
+    error_detail,
+    parse_response,
+)
 from telephony.channel import ChannelError, ConnectionLost
 
 log = structlog.get_logger(__name__)
@@ -52,6 +66,11 @@ _IDEMPOTENT = frozenset({"GET", "DELETE", "PUT"})
 RETRY_ATTEMPTS = 3
 RETRY_PAUSE = 0.2
 
+RestTransport = Literal["websocket", "http"]
+# The request that tells whether this Asterisk answers REST on the event socket: any RESTResponse says yes.
+_PROBE = ("GET", "/asterisk/ping")
+_PROBE_TAG = "probe-"
+
 
 def is_retryable(error: ChannelError) -> bool:
     """A failure another attempt may not meet: no answer at all, or Asterisk's own 5xx (an internal error or
@@ -73,8 +92,20 @@ class AriClient:
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 5.0,
         max_connections: int = 300,
+        rest_transport: RestTransport = "websocket",
     ) -> None:
+        if rest_transport not in ("websocket", "http"):
+            raise ValueError(f"rest_transport must be 'websocket' or 'http', not {rest_transport!r}")
         self.app = app
+        self.rest_transport: RestTransport = rest_transport
+        self._timeout = timeout
+        # The event socket while it is connected, and whether REST goes over it now (its probe was answered).
+        self._ws: ClientConnection | None = None
+        self._ws_rest = False
+        # False once a probe went unanswered: this Asterisk has no REST over WebSocket; HTTP for good.
+        self._ws_rest_supported: bool | None = None
+        self._pending = PendingRequests()
+        self._probe: asyncio.Task[None] | None = None
         # Where Asterisk can reach this service's RTP receivers (external media); the ARI host by default.
         self.media_host = host
         self._base = f"http://{host}:{port}/ari"
@@ -98,7 +129,14 @@ class AriClient:
         )
 
     async def aclose(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         await self._http.aclose()
+
+    @property
+    def transport_in_use(self) -> RestTransport:
+        """Where the next REST request goes."""
+        return "websocket" if self._ws_rest and self._ws is not None else "http"
 
     async def request(
         self, method: str, path: str, params: Mapping[str, str] | None = None, *, retry: bool | None = None
@@ -123,6 +161,30 @@ class AriClient:
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     async def _request_once(self, method: str, path: str, params: Mapping[str, str] | None) -> Any:
+        ws = self._ws
+        if self._ws_rest and ws is not None:
+            return _result(method, path, await self._over_ws(ws, method, path, params))
+        return await self._over_http(method, path, params)
+
+    async def _over_ws(
+        self, ws: ClientConnection, method: str, path: str, params: Mapping[str, str] | None, tag: str = ""
+    ) -> RestResponse:
+        """One request on the event socket, matched to its response by request id, within the timeout."""
+        request_id, answer = self._pending.open(tag)
+        try:
+            try:
+                await ws.send(encode_request(request_id, method, path, params))
+            except (WebSocketException, OSError) as exc:
+                raise AriUnavailable(f"ARI {method} {path}: event socket lost ({type(exc).__name__})") from None
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await answer
+            except TimeoutError:
+                raise AriUnavailable(f"ARI {method} {path}: no answer in time (over the event socket)") from None
+        finally:
+            self._pending.discard(request_id, answer)
+
+    async def _over_http(self, method: str, path: str, params: Mapping[str, str] | None) -> Any:
         try:
             response = await self._http.request(method, path, params=params)
         except httpx.TimeoutException as exc:
@@ -158,16 +220,23 @@ class AriClient:
                 max_size=2**22,
             ) as ws:
                 log.info("ari.connected", app=self.app)
-                async for message in ws:
-                    try:
-                        event = json.loads(message)
-                    except ValueError:
-                        log.warning("ari.bad_event", reason="not JSON", size=len(message))
-                        continue
-                    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-                        log.warning("ari.bad_event", reason="no event type")
-                        continue
-                    yield event
+                self._attach(ws)
+                try:
+                    async for message in ws:
+                        try:
+                            event = json.loads(message)
+                        except ValueError:
+                            log.warning("ari.bad_event", reason="not JSON", size=len(message))
+                            continue
+                        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                            log.warning("ari.bad_event", reason="no event type")
+                            continue
+                        if event["type"] == RESPONSE_TYPE:
+                            self._on_response(event)
+                            continue
+                        yield event
+                finally:
+                    self._detach()
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
@@ -176,3 +245,61 @@ class AriClient:
         except (OSError, InvalidHandshake, WebSocketException, TimeoutError) as exc:
             raise ConnectionLost(f"ARI event stream lost: {type(exc).__name__}: {exc}") from None
         raise ConnectionLost("ARI event stream closed by Asterisk")
+
+    def _attach(self, ws: ClientConnection) -> None:
+        """A new event socket: REST moves onto it once the probe is answered (HTTP until then)."""
+        self._ws = ws
+        self._ws_rest = False
+        if self.rest_transport == "websocket" and self._ws_rest_supported is not False:
+            self._probe = asyncio.get_running_loop().create_task(self._probe_ws(ws))
+
+    def _detach(self) -> None:
+        """The socket is gone: REST back to HTTP; requests waiting on it fail as unanswered (retried where safe,
+        now over HTTP)."""
+        self._ws = None
+        self._ws_rest = False
+        if self._probe is not None:
+            self._probe.cancel()
+            self._probe = None
+        failed = self._pending.fail_all(AriUnavailable("ARI request: event socket lost before the answer"))
+        lost = [request_id for request_id in failed if _PROBE_TAG not in request_id]
+        if lost:
+            log.warning("ari.requests_lost_with_socket", requests=len(lost))
+
+    async def _probe_ws(self, ws: ClientConnection) -> None:
+        method, path = _PROBE
+        try:
+            response = await self._over_ws(ws, method, path, None, _PROBE_TAG)
+        except AriUnavailable as exc:
+            if self._ws is not ws:
+                return  # the socket went away meanwhile: the next one probes again
+            self._ws_rest_supported = False
+            log.warning("ari.rest_over_websocket_unavailable", reason=str(exc), using="http")
+            return
+        if self._ws is ws:
+            self._ws_rest_supported = True
+            self._ws_rest = True
+            log.info("ari.rest_transport", transport="websocket", probe_status=response.status)
+
+    def _on_response(self, message: dict[str, Any]) -> None:
+        try:
+            response = parse_response(message)
+        except BadResponse as exc:
+            log.warning("ari.bad_response", reason=str(exc))
+            return
+        if not self._pending.resolve(response):
+            # Its request timed out (and may have been retried), or it was never ours: nobody waits for it.
+            log.warning("ari.response_for_unknown_request", request_id=response.request_id, status=response.status)
+
+
+def _result(method: str, path: str, response: RestResponse) -> Any:
+    """A REST response over the socket as ``request`` returns it, errors mapped as for HTTP."""
+    if response.status >= 400:
+        error = AriNotFound if response.status == 404 else AriError
+        raise error(method, path, response.status, error_detail(response))
+    if not response.body:
+        return None
+    try:
+        return json.loads(response.body)
+    except ValueError:
+        raise AriError(method, path, response.status, "response is not JSON") from None

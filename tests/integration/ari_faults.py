@@ -1,23 +1,28 @@
 """Test tools for telephony faults: an HTTP proxy in front of Asterisk's ARI port that fails chosen REST requests,
 and a sniffer that sees the RTP a SIPp phone receives.
 
-The proxy passes the event WebSocket through untouched (a REST failure is not a lost event stream) and, for
-REST requests matching a ``Fault``, answers 500, resets the connection, or never answers (the client times
-out). It runs on its own event loop in a thread, so the blocking SIPp phones of the tests can run meanwhile.
+The proxy passes the event WebSocket through (a REST failure is not a lost event stream) and, for REST requests
+matching a ``Fault``, answers 500, resets the connection, or never answers (the client times out). REST requests
+sent over the event WebSocket (``RESTRequest`` messages) are read from the client's frames and matched the same
+way, as ``METHOD /ari/uri?query``: a 500 is answered with a ``RESTResponse`` frame, a timeout drops the frame; a
+reset has no counterpart there (dropping the socket would lose the event stream, a different fault). It runs on
+its own event loop in a thread, so the blocking SIPp phones of the tests can run meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlencode
 
 FaultKind = Literal["timeout", "500", "reset"]
 
@@ -41,6 +46,8 @@ class AriFaultProxy:
         self.faults: list[Fault] = []
         self.upstream_port = 0
         self.requests: list[str] = []
+        # The REST requests that came over the event WebSocket (also in ``requests``).
+        self.ws_requests: list[str] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ari-fault-proxy", daemon=True)
@@ -87,7 +94,10 @@ class AriFaultProxy:
                 headers = _headers(head)
                 if headers.get("upgrade", "").lower() == "websocket":
                     up_writer.write(head)
-                    await _pipe_both(reader, writer, up_reader, up_writer)
+                    # Asterisk's handshake answer (101) goes through as it is; frames follow it.
+                    writer.write(await up_reader.readuntil(b"\r\n\r\n"))
+                    await writer.drain()
+                    await _pipe_both(reader, writer, up_reader, up_writer, self._client_frame)
                     return
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 method, target = request_line.split(" ")[:2]
@@ -123,6 +133,63 @@ class AriFaultProxy:
                     with contextlib.suppress(Exception):
                         w.close()
 
+    def _client_frame(self, payload: bytes) -> bytes | None:
+        """A text message from the client on the event socket: None to forward it, b"" to drop it, or a frame
+        to send back to the client instead of forwarding it."""
+        try:
+            message: Any = json.loads(payload)
+        except ValueError:
+            return None
+        if not isinstance(message, dict) or message.get("type") != "RESTRequest":
+            return None
+        query = urlencode([(q["name"], q["value"]) for q in message.get("query_strings") or ()])
+        line = f"{message['method']} /ari/{message['uri']}" + (f"?{query}" if query else "")
+        self.requests.append(line)
+        self.ws_requests.append(line)
+        fault = next((f for f in self.faults if f.kind != "reset" and f.matches(line)), None)
+        if fault is None:
+            return None
+        fault.at.append(time.time())
+        if fault.kind == "timeout":
+            return b""
+        response = {
+            "type": "RESTResponse",
+            "request_id": message.get("request_id", ""),
+            "status_code": 500,
+            "reason_phrase": "Internal Server Error",
+            "uri": message["uri"],
+            "content_type": "application/json",
+            "message_body": '{"message": "injected fault"}',
+        }
+        return _server_text_frame(json.dumps(response).encode())
+
+
+def _server_text_frame(payload: bytes) -> bytes:
+    """One unmasked, final text frame (server to client)."""
+    size = len(payload)
+    if size < 126:
+        return bytes([0x81, size]) + payload
+    if size < 65536:
+        return bytes([0x81, 126]) + struct.pack("!H", size) + payload
+    return bytes([0x81, 127]) + struct.pack("!Q", size) + payload
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[bytes, int, bool, bytes]:
+    """One client frame: its raw bytes (to forward unchanged), opcode, FIN and unmasked payload."""
+    head = await reader.readexactly(2)
+    fin, opcode, masked, size = head[0] & 0x80, head[0] & 0x0F, head[1] & 0x80, head[1] & 0x7F
+    extra = b""
+    if size == 126:
+        extra = await reader.readexactly(2)
+        size = struct.unpack("!H", extra)[0]
+    elif size == 127:
+        extra = await reader.readexactly(8)
+        size = struct.unpack("!Q", extra)[0]
+    mask = await reader.readexactly(4) if masked else b""
+    data = await reader.readexactly(size)
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(data)) if masked else data
+    return head + extra + mask + data, opcode, bool(fin), payload
+
 
 def _headers(head: bytes) -> dict[str, str]:
     lines = head.decode("latin-1").split("\r\n")[1:]
@@ -134,13 +201,31 @@ async def _pipe_both(
     writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader,
     up_writer: asyncio.StreamWriter,
+    on_client_text: Callable[[bytes], bytes | None],
 ) -> None:
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while data := await src.read(65536):
-            dst.write(data)
-            await dst.drain()
+    async def server_frames() -> None:
+        # Whole frames too, so an injected answer never lands inside one of Asterisk's frames.
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                raw, _, _, _ = await _read_frame(up_reader)
+                writer.write(raw)
+                await writer.drain()
 
-    tasks = [asyncio.ensure_future(pipe(reader, up_writer)), asyncio.ensure_future(pipe(up_reader, writer))]
+    async def client_frames() -> None:
+        # Frame by frame, so a RESTRequest can be failed; only whole (FIN) text frames are inspected, which is
+        # what a client sends for a JSON message.
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                raw, opcode, fin, payload = await _read_frame(reader)
+                verdict = on_client_text(payload) if opcode == 0x1 and fin else None
+                if verdict is None:
+                    up_writer.write(raw)
+                    await up_writer.drain()
+                elif verdict:
+                    writer.write(verdict)
+                    await writer.drain()
+
+    tasks = [asyncio.ensure_future(client_frames()), asyncio.ensure_future(server_frames())]
     _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in pending:
         task.cancel()

@@ -1,6 +1,7 @@
 """No caller is left in silence: ARI requests fail or time out at each step of a call, through a proxy in front of
 the real sandbox's ARI port, and what the SIPp caller hears (RTP captured on loopback) and the call record are
-checked.
+checked. Once with REST over HTTP and once over the event WebSocket (``rest_transport``): the proxy fails requests
+on either; a reset exists on HTTP only.
 
 A failure another attempt survives (a timeout, a reset) is retried and the call goes on; one that persists
 ends with the unavailable prompt and the service hanging up, and the record closed with outcome "error" and the
@@ -9,6 +10,7 @@ reason. Never a silent line until the caller gives up.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,26 +50,33 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hotline, AriFaultProxy]]:
+@pytest.fixture(scope="module", params=["http", "websocket"])
+def proxied(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[tuple[Hotline, AriFaultProxy, str]]:
+    transport: str = request.param
     proxy = AriFaultProxy().start()
     try:
         with running_hotline(
-            tmp_path_factory.mktemp("faults"),
-            "faults",
+            tmp_path_factory.mktemp(f"faults-{transport}"),
+            f"faults{transport[:2]}",
             before_start=lambda config: setattr(proxy, "upstream_port", config.asterisk.ari_port),
             # The service reaches ARI through the proxy; a request unanswered for 1 s counts as unanswered.
-            asterisk_extra=f"ari_connect_port = {proxy.port}\nari_timeout = 1.0",
+            asterisk_extra=f'ari_connect_port = {proxy.port}\nari_timeout = 1.0\nrest_transport = "{transport}"',
         ) as hotline:
-            yield hotline, proxy
+            yield hotline, proxy, transport
     finally:
         proxy.stop()
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_a_failed_request_never_leaves_the_caller_in_silence(proxied: tuple[Hotline, AriFaultProxy], name: str) -> None:
-    hotline, proxy = proxied
+def test_a_failed_request_never_leaves_the_caller_in_silence(
+    proxied: tuple[Hotline, AriFaultProxy, str], name: str
+) -> None:
+    hotline, proxy, transport = proxied
     case = CASES[name]
+    if transport == "websocket" and case.kind == "reset":
+        pytest.skip("a reset is a lost HTTP connection; over the event WebSocket it would be a lost event stream")
     greeting = hotline.sound_of("hotline", "greeting").split("/", 1)[1]
     fault = Fault(
         case.pattern.replace("GREETING", rf"^POST /ari/channels/[^/?]+/play/.*{greeting}"), case.kind, case.times
@@ -90,6 +99,8 @@ def test_a_failed_request_never_leaves_the_caller_in_silence(proxied: tuple[Hotl
         )
 
     assert len(fault.at) == case.times, f"the fault was injected {len(fault.at)} times: {proxy.requests[-20:]}"
+    if transport == "websocket":  # the failed requests really went over the event socket
+        assert sum(1 for r in proxy.ws_requests if re.search(fault.pattern, r)) >= case.times, proxy.ws_requests[-20:]
     assert phone.succeeded, phone.errors
     # The caller heard something after the (last) fault: the prompt after the retry, or the unavailable prompt.
     assert heard.after(fault.at[-1]) >= HEARD, f"{heard.after(fault.at[-1])} RTP packets after the fault"
