@@ -16,6 +16,10 @@ espeak-ng sentence as RTP (PCMU) and hangs up a few seconds after it. Measured p
 - speed factor of the stream: the ``speech.stream`` log line (seconds of audio fed / seconds waited on the
   engine for them, pool queue included); above 1 the stream keeps up with real time. The step reports its
   slowest stream.
+- audio kept: seconds of audio the stream decoded / seconds since its first audio arrived (the decision comes
+  a little after the last frame, so about 99 % is all of it). The RTP receiver's queue is bounded, so a stream
+  below real time does not lag: it drops frames, and the decision stays on time but is made on part of the
+  words. The step reports its lowest.
 
 A caller whose call has no decision (hung up before the classifier decided, or nothing recognised) is counted
 as undecided, one who started speaking before the listening began as early; neither is in the percentiles, and
@@ -65,6 +69,7 @@ class Step:
     load_before: float
     delays_ms: list[float] = field(default_factory=list)
     speeds: list[float] = field(default_factory=list)
+    kept: list[float] = field(default_factory=list)
     undecided: int = 0
     early: int = 0
     failed: int = 0
@@ -83,7 +88,7 @@ def render(text: str, directory: Path) -> Path:
     subprocess.run(["espeak-ng", "-v", "ko", "-s", "140", "-w", str(raw), text], check=True, capture_output=True)
     trim = ["silence", "1", "0.02", "1%", "reverse", "silence", "1", "0.02", "1%", "reverse"]
     narrow = ["-r", "8000", "-c", "1", "-e", "u-law", str(target)]
-    subprocess.run(["sox", str(raw), *narrow, *trim, "pad", str(LEAD_S), str(TRAIL_S)], check=True)
+    subprocess.run(["sox", str(raw), *narrow, *trim, "pad", str(LEAD_S), str(TRAIL_S)], check=True, capture_output=True)
     raw.unlink()
     return target
 
@@ -171,6 +176,9 @@ def run_step(
         for stream in (e for e in events if e.get("event") == "speech.stream"):
             if stream.get("speed") is not None:
                 step.speeds.append(float(str(stream["speed"])))
+            if stream.get("since_first_audio_s"):
+                # The RTP receiver's queue is bounded: a stream that falls behind loses frames instead of lagging.
+                step.kept.append(float(str(stream["audio_s"])) / float(str(stream["since_first_audio_s"])))
         tapped = [e for e in events if e.get("event") == "speech.stream" and e.get("since_first_audio_s") is not None]
         if not decided or not tapped:
             step.undecided += 1
@@ -191,7 +199,8 @@ def run_step(
 
 
 def print_header() -> None:
-    print("streams  load1 decided undecided early failed delay-p50 delay-p99 slowest-speed mean-speed", flush=True)
+    columns = "streams  load1 decided undecided early failed delay-p50 delay-p99 slowest-speed mean-speed"
+    print(f"{columns} min-audio-kept", flush=True)
 
 
 def print_step(step: Step) -> None:
@@ -199,7 +208,8 @@ def print_step(step: Step) -> None:
     mean = sum(step.speeds) / len(step.speeds) if step.speeds else float("nan")
     print(
         f"{step.streams:>7} {step.load_before:>6.2f} {len(step.delays_ms):>7} {step.undecided:>9} {step.early:>5} "
-        f"{step.failed:>6} {step.pct(0.5):>7.0f}ms {step.pct(0.99):>7.0f}ms {slowest:>13.2f} {mean:>10.2f}",
+        f"{step.failed:>6} {step.pct(0.5):>7.0f}ms {step.pct(0.99):>7.0f}ms {slowest:>13.2f} {mean:>10.2f} "
+        f"{100 * min(step.kept, default=float('nan')):>13.0f}%",
         flush=True,
     )
 
