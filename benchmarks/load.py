@@ -88,7 +88,8 @@ def _free_port(kind: socket.SocketKind) -> int:
         return int(sock.getsockname()[1])
 
 
-def write_config(state: Path, max_calls: int) -> Path:
+def write_config(state: Path, max_calls: int, extra: str = "") -> Path:
+    """The benchmark's configuration; ``extra`` is appended (TOML sections, e.g. ``[speech]``)."""
     ports = 6 * max_calls + 100
     # Below the ephemeral ports (32768+), where the SIP, ARI and AMI ports of this and other sessions come from.
     start = random.randrange(10000, 32768 - ports, 2)
@@ -123,20 +124,21 @@ flows_dir = "{state / "dialplans"}"
 
 [prompts]
 speed = 240
-""",
+"""
+        + extra,
         encoding="utf-8",
     )
     return path
 
 
 @contextmanager
-def running_service(state: Path, max_calls: int) -> Iterator[tuple[Config, Sandbox, ServiceProcess]]:
+def running_service(state: Path, max_calls: int, extra: str = "") -> Iterator[tuple[Config, Sandbox, ServiceProcess]]:
     for attempt in range(10):
         # The machine is shared: a port of the random RTP range may be taken; another range then.
         attempt_dir = state / f"attempt{attempt}"
         attempt_dir.mkdir(mode=0o700)
         try:
-            path = write_config(attempt_dir, max_calls)
+            path = write_config(attempt_dir, max_calls, extra)
             config = load_config(path, environ={})  # an ephemeral SIP port may fall into the random RTP range
             sandbox = Sandbox(config)
             sandbox.up()

@@ -9,6 +9,7 @@ so their flow takes the key-menu fallback instead of waiting in silence.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -62,18 +63,32 @@ class StreamingRecognizer:
         except SpeechBusy as exc:
             raise RecognizerBusy(str(exc)) from None
         transcript = ""
+        # Seconds of audio fed and seconds spent waiting on the engine for them (pool queue included): their ratio
+        # is the stream's speed factor, logged at the end with the time since the caller's first audio arrived
+        # (benchmarks.asr --sandbox reads both). Two clock reads a 20 ms frame.
+        fed = 0
+        decoding = 0.0
+        first_audio: float | None = None
         try:
             try:
                 async with asyncio.timeout(max_seconds + 2.0), channel.caller_audio(max_seconds) as frames:
                     async for pcm in frames:
-                        for event in await stream.accept(pcm):
+                        fed += len(pcm)
+                        started = time.perf_counter()
+                        if first_audio is None:
+                            first_audio = started
+                        events = await stream.accept(pcm)
+                        decoding += time.perf_counter() - started
+                        for event in events:
                             transcript = event.text or transcript
                             decided = self._decide(event)
                             if decided is not None:
                                 return decided
             except TimeoutError:
                 pass
+            started = time.perf_counter()
             final = await stream.finish()
+            decoding += time.perf_counter() - started
         except (CallerHungUp, ConnectionLost):
             raise
         except SpeechBusy as exc:
@@ -85,6 +100,14 @@ class StreamingRecognizer:
         finally:
             # Also after an early decision or a hang-up: a speech server's stream is given back at once.
             await stream.aclose()
+            audio = fed / 16000  # 16-bit samples at 8 kHz
+            log.info(
+                "speech.stream",
+                audio_s=round(audio, 3),
+                decode_s=round(decoding, 3),
+                speed=round(audio / decoding, 2) if decoding > 0 else None,
+                since_first_audio_s=None if first_audio is None else round(time.perf_counter() - first_audio, 3),
+            )
         transcript = final.text or transcript
         return self._decide(SpeechEvent("final", transcript)) if transcript else None
 
