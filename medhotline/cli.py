@@ -41,10 +41,10 @@ from medhotline.commands import keys as key_commands
 from medhotline.commands import keywords as commands
 from medhotline.commands import outreach as scheduler_commands
 from medhotline.commands import patients as his_commands
+from medhotline.commands import quality as quality_commands
 from medhotline.commands import recordings as recordings_commands
 from medhotline.commands import routing as routing_commands
 from medhotline.commands import speech as speech_commands
-from medhotline.commands import quality as quality_commands
 from medhotline.commands import stats as stats_commands
 from medhotline.commands import surge as surge_commands
 from medhotline.commands import vaccination as vaccination_commands
