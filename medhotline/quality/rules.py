@@ -37,7 +37,8 @@ class QualityRulesError(MedhotlineError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `enabled: yes` (kept as text by the YAML loader) or `rate: "5%"` is an error, not coerced.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class _Rule(_Strict):
