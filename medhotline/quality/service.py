@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 
 from compliance.access import Resource, check_reason
 from compliance.access_store import AccessControl
-from compliance.audit import AuditLog
+from compliance.audit import AuditError, AuditLog, JsonValue
 from ground.errors import MedhotlineError
 from medhotline.quality.checker import check, in_sample
 from medhotline.quality.rules import QualityRules, ReviewForm
@@ -166,7 +166,15 @@ async def review_call(
             "reason": reason,
         },
     }
+    role = decision.role or "supervisor"
+    # The policy audits refusals; an allowed review is audited here, with its reason, before it is sealed.
+    details: dict[str, JsonValue] = {"kind": "quality_review", "call": call_id, "summary": summary.id}
+    try:
+        await asyncio.to_thread(audit.append, actor=reviewer, role=role, action="change", outcome="success",
+                                reason=reason, details=details)  # fmt: skip
+    except AuditError as exc:
+        raise QualityError(f"review not sealed: the audit log could not record it: {exc}") from None
     sealed = await sealer.seal(call_id, "amendment", body, amends=summary.id, agent=reviewer, actor=reviewer,
-                               role=decision.role or "supervisor")  # fmt: skip
+                               role=role)  # fmt: skip
     await asyncio.to_thread(store.add_review, call_id, reviewer, now, sealed.id)
     return sealed
