@@ -56,6 +56,7 @@ supervisor  call_record      D B          D !       -         -
 supervisor  agent_admin      D            -         -         -
 supervisor  flow_admin       G            -         -         -
 supervisor  statistics       G            G !       -         -
+supervisor  quality_review   G            -         G !       -
 admin       agent_admin      G            G !       G         -
 admin       key_admin        G            -         G         -
 admin       flow_admin       G            G !       G         G !
@@ -66,6 +67,7 @@ auditor     agent_admin      G            -         -         -
 auditor     key_admin        G            -         -         -
 auditor     flow_admin       G            -         -         -
 auditor     statistics       G            G !       -         -
+auditor     quality_review   G            -         -         -
 =========== ================ ============ ========= ========= ========
 
 Every cell not listed is ``-``: no role reads the audit log but the auditor, no role touches keys but the admin
@@ -75,6 +77,10 @@ no patient data, accounts are frozen rather than deleted (their ids appear in th
 ``statistics`` are the queue and agent figures of ``medhotline stats`` (docs/statistics.md): operational data, never
 a patient's, read by those who run and check the hotline (supervisors, admins, auditors); a CSV or chart written to
 a file is an export and needs a reason. Agents and clinical staff do not read each other's figures.
+
+``quality_review`` is the review queue of quality control and the reviewers' scores (docs/quality.md): flags and
+scores, never a patient's data. Supervisors (the quality reviewers) read the queue and score a call, each score with
+a reason; auditors read. Nobody else does: an agent or a nurse never scores calls, their own or others'.
 
 Why these cells: an agent (non-clinical operator) needs the caller's identity and what is said on the call, not
 the patient's history, and hears no recordings. Clinical staff work their department's and their assigned
@@ -113,6 +119,7 @@ RecordKind = Literal[
     "key_admin",
     "flow_admin",
     "statistics",
+    "quality_review",
 ]
 RECORD_KINDS: Final[tuple[RecordKind, ...]] = get_args(RecordKind)
 PATIENT_KINDS: Final[frozenset[RecordKind]] = frozenset(
@@ -244,6 +251,7 @@ RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
             "agent_admin": ("D", "-", "-", "-"),
             "flow_admin": ("G", "-", "-", "-"),
             "statistics": ("G", "G !", "-", "-"),
+            "quality_review": ("G", "-", "G !", "-"),
         },
     ),
     **_rows(
@@ -264,6 +272,7 @@ RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
             "key_admin": ("G", "-", "-", "-"),
             "flow_admin": ("G", "-", "-", "-"),
             "statistics": ("G", "G !", "-", "-"),
+            "quality_review": ("G", "-", "-", "-"),
         },
     ),
 }

@@ -467,6 +467,16 @@ class StatisticsConfig(_Section):
     wrap_up_max_seconds: float = Field(default=1800.0, gt=0, le=86400)
 
 
+class QualityConfig(_Section):
+    """Quality control (docs/quality.md): where the rules and the review form are, and the key of the sample."""
+
+    # The rules and the reviewers' form (YAML); default: ``<hotline.flows_dir>/quality/rules.yaml``.
+    rules_file: Path | None = None
+    # The secret that picks the sample (HMAC of the call id), so nobody can tell in advance which calls are
+    # reviewed. Default: ``<state_dir>/quality/sample.key``, created (0600) on first use.
+    sample_key_file: Path | None = None
+
+
 class AuditConfig(_Section):
     # Every signed audit head is appended here (JSON lines, fsynced) so `audit verify` can tell a rolled-back
     # trail from a short one. Best on another disk or a mount the database's administrators can't write.
@@ -535,6 +545,7 @@ class Config(_Section):
     outreach: OutreachConfig = OutreachConfig()
     audit: AuditConfig = AuditConfig()
     statistics: StatisticsConfig = StatisticsConfig()
+    quality: QualityConfig = QualityConfig()
     his: HisConfig = HisConfig()
 
     @model_validator(mode="after")

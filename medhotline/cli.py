@@ -41,6 +41,7 @@ from medhotline.commands import keys as key_commands
 from medhotline.commands import keywords as commands
 from medhotline.commands import outreach as scheduler_commands
 from medhotline.commands import patients as his_commands
+from medhotline.commands import quality as quality_commands
 from medhotline.commands import recordings as recordings_commands
 from medhotline.commands import routing as routing_commands
 from medhotline.commands import speech as speech_commands
@@ -247,6 +248,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         key_commands.register,
         access_commands.register,
         stats_commands.register,
+        quality_commands.register,
         api_commands.register,
         speech_commands.register,
     ):

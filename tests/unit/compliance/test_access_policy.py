@@ -55,6 +55,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("agent",      "key_admin",        "-",         "-",      "-",      "-"),
     ("agent",      "flow_admin",       "-",         "-",      "-",      "-"),
     ("agent",      "statistics",       "-",         "-",      "-",      "-"),
+    ("agent",      "quality_review",   "-",         "-",      "-",      "-"),
     ("nurse",      "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("nurse",      "clinical_note",    "D A K B",   "-",      "-",      "-"),
     ("nurse",      "transcript",       "D A K B",   "-",      "-",      "-"),
@@ -65,6 +66,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("nurse",      "key_admin",        "-",         "-",      "-",      "-"),
     ("nurse",      "flow_admin",       "-",         "-",      "-",      "-"),
     ("nurse",      "statistics",       "-",         "-",      "-",      "-"),
+    ("nurse",      "quality_review",   "-",         "-",      "-",      "-"),
     ("pharmacist", "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("pharmacist", "clinical_note",    "D A K B",   "-",      "-",      "-"),
     ("pharmacist", "transcript",       "D A K B",   "-",      "-",      "-"),
@@ -75,6 +77,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("pharmacist", "key_admin",        "-",         "-",      "-",      "-"),
     ("pharmacist", "flow_admin",       "-",         "-",      "-",      "-"),
     ("pharmacist", "statistics",       "-",         "-",      "-",      "-"),
+    ("pharmacist", "quality_review",   "-",         "-",      "-",      "-"),
     ("physician",  "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("physician",  "clinical_note",    "D A K B",   "D A !",  "D A K",  "-"),
     ("physician",  "transcript",       "D A K B",   "D A !",  "-",      "-"),
@@ -85,6 +88,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("physician",  "key_admin",        "-",         "-",      "-",      "-"),
     ("physician",  "flow_admin",       "-",         "-",      "-",      "-"),
     ("physician",  "statistics",       "-",         "-",      "-",      "-"),
+    ("physician",  "quality_review",   "-",         "-",      "-",      "-"),
     ("supervisor", "patient_identity", "D B",       "-",      "-",      "-"),
     ("supervisor", "clinical_note",    "D B",       "-",      "-",      "-"),
     ("supervisor", "transcript",       "D B",       "D !",    "-",      "-"),
@@ -95,6 +99,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("supervisor", "key_admin",        "-",         "-",      "-",      "-"),
     ("supervisor", "flow_admin",       "G",         "-",      "-",      "-"),
     ("supervisor", "statistics",       "G",         "G !",    "-",      "-"),
+    ("supervisor", "quality_review",   "G",         "-",      "G !",    "-"),
     ("admin",      "patient_identity", "-",         "-",      "-",      "-"),
     ("admin",      "clinical_note",    "-",         "-",      "-",      "-"),
     ("admin",      "transcript",       "-",         "-",      "-",      "-"),
@@ -105,6 +110,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("admin",      "key_admin",        "G",         "-",      "G",      "-"),
     ("admin",      "flow_admin",       "G",         "G !",    "G",      "G !"),
     ("admin",      "statistics",       "G",         "G !",    "-",      "-"),
+    ("admin",      "quality_review",   "-",         "-",      "-",      "-"),
     ("auditor",    "patient_identity", "-",         "-",      "-",      "-"),
     ("auditor",    "clinical_note",    "-",         "-",      "-",      "-"),
     ("auditor",    "transcript",       "-",         "-",      "-",      "-"),
@@ -115,6 +121,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("auditor",    "key_admin",        "G",         "-",      "-",      "-"),
     ("auditor",    "flow_admin",       "G",         "-",      "-",      "-"),
     ("auditor",    "statistics",       "G",         "G !",    "-",      "-"),
+    ("auditor",    "quality_review",   "G",         "-",      "-",      "-"),
 ]
 # fmt: on
 CELLS: Final = [
@@ -220,7 +227,7 @@ def _decide(role: str, kind: str, action: str, scenario: Scenario, reason: str |
 
 def test_the_matrix_lists_every_role_kind_and_action_once() -> None:
     assert sorted((role, kind) for role, kind, *_ in MATRIX) == sorted((r, k) for r in ROLES for k in RECORD_KINDS)
-    assert len(CELLS) == len(ROLES) * len(RECORD_KINDS) * len(ACTIONS) == 280
+    assert len(CELLS) == len(ROLES) * len(RECORD_KINDS) * len(ACTIONS) == 308
 
 
 @pytest.mark.parametrize(("role", "kind", "action", "spec"), CELLS, ids=[f"{r}-{k}-{a}" for r, k, a, _ in CELLS])
