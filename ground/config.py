@@ -239,7 +239,7 @@ class SpeechConfig(_Section):
     # Empty: the lexicon shipped in keywords/lexicon/. Edits are picked up while the service runs.
     lexicon_dir: Path | None = None
     # How many callers this node listens to at once; the others get the key menu at once (docs/performance.md).
-    # Unset: 1.5 per CPU core (the knee benchmarks.asr measured: 3 streams in real time on 2 cores), at least 1.
+    # Unset: one per CPU core (the live knee benchmarks.asr --sandbox measured: 2 streams on 2 cores), at least 1.
     max_streams: int | None = None
 
     @field_validator("max_streams", mode="before")
@@ -253,7 +253,7 @@ class SpeechConfig(_Section):
         if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 1000:
             raise ValueError(
                 "must be a whole number of concurrent recognitions from 1 to 1000 "
-                '(leave it out for 1.5 per CPU core; engine = "none" turns speech off)'
+                '(leave it out for one per CPU core; engine = "none" turns speech off)'
             )
         return number
 

@@ -31,9 +31,12 @@ from telephony.ports import Recognition, Recognizer, RecognizerBusy
 
 log = structlog.get_logger(__name__)
 
-# The measured knee (benchmarks.asr, in-process Vosk): 3 streams real-time on 2 cores. The default budget is this
-# many per core, rounded down, at least one; docs/performance.md has the figures and how to re-measure.
-STREAMS_PER_CORE = 1.5
+# The live knee (benchmarks.asr --sandbox: SIPp callers into listen, in-process Vosk): 2 streams on 2 cores kept
+# real time; at 3 a stream fell behind and dropped frames, deciding on a third of the audio without any sign.
+# Past the knee recognition degrades silently (an emergency term missed, not late), while a caller over the budget
+# gets the key menu with key 0 at once: so the default errs low, one per core, rounded down, at least one.
+# (The in-process ramp alone, without Asterisk and the RTP tap on the same cores, held 3 on 2 cores.)
+STREAMS_PER_CORE = 1.0
 
 
 def default_max_streams(cores: int | None) -> int:

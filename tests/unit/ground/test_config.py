@@ -248,7 +248,7 @@ def test_one_function_decides_where_prompts_go(tmp_path: Path) -> None:
 
 
 def test_speech_max_streams_defaults_to_unset_and_takes_a_number_from_file_or_environment(tmp_path: Path) -> None:
-    assert load_config(_write(tmp_path, ""), {}).speech.max_streams is None  # the service takes 1.5 per core
+    assert load_config(_write(tmp_path, ""), {}).speech.max_streams is None  # the service takes one per core
     assert load_config(_write(tmp_path, "[speech]\nmax_streams = 4\n"), {}).speech.max_streams == 4
     empty = _write(tmp_path, "")
     assert load_config(empty, {"MEDHOTLINE__SPEECH__MAX_STREAMS": "2"}).speech.max_streams == 2

@@ -71,18 +71,18 @@ def test_a_budget_below_one_is_refused(size: int) -> None:
         SpeechBudget(size)
 
 
-@pytest.mark.parametrize(("cores", "expected"), [(None, 1), (1, 1), (2, 3), (3, 4), (4, 6), (16, 24)])
-def test_the_default_is_one_and_a_half_streams_per_core(cores: int | None, expected: int) -> None:
+@pytest.mark.parametrize(("cores", "expected"), [(None, 1), (1, 1), (2, 2), (3, 3), (4, 4), (16, 16)])
+def test_the_default_is_one_stream_per_core(cores: int | None, expected: int) -> None:
     assert default_max_streams(cores) == expected
 
 
 def test_budgeted_takes_the_configured_size_or_the_default_and_logs_it() -> None:
     with capture_logs() as logs:
         assert budgeted(ScriptedRecognizer(), 5, 2).budget.max_streams == 5
-        assert budgeted(ScriptedRecognizer(), None, 2).budget.max_streams == 3
+        assert budgeted(ScriptedRecognizer(), None, 2).budget.max_streams == 2
     assert [(e["event"], e["max_streams"], e["source"]) for e in logs] == [
         ("speech.budget", 5, "configured"),
-        ("speech.budget", 3, "default 1.5 per core"),
+        ("speech.budget", 2, "default 1.0 per core"),
     ]
 
 
