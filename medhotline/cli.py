@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from compliance.audit import Ed25519Signer
 from compliance.audit_witness import HeadWitness
 from compliance.keyservice_server import run_keyservice
@@ -160,7 +162,18 @@ def _show_call(call: CallRecord) -> None:
 def _cmd_calls(config: Config, args: argparse.Namespace) -> int:
 
     db.ensure_current(config.database_url)
-    repo = db.CallRepository(db.make_sessionmaker(config.database_url))
+    sessions = db.make_sessionmaker(config.database_url)
+    try:
+        return _calls(db.CallRepository(sessions), args)
+    finally:
+        # The engine's pooled connection is closed here, not left for the garbage collector (an open psycopg
+        # connection collected later is a ResourceWarning in whatever runs then).
+        engine = sessions.kw["bind"]
+        assert isinstance(engine, Engine)
+        engine.dispose()
+
+
+def _calls(repo: db.CallRepository, args: argparse.Namespace) -> int:
     if args.action == "show":
         if not args.call_id:
             raise CommandError("calls show needs a CALL_ID (see `medhotline calls list`)")

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
+from sqlalchemy.orm import sessionmaker
 
 from compliance.access_store import AccessControl
 from compliance.audit import AuditLog, Ed25519Signer, SqlAuditStore
@@ -130,17 +131,21 @@ async def check_credentials_daily(config: Config, interval: float = CREDENTIAL_C
     who renew licences before they lapse.
     """
 
-    store = AgentStore(db.make_sessionmaker(config.database_url))
-    while True:
-        try:
-            report = await asyncio.to_thread(validity_report, store, datetime.now(UTC))
-            if report.needs_attention:
-                log.warning("credentials.need_attention", summary=report.summary())
-            else:
-                log.info("credentials.checked", summary=report.summary())
-        except Exception:
-            log.exception("credentials.check_failed")
-        await asyncio.sleep(interval)
+    engine = db.make_engine(config.database_url)
+    store = AgentStore(sessionmaker(engine, expire_on_commit=False))
+    try:
+        while True:
+            try:
+                report = await asyncio.to_thread(validity_report, store, datetime.now(UTC))
+                if report.needs_attention:
+                    log.warning("credentials.need_attention", summary=report.summary())
+                else:
+                    log.info("credentials.checked", summary=report.summary())
+            except Exception:
+                log.exception("credentials.check_failed")
+            await asyncio.sleep(interval)
+    finally:
+        engine.dispose()  # closed when the service stops, not left to the garbage collector
 
 
 async def sweep_break_glass(config: Config, interval: float = BREAK_GLASS_SWEEP_INTERVAL) -> None:

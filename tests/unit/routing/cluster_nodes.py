@@ -83,6 +83,11 @@ class Cluster:
     async def close(self) -> None:
         for node in self.nodes:
             await node.stop()
+        # A cancelled engine loop may still have a database call running in a worker thread: let those return
+        # their connections before the pools are disposed, or a connection checked in afterwards stays open
+        # until the garbage collector finds it (a ResourceWarning in whichever test runs then).
+        await asyncio.get_running_loop().shutdown_default_executor()
+        for node in self.nodes:
             node.db_engine.dispose()
 
 
