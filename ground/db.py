@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Final, Self, cast
 from urllib.parse import quote, quote_plus
 
+import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, func, select, text
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +39,8 @@ MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS: Final = 5000
 POSTGRES_CONNECT_TIMEOUT_S: Final = 10
 # Serialises schema upgrades of several nodes starting at once against one PostgreSQL (arbitrary constant).
+log = structlog.get_logger(__name__)
+
 _PG_MIGRATION_LOCK: Final = 0x6D6564686F746C6E
 
 
@@ -189,18 +192,45 @@ def head_revision() -> str:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the schema up to ``revision`` in one transaction; a no-op when it is already there."""
+    """Bring the schema up to ``revision`` in one transaction; a no-op when it is already there.
+
+    On SQLite, foreign keys are not enforced while migrations run and are checked before the end: a batch migration
+    rebuilds a table (new table, copy, drop the old, rename), and with enforcement the drop is an implicit DELETE
+    that would cascade to every row pointing at the table (every call's steps, notes, records) or fail half-way.
+    A rebuild table left by such a failed attempt (``_alembic_tmp_<table>`` beside ``<table>``) is dropped first.
+    """
     engine = make_engine(url)
     try:
         with mapped_errors(url, "schema upgrade"), engine.begin() as connection:
+            if connection.dialect.name == "sqlite":
+                _prepare_sqlite_migration(connection)
             if connection.dialect.name == "postgresql":
                 # Held until commit: a second node starting at the same time waits, then finds nothing to do.
                 connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
             config = _alembic_config()
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+            if connection.dialect.name == "sqlite":
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                if broken:
+                    tables = sorted({str(row[0]) for row in broken})
+                    raise DatabaseError(
+                        f"database at {mask_url(url)}: schema upgrade found {len(broken)} rows whose reference is "
+                        f"missing (tables {', '.join(tables)}); the upgrade stops here"
+                    )
     finally:
         engine.dispose()
+
+
+def _prepare_sqlite_migration(connection: Connection) -> None:
+    """Foreign keys off for this connection (a PRAGMA that only takes effect outside a transaction: it runs before
+    the first write opens one), and the rebuild tables of an earlier failed batch migration dropped."""
+    connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    names = set(connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'")).scalars())
+    for name in sorted(names):
+        if name.startswith("_alembic_tmp_") and name.removeprefix("_alembic_tmp_") in names:
+            log.warning("db.migration_leftover_dropped", table=name)
+            connection.exec_driver_sql(f'DROP TABLE "{name}"')
 
 
 def current_revision(url: str) -> str | None:

@@ -350,3 +350,36 @@ def test_speech_admission_downgrades_and_upgrades_again(sqlite_url: str) -> None
         engine.dispose()
     db.upgrade(sqlite_url)
     _check_schema(sqlite_url)
+
+
+def test_an_sqlite_database_with_calls_upgrades_across_table_rebuilds(sqlite_url: str) -> None:
+    # A batch migration rebuilds `calls` on SQLite (new table, copy, drop, rename). With foreign keys enforced the
+    # drop is an implicit DELETE: call_steps (ON DELETE CASCADE) would silently lose every step, and a table that
+    # restricts made the upgrade fail half-way, leaving `_alembic_tmp_calls` behind (the demo's database did).
+    db.upgrade(sqlite_url, "0012_callbacks_surge")
+    engine = db.make_engine(sqlite_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO calls (id, node, transport, channel_id, channel_name, flow, started_at, outcome) "
+                "VALUES ('c-before', 'n1', 'ari', 'ch1', 'PJSIP/x', 'hotline', '2026-12-01 09:00:00', 'completed')"
+            ))  # fmt: skip
+            connection.execute(text(
+                "INSERT INTO call_steps (call_id, seq, flow, node, node_type, at) "
+                "VALUES ('c-before', 1, 'hotline', 'greeting', 'play', '2026-12-01 09:00:01')"
+            ))  # fmt: skip
+            connection.execute(text("CREATE TABLE _alembic_tmp_calls (id VARCHAR(64))"))  # a failed attempt's
+    finally:
+        engine.dispose()
+    db.upgrade(sqlite_url)
+    _check_schema(sqlite_url)
+    engine = db.make_engine(sqlite_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT id FROM calls")).scalars().all() == ["c-before"]
+            assert connection.execute(text("SELECT count(*) FROM call_steps")).scalar() == 1
+            assert "_alembic_tmp_calls" not in inspect(connection).get_table_names()
+            assert connection.execute(text("PRAGMA foreign_key_check")).all() == []
+            assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1  # on again for the service
+    finally:
+        engine.dispose()
