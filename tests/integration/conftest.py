@@ -251,3 +251,15 @@ def hotline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hotline]:
     """The shipped configuration: no speech engine, so `listen` nodes fall back to the key menu."""
     with running_hotline(tmp_path_factory.mktemp("hotline"), "test") as running:
         yield running
+
+
+def finished_records(hotline: Hotline, before: set[str], count: int, timeout: float = 90.0) -> list[db.CallRecord]:
+    """The ``count`` call records not in ``before``, once every one of them has ended (or AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        new = [r for r in hotline.repo.list_recent(1000) if r.id not in before]
+        if len(new) == count and all(r.outcome != "in_progress" for r in new):
+            return new
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {count} finished new call records, found {new}")
+        time.sleep(0.2)

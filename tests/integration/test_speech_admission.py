@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import pytest
 from ground import db
 from medhotline.phones import PhoneCall, Press, Speak, place_call, speech_wav
 from tests.integration.ari_faults import AriFaultProxy, RtpSniffer
-from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, finished_records, free_port, free_rtp_range, running_hotline
 from tests.integration.test_speech import recognized_events
 
 pytestmark = pytest.mark.integration
@@ -65,17 +64,6 @@ def busy_hotline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Hot
 class Caller:
     media_port: int
     heard: RtpSniffer
-
-
-def finished_records(hotline: Hotline, before: set[str], count: int, timeout: float = 90.0) -> list[db.CallRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
-        new = [r for r in hotline.repo.list_recent(1000) if r.id not in before]
-        if len(new) == count and all(r.outcome != "in_progress" for r in new):
-            return new
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {count} finished new call records, found {new}")
-        time.sleep(0.3)
 
 
 def wav_ms(path: Path) -> int:

@@ -20,10 +20,9 @@ from typing import IO
 
 import pytest
 
-from ground import db
 from medhotline.phones import PhoneCall, Speak, place_call, speech_wav
 from tests.integration.ari_faults import RtpSniffer
-from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, finished_records, free_port, free_rtp_range, running_hotline
 from tests.integration.test_speech import BEFORE_LISTENING, korean_model
 
 pytestmark = pytest.mark.integration
@@ -94,17 +93,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.05)
 
 
-def finished_records(hotline: Hotline, before: set[str], count: int, timeout: float = 60) -> list[db.CallRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
-        new = [r for r in hotline.repo.list_recent(1000) if r.id not in before]
-        if len(new) == count and all(r.outcome != "in_progress" for r in new):
-            return new
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {count} finished new call records, found {new}")
-        time.sleep(0.2)
-
-
 def test_streams_spread_over_two_servers_and_a_killed_one_sends_its_callers_to_the_key_menu(
     farm: tuple[Hotline, list[SpeechServerProcess]], tmp_path: Path
 ) -> None:
@@ -142,7 +130,7 @@ def test_streams_spread_over_two_servers_and_a_killed_one_sends_its_callers_to_t
     assert all(phone.succeeded for phone in phones), [phone.errors for phone in phones if not phone.succeeded]
     assert (doomed.opened(), survivor.opened()) == (CAPACITY, CAPACITY), (doomed.lines, survivor.lines)
 
-    records = finished_records(hotline, before, CALLERS)
+    records = finished_records(hotline, before, CALLERS, timeout=60)
     asks = {r.id: next((edge, heard) for node, edge, heard in hotline.path(r) if node == "ask") for r in records}
     failed = [r for r in records if asks[r.id][0] == "fallback"]
     recognised = [r for r in records if asks[r.id][0] != "fallback"]
