@@ -145,8 +145,22 @@ def _on_sqlite_connect(dbapi_connection: Any, connection_record: Any) -> None:
         cursor.close()
 
 
-def make_engine(url: str) -> Engine:
+def _on_sqlite_connect_unsynced(dbapi_connection: Any, connection_record: Any) -> None:
+    _on_sqlite_connect(dbapi_connection, connection_record)
+    cursor = dbapi_connection.cursor()
+    try:
+        # In WAL mode NORMAL skips the fsync at commit: a commit survives a crash of the process (it is in the
+        # OS's cache) and the file is never corrupted; only a power cut or an OS crash can lose the last commits
+        # made this way, and the next commit on a durable connection (FULL) syncs them with its own.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str, *, durable: bool = True) -> Engine:
     """Create an engine for a SQLite or PostgreSQL URL with the settings the service relies on.
+
+    ``durable=False`` (SQLite only; see :func:`make_reservation_sessionmaker`): commits do not wait for the disk.
 
     For SQLite the file's parent directory is created (mode 0700: the database holds call data) if missing.
     No connection is opened here; connection errors surface (as DatabaseError) on first use.
@@ -159,7 +173,7 @@ def make_engine(url: str) -> Engine:
                 with mapped_errors(url, "creating the database directory"):
                     Path(database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             engine = create_engine(parsed)
-            event.listen(engine, "connect", _on_sqlite_connect)
+            event.listen(engine, "connect", _on_sqlite_connect if durable else _on_sqlite_connect_unsynced)
             return engine
         return create_engine(
             parsed,
@@ -174,6 +188,19 @@ def make_engine(url: str) -> Engine:
 def make_sessionmaker(url: str) -> sessionmaker[Session]:
     """Sessions over a new engine for ``url``; objects stay readable after commit."""
     return sessionmaker(make_engine(url), expire_on_commit=False)
+
+
+def make_reservation_sessionmaker(url: str, durable: sessionmaker[Session]) -> sessionmaker[Session]:
+    """Sessions for the routing engine's agent reservations, which are on the way to the agent's phone.
+
+    On SQLite, a separate engine whose commits do not wait for the disk (``synchronous=NORMAL`` in WAL mode):
+    a reservation lost in a power cut is harmless on a single node, which releases its reservations when it
+    starts again. On PostgreSQL ``durable`` itself: there another node could ring an agent whose reservation a
+    database crash lost, so the reservation stays a durable commit (docs/decisions.md, "Reservation commits").
+    """
+    if _parse(url).get_backend_name() != "sqlite":
+        return durable
+    return sessionmaker(make_engine(url, durable=False), expire_on_commit=False)
 
 
 def _alembic_config() -> AlembicConfig:
@@ -375,9 +402,10 @@ class Repository:
         return cls(sessionmaker(engine, expire_on_commit=False))
 
     @contextmanager
-    def _transaction(self, doing: str) -> Iterator[Session]:
+    def _transaction(self, doing: str, sessions: sessionmaker[Session] | None = None) -> Iterator[Session]:
+        """One transaction on this repository's sessions, or on ``sessions`` (another engine, same database)."""
         try:
-            with self._sessions.begin() as session:
+            with (sessions or self._sessions).begin() as session:
                 yield session
         except DatabaseError:
             raise

@@ -454,7 +454,9 @@ def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> Rou
         store = ClusterStore(sessions)
         lease = LeaseKeeper(store, config.service.node_name, LeaseSettings(config.cluster.lease_seconds))
         cluster = ClusterLink(store, lease)
-    return RoutingEngine(AgentStore(sessions), rules, settings, cluster=cluster)
+    # The reservation is the one write before the agent's phone rings: on SQLite it does not wait for the disk.
+    reservations = db.make_reservation_sessionmaker(config.database_url, sessions)
+    return RoutingEngine(AgentStore(sessions, reservations=reservations), rules, settings, cluster=cluster)
 
 
 def recording_spool(config: Config) -> Path:

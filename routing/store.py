@@ -24,7 +24,7 @@ from types import MappingProxyType
 from typing import Final, Literal
 
 from sqlalchemy import Update, bindparam, exists, false, func, insert, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.accounts import Account, new_account_row
 from ground.db import DatabaseError, Repository, rowcount
@@ -373,7 +373,15 @@ _RELEASE: Final = (
 
 
 class AgentStore(Repository):
-    """Reads and writes ``agents``, ``agent_skills``, ``credentials`` and ``agent_rings``."""
+    """Reads and writes ``agents``, ``agent_skills``, ``credentials`` and ``agent_rings``.
+
+    ``reservations``: the sessions :meth:`reserve_ring` commits on, when they differ from the others
+    (``ground.db.make_reservation_sessionmaker``: on SQLite a commit that does not wait for the disk).
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], *, reservations: sessionmaker[Session] | None = None) -> None:
+        super().__init__(sessions)
+        self._reservations = reservations
 
     # -- agents -----------------------------------------------------------------------------------------------
     def add_agent(
@@ -512,7 +520,7 @@ class AgentStore(Repository):
         reservation was taken.
         """
         statement, parameters = _reservation(account_id, call_id, node, at, required, excluded=excluded)
-        with self._transaction(f"reserving agent {account_id} for call {call_id}") as session:
+        with self._transaction(f"reserving agent {account_id} for call {call_id}", self._reservations) as session:
             connection = session.connection()
             if rowcount(connection.execute(statement, parameters)) != 1:
                 return None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import Engine, event, inspect, select
+from sqlalchemy import Engine, event, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -282,6 +282,37 @@ def test_reserve_ring_takes_the_agent_and_records_the_ring_together_or_not_at_al
     assert stores.agents.rings("call-2") == []
     with pytest.raises(AgentError, match="call id"):
         stores.agents.reserve_ring("gen1", "c 1", "node1", T0)
+
+
+def test_reservations_skip_the_disk_wait_on_sqlite_only_and_the_other_writes_stay_durable(url: str) -> None:
+    """On SQLite the reservation's sessions commit with synchronous=NORMAL (1), every other write with FULL (2);
+    on PostgreSQL the reservation keeps the durable sessions (docs/decisions.md, "Reservation commits")."""
+    durable = db.make_sessionmaker(url)
+    reservations = db.make_reservation_sessionmaker(url, durable)
+    store = AgentStore(durable, reservations=reservations)
+    try:
+        if url.startswith("sqlite"):
+            assert reservations is not durable
+            with durable() as session:
+                assert session.execute(text("PRAGMA synchronous")).scalar_one() == 2
+            with reservations() as session:
+                assert session.execute(text("PRAGMA synchronous")).scalar_one() == 1
+                assert session.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+                assert session.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+        else:
+            assert reservations is durable
+        AccountStore(durable).add("phys1", "Staff phys1", ["physician"], T0 - YEAR)
+        store.add_agent("phys1", "phys1", T0 - YEAR)
+        ring_id = store.reserve_ring("phys1", "call-1", "node1", T0)
+        assert ring_id is not None
+        # Written through the reservation's sessions, read through the durable ones: the same database.
+        assert store.view("phys1").reserved_call_id == "call-1"
+        assert [r.id for r in store.rings("call-1")] == [ring_id]
+    finally:
+        for sessions in {id(durable): durable, id(reservations): reservations}.values():
+            bind = sessions.kw["bind"]
+            assert isinstance(bind, Engine)
+            bind.dispose()
 
 
 def test_release_node_drops_only_that_nodes_reservations(stores: Stores) -> None:
