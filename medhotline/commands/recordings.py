@@ -34,8 +34,9 @@ from compliance.audit import AuditLog, SqlAuditStore
 from compliance.keyservice_client import wipe
 from ground import db
 from ground.errors import CommandError
+from ground.operator import actor_id
 from his.tables import PatientStore
-from medhotline.commands.keys import operator_id, run_keyed
+from medhotline.commands.keys import run_keyed
 from medhotline.service import recording_spool
 from recordings.envelope import (
     generate_identity,
@@ -239,7 +240,7 @@ def _removal(engine: Engine, config: Config, as_: str | None) -> RecordingRemova
         RecordingStore.for_engine(engine),
         AuditLog(SqlAuditStore(engine)),
         config.recordings_store,
-        actor=operator_id(as_),
+        actor=actor_id(as_),
     )
 
 
