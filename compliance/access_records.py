@@ -190,8 +190,9 @@ class Actor:
 
 
 def cli_actor(by: str | None) -> Actor:
-    """The actor of a CLI change: ``--by ACCOUNT`` when given, else the OS user at the shell."""
-    return Actor.account(by) if by else Actor.operator()
+    """The actor of a CLI change: ``--by ACCOUNT`` when given, else the OS user at the shell. An empty ``--by``
+    is an account id that fails its check, not the operator (as :func:`ground.operator.actor_id`)."""
+    return Actor.account(by) if by is not None else Actor.operator()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,8 +27,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import DataKeyRing, DataKeyStore, check_purpose, key_service_for
 from ground import db
-from ground.errors import CommandError
-from ground.operator import operator_id as os_operator
+from ground.operator import actor_id
 from recordings.keys import RecordingRewrap, counts_by_kek_version, rewrap_recordings
 
 if TYPE_CHECKING:
@@ -44,7 +42,6 @@ T = TypeVar("T")
 EXIT_OK: Final = 0
 EXIT_INCOMPLETE: Final = 1
 ADMIN_ROLE: Final = "admin"
-_ACTOR: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$")
 
 
 @dataclass
@@ -85,15 +82,6 @@ def run_keyed(config: Config, work: Callable[[KeyedDatabase], Awaitable[T]]) -> 
     return asyncio.run(main())
 
 
-def operator_id(given: str | None) -> str:
-    """The audit actor of a CLI operation: ``--as`` if given, else :func:`ground.operator.operator_id`."""
-
-    actor = given if given is not None else os_operator()
-    if not _ACTOR.match(actor):
-        raise CommandError("--as must be an account id (letters, digits and _ . : @ / -, up to 128)")
-    return actor
-
-
 def _cmd_status(config: Config, args: argparse.Namespace) -> int:
     status = run_keyed(config, lambda k: k.ring.status())
     versions = ", ".join(f"v{v}" for v in status.kek_versions)
@@ -120,7 +108,7 @@ async def _recording_counts(keyed: KeyedDatabase) -> dict[int, int]:
 
 
 def _cmd_rotate(config: Config, args: argparse.Namespace) -> int:
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
     version = run_keyed(config, lambda k: k.ring.rotate(actor=actor, role=ADMIN_ROLE, reason=args.reason))
     print(f"key-encryption key v{version} is now current; older versions decrypt only")
     print("next: `medhotline keys rewrap` to move every data key to it (no downtime, no data re-encrypted)")
@@ -129,7 +117,7 @@ def _cmd_rotate(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_rewrap(config: Config, args: argparse.Namespace) -> int:
 
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
 
     async def work(keyed: KeyedDatabase) -> tuple[RewrapReport, RecordingRewrap | None]:
         report = await keyed.ring.rewrap_all(
@@ -182,7 +170,7 @@ def _cmd_rewrap(config: Config, args: argparse.Namespace) -> int:
 def _cmd_new_data_key(config: Config, args: argparse.Namespace) -> int:
 
     purpose = check_purpose(args.purpose)
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
     record = run_keyed(config, lambda k: k.ring.new_data_key(purpose, actor=actor, role=ADMIN_ROLE, reason=args.reason))
     print(f"data key {purpose} v{record.version} is now used for new records; older versions keep decrypting")
     return EXIT_OK

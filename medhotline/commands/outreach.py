@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from ground import db
 from ground.db import rowcount
 from ground.errors import CommandError
+from ground.operator import actor_id
 from his.registry import PatientRegistry, check_patient_id
 from his.tables import PatientStore
 from ivr.flow_loader import load_flows
-from medhotline.commands.keys import operator_id, run_keyed
+from medhotline.commands.keys import run_keyed
 from scheduler.medication import MedicationStore
 from scheduler.policy import PolicyError, Window, parse_hhmm
 from scheduler.store import AttemptStore, PlanStore, Threshold
@@ -97,7 +98,7 @@ def _cmd_add(config: Config, args: argparse.Namespace) -> int:
             responsible=args.responsible,
             first_due=first,
             at=now,
-            by=operator_id(args.as_),
+            by=actor_id(args.as_),
         )
     print(plan.id)
     return EXIT_OK
@@ -181,7 +182,7 @@ def _read_phone() -> str:
 
 def _cmd_dnc(config: Config, args: argparse.Namespace) -> int:
 
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
     phone = _read_phone() if args.dnc_action in ("add", "remove") else ""
 
     async def work(keyed: KeyedDatabase) -> str:

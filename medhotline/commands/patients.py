@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any, Final
 from compliance.access_store import AccessControl, registry_authorizer
 from compliance.accounts import ACCOUNT_ID, AccountStore
 from ground.errors import CommandError
+from ground.operator import actor_id
 from his.registry import PatientInput, PatientInputError, PatientRegistry, check_patient_id
 from his.tables import PatientStore
-from medhotline.commands.keys import ADMIN_ROLE, operator_id, run_keyed
+from medhotline.commands.keys import ADMIN_ROLE, run_keyed
 
 if TYPE_CHECKING:
     from ground.config import Config
@@ -96,7 +97,7 @@ def _cmd_add(config: Config, args: argparse.Namespace) -> int:
 
     # Checked before connecting anywhere: a typo is reported without touching the key service or the database.
     patient = _patient_input(args).checked(datetime.now(UTC))
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
 
     async def work(keyed: KeyedDatabase) -> str:
         return await _registry(keyed).upsert(patient, accessor=actor, role=ADMIN_ROLE, reason=args.reason)
@@ -115,7 +116,7 @@ def _cmd_find(config: Config, args: argparse.Namespace) -> int:
         phone = args.phone
     if not isinstance(phone, str):
         raise CommandError('patients find needs --phone (or {"phone": ...} in --from-json)')
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
 
     async def work(keyed: KeyedDatabase) -> list[str]:
         return await _registry(keyed).lookup_by_phone(phone, accessor=actor, role=ADMIN_ROLE, reason=args.reason)

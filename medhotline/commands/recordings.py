@@ -17,10 +17,8 @@ timestamps, body digests, recording hashes and links, and names every failure (e
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,24 +26,16 @@ from typing import TYPE_CHECKING, Final
 
 from sqlalchemy.orm import sessionmaker
 
-from compliance.access import Resource
 from compliance.access_store import AccessControl
 from compliance.audit import AuditLog, SqlAuditStore
-from compliance.keyservice_client import wipe
 from ground import db
 from ground.errors import CommandError
+from ground.operator import actor_id
 from his.tables import PatientStore
-from medhotline.commands.keys import operator_id, run_keyed
+from medhotline.commands.keys import run_keyed
 from medhotline.service import recording_spool
-from recordings.envelope import (
-    generate_identity,
-    load_identity,
-    load_recipient_public_key,
-    open_for_recipient,
-    open_sealed,
-    seal_for_recipient,
-    watermark_wav,
-)
+from recordings.disclosure import Disclosure, Exported, ShownRecord, check_new_output
+from recordings.envelope import generate_identity, load_identity, load_recipient_public_key, open_for_recipient
 from recordings.ingest import Ingestor
 from recordings.records import configured_tsa_certificates, open_sealer, verify_records
 from recordings.removal import RecordingRemoval
@@ -129,62 +119,27 @@ def _cmd_show(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _authorize(keyed: KeyedDatabase, account: str, action: str, row: RecordingRow, reason: str) -> None:
-    """The access policy for this recording; raises AccessDenied (audited) when refused."""
+def _disclosure(config: Config, keyed: KeyedDatabase) -> Disclosure:
+    """Play, export and show behind the access policy (the patient registry tells it whose record it is)."""
 
     access = AccessControl.for_engine(keyed.engine, keyed.audit, patients=PatientStore.for_engine(keyed.engine))
-    resource = Resource(kind="recording", patient_id=row.patient_id, department=row.department, call_id=row.call_id)
-    access.authorize(account, action, resource, _now(), reason=reason)  # type: ignore[arg-type]
-
-
-async def _plain_chunks(keyed: KeyedDatabase, config: Config, row: RecordingRow) -> tuple[Iterator[bytes], bytearray]:
-
-    if row.state != "stored" or row.path is None or row.wrapped_key is None:
-        raise CommandError(f"recording {row.id} is {row.state}: there is no audio to give out")
-    key = await keyed.keys.unwrap(row.wrapped_key, row.key_purpose)
-    return open_sealed(config.recordings_store / row.path, key, context=row.context), key
+    return Disclosure(_store(keyed), keyed.keys, config.recordings_store, access, keyed.audit)
 
 
 def _cmd_export(config: Config, args: argparse.Namespace) -> int:
 
     if (args.recipient is None) == (not args.watermark):
         raise CommandError("export needs exactly one of --recipient PUBLIC.pem (re-encrypted) or --watermark")
-    out: Path = args.out
-    if out.exists():
-        raise CommandError(f"{out} exists: exports never overwrite a file")
+    check_new_output(args.out)
     recipient = load_recipient_public_key(args.recipient) if args.recipient is not None else None
 
-    async def work(keyed: KeyedDatabase) -> str:
-        row = await asyncio.to_thread(_store(keyed).get, args.recording)
-        await asyncio.to_thread(_authorize, keyed, args.as_, "export", row, args.reason)
-        chunks, key = await _plain_chunks(keyed, config, row)
-        at = _now()
-        temp = out.with_name(f".{out.name}.part-{os.getpid()}")
-        try:
-            if recipient is not None:
-                sealed = await asyncio.to_thread(
-                    seal_for_recipient, chunks, temp, recipient, label=f"{row.id}|{args.as_}|{at:%Y-%m-%dT%H:%M:%SZ}"
-                )
-                digest, how = sealed.cipher_sha256, "recipient"
-            else:
-                text = f"exported by {args.as_} at {at:%Y-%m-%d %H:%M:%S} UTC; medhotline recording {row.id}"
-                digest, how = await asyncio.to_thread(watermark_wav, chunks, temp, text), "watermark"
-            os.replace(temp, out)
-        finally:
-            wipe(key)
-            temp.unlink(missing_ok=True)
-        await asyncio.to_thread(
-            keyed.audit.append,
-            actor=args.as_,
-            role=args.role or "account",
-            action="export",
-            outcome="success",
-            reason=args.reason,
-            details={"recording": row.id, "call": row.call_id, "form": how, "output_sha256": digest},
+    async def work(keyed: KeyedDatabase) -> Exported:
+        return await _disclosure(config, keyed).export(
+            args.recording, account=args.as_, role=args.role, reason=args.reason, out=args.out, recipient=recipient
         )
-        return f"exported recording {row.id} to {out} ({how}); sha256 {digest}"
 
-    print(run_keyed(config, work))
+    done = run_keyed(config, work)
+    print(f"exported recording {done.recording_id} to {done.out} ({done.form}); sha256 {done.sha256}")
     return EXIT_OK
 
 
@@ -194,17 +149,12 @@ def _cmd_play(config: Config, args: argparse.Namespace) -> int:
         raise CommandError("play writes the WAV to standard output: pipe it into a player (e.g. `| aplay`)")
 
     async def work(keyed: KeyedDatabase) -> None:
-        row = await asyncio.to_thread(_store(keyed).get, args.recording)
-        await asyncio.to_thread(_authorize, keyed, args.as_, "read", row, args.reason)
-        chunks, key = await _plain_chunks(keyed, config, row)
-        try:
-            for chunk in chunks:
-                sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
-        finally:
-            wipe(key)
+        await _disclosure(config, keyed).play(
+            args.recording, account=args.as_, reason=args.reason, sink=sys.stdout.buffer.write
+        )
 
     run_keyed(config, work)
+    sys.stdout.buffer.flush()
     return EXIT_OK
 
 
@@ -239,7 +189,7 @@ def _removal(engine: Engine, config: Config, as_: str | None) -> RecordingRemova
         RecordingStore.for_engine(engine),
         AuditLog(SqlAuditStore(engine)),
         config.recordings_store,
-        actor=operator_id(as_),
+        actor=actor_id(as_),
     )
 
 
@@ -324,23 +274,18 @@ def _cmd_note(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_records_show(config: Config, args: argparse.Namespace) -> int:
 
-    async def work(keyed: KeyedDatabase) -> list[str]:
-        sealer = _sealer(config, keyed)
-        recordings = await asyncio.to_thread(_store(keyed).for_call, args.call)
-        patient = next((r.patient_id for r in recordings if r.patient_id), None)
-        department = None if patient else config.recordings.department
-        access = AccessControl.for_engine(keyed.engine, keyed.audit, patients=PatientStore.for_engine(keyed.engine))
-        resource = Resource(kind="call_record", patient_id=patient, department=department, call_id=args.call)
-        await asyncio.to_thread(access.authorize, args.as_, "read", resource, _now(), reason=args.reason)
-        lines = []
-        for record in await asyncio.to_thread(sealer.records.for_call, args.call):
-            body = await sealer.body(record)
-            lines.append(f"# {record.kind} {record.id} signed {record.created_at:%Y-%m-%d %H:%M:%S} UTC")
-            lines.append(body.decode("utf-8"))
-        return lines or [f"call {args.call} has no signed records"]
+    async def work(keyed: KeyedDatabase) -> list[ShownRecord]:
+        return await _disclosure(config, keyed).call_records(
+            _sealer(config, keyed), args.call, account=args.as_, reason=args.reason,
+            department=config.recordings.department,
+        )  # fmt: skip
 
-    for line in run_keyed(config, work):
-        print(line)
+    shown = run_keyed(config, work)
+    for record in shown:
+        print(f"# {record.kind} {record.id} signed {record.created_at:%Y-%m-%d %H:%M:%S} UTC")
+        print(record.text)
+    if not shown:
+        print(f"call {args.call} has no signed records")
     return EXIT_OK
 
 

@@ -17,7 +17,7 @@ from compliance.audit import AuditLog, SqlAuditStore
 from compliance.audited_change import AuditedChange
 from ground import db
 from ground.errors import CommandError
-from ground.operator import operator_id
+from ground.operator import actor_id
 from ivr.flow_registry import FlowRegistry
 from routing.callback_store import CallbackStore, ModeStore
 from routing.surge import SURGE_FLOW, SurgeError, entry_flow_yaml, load_profile
@@ -65,7 +65,7 @@ def checked_profile(config: Config, given: str) -> tuple[SurgeProfile, str, str]
 def _actor(args: argparse.Namespace) -> str:
 
     # One audit identity for the operator at the shell, whichever command they run (ground.operator).
-    return str(args.actor or operator_id())
+    return actor_id(args.actor)
 
 
 def _audit(config: Config, actor: str, action: AuditAction, reason: str, profile: str) -> AuditedChange:

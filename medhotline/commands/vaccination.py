@@ -24,8 +24,8 @@ from compliance.access import AccessError, check_patient_id
 from compliance.audit import AuditLog, SqlAuditStore
 from ground import db
 from ground.errors import CommandError
+from ground.operator import actor_id
 from his.tables import PatientStore
-from medhotline.commands.keys import operator_id
 from scheduler.policy import LOCAL_TZ
 from scheduler.vaccination import VaccinationStore, audit_booking_change
 
@@ -200,7 +200,7 @@ def _check_patient(engine: Engine, patient_id: str) -> None:
 
 def _cmd_book(config: Config, args: argparse.Namespace) -> int:
 
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
     if (args.slot is None) == (args.date is None):
         raise _error("book needs --slot SLOT_ID, or --date YYYY-MM-DD with --part morning|afternoon")
     if args.date is not None and args.part is None:
@@ -221,7 +221,7 @@ def _cmd_book(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
     with _store(config) as (store, engine):
         if not store.cancel(args.booking, _now(), actor):
             state = store.booking(args.booking).state
@@ -234,7 +234,7 @@ def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_change(config: Config, args: argparse.Namespace) -> int:
 
-    actor = operator_id(args.as_)
+    actor = actor_id(args.as_)
     with _store(config) as (store, engine):
         booking = store.change(args.booking, args.slot, _now(), actor)
         _audit(engine, actor, "change", booking, changed_from=args.booking)

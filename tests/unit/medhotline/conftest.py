@@ -1,5 +1,5 @@
 """Fixtures of the application's tests: a configured state directory on SQLite and PostgreSQL (``setup``), the key
-service as its own process (``keyservice``), and ``reset_logging`` for tests that call ``main`` (it configures
+service as its own process (``keyservice_process``), and ``reset_logging`` for tests that call ``main`` (it configures
 process-global logging). Helpers to run the CLI are in ``cli_run``."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def setup(request: pytest.FixtureRequest, tmp_path: Path, short_dir: Path) -> Se
 
 
 @pytest.fixture
-def keyservice(setup: Setup) -> Iterator[subprocess.Popen[bytes]]:
+def keyservice_process(setup: Setup) -> Iterator[subprocess.Popen[bytes]]:
     """``medhotline keyservice`` as its own process; stopped with SIGTERM like systemd would."""
     process = subprocess.Popen(
         [sys.executable, "-m", "medhotline", "--config", str(setup.config), "keyservice"],

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("reset_logging")
 
 
 def test_register_find_show_rotate_rewrap(
-    setup: Setup, keyservice: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+    setup: Setup, keyservice_process: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(setup, capsys, "db", "upgrade").code == 0
     public_output: list[str] = []
@@ -142,7 +142,7 @@ def test_register_find_show_rotate_rewrap(
 
 
 def test_update_by_record_number_from_the_cli(
-    setup: Setup, keyservice: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+    setup: Setup, keyservice_process: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(setup, capsys, "db", "upgrade").code == 0
     first = run(setup, capsys, "patients", "add", "--name", LI.name, "--phone", LI.phone, "--record-number", "MRN-7")

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the shared fixtures are imported from recordings_fixtures and requested by name)
 """Quality control against a real database (SQLite and PostgreSQL): every finished call is checked once, the
 review queue holds the flagged and sampled calls, and a review goes through the access policy (a nurse is refused)
 and is sealed as a signed amendment of the call record that verifies, with the real key service."""
@@ -27,16 +26,9 @@ from medhotline.quality.store import QualityStore
 from medhotline.quality.tables import QualityCheck, QualityReview
 from recordings.records import CallRecordStore, KeyServiceTimestamper, RecordSealer, verify_records
 from routing.statistics import StatsSettings
-from tests.unit.recordings.recordings_fixtures import (  # noqa: F401 (fixtures)
+from tests.unit.recordings.helpers import (
     AGENT,
-    audit,
-    keys,
-    keyservice,
-    keystore,
-    sessions,
-    short_dir,
     start_call,
-    store_dir,
 )
 
 RULES = load_rules(Path(__file__).parents[3] / "dialplans" / "quality" / "rules.yaml")

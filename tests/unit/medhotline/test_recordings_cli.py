@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("reset_logging")
 
 
 @pytest.fixture
-def desk(setup: Setup, keyservice: object) -> Setup:
+def desk(setup: Setup, keyservice_process: object) -> Setup:
     """A migrated database with a supervisor of the hotline department, an agent, and a recordings spool."""
     with setup.config.open("a", encoding="utf-8") as config:
         config.write(f'[recordings]\nspool_dir = "{setup.state / "spool"}"\n')

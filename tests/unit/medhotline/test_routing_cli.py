@@ -369,3 +369,25 @@ def test_the_operator_at_the_shell_has_one_audit_identity_across_commands(
     first, second = cli.audit()[-2:]
     assert (first.actor, first.role) == (second.actor, second.role)
     assert first.actor == (f"os:{login}" if login else "os:unknown")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["agents", "freeze", "phys1", "--reason", "left the hospital", "--by", ""],
+        ["accounts", "freeze", "phys1", "--reason", "left the hospital", "--by", ""],
+        ["recordings", "hold", "rec-1", "--reason", "court order", "--as", ""],
+        ["surge", "off", "--reason", "over", "--as", ""],
+    ],
+)
+def test_an_empty_account_names_nobody_in_any_command(cli: Cli, argv: list[str]) -> None:
+    """An empty ``--as``/``--by`` (a script's unset variable) is refused by every command, naming the option,
+    before anything changes: it is not taken for the operator at the shell by some commands and refused by
+    others, which gave one operator an audit identity that depended on the command."""
+    cli.ok("agents", "add", "phys1", "--name", "Dr Wang", "--endpoint", "phys1")
+    before = len(cli.audit())
+    err = cli.fails(*argv)
+    assert "account id" in err, err
+    accounts, _ = cli.stores()
+    assert accounts.get("phys1").frozen is False
+    assert len(cli.audit()) == before

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the shared fixtures are imported from recordings_fixtures and requested by name)
 """Ingest against a real key service (Unix socket), a real database and real files: a finished WAV becomes an
 encrypted file in the store and its plaintext goes away; a process killed between any two steps is finished
 by the next run with nothing lost and no plaintext left; bad input (no file, key service refusing, a file
@@ -28,23 +27,14 @@ from recordings.envelope import EnvelopeError, open_sealed, seal_file, sha256_fi
 from recordings.ingest import SUFFIX, TEMP_MARK, IngestError, Ingestor, stored_path, wav_duration
 from recordings.retention import RetentionPolicy
 from recordings.store import RecordingRow, RecordingStore
-from tests.unit.recordings.recordings_fixtures import (  # noqa: F401 (fixtures)
+from tests.unit.recordings.helpers import (
     TOKEN,
     FakeClock,
     assert_no_plaintext,
-    audit,
     decrypt,
     files_under,
     finished_recording,
-    keys,
-    keyservice,
-    keystore,
-    sessions,
     sha256,
-    short_dir,
-    spool_dir,
-    store,
-    store_dir,
     write_wav,
 )
 

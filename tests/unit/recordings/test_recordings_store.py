@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the shared fixtures are imported from recordings_fixtures and requested by name)
 """The recordings table (``RecordingStore``) and the database's own guards (migration ``0008_recordings``), on
 SQLite and PostgreSQL: each state change, and what the database refuses whatever the code does (raw SQL)."""
 
@@ -21,7 +20,7 @@ from recordings.envelope import SealedFile
 from recordings.records import CallRecordStore
 from recordings.store import RecordingNotFound, RecordingRow, RecordingStore, recording_name
 from recordings.tables import SignedCallRecord
-from tests.unit.recordings.recordings_fixtures import audit, execute, sessions, start_call, store  # noqa: F401 (fixtures)
+from tests.unit.recordings.helpers import execute, start_call
 
 NOW = datetime.now(UTC)
 WRAPPED = b"\x01" * 64

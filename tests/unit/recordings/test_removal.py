@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the shared fixtures are imported from recordings_fixtures and requested by name)
 """Legal hold and removal of recordings (``recordings.removal``): reason checked first, audit entry before the
 row and the file change, refusals audited, a purge sweeping files a crash left behind."""
 
@@ -15,7 +14,6 @@ from compliance.access import AccessError
 from compliance.audit import AuditLog
 from recordings.removal import RecordingRemoval
 from recordings.store import RecordingRow, RecordingStore
-from tests.unit.recordings.recordings_fixtures import audit, sessions, store  # noqa: F401 (fixtures)
 from tests.unit.recordings.test_recordings_store import NOW, stored
 
 ACTOR = "os:ops.li"

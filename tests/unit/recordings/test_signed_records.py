@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the shared fixtures are imported from recordings_fixtures and requested by name)
 """Signed call records against a real key service (Ed25519 signing, the local RFC 3161 authority, data keys), a
 real database and real encrypted recordings: sealing a call summary, a consent and an amendment verifies; each
 kind of tampering (header, signature, timestamp token, body, recording file, recording row) is named by the
@@ -53,22 +52,13 @@ from recordings.signed import (
     timestamp_imprint,
 )
 from recordings.store import RecordingRow, RecordingStore
-from tests.unit.recordings.recordings_fixtures import (  # noqa: F401 (fixtures)
+from tests.unit.recordings.helpers import (
     AGENT,
-    audit,
     drop_recordings_guard,
     drop_records_guard,
     execute,
     finished_recording,
-    keys,
-    keyservice,
-    keystore,
-    sessions,
     sha256,
-    short_dir,
-    spool_dir,
-    store,
-    store_dir,
 )
 
 

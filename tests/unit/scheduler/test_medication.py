@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the shared fixtures are imported from recordings_fixtures and requested by name)
 """Medication reminders and confirmations against a real key service and a real database (SQLite, PostgreSQL),
 and the pure ``next_due`` across days, time zones and daylight-saving changes.
 
@@ -31,7 +30,6 @@ from scheduler.medication import (
     next_due,
 )
 from scheduler.tables import MedicationReminder, OutreachAttempt
-from tests.unit.recordings.recordings_fixtures import keys, keyservice, keystore, sessions, short_dir  # noqa: F401 (fixtures)
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 NEW_YORK = ZoneInfo("America/New_York")

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (the shared fixtures are imported from recordings_fixtures and requested by name)
 """The notification outbox and its delivery, against a real key service (Unix socket), a real database (SQLite
 and PostgreSQL) and an HTTP gateway simulated with ``httpx.MockTransport``.
 
@@ -43,7 +42,6 @@ from scheduler.notify import (
     retry_at,
 )
 from scheduler.tables import OutboxMessage
-from tests.unit.recordings.recordings_fixtures import keys, keyservice, keystore, sessions, short_dir  # noqa: F401 (fixtures)
 
 NOW = datetime(2025, 3, 14, 1, 30, tzinfo=UTC)
 GATEWAY_URL = "https://sms.example.test/v1/messages"

@@ -1,4 +1,3 @@
-# ruff: noqa: F811 - the fixtures imported from recordings_fixtures are redefined as parameters
 """The dialer with a fake clock: a real key service, registry and database, ARI faked at the HTTP edge.
 
 Checked: a due call is placed once, to the patient's number from the encrypted registry, with the hotline's
@@ -35,7 +34,6 @@ from scheduler.store import Threshold
 from scheduler.tables import DoNotCall, OutreachAttempt
 from telephony.ari_channel import AriDispatcher
 from telephony.ari_client import AriClient
-from tests.unit.recordings.recordings_fixtures import keys, keyservice, keystore, sessions, short_dir  # noqa: F401 - fixtures
 
 PHONE = "13912345678"
 POLICY = DialPolicy(quiet=Window.parse("21:00-08:00"), max_attempts=2, backoff=(timedelta(minutes=30),), trunk_cap=1)

@@ -1,30 +1,21 @@
-"""Shared fixtures and helpers of the recordings tests: a real key service in process on a Unix socket, a real
-database (SQLite, and PostgreSQL with the ``postgres`` marker), real WAV files and real calls.
-
-Import the fixtures by name in a test module (``from tests.unit.recordings_fixtures import ...  # noqa: F401``).
+"""Helpers of the recordings tests (and of the scheduler and quality tests that use recordings): real WAV files,
+real calls, raw SQL as a DBA. The fixtures (the key service in process, the stores) are in the conftest files:
+``tests/unit/conftest.py`` and ``tests/unit/recordings/conftest.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import shutil
-import tempfile
 import uuid
 import wave
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine, text
-from sqlalchemy.orm import Session, sessionmaker
 
-from compliance.audit import AuditLog, SqlAuditStore
 from compliance.keyservice_client import KeyServiceClient
-from compliance.keyservice_server import KeyServiceServer
-from compliance.keystore import KeyStore
 from ground import db
 from recordings.envelope import open_sealed
 from recordings.store import RecordingRow, RecordingStore
@@ -32,69 +23,6 @@ from recordings.store import RecordingRow, RecordingStore
 TOKEN = "recordings-test-token-0123456789abcdef"
 SAMPLE_RATE = 8000
 AGENT = "agent.wu"
-
-
-# --- key service and database ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short private directory: a Unix socket path must stay under ~100 bytes, which tmp_path may not."""
-    path = Path(tempfile.mkdtemp(prefix="mhrec-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def keystore(tmp_path: Path) -> KeyStore:
-    return KeyStore.create(tmp_path / "keys")
-
-
-@pytest.fixture
-async def keyservice(keystore: KeyStore, short_dir: Path) -> AsyncIterator[Path]:
-    """The key service, in process, on a real Unix socket (peer uid and token checked as in production)."""
-    socket_path = short_dir / "run" / "ks.sock"
-    server = KeyServiceServer(keystore, TOKEN.encode())
-    await server.start_unix_server(socket_path)
-    try:
-        yield socket_path
-    finally:
-        await server.aclose()
-
-
-@pytest.fixture
-async def keys(keyservice: Path) -> AsyncIterator[KeyServiceClient]:
-    async with KeyServiceClient.unix(keyservice, TOKEN) as client:
-        yield client
-
-
-@pytest.fixture
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
-
-
-@pytest.fixture
-def store(sessions: sessionmaker[Session]) -> RecordingStore:
-    return RecordingStore(sessions)
-
-
-@pytest.fixture
-def audit(engine: Engine) -> AuditLog:
-    return AuditLog(SqlAuditStore(engine))
-
-
-@pytest.fixture
-def spool_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "spool"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path) -> Path:
-    return tmp_path / "store"
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
