@@ -23,9 +23,10 @@ from compliance.keyservice_protocol import KeyServiceError
 from ground import db
 from ground.config import Config
 from his import open_patient_directory
-from his.link import HisLink, open_his_link
+from his.link import HisLink, open_his_link, start_adt_listener
 from his.messages import Ack
 from his.outbox import AnswerHook
+from his.transport import MllpServer
 from routing.store import AgentStore
 from routing.validity import validity_report
 from scheduler.vaccination import VaccinationStore
@@ -58,6 +59,7 @@ async def connect_patient_directory(
 
     services = None
     link: HisLink | None = None
+    listener: MllpServer | None = None
     try:
         while services is None:
             try:
@@ -72,11 +74,26 @@ async def connect_patient_directory(
             his_ready(link.producer)
         if ready is not None:
             ready(services)
+        if config.his.enabled:
+            # The HIS's ADT keep the registry current; a listener that cannot bind (port taken) is an error in
+            # the log, and the rest of the HIS link (PDQ, outbox) goes on: callers are still identified.
+            try:
+                started = await start_adt_listener(config, services)
+            except OSError as exc:
+                log.error("his.listener_failed", port=config.his.listen_port, reason=exc.strerror or str(exc))
+                started = None
+            if started is not None:
+                listener = started[0]
+                log.info("his.listener_started", port=started[1], tls=config.his.listen_cert_file is not None)
         log.info("patients.directory_ready", his=link is not None)
         if link is not None:
             await link.run_sender()
         await asyncio.Event().wait()  # hold the connection until the service stops
     finally:
+        # The listener first: no ADT may arrive while the registry's connection closes under it.
+        if listener is not None:
+            await listener.aclose()
+            log.info("his.listener_stopped")
         if link is not None:
             await link.aclose()
         if services is not None:
