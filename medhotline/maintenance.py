@@ -69,11 +69,6 @@ async def connect_patient_directory(
                 await asyncio.sleep(DIRECTORY_RETRY)
         # With the HIS configured, callers are identified by PDQ first and the outbox is sent from this node.
         link = open_his_link(config, services, on_answer=booking_answers(services)) if config.his.enabled else None
-        install(services.directory if link is None else link.directory)
-        if link is not None and his_ready is not None:
-            his_ready(link.producer)
-        if ready is not None:
-            ready(services)
         if config.his.enabled:
             # The HIS's ADT keep the registry current; a listener that cannot bind (port taken) is an error in
             # the log, and the rest of the HIS link (PDQ, outbox) goes on: callers are still identified.
@@ -85,6 +80,11 @@ async def connect_patient_directory(
             if started is not None:
                 listener = started[0]
                 log.info("his.listener_started", port=started[1], tls=config.his.listen_cert_file is not None)
+        install(services.directory if link is None else link.directory)
+        if link is not None and his_ready is not None:
+            his_ready(link.producer)
+        if ready is not None:
+            ready(services)
         log.info("patients.directory_ready", his=link is not None)
         if link is not None:
             await link.run_sender()

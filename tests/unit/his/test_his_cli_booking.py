@@ -4,6 +4,7 @@ AA confirmed, AR refused with segment-field and code, HIS down left ``requested`
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,8 +18,11 @@ from compliance.data_keys import TOKEN_FILE, DataKeyRing, DataKeyStore
 from compliance.keyservice_client import KeyServiceClient
 from ground.config import Config
 from his import PatientInput, PatientRegistry, PatientStore
+from his.messages import PdqPatient
 from his.outbox_store import OutboxStore
 from his.simulator import SimulatedHis
+from his.transport import HisUnavailable
+from medhotline import maintenance
 from medhotline.his_booking import send_appointment
 from scheduler.vaccination import VaccinationStore
 from tests.unit.his.conftest import KEYSERVICE_TOKEN
@@ -91,3 +95,37 @@ async def test_the_cli_booking_follows_the_his_answer(
         assert entry.status == "pending"
     texts = [repr(logs), answer.describe(), refused.describe(), waiting.describe()]
     assert_nothing_in_clear(engine, texts, [NAME, PHONE, MRN])
+
+
+async def test_the_service_starts_the_listener_from_config_and_closes_it_at_stop(
+    engine: Engine, his_keys: KeyServiceClient, sim: SimulatedHis, tmp_path: Path, his_short_dir: Path,
+    database_url: str,
+) -> None:  # fmt: skip
+    assert sim.port is not None
+    config = config_for(tmp_path, his_short_dir, database_url, sim.port)
+    config = config.model_copy(update={"his": config.his.model_copy(update={"listen_port": 0})})
+    installed: list[object] = []
+    ready = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(
+            maintenance.connect_patient_directory(config, installed.append, ready=lambda _: ready.set())
+        )
+        async with asyncio.timeout(15):
+            await ready.wait()  # the listener is up before the directory is reported ready
+        port = next(e["port"] for e in logs if e["event"] == "his.listener_started")
+        ack = await sim.send_adt("127.0.0.1", port, PdqPatient(MRN, NAME, PHONE))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert ack.code == "AA"
+    assert len(installed) == 1
+    assert [e["event"] for e in logs if e["event"].startswith("his.listener")] == [
+        "his.listener_started", "his.listener_stopped"
+    ]  # fmt: skip
+    audit = AuditLog(SqlAuditStore(engine))
+    ring = DataKeyRing(DataKeyStore.for_engine(engine), his_keys, audit=audit)
+    registry = PatientRegistry(PatientStore.for_engine(engine), ring, his_keys, audit=audit)
+    assert len(await registry.lookup_by_phone(PHONE, accessor="t", role="system", reason="t")) == 1
+    with pytest.raises(HisUnavailable):  # stopped means the port is closed
+        await sim.send_adt("127.0.0.1", port, PdqPatient(MRN, NAME, PHONE))
+    assert_nothing_in_clear(engine, [repr(logs)], [NAME, PHONE, MRN])
