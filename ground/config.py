@@ -514,8 +514,25 @@ class HisConfig(_Section):
     backoff_max: float = Field(default=60.0, gt=0, le=3600)
     # An outbox message the HIS answers AE (application error) is retried this many times, then set aside.
     outbox_max_attempts: int = Field(default=10, ge=1, le=1000)
+    # The hotline's own MLLP listener, where the HIS sends ADT (demographics). listen_port unset: no listener;
+    # 0: a free port (tests). TLS with listen_cert_file/listen_key_file; with listen_client_ca_file the HIS must
+    # present a certificate that CA signed (mutual TLS).
+    listen_host: str = "127.0.0.1"
+    listen_port: int | None = Field(default=None, ge=0, le=65535)
+    listen_cert_file: Path | None = None
+    listen_key_file: Path | None = None
+    listen_client_ca_file: Path | None = None
 
-    _paths_empty = field_validator("ca_file", "cert_file", "key_file", mode="before")(_empty_is_none)
+    _paths_empty = field_validator(
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "listen_cert_file",
+        "listen_key_file",
+        "listen_client_ca_file",
+        "listen_port",
+        mode="before",
+    )(_empty_is_none)
 
     @model_validator(mode="after")
     def _consistent(self) -> HisConfig:
@@ -527,6 +544,10 @@ class HisConfig(_Section):
             raise ValueError("cert_file is set but tls is false: a client certificate needs TLS")
         if self.backoff_initial > self.backoff_max:
             raise ValueError(f"backoff_initial ({self.backoff_initial}) must not exceed backoff_max")
+        if (self.listen_cert_file is None) != (self.listen_key_file is None):
+            raise ValueError("listen_cert_file and listen_key_file: set both (TLS listener) or neither")
+        if self.listen_client_ca_file is not None and self.listen_cert_file is None:
+            raise ValueError("listen_client_ca_file needs listen_cert_file/listen_key_file (mutual TLS is TLS)")
         return self
 
 

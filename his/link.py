@@ -7,9 +7,13 @@ reply the HIS is slow to send.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ssl
 from dataclasses import dataclass
 
 from ground.config import Config, HisConfig
+from his.adt import AdtReceiver
 from his.audit import Hl7Audit
 from his.directory import PatientServices
 from his.hl7 import Party
@@ -17,7 +21,7 @@ from his.outbox import AnswerHook, Outbox
 from his.outbox_store import OutboxStore
 from his.pdq import HisPatientDirectory
 from his.producer import HisOutbound
-from his.transport import Backoff, MllpClient, client_tls
+from his.transport import Backoff, MllpClient, MllpServer, client_tls, server_tls
 
 
 def his_client(his: HisConfig) -> MllpClient:
@@ -81,3 +85,52 @@ def open_his_link(config: Config, services: PatientServices, *, on_answer: Answe
     )
     producer = HisOutbound(services.registry, outbox, sender=sender, receiver=receiver)
     return HisLink(directory, outbox, pdq_client, outbox_client, producer)
+
+
+async def start_adt_listener(config: Config, services: PatientServices) -> tuple[MllpServer, int] | None:
+    """The hotline's MLLP listener for the HIS's ADT, from ``[his] listen_*``; None when ``listen_port`` is unset.
+
+    Returns the started server and the port it listens on (``listen_port = 0`` picks a free one). The caller
+    closes it (``MllpServer.aclose``: stops accepting and ends the open connections).
+    """
+    his = config.his
+    if his.listen_port is None:
+        return None
+    tls = None
+    if his.listen_cert_file is not None and his.listen_key_file is not None:
+        tls = server_tls(his.listen_cert_file, his.listen_key_file, his.listen_client_ca_file)
+    receiver = AdtReceiver(
+        services.registry,
+        audit=Hl7Audit(services.audit),
+        sender=Party(his.sending_application, his.sending_facility),
+    )
+    server = MllpServer(
+        receiver.handle,
+        sender=Party(his.sending_application, his.sending_facility),
+        tls=tls,
+        max_size=his.max_message_bytes,
+        observer=receiver.observe,
+    )
+    port = await server.start(his.listen_host, his.listen_port)
+    return server, port
+
+
+async def probe_his(his: HisConfig) -> str:
+    """``up`` when the configured HIS accepts a connection (and its TLS handshake), else ``down: <why>``."""
+    tls = client_tls(his.ca_file, his.cert_file, his.key_file) if his.tls and his.ca_file is not None else None
+    try:
+        async with asyncio.timeout(his.connect_timeout):
+            _, writer = await asyncio.open_connection(
+                his.host, his.port, ssl=tls, server_hostname=(his.server_name or his.host) if tls else None
+            )
+    except TimeoutError:
+        return f"down: no connection within {his.connect_timeout} s"
+    except ssl.SSLError as exc:
+        return f"down: TLS: {exc.reason or type(exc).__name__}"
+    except OSError as exc:
+        return f"down: {exc.strerror or type(exc).__name__}"
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+        async with asyncio.timeout(1.0):
+            await writer.wait_closed()
+    return "up"

@@ -206,3 +206,33 @@ class OutboxStore(Repository):
             query = query.where(OutboxRow.status == status)
         with self._transaction("listing the HIS outbox") as session:
             return [_entry(r, k) for r, k in session.execute(query.limit(limit)).all()]
+
+    def last_answered(self) -> OutboxEntry | None:
+        """The message the HIS answered last (sent, or set aside on its AE/AR), for ``his status``."""
+        with self._transaction("reading the last HIS answer") as session:
+            found = session.execute(
+                select(OutboxRow, DataKey)
+                .join(DataKey, OutboxRow.data_key_id == DataKey.id)
+                .where(OutboxRow.ack_code.is_not(None))
+                .order_by(func.coalesce(OutboxRow.sent_at, OutboxRow.next_attempt_at).desc(), OutboxRow.id.desc())
+                .limit(1)
+            ).first()
+            return None if found is None else _entry(found[0], found[1])
+
+    def retry(self, control_id: str, at: datetime) -> OutboxStatus | None:
+        """Put a failed message back in the queue (attempts from zero, due at ``at``), keeping its place by id.
+
+        Returns the status it had: ``failed`` (now pending again), ``pending`` (made due now), ``sent`` (left
+        alone: the HIS has it, sending it again would be a duplicate), None when no such control id.
+        """
+        with self._transaction(f"retrying HL7 message {control_id}") as session:
+            row = session.execute(select(OutboxRow).where(OutboxRow.control_id == control_id)).scalar_one_or_none()
+            if row is None:
+                return None
+            was: OutboxStatus = "sent" if row.status == "sent" else "failed" if row.status == "failed" else "pending"
+            if was == "failed":
+                row.status, row.attempts, row.next_attempt_at = "pending", 0, at
+                row.claimed_by = row.claimed_until = None
+            elif was == "pending":
+                row.next_attempt_at = at
+            return was

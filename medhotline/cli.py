@@ -39,6 +39,7 @@ from medhotline import db_roles
 from medhotline import flows as flow_tools
 from medhotline.commands import access as access_commands
 from medhotline.commands import api as api_commands
+from medhotline.commands import hisops as his_link_commands
 from medhotline.commands import keys as key_commands
 from medhotline.commands import keywords as commands
 from medhotline.commands import outreach as scheduler_commands
@@ -258,6 +259,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         routing_commands.register,
         surge_commands.register,
         his_commands.register,
+        his_link_commands.register,
         key_commands.register,
         access_commands.register,
         stats_commands.register,

@@ -23,9 +23,10 @@ from compliance.keyservice_protocol import KeyServiceError
 from ground import db
 from ground.config import Config
 from his import open_patient_directory
-from his.link import HisLink, open_his_link
+from his.link import HisLink, open_his_link, start_adt_listener
 from his.messages import Ack
 from his.outbox import AnswerHook
+from his.transport import MllpServer
 from routing.store import AgentStore
 from routing.validity import validity_report
 from scheduler.vaccination import VaccinationStore
@@ -58,6 +59,7 @@ async def connect_patient_directory(
 
     services = None
     link: HisLink | None = None
+    listener: MllpServer | None = None
     try:
         while services is None:
             try:
@@ -67,6 +69,17 @@ async def connect_patient_directory(
                 await asyncio.sleep(DIRECTORY_RETRY)
         # With the HIS configured, callers are identified by PDQ first and the outbox is sent from this node.
         link = open_his_link(config, services, on_answer=booking_answers(services)) if config.his.enabled else None
+        if config.his.enabled:
+            # The HIS's ADT keep the registry current; a listener that cannot bind (port taken) is an error in
+            # the log, and the rest of the HIS link (PDQ, outbox) goes on: callers are still identified.
+            try:
+                started = await start_adt_listener(config, services)
+            except OSError as exc:
+                log.error("his.listener_failed", port=config.his.listen_port, reason=exc.strerror or str(exc))
+                started = None
+            if started is not None:
+                listener = started[0]
+                log.info("his.listener_started", port=started[1], tls=config.his.listen_cert_file is not None)
         install(services.directory if link is None else link.directory)
         if link is not None and his_ready is not None:
             his_ready(link.producer)
@@ -77,6 +90,10 @@ async def connect_patient_directory(
             await link.run_sender()
         await asyncio.Event().wait()  # hold the connection until the service stops
     finally:
+        # The listener first: no ADT may arrive while the registry's connection closes under it.
+        if listener is not None:
+            await listener.aclose()
+            log.info("his.listener_stopped")
         if link is not None:
             await link.aclose()
         if services is not None:

@@ -13,6 +13,7 @@ Times on the command line and in the output are the hospital's local time (``Asi
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from ground import db
 from ground.errors import CommandError
 from ground.operator import actor_id
 from his.tables import PatientStore
+from medhotline.his_booking import send_appointment
 from scheduler.policy import LOCAL_TZ
 from scheduler.vaccination import VaccinationStore, audit_booking_change
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     Actions: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK: Final = 0
+EXIT_HIS_REFUSED: Final = 1  # the HIS answered AE/AR: the hotline's booking is not confirmed
 AUDIT_ROLE: Final = "operator"
 _DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _START: Final = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{1,2}):(\d{2})$")
@@ -198,6 +201,15 @@ def _check_patient(engine: Engine, patient_id: str) -> None:
     PatientStore.for_engine(engine).ref(patient_id)
 
 
+def _to_his(config: Config, event: Literal["book", "change", "cancel"], booking: BookingRecord) -> int:
+    """With a HIS, the SIU goes out now and its answer is printed: the operator sees the HIS's word, not ours."""
+    if not config.his.enabled:
+        return EXIT_OK
+    answer = asyncio.run(send_appointment(config, event, booking))
+    print(answer.describe())
+    return EXIT_HIS_REFUSED if answer.outcome == "refused" else EXIT_OK
+
+
 def _cmd_book(config: Config, args: argparse.Namespace) -> int:
 
     actor = actor_id(args.as_)
@@ -214,9 +226,10 @@ def _cmd_book(config: Config, args: argparse.Namespace) -> int:
         else:
             booking = store.book_day_part(args.patient, args.vaccine, parse_day(args.date), args.part, _now())
         _audit(engine, actor, "book", booking)
-    print(f"booked {booking.id}: {booking.vaccine_name} at {booking.clinic_name}, {_local(booking.starts_at)}")
+    made = "booking sent to the HIS" if config.his.enabled else "booked"
+    print(f"{made} {booking.id}: {booking.vaccine_name} at {booking.clinic_name}, {_local(booking.starts_at)}")
     print(_booking_line(booking))
-    return EXIT_OK
+    return _to_his(config, "book", booking)
 
 
 def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
@@ -229,7 +242,7 @@ def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
         booking = store.booking(args.booking)
         _audit(engine, actor, "cancel", booking)
     print(f"cancelled {booking.id}; its seat in slot {booking.slot_id} is free again")
-    return EXIT_OK
+    return _to_his(config, "cancel", booking)
 
 
 def _cmd_change(config: Config, args: argparse.Namespace) -> int:
@@ -240,7 +253,7 @@ def _cmd_change(config: Config, args: argparse.Namespace) -> int:
         _audit(engine, actor, "change", booking, changed_from=args.booking)
     print(f"booking {args.booking} changed: new booking {booking.id}, {_local(booking.starts_at)}")
     print(_booking_line(booking))
-    return EXIT_OK
+    return _to_his(config, "change", booking)
 
 
 def _cmd_bookings(config: Config, args: argparse.Namespace) -> int:
