@@ -37,11 +37,10 @@ SPEAKS = Speak(0, Path("speech.wav"))
 SCENES: list[tuple[str, list[Action], str]] = [
     ("", [Press(1500, "0")], "presses 0 during the greeting: emergency, answered by a clinician first (ARI)"),
     ("agi-", [Press(1500, "2")], "presses 2: medication guidance, to the pharmacist (FastAGI, then the queue)"),
-    ("", [SPEAKS, Press(4500, "3"), Press(2500, "3")],
-     "speaks when asked (speech server), then 3, 3 on the key menu: adverse reaction, to medical staff"),
+    ("", [SPEAKS], "speaks when asked (recognised on the speech server): routed by what was heard"),
     ("agi-", [Press(1500, "7"), Press(2500, "8")], "wrong keys, then silence: retries, then the front desk"),
 ]  # fmt: skip
-# Without a speech model the speaking patient presses 3 during the greeting instead, as the demo did before.
+# Without a speech model the speaking patient presses 3, 3 instead (adverse reaction), as the demo did before.
 KEYS_ONLY = [Press(1500, "3"), Press(2500, "3")]
 
 
