@@ -10,6 +10,7 @@ key and the reason, never later in the middle of a call.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -259,6 +260,24 @@ class SpeechConfig(_Section):
 
     # engine "servers": where streams go, least loaded first (docs/speech.md).
     servers: list[SpeechServerConfig] = Field(default_factory=list)
+
+    @field_validator("servers", mode="before")
+    @classmethod
+    def _servers_from_environment(cls, value: Any) -> Any:
+        # An environment variable is one string: MEDHOTLINE__SPEECH__SERVERS='[{"url": "ws://…", "capacity": 2}]'
+        # (how the demo points its child service at the speech server it started). TOML gives a list already.
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            return []
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f'is not a JSON list of servers ({exc.msg} at character {exc.pos}); e.g. [{{"url": '
+                '"ws://127.0.0.1:2700", "capacity": 2}]'
+            ) from None
+
     # Seconds to open a stream on a server (then the next server is tried); seconds a server may leave audio
     # unanswered before the stream counts as failed (the caller goes to the key menu); seconds a failed server
     # gets no new streams.

@@ -54,7 +54,14 @@ from ivr.flow_model import (
     VaccinationCancelNode,
     VerifyIdentityNode,
 )
-from telephony.channel import CallChannel, CallerHungUp, ChannelError, ConnectionLost, tell_unavailable_and_hang_up
+from telephony.channel import (
+    AudioLossReport,
+    CallChannel,
+    CallerHungUp,
+    ChannelError,
+    ConnectionLost,
+    tell_unavailable_and_hang_up,
+)
 from telephony.ports import (
     BookingResult,
     CallRecorder,
@@ -433,12 +440,14 @@ class FlowRunner:
             return self._speech_busy(node, exc)
         # Held for the whole node (question, listening, confirmation) and released on every way out of it: a
         # result, a hang-up, an error, the call's task cancelled. Nothing awaits between the admission and here.
+        dropped_before = _dropped(channel)
         try:
             if self._speech is None:
                 self._speech = "admitted"
-            return await self._listen_admitted(node, channel)
+            edge, heard, target = await self._listen_admitted(node, channel)
         finally:
             admission.close()
+        return edge, _with_drops(heard, _dropped(channel) - dropped_before), target
 
     def _speech_busy(self, node: ListenNode, exc: RecognizerBusy) -> tuple[str, str, str]:
         """No recognizer free: the key menu at once (a key typed ahead, 0 included, is still answered there)."""
@@ -804,3 +813,19 @@ async def run_flow(
 ) -> FlowResult:
     """Convenience for a flow without subflows, recognizer or patient directory."""
     return await FlowRunner(flows or {}, sound_for, on_step).run(flow, channel)
+
+
+def _dropped(channel: CallChannel) -> int:
+    return channel.audio_losses().dropped if isinstance(channel, AudioLossReport) else 0
+
+
+def _with_drops(heard: str | None, dropped: int) -> str | None:
+    """The listen step's input, with the audio frames the recognizer never got (RTP gaps, or frames dropped
+    because it fell behind): a result from damaged audio says so in the record. The note is kept whole; what
+    was heard is shortened to make room (the step's input holds 64 characters)."""
+    if dropped <= 0:
+        return heard
+    note = f"rtp dropped {dropped}"
+    if not heard:
+        return note
+    return f"{heard[: 64 - len(note) - 2]}; {note}"

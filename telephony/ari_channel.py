@@ -31,7 +31,7 @@ from telephony.ari_client import (
     is_retryable,
 )
 from telephony.channel import CallerHungUp, CallInfo, ChannelError, check_recording_name
-from telephony.rtp import RtpReceiver
+from telephony.rtp import AudioLosses, RtpReceiver
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +76,11 @@ class AriCallChannel:
         self._info = info
         self._events: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
         self._gone = False
+        self._audio_losses = AudioLosses()
+
+    def audio_losses(self) -> AudioLosses:
+        """What this call's listening taps lost of the caller's audio, all taps so far (AudioLossReport)."""
+        return self._audio_losses
 
     @property
     def info(self) -> CallInfo:
@@ -250,6 +255,26 @@ class AriCallChannel:
                 await self._client.request("DELETE", f"/bridges/{bridge_id}")
                 await self._left(bridge_id)
             await receiver.close()
+            self._count_losses(receiver.losses())
+
+    def _count_losses(self, losses: AudioLosses) -> None:
+        if losses == AudioLosses():
+            return  # a clean stream: nothing to count (and no log line per listen)
+        self._audio_losses += losses
+        node = self._client.audio_losses = self._client.audio_losses + losses
+        # The metric: per stream, with the node's running totals (a collector scrapes the structured log; there is
+        # no metrics endpoint). call_id is bound in the log context; the call's record gets it from the IVR.
+        log.info(
+            "rtp.audio_losses",
+            gaps=losses.gaps,
+            late=losses.late,
+            duplicates=losses.duplicates,
+            overflow=losses.overflow,
+            dropped=losses.dropped,
+            dropped_total=node.dropped,
+            gaps_total=node.gaps,
+            overflow_total=node.overflow,
+        )
 
     async def _left(self, bridge_id: str) -> None:
         """Wait until the caller has really left ``bridge_id`` (its ``ChannelLeftBridge``), keeping every other

@@ -36,6 +36,7 @@ from telephony.ari_ws_rest import (
     parse_response,
 )
 from telephony.channel import ChannelError, ConnectionLost
+from telephony.rtp import AudioLosses
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +109,8 @@ class AriClient:
         self._probe: asyncio.Task[None] | None = None
         # Where Asterisk can reach this service's RTP receivers (external media); the ARI host by default.
         self.media_host = host
+        # What this node's listening taps lost of callers' audio, since the start (a metric; docs/speech.md).
+        self.audio_losses = AudioLosses()
         self._base = f"http://{host}:{port}/ari"
         self._ws_url = f"ws://{host}:{port}/ari/events?" + urlencode({"app": app, "subscribeAll": "false"})
         token = base64.b64encode(f"{username}:{password}".encode()).decode()

@@ -16,6 +16,7 @@ from typing import Literal, Protocol, runtime_checkable
 import structlog
 
 from ground.errors import MedhotlineError
+from telephony.rtp import AudioLosses
 
 log = structlog.get_logger(__name__)
 
@@ -152,6 +153,14 @@ class AudioSource(Protocol):
     def caller_audio(self, max_seconds: float = 30.0) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
         """While open, yields the caller's audio as 16-bit little-endian PCM at 8 kHz, in small chunks."""
         ...
+
+
+@runtime_checkable
+class AudioLossReport(Protocol):
+    """A call that knows how much of the caller's audio its recognizer never got (RTP gaps, frames dropped
+    because the recognizer fell behind), added up over every ``caller_audio`` tap of the call so far."""
+
+    def audio_losses(self) -> AudioLosses: ...
 
 
 # What a caller hears when the service fails them. The name is the call edge's (the queue and the IVR play it);

@@ -10,6 +10,9 @@ Everything above ``RtpReceiver`` is sans-I/O: plain functions and a small state 
   the next packet, as in RFC 3550 appendix A.1) starts a new sequence.
 - ``RtpReceiver`` binds a UDP socket, keeps to the first sender, decodes and puts PCM chunks on a queue;
   iteration ends when no packet came for ``idle_timeout`` seconds or the receiver is closed.
+- ``AudioLosses`` sums up what a stream lost: sequence gaps (packets that never came in time) and frames dropped
+  because the consumer (a recognizer that fell behind) left the queue full. The call record and the metrics
+  report it (docs/speech.md).
 """
 
 from __future__ import annotations
@@ -239,6 +242,43 @@ class RtpReassembler:
         return out
 
 
+# --- losses -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioLosses:
+    """What the recognizer never got of a stream (or, added up, of a call's streams).
+
+    ``gaps``: sequence numbers skipped in the audio given on (lost in the network, or arrived after their turn:
+    those are ``late`` too, and not counted twice). ``overflow``: frames dropped because the consumer fell
+    behind and the queue was full. ``duplicates`` and sender ``restarts`` lose no audio and are not drops.
+    """
+
+    gaps: int = 0
+    late: int = 0
+    duplicates: int = 0
+    overflow: int = 0
+    restarts: int = 0
+
+    @property
+    def dropped(self) -> int:
+        """20 ms frames (at the usual packetisation) the recognizer did not hear."""
+        return self.gaps + self.overflow
+
+    @classmethod
+    def of(cls, reassembly: ReassemblyStats, overflow: int = 0) -> AudioLosses:
+        return cls(reassembly.lost, reassembly.late, reassembly.duplicates, overflow, reassembly.restarts)
+
+    def __add__(self, other: AudioLosses) -> AudioLosses:
+        return AudioLosses(
+            self.gaps + other.gaps,
+            self.late + other.late,
+            self.duplicates + other.duplicates,
+            self.overflow + other.overflow,
+            self.restarts + other.restarts,
+        )
+
+
 # --- UDP receiver -----------------------------------------------------------------------------------------
 
 
@@ -300,6 +340,10 @@ class RtpReceiver:
         if self._address is None:
             raise RuntimeError("RtpReceiver is not started")
         return self._address
+
+    def losses(self) -> AudioLosses:
+        """What this stream lost so far (final once closed)."""
+        return AudioLosses.of(self.reassembler.stats, self.stats.overflow)
 
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()

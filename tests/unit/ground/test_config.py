@@ -254,3 +254,18 @@ def test_speech_max_streams_defaults_to_unset_and_takes_a_number_from_file_or_en
     assert load_config(empty, {"MEDHOTLINE__SPEECH__MAX_STREAMS": "2"}).speech.max_streams == 2
     message = _error(empty, {"MEDHOTLINE__SPEECH__MAX_STREAMS": "none"})
     assert "environment MEDHOTLINE__SPEECH__MAX_STREAMS: speech.max_streams: must be a whole number" in message
+
+
+def test_speech_servers_from_the_environment_are_a_json_list_and_a_bad_one_names_the_variable(tmp_path: Path) -> None:
+    empty = _write(tmp_path, "")
+    env = {
+        "MEDHOTLINE__SPEECH__ENGINE": "servers",
+        "MEDHOTLINE__SPEECH__SERVERS": '[{"url": "ws://127.0.0.1:2700", "capacity": 2}]',
+    }
+    speech = load_config(empty, env).speech
+    assert [(s.url, s.capacity) for s in speech.servers] == [("ws://127.0.0.1:2700", 2)]
+    message = _error(empty, {**env, "MEDHOTLINE__SPEECH__SERVERS": "ws://127.0.0.1:2700"})
+    assert "environment MEDHOTLINE__SPEECH__SERVERS: speech.servers: is not a JSON list of servers" in message
+    # The JSON is validated like the TOML: a wrong URL is named with its position.
+    message = _error(empty, {**env, "MEDHOTLINE__SPEECH__SERVERS": '[{"url": "http://x", "capacity": 2}]'})
+    assert "speech.servers.0.url" in message

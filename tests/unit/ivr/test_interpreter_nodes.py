@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from ivr.interpreter import MAX_REPEATS, FlowResult, FlowRunner, RouteDecision, 
 from ivr.memory_channel import MemoryOutreach
 from telephony.channel import CallChannel
 from telephony.ports import NoRecognizer, OutreachPort, PatientMatch, Recognition, Recognizer, ScriptedRecognizer
+from telephony.rtp import AudioLosses
 
 DIALPLANS = Path(__file__).resolve().parents[3] / "dialplans"
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -71,6 +73,7 @@ async def _call(
     directory: Directory | None = None,
     now: datetime = IN_HOURS,
     outreach: OutreachPort | None = None,
+    channel: InMemoryCallChannel | None = None,
 ) -> Call:
     steps: list[Step] = []
 
@@ -86,7 +89,7 @@ async def _call(
         now=lambda: now,
         outreach=outreach,
     )
-    channel = InMemoryCallChannel(keys=keys)
+    channel = channel or InMemoryCallChannel(keys=keys)
     with capture_logs():
         result = await asyncio.wait_for(runner.run(flow, channel), timeout=5)
     return Call(result, steps, channel, runner)
@@ -416,6 +419,63 @@ async def test_listen_emergency_speech_takes_the_category_edge_with_emergency_pr
     assert call.result.route == RouteDecision("emergency", "emergency", "er")
     assert call.result.variables == {"transcript": "胸口很痛，喘不上气", "priority": "emergency"}
     assert _step(call, "l") == Step("test", "l", "listen", "heard emergency", "emergency: 胸痛")
+
+
+class LossyChannel(InMemoryCallChannel):
+    """A call whose listening tap loses audio (AudioLossReport): ``lose`` frames per recognition."""
+
+    def __init__(self, before: AudioLosses) -> None:
+        super().__init__()
+        self.losses = before
+
+    def audio_losses(self) -> AudioLosses:
+        return self.losses
+
+
+@dataclass
+class LosingRecognizer:
+    """Hears ``heard`` while the tap loses ``gaps`` frames to the network and ``overflow`` to a full queue."""
+
+    heard: Recognition | None
+    gaps: int
+    overflow: int
+    available: bool = True
+
+    def available_for(self, channel: CallChannel) -> bool:
+        return True
+
+    def admit(self, channel: CallChannel) -> Any:
+        return contextlib.nullcontext()
+
+    async def recognize(self, channel: CallChannel, max_seconds: float) -> Recognition | None:
+        assert isinstance(channel, LossyChannel)
+        channel.losses += AudioLosses(gaps=self.gaps, overflow=self.overflow, duplicates=5)
+        return self.heard
+
+
+async def test_listen_step_notes_the_audio_frames_the_recognizer_never_got() -> None:
+    # Losses of an earlier listen node of the same call are not this node's: only the difference is noted.
+    channel = LossyChannel(AudioLosses(gaps=7))
+    heard = Recognition("胸口很痛，喘不上气", "emergency", emergency=True, matched=("胸痛",))
+    call = await _call(LISTEN, recognizer=LosingRecognizer(heard, gaps=2, overflow=3), channel=channel)
+    assert _step(call, "l") == Step("test", "l", "listen", "heard emergency", "emergency: 胸痛; rtp dropped 5")
+
+
+async def test_listen_drop_note_keeps_whole_when_the_input_is_long_or_empty() -> None:
+    long = Recognition("x", "emergency", emergency=True, matched=tuple(f"术语{i}" for i in range(40)))
+    call = await _call(
+        LISTEN, recognizer=LosingRecognizer(long, gaps=12, overflow=0), channel=LossyChannel(AudioLosses())
+    )
+    note = _step(call, "l").input
+    assert note is not None
+    assert len(note) <= 64
+    assert note.startswith("emergency: 术语0,")
+    assert note.endswith("; rtp dropped 12")
+    # Duplicates lose no audio: no note.
+    call = await _call(
+        LISTEN, recognizer=LosingRecognizer(long, gaps=0, overflow=0), channel=LossyChannel(AudioLosses())
+    )
+    assert "rtp" not in (_step(call, "l").input or "")
 
 
 async def test_listen_transcript_goes_to_the_named_variable() -> None:

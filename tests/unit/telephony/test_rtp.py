@@ -13,6 +13,7 @@ from telephony.rtp import (
     PT_PCMA,
     PT_PCMU,
     ULAW_TABLE,
+    AudioLosses,
     RtpError,
     RtpPacket,
     RtpReassembler,
@@ -218,6 +219,69 @@ def test_new_ssrc_and_confirmed_jump_restart_the_sequence() -> None:
     assert reassembler.stats.restarts == 2
     assert reassembler.stats.received == reassembler.stats.released == 4
     assert reassembler.stats.lost == 0
+
+
+# --- dropped frames: what a listening tap lost, per stream --------------------------------------------------
+
+
+def losses_after(window: int, sequence: list[int]) -> AudioLosses:
+    reassembler = RtpReassembler(window=window)
+    for seq in sequence:
+        reassembler.push(packet(seq))
+    reassembler.flush()
+    return AudioLosses.of(reassembler.stats)
+
+
+def test_a_gap_across_the_wraparound_counts_only_the_missing_numbers() -> None:
+    # 65535 and 1 never come: two gaps, not the 65 000 a naive difference across the wrap would make.
+    losses = losses_after(4, [65533, 65534, 0, 2, 3, 4, 5, 6])
+    assert (losses.gaps, losses.dropped, losses.late, losses.duplicates) == (2, 2, 0, 0)
+
+
+def test_reordering_across_the_wraparound_drops_nothing() -> None:
+    assert losses_after(4, [65534, 0, 65535, 2, 1, 3]).dropped == 0
+
+
+def test_duplicates_across_the_wraparound_are_counted_but_are_no_loss() -> None:
+    losses = losses_after(4, [65535, 0, 65535, 1, 0, 1, 2])
+    assert (losses.duplicates, losses.dropped) == (3, 0)
+
+
+def test_a_packet_after_its_turn_is_a_gap_once_and_late_too() -> None:
+    # 2 is given up when the window fills, then arrives: the audio has one hole, not two.
+    losses = losses_after(2, [1, 3, 4, 5, 2, 6])
+    assert (losses.gaps, losses.late, losses.dropped) == (1, 1, 1)
+
+
+def test_a_sender_restart_is_not_a_gap() -> None:
+    reassembler = RtpReassembler(window=4)
+    for seq, ssrc in [(10, 1), (11, 1), (40000, 2), (40001, 2)]:
+        reassembler.push(packet(seq, ssrc=ssrc))
+    losses = AudioLosses.of(reassembler.stats)
+    assert (losses.dropped, losses.restarts) == (0, 1)
+
+
+def test_losses_add_up_over_the_streams_of_a_call() -> None:
+    total = AudioLosses(gaps=2, late=1, duplicates=3, overflow=4, restarts=1) + AudioLosses(gaps=1, overflow=1)
+    assert total == AudioLosses(gaps=3, late=1, duplicates=3, overflow=5, restarts=1)
+    assert total.dropped == 8
+    assert AudioLosses().dropped == 0
+
+
+async def test_frames_the_recognizer_had_no_room_for_are_counted_as_dropped() -> None:
+    # Nobody reads the queue (a recognizer that fell behind): two frames fit, the other three are dropped.
+    receiver = RtpReceiver(idle_timeout=30, queue_size=2)
+    host, port = await receiver.start()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for seq in range(1, 6):
+            sender.sendto(rtp_bytes(seq), (host, port))
+        for _ in range(100):
+            if receiver.stats.datagrams == 5:
+                break
+            await asyncio.sleep(0.02)
+    losses = receiver.losses()
+    assert (losses.overflow, losses.gaps, losses.dropped) == (3, 0, 3)
+    await receiver.close()
 
 
 # --- receiver ---------------------------------------------------------------------------------------------
