@@ -173,6 +173,8 @@ listen = "127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
         yield front
     finally:
         front.down()
+        for node in front.nodes:
+            shutil.rmtree(node.sandbox.instance_dir, ignore_errors=True)
 
 
 def test_front_spreads_calls_takes_a_dead_node_out_and_back(cluster: ClusterSandbox, tmp_path: Path) -> None:
