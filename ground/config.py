@@ -357,6 +357,60 @@ class RoutingConfig(_Section):
         return self
 
 
+def parse_sip_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) with an IP literal host: Kamailio's list and listen lines take
+    addresses, and a host name would make the proxy depend on DNS at every probe."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not host:port (an IP address and a port, e.g. 10.0.0.5:5060)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address (host names are not accepted here)") from None
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{value!r}: port {port} is outside 1-65535")
+    return host, port
+
+
+class FrontConfig(_Section):
+    """The SIP front: Kamailio's dispatcher before the nodes' Asterisks (``medhotline cluster config``)."""
+
+    # Where Kamailio listens for the patients' trunks (UDP).
+    listen: str = "127.0.0.1:5060"
+    # Each node's Asterisk SIP address, host:port; calls are spread over them.
+    nodes: tuple[str, ...] = ()
+    # Seconds between OPTIONS probes of every node; a probe unanswered within ping_timeout fails.
+    ping_interval: int = Field(default=2, ge=1, le=60)
+    ping_timeout: float = Field(default=1.5, gt=0, le=30)
+    # Failed probes before a node is taken out, answered probes before it is put back.
+    probing_threshold: int = Field(default=1, ge=1, le=10)
+    inactive_threshold: int = Field(default=1, ge=1, le=10)
+    # call_load: the node with the fewest calls in progress (dispatcher algorithm 10); round_robin: algorithm 4.
+    algorithm: Literal["call_load", "round_robin"] = "call_load"
+    # Seconds an INVITE may wait for a node's first answer (100 Trying) before the next node is tried.
+    invite_timeout: float = Field(default=2.0, gt=0, le=30)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        parse_sip_address(value)
+        return value
+
+    @field_validator("nodes")
+    @classmethod
+    def _node_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for index, node in enumerate(value):
+            try:
+                parse_sip_address(node)
+            except ValueError as exc:
+                raise ValueError(f"nodes[{index}]: {exc}") from None
+        if len(set(value)) != len(value):
+            raise ValueError("the same node address is listed twice")
+        return value
+
+
 class ClusterConfig(_Section):
     # Several nodes on one PostgreSQL share one queue of waiting calls and hold their reservations and calls under
     # a lease (docs/cluster.md). Off: the node routes its own callers only, as a single node does.
@@ -364,6 +418,7 @@ class ClusterConfig(_Section):
     # A node that stops renewing for this long is taken over by another (its agents freed, its calls closed as
     # lost); it renews every third of it. Keep the nodes' clocks NTP-synchronised, far closer than this.
     lease_seconds: float = Field(default=6.0, ge=1, le=10)
+    front: FrontConfig = FrontConfig()
 
 
 # The legal floor: call records are part of the medical record (医疗机构病历管理规定), kept at least 15 years.

@@ -39,6 +39,7 @@ from medhotline import db_roles
 from medhotline import flows as flow_tools
 from medhotline.commands import access as access_commands
 from medhotline.commands import api as api_commands
+from medhotline.commands import cluster as cluster_commands
 from medhotline.commands import hisops as his_link_commands
 from medhotline.commands import keys as key_commands
 from medhotline.commands import keywords as commands
@@ -266,6 +267,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         quality_commands.register,
         api_commands.register,
         speech_commands.register,
+        cluster_commands.register,
     ):
         register(sub)
 

@@ -1,0 +1,187 @@
+"""``medhotline cluster up``: several sandbox Asterisk nodes on one machine with Kamailio in front.
+
+Each node is a sandbox instance of its own (``<instance>-node<i>``) on free ports; the front is the Kamailio
+that ``medhotline.kamailio_config`` generates for exactly those nodes. This is the one-machine picture of
+docs/cluster.md; in production each node is a host and Kamailio runs on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from ground.config import Config, FrontConfig, parse_sip_address
+from medhotline.kamailio_config import write_front
+from medhotline.sandbox import Sandbox, SandboxError
+
+log = structlog.get_logger(__name__)
+
+# A sandbox node is for trying the cluster out: a few calls, so a small RTP range.
+NODE_MAX_CALLS = 10
+NODE_RTP_PORTS = 6 * NODE_MAX_CALLS
+
+
+def free_port(kind: socket.SocketKind, host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def free_rtp_range(size: int, host: str = "127.0.0.1") -> int:
+    """An even start port whose whole range (RTP even, RTCP odd) is free for UDP now."""
+    for _ in range(200):
+        start = 20000 + 2 * secrets.randbelow((20000 - size) // 2)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(start, start + size + 1):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                socks.append(sock)
+                sock.bind((host, port))
+        except OSError:
+            continue
+        else:
+            return start
+        finally:
+            for sock in socks:
+                sock.close()
+    raise SandboxError("no free UDP range for a node's RTP found")
+
+
+def node_config(config: Config, index: int, front_host: str) -> Config:
+    """Node ``index``'s configuration: its own sandbox instance, node name and free ports; it takes calls from
+    the front's address (the patients' trunk is the proxy now)."""
+    ast = config.asterisk
+    rtp = free_rtp_range(NODE_RTP_PORTS, ast.host)
+    asterisk = ast.model_copy(
+        update={
+            "sip_port": free_port(socket.SOCK_DGRAM, ast.host),
+            "ari_port": free_port(socket.SOCK_STREAM, ast.host),
+            "ami_port": free_port(socket.SOCK_STREAM, ast.host),
+            "rtp_start": rtp,
+            "rtp_end": rtp + NODE_RTP_PORTS,
+            "max_calls": NODE_MAX_CALLS,
+            "patient_trunk_match": front_host,
+            "sandbox": ast.sandbox.model_copy(update={"instance": f"{ast.sandbox.instance[:30]}-node{index}"}),
+        }
+    )
+    service = config.service.model_copy(update={"node_name": f"node{index}"})
+    # Validated again as a whole, so a derived value that breaks a rule is reported here, not by Asterisk.
+    return Config.model_validate(
+        {**config.model_dump(), "asterisk": asterisk.model_dump(), "service": service.model_dump()}
+    )
+
+
+def sip_options(host: str, port: int, timeout: float = 1.0) -> int | None:
+    """Send one OPTIONS over UDP; the status code of the answer, or None when nothing answered in time."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        local = sock.getsockname()[1]
+        tag = uuid.uuid4().hex[:12]
+        message = (
+            f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {host}:{local};branch=z9hG4bK{tag};rport\r\n"
+            f"From: <sip:probe@{host}:{local}>;tag={tag}\r\n"
+            f"To: <sip:{host}:{port}>\r\n"
+            f"Call-ID: {tag}@{host}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        )
+        sock.settimeout(timeout)
+        sock.sendto(message.encode(), (host, port))
+        try:
+            data = sock.recv(65535)
+        except (TimeoutError, ConnectionRefusedError):
+            return None
+    first = data.split(b"\r\n", 1)[0].split()
+    return int(first[1]) if len(first) > 1 and first[1].isdigit() else None
+
+
+@dataclass
+class Node:
+    config: Config
+    sandbox: Sandbox
+
+    @property
+    def sip_address(self) -> str:
+        return f"{self.config.asterisk.host}:{self.config.asterisk.sip_port}"
+
+
+class ClusterSandbox:
+    """Start ``count`` sandbox nodes and Kamailio before them; ``down`` stops all of it, whatever started."""
+
+    def __init__(self, config: Config, count: int, directory: Path, listen: str | None = None) -> None:
+        if count < 1:
+            raise SandboxError(f"--nodes {count}: a cluster needs at least one node")
+        if shutil.which("kamailio") is None:
+            raise SandboxError("kamailio is not installed: run `apt-get install kamailio` (scripts/bootstrap does)")
+        front = config.cluster.front
+        if listen is not None:
+            front = FrontConfig.model_validate({**front.model_dump(), "listen": listen})
+        self.front_host, self.front_port = parse_sip_address(front.listen)
+        self.nodes = [
+            Node(cfg, Sandbox(cfg)) for cfg in (node_config(config, i, self.front_host) for i in range(1, count + 1))
+        ]
+        self.front = FrontConfig.model_validate({**front.model_dump(), "nodes": [n.sip_address for n in self.nodes]})
+        self.directory = directory
+        self.log_path = directory / "kamailio.log"
+        self._kamailio: subprocess.Popen[bytes] | None = None
+
+    @property
+    def front_address(self) -> str:
+        return self.front.listen
+
+    def up(self, timeout: float = 15.0) -> None:
+        try:
+            for node in self.nodes:
+                node.sandbox.up()
+            self.start_front(timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def start_front(self, timeout: float = 15.0) -> None:
+        cfg = write_front(self.front, self.directory)
+        check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+        if check.returncode != 0:
+            raise SandboxError(f"kamailio -c -f {cfg} refused the generated config:\n{check.stderr[-2000:]}")
+        run_dir = self.directory / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            # -DD: stay in the foreground (this process owns it and stops it); -E: log to the file above.
+            self._kamailio = subprocess.Popen(
+                ["kamailio", "-f", str(cfg), "-DD", "-E", "-Y", str(run_dir), "-P", str(run_dir / "kamailio.pid")],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while sip_options(self.front_host, self.front_port, 0.5) != 200:
+            if self._kamailio.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                self.stop_front()
+                raise SandboxError(f"Kamailio did not answer on {self.front.listen}; its log:\n{tail}")
+        log.info("cluster.front_up", listen=self.front.listen, nodes=list(self.front.nodes))
+
+    def stop_front(self) -> None:
+        proc, self._kamailio = self._kamailio, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def down(self) -> None:
+        self.stop_front()
+        for node in self.nodes:
+            with contextlib.suppress(SandboxError):
+                node.sandbox.down()

@@ -1,0 +1,86 @@
+"""The SIP front's generated Kamailio config: what it says, what it refuses, and that Kamailio accepts it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ground.config import ConfigError, FrontConfig, load_config
+from medhotline.kamailio_config import FrontConfigError, dispatcher_list, render_front, write_front
+
+
+def front(**values: object) -> FrontConfig:
+    return FrontConfig.model_validate(
+        {"listen": "127.0.0.1:15060", "nodes": ["10.0.0.5:5060", "10.0.0.6:5070"]} | values
+    )
+
+
+def test_dispatcher_list_names_every_node_in_one_set() -> None:
+    lines = dispatcher_list(front()).splitlines()[1:]
+    assert lines == [
+        "1 sip:10.0.0.5:5060 0 0 duid=node1;maxload=0",
+        "1 sip:10.0.0.6:5070 0 0 duid=node2;maxload=0",
+    ]
+    assert "sip:[fd00::7]:5060" in dispatcher_list(front(nodes=["[fd00::7]:5060"]))
+
+
+def test_config_carries_listen_probing_algorithm_and_failover(tmp_path: Path) -> None:
+    files = render_front(front(ping_interval=3, probing_threshold=2, inactive_threshold=2), tmp_path / "d.list")
+    cfg = files.config
+    assert "listen=udp:127.0.0.1:15060" in cfg
+    assert f'modparam("dispatcher", "list_file", "{tmp_path / "d.list"}")' in cfg
+    assert 'modparam("dispatcher", "ds_ping_interval", 3)' in cfg
+    assert 'modparam("dispatcher", "ds_probing_threshold", 2)' in cfg
+    assert 'modparam("dispatcher", "ds_inactive_threshold", 2)' in cfg
+    assert 'modparam("tm", "fr_timer", 1500)' in cfg
+    assert 'ds_select_dst("1", "10")' in cfg
+    assert "record_route();" in cfg
+    assert "ds_next_dst()" in cfg
+    assert "{{" not in cfg
+    assert 'ds_select_dst("1", "4")' in render_front(front(algorithm="round_robin"), tmp_path / "d.list").config
+
+
+def test_no_nodes_is_refused_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(FrontConfigError, match=r"cluster\.front\.nodes: no nodes configured"):
+        write_front(front(nodes=[]), tmp_path)
+    assert not list(tmp_path.iterdir()), "nothing is written for a refused configuration"
+
+
+def test_the_front_is_not_its_own_node(tmp_path: Path) -> None:
+    with pytest.raises(FrontConfigError, match=r"cluster\.front\.nodes: 127\.0\.0\.1:15060 is the front's own"):
+        render_front(front(nodes=["127.0.0.1:15060"]), tmp_path / "d.list")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("nodes", '["10.0.0.5:5060", "asterisk-b:5060"]', r"cluster\.front\.nodes: nodes\[1\]: .*not an IP address"),
+        ("nodes", '["10.0.0.5"]', r"cluster\.front\.nodes: nodes\[0\]: .*not host:port"),
+        ("nodes", '["10.0.0.5:70000"]', r"cluster\.front\.nodes: nodes\[0\]: .*outside 1-65535"),
+        (
+            "nodes",
+            '["10.0.0.5:5060", "10.0.0.5:5060"]',
+            r"cluster\.front\.nodes: the same node address is listed twice",
+        ),
+        ("listen", '"0.0.0:5060"', r"cluster\.front\.listen: .*not an IP address"),
+        ("ping_interval", "0", r"cluster\.front\.ping_interval"),
+    ],
+)
+def test_bad_addresses_name_the_file_and_key(tmp_path: Path, key: str, value: str, message: str) -> None:
+    path = tmp_path / "medhotline.toml"
+    path.write_text(f"[cluster.front]\n{key} = {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path, environ={})
+    assert str(path) in str(caught.value)
+
+
+@pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed (scripts/bootstrap)")
+@pytest.mark.parametrize("algorithm", ["call_load", "round_robin"])
+def test_kamailio_accepts_the_generated_config(tmp_path: Path, algorithm: str) -> None:
+    cfg = write_front(front(algorithm=algorithm, nodes=["127.0.0.1:5070", "[::1]:5080"]), tmp_path / "front")
+    check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert (tmp_path / "front" / "dispatcher.list").read_text().count("\n1 sip:") == 2
