@@ -13,6 +13,7 @@ import structlog
 
 from medhotline.call_lifecycle import QUEUE_ARG
 from routing.ari_queue import AGENT_LEG_ARG
+from routing.supervision import SUPERVISOR_ARG
 from scheduler.outreach import OUTBOUND_ARG
 from telephony.ari_channel import (
     MEDIA_CHANNEL_PREFIX,
@@ -79,6 +80,8 @@ class AriEventRouter:
             if (args and args[0] == SNOOP_ARG) or str(chan.get("name", "")).startswith(SNOOP_CHANNEL_PREFIX):
                 self.dispatcher.dispatch(event)  # a recording's snoop channel: the recording waits for it
                 return
+            if args and args[0] == SUPERVISOR_ARG:
+                return  # a supervisor's phone, dialled and bridged by whoever asked (routing.ari_supervision)
             if args and args[0] in (AGENT_LEG_ARG, OUTBOUND_ARG):
                 self.dispatcher.dispatch(event)  # an agent or a patient answered a call we dialled
                 return
