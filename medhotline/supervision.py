@@ -62,7 +62,7 @@ class Supervision:
     ) -> None:
         self._engine = engine
         self._audit = audit
-        self._ari = ari
+        self.ari = ari
         self._clock = clock
         self._phone = phone or PhoneSettings()
         self._access = AccessControl.for_engine(engine, audit)
@@ -115,13 +115,13 @@ class Supervision:
             raise SupervisionError(
                 "no_phone", f"{who.account_id} has no phone: add it as an agent row with its PJSIP endpoint"
             ) from None
-        planned = tap(checked, call_id, await bridge_channels(self._ari, conversation_bridge(call_id)),
+        planned = tap(checked, call_id, await bridge_channels(self.ari, conversation_bridge(call_id)),
                       secrets.token_hex(8))  # fmt: skip
         agent = await asyncio.to_thread(self._agent_of, call_id)
         await self._record(who, role, text, {"action": checked, "call": call_id, "agent": agent,
                                              "spy": planned.spy, "whisper": planned.whisper})  # fmt: skip
-        await connect(self._ari, planned, endpoint, self._phone)
-        return planned, asyncio.create_task(watch(self._ari, planned, self._phone))
+        await connect(self.ari, planned, endpoint, self._phone)
+        return planned, asyncio.create_task(watch(self.ari, planned, self._phone))
 
     def _agent_of(self, call_id: str) -> str | None:
         """The agent who answered the call (its ring history), for the audit entry."""
@@ -148,9 +148,9 @@ class Supervision:
         await self._known_call(call_id)
         if await asyncio.to_thread(self._calls.call_priority, call_id) == "emergency":
             raise SupervisionError("not_waiting", f"call {call_id} is an emergency already")
-        caller = waiting_caller(call_id, await bridge_channels(self._ari, holding_bridge(call_id)))
+        caller = waiting_caller(call_id, await bridge_channels(self.ari, holding_bridge(call_id)))
         await self._record(who, role, text, {"action": "escalate", "call": call_id})
-        await ask_escalation(self._ari, caller)
+        await ask_escalation(self.ari, caller)
 
     async def _agent(self, agent_id: str) -> None:
         try:
