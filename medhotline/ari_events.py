@@ -13,7 +13,7 @@ import structlog
 
 from medhotline.call_lifecycle import QUEUE_ARG
 from routing.ari_queue import AGENT_LEG_ARG
-from routing.supervision import SUPERVISOR_ARG
+from routing.supervision import SUPERVISOR_ARG, is_supervision_channel
 from scheduler.outreach import OUTBOUND_ARG
 from telephony.ari_channel import (
     MEDIA_CHANNEL_PREFIX,
@@ -71,7 +71,10 @@ class AriEventRouter:
         return self._ari_of()
 
     def on_ari_event(self, event: dict[str, Any]) -> None:
-        log.debug("ari.event", event_type=event["type"], channel_id=event_channel_id(event))
+        channel_id = event_channel_id(event)
+        log.debug("ari.event", event_type=event["type"], channel_id=channel_id)
+        if is_supervision_channel(channel_id):
+            return  # a supervisor's phone or its snoop: dialled, bridged and watched by routing.ari_supervision
         if event["type"] == "StasisStart":
             chan = event.get("channel") or {}
             args = event.get("args") or []

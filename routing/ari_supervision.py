@@ -17,7 +17,6 @@ import structlog
 
 from routing.ari_queue import dial_string
 from routing.supervision import ESCALATE_EVENT, SUPERVISOR_ARG, SupervisionError, Tap
-from telephony.ari_channel import SNOOP_ARG
 from telephony.ari_client import AriClient, AriError, AriNotFound, AriUnavailable
 from telephony.channel import ChannelError
 
@@ -75,7 +74,7 @@ async def connect(ari: AriClient, tap: Tap, endpoint: str, settings: PhoneSettin
             await ari.request(
                 "POST",
                 f"/channels/{tap.agent_channel}/snoop",
-                {"spy": tap.spy, "whisper": tap.whisper, "app": ari.app, "appArgs": SNOOP_ARG,
+                {"spy": tap.spy, "whisper": tap.whisper, "app": ari.app, "appArgs": SUPERVISOR_ARG,
                  "snoopId": tap.snoop_channel},
             )  # fmt: skip
         except AriNotFound:

@@ -37,6 +37,7 @@ __all__ = [
     "check_mode",
     "conversation_bridge",
     "holding_bridge",
+    "is_supervision_channel",
     "tap",
     "waiting_caller",
 ]
@@ -79,6 +80,12 @@ def check_mode(mode: str) -> Mode:
         if mode == known:
             return known
     raise SupervisionError("bad_request", f"mode {mode!r}: use one of {', '.join(MODES)}")
+
+
+def is_supervision_channel(channel_id: str | None) -> bool:
+    """Whether ``channel_id`` is a supervisor's phone leg or its snoop: the ARI requests that made it watch it
+    over REST, so the service's event router has nothing to deliver it to (and no call to warn about)."""
+    return channel_id is not None and channel_id.startswith((SUPERVISOR_LEG_PREFIX, SUPERVISOR_SNOOP_PREFIX))
 
 
 def conversation_bridge(call_id: str) -> str:
