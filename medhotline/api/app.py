@@ -257,8 +257,12 @@ class _Api:
         """``POST /api/supervise/{action}`` with ``{"call_id" | "agent_id", "reason"}``: decided by the policy
         (kind ``supervision``, change, with the reason) inside :class:`~medhotline.supervision.Supervision`."""
         action = str(request.path_params["action"])
+        token = _token(request)
         try:
-            signed = await self.allowed(request, "read", "statistics", audit=False)  # a session, for the account
+            # Only the session here: the decision is the policy's under kind ``supervision`` with the reason,
+            # made (and a refusal audited) by Supervision before anything is done.
+            account_id = await asyncio.to_thread(self.auth.signed_in, token, "change", "supervision",
+                                                 f"{request.method} {request.url.path}")  # fmt: skip
         except Refused as exc:
             return _refusal(exc)
         if action not in ACTIONS:
@@ -275,7 +279,7 @@ class _Api:
             return JSONResponse({"error": f"{target_key} is required"}, status_code=400)
         if self.settings.supervision is None:
             return JSONResponse({"error": "supervision is not available: no Asterisk connection"}, status_code=503)
-        who = Supervisor(signed.account_id, signed.session_id)
+        who = Supervisor(account_id, token)
         supervision = self.settings.supervision
         try:
             if action == "pause":
@@ -291,8 +295,11 @@ class _Api:
                 watching.add_done_callback(self.watching.discard)
                 return JSONResponse({"action": action, "call_id": target, "spy": tap.spy, "whisper": tap.whisper},
                                     headers=_NO_STORE)  # fmt: skip
-        except AccessDenied:
-            return JSONResponse({"error": "not allowed: supervisor actions need the supervisor role"}, status_code=403)
+        except AccessDenied as exc:
+            if exc.decision is not None and exc.decision.denial == "stale_session":
+                return _refusal(Refused(401, "sign in again"))
+            return JSONResponse({"error": "not allowed: supervisor actions need the supervisor role"},
+                                status_code=403, headers=_NO_STORE)  # fmt: skip
         except SupervisionError as exc:
             return JSONResponse({"error": str(exc), "problem": exc.problem}, status_code=_STATUS[exc.problem])
         return JSONResponse({"action": action, target_key: target}, headers=_NO_STORE)
