@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from routing.supervision import SupervisionError, tap, waiting_caller
+from routing.supervision import SupervisionError, is_supervision_channel, tap, waiting_caller
 
 TALK = ["1700000000.12", "agent-6f1c"]
 
@@ -50,7 +50,16 @@ def test_an_unknown_mode_names_the_known_ones() -> None:
 
 def test_the_waiting_caller_is_the_one_channel_in_the_holding_bridge() -> None:
     assert waiting_caller("c", ["1700000000.12"]) == "1700000000.12"
-    for holding in (None, []):
+    nobody: tuple[list[str] | None, ...] = (None, [])
+    for holding in nobody:
         with pytest.raises(SupervisionError, match="not waiting") as caught:
             waiting_caller("c", holding)
         assert caught.value.problem == "not_waiting"
+
+
+def test_the_supervisors_leg_and_snoop_are_told_apart_from_calls() -> None:
+    planned = tap("listen", "c", TALK, "t")
+    assert is_supervision_channel(planned.supervisor_channel)
+    assert is_supervision_channel(planned.snoop_channel)
+    for other in ("agent-6f1c", "1700000000.12", None):
+        assert not is_supervision_channel(other)
