@@ -57,6 +57,7 @@ supervisor  agent_admin      D            -         -         -
 supervisor  flow_admin       G            -         -         -
 supervisor  statistics       G            G !       -         -
 supervisor  quality_review   G            -         G !       -
+supervisor  supervision      -            -         G !       -
 admin       agent_admin      G            G !       G         -
 admin       key_admin        G            -         G         -
 admin       flow_admin       G            G !       G         G !
@@ -81,6 +82,10 @@ a file is an export and needs a reason. Agents and clinical staff do not read ea
 ``quality_review`` is the review queue of quality control and the reviewers' scores (docs/quality.md): flags and
 scores, never a patient's data. Supervisors (the quality reviewers) read the queue and score a call, each score with
 a reason; auditors read. Nobody else does: an agent or a nurse never scores calls, their own or others'.
+
+``supervision`` is stepping into live calls (docs/api.md, ``routing.supervision``): listening to, whispering to or
+barging into an agent's conversation, pausing or unpausing an agent, moving a waiting call to the emergency queue.
+Only supervisors do it, each time with a reason (the audit entry carries it); nobody reads it as a record.
 
 Why these cells: an agent (non-clinical operator) needs the caller's identity and what is said on the call, not
 the patient's history, and hears no recordings. Clinical staff work their department's and their assigned
@@ -120,6 +125,7 @@ RecordKind = Literal[
     "flow_admin",
     "statistics",
     "quality_review",
+    "supervision",
 ]
 RECORD_KINDS: Final[tuple[RecordKind, ...]] = get_args(RecordKind)
 PATIENT_KINDS: Final[frozenset[RecordKind]] = frozenset(
@@ -252,6 +258,7 @@ RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
             "flow_admin": ("G", "-", "-", "-"),
             "statistics": ("G", "G !", "-", "-"),
             "quality_review": ("G", "-", "G !", "-"),
+            "supervision": ("-", "-", "G !", "-"),
         },
     ),
     **_rows(

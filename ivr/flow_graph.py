@@ -144,7 +144,7 @@ def _problem(source: SourceMap, node_id: str, keys: PathKey, message: str) -> Fl
 # The first Stasis argument is a flow name unless it is one of these: the service's own legs (snoop taps, agent
 # legs, outbound calls, FastAGI calls joining the queue). A flow with such a name would be misrouted, so the
 # checker refuses it. A test keeps this set equal to the constants the service dispatches on.
-RESERVED_FLOW_NAMES: Final[frozenset[str]] = frozenset({"snoop", "agent", "outbound", "queue"})
+RESERVED_FLOW_NAMES: Final[frozenset[str]] = frozenset({"snoop", "agent", "outbound", "queue", "supervisor"})
 
 
 def check_flow(

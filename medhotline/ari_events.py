@@ -13,6 +13,7 @@ import structlog
 
 from medhotline.call_lifecycle import QUEUE_ARG
 from routing.ari_queue import AGENT_LEG_ARG
+from routing.supervision import SUPERVISOR_ARG, is_supervision_channel
 from scheduler.outreach import OUTBOUND_ARG
 from telephony.ari_channel import (
     MEDIA_CHANNEL_PREFIX,
@@ -70,7 +71,10 @@ class AriEventRouter:
         return self._ari_of()
 
     def on_ari_event(self, event: dict[str, Any]) -> None:
-        log.debug("ari.event", event_type=event["type"], channel_id=event_channel_id(event))
+        channel_id = event_channel_id(event)
+        log.debug("ari.event", event_type=event["type"], channel_id=channel_id)
+        if is_supervision_channel(channel_id):
+            return  # a supervisor's phone or its snoop: dialled, bridged and watched by routing.ari_supervision
         if event["type"] == "StasisStart":
             chan = event.get("channel") or {}
             args = event.get("args") or []
@@ -79,6 +83,8 @@ class AriEventRouter:
             if (args and args[0] == SNOOP_ARG) or str(chan.get("name", "")).startswith(SNOOP_CHANNEL_PREFIX):
                 self.dispatcher.dispatch(event)  # a recording's snoop channel: the recording waits for it
                 return
+            if args and args[0] == SUPERVISOR_ARG:
+                return  # a supervisor's phone, dialled and bridged by whoever asked (routing.ari_supervision)
             if args and args[0] in (AGENT_LEG_ARG, OUTBOUND_ARG):
                 self.dispatcher.dispatch(event)  # an agent or a patient answered a call we dialled
                 return

@@ -50,6 +50,7 @@ from medhotline.commands import recordings as recordings_commands
 from medhotline.commands import routing as routing_commands
 from medhotline.commands import speech as speech_commands
 from medhotline.commands import stats as stats_commands
+from medhotline.commands import supervise as supervise_commands
 from medhotline.commands import surge as surge_commands
 from medhotline.commands import vaccination as vaccination_commands
 from medhotline.commands.audit import prove_command, verify_command
@@ -259,6 +260,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         vaccination_commands.register,
         routing_commands.register,
         surge_commands.register,
+        supervise_commands.register,
         his_commands.register,
         his_link_commands.register,
         key_commands.register,

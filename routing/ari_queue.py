@@ -33,6 +33,7 @@ from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.callbacks import CALLBACK_ACCEPTED, CALLBACK_DUPLICATE, CALLBACK_UNAVAILABLE, CallbackPolicy, offer_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
 from routing.model import CallPriority, CallRequest
+from routing.supervision import ESCALATE_EVENT, ESCALATE_ITEM
 from routing.upgrade import UpgradeKeys
 from telephony.ari_channel import AriCallChannel, AriDispatcher
 from telephony.ari_client import AriClient, AriError, AriNotFound, AriUnavailable
@@ -172,7 +173,8 @@ async def _no_step(node: str, edge: str | None, value: str | None) -> None:
 
 
 async def _next_key(channel: AriCallChannel) -> str:
-    """The next key the caller presses; CallerHungUp when they hang up first."""
+    """The next key the caller presses, or ``ESCALATE_ITEM`` when a supervisor asked (an ARI user event on the
+    caller's channel, ``routing.ari_supervision``) to move the call to emergency; CallerHungUp when they hang up."""
     while True:
         event = await channel.next_event()
         if event is None:
@@ -181,6 +183,8 @@ async def _next_key(channel: AriCallChannel) -> str:
             raise CallerHungUp("caller hung up")
         if event["type"] == "ChannelDtmfReceived":
             return str(event.get("digit", ""))
+        if event["type"] == "ChannelUserevent" and event.get("eventname") == ESCALATE_EVENT:
+            return ESCALATE_ITEM
 
 
 def dial_string(endpoint: str) -> str:
@@ -343,7 +347,12 @@ class CallerQueue:
                 if item is None:
                     continue
             if isinstance(item, str):
-                if item == self._settings.emergency_key and self._engine.reclassify_emergency(call_id):
+                if item == ESCALATE_ITEM:
+                    # A supervisor's move (authorised and audited by whoever asked): no announcement, the caller
+                    # simply waits ahead; the path records who moved it.
+                    if self._engine.reclassify_emergency(call_id):
+                        await step("reclassified", "emergency", "supervisor")
+                elif item == self._settings.emergency_key and self._engine.reclassify_emergency(call_id):
                     await step("reclassified", "emergency", item)
                     await self._announce(caller, hold, RECLASSIFIED)
                 elif offered and item == self._settings.callback.key:

@@ -35,6 +35,7 @@ from medhotline.api.auth import COOKIE, Authenticator, Refused, Signed
 from medhotline.api.board import Board
 from medhotline.api.openapi import OPENAPI
 from medhotline.api.page import WALLBOARD_HTML
+from medhotline.supervision import ACTIONS, AccessDenied, Supervision, SupervisionError, Supervisor
 from routing.statistics import StatsSettings
 
 __all__ = ["ApiSettings", "create_app"]
@@ -42,6 +43,9 @@ __all__ = ["ApiSettings", "create_app"]
 MAX_FLOW_BYTES: Final = 256 * 1024
 MAX_CALLS: Final = 500
 _NO_STORE: Final = {"Cache-Control": "no-store"}
+# HTTP status of each supervision problem (routing.supervision.Problem).
+_STATUS: Final = {"unknown_call": 404, "not_talking": 409, "not_waiting": 409, "no_phone": 409,
+                  "phone_unanswered": 504, "ended": 409, "bad_request": 400}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class ApiSettings:
     # Seconds between the stream's re-checks of its session and role (a freeze ends it within this).
     recheck_seconds: float = 5.0
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    # The supervisor actions (POST /api/supervise/...); None: they answer 503 (no Asterisk configured).
+    supervision: Supervision | None = None
 
 
 class _Feed:
@@ -116,6 +122,8 @@ class _Api:
         self.auth = Authenticator(settings.engine, settings.clock)
         self.board = Board(settings.engine, settings.statistics)
         self.feed = _Feed(self.board, settings)
+        # The supervisions connected through this server, watched until they end (kept referenced here).
+        self.watching: set[asyncio.Task[None]] = set()
 
     async def allowed(self, request: Request, action: Action, kind: RecordKind, *, audit: bool = True) -> Signed:
         endpoint = f"{request.method} {request.url.path}"
@@ -245,6 +253,57 @@ class _Api:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})  # fmt: skip
 
+    async def supervise(self, request: Request) -> Response:
+        """``POST /api/supervise/{action}`` with ``{"call_id" | "agent_id", "reason"}``: decided by the policy
+        (kind ``supervision``, change, with the reason) inside :class:`~medhotline.supervision.Supervision`."""
+        action = str(request.path_params["action"])
+        token = _token(request)
+        try:
+            # Only the session here: the decision is the policy's under kind ``supervision`` with the reason,
+            # made (and a refusal audited) by Supervision before anything is done.
+            account_id = await asyncio.to_thread(self.auth.signed_in, token, "change", "supervision",
+                                                 f"{request.method} {request.url.path}")  # fmt: skip
+        except Refused as exc:
+            return _refusal(exc)
+        if action not in ACTIONS:
+            return JSONResponse({"error": f"action {action!r}: use one of {', '.join(ACTIONS)}"}, status_code=404)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse({"error": 'send JSON: {"call_id" or "agent_id", "reason"}'}, status_code=400)
+        target_key = "agent_id" if action in ("pause", "unpause") else "call_id"
+        target, reason = body.get(target_key), body.get("reason")
+        if not isinstance(target, str) or not target:
+            return JSONResponse({"error": f"{target_key} is required"}, status_code=400)
+        if self.settings.supervision is None:
+            return JSONResponse({"error": "supervision is not available: no Asterisk connection"}, status_code=503)
+        who = Supervisor(account_id, token)
+        supervision = self.settings.supervision
+        try:
+            if action == "pause":
+                await supervision.pause(who, target, reason if isinstance(reason, str) else None)
+            elif action == "unpause":
+                await supervision.unpause(who, target, reason if isinstance(reason, str) else None)
+            elif action == "escalate":
+                await supervision.escalate(who, target, reason if isinstance(reason, str) else None)
+            else:
+                tap, watching = await supervision.step_in(who, action, target,
+                                                          reason if isinstance(reason, str) else None)  # fmt: skip
+                self.watching.add(watching)
+                watching.add_done_callback(self.watching.discard)
+                return JSONResponse({"action": action, "call_id": target, "spy": tap.spy, "whisper": tap.whisper},
+                                    headers=_NO_STORE)  # fmt: skip
+        except AccessDenied as exc:
+            if exc.decision is not None and exc.decision.denial == "stale_session":
+                return _refusal(Refused(401, "sign in again"))
+            return JSONResponse({"error": "not allowed: supervisor actions need the supervisor role"},
+                                status_code=403, headers=_NO_STORE)  # fmt: skip
+        except SupervisionError as exc:
+            return JSONResponse({"error": str(exc), "problem": exc.problem}, status_code=_STATUS[exc.problem])
+        return JSONResponse({"action": action, target_key: target}, headers=_NO_STORE)
+
     async def wallboard(self, request: Request) -> Response:
         return HTMLResponse(WALLBOARD_HTML, headers={"Content-Security-Policy": "default-src 'self'; "
                             "script-src 'unsafe-inline'; style-src 'unsafe-inline'", **_NO_STORE})  # fmt: skip
@@ -268,6 +327,7 @@ def create_app(settings: ApiSettings) -> Starlette:
         Route("/api/flows", api.guarded("read", "flow_admin", api.flows)),
         Route("/api/flows/validate", api.validate, methods=["POST"]),
         Route("/api/wallboard/events", api.events),
+        Route("/api/supervise/{action}", api.supervise, methods=["POST"]),
         Route("/", api.wallboard),
         Route("/wallboard", api.wallboard),
     ]

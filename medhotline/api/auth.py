@@ -96,13 +96,9 @@ class Authenticator:
     def sign_out(self, session_id: str) -> bool:
         return SESSION_ID.fullmatch(session_id) is not None and self.access.close_session(session_id, self._clock())
 
-    def authorize(
-        self, session_id: str | None, action: Action, kind: RecordKind, endpoint: str,
-        details: Mapping[str, JsonValue] | None = None, *, audit_allowed: bool = True,
-    ) -> Signed:  # fmt: skip
-        """The policy's decision for this request, from the database as it is now; an allowed request is audited
-        (``read``, with the endpoint) unless ``audit_allowed`` is False (the wallboard's stream re-checks)."""
-        now = self._clock()
+    def signed_in(self, session_id: str | None, action: Action, kind: RecordKind, endpoint: str) -> str:
+        """The account of a valid session, before any policy decision (endpoints whose decision needs more than
+        the session, such as a supervisor action's reason, make it themselves); Refused(401), audited, else."""
         account_id = None
         if session_id is not None and SESSION_ID.fullmatch(session_id):
             account_id = self._sessions.account_of(session_id)
@@ -110,6 +106,17 @@ class Authenticator:
             self._denied(ANONYMOUS, "none", {"attempted": action, "kind": kind, "endpoint": endpoint,
                                              "why": "no valid session"})  # fmt: skip
             raise Refused(401, "sign in first")
+        return account_id
+
+    def authorize(
+        self, session_id: str | None, action: Action, kind: RecordKind, endpoint: str,
+        details: Mapping[str, JsonValue] | None = None, *, audit_allowed: bool = True,
+    ) -> Signed:  # fmt: skip
+        """The policy's decision for this request, from the database as it is now; an allowed request is audited
+        (``read``, with the endpoint) unless ``audit_allowed`` is False (the wallboard's stream re-checks)."""
+        now = self._clock()
+        account_id = self.signed_in(session_id, action, kind, endpoint)
+        assert session_id is not None  # signed_in refused it otherwise
         try:
             decision = self.access.authorize(account_id, action, Resource(kind), now, session_id=session_id,
                                              record_allowed=False)  # fmt: skip

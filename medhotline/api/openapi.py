@@ -58,6 +58,29 @@ OPENAPI: Final[dict[str, object]] = {
         }},
         "/api/wallboard/events": {"get": _op("the wallboard's snapshots as Server-Sent Events (`event: board`)",
                                              "statistics")},
+        "/api/supervise/{action}": {"post": {
+            "summary": "a supervisor action: listen, whisper, barge (call_id), pause, unpause (agent_id), escalate "
+                       "(call_id of a waiting call)",
+            "description": "Access policy kind `supervision`, action `change`: supervisors only, with a reason; "
+                           "audited before it is done. listen/whisper/barge dial the supervisor's own phone.",
+            "security": [{"bearer": []}, {"cookie": []}],
+            "parameters": [{"name": "action", "in": "path", "required": True, "schema": {"type": "string",
+                            "enum": ["listen", "whisper", "barge", "pause", "unpause", "escalate"]}}],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["reason"],
+                "properties": {"call_id": {"type": "string"}, "agent_id": {"type": "string"},
+                               "reason": {"type": "string", "minLength": 10, "maxLength": 500}}}}}},
+            "responses": {
+                "200": {"description": "done (listen/whisper/barge: the phone answered and is connected)"},
+                "400": {"description": "missing or unusable reason, or target"},
+                "401": {"description": "no valid session"},
+                "403": {"description": "not a supervisor"},
+                "404": {"description": "unknown call or action"},
+                "409": {"description": "the call is not talking to an agent / not waiting; no supervisor phone"},
+                "503": {"description": "no Asterisk connection"},
+                "504": {"description": "the supervisor's phone did not answer"},
+            },
+        }},
         "/wallboard": {"get": {"summary": "the wallboard page (HTML, no data of its own)",
                                "responses": {"200": {"description": "HTML"}}}},
     },

@@ -1,13 +1,15 @@
 """Routing to real SIP phones: SIPp agent phones at their static contacts, SIPp patients, the real sandbox.
 
 Six agents: a physician who answers, a physician whose phone never answers, a nurse, two general agents and a
-"physician" whose licence has expired. Each test puts exactly the agents it needs into the ready state (the rest
-are paused, as a supervisor would), places patient calls through the test desk flow (one key per consult
-category), and checks what the phones saw and what the database recorded.
+"physician" whose licence has expired; besides them the on-call phone, an agent who talks until the patient hangs
+up and a supervisor's phone (for the supervisor actions). Each test puts exactly the agents it needs into the ready
+state (the rest are paused, as a supervisor would), places patient calls through the test desk flow (one key per
+consult category), and checks what the phones saw and what the database recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -25,8 +27,11 @@ from compliance.audit import AuditLog, SqlAuditStore
 from ground import db
 from ground.config import Config
 from medhotline.cli import main as cli
+from medhotline.commands.supervise import ari_client
 from medhotline.phones import Action, PhoneCall, Press
 from medhotline.phones.agent import NEVER_MS, AgentPhone
+from medhotline.supervision import Supervision, Supervisor
+from routing.ari_supervision import PhoneSettings
 from routing.store import AgentStore
 from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
 
@@ -82,7 +87,11 @@ AGENTS: dict[str, tuple[str, str | None, bool]] = {
     "gen2": ("agent", None, True),
     # The on-call physician's phone: never in the queue (always paused), reached by escalation at 8001.
     "oncall": ("physician", "physician_license", True),
+    # A general agent who talks until the patient hangs up, and a supervisor's own phone (never in the queue).
+    "talker": ("agent", None, True),
+    "sup": ("supervisor", None, True),
 }
+TALK_MS = {"talker": 60_000, "sup": 60_000}
 ENDPOINTS = {"oncall": "8001"}
 
 
@@ -172,7 +181,7 @@ def desk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
             free_port(socket.SOCK_DGRAM),
             free_rtp_range(4),
             answer_after_ms=NEVER_MS if agent_id == "slowdoc" else 600,
-            talk_ms=1500,
+            talk_ms=TALK_MS.get(agent_id, 1500),
         ).start()
         for agent_id in AGENTS
     }
@@ -434,3 +443,100 @@ def test_a_caller_hanging_up_while_the_agent_rings_cancels_the_ring(desk: Desk) 
     view = desk.store.view("slowdoc")
     assert view.reserved_call_id is None
     assert view.paused_reason is None  # the caller left: not the agent's fault
+
+
+def test_a_supervisor_whispers_to_the_agent_and_escalates_a_waiting_call(desk: Desk) -> None:
+    """Whisper: the supervisor's phone (a SIPp UAS) is answered and bridged with a snoop on the AGENT's leg whose
+    whisper goes ``out`` (to the agent's phone only); the conversation bridge is untouched; the action is audited
+    with its reason; the patient's hang-up takes the supervision down. Escalate: a waiting call becomes an
+    emergency, its path saying a supervisor moved it."""
+    config = desk.hotline.config
+    desk.ready("talker")
+    before = desk.hotline.call_ids()
+    pending = desk.call("general", hang_up_after_ms=9000)
+    (call_id,) = desk.wait_queued("general", 1)
+    deadline = time.monotonic() + 20
+    while ("talker", "answered") not in desk.rings(call_id):
+        assert time.monotonic() < deadline, "the agent did not answer"
+        time.sleep(0.1)
+    reason = "coaching the new agent on the script"
+
+    async def whisper() -> None:
+        engine = db.make_engine(config.database_url)
+        ari = ari_client(config)
+        try:
+            supervision = Supervision(engine, AuditLog(SqlAuditStore(engine)), ari, lambda: datetime.now(UTC),
+                                      PhoneSettings(caller_id=config.hotline.number, poll_seconds=0.2))  # fmt: skip
+            tap, watching = await supervision.step_in(Supervisor("sup"), "whisper", call_id, reason)
+            assert (tap.spy, tap.whisper) == ("both", "out")
+            assert tap.agent_channel.startswith("agent-")
+            bridges = {b["id"]: set(b["channels"]) for b in await ari.request("GET", "/bridges")}
+            # The conversation holds the patient and the agent's leg, nothing else.
+            assert bridges[f"talk-{call_id}"] == {tap.patient_channel, tap.agent_channel}
+            assert bridges[tap.bridge] == {tap.supervisor_channel, tap.snoop_channel}
+            channels = {c["id"]: c for c in await ari.request("GET", "/channels")}
+            assert channels[tap.supervisor_channel]["state"] == "Up"
+            # Asterisk names a snoop channel after the channel it taps (whose unique id is the agent leg's id).
+            assert channels[tap.snoop_channel]["name"].startswith(f"Snoop/{tap.agent_channel}-")
+            assert desk.phones["sup"].count("ANSWERED") == 1
+            # The patient hangs up (9 s after the key): the supervision ends and leaves nothing behind.
+            await asyncio.wait_for(watching, timeout=30)
+            left = [c["id"] for c in await ari.request("GET", "/channels")]
+            assert not [c for c in left if c in (tap.supervisor_channel, tap.snoop_channel)]
+            assert tap.bridge not in {b["id"] for b in await ari.request("GET", "/bridges")}
+        finally:
+            await ari.aclose()
+            engine.dispose()
+
+    asyncio.run(whisper())
+    patient = pending.result(timeout=60)
+    assert patient.succeeded, patient.errors
+    (record,) = desk.new_calls(before, 1)
+    assert record.outcome == "routed"
+    # The supervisor's leg and its snoop are the service's to ignore, not unknown calls to warn about.
+    assert config.service.log_file is not None
+    log_lines = config.service.log_file.read_text(encoding="utf-8").splitlines()
+    assert not [
+        line
+        for line in log_lines
+        if "event_for_unknown_channel" in line and ("supervisor-" in line or "supsnoop-" in line)
+    ]
+    engine = db.make_engine(config.database_url)
+    try:
+        entries = [e for e in SqlAuditStore(engine).entries() if '"supervision"' in e.details and e.actor == "sup"]
+    finally:
+        engine.dispose()
+    (entry,) = entries
+    assert (entry.action, entry.outcome, entry.reason) == ("change", "success", reason)
+    details = json.loads(entry.details)
+    assert (details["action"], details["call"], details["agent"], details["whisper"]) == (
+        "whisper",
+        call_id,
+        "talker",
+        "out",
+    )
+
+    desk.ready()  # nobody takes calls: the next one waits until the supervisor moves it
+    before = desk.hotline.call_ids()
+    pending = desk.call("general", hang_up_after_ms=8000)
+    (waiting,) = desk.wait_queued("general", 1)
+
+    async def escalate() -> None:
+        engine = db.make_engine(config.database_url)
+        ari = ari_client(config)
+        try:
+            supervision = Supervision(engine, AuditLog(SqlAuditStore(engine)), ari, lambda: datetime.now(UTC))
+            await supervision.escalate(Supervisor("sup"), waiting, "the caller sounds short of breath")
+        finally:
+            await ari.aclose()
+            engine.dispose()
+
+    deadline = time.monotonic() + 10
+    while not any(s.node == "queued" for s in desk.hotline.repo.steps(waiting)):
+        assert time.monotonic() < deadline, "the call never reached the queue"
+        time.sleep(0.1)
+    asyncio.run(escalate())
+    assert pending.result(timeout=60).succeeded
+    (record,) = desk.new_calls(before, 1)
+    queue_path = [(s.node, s.edge, s.input) for s in desk.hotline.repo.steps(record.id) if s.flow == "queue"]
+    assert queue_path[:2] == [("queued", "general", "normal"), ("reclassified", "emergency", "supervisor")]

@@ -56,6 +56,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("agent",      "flow_admin",       "-",         "-",      "-",      "-"),
     ("agent",      "statistics",       "-",         "-",      "-",      "-"),
     ("agent",      "quality_review",   "-",         "-",      "-",      "-"),
+    ("agent",      "supervision",      "-",         "-",      "-",      "-"),
     ("nurse",      "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("nurse",      "clinical_note",    "D A K B",   "-",      "-",      "-"),
     ("nurse",      "transcript",       "D A K B",   "-",      "-",      "-"),
@@ -67,6 +68,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("nurse",      "flow_admin",       "-",         "-",      "-",      "-"),
     ("nurse",      "statistics",       "-",         "-",      "-",      "-"),
     ("nurse",      "quality_review",   "-",         "-",      "-",      "-"),
+    ("nurse",      "supervision",      "-",         "-",      "-",      "-"),
     ("pharmacist", "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("pharmacist", "clinical_note",    "D A K B",   "-",      "-",      "-"),
     ("pharmacist", "transcript",       "D A K B",   "-",      "-",      "-"),
@@ -78,6 +80,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("pharmacist", "flow_admin",       "-",         "-",      "-",      "-"),
     ("pharmacist", "statistics",       "-",         "-",      "-",      "-"),
     ("pharmacist", "quality_review",   "-",         "-",      "-",      "-"),
+    ("pharmacist", "supervision",      "-",         "-",      "-",      "-"),
     ("physician",  "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("physician",  "clinical_note",    "D A K B",   "D A !",  "D A K",  "-"),
     ("physician",  "transcript",       "D A K B",   "D A !",  "-",      "-"),
@@ -89,6 +92,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("physician",  "flow_admin",       "-",         "-",      "-",      "-"),
     ("physician",  "statistics",       "-",         "-",      "-",      "-"),
     ("physician",  "quality_review",   "-",         "-",      "-",      "-"),
+    ("physician",  "supervision",      "-",         "-",      "-",      "-"),
     ("supervisor", "patient_identity", "D B",       "-",      "-",      "-"),
     ("supervisor", "clinical_note",    "D B",       "-",      "-",      "-"),
     ("supervisor", "transcript",       "D B",       "D !",    "-",      "-"),
@@ -100,6 +104,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("supervisor", "flow_admin",       "G",         "-",      "-",      "-"),
     ("supervisor", "statistics",       "G",         "G !",    "-",      "-"),
     ("supervisor", "quality_review",   "G",         "-",      "G !",    "-"),
+    ("supervisor", "supervision",      "-",         "-",      "G !",    "-"),
     ("admin",      "patient_identity", "-",         "-",      "-",      "-"),
     ("admin",      "clinical_note",    "-",         "-",      "-",      "-"),
     ("admin",      "transcript",       "-",         "-",      "-",      "-"),
@@ -111,6 +116,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("admin",      "flow_admin",       "G",         "G !",    "G",      "G !"),
     ("admin",      "statistics",       "G",         "G !",    "-",      "-"),
     ("admin",      "quality_review",   "-",         "-",      "-",      "-"),
+    ("admin",      "supervision",      "-",         "-",      "-",      "-"),
     ("auditor",    "patient_identity", "-",         "-",      "-",      "-"),
     ("auditor",    "clinical_note",    "-",         "-",      "-",      "-"),
     ("auditor",    "transcript",       "-",         "-",      "-",      "-"),
@@ -122,6 +128,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("auditor",    "flow_admin",       "G",         "-",      "-",      "-"),
     ("auditor",    "statistics",       "G",         "G !",    "-",      "-"),
     ("auditor",    "quality_review",   "G",         "-",      "-",      "-"),
+    ("auditor",    "supervision",      "-",         "-",      "-",      "-"),
 ]
 # fmt: on
 CELLS: Final = [
@@ -227,7 +234,7 @@ def _decide(role: str, kind: str, action: str, scenario: Scenario, reason: str |
 
 def test_the_matrix_lists_every_role_kind_and_action_once() -> None:
     assert sorted((role, kind) for role, kind, *_ in MATRIX) == sorted((r, k) for r in ROLES for k in RECORD_KINDS)
-    assert len(CELLS) == len(ROLES) * len(RECORD_KINDS) * len(ACTIONS) == 308
+    assert len(CELLS) == len(ROLES) * len(RECORD_KINDS) * len(ACTIONS) == 336
 
 
 @pytest.mark.parametrize(("role", "kind", "action", "spec"), CELLS, ids=[f"{r}-{k}-{a}" for r, k, a, _ in CELLS])

@@ -358,7 +358,8 @@ def test_the_reserved_flow_names_are_the_services_stasis_arguments() -> None:
     from ivr.flow_graph import RESERVED_FLOW_NAMES
     from medhotline.service import QUEUE_ARG
     from routing.ari_queue import AGENT_LEG_ARG
+    from routing.supervision import SUPERVISOR_ARG
     from scheduler.outreach import OUTBOUND_ARG
     from telephony.ari_channel import SNOOP_ARG
 
-    assert {SNOOP_ARG, AGENT_LEG_ARG, OUTBOUND_ARG, QUEUE_ARG} <= RESERVED_FLOW_NAMES
+    assert {SNOOP_ARG, AGENT_LEG_ARG, OUTBOUND_ARG, QUEUE_ARG, SUPERVISOR_ARG} <= RESERVED_FLOW_NAMES

@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -18,15 +19,19 @@ from sqlalchemy.orm import Session
 from compliance.access_records import AccessSession, Actor
 from compliance.access_store import freeze_account
 from compliance.accounts import AccountStore
-from compliance.audit import SqlAuditStore, StoredEntry
+from compliance.audit import AuditLog, SqlAuditStore, StoredEntry
 from compliance.credentials import CredentialStore, hash_password, password_matches, totp_code, totp_step
 from ground import db
 from ground.errors import CommandError
 from ground.models import Call
 from medhotline.api import ApiSettings, create_app
 from medhotline.commands.api import check_bind
+from medhotline.supervision import Supervision
+from routing.ari_supervision import PhoneSettings
 from routing.statistics import StatsSettings
 from routing.store import AgentStore
+from telephony.ari_client import AriClient
+from tests.unit.medhotline.test_supervision import FakeAri
 
 PASSWORD = "correct horse battery"
 # The caller's number, written where a careless API would leak it: the channel name and the error text.
@@ -77,8 +82,8 @@ def _calls(engine: Engine) -> None:
                        at=now - timedelta(seconds=ago), moves_last_step=False)  # fmt: skip
 
 
-async def _client(engine: Engine) -> httpx.AsyncClient:
-    settings = ApiSettings(engine=engine, statistics=StatsSettings(), flows_dir=FLOWS_DIR)
+async def _client(engine: Engine, supervision: Supervision | None = None) -> httpx.AsyncClient:
+    settings = ApiSettings(engine=engine, statistics=StatsSettings(), flows_dir=FLOWS_DIR, supervision=supervision)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings)), base_url="http://test")
 
 
@@ -156,6 +161,47 @@ async def test_every_endpoint_by_role_through_the_access_policy_and_audited(engi
     refusals = [json.loads(e.details) for e in _entries(engine) if e.actor == "anonymous"]
     assert len(refusals) == 2
     assert all(r["why"] == "no valid session" for r in refusals)
+
+
+async def test_supervisor_actions_are_decided_under_the_supervision_kind_only(engine: Engine) -> None:
+    secrets = _secrets(engine)
+    _calls(engine)
+    AgentStore.for_engine(engine).add_agent("sup.wang", "ep-wang", datetime.now(UTC))  # the supervisor's phone
+    ari = FakeAri(engine, {"talk-call-waiting-1": ["1700000000.1", "agent-6f1c"]})
+    supervision = Supervision(engine, AuditLog(SqlAuditStore(engine)), cast(AriClient, ari),
+                              lambda: datetime.now(UTC), PhoneSettings(poll_seconds=0.01))  # fmt: skip
+    reason = "coaching the new agent on the script"
+    good = {"call_id": "call-waiting-1", "reason": reason}
+    async with await _client(engine, supervision) as client:
+        assert (await client.post("/api/supervise/whisper", json=good)).status_code == 401
+        tokens = {account: await _login(client, account, secrets) for account in ROLES}  # a TOTP code is good once
+        for account, body, status in (
+            ("nurse.li", good, 403),  # not a supervisor (admins and auditors neither)
+            ("admin.zhao", good, 403),
+            ("aud.chen", good, 403),
+            ("sup.wang", {"call_id": "call-waiting-1"}, 400),  # no reason
+            ("sup.wang", {"call_id": "call-waiting-1", "reason": "why not"}, 400),  # too short to mean anything
+            ("sup.wang", {"call_id": "no-such-call", "reason": reason}, 404),
+            ("sup.wang", {"call_id": "call-waiting-2", "reason": reason}, 409),  # waiting, not talking
+        ):
+            before = len(_entries(engine))
+            token = tokens[account]
+            response = await client.post("/api/supervise/whisper", json=body,
+                                         headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+            assert response.status_code == status, (account, body, response.text)
+            added = [json.loads(e.details) for e in _entries(engine)[before:]]
+            # A refusal is audited by the policy under the supervision kind (never a statistics read); nothing
+            # is audited as done.
+            assert [(d.get("kind"), d.get("attempted", "change")) for d in added] == (
+                [("supervision", "change")] if status == 403 else []
+            )
+        assert ari.acted == []
+        headers = {"Authorization": f"Bearer {tokens['sup.wang']}"}
+        response = await client.post("/api/supervise/whisper", json=good, headers=headers)
+        assert response.status_code == 200, response.text
+        assert (response.json()["spy"], response.json()["whisper"]) == ("both", "out")
+    (done,) = [e for e in _entries(engine) if e.action == "change"]
+    assert (done.actor, done.reason, json.loads(done.details)["call"]) == ("sup.wang", reason, "call-waiting-1")
 
 
 async def test_no_response_carries_the_callers_number(engine: Engine) -> None:
