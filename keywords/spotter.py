@@ -724,7 +724,16 @@ class Spotter:
                 )
             if marker is not None:
                 return rule, f"{rule}: {marker.word} + {text[candidate.start : candidate.end]}"
-        topic = next((m for m in after if m.kind == "topic_after" and m.start == candidate.end), None)
+        # At once, or after one 的 (心梗的前兆, 中风的表现): a report about the condition, not of it.
+        topic = next(
+            (
+                m
+                for m in after
+                if m.kind == "topic_after"
+                and (m.start == candidate.end or (m.start == candidate.end + 1 and text[candidate.end] == "的"))
+            ),
+            None,
+        )
         if topic is None:
             topic = self._coordinated_topic(text, candidate, chosen, markers)
         if topic is None:
