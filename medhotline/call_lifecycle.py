@@ -658,7 +658,7 @@ class _CallWrites:
     commit. ``drain`` waits for every write made so far; it comes before anything that reads the call's record
     back or writes a row that refers to it (a recording, the FastAGI hand-over, the agent's access, the end)."""
 
-    def __init__(self, record: Callable[..., Awaitable[None]], *, paused: bool = False) -> None:
+    def __init__(self, record: Callable[..., Awaitable[object]], *, paused: bool = False) -> None:
         self._record = record  # HotlineService._record: logs a failure, never raises
         self._tail: asyncio.Task[None] | None = None
         # Paused: the writes wait (in order) until resume(), so they don't contend with the agent's reservation
