@@ -158,3 +158,23 @@ def test_sound_alikes_are_checked(tmp_path: Path) -> None:
     assert any("'xue' is not one Chinese character" in p for p in problems), problems
     report = scan_lexicon([tmp_path / "a.yaml"])
     assert [p.message for p in report.problems] == ["'雪' already stands for '血'"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "一氧化碳报警器响了 老人在屋里头晕吐了",  # a sounding alarm is the report itself, not a topic
+        "家里燃气报警器一直叫 孩子叫不醒",
+        "我爸心梗的样子又来了 胸口疼得直冒汗",  # 的 followed by no topic word
+    ],
+)
+def test_a_device_or_a_possessive_does_not_make_a_report_a_topic(classifier: Classifier, text: str) -> None:
+    result = classifier.classify(text)
+    assert result.emergency, result.rules
+
+
+@pytest.mark.parametrize("text", ["心梗的前兆都有哪些", "中风的表现一般有什么", "心脏骤停的抢救黄金时间是几分钟"])
+def test_a_topic_word_after_de_makes_a_question_about_the_condition(classifier: Classifier, text: str) -> None:
+    result = classifier.classify(text)
+    assert not result.emergency, result.rules
+    assert any(r.startswith("topic:") for r in result.rules), result.rules
