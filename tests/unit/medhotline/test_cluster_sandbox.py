@@ -9,6 +9,7 @@ import pytest
 
 from ground.config import load_config
 from medhotline.cluster_sandbox import ClusterSandbox, node_config, node_environment, services_problem
+from medhotline.phones import Press, patient_scenario
 from medhotline.sandbox import SandboxError
 
 BASE = """
@@ -64,3 +65,15 @@ def test_services_on_several_nodes_need_postgresql_and_the_cluster_queue(tmp_pat
     # Refused before anything starts; without services the SQLite default is fine (Asterisk only).
     with pytest.raises(SandboxError, match=r"\[database\] url"):
         ClusterSandbox(sqlite, 2, tmp_path / "front", services=True)
+
+
+def test_a_patient_through_the_front_sends_ack_and_bye_along_the_record_route() -> None:
+    direct = patient_scenario([Press(300, "2")], 1000)
+    proxied = patient_scenario([Press(300, "2")], 1000, proxied=True)
+    assert "ACK sip:[service]@" in direct
+    assert "[routes]" not in direct
+    assert 'rrs="true"' in proxied
+    assert "ACK [next_url] SIP/2.0" in proxied
+    assert "BYE [next_url] SIP/2.0" in proxied
+    assert proxied.count("[routes]") == 2
+    assert "sip:[service]@[remote_ip]:[remote_port] SIP/2.0" not in proxied.replace("INVITE sip:", "")
