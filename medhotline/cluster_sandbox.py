@@ -220,7 +220,7 @@ class ClusterSandbox:
         """Migrate the shared database once, start the key service, then every node's service side by side."""
         db.upgrade(self.config.database_url)
         state = self.config.service.state_dir
-        state.mkdir(parents=True, exist_ok=True)
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)  # the key service refuses a state_dir others can read
         # One key service for the machine: every node's service reaches it through the shared state_dir.
         self._keyservice = KeyServiceProcess(self.config, self.config_path, state / "keyservice.stdout")
         self._keyservice.start()

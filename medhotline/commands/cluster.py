@@ -61,7 +61,9 @@ def _up(config: Config, args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     finally:
-        cluster.down()
+        for name, code in cluster.down().items():
+            if code != 0:
+                print(f"node {name}: its service exited with {code}; see its log")
         print("cluster stopped")
 
 
