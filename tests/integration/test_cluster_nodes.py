@@ -31,11 +31,26 @@ from medhotline.prompts import build_prompts
 from routing.store import AgentStore, RingRecord
 
 from .conftest import CALLER, check_prerequisites, free_port, free_rtp_range, unavailable, write_config
-from .test_routing import DESK, KEYS, ROUTING, RULES
+from .test_routing import DESK, KEYS, ROUTING
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 AGENTS = ("gen1", "gen2")
+# Every category open to every agent (the agents here hold no licence), no escalation: the order of answers is
+# the cluster queue's alone.
+RULES = "".join(
+    f"{category}: {{}}\n"
+    for category in (
+        "emergency",
+        "diagnosis",
+        "medication",
+        "adverse_reaction",
+        "vaccination",
+        "triage",
+        "appointment",
+        "general",
+    )
+)
 LEASE = 3
 # The issue's bound: within 10 s of the kill, B's calls are closed and its agents ring again from A.
 WITHIN = 10.0
@@ -59,22 +74,30 @@ class Cluster:
         self.store = AgentStore(sessions)
         self.pool = ThreadPoolExecutor(max_workers=6)
 
-    def call(self, hang_up_after_ms: int) -> Future[PhoneCall]:
-        """A general call through the front; the patient hangs up ``hang_up_after_ms`` after pressing the key."""
+    def call(self, hang_up_after_ms: int, category: str = "general", node: Node | None = None) -> Future[PhoneCall]:
+        """A call through the front (or straight to ``node``'s Asterisk); the patient presses ``category``'s key,
+        then hangs up ``hang_up_after_ms`` later."""
         front = self.sandbox
+        host, port = (
+            (front.front_host, front.front_port) if node is None else ("127.0.0.1", node.config.asterisk.sip_port)
+        )
         return self.pool.submit(
             place_call,
-            target_host=front.front_host,
-            target_port=front.front_port,
+            target_host=host,
+            target_port=port,
             service=self.config.hotline.number,
             local_port=free_port(socket.SOCK_DGRAM),
             media_port=free_rtp_range(4),
             caller=CALLER,
-            presses=[Press(300, KEYS["general"])],
+            presses=[Press(300, KEYS[category])],
             hang_up_after_ms=hang_up_after_ms,
             timeout=40,
-            proxied=True,
+            proxied=node is None,
         )
+
+    def routed(self, before: set[str], category: str) -> list[db.CallRecord]:
+        """New calls whose caller reached the flow's ``category`` node (the route to that queue)."""
+        return [r for r in self.records(before) if any(step.node == category for step in self.repo.steps(r.id))]
 
     def records(self, before: set[str]) -> list[db.CallRecord]:
         return sorted((r for r in self.repo.list_recent(200) if r.id not in before), key=lambda r: r.started_at)
@@ -159,6 +182,37 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
 def test_calls_spread_over_two_services_and_a_killed_node_is_taken_over(cluster: Cluster) -> None:
     node_a, node_b = cluster.sandbox.nodes
     name_a, name_b = node_a.config.service.node_name, node_b.config.service.node_name
+
+    # (c) One queue for both nodes: a normal caller waits on node B, then an emergency arrives on node A (each
+    # straight to its node). The one agent who becomes free is rung for the emergency, by node A.
+    store = cluster.store
+    for agent in AGENTS:
+        store.pause(agent, "not yet", datetime.now(UTC))
+    start = {r.id for r in cluster.repo.list_recent(200)}
+    waiting = [cluster.call(8_000, "general", node_b)]
+    deadline = time.monotonic() + 15
+    wait_for("a normal caller waiting on B", lambda: len(cluster.routed(start, "general")) == 1, deadline)
+    waiting.append(cluster.call(8_000, "emergency", node_a))
+    wait_for("an emergency waiting on A", lambda: len(cluster.routed(start, "emergency")) == 1, deadline)
+    normal, emergency = cluster.routed(start, "general")[0], cluster.routed(start, "emergency")[0]
+    assert (normal.node, emergency.node) == (name_b, name_a)
+    assert normal.started_at < emergency.started_at
+    time.sleep(0.6)  # both nodes' dispatchers have read both waiting calls (refresh_interval 0.2 s)
+    store.unpause(AGENTS[0], datetime.now(UTC))
+    wait_for("the free agent rung", lambda: bool(cluster.rings([normal, emergency])), deadline)
+    first_ring = cluster.rings([normal, emergency])
+    assert [(r.call_id, r.account_id, r.node) for r in first_ring] == [(emergency.id, AGENTS[0], name_a)]
+    store.unpause(AGENTS[1], datetime.now(UTC))
+    wait_for("the normal caller's agent rung, by B", lambda: bool(store.rings(normal.id)), deadline)
+    assert [(r.account_id, r.node) for r in store.rings(normal.id)] == [(AGENTS[1], name_b)]
+    for future in waiting:
+        future.result(timeout=40)
+    wait_for(
+        "both agents free again",
+        lambda: all(r.outcome != "in_progress" for r in cluster.records(start)),
+        time.monotonic() + 10,
+    )
+    time.sleep(1.0)  # wrap-up (0.5 s) over
 
     # (a) Two calls a second apart: the front sends the second to the node with fewer calls, and each node's
     # service answers its caller, queues it and has an agent (each its own) answer it.
