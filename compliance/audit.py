@@ -63,6 +63,7 @@ from compliance.merkle import (
 )
 from ground.canonical import canonical_json
 from ground.clock import utc_text
+from ground.db import DatabaseUnavailable, is_unavailable
 from ground.errors import MedhotlineError
 from ground.ids import UUID_PATTERN
 
@@ -122,6 +123,11 @@ class AuditError(MedhotlineError):
     """An audit entry is invalid (e.g. would carry personal data) or the log cannot be appended to.
 
     A MedhotlineError: the CLI shows its message and exits 1; an operation that needs its entry did not happen."""
+
+
+class AuditUnavailable(AuditError, DatabaseUnavailable):
+    """No writable database answered (lost connection, a failover in progress): the entry was not appended, unless
+    the COMMIT itself was cut off; a retry once a primary answers appends it (possibly a second time, never less)."""
 
 
 class AuditIntegrityError(AuditError):
@@ -553,6 +559,11 @@ def _row_to_entry(row: Any) -> StoredEntry:
     )
 
 
+def _unavailable(exc: DBAPIError) -> AuditUnavailable:
+    first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0][:200]
+    return AuditUnavailable(f"the audit log's database is unavailable: {first}")
+
+
 class SqlAuditStore:
     """The audit tables (created by migration ``0003_audit``) through SQLAlchemy, SQLite or PostgreSQL."""
 
@@ -575,10 +586,15 @@ class SqlAuditStore:
                     connection.execute(insert(audit_entries).values(**values))
                     return entry
             except (IntegrityError, OperationalError) as exc:
+                if is_unavailable(exc):
+                    # No primary to retry against at once: the caller decides when to try again.
+                    raise _unavailable(exc) from None
                 # Another writer took this seq (or held the SQLite write lock): read the new end and retry.
                 last_error = type(exc).__name__
                 continue
             except DBAPIError as exc:
+                if is_unavailable(exc):
+                    raise _unavailable(exc) from None
                 # Anything else the database refuses (a trigger, a permission): mapped here, at the adapter edge,
                 # so callers see an AuditError (first line only: SQLAlchemy appends the statement and values).
                 first = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0][:200]

@@ -16,10 +16,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Self, cast
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, urlencode
 
 import structlog
 from alembic import command
@@ -27,9 +27,17 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event, func, select, text
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event, select, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, SQLAlchemyError, StatementError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+    StatementError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from ground.errors import MedhotlineError
@@ -48,6 +56,12 @@ class DatabaseError(MedhotlineError):
     """The database is unreachable, misconfigured or refused an operation; the message says which and why."""
 
 
+class DatabaseUnavailable(DatabaseError):
+    """The database could not be reached, or the server reached is not (or no longer) a writable primary: a lost
+    connection, a primary that died, a standby not yet promoted. Nothing of the failed transaction was stored
+    unless its COMMIT itself was cut off; worth retrying once a primary answers again (docs/cluster.md)."""
+
+
 class DatabaseNotReady(DatabaseError):
     """The schema is not at the revision this code expects; the message says how to fix it."""
 
@@ -56,12 +70,35 @@ class CallNotFound(DatabaseError):
     """No call with that id is recorded."""
 
 
+# libpq's multi-host form, ``scheme://[userinfo@]host1[:port1],host2[:port2][/db][?query]``: SQLAlchemy's URL
+# parser reads one host and port only, so the host list moves into repeated ``host=`` query parameters, the form
+# SQLAlchemy's psycopg dialect turns back into libpq's ``host=h1,h2 port=p1,p2``.
+_MULTI_HOST = re.compile(
+    r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^@/]*@)?(?P<hosts>[^@/?]*,[^@/?]*)(?P<rest>.*)$"
+)
+
+
+def normalise_url(url: str) -> str:
+    """``url`` with a libpq multi-host list (``h1:p1,h2:p2``) moved to ``?host=h1:p1&host=h2:p2``; other URLs as
+    given. A failover URL: ``postgresql+psycopg://u@h1:5432,h2:5432/db?target_session_attrs=read-write``."""
+    match = _MULTI_HOST.match(url)
+    if match is None:
+        return url
+    hosts = match["hosts"].split(",")
+    if any(not host or host.startswith(":") for host in hosts):
+        raise ValueError("a host list needs a host before every comma and port")
+    rest = match["rest"]
+    path, _, query = rest.partition("?")
+    extra = urlencode([("host", host) for host in hosts], safe=":[]")
+    return f"{match['scheme']}{match['user'] or ''}{path or '/'}?{extra}{'&' + query if query else ''}"
+
+
 def mask_url(url: str | URL) -> str:
     """The URL as text with its password replaced by ``***``, safe for messages and logs."""
     if isinstance(url, URL):
         return url.render_as_string(hide_password=True)
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        return make_url(normalise_url(url)).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         # Unparseable, so we cannot tell what in it is secret: mask a "user:password@" part if there is one,
         # else show only the scheme.
@@ -74,7 +111,7 @@ def mask_url(url: str | URL) -> str:
 
 def _secrets_of(url: str) -> list[str]:
     try:
-        password = make_url(url).password
+        password = make_url(normalise_url(url)).password
     except (ArgumentError, ValueError):
         match = re.search(r"//[^/:@]*:([^@/]*)@", url)
         password = match.group(1) if match else None
@@ -98,6 +135,32 @@ def _reason(exc: BaseException) -> str:
     return "; ".join(lines[:3]) or type(orig).__name__
 
 
+# SQLSTATE classes of "no usable primary here": connection exceptions (08), the server shutting down or not yet
+# accepting (57P01..57P03), and a read-only transaction (25006, a standby reached without read-write targeting).
+_UNAVAILABLE_SQLSTATES: Final = ("08", "57P01", "57P02", "57P03", "25006")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether a SQLAlchemy error means no writable PostgreSQL primary answered (retry later), rather than a
+    refusal of this statement (never worth retrying)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+    # psycopg's failures to connect at all (refused, timed out, target_session_attrs unmet) carry no SQLSTATE;
+    # SQLite's OperationalError ("database is locked") is not a failover matter.
+    return isinstance(exc, OperationalError) and type(exc.orig).__module__.startswith("psycopg")
+
+
+def _mapped(url: str, doing: str, exc: SQLAlchemyError | CommandError | OSError) -> DatabaseError:
+    reason = _scrub(_reason(exc), url)
+    kind = DatabaseUnavailable if is_unavailable(exc) else DatabaseError
+    return kind(f"database at {mask_url(url)}: {doing} failed: {reason}")
+
+
 @contextmanager
 def mapped_errors(url: str, doing: str) -> Iterator[None]:
     """Turn SQLAlchemy and driver errors into DatabaseError naming the (masked) database and the reason.
@@ -109,13 +172,12 @@ def mapped_errors(url: str, doing: str) -> Iterator[None]:
     except DatabaseError:
         raise
     except (SQLAlchemyError, CommandError, OSError) as exc:
-        reason = _scrub(_reason(exc), url)
-        raise DatabaseError(f"database at {mask_url(url)}: {doing} failed: {reason}") from None
+        raise _mapped(url, doing, exc) from None
 
 
 def _parse(url: str) -> URL:
     try:
-        parsed = make_url(url)
+        parsed = make_url(normalise_url(url))
     except (ArgumentError, ValueError):
         raise DatabaseError(f"invalid database URL {mask_url(url)!r}") from None
     backend = parsed.get_backend_name()
@@ -383,6 +445,13 @@ def rowcount(result: Result[Any]) -> int:
     return int(cast("CursorResult[Any]", result).rowcount)
 
 
+def _same_instant(stored: datetime, given: datetime) -> bool:
+    """SQLite hands timestamps back naive (UTC), PostgreSQL aware: compare them as UTC instants."""
+    if (stored.tzinfo is None) != (given.tzinfo is None):
+        stored, given = stored.replace(tzinfo=None), given.astimezone(UTC).replace(tzinfo=None)
+    return stored == given
+
+
 def _check_final(outcome: str) -> None:
     if outcome not in CALL_OUTCOMES or outcome == "in_progress":
         raise ValueError(f"{outcome!r} is not a final call outcome")
@@ -413,7 +482,8 @@ class Repository:
             # A duplicate call id or a value the schema's constraints refuse.
             raise DatabaseError(f"database at {self._where}: {doing} refused: {_reason(exc)}") from None
         except SQLAlchemyError as exc:
-            raise DatabaseError(f"database at {self._where}: {doing} failed: {_reason(exc)}") from None
+            kind = DatabaseUnavailable if is_unavailable(exc) else DatabaseError
+            raise kind(f"database at {self._where}: {doing} failed: {_reason(exc)}") from None
 
 
 class CallRepository(Repository):
@@ -431,21 +501,31 @@ class CallRepository(Repository):
         flow_version: str | None,
         started_at: datetime,
     ) -> None:
-        """Record a new call, in progress."""
-        with self._transaction(f"recording call {call_id}") as session:
-            session.add(
-                Call(
-                    id=call_id,
-                    node=node,
-                    transport=transport,
-                    channel_id=channel_id,
-                    channel_name=channel_name,
-                    flow=flow,
-                    flow_version=flow_version,
-                    started_at=started_at,
-                    outcome="in_progress",
-                )
-            )
+        """Record a new call, in progress.
+
+        Idempotent for the same call on the same channel: a write retried after its COMMIT was cut off by a
+        failover (and had in fact been stored) finds its row and is done; any other duplicate id is refused.
+        """
+        row = Call(
+            id=call_id,
+            node=node,
+            transport=transport,
+            channel_id=channel_id,
+            channel_name=channel_name,
+            flow=flow,
+            flow_version=flow_version,
+            started_at=started_at,
+            outcome="in_progress",
+        )
+        try:
+            with self._transaction(f"recording call {call_id}") as session:
+                session.add(row)
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError:
+            stored = self.get(call_id)
+            if stored is None or (stored.node, stored.channel_id) != (node, channel_id):
+                raise
 
     def _load(self, session: Session, call_id: str) -> Call:
         row = session.get(Call, call_id)
@@ -560,13 +640,23 @@ class CallRepository(Repository):
         with self._transaction(f"recording a step of call {call_id}") as session:
             # Load the call first: an unknown call is CallNotFound, not a foreign-key failure on the insert.
             row = self._load(session, call_id)
+            last = session.scalars(
+                select(CallStep).where(CallStep.call_id == call_id).order_by(CallStep.seq.desc()).limit(1)
+            ).first()
+            same = last is not None and (last.node, last.node_type, last.edge, last.input) == (
+                node,
+                node_type,
+                edge,
+                input,
+            )
+            if same and last is not None and _same_instant(last.at, at):
+                return  # this very step, stored by an attempt whose COMMIT a failover cut off: not twice
             if moves_last_step:
                 row.last_step = node
-            seq = session.scalar(select(func.count()).select_from(CallStep).where(CallStep.call_id == call_id))
             session.add(
                 CallStep(
                     call_id=call_id,
-                    seq=int(seq or 0) + 1,
+                    seq=(last.seq if last is not None else 0) + 1,
                     flow=flow,
                     node=node,
                     node_type=node_type,

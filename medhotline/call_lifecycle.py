@@ -57,6 +57,44 @@ log = structlog.get_logger("medhotline.service")
 # Seconds a caller turned away by a full queue has to press the callback key after the offer.
 OVERFLOW_KEY_WAIT = 5.0
 # The dialplan context (and Stasis argument) through which FastAGI calls join the ARI queue.
+# How long a call's record write keeps trying while no writable primary answers (a PostgreSQL failover: the
+# primary lost, a standby being promoted; docs/cluster.md). Longer than a promotion by hand or by Patroni's
+# default TTL takes; the call itself never waits for it (see _CallWrites).
+RECORD_RETRY_SECONDS = 60.0
+_RECORD_RETRY_FIRST = 0.2
+_RECORD_RETRY_MAX = 2.0
+
+
+async def record_write(
+    what: str, func: Callable[..., Any], *args: Any, retry_for: float = RECORD_RETRY_SECONDS, **kwargs: Any
+) -> bool:
+    """Run one database write for a call off the event loop; never raises, returns whether it was stored.
+
+    A :class:`~ground.db.DatabaseUnavailable` (connection lost, primary gone, standby not yet promoted) is retried
+    with a growing pause for ``retry_for`` seconds: the pool has dropped the dead connection, so the next attempt
+    connects afresh through the URL's host list to whichever server is the primary now. The repositories' writes
+    are idempotent under such a retry. Any other failure is logged at once and not retried.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for
+    pause = _RECORD_RETRY_FIRST
+    while True:
+        try:
+            await asyncio.to_thread(func, *args, **kwargs)
+        except db.DatabaseUnavailable as exc:
+            if loop.time() + pause > deadline:
+                log.error("call.record_failed", writing=what, reason=str(exc), retried_for=retry_for)
+                return False
+            log.warning("call.record_retry", writing=what, reason=str(exc), pause=pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _RECORD_RETRY_MAX)
+        except Exception:
+            log.exception("call.record_failed", writing=what)
+            return False
+        else:
+            return True
+
+
 QUEUE_CONTEXT = "medhotline-queue"
 QUEUE_ARG = "queue"
 # How a call's record ends after its time in the queue.
@@ -106,10 +144,7 @@ class CallLifecycle:
 
     async def _record(self, what: str, func: Any, *args: Any, **kwargs: Any) -> None:
         """A database write for a call; a failure is logged loudly but never drops the caller."""
-        try:
-            await asyncio.to_thread(func, *args, **kwargs)
-        except Exception:
-            log.exception("call.record_failed", writing=what)
+        await record_write(what, func, *args, **kwargs)
 
     async def handle_call(
         self, channel: CallChannel, *, flow: str | None = None, outreach: CallOutreach | None = None
@@ -623,7 +658,7 @@ class _CallWrites:
     commit. ``drain`` waits for every write made so far; it comes before anything that reads the call's record
     back or writes a row that refers to it (a recording, the FastAGI hand-over, the agent's access, the end)."""
 
-    def __init__(self, record: Callable[..., Awaitable[None]], *, paused: bool = False) -> None:
+    def __init__(self, record: Callable[..., Awaitable[object]], *, paused: bool = False) -> None:
         self._record = record  # HotlineService._record: logs a failure, never raises
         self._tail: asyncio.Task[None] | None = None
         # Paused: the writes wait (in order) until resume(), so they don't contend with the agent's reservation

@@ -444,7 +444,7 @@ def check_service_role(url: str, role: str) -> RoleReport:
 
 def _is_sqlite(url: str) -> bool:
     try:
-        return make_url(url).get_backend_name() == "sqlite"
+        return make_url(db.normalise_url(url)).get_backend_name() == "sqlite"
     except (ArgumentError, ValueError):
         return False  # not ours to judge here: db.ensure_current reports an unparseable URL
 

@@ -18,7 +18,7 @@ from typing import Final
 
 from sqlalchemy import Engine
 
-from compliance.access import AccessError, Resource, check_call_id, check_reason
+from compliance.access import AccessError, Resource, check_call_id, check_reason, reason_problem
 from compliance.access_records import AccessDenied
 from compliance.access_store import AccessControl
 from compliance.audit import AuditError, AuditLog, JsonValue
@@ -36,7 +36,7 @@ from routing.supervision import (
 )
 from telephony.ari_client import AriClient
 
-__all__ = ["ACTIONS", "AccessDenied", "Supervision", "SupervisionError", "Supervisor"]
+__all__ = ["ACTIONS", "AccessDenied", "Supervision", "SupervisionError", "Supervisor", "authorize_supervisor"]
 
 ACTIONS: Final = ("listen", "whisper", "barge", "pause", "unpause", "escalate")
 
@@ -47,6 +47,32 @@ class Supervisor:
 
     account_id: str
     session_id: str | None = None
+
+
+def authorize_supervisor(
+    access: AccessControl, who: Supervisor, reason: str | None, what: str, at: datetime
+) -> tuple[str, str]:
+    """(role, reason) if the policy lets ``who`` step in (kind ``supervision``, change) with ``reason``.
+
+    The role is decided first, whatever the reason: anyone but a supervisor gets AccessDenied (audited by the
+    policy), even with no or an unusable reason, so a refusal never depends on how the request was filled in. A
+    supervisor without a usable reason gets SupervisionError ``bad_request`` (the policy audits it as a denial
+    for want of a reason; the unusable text itself is not written anywhere)."""
+    usable = reason if reason is not None and reason.strip() and reason_problem(reason) is None else None
+    try:
+        decision = access.authorize(who.account_id, "change", Resource("supervision"), at, reason=usable,
+                                    session_id=who.session_id, record_allowed=False)  # fmt: skip
+    except AccessDenied as exc:
+        if exc.decision is None or exc.decision.denial != "reason_required":
+            raise
+        try:
+            check_reason(reason, "reason")
+        except AccessError as problem:
+            raise SupervisionError("bad_request", f"{what}: {problem}") from None
+        raise  # a usable reason that the policy still wants: not expected, refuse as the policy said
+    if usable is None:  # the policy asks a reason of every supervision; never step in without one
+        raise SupervisionError("bad_request", f"{what}: a reason is required")
+    return decision.role or "supervisor", usable.strip()
 
 
 class Supervision:
@@ -71,17 +97,8 @@ class Supervision:
 
     # -- the checks every action makes first ------------------------------------------------------
     async def _authorize(self, who: Supervisor, reason: str | None, target: str) -> tuple[str, str]:
-        """(role, reason) once the policy allows it; SupervisionError for a missing reason, AccessDenied (audited
-        by the policy) for anyone but a supervisor."""
-        try:
-            text = check_reason(reason, "reason")
-        except AccessError as exc:
-            raise SupervisionError("bad_request", f"{target}: {exc}") from None
-        decision = await asyncio.to_thread(
-            self._access.authorize, who.account_id, "change", Resource("supervision"), self._clock(),
-            reason=text, session_id=who.session_id, record_allowed=False,
-        )  # fmt: skip
-        return decision.role or "supervisor", text
+        """(role, reason) once the policy allows it; see :func:`authorize_supervisor`."""
+        return await asyncio.to_thread(authorize_supervisor, self._access, who, reason, target, self._clock())
 
     async def _record(self, who: Supervisor, role: str, reason: str, details: dict[str, JsonValue]) -> None:
         entry: dict[str, JsonValue] = {"kind": "supervision", **details}

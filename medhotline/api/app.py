@@ -35,7 +35,14 @@ from medhotline.api.auth import COOKIE, Authenticator, Refused, Signed
 from medhotline.api.board import Board
 from medhotline.api.openapi import OPENAPI
 from medhotline.api.page import WALLBOARD_HTML
-from medhotline.supervision import ACTIONS, AccessDenied, Supervision, SupervisionError, Supervisor
+from medhotline.supervision import (
+    ACTIONS,
+    AccessDenied,
+    Supervision,
+    SupervisionError,
+    Supervisor,
+    authorize_supervisor,
+)
 from routing.statistics import StatsSettings
 
 __all__ = ["ApiSettings", "create_app"]
@@ -258,28 +265,36 @@ class _Api:
         (kind ``supervision``, change, with the reason) inside :class:`~medhotline.supervision.Supervision`."""
         action = str(request.path_params["action"])
         token = _token(request)
+        endpoint = f"{request.method} {request.url.path}"
         try:
-            # Only the session here: the decision is the policy's under kind ``supervision`` with the reason,
-            # made (and a refusal audited) by Supervision before anything is done.
-            account_id = await asyncio.to_thread(self.auth.signed_in, token, "change", "supervision",
-                                                 f"{request.method} {request.url.path}")  # fmt: skip
+            # The session first (401), then the role under kind ``supervision`` with the reason (403, audited by
+            # the policy), before anything about the request's contents or whether Asterisk is there.
+            account_id = await asyncio.to_thread(self.auth.signed_in, token, "change", "supervision", endpoint)
         except Refused as exc:
             return _refusal(exc)
-        if action not in ACTIONS:
-            return JSONResponse({"error": f"action {action!r}: use one of {', '.join(ACTIONS)}"}, status_code=404)
         try:
             body = await request.json()
         except ValueError:
             body = None
+        fields = body if isinstance(body, dict) else {}
+        reason = fields.get("reason") if isinstance(fields.get("reason"), str) else None
+        who = Supervisor(account_id, token)
+        try:
+            await asyncio.to_thread(authorize_supervisor, self.auth.access, who, reason, action, self.settings.clock())
+        except AccessDenied as exc:
+            return _supervision_refused(exc)
+        except SupervisionError as exc:
+            return JSONResponse({"error": str(exc), "problem": exc.problem}, status_code=_STATUS[exc.problem])
+        if action not in ACTIONS:
+            return JSONResponse({"error": f"action {action!r}: use one of {', '.join(ACTIONS)}"}, status_code=404)
         if not isinstance(body, dict):
             return JSONResponse({"error": 'send JSON: {"call_id" or "agent_id", "reason"}'}, status_code=400)
         target_key = "agent_id" if action in ("pause", "unpause") else "call_id"
-        target, reason = body.get(target_key), body.get("reason")
+        target = body.get(target_key)
         if not isinstance(target, str) or not target:
             return JSONResponse({"error": f"{target_key} is required"}, status_code=400)
         if self.settings.supervision is None:
             return JSONResponse({"error": "supervision is not available: no Asterisk connection"}, status_code=503)
-        who = Supervisor(account_id, token)
         supervision = self.settings.supervision
         try:
             if action == "pause":
@@ -296,10 +311,7 @@ class _Api:
                 return JSONResponse({"action": action, "call_id": target, "spy": tap.spy, "whisper": tap.whisper},
                                     headers=_NO_STORE)  # fmt: skip
         except AccessDenied as exc:
-            if exc.decision is not None and exc.decision.denial == "stale_session":
-                return _refusal(Refused(401, "sign in again"))
-            return JSONResponse({"error": "not allowed: supervisor actions need the supervisor role"},
-                                status_code=403, headers=_NO_STORE)  # fmt: skip
+            return _supervision_refused(exc)
         except SupervisionError as exc:
             return JSONResponse({"error": str(exc), "problem": exc.problem}, status_code=_STATUS[exc.problem])
         return JSONResponse({"action": action, target_key: target}, headers=_NO_STORE)
@@ -332,6 +344,13 @@ def create_app(settings: ApiSettings) -> Starlette:
         Route("/wallboard", api.wallboard),
     ]
     return Starlette(routes=routes)
+
+
+def _supervision_refused(exc: AccessDenied) -> Response:
+    if exc.decision is not None and exc.decision.denial == "stale_session":
+        return _refusal(Refused(401, "sign in again"))
+    return JSONResponse({"error": "not allowed: supervisor actions need the supervisor role"},
+                        status_code=403, headers=_NO_STORE)  # fmt: skip
 
 
 def _problem(problem: SourceProblem) -> dict[str, object]:

@@ -1,8 +1,10 @@
 """A simulated agent phone: a SIPp UAS at the agent's static SIP contact, for the demo and integration tests.
 
 It rings for every call, answers after ``answer_after_ms`` (or lets a cancelled ring end with 487), and hangs up
-after ``talk_ms`` unless the hotline hangs up first. What it saw is read back from its scenario log as
-(event, timestamp) pairs: RINGING, CANCELLED, ANSWERED.
+after ``talk_ms`` unless the hotline hangs up first. Given ``play`` (a libpcap capture of RTP, e.g.
+:func:`medhotline.phones.tone_pcap.tone_pcap`), it sends that audio from the answer on, as a real phone sends
+its microphone: a bridge only mixes what a phone sends, so a silent phone would hide what a barge says. What it
+saw is read back from its scenario log as (event, timestamp) pairs: RINGING, CANCELLED, ANSWERED.
 """
 
 from __future__ import annotations
@@ -30,12 +32,22 @@ class AgentEvent:
 class AgentPhone:
     """Start with :meth:`start`, stop with :meth:`stop` (or use it as a context manager)."""
 
-    def __init__(self, name: str, port: int, media_port: int, *, answer_after_ms: int = 500, talk_ms: int = 2000):
+    def __init__(
+        self,
+        name: str,
+        port: int,
+        media_port: int,
+        *,
+        answer_after_ms: int = 500,
+        talk_ms: int = 2000,
+        play: bytes | None = None,
+    ):
         self.name = name
         self.port = port
         self.media_port = media_port
         self.answer_after_ms = answer_after_ms
         self.talk_ms = talk_ms
+        self.play = play
         self._dir = Path(tempfile.mkdtemp(prefix=f"medhotline-agent-{name}-"))
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -53,6 +65,12 @@ class AgentPhone:
         scenario = self._dir / "agent.xml"
         text = AGENT_TEMPLATE.read_text(encoding="utf-8")
         text = text.replace("{{answer_after_ms}}", str(self.answer_after_ms)).replace("{{talk_ms}}", str(self.talk_ms))
+        play = ""
+        if self.play is not None:
+            capture = self._dir / "play.pcap"
+            capture.write_bytes(self.play)
+            play = f'\n      <exec play_pcap_audio="{capture}"/>'
+        text = text.replace("{{play}}", play)
         scenario.write_text(text, encoding="utf-8")
         args = ["sipp", "-sf", str(scenario), "-i", "127.0.0.1", "-p", str(self.port), "-mp", str(self.media_port)]
         args += ["-nostdin", "-trace_logs", "-log_file", str(self.log_path)]

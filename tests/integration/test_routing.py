@@ -28,12 +28,14 @@ from ground import db
 from ground.config import Config
 from medhotline.cli import main as cli
 from medhotline.commands.supervise import ari_client
-from medhotline.phones import Action, PhoneCall, Press
+from medhotline.phones import Action, PhoneCall, Press, place_call
 from medhotline.phones.agent import NEVER_MS, AgentPhone
+from medhotline.phones.tone_pcap import tone_pcap
 from medhotline.supervision import Supervision, Supervisor
 from routing.ari_supervision import PhoneSettings
 from routing.store import AgentStore
 from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.rtp_tap import RtpTap
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +94,10 @@ AGENTS: dict[str, tuple[str, str | None, bool]] = {
     "sup": ("supervisor", None, True),
 }
 TALK_MS = {"talker": 60_000, "sup": 60_000}
+# What the supervisor says (a tone nothing else in the hotline makes) and what the agent's microphone picks up
+# (a real phone sends audio all the time; a bridge mixes only what arrives).
+SUPERVISOR_HZ = 1777
+PLAYS = {"sup": tone_pcap(SUPERVISOR_HZ, 30), "talker": tone_pcap(425, 60, amplitude=1500)}
 ENDPOINTS = {"oncall": "8001"}
 
 
@@ -182,6 +188,7 @@ def desk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
             free_rtp_range(4),
             answer_after_ms=NEVER_MS if agent_id == "slowdoc" else 600,
             talk_ms=TALK_MS.get(agent_id, 1500),
+            play=PLAYS.get(agent_id),
         ).start()
         for agent_id in AGENTS
     }
@@ -540,3 +547,57 @@ def test_a_supervisor_whispers_to_the_agent_and_escalates_a_waiting_call(desk: D
     (record,) = desk.new_calls(before, 1)
     queue_path = [(s.node, s.edge, s.input) for s in desk.hotline.repo.steps(record.id) if s.flow == "queue"]
     assert queue_path[:2] == [("queued", "general", "normal"), ("reclassified", "emergency", "supervisor")]
+
+
+@pytest.mark.parametrize("mode", ["whisper", "barge"])
+def test_the_supervisors_voice_reaches_the_agent_only_in_whisper_and_both_in_barge(desk: Desk, mode: str) -> None:
+    """RTP checked on the wire: the supervisor's phone sends a 1777 Hz tone; the packets Asterisk sends to the
+    agent's and the patient's phone are decoded and the tone looked for (a loopback capture, outside the media
+    path). Whisper: the agent's phone gets the tone, the patient's none of it. Barge: both get it."""
+    config = desk.hotline.config
+    desk.ready("talker")
+    before = desk.hotline.call_ids()
+    patient_media = free_rtp_range(4)
+    pending = desk.pool.submit(
+        place_call, target_host="127.0.0.1", target_port=config.asterisk.sip_port, service=config.hotline.number,
+        local_port=free_port(socket.SOCK_DGRAM), media_port=patient_media, caller=CALLER,
+        presses=[Press(300, KEYS["general"])], hang_up_after_ms=9000,
+    )  # fmt: skip
+    (call_id,) = desk.wait_queued("general", 1)
+    deadline = time.monotonic() + 20
+    while ("talker", "answered") not in desk.rings(call_id):
+        assert time.monotonic() < deadline, "the agent did not answer"
+        time.sleep(0.1)
+    ports = {patient_media: "patient", desk.phones["talker"].media_port: "agent"}
+
+    async def step_in(tap: RtpTap) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]]]:
+        engine = db.make_engine(config.database_url)
+        ari = ari_client(config)
+        try:
+            await asyncio.sleep(1.0)
+            unsupervised = tap.counts()  # the conversation alone: no tone anywhere
+            tap.reset()
+            supervision = Supervision(engine, AuditLog(SqlAuditStore(engine)), ari, lambda: datetime.now(UTC),
+                                      PhoneSettings(caller_id=config.hotline.number, poll_seconds=0.2))  # fmt: skip
+            _, watching = await supervision.step_in(Supervisor("sup"), mode, call_id, "coaching on the script")
+            await asyncio.sleep(3.0)
+            supervised = tap.counts()
+            await asyncio.wait_for(watching, timeout=30)
+            return unsupervised, supervised
+        finally:
+            await ari.aclose()
+            engine.dispose()
+
+    with RtpTap(ports, SUPERVISOR_HZ) as tap:
+        unsupervised, supervised = asyncio.run(step_in(tap))
+    assert pending.result(timeout=60).succeeded
+    desk.new_calls(before, 1)
+    # (packets, packets carrying the tone) per phone. Both phones receive audio throughout.
+    assert min(unsupervised["agent"][0], unsupervised["patient"][0]) > 20, unsupervised
+    assert unsupervised["agent"][1] == unsupervised["patient"][1] == 0, unsupervised
+    assert min(supervised["agent"][0], supervised["patient"][0]) > 100, supervised
+    assert supervised["agent"][1] > 50, f"the agent did not hear the supervisor: {supervised}"
+    if mode == "whisper":
+        assert supervised["patient"][1] == 0, f"the patient heard the whisper: {supervised}"
+    else:
+        assert supervised["patient"][1] > 50, f"the patient did not hear the barge: {supervised}"

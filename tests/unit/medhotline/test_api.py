@@ -4,17 +4,19 @@ each request, and no patient identifier in any response."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import pytest
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
+from starlette.routing import Route
 
 from compliance.access_records import AccessSession, Actor
 from compliance.access_store import freeze_account
@@ -190,10 +192,10 @@ async def test_supervisor_actions_are_decided_under_the_supervision_kind_only(en
                                          headers={"Authorization": f"Bearer {token}"})  # fmt: skip
             assert response.status_code == status, (account, body, response.text)
             added = [json.loads(e.details) for e in _entries(engine)[before:]]
-            # A refusal is audited by the policy under the supervision kind (never a statistics read); nothing
-            # is audited as done.
+            # A refusal, by role or for want of a reason, is audited by the policy under the supervision kind
+            # (never a statistics read); nothing is audited as done.
             assert [(d.get("kind"), d.get("attempted", "change")) for d in added] == (
-                [("supervision", "change")] if status == 403 else []
+                [("supervision", "change")] if status in (400, 403) else []
             )
         assert ari.acted == []
         headers = {"Authorization": f"Bearer {tokens['sup.wang']}"}
@@ -274,3 +276,121 @@ def test_a_non_loopback_bind_needs_tls(tmp_path: Path) -> None:
     (tmp_path / "cert.pem").write_text("x")
     (tmp_path / "key.pem").write_text("x")
     check_bind("10.1.2.3", tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+# -- every route × every caller, from the app's own route table ---------------------------------------------------
+PUBLIC = "public"  # needs no session: sign-in, sign-out, the OpenAPI document, the page (which holds no data)
+READERS = frozenset({"sup.wang", "admin.zhao", "aud.chen"})
+SUPERVISORS = frozenset({"sup.wang"})
+PAUSE = json.dumps({"agent_id": "nurse.li", "reason": "coaching the new agent on the script"}).encode()
+# (method, route path) → (the request made, who is allowed). A new route without a row fails the test.
+ROUTE_TABLE: dict[tuple[str, str], tuple[str, bytes, frozenset[str] | str]] = {
+    ("POST", "/api/login"): ("/api/login", b"{}", PUBLIC),
+    ("POST", "/api/logout"): ("/api/logout", b"", PUBLIC),
+    ("GET", "/api/openapi.json"): ("/api/openapi.json", b"", PUBLIC),
+    ("GET", "/"): ("/", b"", PUBLIC),
+    ("GET", "/wallboard"): ("/wallboard", b"", PUBLIC),
+    ("GET", "/api/queues"): ("/api/queues", b"", READERS),
+    ("GET", "/api/agents"): ("/api/agents", b"", READERS),
+    ("GET", "/api/statistics"): ("/api/statistics", b"", READERS),
+    ("GET", "/api/calls"): ("/api/calls", b"", READERS),
+    ("GET", "/api/calls/{call_id}"): ("/api/calls/call-waiting-1", b"", READERS),
+    ("GET", "/api/flows"): ("/api/flows", b"", READERS),
+    ("POST", "/api/flows/validate"): ("/api/flows/validate", b"flow: x\n", READERS),
+    ("GET", "/api/wallboard/events"): ("/api/wallboard/events", b"", READERS),
+    ("POST", "/api/supervise/{action}"): ("/api/supervise/pause", PAUSE, SUPERVISORS),
+}
+
+
+async def _asgi(app: object, method: str, path: str, token: str | None, body: bytes) -> int:
+    """One request straight through ASGI; the client goes away after the first part of the body (an event
+    stream never ends by itself). Returns the status."""
+    headers = [(b"content-type", b"application/json")]
+    if token is not None:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+             "client": ("127.0.0.1", 1), "server": ("test", 80)}  # fmt: skip
+    sent: list[dict[str, object]] = []
+    gone = asyncio.Event()
+    requested = False
+
+    async def receive() -> dict[str, object]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            gone.set()
+
+    await asyncio.wait_for(cast(Any, app)(scope, receive, send), timeout=10)
+    (start,) = [m for m in sent if m["type"] == "http.response.start"]
+    return cast(int, start["status"])
+
+
+async def test_every_route_by_every_caller_is_refused_or_allowed_and_each_refusal_audited(engine: Engine) -> None:
+    """Over the app's route table: no session and a closed session get 401, a role the policy refuses 403, each
+    refusal with exactly one ``denied`` audit entry naming who; allowed callers pass (2xx) and nothing is denied."""
+    secrets = _secrets(engine)
+    _calls(engine)
+    ari = FakeAri(engine, {})
+    supervision = Supervision(engine, AuditLog(SqlAuditStore(engine)), cast(AriClient, ari),
+                              lambda: datetime.now(UTC), PhoneSettings(poll_seconds=0.01))  # fmt: skip
+    settings = ApiSettings(engine=engine, statistics=StatsSettings(), flows_dir=FLOWS_DIR, supervision=supervision)
+    app = create_app(settings)
+    routes = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
+    assert routes == set(ROUTE_TABLE), "every route needs a row here (who may call it)"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        tokens: dict[str, str | None] = {a: await _login(client, a, secrets) for a in ROLES}
+        closed = await _login(client, "admin.zhao", {})
+        assert (await client.post("/api/logout", headers={"Authorization": f"Bearer {closed}"})).status_code == 200
+    callers: dict[str, str | None] = {"anonymous": None, "closed-session": closed, **tokens}
+    for (method, _), (path, body, allowed) in sorted(ROUTE_TABLE.items()):
+        if allowed == PUBLIC:
+            continue
+        for caller, token in callers.items():
+            before = len(_entries(engine))
+            status = await _asgi(app, method, path, token, body)
+            added = _entries(engine)[before:]
+            denied = [e for e in added if e.action == "denied"]
+            where = (method, path, caller, status, [(e.actor, e.action, e.details) for e in added])
+            if caller in allowed:
+                assert 200 <= status < 300, where
+                assert added, where
+                assert not denied, where
+                continue
+            assert status == (403 if caller in ROLES else 401), where
+            assert len(added) == len(denied) == 1, where
+            assert denied[0].actor == {"anonymous": "anonymous", "closed-session": "admin.zhao"}.get(caller, caller)
+    assert [a[1] for a in ari.acted] == [], "pause goes to the database, not Asterisk"
+
+
+async def test_supervise_refuses_by_role_before_anything_else(engine: Engine) -> None:
+    """Without Asterisk (503) and without a reason or a body (400), a non-supervisor still gets 403 (audited); a
+    supervisor gets the 400 and the 503."""
+    secrets = _secrets(engine)
+    async with await _client(engine) as client:
+        tokens = {a: await _login(client, a, secrets) for a in ("nurse.li", "sup.wang")}
+        for account, body, status in (
+            ("nurse.li", {"agent_id": "nurse.li", "reason": "coaching the new agent on the script"}, 403),
+            ("nurse.li", {"agent_id": "nurse.li"}, 403),
+            ("nurse.li", None, 403),
+            ("sup.wang", {"agent_id": "nurse.li"}, 400),
+            ("sup.wang", {"agent_id": "nurse.li", "reason": "why not"}, 400),
+            ("sup.wang", {"agent_id": "nurse.li", "reason": "coaching the new agent on the script"}, 503),
+        ):
+            before = len(_entries(engine))
+            response = await client.post("/api/supervise/pause", json=body,
+                                         headers={"Authorization": f"Bearer {tokens[account]}"})  # fmt: skip
+            assert response.status_code == status, (account, body, response.text)
+            added = _entries(engine)[before:]
+            if status == 403:
+                assert [(e.actor, e.action) for e in added] == [(account, "denied")]
+            assert not [e for e in added if e.action == "change"]
+        nurse = {"Authorization": f"Bearer {tokens['nurse.li']}"}
+        assert (await client.post("/api/supervise/no-such-action", json={}, headers=nurse)).status_code == 403

@@ -105,7 +105,11 @@ async def test_a_missing_or_unusable_reason_is_refused_before_anything_is_done(
         await supervision.step_in(SUP, "whisper", "call-1", reason)
     assert caught.value.problem == "bad_request"
     assert ari.acted == []
-    assert _supervision_entries(engine) == []
+    # Refused by the policy for want of a reason (audited as a denial), without the unusable text itself.
+    entries = _supervision_entries(engine)
+    assert [e.action for e in entries] == ["denied"]
+    assert not entries[0].reason
+    assert "13812345678" not in entries[0].details
 
 
 async def test_anyone_but_a_supervisor_is_refused_and_the_refusal_audited(engine: Engine) -> None:

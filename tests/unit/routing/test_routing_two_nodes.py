@@ -95,6 +95,13 @@ async def test_two_nodes_never_ring_one_agent_for_two_calls(database_url: str) -
     try:
         callers = [caller(node, f"{node.settings.node}-{n}") for node in nodes for n in range(CALLS_PER_NODE)]
         await asyncio.wait_for(asyncio.gather(*callers), timeout=120)
+        # The last wrap-ups release their agents on a timer after `finished` returns: let them run before the
+        # nodes stop, or a loaded machine stops a node with a release still pending.
+        reader = AgentStore(sessionmaker(engines[0], expire_on_commit=False))
+        for _ in range(200):
+            if all(view.reserved_call_id is None for view in reader.routing_snapshot()):
+                break
+            await asyncio.sleep(0.05)
     finally:
         for task in loops:
             task.cancel()
