@@ -1,15 +1,19 @@
 """``medhotline cluster up``: several sandbox Asterisk nodes on one machine with Kamailio in front.
 
-Each node is a sandbox instance of its own (``<instance>-node<i>``) on free ports; the front is the Kamailio
-that ``medhotline.kamailio_config`` generates for exactly those nodes. This is the one-machine picture of
+Each node is a sandbox instance of its own (``<instance>-node<i>``) on free ports, and, with ``services``, a
+``medhotline serve`` of its own (its node name, ports and log through ``MEDHOTLINE__`` variables over the same
+config file) on the one PostgreSQL of ``[database] url``; the front is the Kamailio that
+``medhotline.kamailio_config`` generates for exactly those nodes. This is the one-machine picture of
 docs/cluster.md; in production each node is a host and Kamailio runs on its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -19,9 +23,11 @@ from pathlib import Path
 
 import structlog
 
-from ground.config import Config, FrontConfig, parse_sip_address
+from ground import db
+from ground.config import ENV_PREFIX, Config, FrontConfig, parse_sip_address
 from medhotline.kamailio_config import write_front
 from medhotline.sandbox import Sandbox, SandboxError
+from medhotline.service_process import KeyServiceProcess, ServiceProcess
 
 log = structlog.get_logger(__name__)
 
@@ -73,11 +79,54 @@ def node_config(config: Config, index: int, front_host: str) -> Config:
             "sandbox": ast.sandbox.model_copy(update={"instance": f"{ast.sandbox.instance[:30]}-node{index}"}),
         }
     )
-    service = config.service.model_copy(update={"node_name": f"node{index}"})
+    log_file = config.service.log_file
+    if log_file is not None:
+        # One log per node: two processes appending JSON lines to one file would interleave them.
+        log_file = log_file.with_name(f"{log_file.stem}-node{index}{log_file.suffix}")
+    service = config.service.model_copy(update={"node_name": f"node{index}", "log_file": log_file})
+    fastagi = config.fastagi.model_copy(update={"port": free_port(socket.SOCK_STREAM, config.fastagi.host)})
     # Validated again as a whole, so a derived value that breaks a rule is reported here, not by Asterisk.
     return Config.model_validate(
-        {**config.model_dump(), "asterisk": asterisk.model_dump(), "service": service.model_dump()}
+        {
+            **config.model_dump(),
+            "asterisk": asterisk.model_dump(),
+            "service": service.model_dump(),
+            "fastagi": fastagi.model_dump(),
+        }
     )
+
+
+def node_environment(node: Config) -> dict[str, str]:
+    """The ``MEDHOTLINE__`` variables that turn the shared config file into ``node``'s (what ``node_config``
+    changed): a node's service reads the same file as the others, plus these."""
+    ast = node.asterisk
+    values: dict[tuple[str, ...], object] = {
+        ("service", "node_name"): node.service.node_name,
+        ("asterisk", "sip_port"): ast.sip_port,
+        ("asterisk", "ari_port"): ast.ari_port,
+        ("asterisk", "ami_port"): ast.ami_port,
+        ("asterisk", "rtp_start"): ast.rtp_start,
+        ("asterisk", "rtp_end"): ast.rtp_end,
+        ("asterisk", "max_calls"): ast.max_calls,
+        ("asterisk", "patient_trunk_match"): ast.patient_trunk_match,
+        ("asterisk", "sandbox", "instance"): ast.sandbox.instance,
+        ("fastagi", "port"): node.fastagi.port,
+    }
+    if node.service.log_file is not None:
+        values[("service", "log_file")] = node.service.log_file
+    return {ENV_PREFIX + "__".join(part.upper() for part in key): str(value) for key, value in values.items()}
+
+
+def services_problem(config: Config, count: int) -> str | None:
+    """Why ``count`` nodes' services cannot share this configuration's database, or None."""
+    if count > 1 and not config.database_url.startswith("postgresql"):
+        return (
+            "[database] url: the nodes' services share one database, and only PostgreSQL serves several "
+            'processes (set url = "postgresql+psycopg://..."; scripts/postgres.sh starts a private one)'
+        )
+    if count > 1 and not config.cluster.enabled:
+        return "[cluster] enabled: set it to true, or each node's service routes only its own callers"
+    return None
 
 
 def sip_options(host: str, port: int, timeout: float = 1.0) -> int | None:
@@ -107,6 +156,7 @@ def sip_options(host: str, port: int, timeout: float = 1.0) -> int | None:
 class Node:
     config: Config
     sandbox: Sandbox
+    service: ServiceProcess | None = None
 
     @property
     def sip_address(self) -> str:
@@ -116,9 +166,23 @@ class Node:
 class ClusterSandbox:
     """Start ``count`` sandbox nodes and Kamailio before them; ``down`` stops all of it, whatever started."""
 
-    def __init__(self, config: Config, count: int, directory: Path, listen: str | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        directory: Path,
+        listen: str | None = None,
+        *,
+        services: bool = False,
+        config_path: Path | None = None,
+    ) -> None:
+        """``services``: a ``medhotline serve`` per node (and one key service for all), reading ``config_path``
+        (None: the file this process read, found the same way) plus its node's ``node_environment``."""
         if count < 1:
             raise SandboxError(f"--nodes {count}: a cluster needs at least one node")
+        problem = services_problem(config, count) if services else None
+        if problem is not None:
+            raise SandboxError(problem)
         if shutil.which("kamailio") is None:
             raise SandboxError("kamailio is not installed: run `apt-get install kamailio` (scripts/bootstrap does)")
         front = config.cluster.front
@@ -132,19 +196,51 @@ class ClusterSandbox:
         self.directory = directory
         self.log_path = directory / "kamailio.log"
         self._kamailio: subprocess.Popen[bytes] | None = None
+        self.config = config
+        self.services = services
+        self.config_path = config_path
+        self._keyservice: KeyServiceProcess | None = None
 
     @property
     def front_address(self) -> str:
         return self.front.listen
 
-    def up(self, timeout: float = 15.0) -> None:
+    def up(self, timeout: float = 15.0, service_timeout: float = 60.0) -> None:
         try:
             for node in self.nodes:
                 node.sandbox.up()
+            if self.services:
+                self.start_services(service_timeout)
             self.start_front(timeout)
         except BaseException:
             self.down()
             raise
+
+    def start_services(self, timeout: float = 60.0) -> None:
+        """Migrate the shared database once, start the key service, then every node's service side by side."""
+        db.upgrade(self.config.database_url)
+        state = self.config.service.state_dir
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)  # the key service refuses a state_dir others can read
+        # One key service for the machine: every node's service reaches it through the shared state_dir.
+        self._keyservice = KeyServiceProcess(self.config, self.config_path, state / "keyservice.stdout")
+        self._keyservice.start()
+        for node in self.nodes:
+            log_path = state / f"service-{node.config.service.node_name}.stdout"
+            node.service = ServiceProcess(node.config, self.config_path, log_path, node_environment(node.config))
+            node.service.launch()
+        for node in self.nodes:
+            if node.service is not None:
+                node.service.wait_ready(timeout)
+        log.info("cluster.services_up", nodes=[n.config.service.node_name for n in self.nodes])
+
+    def kill_node(self, node: Node) -> None:
+        """SIGKILL the node's service and its Asterisk, as a power cut would. ``down`` still cleans up."""
+        if node.service is not None:
+            node.service.kill()
+        pid = node.sandbox.pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def start_front(self, timeout: float = 15.0) -> None:
         cfg = write_front(self.front, self.directory)
@@ -180,8 +276,18 @@ class ClusterSandbox:
             proc.kill()
             proc.wait()
 
-    def down(self) -> None:
+    def down(self) -> dict[str, int]:
+        """Stop all of it; the exit code of every node's service that was running (0: a clean stop)."""
         self.stop_front()
+        codes: dict[str, int] = {}
+        for node in self.nodes:
+            service, node.service = node.service, None
+            if service is not None and service.proc is not None:
+                codes[node.config.service.node_name] = service.stop()
+        keyservice, self._keyservice = self._keyservice, None
+        if keyservice is not None:
+            keyservice.stop()
         for node in self.nodes:
             with contextlib.suppress(SandboxError):
                 node.sandbox.down()
+        return codes

@@ -53,8 +53,18 @@ class ServiceProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        self.proc = _spawn("serve", self.config_path, self.log_path, self.env)
+        self.launch()
         self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process and return at once: several services boot side by side, then ``wait_ready``."""
+        self.proc = _spawn("serve", self.config_path, self.log_path, self.env)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or a power cut would: nothing is finished or closed by the service itself."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         sandbox = Sandbox(self.config)

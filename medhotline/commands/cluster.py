@@ -15,6 +15,7 @@ from ground.errors import EXIT_OK, CommandError
 from medhotline.cluster_sandbox import ClusterSandbox
 from medhotline.kamailio_config import CONFIG_NAME, FrontConfigError, write_front
 from medhotline.prompts import build_prompts
+from medhotline.sandbox import SandboxError
 
 
 def _config(config: Config, args: argparse.Namespace) -> int:
@@ -38,23 +39,31 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def _up(config: Config, args: argparse.Namespace) -> int:
     directory = Path(tempfile.mkdtemp(prefix="medhotline-front-"))
-    cluster = ClusterSandbox(config, args.nodes, directory, listen=args.listen)
-    # The nodes' dialplans play the unavailable prompt when no service is connected; render what is missing.
+    services = not args.asterisk_only
+    try:
+        # The services read the same file as this process (found the same way) plus their node's variables.
+        cluster = ClusterSandbox(config, args.nodes, directory, listen=args.listen, services=services)
+    except SandboxError as exc:
+        raise CommandError(f"cluster up: {exc}") from None
+    # The flows' prompts, and the unavailable prompt a node plays without a service; render what is missing.
     build_prompts(cluster.nodes[0].config)
     signal.signal(signal.SIGTERM, _interrupt)
     cluster.up()
     try:
         for node in cluster.nodes:
             ast = node.config.asterisk
+            serving = f"  service log {node.service.log_path}" if node.service is not None else ""
             print(
                 f"node {node.config.service.node_name}: sandbox {ast.sandbox.instance!r} SIP udp {node.sip_address}"
-                f"  ARI {ast.host}:{ast.ari_port}  AMI {ast.host}:{ast.ami_port}"
+                f"  ARI {ast.host}:{ast.ari_port}  AMI {ast.host}:{ast.ami_port}{serving}"
             )
         print(f"front: Kamailio on udp {cluster.front_address} ({CONFIG_NAME} in {directory}); Ctrl-C stops all")
         while True:
             time.sleep(3600)
     finally:
-        cluster.down()
+        for name, code in cluster.down().items():
+            if code != 0:
+                print(f"node {name}: its service exited with {code}; see its log")
         print("cluster stopped")
 
 
@@ -70,7 +79,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cfg = actions.add_parser("config", help="generate kamailio.cfg + dispatcher.list from [cluster.front]")
     cfg.add_argument("--out", type=Path, default=Path("kamailio"), help="directory to write into (default ./kamailio)")
     cfg.add_argument("--check", action="store_true", help="also run `kamailio -c` on the result")
-    up = actions.add_parser("up", help="start N sandbox Asterisk nodes and Kamailio before them (until Ctrl-C)")
+    up = actions.add_parser(
+        "up", help="start N sandbox nodes (Asterisk + medhotline service each) and Kamailio before them (until Ctrl-C)"
+    )
+    up.add_argument(
+        "--asterisk-only",
+        action="store_true",
+        help="no medhotline service on the nodes (their dialplans answer alone); no PostgreSQL needed",
+    )
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     up.add_argument("--listen", help="the front's host:port (default cluster.front.listen)")
     cluster.set_defaults(func=_command)

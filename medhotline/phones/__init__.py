@@ -114,8 +114,28 @@ _HANG_UP = """
 """
 
 
-def patient_scenario(actions: Sequence[Action], hang_up_after_ms: int | None) -> str:
-    """The patient scenario XML: keys and speech, then listening (None) or hanging up after a pause."""
+# Through a SIP proxy (Kamailio before several nodes): keep the Record-Route of the 200 OK and send ACK and BYE
+# along it to the node's Contact, instead of to the address the INVITE went to (the proxy would not know them).
+_DIRECT_ACK = "ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0"
+_DIRECT_BYE = "BYE sip:[service]@[remote_ip]:[remote_port] SIP/2.0"
+_ANSWER = '<recv response="200" rtd="true">'
+
+
+def _through_proxy(scenario: str) -> str:
+    for direct, routed in (
+        (_ANSWER, '<recv response="200" rtd="true" rrs="true">'),
+        (_DIRECT_ACK, "ACK [next_url] SIP/2.0\n      [routes]"),
+        (_DIRECT_BYE, "BYE [next_url] SIP/2.0\n      [routes]"),
+    ):
+        scenario = scenario.replace(direct, routed)
+    return scenario
+
+
+def patient_scenario(actions: Sequence[Action], hang_up_after_ms: int | None, *, proxied: bool = False) -> str:
+    """The patient scenario XML: keys and speech, then listening (None) or hanging up after a pause.
+
+    ``proxied``: the call goes through a SIP proxy that record-routes (the cluster's Kamailio front).
+    """
     steps = []
     for action in actions:
         steps.append(f'  <pause milliseconds="{action.after_ms}"/>')
@@ -125,7 +145,8 @@ def patient_scenario(actions: Sequence[Action], hang_up_after_ms: int | None) ->
             steps.append(f'  <nop><action><exec rtp_stream="{action.wav},1,0"/></action></nop>')
     ending = _LISTEN if hang_up_after_ms is None else _HANG_UP.format(ms=hang_up_after_ms)
     template = PATIENT_TEMPLATE.read_text(encoding="utf-8")
-    return template.replace("{{presses}}", "\n".join(steps) + "\n").replace("{{ending}}", ending)
+    scenario = template.replace("{{presses}}", "\n".join(steps) + "\n").replace("{{ending}}", ending)
+    return _through_proxy(scenario) if proxied else scenario
 
 
 def speech_wav(text: str, voice: str, target: Path, *, trailing_silence: float = 1.5) -> Path:
@@ -157,17 +178,19 @@ def place_call(
     presses: Sequence[Action] = (),
     hang_up_after_ms: int | None = None,
     timeout: float = 150.0,
+    proxied: bool = False,
 ) -> PhoneCall:
     """Run one patient call to completion and report what the phone saw.
 
     The patient presses keys and speaks (``presses``), then listens until the hotline hangs up, or hangs up itself
-    ``hang_up_after_ms`` after the last key (or after the answer, without keys).
+    ``hang_up_after_ms`` after the last key (or after the answer, without keys). ``proxied``: ``target_*`` is a
+    record-routing SIP proxy (``patient_scenario``).
     """
     if shutil.which("sipp") is None:
         raise PhoneError("sipp is not installed: run `apt-get install sip-tester`")
     with tempfile.TemporaryDirectory(prefix="medhotline-sipp-") as tmp:
         scenario_path = Path(tmp) / "patient.xml"
-        scenario_path.write_text(patient_scenario(presses, hang_up_after_ms), encoding="utf-8")
+        scenario_path.write_text(patient_scenario(presses, hang_up_after_ms, proxied=proxied), encoding="utf-8")
         log_file = Path(tmp) / "messages.log"
         err_file = Path(tmp) / "errors.log"
         args = [

@@ -1,0 +1,271 @@
+"""Two nodes, each an Asterisk AND a medhotline service, behind Kamailio, on one PostgreSQL (``cluster up``'s
+``ClusterSandbox(services=True)``): one queue for both (an emergency on A goes before an older normal call on
+B), calls through the front are handled by both services, and when node B's service and Asterisk are killed
+(SIGKILL) during calls, node A takes everything over.
+
+The agents' SIPp phones have static contacts that both nodes dial. Which node handled a call is the record's
+``node``; which node rang an agent is the ring's ``node``. The lease is 3 s here (takeover at most 4 s after the
+last renewal) so the 10 s of the issue's criterion leave room on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import sessionmaker
+
+from ground import db
+from ground.config import Config, load_config
+from medhotline.cluster_sandbox import ClusterSandbox, Node
+from medhotline.phones import PhoneCall, Press, place_call
+from medhotline.phones.agent import AgentPhone
+from medhotline.prompts import build_prompts
+from routing.store import AgentStore, RingRecord
+
+from .conftest import CALLER, check_prerequisites, free_port, free_rtp_range, unavailable, write_config
+from .test_routing import DESK, KEYS, ROUTING
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+AGENTS = ("gen1", "gen2")
+# Every category open to every agent (the agents here hold no licence), no escalation: the order of answers is
+# the cluster queue's alone.
+RULES = "".join(
+    f"{category}: {{}}\n"
+    for category in (
+        "emergency",
+        "diagnosis",
+        "medication",
+        "adverse_reaction",
+        "vaccination",
+        "triage",
+        "appointment",
+        "general",
+    )
+)
+LEASE = 3
+# The issue's bound: within 10 s of the kill, B's calls are closed and its agents ring again from A.
+WITHIN = 10.0
+CLUSTER = f"""
+[cluster]
+enabled = true
+lease_seconds = {LEASE}
+
+[cluster.front]
+listen = "127.0.0.1:{{front_port}}"
+"""
+
+
+class Cluster:
+    def __init__(self, sandbox: ClusterSandbox, config: Config) -> None:
+        self.sandbox = sandbox
+        self.config = config
+        self.engine = db.make_engine(config.database_url)
+        sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.repo = db.CallRepository(sessions)
+        self.store = AgentStore(sessions)
+        self.pool = ThreadPoolExecutor(max_workers=6)
+
+    def call(self, hang_up_after_ms: int, category: str = "general", node: Node | None = None) -> Future[PhoneCall]:
+        """A call through the front (or straight to ``node``'s Asterisk); the patient presses ``category``'s key,
+        then hangs up ``hang_up_after_ms`` later."""
+        front = self.sandbox
+        host, port = (
+            (front.front_host, front.front_port) if node is None else ("127.0.0.1", node.config.asterisk.sip_port)
+        )
+        return self.pool.submit(
+            place_call,
+            target_host=host,
+            target_port=port,
+            service=self.config.hotline.number,
+            local_port=free_port(socket.SOCK_DGRAM),
+            media_port=free_rtp_range(4),
+            caller=CALLER,
+            presses=[Press(300, KEYS[category])],
+            hang_up_after_ms=hang_up_after_ms,
+            timeout=40,
+            proxied=node is None,
+        )
+
+    def routed(self, before: set[str], category: str) -> list[db.CallRecord]:
+        """New calls whose caller reached the flow's ``category`` node (the route to that queue)."""
+        return [r for r in self.records(before) if any(step.node == category for step in self.repo.steps(r.id))]
+
+    def records(self, before: set[str]) -> list[db.CallRecord]:
+        return sorted((r for r in self.repo.list_recent(200) if r.id not in before), key=lambda r: r.started_at)
+
+    def record(self, call_id: str) -> db.CallRecord:
+        record = self.repo.get(call_id)
+        assert record is not None, call_id
+        return record
+
+    def rings(self, records: list[db.CallRecord]) -> list[RingRecord]:
+        return [ring for record in records for ring in self.store.rings(record.id)]
+
+
+def wait_for(what: str, condition: Callable[[], bool], deadline: float) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within the time allowed: {what}")
+        time.sleep(0.2)
+
+
+def add_agents(config: Config, phones: dict[str, AgentPhone]) -> None:
+    db.upgrade(config.database_url)
+    engine = db.make_engine(config.database_url)
+    try:
+        store = AgentStore(sessionmaker(engine, expire_on_commit=False))
+        now = datetime.now(UTC)
+        for agent_id in AGENTS:
+            store.add_agent_with_account(agent_id, agent_id, ["agent"], agent_id, now, contact=phones[agent_id].contact)
+    finally:
+        engine.dispose()
+
+
+def endpoints_configured(node: Node) -> bool:
+    """The node's service wrote the agents' PJSIP endpoints into its Asterisk: it can dial them."""
+    out = node.sandbox.cli_output("pjsip show endpoints")
+    return all(f" {agent}/" in out for agent in AGENTS)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
+    check_prerequisites()
+    if shutil.which("kamailio") is None:
+        unavailable("kamailio is not installed (scripts/bootstrap installs it)")
+    rules = tmp_path / "routing.yaml"
+    rules.write_text(RULES, encoding="utf-8")
+    extra = ROUTING.format(rules=rules) + CLUSTER.format(front_port=free_port(socket.SOCK_DGRAM))
+    extra += f'\n[database]\nurl = "{postgres_url}"\n'
+    path = write_config(tmp_path, f"nodes{os.getpid()}", extra, flow="routing_desk", extra_flows=(DESK,))
+    config = load_config(path, environ={})
+    phones = {
+        agent: AgentPhone(agent, free_port(socket.SOCK_DGRAM), free_rtp_range(4), answer_after_ms=500, talk_ms=60_000)
+        for agent in AGENTS
+    }
+    front = ClusterSandbox(config, 2, tmp_path / "front", services=True, config_path=path)
+    build_prompts(front.nodes[0].config)
+    try:
+        for phone in phones.values():
+            phone.start()
+        add_agents(config, phones)
+        front.up()
+        running = Cluster(front, config)
+        deadline = time.monotonic() + 30
+        for node in front.nodes:
+            wait_for(
+                f"agent endpoints on {node.config.service.node_name}", partial(endpoints_configured, node), deadline
+            )
+        try:
+            yield running
+        finally:
+            running.pool.shutdown(wait=True)
+            running.engine.dispose()
+    finally:
+        codes = front.down()
+        for phone in phones.values():
+            phone.stop()
+        for node in front.nodes:
+            shutil.rmtree(node.sandbox.instance_dir, ignore_errors=True)
+    # The survivor stops cleanly (SIGTERM, its calls finished); the killed node's exit code is SIGKILL's.
+    assert codes.get("node1") == 0, f"node1's service exited with {codes}; see {tmp_path}"
+
+
+def test_calls_spread_over_two_services_and_a_killed_node_is_taken_over(cluster: Cluster) -> None:
+    node_a, node_b = cluster.sandbox.nodes
+    name_a, name_b = node_a.config.service.node_name, node_b.config.service.node_name
+
+    # (c) One queue for both nodes: a normal caller waits on node B, then an emergency arrives on node A (each
+    # straight to its node). The one agent who becomes free is rung for the emergency, by node A.
+    store = cluster.store
+    for agent in AGENTS:
+        store.pause(agent, "not yet", datetime.now(UTC))
+    start = {r.id for r in cluster.repo.list_recent(200)}
+    waiting = [cluster.call(8_000, "general", node_b)]
+    deadline = time.monotonic() + 15
+    wait_for("a normal caller waiting on B", lambda: len(cluster.routed(start, "general")) == 1, deadline)
+    waiting.append(cluster.call(8_000, "emergency", node_a))
+    wait_for("an emergency waiting on A", lambda: len(cluster.routed(start, "emergency")) == 1, deadline)
+    normal, emergency = cluster.routed(start, "general")[0], cluster.routed(start, "emergency")[0]
+    assert (normal.node, emergency.node) == (name_b, name_a)
+    assert normal.started_at < emergency.started_at
+    time.sleep(0.6)  # both nodes' dispatchers have read both waiting calls (refresh_interval 0.2 s)
+    store.unpause(AGENTS[0], datetime.now(UTC))
+    wait_for("the free agent rung", lambda: bool(cluster.rings([normal, emergency])), deadline)
+    first_ring = cluster.rings([normal, emergency])
+    assert [(r.call_id, r.account_id, r.node) for r in first_ring] == [(emergency.id, AGENTS[0], name_a)]
+    store.unpause(AGENTS[1], datetime.now(UTC))
+    wait_for("the normal caller's agent rung, by B", lambda: bool(store.rings(normal.id)), deadline)
+    assert [(r.account_id, r.node) for r in store.rings(normal.id)] == [(AGENTS[1], name_b)]
+    for future in waiting:
+        future.result(timeout=40)
+    wait_for(
+        "both agents free again",
+        lambda: all(r.outcome != "in_progress" for r in cluster.records(start)),
+        time.monotonic() + 10,
+    )
+    time.sleep(1.0)  # wrap-up (0.5 s) over
+
+    # (a) Two calls a second apart: the front sends the second to the node with fewer calls, and each node's
+    # service answers its caller, queues it and has an agent (each its own) answer it.
+    before = {r.id for r in cluster.repo.list_recent(200)}
+    first = [cluster.call(hang_up_after_ms=12_000)]
+    time.sleep(1.0)
+    first.append(cluster.call(hang_up_after_ms=12_000))
+    deadline = time.monotonic() + 20
+    wait_for(
+        "both first calls answered by an agent",
+        lambda: sum(ring.outcome == "answered" for ring in cluster.rings(cluster.records(before))) == 2,
+        deadline,
+    )
+    records = cluster.records(before)
+    assert sorted(r.node for r in records) == [name_a, name_b], records
+    rings = cluster.rings(records)
+    # Each node dialled the agent for its own caller.
+    assert {(ring.node, ring.outcome) for ring in rings} == {(name_a, "answered"), (name_b, "answered")}, rings
+    lost_call = next(r for r in records if r.node == name_b)
+    b_agent = next(ring.account_id for ring in rings if ring.call_id == lost_call.id)
+
+    # (b) Node B's service and Asterisk die mid-call. New calls through the front, placed at once, are all
+    # answered by node A (the front fails over from an unanswered INVITE, then its probes take B out).
+    cluster.sandbox.kill_node(node_b)
+    killed_at = time.monotonic()
+    killed_wall = datetime.now(UTC)
+    seen = {r.id for r in records} | before
+    later = [cluster.call(hang_up_after_ms=6_000)]
+    time.sleep(1.0)
+    later.append(cluster.call(hang_up_after_ms=6_000))
+    deadline = killed_at + WITHIN
+    wait_for("B's call closed as node_lost", lambda: cluster.record(lost_call.id).outcome == "node_lost", deadline)
+    # B's agent was reserved under B's lease: freed by the takeover, A rings it for a caller A holds.
+    wait_for(
+        f"{b_agent} ringing again, from {name_a}",
+        lambda: any(
+            ring.account_id == b_agent and ring.node == name_a and ring.rung_at >= killed_wall
+            for ring in cluster.rings(cluster.records(seen))
+        ),
+        deadline,
+    )
+    closed = cluster.record(lost_call.id)
+    assert closed.ended_at is not None
+    assert name_b in (closed.error or ""), closed.error
+
+    new_calls = [future.result(timeout=60) for future in later]
+    assert all("ANSWERED" in call.stamps for call in new_calls), [call.errors[-500:] for call in new_calls]
+    new_records = cluster.records(seen)
+    assert len(new_records) == 2, new_records
+    assert {r.node for r in new_records} == {name_a}, new_records
+    # A's own first call ended normally; it was never touched by the takeover.
+    for future in first:
+        future.result(timeout=60)
+    kept = next(r for r in records if r.node == name_a)
+    assert cluster.record(kept.id).outcome not in ("node_lost", "in_progress")
