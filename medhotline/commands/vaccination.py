@@ -22,14 +22,14 @@ from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Final, Literal
 
 from compliance.access import AccessError, check_patient_id
-from compliance.audit import AuditLog, SqlAuditStore
 from ground import db
 from ground.errors import CommandError
 from ground.operator import actor_id
 from his.tables import PatientStore
 from medhotline.his_booking import send_appointment
+from scheduler.bookings import BookingDesk
 from scheduler.policy import LOCAL_TZ
-from scheduler.vaccination import VaccinationStore, audit_booking_change
+from scheduler.vaccination import VaccinationStore
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 EXIT_OK: Final = 0
 EXIT_HIS_REFUSED: Final = 1  # the HIS answered AE/AR: the hotline's booking is not confirmed
-AUDIT_ROLE: Final = "operator"
 _DATE: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _START: Final = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{1,2}):(\d{2})$")
 
@@ -92,23 +91,11 @@ def _store(config: Config) -> Iterator[tuple[VaccinationStore, Engine]]:
         yield VaccinationStore.for_engine(engine), engine
 
 
-def _audit(
-    engine: Engine,
-    actor: str,
-    operation: Literal["book", "cancel", "change"],
-    booking: BookingRecord,
-    changed_from: str | None = None,
-) -> None:
-
-    audit_booking_change(
-        AuditLog(SqlAuditStore(engine)),
-        actor=actor,
-        role=AUDIT_ROLE,
-        operation=operation,
-        booking_id=booking.id,
-        slot_id=booking.slot_id,
-        changed_from=changed_from,
-    )
+@contextmanager
+def _desk(config: Config) -> Iterator[BookingDesk]:
+    """Bookings made by staff (checked against the patient registry, audited), over the configured database."""
+    with db.current_engine(config.database_url) as engine:
+        yield BookingDesk.for_engine(engine, PatientStore.for_engine(engine))
 
 
 def _slot_line(slot: SlotRecord) -> str:
@@ -191,14 +178,12 @@ def _cmd_slots_list(config: Config, args: argparse.Namespace) -> int:
 # --- bookings ---------------------------------------------------------------------------------------------------
 
 
-def _check_patient(engine: Engine, patient_id: str) -> None:
-    """The patient must be in the registry (by opaque id; nothing is decrypted)."""
-
+def _patient_id(text: str) -> str:
+    """An opaque registry id, checked as an argument; the desk checks that the registry holds it."""
     try:
-        check_patient_id(patient_id)
+        return check_patient_id(text)
     except AccessError as exc:
         raise _error(f"--patient: {exc}") from None
-    PatientStore.for_engine(engine).ref(patient_id)
 
 
 def _to_his(config: Config, event: Literal["book", "change", "cancel"], booking: BookingRecord) -> int:
@@ -219,13 +204,10 @@ def _cmd_book(config: Config, args: argparse.Namespace) -> int:
         raise _error("--date needs --part morning or --part afternoon")
     if args.slot is not None and (args.part is not None or args.vaccine is not None):
         raise _error("--part and --vaccine go with --date, not with --slot")
-    with _store(config) as (store, engine):
-        _check_patient(engine, args.patient)
-        if args.slot is not None:
-            booking = store.book(args.patient, args.slot, _now())
-        else:
-            booking = store.book_day_part(args.patient, args.vaccine, parse_day(args.date), args.part, _now())
-        _audit(engine, actor, "book", booking)
+    patient = _patient_id(args.patient)
+    day = parse_day(args.date) if args.date is not None else None
+    with _desk(config) as desk:
+        booking = desk.book(patient, actor=actor, slot_id=args.slot, day=day, part=args.part, vaccine=args.vaccine)
     made = "booking sent to the HIS" if config.his.enabled else "booked"
     print(f"{made} {booking.id}: {booking.vaccine_name} at {booking.clinic_name}, {_local(booking.starts_at)}")
     print(_booking_line(booking))
@@ -235,12 +217,8 @@ def _cmd_book(config: Config, args: argparse.Namespace) -> int:
 def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 
     actor = actor_id(args.as_)
-    with _store(config) as (store, engine):
-        if not store.cancel(args.booking, _now(), actor):
-            state = store.booking(args.booking).state
-            raise _error(f"booking {args.booking} is {state}: nothing cancelled")
-        booking = store.booking(args.booking)
-        _audit(engine, actor, "cancel", booking)
+    with _desk(config) as desk:
+        booking = desk.cancel(args.booking, actor=actor)
     print(f"cancelled {booking.id}; its seat in slot {booking.slot_id} is free again")
     return _to_his(config, "cancel", booking)
 
@@ -248,9 +226,8 @@ def _cmd_cancel(config: Config, args: argparse.Namespace) -> int:
 def _cmd_change(config: Config, args: argparse.Namespace) -> int:
 
     actor = actor_id(args.as_)
-    with _store(config) as (store, engine):
-        booking = store.change(args.booking, args.slot, _now(), actor)
-        _audit(engine, actor, "change", booking, changed_from=args.booking)
+    with _desk(config) as desk:
+        booking = desk.change(args.booking, args.slot, actor=actor)
     print(f"booking {args.booking} changed: new booking {booking.id}, {_local(booking.starts_at)}")
     print(_booking_line(booking))
     return _to_his(config, "change", booking)

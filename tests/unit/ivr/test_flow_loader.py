@@ -343,7 +343,7 @@ def test_lenient_reload_without_previous_leaves_broken_flow_out(tmp_path: Path) 
     ]
 
 
-@pytest.mark.parametrize("name", ["snoop", "agent", "outbound", "queue"])
+@pytest.mark.parametrize("name", ["snoop", "agent", "outbound", "queue", "supervisor"])
 def test_a_flow_may_not_take_a_stasis_argument_name(tmp_path: Path, name: str) -> None:
     """The service reads the first Stasis argument as a flow name unless it is one of its own legs: a flow named
     like such a leg would be misrouted, so the checker refuses the name, naming the file and the flow."""
