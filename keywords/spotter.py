@@ -583,15 +583,18 @@ class Spotter:
                 frontier = [child for node in frontier for r in readings[end] if (child := node.children.get(r))]
                 if not frontier:
                     break
+                # Most nodes on the way hold no variant: the surface and the threshold only where one ends.
+                entries = [entry for node in frontier for entry in node.entries]
+                if not entries:
+                    continue
                 surface = text[start : end + 1]
                 # At least half the characters the same, and two of three or more (行不行 is not 喊不醒); all the
                 # same is the exact match, not a sound-alike. (Counted with map in C: this loop is the spotter's
                 # hottest.)
                 need = max(1, (len(surface) + 1) // 2)
-                for node in frontier:
-                    for entry in node.entries:
-                        if entry.variant != surface and sum(map(operator.eq, surface, entry.variant)) >= need:
-                            found.append(_Candidate(start, end + 1, entry, "homophone"))
+                for entry in entries:
+                    if entry.variant != surface and sum(map(operator.eq, surface, entry.variant)) >= need:
+                        found.append(_Candidate(start, end + 1, entry, "homophone"))
         return found
 
     def _plausible_error(self, text: str, candidate: _Candidate, starts: set[int], ends: set[int]) -> bool:
