@@ -3,7 +3,8 @@
 The receiver's rules, in the order it applies them (each failure is an :class:`Hl7Error` naming the segment and
 field, e.g. ``MSH-9``, ``PID-13``, and carrying the HL7 error code of table 0357 for the ERR segment of the NAK):
 
-- the bytes are UTF-8 (``MSH-18`` is read as ``UNICODE UTF-8``; the hotline sends nothing else);
+- the bytes are UTF-8 (``MSH-18`` is read as ``UNICODE UTF-8``; the hotline sends nothing else); one leading
+  byte order mark is not part of the message (Windows tools write it; the CDC/NIST VXU samples have it);
 - the first segment is ``MSH`` with a field separator and 4 (v2.7: 5) distinct encoding characters (``MSH-2``);
 - every segment id is three upper-case letters or digits, starting with a letter;
 - ``MSH-9`` (message code ^ trigger event), ``MSH-10`` (control id), ``MSH-11`` (processing id ``P``/``D``/``T``)
@@ -198,6 +199,8 @@ def parse(data: bytes) -> Message:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Hl7Error("MSH-18", f"message is not UTF-8 (byte {exc.start}); send UNICODE UTF-8") from None
+    # A UTF-8 byte order mark is an encoding signature, not text: without this, "\ufeffMSH" is refused as "no MSH".
+    text = text.removeprefix("\ufeff")
     # CR is the segment terminator; LF and CRLF are accepted, since files and some senders use them.
     lines = [line for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
     if not lines:
