@@ -588,6 +588,9 @@ class HisConfig(_Section):
     backoff_max: float = Field(default=60.0, gt=0, le=3600)
     # An outbox message the HIS answers AE (application error) is retried this many times, then set aside.
     outbox_max_attempts: int = Field(default=10, ge=1, le=1000)
+    # How bookings reach the HIS: "siu" tells it (SIU^S12/S13/S15, ACK answers); "srm" asks it (SRM^S01/S02/S04,
+    # SRR answers), for a HIS that is the filler of appointments and wants requests.
+    appointment_messages: Literal["siu", "srm"] = "siu"
     # The hotline's own MLLP listener, where the HIS sends ADT (demographics). listen_port unset: no listener;
     # 0: a free port (tests). TLS with listen_cert_file/listen_key_file; with listen_client_ca_file the HIS must
     # present a certificate that CA signed (mutual TLS).

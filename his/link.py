@@ -83,7 +83,8 @@ def open_his_link(config: Config, services: PatientServices, *, on_answer: Answe
         lease=max(60.0, his.reply_timeout * 3),
         on_answer=on_answer,
     )
-    producer = HisOutbound(services.registry, outbox, sender=sender, receiver=receiver)
+    producer = HisOutbound(services.registry, outbox, sender=sender, receiver=receiver,
+                           appointment_messages=his.appointment_messages)  # fmt: skip
     return HisLink(directory, outbox, pdq_client, outbox_client, producer)
 
 

@@ -33,7 +33,8 @@ READING_CODES: Final = {
 }
 
 
-def _ts(at: datetime) -> str:
+def ts(at: datetime) -> str:
+    """An HL7 DTM with its UTC offset (``YYYYMMDDHHMMSS+ZZZZ``)."""
     return at.strftime("%Y%m%d%H%M%S") + at.strftime("%z")
 
 
@@ -64,19 +65,32 @@ def build_siu(
     a = appointment
     head = header(sender=sender, receiver=receiver, at=at, message_type=("SIU", event, "SIU_S12"),
                   control_id=control_id)  # fmt: skip
-    minutes = str(max(1, int((a.ends_at - a.starts_at).total_seconds() // 60)))
+    minutes = duration_minutes(a)
     status = "Cancelled" if event == "S15" else "Booked"
     previous = a.changed_from if event == "S13" else None
     # SCH-1 placer id, -2 filler id (here: the booking replaced), -6 event reason, -11 timing, -25 status.
     sch = segment(
         "SCH", [a.booking_id, "MEDHOTLINE"], [previous, "MEDHOTLINE"] if previous else None, None, None, None,
-        [event, _REASONS[event]], None, None, None, None, ["", "", minutes, _ts(a.starts_at), _ts(a.ends_at)],
+        [event, _REASONS[event]], None, None, None, None, ["", "", minutes, ts(a.starts_at), ts(a.ends_at)],
         *([None] * 13), status,
     )  # fmt: skip
-    rgs = segment("RGS", "1", "A" if event == "S12" else "U")
-    ais = segment("AIS", "1", None, [a.service, a.service_name, "L"], _ts(a.starts_at), None, None, minutes, "min")
+    return Message((head, sch, pid_segment(patient), *resource_segments(appointment, new=event == "S12")))
+
+
+def duration_minutes(appointment: Appointment) -> str:
+    """The appointment's length in whole minutes (at least 1), as SCH-9/ARQ-9/AIS-7 carry it."""
+    return str(max(1, int((appointment.ends_at - appointment.starts_at).total_seconds() // 60)))
+
+
+def resource_segments(appointment: Appointment, *, new: bool) -> tuple[Segment, Segment, Segment]:
+    """The resource group of an SIU or SRM: ``RGS`` (A for a new booking, else U), ``AIS-3`` the service,
+    ``AIL-3`` the location."""
+    a = appointment
+    rgs = segment("RGS", "1", "A" if new else "U")
+    ais = segment("AIS", "1", None, [a.service, a.service_name, "L"], ts(a.starts_at), None, None,
+                  duration_minutes(a), "min")  # fmt: skip
     ail = segment("AIL", "1", None, [a.location])
-    return Message((head, sch, pid_segment(patient), rgs, ais, ail))
+    return rgs, ais, ail
 
 
 _REASONS: Final = {"S12": "booked on the hotline", "S13": "rescheduled on the hotline", "S15": "cancelled"}
@@ -124,7 +138,7 @@ def build_vxu(
     head = header(sender=sender, receiver=receiver, at=at, message_type=("VXU", "V04", "VXU_V04"),
                   control_id=control_id)  # fmt: skip
     orc = segment("ORC", "RE", None, [control_id, "MEDHOTLINE"])
-    given = _ts(given_at)
+    given = ts(given_at)
     # RXA-3/-4 administered, -5 the vaccine, -6 amount (999: unknown), -9 source of the information.
     rxa = segment(
         "RXA", "0", "1", given, given, [vaccine, vaccine_name, "L"], "999", None, None,
@@ -133,7 +147,7 @@ def build_vxu(
     segments: list[Segment] = [head, pid_segment(patient), orc, rxa]
     if reaction:
         segments.append(segment("OBX", "1", "CE", ["31044-1", "Reaction", "LN"], "1", ["Y", "Yes", "HL70136"],
-                                None, None, None, None, None, "F", None, None, _ts(at)))  # fmt: skip
+                                None, None, None, None, None, "F", None, None, ts(at)))  # fmt: skip
     return Message(tuple(segments))
 
 
@@ -159,7 +173,7 @@ def build_oru(
         raise ValueError("an ORU^R01 carries at least one reading")
     head = header(sender=sender, receiver=receiver, at=at, message_type=("ORU", "R01", "ORU_R01"),
                   control_id=control_id)  # fmt: skip
-    taken = _ts(taken_at)
+    taken = ts(taken_at)
     obr = segment("OBR", "1", [control_id, "MEDHOTLINE"], None, ["FOLLOWUP", "Follow-up readings", "L"],
                   None, None, taken)  # fmt: skip
     segments: list[Segment] = [head, pid_segment(patient), obr]

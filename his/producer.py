@@ -11,22 +11,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Literal
 
 from his.hl7 import Message, Party
 from his.messages import PdqPatient, new_control_id
 from his.outbound import SIU_EVENTS, Appointment, Reading, build_oru, build_siu, build_vxu
 from his.outbox import Outbox
 from his.registry import PatientRegistry
+from his.srm import SRM_EVENTS, build_srm
 from telephony.ports import AppointmentEvent, AppointmentFacts, ReadingFact, VaccinationFacts
 
+AppointmentMessages = Literal["siu", "srm"]
 ACCESSOR: Final = "his"
 ROLE: Final = "system"
 REASON: Final = "HIS message"
 
 
 class HisOutbound:
-    """Builds and queues SIU, VXU and ORU messages; returns each one's control id."""
+    """Builds and queues SIU (or SRM, with ``appointment_messages="srm"``), VXU and ORU messages; returns each
+    one's control id."""
 
     def __init__(
         self,
@@ -36,12 +39,14 @@ class HisOutbound:
         sender: Party,
         receiver: Party,
         clock: Callable[[], datetime] | None = None,
+        appointment_messages: AppointmentMessages = "siu",
     ) -> None:
         self._registry = registry
         self._outbox = outbox
         self._sender = sender
         self._receiver = receiver
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._appointment_messages = appointment_messages
 
     async def _patient(self, patient_id: str) -> tuple[PdqPatient, str, bool]:
         """The PID values, the blind id, and whether the id is the HIS's record number."""
@@ -61,8 +66,13 @@ class HisOutbound:
         a = appointment
         values = Appointment(a.booking_id, a.starts_at, a.ends_at, a.service, a.service_name, a.location,
                              a.changed_from)  # fmt: skip
-        message = build_siu(SIU_EVENTS[event], values, patient, sender=self._sender, receiver=self._receiver,
-                            at=self._clock(), control_id=new_control_id())  # fmt: skip
+        at, control_id = self._clock(), new_control_id()
+        if self._appointment_messages == "srm":
+            message = build_srm(SRM_EVENTS[event], values, patient, sender=self._sender, receiver=self._receiver,
+                                at=at, control_id=control_id)  # fmt: skip
+        else:
+            message = build_siu(SIU_EVENTS[event], values, patient, sender=self._sender, receiver=self._receiver,
+                                at=at, control_id=control_id)  # fmt: skip
         return await self._queue(_own_id(message, known), blind_id)
 
     async def readings(self, patient_id: str, readings: Sequence[ReadingFact], taken_at: datetime) -> str:

@@ -3,6 +3,8 @@ list and an appointment book.
 
 - ``QBP^Q22`` (PDQ by phone) is answered with ``RSP^K22`` from the patient list (OK with the matches, or NF).
 - ``SIU^S12/S13/S15`` are ACKed and kept in the appointment book (by SCH-1, the hotline's booking id);
+  ``SRM^S01/S02/S04`` (a hotline with ``[his] appointment_messages = "srm"``) likewise by ARQ-1, answered with
+  ``SRR`` carrying the booking as held (SCH-2 filler id ``HIS-<booking id>``, SCH-25 Booked/Cancelled);
   ``ADT``, ``VXU^V04`` and ``ORU^R01`` are ACKed and remembered by control id (a control id seen before is
   acknowledged again and not stored twice, as a real receiver drops a duplicate).
 - ``refuse`` makes it answer the next messages of a type with AE or AR (the tests of what the hotline shows).
@@ -26,13 +28,14 @@ from his.adt import build_adt
 from his.hl7 import UNSUPPORTED_MESSAGE_TYPE, Hl7Error, Message, Party
 from his.messages import Ack, PdqPatient, build_ack, build_pdq_answer, new_control_id, read_ack, read_pdq_query
 from his.outbound import read_siu
+from his.srm import build_srr, read_srm
 from his.transport import MllpClient, MllpServer
 
 log = get_logger("medhotline.his.simulator")
 
 SIMULATOR_PARTY: Final = Party("HIS", "HOSPITAL")
 HOTLINE_PARTY: Final = Party("MEDHOTLINE", "HOTLINE")
-ACCEPTED: Final = ("ADT", "SIU", "VXU", "ORU")
+ACCEPTED: Final = ("ADT", "SIU", "SRM", "VXU", "ORU")
 
 # Synthetic: made-up names and numbers from the test range, never a real person's.
 SYNTHETIC_PATIENTS: Final = (
@@ -104,13 +107,21 @@ class SimulatedHis:
         if queue:
             answer, error = queue.popleft()
             log.info("his.simulator_refused", type=message.type, control_id=message.control_id, ack=answer)
+            if code == "SRM":
+                return build_srr(message, answer, sender=self.party, at=now, error=error)
             return build_ack(message, answer, sender=self.party, at=now, error=error)
         if message.control_id not in self.received:
-            if code == "SIU":
-                siu = read_siu(message)  # an Hl7Error here is an AR naming the field (the server's rule)
+            if code in ("SIU", "SRM"):
+                # An Hl7Error here is an AR naming the field (the server's rule).
+                siu = read_siu(message) if code == "SIU" else read_srm(message)
                 self.appointments[siu.booking_id] = BookEntry(siu.event, siu.status, siu.starts_at, siu.record_number)
             self.received[message.control_id] = message.type
         log.info("his.simulator_accepted", type=message.type, control_id=message.control_id)
+        if code == "SRM":
+            # The filler's answer: the booking as the HIS now holds it (a duplicate gets the same answer).
+            booking = read_srm(message).booking_id
+            entry = self.appointments[booking]
+            return build_srr(message, "AA", sender=self.party, at=now, filler_id=f"HIS-{booking}", status=entry.status)
         return build_ack(message, "AA", sender=self.party, at=now)
 
     async def send_adt(
