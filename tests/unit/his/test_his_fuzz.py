@@ -36,6 +36,7 @@ from his.outbound import read_siu
 from his.outbox import Outbox
 from his.outbox_store import OutboxStore
 from his.simulator import HOTLINE_PARTY, SIMULATOR_PARTY, SYNTHETIC_PATIENTS, SimulatedHis
+from his.srm import read_srm, read_srr
 from his.transport import MllpServer
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]
@@ -84,8 +85,8 @@ def test_parsing_and_reading_garbage_raises_only_hl7error(data: bytes) -> None:
         message = None
         errors.append(exc)
     if message is not None:
-        for reader in (read_adt, read_pdq_query, read_siu, lambda m: read_ack(m, "MHX"),
-                       lambda m: read_pdq_answer(m, "MHX")):  # fmt: skip
+        for reader in (read_adt, read_pdq_query, read_siu, read_srm, lambda m: read_ack(m, "MHX"),
+                       lambda m: read_pdq_answer(m, "MHX"), lambda m: read_srr(m, m)):  # fmt: skip
             try:
                 reader(message)
             except Hl7Error as exc:
