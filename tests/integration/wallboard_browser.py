@@ -1,0 +1,153 @@
+"""Driving the wallboard in Debian's headless Chromium over the DevTools protocol (CDP), for the browser tests:
+``medhotline api`` as a child process, a supervisor signed in with password and TOTP, the page opened with the
+session cookie, expressions evaluated in it and screenshots kept as test artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import websockets
+
+from compliance.accounts import AccountStore
+from compliance.credentials import CredentialStore, totp_code, totp_step
+from ground import db
+
+CHROMIUM = shutil.which("chromium")
+PASSWORD = "correct horse battery"
+
+
+@contextmanager
+def api_server(config_path: Path, stderr_path: Path) -> Iterator[str]:
+    """``medhotline --config CONFIG api --port 0`` until the block ends → its base URL."""
+    errors = stderr_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "medhotline", "--config", str(config_path), "api", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=errors, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), (line, stderr_path.read_text(encoding="utf-8"))
+        yield line.split()[-1]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        assert process.stdout is not None
+        process.stdout.close()
+        errors.close()
+
+
+def add_supervisor(url: str, account: str) -> None:
+    engine = db.make_engine(url)
+    try:
+        AccountStore.for_engine(engine).add(account, "Wallboard test supervisor", ["supervisor"], datetime.now(UTC))
+    finally:
+        engine.dispose()
+
+
+def sign_in(base: str, url: str, account: str) -> str:
+    """Give ``account`` a password and a TOTP secret, sign in over the API → the session token."""
+    engine = db.make_engine(url)
+    try:
+        store = CredentialStore.for_engine(engine)
+        store.set_password(account, PASSWORD, datetime.now(UTC))
+        secret = store.enroll_totp(account, datetime.now(UTC))
+    finally:
+        engine.dispose()
+    code = totp_code(base64.b32decode(secret + "=" * (-len(secret) % 8)), totp_step(datetime.now(UTC)))
+    response = httpx.post(f"{base}/api/login", json={"account": account, "password": PASSWORD, "code": code})
+    assert response.status_code == 200, response.text
+    token = response.json()["token"]
+    assert isinstance(token, str)
+    return token
+
+
+class Cdp:
+    """One page's DevTools connection: commands in order, each awaited for its own answer."""
+
+    def __init__(self, socket: Any) -> None:
+        self._socket = socket
+        self._id = 0
+
+    async def call(self, method: str, **params: object) -> dict[str, Any]:
+        self._id += 1
+        await self._socket.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(await self._socket.recv())
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                result: dict[str, Any] = message["result"]
+                return result
+
+    async def evaluate(self, expression: str) -> Any:
+        return (await self.call("Runtime.evaluate", expression=expression, returnByValue=True))["result"].get("value")
+
+    async def until(self, expression: str, seconds: float) -> float:
+        """Seconds until ``expression`` is true on the page (AssertionError after ``seconds``)."""
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            if await self.evaluate(expression):
+                return time.monotonic() - start
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"not true within {seconds} s: {expression}")
+
+    async def screenshot(self, path: Path) -> None:
+        shot = await self.call("Page.captureScreenshot", format="png")
+        await asyncio.to_thread(_write, path, base64.b64decode(shot["data"]))
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+@asynccontextmanager
+async def wallboard(base: str, token: str, profile: Path) -> AsyncIterator[Cdp]:
+    """Headless Chromium showing ``base``/wallboard with the session cookie set, once the first snapshot is drawn."""
+    assert CHROMIUM is not None
+    browser = subprocess.Popen(  # noqa: ASYNC220 (started once, before anything awaits it)
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
+         "--window-size=1000,900", f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        port_file = profile / "DevToolsActivePort"
+        for _ in range(300):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            await asyncio.sleep(0.1)
+        port = port_file.read_text().split()[0]
+        pages = (await asyncio.to_thread(httpx.get, f"http://127.0.0.1:{port}/json/list")).json()
+        target = next(p for p in pages if p["type"] == "page")
+        async with websockets.connect(target["webSocketDebuggerUrl"], max_size=2**25) as socket:
+            cdp = Cdp(socket)
+            await cdp.call("Network.enable")
+            await cdp.call("Network.setCookie", name="medhotline_session", value=token, url=base, httpOnly=True)
+            await cdp.call("Page.navigate", url=f"{base}/wallboard")
+            await cdp.until("document.getElementById('status').textContent.startsWith('更新于')", 20)
+            yield cdp
+    finally:
+        browser.terminate()
+        browser.wait(timeout=10)
+
+
+def artifacts_dir(tmp_path: Path, name: str) -> Path:
+    """Where a test keeps its screenshots: ``$MEDHOTLINE_ARTIFACTS/NAME``, else the test's temporary directory."""
+    root = os.environ.get("MEDHOTLINE_ARTIFACTS")
+    path = Path(root) / name if root else tmp_path / "artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
