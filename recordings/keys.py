@@ -1,5 +1,8 @@
 """Recordings' own data keys under KEK rotation: counted per KEK version, and rewrapped by ``keys rewrap``.
 
+:func:`rewrap_everything` is the whole of ``keys rewrap``: the data keys through the key ring, then the
+recordings' keys, and the audit entry of the recordings' rewrap; the command only parses, calls it and prints.
+
 Each recording has a data key of its own, wrapped by the key service for ``recording:<id>`` and kept on its
 row. Recordings are kept 15 to 30 years, far longer than any key-encryption key should live, so a rotation must
 reach them too: a rewrap asks the key service to unwrap under the old KEK and wrap under the current one, and
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 from sqlalchemy import Engine, func, select, update
@@ -21,6 +24,10 @@ from compliance.keyservice_protocol import KeyServiceRefused
 from compliance.keystore import UnwrapError, wrapped_version
 from ground.db import rowcount
 from recordings.tables import Recording
+
+if TYPE_CHECKING:
+    from compliance.audit import AuditLog
+    from compliance.data_keys import DataKeyRing, RewrapReport
 
 log = structlog.get_logger(__name__)
 
@@ -91,3 +98,43 @@ async def rewrap_recordings(
     if failed:
         log.error("recording.rewrap_incomplete", failed=len(failed))
     return RecordingRewrap(current, rewrapped, tuple(failed), remaining)
+
+
+async def rewrap_everything(
+    ring: DataKeyRing,
+    engine: Engine,
+    keys: Rewrapper,
+    audit: AuditLog,
+    *,
+    actor: str,
+    role: str,
+    reason: str,
+    purpose: str | None = None,
+    limit: int | None = None,
+) -> tuple[RewrapReport, RecordingRewrap | None]:
+    """``keys rewrap``: the data keys (audited by the ring), then, unless ``purpose`` names another store, each
+    recording's own key, with one ``key_operation`` entry when anything changed or failed. ``None`` for the
+    recordings when they were not asked for."""
+    report = await ring.rewrap_all(actor=actor, role=role, reason=reason, purpose=purpose, limit=limit)
+    if purpose not in (None, "recordings"):
+        return report, None
+    # Each recording's own key, kept on its row (recordings are kept 15-30 years: rotation must reach them).
+    recordings = await rewrap_recordings(engine, keys, report.kek_version, limit=limit)
+    if not (recordings.rewrapped or recordings.failed):
+        return report, recordings  # nothing changed: nothing to audit
+    await asyncio.to_thread(
+        audit.append,
+        actor=actor,
+        role=role,
+        action="key_operation",
+        outcome="success" if not recordings.failed else "error",
+        reason=reason,
+        details={
+            "operation": "rewrap_recordings",
+            "kek_version": recordings.kek_version,
+            "rewrapped": recordings.rewrapped,
+            "failed": list(recordings.failed),
+            "remaining": recordings.remaining,
+        },
+    )
+    return report, recordings

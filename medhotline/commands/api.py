@@ -17,11 +17,9 @@ from pathlib import Path
 
 import uvicorn
 
-from compliance.access import primary_role
 from compliance.access_records import cli_actor
-from compliance.accounts import AccountStore
 from compliance.audit import AuditLog, SqlAuditStore
-from compliance.credentials import CredentialError, CredentialStore, totp_uri
+from compliance.credential_admin import SignInAdministration
 from ground import db
 from ground.config import Config
 from ground.errors import CommandError
@@ -88,30 +86,17 @@ def _cmd_credentials(config: Config, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     actor = cli_actor(args.by)
     with db.current_engine(config.database_url) as engine:
-        accounts = AccountStore.for_engine(engine)
-        account = accounts.find(args.account)
-        if account is None:
-            raise CommandError(f"no account {args.account!r}")
-        store = CredentialStore.for_engine(engine)
-        try:
-            if args.action == "password":
-                # From stdin, never an argument: an argument is visible to every user in the process list.
-                password = sys.stdin.readline().rstrip("\n")
-                store.set_password(account.id, password, now)
-                shown = f"password of {account.id} set"
-            else:
-                secret = store.enroll_totp(account.id, now)
-                shown = f"second factor of {account.id} enrolled; add it to the authenticator app:\n" + totp_uri(
-                    secret, account.id
-                )
-        except CredentialError as exc:
-            raise CommandError(str(exc)) from None
-        role = primary_role(accounts.get(actor.id).roles) if actor.kind == "account" else actor.kind
-        AuditLog(SqlAuditStore(engine)).append(
-            actor=actor.id, role=role, action="permission_change", outcome="success",
-            details={"account": account.id, "credential": args.action},
-        )  # fmt: skip
-    print(shown)
+        desk = SignInAdministration.for_engine(engine)
+        if args.action == "password":
+            # From stdin, never an argument: an argument is visible to every user in the process list.
+            password = sys.stdin.readline().rstrip("\n")
+            change = desk.set_password(args.account, password, actor=actor, at=now)
+        else:
+            change = desk.enroll_totp(args.account, actor=actor, at=now)
+    if change.totp_uri is None:
+        print(f"password of {change.account_id} set")
+    else:
+        print(f"second factor of {change.account_id} enrolled; add it to the authenticator app:\n{change.totp_uri}")
     return 0
 
 

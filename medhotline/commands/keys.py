@@ -28,7 +28,7 @@ from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import DataKeyRing, DataKeyStore, check_purpose, key_service_for
 from ground import db
 from ground.operator import actor_id
-from recordings.keys import RecordingRewrap, counts_by_kek_version, rewrap_recordings
+from recordings.keys import RecordingRewrap, counts_by_kek_version, rewrap_everything
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -120,31 +120,10 @@ def _cmd_rewrap(config: Config, args: argparse.Namespace) -> int:
     actor = actor_id(args.as_)
 
     async def work(keyed: KeyedDatabase) -> tuple[RewrapReport, RecordingRewrap | None]:
-        report = await keyed.ring.rewrap_all(
-            actor=actor, role=ADMIN_ROLE, reason=args.reason, purpose=args.purpose, limit=args.limit
-        )
-        if args.purpose not in (None, "recordings"):
-            return report, None
-        # Each recording's own key, kept on its row (recordings are kept 15-30 years: rotation must reach them).
-        recordings = await rewrap_recordings(keyed.engine, keyed.keys, report.kek_version, limit=args.limit)
-        if not (recordings.rewrapped or recordings.failed):
-            return report, recordings  # nothing changed: nothing to audit
-        await asyncio.to_thread(
-            keyed.audit.append,
-            actor=actor,
-            role=ADMIN_ROLE,
-            action="key_operation",
-            outcome="success" if not recordings.failed else "error",
-            reason=args.reason,
-            details={
-                "operation": "rewrap_recordings",
-                "kek_version": recordings.kek_version,
-                "rewrapped": recordings.rewrapped,
-                "failed": list(recordings.failed),
-                "remaining": recordings.remaining,
-            },
-        )
-        return report, recordings
+        return await rewrap_everything(
+            keyed.ring, keyed.engine, keyed.keys, keyed.audit,
+            actor=actor, role=ADMIN_ROLE, reason=args.reason, purpose=args.purpose, limit=args.limit,
+        )  # fmt: skip
 
     report, recordings = run_keyed(config, work)
     print(

@@ -12,17 +12,16 @@ patient of the current call, break-glass) and frozen state are read at the momen
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from compliance.access_store import AccessControl, registry_authorizer
-from compliance.accounts import ACCOUNT_ID, AccountStore
+from compliance.accounts import ACCOUNT_ID
 from ground.errors import CommandError
 from ground.operator import actor_id
+from his.reading import read_patient
 from his.registry import PatientInput, PatientInputError, PatientRegistry, check_patient_id
 from his.tables import PatientStore
 from medhotline.commands.keys import ADMIN_ROLE, run_keyed
@@ -86,11 +85,9 @@ def _patient_input(args: argparse.Namespace) -> PatientInput:
     )
 
 
-def _registry(keyed: KeyedDatabase, authorize: Any = None) -> PatientRegistry:
+def _registry(keyed: KeyedDatabase) -> PatientRegistry:
 
-    return PatientRegistry(
-        PatientStore.for_engine(keyed.engine), keyed.ring, keyed.keys, audit=keyed.audit, authorize=authorize
-    )
+    return PatientRegistry(PatientStore.for_engine(keyed.engine), keyed.ring, keyed.keys, audit=keyed.audit)
 
 
 def _cmd_add(config: Config, args: argparse.Namespace) -> int:
@@ -137,19 +134,8 @@ def _cmd_show(config: Config, args: argparse.Namespace) -> int:
         raise CommandError("--as must be an account id (2-64 of a-z 0-9 _ . - starting with a letter)")
 
     async def work(keyed: KeyedDatabase) -> list[str]:
-
-        accounts = AccountStore.for_engine(keyed.engine)
-        account = await asyncio.to_thread(accounts.find, args.as_)
-        role = args.role
-        if role is None and account is not None and len(account.roles) == 1:
-            (role,) = account.roles
-        if role is None:
-            raise CommandError(f"account {args.as_} has several roles: say which one with --role")
-        # The one access policy (compliance.access): decided from the database at this moment, denials audited.
-        access = AccessControl.for_engine(keyed.engine, keyed.audit, patients=PatientStore.for_engine(keyed.engine))
-        authorize = registry_authorizer(access, reason=args.reason)
-        registry = _registry(keyed, authorize)
-        record = await registry.get(patient_id, accessor=args.as_, role=role, reason=args.reason)
+        record = await read_patient(keyed.engine, keyed.ring, keyed.keys, keyed.audit, patient_id, account=args.as_,
+                                    role=args.role, reason=args.reason)  # fmt: skip
         return [
             f"id:             {record.id}",
             f"name:           {record.name}",

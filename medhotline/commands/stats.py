@@ -24,30 +24,23 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from compliance.access import AccessError, Resource, check_reason
-from compliance.access_records import AccessDenied
-from compliance.access_store import AccessControl
+from compliance.access import AccessError, check_reason
 from compliance.accounts import ACCOUNT_ID
-from compliance.audit import AuditError, AuditLog, SqlAuditStore
 from ground import db
 from ground.clock import HOSPITAL_TZ, HOSPITAL_TZ_NAME
 from ground.errors import CommandError
 from recordings.records import CallRecordStore
 from routing.statistics import GROUPINGS, NoteFacts, StatsError, StatsReport, StatsSettings, compute
+from routing.statistics_access import StatisticsDesk, StatsRequest
 from routing.statistics_chart import waits_svg
-from routing.statistics_store import StatsStore
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from sqlalchemy import Engine
-
-    from compliance.access import Action
-    from compliance.audit import JsonValue
     from ground.config import Config
     from routing.statistics import Grouping
 
@@ -83,31 +76,6 @@ def window(given_from: str | None, given_to: str | None, today: date) -> tuple[d
         raise CommandError(f"--to must be after --from: the window {start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} "
                            "is empty")  # fmt: skip
     return start, end
-
-
-def _moment(at: datetime) -> list[JsonValue]:
-    """A local time for the audit log, as [year, month, day, hour, minute]: the log refuses date-like text."""
-    local = at.astimezone(HOSPITAL_TZ)
-    return [local.year, local.month, local.day, local.hour, local.minute]
-
-
-def _authorize(engine: Engine, args: argparse.Namespace, action: Action, start: datetime, end: datetime) -> None:
-    """The access policy, then the read's own audit entry (window, grouping, format); refusals are audited by the
-    policy. Raises AccessDenied (or CommandError when the audit log can't record the read): nothing is shown."""
-    audit = AuditLog(SqlAuditStore(engine))
-    access = AccessControl.for_engine(engine, audit)
-    now = datetime.now(UTC)
-    decision = access.authorize(args.as_, action, Resource("statistics"), now, reason=args.reason,
-                                record_allowed=False)  # fmt: skip
-    details: dict[str, JsonValue] = {
-        "kind": "statistics", "by": args.by, "format": args.format, "chart": args.chart is not None,
-        "window": {"from": _moment(start), "to": _moment(end), "zone": HOSPITAL_TZ_NAME},
-    }  # fmt: skip
-    try:
-        audit.append(actor=args.as_, role=decision.role or "unknown", action=action, outcome="success",
-                     reason=(args.reason or "").strip(), details=details)  # fmt: skip
-    except AuditError as exc:
-        raise CommandError(f"statistics not shown: the audit log could not record the read: {exc}") from None
 
 
 def _seconds(value: float | None) -> str:
@@ -197,17 +165,15 @@ def _cmd_stats(config: Config, args: argparse.Namespace) -> int:
     s = config.statistics
     settings = StatsSettings(s.service_level_seconds, s.emergency_target_seconds, s.short_abandon_seconds,
                              s.wrap_up_max_seconds)  # fmt: skip
+    request = StatsRequest(args.as_, start, end, by=args.by, format=args.format, chart=args.chart is not None,
+                           export=exporting, reason=args.reason)  # fmt: skip
     with db.current_engine(config.database_url) as engine:
-        try:
-            _authorize(engine, args, "export" if exporting else "read", start, end)
-        except AccessDenied as exc:
-            raise CommandError(str(exc)) from None
         notes = CallRecordStore.for_engine(engine)
 
         def note_times(ids: Sequence[str]) -> list[NoteFacts]:
             return [NoteFacts(*row) for row in notes.note_times(ids)]
 
-        records = StatsStore.for_engine(engine).records(start, end, note_times)
+        records = StatisticsDesk.for_engine(engine).read(request, note_times)
     try:
         by: Grouping = args.by
         report = compute(records, start, end, by=by, settings=settings, zone=HOSPITAL_TZ)

@@ -13,17 +13,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compliance.audit import AuditLog, SqlAuditStore
-from compliance.audited_change import AuditedChange
 from ground import db
 from ground.errors import CommandError
 from ground.operator import actor_id
 from ivr.flow_registry import FlowRegistry
 from routing.callback_store import CallbackStore, ModeStore
 from routing.surge import SURGE_FLOW, SurgeError, entry_flow_yaml, load_profile
+from routing.surge_switch import SurgeSwitch
 
 if TYPE_CHECKING:
-    from compliance.audit import AuditAction
     from ground.config import Config
     from routing.surge import SurgeProfile
 
@@ -68,26 +66,12 @@ def _actor(args: argparse.Namespace) -> str:
     return actor_id(args.actor)
 
 
-def _audit(config: Config, actor: str, action: AuditAction, reason: str, profile: str) -> AuditedChange:
-    """The switch's audit entry, validated now (a reason the log would refuse stops the switch) and appended by
-    ``done()`` once the switch is stored."""
-
-    engine = db.make_engine(config.database_url)
-    return AuditedChange(AuditLog(SqlAuditStore(engine)), actor=actor, action=action, reason=reason,
-                    details={"profile": profile})  # fmt: skip
-
-
 def _surge_on(config: Config, args: argparse.Namespace) -> int:
 
     profile, text, entry = checked_profile(config, args.profile)
-    actor = _actor(args)
-    audited = _audit(config, actor, "surge_on", args.reason, profile.name)
     with db.current_engine(config.database_url) as engine:
-        record = ModeStore.for_engine(engine).surge_on(
-            profile_name=profile.name, profile_text=text, entry_flow=entry, actor=actor, reason=args.reason,
-            at=datetime.now(UTC),
-        )  # fmt: skip
-    audited.done()
+        record = SurgeSwitch.for_engine(engine).on(profile, text, entry, actor=_actor(args), reason=args.reason,
+                                                   at=datetime.now(UTC))  # fmt: skip
     print(f"surge mode ON (profile {profile.name}, switch #{record.id}); new calls hear the bulletin within "
           f"{config.hotline.reload_interval:g} s on every node")  # fmt: skip
     return 0
@@ -95,15 +79,8 @@ def _surge_on(config: Config, args: argparse.Namespace) -> int:
 
 def _surge_off(config: Config, args: argparse.Namespace) -> int:
 
-    actor = _actor(args)
     with db.current_engine(config.database_url) as engine:
-        modes = ModeStore.for_engine(engine)
-        current = modes.current()
-        if current is None or not current.surge:
-            raise _error("surge mode is not on")
-        audited = _audit(config, actor, "surge_off", args.reason, current.profile_name or "")
-        record = modes.surge_off(actor=actor, reason=args.reason, at=datetime.now(UTC))
-    audited.done()
+        record = SurgeSwitch.for_engine(engine).off(actor=_actor(args), reason=args.reason, at=datetime.now(UTC))
     print(f"surge mode OFF (switch #{record.id}): the hotline is back to {record.mode}")
     return 0
 

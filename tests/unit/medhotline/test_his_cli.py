@@ -114,6 +114,12 @@ def test_register_find_show_rotate_rewrap(
             "nurse",
         )
         assert (unknown.code, "there is no such account" in unknown.err) == (1, True)
+        # Several roles and no --role: refused before the policy is asked (nothing audited for it).
+        accounts.add("nurse.ma", "Ma Li", ["nurse", "agent"], T0)
+        ambiguous = run(setup, capsys, "patients", "show", wang, "--reason", "callback about the test results",
+                        "--as", "nurse.ma")  # fmt: skip
+        assert ambiguous.code == 1
+        assert "account nurse.ma has several roles: say which one with --role" in ambiguous.err
 
         entries = list(SqlAuditStore(engine).entries())
     finally:
@@ -124,6 +130,7 @@ def test_register_find_show_rotate_rewrap(
     assert summary.count(("nurse.liu", "read", "success")) == 3
     assert ("nurse.liu", "denied", "denied") in summary
     assert ("ghost.user", "denied", "denied") in summary
+    assert not [e for e in entries if e.actor == "nurse.ma"]
     operations = [e.details for e in entries if e.action == "key_operation"]
     assert [d.split('"operation":"')[1].split('"')[0] for d in operations] == [
         "generate_data_key", "rotate", "rewrap", "rewrap",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 import wave
 from collections.abc import Iterator
@@ -165,8 +166,14 @@ def test_ingest_export_refusals_hold_and_rotation(
     assert run(desk, capsys, "keys", "rotate").code == 0
     status = run(desk, capsys, "keys", "status")
     assert "recording keys wrapped under KEK v1: 1  <- to rewrap" in status.out
-    assert run(desk, capsys, "keys", "rewrap").code == 0
+    rewrap = run(desk, capsys, "keys", "rewrap")
+    assert rewrap.code == 0
+    assert "rewrapped 1 recording key(s); 0 remaining" in rewrap.out
     assert stored(desk, row.id).kek_version == 2
+    (rewrapped,) = [e for e in audit_entries(desk) if '"rewrap_recordings"' in e.details]
+    assert (rewrapped.action, rewrapped.outcome, rewrapped.role) == ("key_operation", "success", "admin")
+    assert json.loads(rewrapped.details) == {"operation": "rewrap_recordings", "kek_version": 2, "rewrapped": 1,
+                                             "failed": [], "remaining": 0}  # fmt: skip
     again = tmp_path / "again.mhexp"
     assert run(desk, capsys, "recordings", "export", row.id, "--as", "sup1", *why, "--recipient", str(public),
                "--out", str(again)).code == 0  # fmt: skip

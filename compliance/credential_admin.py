@@ -1,0 +1,82 @@
+"""Setting an account's API sign-in secrets on behalf of staff: the change, then its audit entry, as one call.
+
+``medhotline signin password|totp`` only parses, calls :class:`SignInAdministration` and prints. The desk finds
+the account, sets the password or enrols the TOTP second factor (:class:`compliance.credentials.CredentialStore`),
+and appends one ``permission_change`` entry naming the account and which credential, for whoever made the change:
+a staff account acts in its primary role, the operator at the shell in its own kind (as before the move).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from compliance.access import primary_role
+from compliance.accounts import AccountStore
+from compliance.audit import AuditLog, SqlAuditStore
+from compliance.credentials import CredentialError, CredentialStore, totp_uri
+from ground.errors import CommandError
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sqlalchemy import Engine
+
+    from compliance.access_records import Actor
+
+__all__ = ["SignInAdministration", "SignInChange"]
+
+
+@dataclass(frozen=True, slots=True)
+class SignInChange:
+    """What was changed: the account, and for TOTP the ``otpauth://`` URI to show once (never stored or logged)."""
+
+    account_id: str
+    credential: Literal["password", "totp"]
+    totp_uri: str | None = None
+
+
+@dataclass
+class SignInAdministration:
+    """Set passwords and enrol second factors, each audited as a permission change."""
+
+    accounts: AccountStore
+    credentials: CredentialStore
+    audit: AuditLog
+
+    @classmethod
+    def for_engine(cls, engine: Engine) -> SignInAdministration:
+        return cls(AccountStore.for_engine(engine), CredentialStore.for_engine(engine), AuditLog(SqlAuditStore(engine)))
+
+    def set_password(self, account_id: str, password: str, *, actor: Actor, at: datetime) -> SignInChange:
+        """The account's password (checked for length by the store); CommandError for an unknown account or a
+        refused password, with nothing stored."""
+        account = self._account(account_id)
+        try:
+            self.credentials.set_password(account, password, at)
+        except CredentialError as exc:
+            raise CommandError(str(exc)) from None
+        return self._audited(actor, SignInChange(account, "password"))
+
+    def enroll_totp(self, account_id: str, *, actor: Actor, at: datetime) -> SignInChange:
+        """A new TOTP secret for the account; the change carries the URI for the authenticator app."""
+        account = self._account(account_id)
+        try:
+            secret = self.credentials.enroll_totp(account, at)
+        except CredentialError as exc:
+            raise CommandError(str(exc)) from None
+        return self._audited(actor, SignInChange(account, "totp", totp_uri(secret, account)))
+
+    def _account(self, account_id: str) -> str:
+        account = self.accounts.find(account_id)
+        if account is None:
+            raise CommandError(f"no account {account_id!r}")
+        return account.id
+
+    def _audited(self, actor: Actor, change: SignInChange) -> SignInChange:
+        role = primary_role(self.accounts.get(actor.id).roles) if actor.kind == "account" else actor.kind
+        self.audit.append(
+            actor=actor.id, role=role, action="permission_change", outcome="success",
+            details={"account": change.account_id, "credential": change.credential},
+        )  # fmt: skip
+        return change
