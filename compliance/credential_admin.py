@@ -51,21 +51,23 @@ class SignInAdministration:
     def set_password(self, account_id: str, password: str, *, actor: Actor, at: datetime) -> SignInChange:
         """The account's password (checked for length by the store); CommandError for an unknown account or a
         refused password, with nothing stored."""
+        role = self._role(actor)
         account = self._account(account_id)
         try:
             self.credentials.set_password(account, password, at)
         except CredentialError as exc:
             raise CommandError(str(exc)) from None
-        return self._audited(actor, SignInChange(account, "password"))
+        return self._audited(actor, role, SignInChange(account, "password"))
 
     def enroll_totp(self, account_id: str, *, actor: Actor, at: datetime) -> SignInChange:
         """A new TOTP secret for the account; the change carries the URI for the authenticator app."""
+        role = self._role(actor)
         account = self._account(account_id)
         try:
             secret = self.credentials.enroll_totp(account, at)
         except CredentialError as exc:
             raise CommandError(str(exc)) from None
-        return self._audited(actor, SignInChange(account, "totp", totp_uri(secret, account)))
+        return self._audited(actor, role, SignInChange(account, "totp", totp_uri(secret, account)))
 
     def _account(self, account_id: str) -> str:
         account = self.accounts.find(account_id)
@@ -73,8 +75,17 @@ class SignInAdministration:
             raise CommandError(f"no account {account_id!r}")
         return account.id
 
-    def _audited(self, actor: Actor, change: SignInChange) -> SignInChange:
-        role = primary_role(self.accounts.get(actor.id).roles) if actor.kind == "account" else actor.kind
+    def _role(self, actor: Actor) -> str:
+        """The role the change is audited under, found before anything changes: an unknown acting account must
+        leave the credentials as they were, not changed and unaudited."""
+        if actor.kind != "account":
+            return actor.kind
+        acting = self.accounts.find(actor.id)
+        if acting is None:
+            raise CommandError(f"no account {actor.id!r} to act as")
+        return primary_role(acting.roles)
+
+    def _audited(self, actor: Actor, role: str, change: SignInChange) -> SignInChange:
         self.audit.append(
             actor=actor.id, role=role, action="permission_change", outcome="success",
             details={"account": change.account_id, "credential": change.credential},

@@ -99,3 +99,13 @@ def test_unknown_account_and_short_password_are_refused_with_nothing_stored_or_a
     assert "12" in err
     assert not cli.has_password("zhang.wei")
     assert cli.audit() == before
+
+
+def test_an_unknown_acting_account_changes_nothing(cli: Cli) -> None:
+    """Who acts is known before anything changes: otherwise the password would be set with no audit entry."""
+    before = cli.audit()
+    code, _, err = cli("signin", "password", "zhang.wei", "--by", "nobody.here", stdin="correct horse battery\n")
+    assert code != 0
+    assert "nobody.here" in err
+    assert not cli.has_password("zhang.wei")
+    assert cli.audit() == before
