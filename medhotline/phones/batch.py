@@ -7,6 +7,7 @@ level (an error answer, a timeout, an unexpected message), plus the mean INVITE 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,8 @@ class CallBatch:
     # Mean INVITE sent → 200 OK received, over the successful calls (SIPp's ResponseTime1), seconds.
     answer_mean: float | None
     errors: str = ""
+    # Every answered call's INVITE → 200 OK, seconds, in SIPp's order (its ``-trace_rtt`` file).
+    answer_times: tuple[float, ...] = ()
 
 
 def _duration(value: str) -> float | None:
@@ -38,6 +41,17 @@ def _duration(value: str) -> float | None:
         return None
     hours, minutes, seconds, micros = (int(p) for p in parts)
     return hours * 3600 + minutes * 60 + seconds + micros / 1e6
+
+
+def _rtt_seconds(text: str) -> list[float]:
+    """The response times of SIPp's ``-trace_rtt`` file (``Date_ms;response_time_ms;rtd_no`` rows after a
+    header) as seconds; rows it cannot read are skipped."""
+    times = []
+    for row in text.strip().splitlines()[1:]:
+        fields = row.split(";")
+        with contextlib.suppress(ValueError, IndexError):
+            times.append(float(fields[1]) / 1000)
+    return times
 
 
 def place_calls(
@@ -73,6 +87,7 @@ def place_calls(
             "-timeout", f"{int(timeout)}s",
             # One stats row at the end (a period longer than the run), errors kept for the report.
             "-trace_stat", "-stf", str(stats), "-fd", "3600", "-trace_err", "-error_file", str(err_file),
+            "-trace_rtt", "-rtt_freq", "1",
         ]  # fmt: skip
         started = time.monotonic()
         try:
@@ -82,6 +97,7 @@ def place_calls(
         wall = time.monotonic() - started
         rows = stats.read_text(errors="replace").strip().splitlines() if stats.exists() else []
         errors = err_file.read_text(errors="replace")[-2000:] if err_file.exists() else ""
+        answers = tuple(t for rtt in work.glob("*_rtt.csv") for t in _rtt_seconds(rtt.read_text(errors="replace")))
     if len(rows) < 2:
         return CallBatch(count, 0, count, wall, None, errors or "sipp wrote no statistics")
     value = dict(zip(rows[0].split(";"), rows[-1].split(";"), strict=False))
@@ -93,4 +109,5 @@ def place_calls(
         elapsed=elapsed,
         answer_mean=_duration(value.get("ResponseTime1(C)", "")),
         errors=errors,
+        answer_times=answers,
     )
