@@ -1,6 +1,7 @@
 """Two nodes, each an Asterisk AND a medhotline service, behind Kamailio, on one PostgreSQL (``cluster up``'s
-``ClusterSandbox(services=True)``): one queue for both (an emergency on A goes before an older normal call on
-B), calls through the front are handled by both services, and when node B's service and Asterisk are killed
+``ClusterSandbox(services=True)``): 40 concurrent calls through the front are all answered and spread over both
+nodes, one queue for both (an emergency on A goes before an older normal call on B), calls through the front are
+handled by both services, and when node B's service and Asterisk are killed
 (SIGKILL) during calls, node A takes everything over.
 
 The agents' SIPp phones have static contacts that both nodes dial. Which node handled a call is the record's
