@@ -245,30 +245,12 @@ class Bench:
 
     def call(self, path: str) -> float | None:
         """One call on ``path``; the latency in seconds, or None when no agent phone rang."""
-        seen = {name: len(phone.events()) for name, phone in self.phones.items()}
         number = self.config.hotline.number if path.startswith("project") else QUEUE_EXTEN
-        with tempfile.TemporaryDirectory(prefix="ringbench-sipp-") as tmp:
-            log_file = Path(tmp) / "caller.log"
-            args = ["sipp", f"127.0.0.1:{self.config.asterisk.sip_port}", "-sf", str(self.caller_xml)]
-            args += ["-s", number, "-key", "caller", CALLER, "-i", "127.0.0.1"]
-            args += ["-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_rtp_range(4))]
-            args += ["-m", "1", "-l", "1", "-nostdin", "-timeout", "40s", "-timeout_error"]
-            args += ["-trace_logs", "-log_file", str(log_file)]
-            done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
-            text = log_file.read_text(errors="replace") if log_file.exists() else ""
-        stamps = {m.group("label"): int(m.group("s")) + int(m.group("us")) / 1e6 for m in _STAMP.finditer(text)}
-        sent = stamps.get("INVITE_SENT")
-        rang = [
-            event.at
-            for name, phone in self.phones.items()
-            for event in phone.events()[seen[name] :]
-            if event.label == "RINGING" and sent is not None and event.at >= sent
-        ]
-        if done.returncode != 0 or sent is None or not rang:
-            print(f"  {path}: call failed (sipp exit {done.returncode}, rang {len(rang)})", file=sys.stderr)
+        timing = ring_once(("127.0.0.1", self.config.asterisk.sip_port), number, self.caller_xml, self.phones, path)
+        if timing is None:
             return None
-        self.invites.append((path, sent, min(rang)))
-        return min(rang) - sent
+        self.invites.append((path, *timing))
+        return timing[1] - timing[0]
 
     def settle(self, path: str) -> None:
         """Both agents free again: the project's wrap-up and reservation release, app_queue's member state."""
@@ -284,6 +266,36 @@ class Bench:
             "the agents' endpoints",
             lambda: all(f" {a}/" in self.sandbox.cli_output("pjsip show endpoints") for a in AGENTS),
         )
+
+
+def ring_once(
+    target: tuple[str, int], number: str, caller_xml: Path, phones: dict[str, AgentPhone], label: str
+) -> tuple[float, float] | None:
+    """One SIPp call from ``caller_xml`` to ``number`` at ``target`` (an Asterisk, or a proxy before several):
+    (the caller's INVITE sent, the first agent phone's INVITE received after it), both on SIPp's clock, or None
+    when the call failed or no agent phone rang (reported on stderr under ``label``)."""
+    seen = {name: len(phone.events()) for name, phone in phones.items()}
+    with tempfile.TemporaryDirectory(prefix="ringbench-sipp-") as tmp:
+        log_file = Path(tmp) / "caller.log"
+        args = ["sipp", f"{target[0]}:{target[1]}", "-sf", str(caller_xml)]
+        args += ["-s", number, "-key", "caller", CALLER, "-i", target[0]]
+        args += ["-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_rtp_range(4))]
+        args += ["-m", "1", "-l", "1", "-nostdin", "-timeout", "40s", "-timeout_error"]
+        args += ["-trace_logs", "-log_file", str(log_file)]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+        text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    stamps = {m.group("label"): int(m.group("s")) + int(m.group("us")) / 1e6 for m in _STAMP.finditer(text)}
+    sent = stamps.get("INVITE_SENT")
+    rang = [
+        event.at
+        for name, phone in phones.items()
+        for event in phone.events()[seen[name] :]
+        if event.label == "RINGING" and sent is not None and event.at >= sent
+    ]
+    if done.returncode != 0 or sent is None or not rang:
+        print(f"  {label}: call failed (sipp exit {done.returncode}, rang {len(rang)})", file=sys.stderr)
+        return None
+    return sent, min(rang)
 
 
 def add_agents(config: Config, phones: dict[str, AgentPhone]) -> None:

@@ -24,16 +24,16 @@ from pathlib import Path
 import structlog
 
 from ground import db
-from ground.config import ENV_PREFIX, Config, FrontConfig, parse_sip_address
+from ground.config import ENV_PREFIX, RTP_PORTS_PER_CALL, Config, FrontConfig, parse_sip_address
 from medhotline.kamailio_config import write_front
 from medhotline.sandbox import Sandbox, SandboxError
 from medhotline.service_process import KeyServiceProcess, ServiceProcess
 
 log = structlog.get_logger(__name__)
 
-# A sandbox node is for trying the cluster out: a few calls, so a small RTP range.
+# A sandbox node is for trying the cluster out: a few calls, so a small RTP range (tests and benchmarks that
+# load the nodes ask for more with ``max_calls``).
 NODE_MAX_CALLS = 10
-NODE_RTP_PORTS = 6 * NODE_MAX_CALLS
 
 
 def free_port(kind: socket.SocketKind, host: str = "127.0.0.1") -> int:
@@ -62,19 +62,20 @@ def free_rtp_range(size: int, host: str = "127.0.0.1") -> int:
     raise SandboxError("no free UDP range for a node's RTP found")
 
 
-def node_config(config: Config, index: int, front_host: str) -> Config:
-    """Node ``index``'s configuration: its own sandbox instance, node name and free ports; it takes calls from
-    the front's address (the patients' trunk is the proxy now)."""
+def node_config(config: Config, index: int, front_host: str, max_calls: int = NODE_MAX_CALLS) -> Config:
+    """Node ``index``'s configuration: its own sandbox instance, node name and free ports (an RTP range for
+    ``max_calls`` calls); it takes calls from the front's address (the patients' trunk is the proxy now)."""
     ast = config.asterisk
-    rtp = free_rtp_range(NODE_RTP_PORTS, ast.host)
+    rtp_ports = RTP_PORTS_PER_CALL * max_calls
+    rtp = free_rtp_range(rtp_ports, ast.host)
     asterisk = ast.model_copy(
         update={
             "sip_port": free_port(socket.SOCK_DGRAM, ast.host),
             "ari_port": free_port(socket.SOCK_STREAM, ast.host),
             "ami_port": free_port(socket.SOCK_STREAM, ast.host),
             "rtp_start": rtp,
-            "rtp_end": rtp + NODE_RTP_PORTS,
-            "max_calls": NODE_MAX_CALLS,
+            "rtp_end": rtp + rtp_ports,
+            "max_calls": max_calls,
             "patient_trunk_match": front_host,
             "sandbox": ast.sandbox.model_copy(update={"instance": f"{ast.sandbox.instance[:30]}-node{index}"}),
         }
@@ -175,9 +176,11 @@ class ClusterSandbox:
         *,
         services: bool = False,
         config_path: Path | None = None,
+        max_calls: int = NODE_MAX_CALLS,
     ) -> None:
         """``services``: a ``medhotline serve`` per node (and one key service for all), reading ``config_path``
-        (None: the file this process read, found the same way) plus its node's ``node_environment``."""
+        (None: the file this process read, found the same way) plus its node's ``node_environment``.
+        ``max_calls``: the concurrent calls each node is sized for (its RTP range and ARI pool)."""
         if count < 1:
             raise SandboxError(f"--nodes {count}: a cluster needs at least one node")
         problem = services_problem(config, count) if services else None
@@ -190,7 +193,8 @@ class ClusterSandbox:
             front = FrontConfig.model_validate({**front.model_dump(), "listen": listen})
         self.front_host, self.front_port = parse_sip_address(front.listen)
         self.nodes = [
-            Node(cfg, Sandbox(cfg)) for cfg in (node_config(config, i, self.front_host) for i in range(1, count + 1))
+            Node(cfg, Sandbox(cfg))
+            for cfg in (node_config(config, i, self.front_host, max_calls) for i in range(1, count + 1))
         ]
         self.front = FrontConfig.model_validate({**front.model_dump(), "nodes": [n.sip_address for n in self.nodes]})
         self.directory = directory

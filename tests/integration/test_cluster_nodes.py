@@ -1,6 +1,7 @@
 """Two nodes, each an Asterisk AND a medhotline service, behind Kamailio, on one PostgreSQL (``cluster up``'s
-``ClusterSandbox(services=True)``): one queue for both (an emergency on A goes before an older normal call on
-B), calls through the front are handled by both services, and when node B's service and Asterisk are killed
+``ClusterSandbox(services=True)``): 40 concurrent calls through the front are all answered and spread over both
+nodes, one queue for both (an emergency on A goes before an older normal call on B), calls through the front are
+handled by both services, and when node B's service and Asterisk are killed
 (SIGKILL) during calls, node A takes everything over.
 
 The agents' SIPp phones have static contacts that both nodes dial. Which node handled a call is the record's
@@ -28,6 +29,7 @@ from ground.config import Config, load_config
 from medhotline.cluster_sandbox import ClusterSandbox, Node
 from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.phones.agent import AgentPhone
+from medhotline.phones.batch import place_calls
 from medhotline.prompts import build_prompts
 from routing.store import AgentStore, RingRecord
 
@@ -53,6 +55,11 @@ RULES = "".join(
     )
 )
 LEASE = 3
+# 40 concurrent calls through the front: placed at RATE/s (2 s for all), each hangs up HOLD_MS after its answer,
+# before the desk menu's 5 s timeout, so every caller ends in the IVR and none reaches an agent.
+CONCURRENT, RATE, HOLD_MS = 40, 20, 6_000
+# Each node sized for all of them, so the RTP range is not what limits the spread.
+NODE_MAX_CALLS = CONCURRENT
 # The issue's bound: within 10 s of the kill, B's calls are closed and its agents ring again from A.
 WITHIN = 10.0
 CLUSTER = f"""
@@ -152,7 +159,7 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
         agent: AgentPhone(agent, free_port(socket.SOCK_DGRAM), free_rtp_range(4), answer_after_ms=500, talk_ms=60_000)
         for agent in AGENTS
     }
-    front = ClusterSandbox(config, 2, tmp_path / "front", services=True, config_path=path)
+    front = ClusterSandbox(config, 2, tmp_path / "front", services=True, config_path=path, max_calls=NODE_MAX_CALLS)
     build_prompts(front.nodes[0].config)
     try:
         for phone in phones.values():
@@ -180,9 +187,60 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
     assert codes.get("node1") == 0, f"node1's service exited with {codes}; see {tmp_path}"
 
 
+def peak_overlap(records: list[db.CallRecord]) -> int:
+    """The most calls whose records were open at the same moment."""
+    edges = sorted(
+        [(r.started_at, 1) for r in records] + [(r.ended_at, -1) for r in records if r.ended_at is not None],
+        key=lambda edge: (edge[0], edge[1]),  # an end before a start at the same instant
+    )
+    peak = current = 0
+    for _, step in edges:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def concurrent_calls_spread(cluster: Cluster, name_a: str, name_b: str) -> None:
+    """(d) 40 calls at once through the front, one SIPp: all answered, each node holds at least a third of
+    them, all open together, and every record closed afterwards."""
+    before = {r.id for r in cluster.repo.list_recent(200)}
+    front = cluster.sandbox
+    batch = place_calls(
+        target_host=front.front_host,
+        target_port=front.front_port,
+        service=cluster.config.hotline.number,
+        local_port=free_port(socket.SOCK_DGRAM),
+        media_port=free_rtp_range(4),
+        caller=CALLER,
+        count=CONCURRENT,
+        rate=RATE,
+        hang_up_after_ms=HOLD_MS,
+        proxied=True,
+    )
+    assert (batch.successful, batch.failed) == (CONCURRENT, 0), batch.errors
+    wait_for(
+        f"{CONCURRENT} records, all closed",
+        lambda: (
+            len(records := cluster.records(before)) == CONCURRENT
+            and all(r.outcome != "in_progress" and r.ended_at is not None for r in records)
+        ),
+        time.monotonic() + 15,
+    )
+    records = cluster.records(before)
+    per_node = {name: sum(r.node == name for r in records) for name in (name_a, name_b)}
+    assert sum(per_node.values()) == CONCURRENT, per_node
+    assert min(per_node.values()) >= CONCURRENT // 3, per_node
+    # They really overlapped: every call's record was open at one moment (the hold is longer than placing all).
+    assert peak_overlap(records) == CONCURRENT, [(r.started_at, r.ended_at) for r in records]
+    # Nobody reached the queue: the agents are free for what follows.
+    assert not cluster.rings(records)
+
+
 def test_calls_spread_over_two_services_and_a_killed_node_is_taken_over(cluster: Cluster) -> None:
     node_a, node_b = cluster.sandbox.nodes
     name_a, name_b = node_a.config.service.node_name, node_b.config.service.node_name
+
+    concurrent_calls_spread(cluster, name_a, name_b)
 
     # (c) One queue for both nodes: a normal caller waits on node B, then an emergency arrives on node A (each
     # straight to its node). The one agent who becomes free is rung for the emergency, by node A.

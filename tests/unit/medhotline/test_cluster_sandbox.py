@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from ground.config import load_config
-from medhotline.cluster_sandbox import ClusterSandbox, node_config, node_environment, services_problem
+from ground.config import RTP_PORTS_PER_CALL, load_config
+from medhotline.cluster_sandbox import (
+    NODE_MAX_CALLS,
+    ClusterSandbox,
+    node_config,
+    node_environment,
+    services_problem,
+)
 from medhotline.phones import Press, patient_scenario
 from medhotline.sandbox import SandboxError
 
@@ -77,3 +83,14 @@ def test_a_patient_through_the_front_sends_ack_and_bye_along_the_record_route() 
     assert "BYE [next_url] SIP/2.0" in proxied
     assert proxied.count("[routes]") == 2
     assert "sip:[service]@[remote_ip]:[remote_port] SIP/2.0" not in proxied.replace("INVITE sip:", "")
+
+
+def test_a_node_sized_for_more_calls_gets_an_rtp_range_for_them(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    base = load_config(path, environ={})
+    node = node_config(base, 1, "127.0.0.1", max_calls=40)
+    assert node.asterisk.max_calls == 40
+    assert node.asterisk.rtp_end - node.asterisk.rtp_start >= RTP_PORTS_PER_CALL * 40
+    # The node's service reads the same size from its variables.
+    assert load_config(path, environ=node_environment(node)) == node
+    assert node_config(base, 1, "127.0.0.1").asterisk.max_calls == NODE_MAX_CALLS
