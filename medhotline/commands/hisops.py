@@ -109,7 +109,7 @@ def _cmd_retry(config: Config, args: argparse.Namespace) -> int:
 def _cmd_replay(config: Config, args: argparse.Namespace) -> int:
     with db.current_engine(config.database_url) as engine:
         queued, acknowledged = OutboxStore.for_engine(engine).replay(
-            datetime.now(UTC), message_type=args.type, since=args.since
+            datetime.now(UTC), message_type=args.type, since=_since(args.since) if args.since else None
         )
     for control_id in queued:
         print(f"{control_id}: queued again")
@@ -123,7 +123,9 @@ def _since(text: str) -> datetime:
     try:
         at = datetime.fromisoformat(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an ISO date or date-time, e.g. 2026-12-01") from None
+        raise CommandError(
+            f"his replay-outbox --since {text!r}: expected an ISO date or date-time, e.g. 2026-12-01"
+        ) from None
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
@@ -225,7 +227,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     retry.set_defaults(func=_cmd_retry)
     replay = actions.add_parser("replay-outbox", help="queue every failed message again (same bytes, control ids)")
     replay.add_argument("--type", help="only this message type, e.g. SIU^S12")
-    replay.add_argument("--since", type=_since, help="only messages queued at or after this ISO date/time (UTC)")
+    replay.add_argument("--since", help="only messages queued at or after this ISO date/time (UTC)")
     replay.set_defaults(func=_cmd_replay)
     check = actions.add_parser("check", help="judge HL7 message files as the receiver would (no value printed)")
     check.add_argument("files", nargs="+", metavar="FILE")
