@@ -34,9 +34,10 @@ REFUSED_SAMPLES = {
 }
 
 
-def adt(patient: PdqPatient = PATIENT, *, control_id: str = "MHCHECKAAAAAAAAAAAAA", **pid: str) -> bytes:
-    """An ADT^A08 as the HIS sends it, with PID fields replaced raw (``pid={"7": "19711306"}``)."""
-    text = build_adt("A08", patient, sender=SIMULATOR_PARTY, receiver=HOTLINE_PARTY, at=AT,
+def adt(pid: dict[str, str] | None = None, *, control_id: str = "MHCHECKAAAAAAAAAAAAA") -> bytes:
+    """An ADT^A08 as the HIS sends it, with PID fields replaced raw (``{"7": "19711306"}``)."""
+    pid = pid or {}
+    text = build_adt("A08", PATIENT, sender=SIMULATOR_PARTY, receiver=HOTLINE_PARTY, at=AT,
                      control_id=control_id).encode().decode()  # fmt: skip
     lines = text.split("\r")
     for i, line in enumerate(lines):
@@ -87,7 +88,7 @@ def test_a_malformed_field_the_hotline_relies_on_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], pid: dict[str, str], expected: str
 ) -> None:
     bad = tmp_path / "bad.hl7"
-    bad.write_bytes(adt(**pid))
+    bad.write_bytes(adt(pid))
     code, out, _ = run(tmp_path, capsys, bad)
     assert code == 1
     assert out.startswith(f"{bad}: {expected}")
@@ -120,7 +121,7 @@ def test_several_messages_with_any_line_ends_are_judged_one_by_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     good = adt()
-    bad = adt(control_id="MHCHECKBBBBBBBBBBBBB", **{"7": "19711306"})
+    bad = adt({"7": "19711306"}, control_id="MHCHECKBBBBBBBBBBBBB")
     data = good.replace(b"\r", b"\n") + b"\n\n" + bad.replace(b"\r", b"\r\n") + good  # MSH starts the third
     assert len(split_messages(data)) == 3
     assert [v.accepted for v in check_bytes(data, AT)] == [True, False, True]
@@ -138,7 +139,7 @@ def test_an_unreadable_file_is_named_and_the_others_still_checked(
     good = tmp_path / "good.hl7"
     good.write_bytes(adt())
     missing = tmp_path / "missing.hl7"
-    code, out, err = run(tmp_path, capsys, missing, tmp_path, good)
+    code, _, err = run(tmp_path, capsys, missing, tmp_path, good)
     assert code == 4
     assert f"{missing}: cannot read: No such file or directory" in err
     assert f"{tmp_path}: cannot read: Is a directory" in err
@@ -157,7 +158,7 @@ async def test_the_check_agrees_with_the_adt_listener(
     ring = DataKeyRing(DataKeyStore.for_engine(engine), his_keys, audit=audit)
     registry = PatientRegistry(PatientStore.for_engine(engine), ring, his_keys, audit=audit)
     receiver = AdtReceiver(registry, audit=Hl7Audit(audit), sender=Party("MEDHOTLINE", "HOTLINE"), clock=lambda: AT)
-    data = adt(**pid)
+    data = adt(pid)
 
     ack = await receiver.handle(parse(data))
     msa, err = ack.first("MSA"), ack.first("ERR")

@@ -77,7 +77,8 @@ async def test_cli_send_test_prints_code_and_round_trip_and_audits(
     code = await asyncio.to_thread(main, ["--config", str(config), "his", "send-test"])
     out = capsys.readouterr().out
     assert code == 0
-    assert out.startswith("HIS: AA NF to MH") and out.rstrip().endswith(" ms")
+    assert out.startswith("HIS: AA NF to MH")
+    assert out.rstrip().endswith(" ms")
     assert TEST_PHONE not in out
     with engine.connect() as conn:
         audited = [repr(tuple(r)) for r in conn.execute(text("SELECT * FROM audit_entries"))]
