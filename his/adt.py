@@ -123,9 +123,30 @@ def build_adt(
 _INPUT_FIELDS: Final = (("phone", "PID-13"), ("name", "PID-5"), ("record number", "PID-3"), ("birth", "PID-7"))
 
 
-def _input_location(error: PatientInputError) -> str:
+def input_location(error: PatientInputError, where: str = "PID") -> str:
+    """The PID field (``PID-13``…) a registry refusal is about; ``where`` names the segment (``PID(2)``)."""
     text = str(error)
-    return next((where for word, where in _INPUT_FIELDS if word in text), "PID")
+    field_name = next((loc for word, loc in _INPUT_FIELDS if word in text), "PID")
+    return where + field_name.removeprefix("PID")
+
+
+def patient_input(patient: PdqPatient) -> PatientInput:
+    """What the registry is given for a patient the HIS sent (PID-7 gives the birth year only)."""
+    birth_year = patient.birth_date.year if patient.birth_date else None
+    return PatientInput(patient.name, patient.phone, record_number=patient.record_number, birth_year=birth_year)
+
+
+def check_adt(message: Message, now: datetime) -> AdtEvent:
+    """:func:`read_adt` and the registry's value rules (a phone that is no number, a birth year out of range):
+    what :class:`AdtReceiver` refuses with AR before storing anything. ``medhotline his check`` uses this too,
+    so the check and the listener cannot disagree. Hl7Error names the segment and field."""
+    event = read_adt(message)
+    if event.trigger != "A40":
+        try:
+            patient_input(event.patient).checked(now)
+        except PatientInputError as exc:
+            raise Hl7Error(input_location(exc), str(exc)) from None
+    return event
 
 
 class AdtReceiver:
@@ -148,12 +169,12 @@ class AdtReceiver:
         """The ACK to ``message``, after the registry change it asks for (or none, for an AE/AR)."""
         patient: str | None = None
         try:
-            event = read_adt(message)
+            event = check_adt(message, self._clock())
             patient = await self._apply(event)
         except Hl7Error as exc:
             return await self._refuse(message, "AR", exc, patient)
         except PatientInputError as exc:
-            return await self._refuse(message, "AR", Hl7Error(_input_location(exc), str(exc)), patient)
+            return await self._refuse(message, "AR", Hl7Error(input_location(exc), str(exc)), patient)
         except UnknownPatient as exc:
             where = "MRG-1" if exc.role == "merged" else "PID-3"
             return await self._refuse(message, "AE", Hl7Error(where, str(exc), UNKNOWN_KEY), patient)
@@ -179,11 +200,9 @@ class AdtReceiver:
                 reason=ADT_REASON,
             )
             return result.survivor_blind_id
-        p = event.patient
-        entry = PatientInput(
-            p.name, p.phone, record_number=p.record_number, birth_year=p.birth_date.year if p.birth_date else None
+        patient_id = await self._registry.upsert(
+            patient_input(event.patient), accessor=ADT_ACCESSOR, role=ADT_ROLE, reason=ADT_REASON
         )
-        patient_id = await self._registry.upsert(entry, accessor=ADT_ACCESSOR, role=ADT_ROLE, reason=ADT_REASON)
         return (await self._registry.ref(patient_id)).blind_id
 
     async def _refuse(self, message: Message, code: AckCode, error: Hl7Error, patient: str | None) -> Message:

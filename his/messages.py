@@ -264,14 +264,24 @@ def read_pid(reply: Message, pid: Segment, where: str = "PID") -> PdqPatient:
     name = "".join(name_parts[:2]) if name_parts else ""  # Chinese names: family then given, no space
     if not name.strip():
         raise Hl7Error(f"{where}-5", "patient name is missing", REQUIRED_FIELD_MISSING)
-    raw_birth = reply.value(pid, 7)
-    birth: date | None = None
-    if raw_birth:
-        try:
-            birth = datetime.strptime(raw_birth[:8], "%Y%m%d").date()
-        except ValueError:
-            raise Hl7Error(f"{where}-7", "date of birth must be YYYYMMDD") from None
-    phone = reply.value(pid, 13, 1) or reply.value(pid, 13, 12)
+    birth = read_birth_date(reply, pid, where)
+    phone = read_phone(reply, pid)
     if not phone:
         raise Hl7Error(f"{where}-13", "home phone number is missing", REQUIRED_FIELD_MISSING)
     return PdqPatient(record, name, phone, birth)
+
+
+def read_birth_date(message: Message, pid: Segment, where: str = "PID") -> date | None:
+    """PID-7 (the date part of a DTM; None when empty); Hl7Error naming PID-7 when it is not YYYYMMDD."""
+    raw = message.value(pid, 7)
+    if not raw:
+        return None
+    try:
+        return datetime.strptime(raw[:8], "%Y%m%d").date()
+    except ValueError:
+        raise Hl7Error(f"{where}-7", "date of birth must be YYYYMMDD") from None
+
+
+def read_phone(message: Message, pid: Segment) -> str:
+    """PID-13's first number: XTN-1, or XTN-12 (the unformatted number of v2.5 senders); "" when absent."""
+    return message.value(pid, 13, 1) or message.value(pid, 13, 12)

@@ -12,7 +12,7 @@ Guarantees (docs/his.md, "Failure behaviour"):
 - **In order.** Only the oldest pending message is sent; one node at a time holds the lease on it.
 - **Refusals are set aside, not retried forever.** AR (the HIS refuses the message as such) marks it ``failed``
   at once; AE (the HIS could not process it now) is retried ``max_attempts`` times, then ``failed``. A failed
-  message stays in the table, audited, for an operator (``replay-outbox`` is a later slice).
+  message stays in the table, audited, for an operator (``his retry``, ``his replay-outbox``).
 
 At rest the body is one AES-256-GCM token under a ``his_outbox`` data key, bound to ``his_outbox|body_enc|<control
 id>``, padded to 64-byte blocks so its length says little about a name's. Every answered attempt is audited

@@ -8,6 +8,7 @@ dies mid-send leaves the lease to expire; whoever takes it next sends the same b
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal
@@ -236,3 +237,29 @@ class OutboxStore(Repository):
             elif was == "pending":
                 row.next_attempt_at = at
             return was
+
+    def replay(
+        self, at: datetime, *, message_type: str | None = None, since: datetime | None = None
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Queue again every failed message (of ``message_type``, created at or after ``since``), as :meth:`retry`
+        does one: same stored bytes and control id, attempts from zero, due at ``at``, in their original order.
+
+        Returns the control ids queued again and those matching the filters that the HIS acknowledged (AA): those
+        are left alone, sending them again would duplicate them. One transaction.
+        """
+        query = select(OutboxRow).where(OutboxRow.status.in_(("failed", "sent"))).order_by(OutboxRow.id)
+        if message_type is not None:
+            query = query.where(OutboxRow.message_type == message_type)
+        if since is not None:
+            query = query.where(OutboxRow.created_at >= since)
+        queued: builtins.list[str] = []  # "list" is a method of this class
+        acknowledged: builtins.list[str] = []
+        with self._transaction("replaying the HIS outbox") as session:
+            for row in session.execute(query).scalars():
+                if row.status == "sent":
+                    acknowledged.append(row.control_id)
+                    continue
+                row.status, row.attempts, row.next_attempt_at = "pending", 0, at
+                row.claimed_by = row.claimed_until = None
+                queued.append(row.control_id)
+        return tuple(queued), tuple(acknowledged)

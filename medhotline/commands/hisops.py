@@ -1,9 +1,14 @@
-"""``medhotline his status | outbox | retry | simulate``: the HIS link from the command line.
+"""``medhotline his status | outbox | retry | replay-outbox | check | send-test | simulate``: the HIS link.
 
 ``status`` says whether the HIS answers a connection (``[his] host``/``port``, TLS as configured), how many
 messages wait in the outbox, since when the oldest has waited, and the HIS's last answer. ``outbox`` lists the
 pending and failed messages by control id and type (never a body: bodies stay encrypted, and no identifier is
 printed). ``retry CONTROL_ID`` puts a failed message back in the queue; the service's sender sends it next.
+``replay-outbox`` queues again every failed message (or those of ``--type``/``--since``), same bytes and control
+ids; acknowledged ones are left alone. ``check FILE…`` judges HL7 files as the hotline's receivers would
+(``his.check``): exit 0 when every message can be accepted, 1 when one must be refused, 4 when a file can't be read;
+it prints segment-field and reason, never a value. ``send-test`` sends the HIS one PDQ query for a test number
+(``his.send_test``) and prints the answer code and round-trip time.
 ``simulate`` runs the simulated HIS (``his.simulator``) until interrupted: the demo's and the tests' HIS.
 """
 
@@ -18,10 +23,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
+from compliance.audit import AuditLog, SqlAuditStore
 from ground import db
-from ground.errors import CommandError
-from his.link import probe_his
+from ground.errors import EXIT_FAILED, EXIT_UNABLE, CommandError
+from his.audit import Hl7Audit
+from his.check import check_bytes
+from his.hl7 import Party
+from his.link import his_client, probe_his
 from his.outbox_store import OutboxEntry, OutboxStore
+from his.send_test import TEST_PHONE, send_test
 from his.simulator import SYNTHETIC_PATIENTS, SimulatedHis
 
 if TYPE_CHECKING:
@@ -96,6 +106,80 @@ def _cmd_retry(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_replay(config: Config, args: argparse.Namespace) -> int:
+    with db.current_engine(config.database_url) as engine:
+        queued, acknowledged = OutboxStore.for_engine(engine).replay(
+            datetime.now(UTC), message_type=args.type, since=_since(args.since) if args.since else None
+        )
+    for control_id in queued:
+        print(f"{control_id}: queued again")
+    if acknowledged:
+        print(f"{len(acknowledged)} acknowledged (AA) left alone: sending them again would duplicate them")
+    print(f"{len(queued)} failed message(s) queued again", file=sys.stderr)
+    return EXIT_OK
+
+
+def _since(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise CommandError(
+            f"his replay-outbox --since {text!r}: expected an ISO date or date-time, e.g. 2026-12-01"
+        ) from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _cmd_check(config: Config, args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    refused = unreadable = accepted = 0
+    for name in args.files:
+        try:
+            with open(name, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            print(f"{name}: cannot read: {exc.strerror or type(exc).__name__}", file=sys.stderr)
+            unreadable += 1
+            continue
+        verdicts = check_bytes(data, now)
+        for verdict in verdicts:
+            where = f" (message {verdict.number})" if len(verdicts) > 1 else ""
+            for p in verdict.problems:
+                kind = "warning: " if p.severity == "warning" else ""
+                print(f"{name}: {p.location}: {kind}{p.reason}{where}")
+            accepted += verdict.accepted
+            refused += not verdict.accepted
+    print(f"{accepted} accepted, {refused} refused, {unreadable} unreadable file(s)", file=sys.stderr)
+    return EXIT_UNABLE if unreadable else EXIT_FAILED if refused else EXIT_OK
+
+
+async def _send_test(config: Config, args: argparse.Namespace) -> int:
+    his = config.his
+    client = his_client(his)
+    try:
+        with db.current_engine(config.database_url) as engine:
+            result = await send_test(
+                client,
+                sender=Party(his.sending_application, his.sending_facility),
+                receiver=Party(his.receiving_application, his.receiving_facility),
+                phone=args.phone,
+                audit=Hl7Audit(AuditLog(SqlAuditStore(engine))),
+            )
+    finally:
+        await client.aclose()
+    ms = result.seconds * 1000
+    if not result.ok:
+        detail = result.error or f"{result.code} to {result.control_id}"
+        print(f"HIS: no acceptance ({detail}) after {ms:.1f} ms")
+        return EXIT_FAILED
+    found = f", {result.candidates} candidate(s) for the test number" if result.candidates else ""
+    print(f"HIS: {result.code} {result.status} to {result.control_id} in {ms:.1f} ms{found}")
+    return EXIT_OK
+
+
+def _cmd_send_test(config: Config, args: argparse.Namespace) -> int:
+    return asyncio.run(_send_test(config, args))
+
+
 async def _simulate(args: argparse.Namespace) -> int:
     sim = SimulatedHis()
     port = await sim.start(args.host, args.port)
@@ -141,6 +225,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     retry = actions.add_parser("retry", help="queue a failed message again (same bytes, same control id)")
     retry.add_argument("control_id", metavar="CONTROL_ID")
     retry.set_defaults(func=_cmd_retry)
+    replay = actions.add_parser("replay-outbox", help="queue every failed message again (same bytes, control ids)")
+    replay.add_argument("--type", help="only this message type, e.g. SIU^S12")
+    replay.add_argument("--since", help="only messages queued at or after this ISO date/time (UTC)")
+    replay.set_defaults(func=_cmd_replay)
+    check = actions.add_parser("check", help="judge HL7 message files as the receiver would (no value printed)")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.set_defaults(func=_cmd_check)
+    test = actions.add_parser("send-test", help="a PDQ query for a test number; answer code and round trip")
+    test.add_argument("--phone", default=TEST_PHONE, help="synthetic number that matches no patient")
+    test.set_defaults(func=_cmd_send_test)
     simulate = actions.add_parser("simulate", help="run a simulated HIS (MLLP) until interrupted")
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=0, help="0 (default): a free port, printed")
