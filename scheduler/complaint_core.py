@@ -114,9 +114,9 @@ def overdue_stages(task: Complaint, due: Deadlines, now: datetime) -> list[tuple
         found.append(("refer", due.refer_by))
     if task.resolved_at is None and now >= due.resolve_by:
         found.append(("resolve", due.resolve_by))
-    if task.resolved_at is not None and task.answered_at is None and due.answer_by is not None:
-        if now >= due.answer_by:
-            found.append(("answer", due.answer_by))
+    answer_due = task.resolved_at is not None and task.answered_at is None and due.answer_by is not None
+    if answer_due and due.answer_by is not None and now >= due.answer_by:
+        found.append(("answer", due.answer_by))
     return found
 
 
