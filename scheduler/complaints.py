@@ -105,7 +105,8 @@ class ComplaintStore(Repository):
             session.add(ComplaintTask(
                 id=t.id, call_id=stored.call_id, category=t.category, patient_id=stored.patient_id,
                 summary=stored.summary, state=t.state, department=t.department, received_at=t.received_at,
-                opened_by=stored.opened_by,
+                referred_at=t.referred_at, resolved_at=t.resolved_at, answered_at=t.answered_at,
+                survey_score=t.survey_score, survey_attempt_id=stored.survey_attempt_id, opened_by=stored.opened_by,
             ))  # fmt: skip
 
     def get(self, complaint_id: str) -> StoredComplaint | None:
