@@ -42,12 +42,14 @@ nurse       clinical_note    D A K B      -         -         -
 nurse       transcript       D A K B      -         -         -
 nurse       recording        D A !        -         -         -
 nurse       call_record      D A K B      -         D A K     -
+nurse       complaint        D            -         D         -
 pharmacist  (same as nurse)
 physician   patient_identity D A K B      -         D A K     -
 physician   clinical_note    D A K B      D A !     D A K     -
 physician   transcript       D A K B      D A !     -         -
 physician   recording        D A !        -         -         -
 physician   call_record      D A K B      D A !     D A K     -
+physician   complaint        D            -         D         -
 supervisor  patient_identity D B          -         -         -
 supervisor  clinical_note    D B          -         -         -
 supervisor  transcript       D B          D !       -         -
@@ -58,6 +60,7 @@ supervisor  flow_admin       G            -         -         -
 supervisor  statistics       G            G !       -         -
 supervisor  quality_review   G            -         G !       -
 supervisor  supervision      -            -         G !       -
+supervisor  complaint        G            G !       G         -
 admin       agent_admin      G            G !       G         -
 admin       key_admin        G            -         G         -
 admin       flow_admin       G            G !       G         G !
@@ -69,6 +72,7 @@ auditor     key_admin        G            -         -         -
 auditor     flow_admin       G            -         -         -
 auditor     statistics       G            G !       -         -
 auditor     quality_review   G            -         -         -
+auditor     complaint        G            -         -         -
 =========== ================ ============ ========= ========= ========
 
 Every cell not listed is ``-``: no role reads the audit log but the auditor, no role touches keys but the admin
@@ -86,6 +90,11 @@ a reason; auditors read. Nobody else does: an agent or a nurse never scores call
 ``supervision`` is stepping into live calls (docs/api.md, ``routing.supervision``): listening to, whispering to or
 barging into an agent's conversation, pausing or unpausing an agent, moving a waiting call to the emergency queue.
 Only supervisors do it, each time with a reason (the audit entry carries it); nobody reads it as a record.
+
+``complaint`` is a 12320 complaint task (docs/complaints.md): category, deadlines, the department it is referred to,
+a summary without patient identifiers. Supervisors (the hotline's complaint desk) open, refer, resolve and answer
+any task; clinical staff read and resolve the tasks referred to their department (D: the task's department);
+auditors read. Agents and admins do not see complaints.
 
 Why these cells: an agent (non-clinical operator) needs the caller's identity and what is said on the call, not
 the patient's history, and hears no recordings. Clinical staff work their department's and their assigned
@@ -126,6 +135,7 @@ RecordKind = Literal[
     "statistics",
     "quality_review",
     "supervision",
+    "complaint",
 ]
 RECORD_KINDS: Final[tuple[RecordKind, ...]] = get_args(RecordKind)
 PATIENT_KINDS: Final[frozenset[RecordKind]] = frozenset(
@@ -224,6 +234,7 @@ _CLINICAL: Final[dict[str, tuple[str, str, str, str]]] = {
     "transcript": ("D A K B", "-", "-", "-"),
     "recording": ("D A !", "-", "-", "-"),
     "call_record": ("D A K B", "-", "D A K", "-"),
+    "complaint": ("D", "-", "D", "-"),
 }
 RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
     **_rows(
@@ -259,6 +270,7 @@ RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
             "statistics": ("G", "G !", "-", "-"),
             "quality_review": ("G", "-", "G !", "-"),
             "supervision": ("-", "-", "G !", "-"),
+            "complaint": ("G", "G !", "G", "-"),
         },
     ),
     **_rows(
@@ -280,6 +292,7 @@ RULES: Final[Mapping[tuple[str, str, str], Rule]] = {
             "flow_admin": ("G", "-", "-", "-"),
             "statistics": ("G", "G !", "-", "-"),
             "quality_review": ("G", "-", "-", "-"),
+            "complaint": ("G", "-", "-", "-"),
         },
     ),
 }

@@ -30,6 +30,7 @@ from pydantic import (
 
 from ground.daytime import PolicyError, Window
 from ground.errors import MedhotlineError
+from ground.workdays import WorkdayError, parse_dates
 
 ENV_PREFIX = "MEDHOTLINE__"
 CONFIG_ENV = "MEDHOTLINE_CONFIG"
@@ -551,6 +552,30 @@ class QualityConfig(_Section):
     sample_key_file: Path | None = None
 
 
+class ComplaintsConfig(_Section):
+    """12320 complaint tasks (docs/complaints.md): deadlines in working days and the calendar they count in."""
+
+    refer_days: int = Field(default=1, ge=1, le=30)
+    resolve_days: int = Field(default=5, ge=1, le=60)
+    answer_days: int = Field(default=1, ge=1, le=30)
+    # Public holidays ("YYYY-MM-DD", local), and the weekend days worked in their place (调休): the State Council
+    # publishes both each year, so they are configured, not computed.
+    holidays: list[str] = []
+    extra_workdays: list[str] = []
+
+    @model_validator(mode="after")
+    def _dates(self) -> ComplaintsConfig:
+        try:
+            holidays = parse_dates(self.holidays, "holidays")
+            extra = parse_dates(self.extra_workdays, "extra_workdays")
+        except WorkdayError as exc:
+            raise ValueError(str(exc)) from None
+        both = sorted(holidays & extra)
+        if both:
+            raise ValueError(f"{both[0].isoformat()} is in both holidays and extra_workdays")
+        return self
+
+
 class AuditConfig(_Section):
     # Every signed audit head is appended here (JSON lines, fsynced) so `audit verify` can tell a rolled-back
     # trail from a short one. Best on another disk or a mount the database's administrators can't write.
@@ -644,6 +669,7 @@ class Config(_Section):
     audit: AuditConfig = AuditConfig()
     statistics: StatisticsConfig = StatisticsConfig()
     quality: QualityConfig = QualityConfig()
+    complaints: ComplaintsConfig = ComplaintsConfig()
     his: HisConfig = HisConfig()
 
     @model_validator(mode="after")

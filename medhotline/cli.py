@@ -40,6 +40,7 @@ from medhotline import flows as flow_tools
 from medhotline.commands import access as access_commands
 from medhotline.commands import api as api_commands
 from medhotline.commands import cluster as cluster_commands
+from medhotline.commands import complaints as complaints_commands
 from medhotline.commands import hisops as his_link_commands
 from medhotline.commands import keys as key_commands
 from medhotline.commands import keywords as commands
@@ -267,6 +268,7 @@ def _feature_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         access_commands.register,
         stats_commands.register,
         quality_commands.register,
+        complaints_commands.register,
         api_commands.register,
         speech_commands.register,
         cluster_commands.register,

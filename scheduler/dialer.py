@@ -30,6 +30,8 @@ FLOW_OF_KIND: Final = {
     "medication": "medication",
     "vaccination_reminder": "vaccination",
     "adverse_followup": "adverse_followup",
+    # 12320 complaint answered: the callback asks the patient to rate the handling 1-5 (docs/complaints.md).
+    "complaint_survey": "complaint_survey",
 }
 
 

@@ -19,8 +19,14 @@ from ground.models import Base, UTCDateTime
 
 DATA_KEY_PURPOSE: Final = "outreach"
 
-AttemptKind = Literal["followup", "medication", "vaccination_reminder", "adverse_followup"]
-ATTEMPT_KINDS: Final[tuple[AttemptKind, ...]] = ("followup", "medication", "vaccination_reminder", "adverse_followup")
+AttemptKind = Literal["followup", "medication", "vaccination_reminder", "adverse_followup", "complaint_survey"]
+ATTEMPT_KINDS: Final[tuple[AttemptKind, ...]] = (
+    "followup",
+    "medication",
+    "vaccination_reminder",
+    "adverse_followup",
+    "complaint_survey",
+)
 AttemptState = Literal["scheduled", "dialing", "answered", "completed", "failed", "cancelled"]
 ATTEMPT_STATES: Final[tuple[AttemptState, ...]] = (
     "scheduled",
@@ -87,7 +93,10 @@ class OutreachAttempt(Base):
         CheckConstraint(
             "state IN ('scheduled', 'dialing', 'answered', 'completed', 'failed', 'cancelled')", name="state"
         ),
-        CheckConstraint("kind IN ('followup', 'medication', 'vaccination_reminder', 'adverse_followup')", name="kind"),
+        CheckConstraint(
+            "kind IN ('followup', 'medication', 'vaccination_reminder', 'adverse_followup', 'complaint_survey')",
+            name="kind",
+        ),
         UniqueConstraint("round_id", "attempt", name="round_attempt"),
         Index("ix_outreach_attempts_state_not_before", "state", "not_before"),
         Index("ix_outreach_attempts_subject_id", "subject_id"),

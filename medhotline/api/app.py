@@ -44,6 +44,7 @@ from medhotline.supervision import (
     authorize_supervisor,
 )
 from routing.statistics import StatsSettings
+from scheduler.complaints import ComplaintRules
 
 __all__ = ["ApiSettings", "create_app"]
 
@@ -70,6 +71,8 @@ class ApiSettings:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     # The supervisor actions (POST /api/supervise/...); None: they answer 503 (no Asterisk configured).
     supervision: Supervision | None = None
+    # The 12320 complaint deadlines' calendar (``[complaints]``); None: Monday-Friday without holidays.
+    complaints: ComplaintRules | None = None
 
 
 class _Feed:
@@ -127,7 +130,7 @@ class _Api:
     def __init__(self, settings: ApiSettings) -> None:
         self.settings = settings
         self.auth = Authenticator(settings.engine, settings.clock)
-        self.board = Board(settings.engine, settings.statistics)
+        self.board = Board(settings.engine, settings.statistics, settings.complaints)
         self.feed = _Feed(self.board, settings)
         # The supervisions connected through this server, watched until they end (kept referenced here).
         self.watching: set[asyncio.Task[None]] = set()

@@ -17,10 +17,12 @@ from sqlalchemy import Engine, select
 from ground.clock import HOSPITAL_TZ
 from ground.config import Config
 from ground.models import Call
+from ground.workdays import WorkingCalendar
 from recordings.records import CallRecordStore
 from routing.statistics import EMERGENCY, NoteFacts, QueueVisit, StatsReport, StatsSettings, compute, visits
 from routing.statistics_store import StatsStore
 from routing.tables import AgentRing, AgentRow
+from scheduler.complaints import ComplaintRules, ComplaintStore
 
 __all__ = ["AGENT_STATES", "Board", "settings_of"]
 
@@ -60,9 +62,12 @@ def _visit_json(visit: QueueVisit, now: datetime) -> dict[str, object]:
 class Board:
     """Reads for one request or one wallboard tick; holds only the engine and the settings."""
 
-    def __init__(self, engine: Engine, settings: StatsSettings) -> None:
+    def __init__(self, engine: Engine, settings: StatsSettings, complaints: ComplaintRules | None = None) -> None:
         self._engine = engine
         self._settings = settings
+        # Without configured rules: Monday-Friday, no holidays, the 1/5/1 working days of the 12320 workflow.
+        self._complaint_rules = complaints or ComplaintRules(WorkingCalendar(HOSPITAL_TZ))
+        self._complaints = ComplaintStore.for_engine(engine)
         self._stats = StatsStore.for_engine(engine)
         self._notes = CallRecordStore.for_engine(engine)
 
@@ -129,6 +134,18 @@ class Board:
                            "paused_reason": paused_reason if state == "paused" else None})  # fmt: skip
         return result
 
+    def overdue_complaints(self, now: datetime) -> dict[str, object]:
+        """How many 12320 complaint steps are past their working-day deadline, and the oldest of them: its id,
+        step, deadline, category and department (docs/complaints.md); never its summary or the patient."""
+        overdue = self._complaints.overdue(self._complaint_rules, now)
+        oldest = None
+        if overdue:
+            o = overdue[0]
+            oldest = {"complaint_id": o.complaint_id, "stage": o.stage, "due": _iso(o.due), "category": o.category,
+                      "department": o.department,
+                      "overdue_hours": round((now - o.due).total_seconds() / 3600, 1)}  # fmt: skip
+        return {"overdue": len(overdue), "tasks": len({o.complaint_id for o in overdue}), "oldest": oldest}
+
     def snapshot(self, now: datetime) -> dict[str, object]:
         """Everything the wallboard shows, as JSON values."""
         report, found = self.report(now)
@@ -137,6 +154,7 @@ class Board:
             "at": _iso(now),
             "queues": self.waiting(found, now),
             "agents": self.agents(now),
+            "complaints": self.overdue_complaints(now),
             "today": {
                 "received": total.received,
                 "answered": total.answered,

@@ -43,6 +43,14 @@ const esc=t=>String(t).replace(/[&<>"']/g,c=>"&#"+c.charCodeAt(0)+";");
 const pct=v=>v===null?"—":(100*v).toFixed(1)+"%";
 const sec=v=>v===null?"—":Math.round(v)+" 秒";
 const cat=c=>CATEGORIES[c]||c;
+const STAGES={refer:"转办",resolve:"办结",answer:"回访"};
+function complaints(c){
+  if(!c)return "";
+  const o=c.oldest, late=c.overdue>0;
+  return '<div class="fig'+(late?" emergency":"")+'" id="complaints-overdue">逾期投诉<b>'+esc(c.overdue)+"</b>"+
+    (o?"最久："+esc(STAGES[o.stage]||o.stage)+"逾期 "+esc(o.overdue_hours)+" 小时"+
+      (o.department?"（"+esc(o.department)+"）":""):"")+"</div>";
+}
 function render(){
   if(!snapshot)return;
   const t=snapshot.today, grow=(Date.now()-receivedAt)/1000;
@@ -50,7 +58,7 @@ function render(){
     ["服务水平（"+t.service_level_seconds+" 秒内）",pct(t.service_level)],["放弃率",pct(t.abandon_rate)],
     ["平均应答速度",sec(t.asa_seconds)],["最长等待",sec(t.longest_wait_seconds)],
     ["急救目标内接听",t.emergencies_within_target+" / "+t.emergencies]]
-    .map(([k,v])=>'<div class="fig">'+esc(k)+"<b>"+esc(v)+"</b></div>").join("");
+    .map(([k,v])=>'<div class="fig">'+esc(k)+"<b>"+esc(v)+"</b></div>").join("")+complaints(snapshot.complaints);
   $("queues").innerHTML=snapshot.queues.length?snapshot.queues.map(q=>
     '<div class="queue" data-queue="'+esc(q.queue)+'"><h2 class="'+(q.emergency?"emergency":"")+'">'+esc(cat(q.queue))+
     " · 等待 "+q.waiting+" · 最长 "+Math.round(q.longest_wait_seconds+grow)+" 秒</h2><table>"+

@@ -25,6 +25,7 @@ from ground.config import Config
 from ground.errors import CommandError
 from medhotline.api import ApiSettings, create_app
 from medhotline.api.board import settings_of
+from medhotline.commands.complaints import rules_of
 from medhotline.commands.supervise import ari_client
 from medhotline.supervision import Supervision
 from routing.ari_supervision import PhoneSettings
@@ -73,7 +74,8 @@ def _cmd_api(config: Config, args: argparse.Namespace) -> int:
         supervision = Supervision(engine, AuditLog(SqlAuditStore(engine)), ari, lambda: datetime.now(UTC),
                                   PhoneSettings(caller_id=config.hotline.number))  # fmt: skip
         app = create_app(ApiSettings(engine=engine, statistics=settings_of(config), flows_dir=config.hotline.flows_dir,
-                                     secure_cookie=args.tls_cert is not None, supervision=supervision))  # fmt: skip
+                                     secure_cookie=args.tls_cert is not None, supervision=supervision,
+                                     complaints=rules_of(config)))  # fmt: skip
         server = uvicorn.Server(uvicorn.Config(
             app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off",
             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,

@@ -57,6 +57,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("agent",      "statistics",       "-",         "-",      "-",      "-"),
     ("agent",      "quality_review",   "-",         "-",      "-",      "-"),
     ("agent",      "supervision",      "-",         "-",      "-",      "-"),
+    ("agent",      "complaint",        "-",         "-",      "-",      "-"),
     ("nurse",      "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("nurse",      "clinical_note",    "D A K B",   "-",      "-",      "-"),
     ("nurse",      "transcript",       "D A K B",   "-",      "-",      "-"),
@@ -69,6 +70,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("nurse",      "statistics",       "-",         "-",      "-",      "-"),
     ("nurse",      "quality_review",   "-",         "-",      "-",      "-"),
     ("nurse",      "supervision",      "-",         "-",      "-",      "-"),
+    ("nurse",      "complaint",        "D",         "-",      "D",      "-"),
     ("pharmacist", "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("pharmacist", "clinical_note",    "D A K B",   "-",      "-",      "-"),
     ("pharmacist", "transcript",       "D A K B",   "-",      "-",      "-"),
@@ -81,6 +83,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("pharmacist", "statistics",       "-",         "-",      "-",      "-"),
     ("pharmacist", "quality_review",   "-",         "-",      "-",      "-"),
     ("pharmacist", "supervision",      "-",         "-",      "-",      "-"),
+    ("pharmacist", "complaint",        "D",         "-",      "D",      "-"),
     ("physician",  "patient_identity", "D A K B",   "-",      "D A K",  "-"),
     ("physician",  "clinical_note",    "D A K B",   "D A !",  "D A K",  "-"),
     ("physician",  "transcript",       "D A K B",   "D A !",  "-",      "-"),
@@ -93,6 +96,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("physician",  "statistics",       "-",         "-",      "-",      "-"),
     ("physician",  "quality_review",   "-",         "-",      "-",      "-"),
     ("physician",  "supervision",      "-",         "-",      "-",      "-"),
+    ("physician",  "complaint",        "D",         "-",      "D",      "-"),
     ("supervisor", "patient_identity", "D B",       "-",      "-",      "-"),
     ("supervisor", "clinical_note",    "D B",       "-",      "-",      "-"),
     ("supervisor", "transcript",       "D B",       "D !",    "-",      "-"),
@@ -105,6 +109,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("supervisor", "statistics",       "G",         "G !",    "-",      "-"),
     ("supervisor", "quality_review",   "G",         "-",      "G !",    "-"),
     ("supervisor", "supervision",      "-",         "-",      "G !",    "-"),
+    ("supervisor", "complaint",        "G",         "G !",    "G",      "-"),
     ("admin",      "patient_identity", "-",         "-",      "-",      "-"),
     ("admin",      "clinical_note",    "-",         "-",      "-",      "-"),
     ("admin",      "transcript",       "-",         "-",      "-",      "-"),
@@ -117,6 +122,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("admin",      "statistics",       "G",         "G !",    "-",      "-"),
     ("admin",      "quality_review",   "-",         "-",      "-",      "-"),
     ("admin",      "supervision",      "-",         "-",      "-",      "-"),
+    ("admin",      "complaint",        "-",         "-",      "-",      "-"),
     ("auditor",    "patient_identity", "-",         "-",      "-",      "-"),
     ("auditor",    "clinical_note",    "-",         "-",      "-",      "-"),
     ("auditor",    "transcript",       "-",         "-",      "-",      "-"),
@@ -129,6 +135,7 @@ MATRIX: Final[list[tuple[str, str, str, str, str, str]]] = [
     ("auditor",    "statistics",       "G",         "G !",    "-",      "-"),
     ("auditor",    "quality_review",   "G",         "-",      "-",      "-"),
     ("auditor",    "supervision",      "-",         "-",      "-",      "-"),
+    ("auditor",    "complaint",        "G",         "-",      "-",      "-"),
 ]
 # fmt: on
 CELLS: Final = [
@@ -234,7 +241,7 @@ def _decide(role: str, kind: str, action: str, scenario: Scenario, reason: str |
 
 def test_the_matrix_lists_every_role_kind_and_action_once() -> None:
     assert sorted((role, kind) for role, kind, *_ in MATRIX) == sorted((r, k) for r in ROLES for k in RECORD_KINDS)
-    assert len(CELLS) == len(ROLES) * len(RECORD_KINDS) * len(ACTIONS) == 336
+    assert len(CELLS) == len(ROLES) * len(RECORD_KINDS) * len(ACTIONS) == 364
 
 
 @pytest.mark.parametrize(("role", "kind", "action", "spec"), CELLS, ids=[f"{r}-{k}-{a}" for r, k, a, _ in CELLS])

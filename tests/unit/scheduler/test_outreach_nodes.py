@@ -1002,3 +1002,17 @@ async def test_vaccination_through_the_hotline_returns_to_its_goodbye(shipped: d
     assert call.result.last_step == "goodbye"
     assert outreach.booked == [(6, "afternoon")]
     assert "vaccination:book" in call.path
+
+
+async def test_complaint_survey_takes_a_score_from_1_to_5(shipped: dict[str, Flow]) -> None:
+    flow = shipped["complaint_survey"]
+    call = await _call(flow, ["1956", "4"])
+    assert call.result.last_step == "thanks"
+    assert call.path[-2:] == ["complaint_survey:score", "complaint_survey:thanks"]
+    # 0, 9 and 6 are not scores: asked again (twice), then thanked without a score.
+    refused = await _call(flow, ["1956", "0", "9", "6"])
+    assert refused.result.last_step == "no_score"
+    assert _said(flow, "thanks") not in refused.channel.sounds
+    stranger = await _call(flow, ["1957", "5"])
+    assert stranger.result.last_step == "not_verified"
+    assert _said(flow, "score") not in stranger.channel.sounds
