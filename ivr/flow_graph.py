@@ -32,6 +32,7 @@ from ivr.flow_model import (
     MenuNode,
     NotCondition,
     OpenCondition,
+    RecordSurveyNode,
     SaveReadingsNode,
     SetNode,
     SubflowNode,
@@ -239,6 +240,8 @@ def _unset_variables(flow: Flow, source: SourceMap) -> list[FlowProblem]:
             used = [(("vars", str(i)), name) for i, name in enumerate(node.vars)]
         elif isinstance(node, VaccinationBookNode):
             used = [(("day_var",), node.day_var), (("slot_var",), node.slot_var)]
+        elif isinstance(node, RecordSurveyNode):
+            used = [(("var",), node.var)]
         problems += [
             _problem(
                 source, node_id, keys, f"variable {name!r} is not set by any collect, listen or set node of this flow"

@@ -489,6 +489,19 @@ class ReportAdverseReactionNode(_PortNode):
         return {"next": self.next}
 
 
+class RecordSurveyNode(_PortNode):
+    """The satisfaction score the caller typed (``var``, one key 1-5, collected earlier) is written back by the port
+    to what the call is about (a 12320 complaint's answer call: the task is marked answered with it). A value that
+    is not 1-5 is an error and nothing is written; the call record keeps only the edge, never the score."""
+
+    type: Literal["record_survey"]
+    var: VarName
+    next: NodeId
+
+    def targets(self) -> dict[str, str]:
+        return {"next": self.next}
+
+
 # -- conditions -----------------------------------------------------------------------------------
 
 
@@ -656,6 +669,7 @@ Node = Annotated[
     | VaccinationBookNode
     | VaccinationCancelNode
     | ReportAdverseReactionNode
+    | RecordSurveyNode
     | SubflowNode
     | RouteNode
     | TransferNode
@@ -674,6 +688,7 @@ OUTREACH_TYPES = frozenset(
         "vaccination_book",
         "vaccination_cancel",
         "report_adverse_reaction",
+        "record_survey",
     }
 )
 

@@ -8,9 +8,9 @@ path a caller took (sensitive inputs, e.g. a birth year, only as "valid"/"invali
 A ``consent`` node needs two more ports, ``consent`` (where a given consent goes) and, when it records,
 ``recorder``. Without them the flow ends with outcome "error" at that node: a consent that can't be stored or
 recorded is never taken. The outreach nodes (``verify_identity``, ``save_readings``, ``medication_confirm``,
-``vaccination_book``, ``vaccination_cancel``, ``report_adverse_reaction``) need ``outreach`` likewise, and a port
-that fails ends the flow with outcome "error" too: an identity check, a reading or a medication answer that could
-not be handled never passes for one that was.
+``vaccination_book``, ``vaccination_cancel``, ``report_adverse_reaction``, ``record_survey``) need ``outreach``
+likewise, and a port that fails ends the flow with outcome "error" too: an identity check, a reading, a medication
+answer or a survey score that could not be handled never passes for one that was.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from ivr.flow_model import (
     Node,
     PlayNode,
     Prompt,
+    RecordSurveyNode,
     ReportAdverseReactionNode,
     ReturnNode,
     RouteNode,
@@ -94,6 +95,8 @@ MAX_REPEATS = 5
 _SOUND_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_/-]{0,127}$")
 # A reading as the port receives it: digits, with one decimal point (typed as `*` on the keypad).
 _DECIMAL = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,3})?$")
+# A satisfaction score as a ``record_survey`` node hands it over: one key 1-5 (docs/complaints.md).
+_SURVEY_SCORE = re.compile(r"^[1-5]$")
 _DAY = re.compile(r"^[1-7]$")
 SLOTS = ("morning", "afternoon")
 # What the port answered with a booking outcome → the node's edge.
@@ -346,6 +349,7 @@ class FlowRunner:
                 | VaccinationBookNode()
                 | VaccinationCancelNode()
                 | ReportAdverseReactionNode()
+                | RecordSurveyNode()
             ):
                 return await self._outreach_step(f"flow {flow.flow!r} node {node_id!r}", node, channel)
             case HangupNode():
@@ -665,7 +669,8 @@ class FlowRunner:
         | MedicationConfirmNode
         | VaccinationBookNode
         | VaccinationCancelNode
-        | ReportAdverseReactionNode,
+        | ReportAdverseReactionNode
+        | RecordSurveyNode,
         channel: CallChannel,
     ) -> tuple[str, str | None, str]:
         """Run an outreach node; (edge, recorded input, next node). The recorded input is never a value the
@@ -707,6 +712,13 @@ class FlowRunner:
                 return "none", None, node.next.none
             case ReportAdverseReactionNode():
                 await self._ask_port(where, "the adverse reaction report", port.report_adverse_reaction())
+                return "next", None, node.next
+            case RecordSurveyNode():
+                score = self._values(where, [node.var])[node.var]
+                if not _SURVEY_SCORE.fullmatch(score):
+                    # The collect node's pattern let something else through: nothing is written (the value stays out).
+                    raise OutreachUnavailable(f"{where}: variable {node.var!r} is not a satisfaction score 1-5")
+                await self._ask_port(where, "recording the satisfaction score", port.record_survey(int(score)))
                 return "next", None, node.next
             case _:
                 assert_never(node)

@@ -200,7 +200,8 @@ class MemoryOutreach:
     week of vaccination slots; every call to it is kept in ``calls`` in order.
 
     ``fail`` maps an operation name (``"verify_identity"``, ``"save_readings"``, ``"medication_sound"``,
-    ``"medication_result"``, ``"book_vaccination"``, ``"cancel_vaccination"``, ``"report_adverse_reaction"``) to
+    ``"medication_result"``, ``"book_vaccination"``, ``"cancel_vaccination"``, ``"report_adverse_reaction"``,
+    ``"record_survey"``) to
     the error it raises. A booking of a ``(day, slot)`` in ``full`` answers "full"; ``booking_outcome`` forces
     another answer ("no_slot", "not_identified", "failed"). ``booked`` holds the patient's bookings; a cancel
     takes back the last one.
@@ -266,3 +267,6 @@ class MemoryOutreach:
 
     async def report_adverse_reaction(self) -> None:
         self._call("report_adverse_reaction")
+
+    async def record_survey(self, score: int) -> None:
+        self._call("record_survey", score)

@@ -1,5 +1,6 @@
 """What outreach flows' nodes do with the stores: readings, medication confirmations, vaccination bookings,
-adverse reactions (called through :class:`scheduler.outreach.CallOutreach`, the port of one call)."""
+adverse reactions, complaint survey scores (called through :class:`scheduler.outreach.CallOutreach`, the port of
+one call)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from datetime import date, timedelta
 import structlog
 
 from ground.errors import MedhotlineError
+from scheduler.complaints import ComplaintRules, ComplaintStore, answer_from_survey
 from scheduler.medication import MedicationStore
 from scheduler.outreach_core import SYSTEM_ACTOR, SYSTEM_ROLE, OutreachCore, OutreachPart
 from scheduler.store import PlanRecord
@@ -101,6 +103,23 @@ class CallActions(OutreachPart):
             )
             log.warning("outreach.abnormal_reading", plan_id=plan.id if plan else None)
         return abnormal_any
+
+    async def record_survey(self, complaint_id: str, score: int) -> bool:
+        """The complaint answer call's score on the task (see :func:`scheduler.complaints.answer_from_survey`)."""
+        recorded = await asyncio.to_thread(
+            answer_from_survey,
+            ComplaintStore(self._sessions),
+            self._audit(),
+            ComplaintRules.of(self._config.complaints),
+            complaint_id,
+            score=score,
+            at=self._clock(),
+            actor=SYSTEM_ACTOR,
+            role=SYSTEM_ROLE,
+        )
+        if not recorded:
+            log.info("outreach.survey_already_answered", complaint_id=complaint_id)
+        return recorded
 
     async def record_confirmation(self, reminder_id: str, attempt_id: str, confirmed: bool, keys: str) -> None:
 

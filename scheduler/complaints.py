@@ -4,7 +4,9 @@ Each command is one :class:`ComplaintDesk` method: authorise (a refusal is audit
 sans-I/O step (:mod:`scheduler.complaint_core`), store it with a conditional UPDATE on the state it started
 from (two supervisors never both refer one task), then audit the step (``change``, kind ``complaint``). At
 resolution, a patient named by pseudonymous id gets the survey call scheduled through the outreach dialer (kind
-``complaint_survey``, flow ``dialplans/complaint_survey.yaml``; the dialer keeps quiet hours and retries).
+``complaint_survey``, flow ``dialplans/complaint_survey.yaml``; the dialer keeps quiet hours and retries). The
+score the patient types on that call is written back by :func:`answer_from_survey` (the flow's ``record_survey``
+node, through the outreach port), audited under the outreach system identity.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from compliance.access import Action, Resource, check_call_id, check_department, check_patient_id
 from compliance.access_store import AccessControl
 from compliance.audit import AuditError, AuditLog, JsonValue
+from ground.clock import HOSPITAL_TZ
+from ground.config import ComplaintsConfig
 from ground.db import Repository, rowcount
-from ground.workdays import WorkingCalendar
+from ground.workdays import WorkingCalendar, parse_dates
 from scheduler.complaint_core import (
     CATEGORIES,
     Category,
@@ -40,7 +44,16 @@ from scheduler.complaint_core import (
 from scheduler.complaint_tables import ComplaintTask
 from scheduler.store import AttemptStore
 
-__all__ = ["ComplaintDesk", "ComplaintRules", "Overdue", "StoredComplaint", "overdue_summary"]
+__all__ = [
+    "SURVEY_KIND",
+    "ComplaintDesk",
+    "ComplaintRules",
+    "ComplaintStore",
+    "Overdue",
+    "StoredComplaint",
+    "answer_from_survey",
+    "overdue_summary",
+]
 
 SURVEY_KIND: Final = "complaint_survey"
 _OPEN_STATES: Final = ("received", "referred", "resolved")
@@ -58,6 +71,13 @@ class ComplaintRules:
     def deadlines(self, task: Complaint) -> Deadlines:
         return deadlines(task, self.calendar, refer_days=self.refer_days, resolve_days=self.resolve_days,
                          answer_days=self.answer_days)  # fmt: skip
+
+    @classmethod
+    def of(cls, c: ComplaintsConfig) -> ComplaintRules:
+        """The rules of ``[complaints]`` (its dates were validated when the configuration was loaded)."""
+        calendar = WorkingCalendar(HOSPITAL_TZ, parse_dates(c.holidays, "holidays"),
+                                   parse_dates(c.extra_workdays, "extra_workdays"))  # fmt: skip
+        return cls(calendar, c.refer_days, c.resolve_days, c.answer_days)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,11 +181,7 @@ class ComplaintDesk:
         return decision.role or "supervisor"
 
     def _record(self, actor: str, role: str, doing: str, details: dict[str, JsonValue]) -> None:
-        try:
-            self._audit.append(actor=actor, role=role, action="change", outcome="success",
-                               details={"kind": "complaint", "step": doing, **details})  # fmt: skip
-        except AuditError as exc:
-            raise ComplaintError(f"complaint {doing}: the audit log could not record it: {exc}") from None
+        _audit_step(self._audit, actor, role, doing, details)
 
     def open(
         self, actor: str, *, call_id: str, category: str, summary: str, received_at: datetime,
@@ -244,3 +260,41 @@ class ComplaintDesk:
 
     def deadlines(self, task: Complaint) -> Deadlines:
         return self._rules.deadlines(task)
+
+
+def _audit_step(audit: AuditLog, actor: str, role: str, doing: str, details: dict[str, JsonValue]) -> None:
+    try:
+        audit.append(actor=actor, role=role, action="change", outcome="success",
+                     details={"kind": "complaint", "step": doing, **details})  # fmt: skip
+    except AuditError as exc:
+        raise ComplaintError(f"complaint {doing}: the audit log could not record it: {exc}") from None
+
+
+def answer_from_survey(
+    store: ComplaintStore, audit: AuditLog, rules: ComplaintRules, complaint_id: str, *, score: int, at: datetime,
+    actor: str, role: str,
+) -> bool:  # fmt: skip
+    """The survey call's score written back: the task answered with ``score`` at ``at``, audited as the CLI's
+    ``answer`` is but under the outreach system identity (``actor``, ``role``); no access policy (the call was
+    scheduled by an authorised ``resolve``). True when this call recorded it; False when the task was answered
+    already (the node run twice, or the desk recorded it by hand meanwhile): that answer stays and nothing is
+    audited again. ComplaintError for a score outside 1-5, an unknown task, or one not resolved yet."""
+    stored = store.get(complaint_id)
+    if stored is None:
+        raise ComplaintError(f"no complaint task {complaint_id!r}")
+    if stored.task.state == "answered":
+        return False
+    after = step(stored.task, "answer", at, score=score)  # refuses a bad score and a task not resolved
+    details: dict[str, JsonValue] = {"complaint": complaint_id, "department": after.department, "score": score,
+                                     "source": "survey_call"}  # fmt: skip
+    if "answer" in late_stages(after, rules.deadlines(after)):
+        details["late"] = True
+    # Audited before it is stored, as the desk's steps are: no answer is ever stored unaudited. The conditional
+    # UPDATE keeps a second run racing this one (or the desk) from storing a second answer.
+    _audit_step(audit, actor, role, "answer", details)
+    if store.save_step(stored.task.state, after):
+        return True
+    again = store.get(complaint_id)
+    if again is not None and again.task.state == "answered":
+        return False
+    raise ComplaintError(f"complaint {complaint_id} was changed meanwhile: the survey score was not recorded")

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ground.config import Config
 from ground.db import rowcount
 from scheduler.call_actions import CallActions
+from scheduler.complaints import SURVEY_KIND
 from scheduler.dialer import CHANNEL_PREFIX, DIAL_EVERY, FLOW_OF_KIND, OUTBOUND_ARG, CallContext, Dialer, RunCall, Speak
 from scheduler.medication import next_due
 from scheduler.notifications import Notifications
@@ -120,6 +121,12 @@ class CallOutreach:
 
     async def report_adverse_reaction(self) -> None:
         await self._outreach.report_adverse_reaction(self._patient(), self._call_id())
+
+    async def record_survey(self, score: int) -> None:
+        # Only a complaint's answer call knows the task it is about (the attempt's subject); elsewhere it's an error.
+        if self.context is None or self.context.attempt.kind != SURVEY_KIND:
+            raise OutreachUnavailable("this call is no complaint answer call: there is no task to record a score on")
+        await self._outreach.actions.record_survey(self.context.attempt.subject_id, score)
 
 
 class Outreach:

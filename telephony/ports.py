@@ -203,9 +203,9 @@ class BookingResult:
 
 class OutreachPort(Protocol):
     """The scheduler's side of an outreach call (or of a hotline call for vaccination), for the nodes
-    ``verify_identity``, ``save_readings``, ``medication_confirm``, ``vaccination_book``, ``vaccination_cancel`` and
-    ``report_adverse_reaction``. The patient is the call's: the called patient of an outbound call, or the caller
-    the IVR identified; the flow never learns who it is.
+    ``verify_identity``, ``save_readings``, ``medication_confirm``, ``vaccination_book``, ``vaccination_cancel``,
+    ``report_adverse_reaction`` and ``record_survey``. The patient is the call's: the called patient of an outbound
+    call, or the caller the IVR identified; the flow never learns who it is.
 
     Values handed in are the flow variables the node names (keypad text, a ``*`` typed as decimal point already
     turned into ``.``). Any error raised here ends the flow with outcome "error" at that node; a
@@ -241,6 +241,11 @@ class OutreachPort(Protocol):
 
     async def report_adverse_reaction(self) -> None:
         """A task for medical staff and a follow-up call scheduled."""
+        ...
+
+    async def record_survey(self, score: int) -> None:
+        """A satisfaction score 1-5 (already checked) written back to what the call is about: a complaint's answer
+        call marks the task answered with it. Idempotent: the same score again changes nothing."""
         ...
 
 

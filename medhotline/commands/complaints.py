@@ -18,7 +18,6 @@ from compliance.audit import AuditLog, SqlAuditStore
 from ground import db
 from ground.clock import HOSPITAL_TZ
 from ground.errors import CommandError
-from ground.workdays import WorkingCalendar, parse_dates
 from medhotline.commands.stats import parse_when
 from scheduler.complaint_core import CATEGORIES, SURVEY_MAX, SURVEY_MIN, ComplaintError
 from scheduler.complaints import ComplaintDesk, ComplaintRules, StoredComplaint
@@ -29,10 +28,7 @@ if TYPE_CHECKING:
 
 def rules_of(config: Config) -> ComplaintRules:
     """The working-day rules from ``[complaints]`` (validated when the configuration was loaded)."""
-    c = config.complaints
-    calendar = WorkingCalendar(HOSPITAL_TZ, parse_dates(c.holidays, "holidays"),
-                               parse_dates(c.extra_workdays, "extra_workdays"))  # fmt: skip
-    return ComplaintRules(calendar, c.refer_days, c.resolve_days, c.answer_days)
+    return ComplaintRules.of(config.complaints)
 
 
 def _account(value: str) -> str:

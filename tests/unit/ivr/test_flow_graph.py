@@ -259,7 +259,7 @@ def test_cli_check_problems(no_config: Path, capsys: pytest.CaptureFixture[str])
         f"{bad}:7:5: nodes.a.next: node 'nowhere' is not defined",
         f"{worse}:5:5: nodes.a.type: unknown type 'hangupp'; expected one of: play, menu, collect, listen, confirm, "
         "consent, medication_confirm, branch, set, lookup_patient, verify_identity, save_readings, vaccination_book, "
-        "vaccination_cancel, report_adverse_reaction, subflow, route, transfer, hangup, return",
+        "vaccination_cancel, report_adverse_reaction, record_survey, subflow, route, transfer, hangup, return",
         "2 problems in 2 files",
     ]
     assert check_paths([bad]) == check_paths([no_config])[:1]

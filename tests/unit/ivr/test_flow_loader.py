@@ -60,7 +60,7 @@ def test_test_desk_flows_load_with_the_consent_desk() -> None:
             "flow: t\nstart: a\nnodes:\n  a:\n    type: menuu\n    say: hi\n",
             "5:5: nodes.a.type: unknown type 'menuu'; expected one of: play, menu, collect, listen, confirm, consent, "
             "medication_confirm, branch, set, lookup_patient, verify_identity, save_readings, vaccination_book, "
-            "vaccination_cancel, report_adverse_reaction, subflow, route, transfer, hangup, return",
+            "vaccination_cancel, report_adverse_reaction, record_survey, subflow, route, transfer, hangup, return",
             id="unknown-node-type",
         ),
         pytest.param(

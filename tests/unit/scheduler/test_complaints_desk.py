@@ -22,7 +22,8 @@ from ground.models import Base
 from ground.workdays import WorkingCalendar
 from scheduler.complaint_core import ComplaintError
 from scheduler.complaint_tables import ComplaintTask
-from scheduler.complaints import ComplaintDesk, ComplaintRules
+from scheduler.complaints import ComplaintDesk, ComplaintRules, answer_from_survey
+from scheduler.outreach_core import SYSTEM_ACTOR, SYSTEM_ROLE
 from scheduler.tables import OutreachAttempt
 
 MONDAY: Final = datetime(2026, 3, 2, 9, 0, tzinfo=HOSPITAL_TZ)
@@ -122,3 +123,79 @@ def test_migration_matches_the_models(engine: Engine) -> None:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True, "include_object": include})
         assert compare_metadata(context, Base.metadata) == []
+
+
+# -- the survey call's score (the record_survey node, through the outreach port) -----------------------------------
+
+
+def _resolved(desk: ComplaintDesk, at: datetime = MONDAY) -> str:
+    cid = desk.open("sup.one", call_id="call-6", category="quality", summary="检查结果解释不清", received_at=at,
+                    patient_id=PATIENT).task.id  # fmt: skip
+    desk.refer("sup.one", cid, "cardiology", at + timedelta(hours=1))
+    desk.resolve("nur.card", cid, at + timedelta(hours=2))
+    return cid
+
+
+def _survey(desk: ComplaintDesk, engine: Engine, cid: str, score: int, at: datetime) -> bool:
+    return answer_from_survey(desk.store, AuditLog(SqlAuditStore(engine)), RULES, cid, score=score, at=at,
+                              actor=SYSTEM_ACTOR, role=SYSTEM_ROLE)  # fmt: skip
+
+
+def test_the_survey_score_answers_the_task_audited_as_the_scheduler_once_even_if_run_twice(
+    desk: ComplaintDesk, engine: Engine
+) -> None:
+    cid = _resolved(desk)
+    assert _survey(desk, engine, cid, 5, MONDAY + timedelta(hours=3)) is True
+    assert _survey(desk, engine, cid, 5, MONDAY + timedelta(hours=3, minutes=1)) is False  # the node run twice
+    stored = desk.store.get(cid)
+    assert stored is not None
+    assert (stored.task.state, stored.task.survey_score) == ("answered", 5)
+    assert stored.task.answered_at == MONDAY + timedelta(hours=3)
+    answers = [(actor, d) for actor, _, d in _complaint_entries(engine) if d["step"] == "answer"]
+    assert answers == [("scheduler", {"kind": "complaint", "step": "answer", "complaint": cid,
+                                      "department": "cardiology", "score": 5, "source": "survey_call"})]  # fmt: skip
+    [entry] = [e for e in SqlAuditStore(engine).entries() if e.actor == SYSTEM_ACTOR]
+    assert entry.role == SYSTEM_ROLE
+    # Nothing left overdue once answered, even past the answer deadline.
+    assert desk.overdue("sup.one", MONDAY + timedelta(days=5)) == []
+
+
+def test_a_survey_score_after_the_desk_answered_changes_nothing(desk: ComplaintDesk, engine: Engine) -> None:
+    cid = _resolved(desk)
+    desk.answer("sup.one", cid, MONDAY + timedelta(hours=3), 2)
+    assert _survey(desk, engine, cid, 5, MONDAY + timedelta(hours=4)) is False
+    stored = desk.store.get(cid)
+    assert stored is not None
+    assert stored.task.survey_score == 2
+    assert [a for a, _, d in _complaint_entries(engine) if d["step"] == "answer"] == ["sup.one"]
+
+
+def test_a_late_survey_answer_is_audited_late(desk: ComplaintDesk, engine: Engine) -> None:
+    cid = _resolved(desk)  # resolved Monday: answer by the end of Tuesday
+    assert _survey(desk, engine, cid, 3, MONDAY + timedelta(days=2)) is True
+    [details] = [d for _, _, d in _complaint_entries(engine) if d["step"] == "answer"]
+    assert details["late"] is True
+
+
+@pytest.mark.parametrize("score", [0, 6, -1, 45])
+def test_a_bad_survey_score_is_refused_and_nothing_is_stored_or_audited(
+    desk: ComplaintDesk, engine: Engine, score: int
+) -> None:
+    cid = _resolved(desk)
+    with pytest.raises(ComplaintError, match=f"satisfaction score {score} is outside 1..5"):
+        _survey(desk, engine, cid, score, MONDAY + timedelta(hours=3))
+    stored = desk.store.get(cid)
+    assert stored is not None
+    assert (stored.task.state, stored.task.survey_score, stored.task.answered_at) == ("resolved", None, None)
+    assert [d for _, _, d in _complaint_entries(engine) if d["step"] == "answer"] == []
+
+
+def test_a_survey_score_for_a_task_not_resolved_or_unknown_is_refused(desk: ComplaintDesk, engine: Engine) -> None:
+    cid = desk.open("sup.one", call_id="call-7", category="fees", summary="收费不清", received_at=MONDAY).task.id
+    with pytest.raises(ComplaintError, match="it must be resolved"):
+        _survey(desk, engine, cid, 4, MONDAY + timedelta(hours=1))
+    with pytest.raises(ComplaintError, match="no complaint task"):
+        _survey(desk, engine, "nope", 4, MONDAY)
+    stored = desk.store.get(cid)
+    assert stored is not None
+    assert stored.task.state == "received"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,13 +28,16 @@ from ground.config import load_config
 from his.directory import PatientServices, RegistryPatientDirectory
 from his.registry import PatientInput, PatientRegistry
 from his.tables import PatientStore
-from scheduler.outreach import CallOutreach, Outreach
+from scheduler.complaint_core import Complaint
+from scheduler.complaints import SURVEY_KIND, ComplaintStore, StoredComplaint
+from scheduler.outreach import SYSTEM_ACTOR, SYSTEM_ROLE, CallContext, CallOutreach, Outreach
 from scheduler.policy import LOCAL_TZ, DialPolicy, Window
 from scheduler.rounds import open_followup_round
 from scheduler.store import Threshold
 from scheduler.tables import DoNotCall, OutreachAttempt
 from telephony.ari_channel import AriDispatcher
 from telephony.ari_client import AriClient
+from telephony.ports import OutreachUnavailable
 
 PHONE = "13912345678"
 POLICY = DialPolicy(quiet=Window.parse("21:00-08:00"), max_attempts=2, backoff=(timedelta(minutes=30),), trunk_cap=1)
@@ -215,3 +219,32 @@ async def test_the_trunk_cap_holds_calls_back(desk: Desk) -> None:
     await desk.settle()
     assert await desk.outreach.dial_due() == 0  # still ringing: the second call waits
     assert len(desk.ari.originated) == 1
+
+
+# -- the complaint answer call's score, through the port of the call -----------------------------------------------
+
+
+async def test_the_survey_score_reaches_the_complaint_task_through_the_call_port(desk: Desk, engine: Engine) -> None:
+    now = desk.clock.now
+    task = Complaint("c-1", "attitude", now - timedelta(days=1), "resolved", "cardiology",
+                     now - timedelta(hours=20), now - timedelta(hours=1))  # fmt: skip
+    store = ComplaintStore.for_engine(engine)
+    store.add(StoredComplaint(task, "call-1", "态度差", desk.patient, None, "sup.one"))
+    attempt = desk.outreach.attempts.open_round(SURVEY_KIND, "c-1", desk.patient, now, now)
+    assert attempt is not None
+    port = CallOutreach(desk.outreach, patient_of=lambda: desk.patient, context=CallContext(attempt))
+    await port.record_survey(4)
+    await port.record_survey(4)  # the node run twice: one answer, one audit entry
+    stored = store.get("c-1")
+    assert stored is not None
+    assert (stored.task.state, stored.task.survey_score, stored.task.answered_at) == ("answered", 4, now)
+    entries = SqlAuditStore(engine).entries()
+    answers = [e for e in entries if e.details and json.loads(e.details).get("step") == "answer"]
+    assert [(e.actor, e.role) for e in answers] == [(SYSTEM_ACTOR, SYSTEM_ROLE)]
+    # A call that is no complaint answer call has no task to write a score on.
+    plan_call = CallOutreach(desk.outreach, patient_of=lambda: desk.patient,
+                             context=CallContext(replace(attempt, kind="followup")))  # fmt: skip
+    with pytest.raises(OutreachUnavailable, match="no complaint answer call"):
+        await plan_call.record_survey(4)
+    with pytest.raises(OutreachUnavailable, match="no complaint answer call"):
+        await CallOutreach(desk.outreach, patient_of=lambda: desk.patient).record_survey(4)

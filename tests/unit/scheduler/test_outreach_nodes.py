@@ -43,6 +43,7 @@ VARS = {
     "diastolic": "85",
     "vaccination_day": "3",
     "vaccination_slot": "morning",
+    "satisfaction": "4",
 }
 # One ending per edge label, named after it, so a call's last step names the edge it took.
 EDGE_ENDS = (
@@ -58,6 +59,7 @@ EDGE_ENDS = (
     "cancelled",
     "none",
     "reported",
+    "recorded",
 )
 MED: dict[str, Any] = {
     "type": "medication_confirm",
@@ -86,6 +88,7 @@ NODES: dict[str, dict[str, Any]] = {
     },
     "vaccination_cancel": {"type": "vaccination_cancel", "next": {"cancelled": "cancelled", "none": "none"}},
     "report_adverse_reaction": {"type": "report_adverse_reaction", "next": "reported"},
+    "record_survey": {"type": "record_survey", "var": "satisfaction", "next": "recorded"},
 }
 
 
@@ -517,6 +520,48 @@ async def test_report_adverse_reaction() -> None:
     assert outreach.called("report_adverse_reaction") == [None]
 
 
+# -- record_survey --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score", ["1", "3", "5"])
+async def test_record_survey_hands_the_score_to_the_port_and_the_record_keeps_only_the_edge(score: str) -> None:
+    outreach = MemoryOutreach()
+    call = await _call(_flow(NODES["record_survey"], {"satisfaction": score}), outreach=outreach)
+    assert call.result.outcome == "completed"
+    assert call.result.last_step == "recorded"
+    assert call.step("n") == Step("t", "n", "record_survey", "next", None)
+    assert outreach.called("record_survey") == [int(score)]
+
+
+@pytest.mark.parametrize("value", ["0", "6", "9", "45", "a", "4.5", " 4", "４"])
+async def test_a_value_that_is_no_score_1_to_5_is_refused_and_nothing_is_written(value: str) -> None:
+    outreach = MemoryOutreach()
+    call = await _call(_flow(NODES["record_survey"], {"satisfaction": value}), outreach=outreach)
+    assert call.result.outcome == "error"
+    assert call.result.last_step == "n"
+    assert call.result.error == "flow 't' node 'n': variable 'satisfaction' is not a satisfaction score 1-5"
+    assert outreach.calls == []
+    _no_values_recorded(call, value)
+
+
+async def test_record_survey_without_the_score_collected_asks_nothing() -> None:
+    outreach = MemoryOutreach()
+    call = await _call(_flow(NODES["record_survey"], {"other": "x"}), outreach=outreach)
+    assert call.result.error == "flow 't' node 'n': variable 'satisfaction' has no value (collect it before this node)"
+    assert outreach.calls == []
+
+
+def test_record_survey_is_refused_with_a_prompt_or_a_variable_no_node_sets() -> None:
+    with pytest.raises(ValueError, match="record_survey node has no prompt"):
+        _flow({**NODES["record_survey"], "say": "谢谢"})
+    with pytest.raises(ValueError, match="var"):
+        _flow({**NODES["record_survey"], "var": "9bad"})
+    flow = Flow.model_validate({"flow": "t", "start": "n", "nodes": {"n": NODES["record_survey"],
+                                "recorded": {"type": "hangup"}}})  # fmt: skip
+    problems = check_flows({"t": LoadedFlow(flow, Path("t.yaml"), "v1")})
+    assert any("'satisfaction' is not set by any" in str(p) for p in problems)
+
+
 # -- no port, a failing port -------------------------------------------------------------------------------------
 
 
@@ -546,6 +591,7 @@ OPERATION_OF = {
     "vaccination_book": ("book_vaccination", "the booking"),
     "vaccination_cancel": ("cancel_vaccination", "the cancellation"),
     "report_adverse_reaction": ("report_adverse_reaction", "the adverse reaction report"),
+    "record_survey": ("record_survey", "recording the satisfaction score"),
 }
 
 
@@ -1006,13 +1052,24 @@ async def test_vaccination_through_the_hotline_returns_to_its_goodbye(shipped: d
 
 async def test_complaint_survey_takes_a_score_from_1_to_5(shipped: dict[str, Flow]) -> None:
     flow = shipped["complaint_survey"]
-    call = await _call(flow, ["1956", "4"])
+    outreach = MemoryOutreach()
+    call = await _call(flow, ["1956", "4"], outreach=outreach)
     assert call.result.last_step == "thanks"
-    assert call.path[-2:] == ["complaint_survey:score", "complaint_survey:thanks"]
-    # 0, 9 and 6 are not scores: asked again (twice), then thanked without a score.
-    refused = await _call(flow, ["1956", "0", "9", "6"])
+    assert call.path[-3:] == ["complaint_survey:score", "complaint_survey:record", "complaint_survey:thanks"]
+    assert outreach.called("record_survey") == [4]
+    # 0, 9 and 6 are not scores: asked again (twice), then thanked without a score, and nothing is written back.
+    outreach = MemoryOutreach()
+    refused = await _call(flow, ["1956", "0", "9", "6"], outreach=outreach)
     assert refused.result.last_step == "no_score"
     assert _said(flow, "thanks") not in refused.channel.sounds
-    stranger = await _call(flow, ["1957", "5"])
+    assert outreach.called("record_survey") == []
+    outreach = MemoryOutreach()
+    stranger = await _call(flow, ["1957", "5"], outreach=outreach)
     assert stranger.result.last_step == "not_verified"
     assert _said(flow, "score") not in stranger.channel.sounds
+    assert outreach.called("record_survey") == []
+    # A hang-up before the score: nothing written, the task stays unanswered (the dialer retries as before).
+    outreach = MemoryOutreach()
+    gone = await _call(flow, ["1956", None], outreach=outreach)
+    assert gone.result.outcome == "caller_hangup"
+    assert outreach.called("record_survey") == []
