@@ -71,6 +71,7 @@ class SimulatedHis:
         self.deliveries: list[str] = []  # every control id as delivered, duplicates included
         self.appointments: dict[str, BookEntry] = {}  # SCH-1 booking id -> its state
         self.pdq_queries = 0
+        self.pdq_found = 0  # queries answered with exactly one candidate: the caller identified
         self._refusals: dict[str, deque[tuple[Literal["AE", "AR"], Hl7Error]]] = {}
         self._server = MllpServer(self.handle, sender=party, tls=tls)
         self.port: int | None = None
@@ -96,7 +97,9 @@ class SimulatedHis:
         if message.type == "QBP^Q22":
             self.pdq_queries += 1
             _, phone = read_pdq_query(message)
-            return build_pdq_answer(message, self.find(phone), sender=self.party, at=now)
+            found = self.find(phone)
+            self.pdq_found += len(found) == 1
+            return build_pdq_answer(message, found, sender=self.party, at=now)
         code = message.message_code
         if code not in ACCEPTED:
             raise Hl7Error(

@@ -55,7 +55,7 @@ from medhotline.commands import supervise as supervise_commands
 from medhotline.commands import surge as surge_commands
 from medhotline.commands import vaccination as vaccination_commands
 from medhotline.commands.audit import prove_command, verify_command
-from medhotline.demo import run_demo
+from medhotline.demo import SCENES, run_demo
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox
 from medhotline.service import run_service
@@ -346,7 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="sandbox + service + simulated patient calls, then a summary")
-    demo.add_argument("--calls", type=int, default=4, help="number of simulated patient calls (default 4)")
+    demo.add_argument("--calls", type=int, default=len(SCENES), help=f"simulated patient calls (default {len(SCENES)})")
     demo.add_argument("--keep-running", action="store_true", help="leave Asterisk and the service running")
     demo.set_defaults(func=_cmd_demo)
 

@@ -5,8 +5,10 @@ a nurse, a pharmacist and a front-desk agent, each with a simulated SIP phone), 
 patients call the hotline over the ARI path and the FastAGI path, and prints what the phones observed next to
 what the service recorded: route, path, and which agent answered. One patient speaks when asked: recognition runs
 on a local speech server (``medhotline speech serve`` with the Korean model, the service on ``engine =
-"servers"``), so the demo goes the way a speech-server farm does. Everything it started is stopped again unless
-``--keep-running`` is given.
+"servers"``), so the demo goes the way a speech-server farm does. The service is connected to a simulated HIS
+(``medhotline.demo_his``, ``[his] enabled``): the patient who asks for a vaccination booking is identified by an
+IHE PDQ query to it. Everything it started is stopped again unless ``--keep-running`` is given (the simulated HIS,
+in the demo's own process, always is).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from compliance.accounts import AccountStore
 from ground import db
 from ground.config import Config
-from medhotline import demo_speech
+from medhotline import demo_his, demo_speech
 from medhotline.phones import Action, PhoneCall, Press, Speak, place_call, speech_wav
 from medhotline.phones.agent import AgentPhone
 from medhotline.prompts import build_prompts
@@ -39,6 +41,7 @@ SCENES: list[tuple[str, list[Action], str]] = [
     ("agi-", [Press(1500, "2")], "presses 2: medication guidance, to the pharmacist (FastAGI, then the queue)"),
     ("", [SPEAKS], "speaks when asked (recognised on the speech server): routed by what was heard"),
     ("agi-", [Press(1500, "7"), Press(2500, "8")], "wrong keys, then silence: retries, then the front desk"),
+    ("", [Press(1500, "3"), Press(2500, "1")], "presses 3, 1: vaccination booking, identified by the HIS (PDQ)"),
 ]  # fmt: skip
 # Without a speech model the speaking patient presses 3, 3 instead (adverse reaction), as the demo did before.
 KEYS_ONLY = [Press(1500, "3"), Press(2500, "3")]
@@ -84,7 +87,9 @@ def free_udp_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_path: Path | None = None) -> int:
+def run_demo(
+    config: Config, calls: int = len(SCENES), keep_running: bool = False, config_path: Path | None = None
+) -> int:
     sandbox = Sandbox(config)
     state = config.service.state_dir
     state.mkdir(parents=True, exist_ok=True)
@@ -93,9 +98,13 @@ def run_demo(config: Config, calls: int = 4, keep_running: bool = False, config_
     speech = SpeechServerProcess(model, state / "demo-speech.log") if model is not None else None
     if speech is not None:
         speech.launch()
+    his = demo_his.HisSimulatorThread(DEMO_CALLER)
     try:
-        return _run(config, sandbox, speech, calls=calls, keep_running=keep_running, config_path=config_path)
+        his.start()
+        return _run(config, sandbox, speech, his, calls=calls, keep_running=keep_running, config_path=config_path)
     finally:
+        # The simulator lives in this process: it stops with the demo even with --keep-running.
+        his.stop()
         if speech is not None and not keep_running:
             speech.stop()
 
@@ -104,6 +113,7 @@ def _run(
     config: Config,
     sandbox: Sandbox,
     speech: SpeechServerProcess | None,
+    his: demo_his.HisSimulatorThread,
     *,
     calls: int,
     keep_running: bool,
@@ -117,7 +127,7 @@ def _run(
     print("3/5 prompts …")
     report = build_prompts(config)
     print(f"    {report.rendered} rendered, {report.cached} cached")
-    print("4/5 agents, key service, speech server and service …")
+    print("4/5 agents, key service, speech server, simulated HIS and service …")
     state = config.service.state_dir
     host = config.asterisk.host
     service_env: dict[str, str] = {}
@@ -130,6 +140,7 @@ def _run(
         service_env = demo_speech.service_env(url)
         wav = speech_wav(demo_speech.WORDS, "ko", state / "demo-patient-speech.wav")
         speaking = Speak(demo_speech.ms_until_listening(config) + 800, wav)
+    service_env |= _his_env(his)
     phones = {
         account_id: AgentPhone(account_id, free_udp_port(host), free_udp_port(host), answer_after_ms=800, talk_ms=2500)
         for account_id, *_ in AGENTS
@@ -168,10 +179,24 @@ def _run(
             for agent_phone in phones.values():
                 agent_phone.stop()
     failed = _summary(config, observed, log_path, keep_running)
+    _helpers_summary(speech, his)
+    return failed
+
+
+def _his_env(his: demo_his.HisSimulatorThread) -> dict[str, str]:
+    """The service's ``[his]`` overrides for the running simulator (none when it has no port)."""
+    if his.port is None:
+        return {}
+    print(f"    simulated HIS on {demo_his.HOST}:{his.port} (MLLP); the service identifies callers there (PDQ)")
+    return demo_his.service_env(his.port)
+
+
+def _helpers_summary(speech: SpeechServerProcess | None, his: demo_his.HisSimulatorThread) -> None:
+    """What the speech server and the simulated HIS saw: counts only."""
     if speech is not None:
         opened, ended = speech.streams()
         print(f"  speech server: {opened} stream(s) opened, {ended} ended normally; log {speech.log_path}")
-    return failed
+    print(f"  {his.summary()}")
 
 
 def _with_speech(scene: list[Action], speaking: Speak | None) -> list[Action]:
@@ -218,8 +243,11 @@ def _summary(config: Config, observed: list[tuple[str, PhoneCall]], log_path: Pa
             print(
                 f"       recorded: {len(stored)} encrypted file(s), {seconds:.1f}s; signed: {', '.join(signed) or '-'}"
             )
-    leaked = DEMO_CALLER in log_path.read_text(errors="replace")
-    print(f"  caller number in the service log: {'FOUND (bug!)' if leaked else 'never (redacted)'}")
+    # The caller's number, and the name and record number the HIS answered for it, must reach no log line.
+    patient = demo_his.demo_patient(DEMO_CALLER)
+    text = log_path.read_text(errors="replace")
+    leaked = any(value in text for value in (DEMO_CALLER, patient.name, patient.record_number))
+    print(f"  caller's number, name, record number in the service log: {'FOUND (bug!)' if leaked else 'never'}")
     print(f"  service log: {log_path}\n  database: {db.mask_url(config.database_url)}")
     if keep_running:
         print("  still running: `medhotline asterisk down`, then stop `medhotline serve` and `medhotline keyservice`")
