@@ -456,7 +456,8 @@ def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> Rou
         cluster = ClusterLink(store, lease)
     # The reservation is the one write before the agent's phone rings: on SQLite it does not wait for the disk.
     reservations = db.make_reservation_sessionmaker(config.database_url, sessions)
-    return RoutingEngine(AgentStore(sessions, reservations=reservations), rules, settings, cluster=cluster)
+    agents = AgentStore(sessions, reservations=reservations)
+    return RoutingEngine(agents, rules, settings, cluster=cluster, presence=agents)
 
 
 def recording_spool(config: Config) -> Path:

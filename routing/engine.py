@@ -48,6 +48,7 @@ _T = TypeVar("_T")
 RingOutcome = Literal["answered", "no_answer", "caller_gone", "released", "failed"]
 NO_ANSWER = "no answer"
 UNREACHABLE = "unreachable"
+NOT_REGISTERED = "not registered"
 
 
 class AgentSnapshot(Protocol):
@@ -91,6 +92,12 @@ class AgentDirectory(Protocol):
     def unpause(self, account_id: str, at: datetime) -> None: ...
     def record_ring(self, call_id: str, account_id: str, node: str, at: datetime) -> int: ...
     def finish_ring(self, ring_id: int, outcome: RingOutcome, at: datetime) -> None: ...
+
+
+class PresenceRecorder(Protocol):
+    """Where the phones' presence is recorded for the wallboard (``routing.store.AgentStore.set_presence``)."""
+
+    def set_presence(self, endpoint: str, reason: str | None, at: datetime) -> bool: ...
 
 
 class ClusterQueue(Protocol):
@@ -186,8 +193,10 @@ class RoutingEngine:
         *,
         clock: Callable[[], datetime] = _now,
         cluster: ClusterLink | None = None,
+        presence: PresenceRecorder | None = None,
     ) -> None:
         self.directory = directory
+        self.presence = presence
         self.cluster = cluster
         self.rules = rules
         self.settings = settings
@@ -198,6 +207,9 @@ class RoutingEngine:
         self._rings: dict[str, tuple[str, int]] = {}  # call id → (agent id, ring id) while ringing
         self._unreachable: dict[str, datetime] = {}  # agent id → when to try again
         self._offline_endpoints: set[str] = set()
+        # Endpoint → offline reason this node last recorded (None: online); a repeated report writes nothing.
+        self._presence: dict[str, str | None] = {}
+        self._presence_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._timers: set[asyncio.Task[None]] = set()
         # The agent table as last read, for whoever else needs it (the sandbox's endpoint file): no second query.
@@ -331,6 +343,7 @@ class RoutingEngine:
         else:
             self._unreachable[agent_id] = at + timedelta(seconds=self.settings.unreachable_retry)
             self.dispatcher.agent_state(agent_id, "offline", at, UNREACHABLE)
+            self._record_presence(self.dispatcher.agent(agent_id).endpoint, UNREACHABLE)
         if ring_id is not None:
             outcome: RingOutcome = "no_answer" if reachable else "failed"
             await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, at)
@@ -365,7 +378,32 @@ class RoutingEngine:
             self._offline_endpoints.discard(endpoint)
         else:
             self._offline_endpoints.add(endpoint)
+        self._record_presence(endpoint, None if online else NOT_REGISTERED)
         self._wake.set()
+
+    def _record_presence(self, endpoint: str, reason: str | None) -> None:
+        """Record a change of a phone's presence in the database for the wallboard, by the node that saw it.
+
+        Only a change is written: AMI repeats contact states (re-registrations, qualify), and the wallboard needs
+        just the transitions. The first report of an endpoint since start is written (a no-op UPDATE if the
+        database agrees), so a state left from before a restart is corrected. Writes go one at a time, each with
+        the endpoint's newest reason, so a quick offline → online cannot land in the wrong order.
+        """
+        if self.presence is None or (endpoint in self._presence and self._presence[endpoint] == reason):
+            return
+        self._presence[endpoint] = reason
+        presence = self.presence
+
+        async def write() -> None:
+            async with self._presence_lock:
+                newest = self._presence.get(endpoint)
+                written = await self._db("record presence", presence.set_presence, endpoint, newest, self._clock())
+                if written is None and self._presence.get(endpoint) == newest:
+                    self._presence.pop(endpoint, None)  # failed: the next report tries again
+
+        task = asyncio.create_task(write())
+        self._timers.add(task)
+        task.add_done_callback(self._timers.discard)
 
     # -- the loop -----------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -476,8 +514,9 @@ class RoutingEngine:
             if at < retry:
                 return "offline", UNREACHABLE
             del self._unreachable[agent.id]
+            self._record_presence(agent.endpoint, NOT_REGISTERED if agent.endpoint in self._offline_endpoints else None)
         if agent.endpoint in self._offline_endpoints:
-            return "offline", "not registered"
+            return "offline", NOT_REGISTERED
         return "available", None
 
     async def _assign(self) -> None:

@@ -480,6 +480,23 @@ class AgentStore(Repository):
                 row.paused_at = None
                 row.updated_at = at
 
+    def set_presence(self, endpoint: str, reason: str | None, at: datetime) -> bool:
+        """Record why the phone of the agent on ``endpoint`` cannot be rung (None: it can), for the wallboard.
+
+        One conditional UPDATE: nothing is written when the stored reason is already ``reason``, so nodes that
+        report the same change do not fight; ``offline_since`` keeps the first report. True: a row changed.
+        """
+        _aware(at)
+        if reason is not None:
+            reason = _reason(reason, "offline reason")
+        statement = (
+            update(AgentRow)
+            .where(AgentRow.endpoint == endpoint, AgentRow.offline_reason.is_distinct_from(reason))
+            .values(offline_reason=reason, offline_since=None if reason is None else at)
+        )
+        with self._transaction(f"recording the presence of endpoint {endpoint}") as session:
+            return rowcount(session.execute(statement)) > 0
+
     # -- reservation ------------------------------------------------------------------------------------------
     def reserve(
         self,

@@ -42,6 +42,10 @@ class AgentRow(Base):
     reserved_call_id: Mapped[str | None] = mapped_column(String(36))
     reserved_by: Mapped[str | None] = mapped_column(String(64))
     reserved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Why the agent's phone cannot be rung ("not registered", "unreachable"), as the node that saw it last wrote;
+    # None: it can. For the wallboard only: routing decides on each node's own view (docs/api.md).
+    offline_reason: Mapped[str | None] = mapped_column(String(64))
+    offline_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -57,6 +61,7 @@ class AgentRow(Base):
             "(paused_reason IS NULL AND paused_at IS NULL) OR (paused_reason IS NOT NULL AND paused_at IS NOT NULL)",
             name="pause",
         ),
+        CheckConstraint("(offline_reason IS NULL) = (offline_since IS NULL)", name="offline"),
         Index("ix_agents_reserved_call_id", "reserved_call_id"),
     )
 

@@ -27,7 +27,7 @@ from scheduler.complaints import ComplaintRules, ComplaintStore
 __all__ = ["AGENT_STATES", "Board", "settings_of"]
 
 # The states an agent is shown in, as far as the database tells them (docs/api.md, "Agents").
-AGENT_STATES: Final = ("ready", "ringing", "talking", "wrap_up", "paused")
+AGENT_STATES: Final = ("ready", "ringing", "talking", "wrap_up", "paused", "offline")
 # A call still waiting since before midnight stays on the wallboard: the records are read from this far back.
 _LOOKBACK: Final = timedelta(hours=12)
 # The columns of ``calls`` the API shows; never channel_name, channel_id or error (they may carry a number).
@@ -105,12 +105,14 @@ class Board:
         return result
 
     def agents(self, now: datetime) -> list[dict[str, object]]:
-        """Every agent with a state: paused (with reason), ringing (a ring not ended), talking (answered, call not
-        ended), wrap-up (still reserved after the call ended), else ready. Offline needs the phones' registration
-        (AMI), which the database does not hold: not shown here."""
+        """Every agent with a state: talking (answered, call not ended), ringing (a ring not ended), offline (the
+        phone is not registered or could not be reached, as the service recorded it; with the reason), wrap-up
+        (still reserved after the call ended), paused (with reason), else ready. Talking and ringing come first:
+        a phone that rings or talks is there, whatever was recorded a moment before."""
         with self._engine.connect() as connection:
             agents = list(connection.execute(select(AgentRow.account_id, AgentRow.paused_reason,
-                                                    AgentRow.reserved_call_id)))  # fmt: skip
+                                                    AgentRow.reserved_call_id, AgentRow.offline_reason,
+                                                    AgentRow.offline_since)))  # fmt: skip
             open_rings = {r.account_id: r.call_id for r in connection.execute(
                 select(AgentRing.account_id, AgentRing.call_id).where(AgentRing.ended_at.is_(None)))}  # fmt: skip
             talking = {r.account_id: r.call_id for r in connection.execute(
@@ -119,19 +121,24 @@ class Board:
                 .where(AgentRing.outcome == "answered", Call.ended_at.is_(None),
                        AgentRing.rung_at >= now - timedelta(days=1)))}  # fmt: skip
         result = []
-        for account_id, paused_reason, reserved in sorted(agents):
+        for account_id, paused_reason, reserved, offline_reason, offline_since in sorted(agents):
             if account_id in talking:
                 state, call = "talking", talking[account_id]
             elif account_id in open_rings:
                 state, call = "ringing", open_rings[account_id]
+            elif offline_reason is not None:
+                state, call = "offline", None
             elif reserved is not None:
                 state, call = "wrap_up", reserved
             elif paused_reason is not None:
                 state, call = "paused", None
             else:
                 state, call = "ready", None
+            offline = state == "offline"
             result.append({"agent_id": account_id, "state": state, "call_id": call,
-                           "paused_reason": paused_reason if state == "paused" else None})  # fmt: skip
+                           "paused_reason": paused_reason if state == "paused" else None,
+                           "offline_reason": offline_reason if offline else None,
+                           "offline_since": _iso(offline_since) if offline else None})  # fmt: skip
         return result
 
     def overdue_complaints(self, now: datetime) -> dict[str, object]:

@@ -45,7 +45,7 @@ OPENAPI: Final[dict[str, object]] = {
         "/api/logout": {"post": {"summary": "sign out (closes the session)",
                                  "responses": {"200": {"description": "signed_out: true/false"}}}},
         "/api/queues": {"get": _op("waiting calls per queue, emergency first, longest wait first", "statistics")},
-        "/api/agents": {"get": _op("agents by state (ready, ringing, talking, wrap_up, paused)", "statistics")},
+        "/api/agents": {"get": _op("agents by state: ready, ringing, talking, wrap_up, paused, offline", "statistics")},
         "/api/statistics": {"get": _op("today's figures by queue, in total and per agent", "statistics")},
         "/api/calls": {"get": _op("today's calls that reached the queue, newest first", "statistics", params=[
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}}])},

@@ -20,7 +20,7 @@ h1{font-size:1.4em} h2{font-size:1.1em;margin:.6em 0 .3em}
 .fig b{display:block;font-size:1.6em} table{border-collapse:collapse} td,th{padding:.2em .8em;text-align:left}
 .emergency{color:#ff5252;font-weight:bold} #login{max-width:20em} #login input{display:block;margin:.3em 0;width:100%}
 .state-ready{color:#69f0ae}.state-ringing{color:#ffd740}.state-talking{color:#40c4ff}.state-wrap_up{color:#b388ff}
-.state-paused{color:#bdbdbd} #status{color:#999;font-size:.9em}
+.state-paused{color:#bdbdbd}.state-offline{color:#ff8a65} #status{color:#999;font-size:.9em}
 </style></head><body>
 <h1>患者热线 · 实时监控</h1>
 <form id="login" hidden><input id="account" placeholder="账号" autocomplete="username">
@@ -34,7 +34,8 @@ h1{font-size:1.4em} h2{font-size:1.1em;margin:.6em 0 .3em}
 </div><div id="status">连接中…</div>
 <script>
 "use strict";
-const STATES={ready:"空闲",ringing:"振铃",talking:"通话中",wrap_up:"话后处理",paused:"暂停"};
+const STATES={ready:"空闲",ringing:"振铃",talking:"通话中",wrap_up:"话后处理",paused:"暂停",offline:"离线"};
+const OFFLINE={"not registered":"话机未注册",unreachable:"无法接通"};
 const CATEGORIES={emergency:"急救",general:"一般咨询",medication:"用药指导",diagnosis:"诊疗",vaccination:"疫苗接种",
 adverse_reaction:"不良反应",appointment:"预约",unknown:"未分类"};
 let snapshot=null, receivedAt=0;
@@ -68,7 +69,8 @@ function render(){
   $("agents").innerHTML="<tr><th>坐席</th><th>状态</th></tr>"+snapshot.agents.map(a=>
     '<tr class="agent" data-agent="'+esc(a.agent_id)+'"><td>'+esc(a.agent_id)+
     '</td><td class="state-'+esc(a.state)+'">'+
-    esc(STATES[a.state]||a.state)+(a.paused_reason?"（"+esc(a.paused_reason)+"）":"")+"</td></tr>").join("");
+    esc(STATES[a.state]||a.state)+(a.paused_reason?"（"+esc(a.paused_reason)+"）":"")+
+    (a.offline_reason?"（"+esc(OFFLINE[a.offline_reason]||a.offline_reason)+"）":"")+"</td></tr>").join("");
 }
 function listen(){
   $("login").hidden=true; $("board").hidden=false;

@@ -107,7 +107,7 @@ def test_migration_creates_the_routing_tables_and_downgrades_cleanly(url: str) -
         assert {"agents", "agent_skills", "credentials", "agent_rings"} <= set(inspector.get_table_names())
         assert {c["name"] for c in inspector.get_columns("agents")} == {
             "account_id", "endpoint", "contact", "languages", "paused_reason", "paused_at", "reserved_call_id",
-            "reserved_by", "reserved_at", "created_at", "updated_at",
+            "reserved_by", "reserved_at", "offline_reason", "offline_since", "created_at", "updated_at",
         }  # fmt: skip
         assert "ix_agents_reserved_call_id" in {i["name"] for i in inspector.get_indexes("agents")}
         assert "ix_agent_rings_call_id" in {i["name"] for i in inspector.get_indexes("agent_rings")}
