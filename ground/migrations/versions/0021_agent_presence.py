@@ -1,6 +1,6 @@
 """Agents' phone presence for the wallboard: why an agent's phone cannot be rung, and since when.
 
-Revision ID: 0022_agent_presence
+Revision ID: 0021_agent_presence
 Revises: 0020_complaints
 Create Date: 2026-12-05
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0022_agent_presence"
+revision: str = "0021_agent_presence"
 down_revision: str | None = "0020_complaints"
 branch_labels: str | None = None
 depends_on: str | None = None
