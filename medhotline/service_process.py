@@ -182,20 +182,12 @@ class SpeechServerProcess:
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM (the server closes its connections and exits), then SIGKILL after ``timeout``."""
         proc = self.proc
-        if proc is None:
-            return 0
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        code = _stop(proc, timeout)
         if self._pump is not None:
             self._pump.join(timeout)  # the last lines (streams closed at shutdown) are read before we count
-        if proc.stdout is not None:
+        if proc is not None and proc.stdout is not None:
             proc.stdout.close()
-        return proc.returncode
+        return code
 
 
 def _spawn(
@@ -217,7 +209,7 @@ def _spawn(
         )
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float) -> int:
+def _stop(proc: subprocess.Popen[bytes] | subprocess.Popen[str] | None, timeout: float) -> int:
     """SIGTERM, then SIGKILL after ``timeout``; the exit code."""
     if proc is None:
         return 0
