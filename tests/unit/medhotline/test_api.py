@@ -30,6 +30,7 @@ from ground import db
 from ground.errors import CommandError
 from ground.models import Call
 from medhotline.api import ApiSettings, create_app
+from medhotline.api.auth import UNAVAILABLE
 from medhotline.commands.api import check_bind
 from medhotline.supervision import Supervision
 from routing.ari_supervision import PhoneSettings
@@ -411,3 +412,29 @@ async def test_supervise_refuses_by_role_before_anything_else(engine: Engine, ke
             assert not [e for e in added if e.action == "change"]
         nurse = {"Authorization": f"Bearer {tokens['nurse.li']}"}
         assert (await client.post("/api/supervise/no-such-action", json={}, headers=nurse)).status_code == 403
+
+
+async def test_sign_in_fails_closed_and_audited_when_the_key_service_is_down(
+    engine: Engine, keys: KeyServiceClient, short_dir: Path
+) -> None:
+    """The sealed second factor can't be opened: 503 with a message that says why, whatever the password (so an
+    outage tells a guesser nothing about it), audited like any refused sign-in; staff without one sign in."""
+    secrets = await _secrets(engine, keys)
+    async with (
+        KeyServiceClient.unix(short_dir / "run" / "gone.sock", "t" * 32) as down,
+        await _client(engine, down) as client,
+    ):
+        for password in (PASSWORD, "a wrong password"):
+            response = await client.post(
+                "/api/login", json={"account": "sup.wang", "password": password, "code": _code(secrets["sup.wang"])}
+            )
+            assert response.status_code == 503
+            assert response.json() == {"error": UNAVAILABLE}
+            assert "key service" in response.json()["error"]
+        assert (await client.post("/api/login", json={"account": "nurse.li", "password": PASSWORD})).status_code == 200
+    denied = [(e.actor, json.loads(e.details)) for e in _entries(engine) if e.action == "denied"]
+    assert [actor for actor, _ in denied] == ["sup.wang", "sup.wang"]
+    assert all("key service is unavailable" in d["why"] for _, d in denied)
+    assert not [e for e in _entries(engine) if e.action == "login" and e.actor == "sup.wang"]
+    async with await _client(engine, keys) as client:
+        await _login(client, "sup.wang", secrets)  # back as soon as the key service is
