@@ -8,38 +8,54 @@ one step either side of now (clock drift) and only once: the last step used is s
 shoulder can't be replayed.
 
 The pure parts (:func:`hash_password`, :func:`password_matches`, :func:`totp_code`, :func:`totp_step`) read no
-clock and no database; :class:`CredentialStore` keeps the secrets in ``account_credentials`` (migration
-``0018_api_credentials``). Nothing here writes a secret to a log or an exception.
+clock and no database; :class:`CredentialStore` keeps the secrets in ``account_credentials`` (migrations
+``0018_api_credentials`` and ``0022_totp_sealed``). Nothing here writes a secret to a log or an exception.
+
+The TOTP secret is a secret the server must read back, so it can't be hashed like the password: it is sealed
+with AES-256-GCM under a data key of purpose ``totp`` that the key service wraps (:mod:`compliance.totp_vault`
+seals and opens it; this module only stores the token and the data key's id). ``totp_secret`` is the clear
+column of rows enrolled before sealing: nothing writes it any more, sign-in refuses it, and
+``medhotline keys seal-totp`` seals and blanks what is left of it.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 from urllib.parse import quote
 
-from sqlalchemy import ForeignKey, Integer, String
+from sqlalchemy import CheckConstraint, Engine, ForeignKey, Integer, String, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from compliance.accounts import Account, AccountRecord, Role
-from ground.db import DatabaseError, Repository
+from compliance.data_keys import DataKey
+from ground.db import DatabaseError, Repository, rowcount
 from ground.models import Base, UTCDateTime
 
 __all__ = [
     "SECOND_FACTOR_ROLES",
     "AccountCredentials",
+    "ClearTotp",
     "CredentialError",
     "CredentialStore",
     "SignInCheck",
+    "StoredSignIn",
+    "code_well_formed",
     "hash_password",
+    "matching_step",
     "needs_second_factor",
+    "new_totp_secret",
     "password_matches",
+    "secret_bytes",
+    "secret_text",
     "totp_code",
     "totp_step",
     "totp_uri",
@@ -63,16 +79,24 @@ class CredentialError(DatabaseError):
 
 
 class AccountCredentials(Base):
-    """One row per account that may sign in to the API: its password hash and TOTP secret (if enrolled)."""
+    """One row per account that may sign in to the API: its password hash and sealed TOTP secret (if enrolled)."""
 
     __tablename__ = "account_credentials"
 
     account_id: Mapped[str] = mapped_column(String(64), ForeignKey("accounts.id"), primary_key=True)
     password_hash: Mapped[str] = mapped_column(String(256))
+    # Clear base32 secrets of rows enrolled before 0022_totp_sealed; never written now except to blank it.
     totp_secret: Mapped[str | None] = mapped_column(String(64))
+    # FieldCipher token (key version | nonce | ciphertext and tag) and the data key (purpose ``totp``) it is under.
+    totp_sealed: Mapped[str | None] = mapped_column(String(128))
+    totp_data_key_id: Mapped[int | None] = mapped_column(
+        Integer, ForeignKey(DataKey.id, name="fk_account_credentials_totp_data_key_id_data_keys", ondelete="RESTRICT")
+    )
     # The last TOTP step accepted: a code is good once.
     totp_last_step: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (CheckConstraint("(totp_sealed IS NULL) = (totp_data_key_id IS NULL)", name="totp_sealed"),)
 
 
 def _b64(data: bytes) -> str:
@@ -123,8 +147,35 @@ def needs_second_factor(account: AccountRecord) -> bool:
     return bool(account.roles & SECOND_FACTOR_ROLES)
 
 
-def _secret_bytes(secret_b32: str) -> bytes:
-    return base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
+def secret_bytes(secret_b32: str) -> bytes:
+    """The raw secret of a base32 text (padding optional); ValueError if it is not base32."""
+    try:
+        return base64.b32decode(secret_b32 + "=" * (-len(secret_b32) % 8))
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from None
+
+
+def new_totp_secret() -> bytes:
+    return secrets.token_bytes(TOTP_SECRET_BYTES)
+
+
+def secret_text(secret: bytes) -> str:
+    """The base32 text (no padding) an authenticator app is given."""
+    return base64.b32encode(secret).decode("ascii").rstrip("=")
+
+
+def matching_step(secret: bytes, code: str, at: datetime) -> int | None:
+    """The step (one either side of ``at``'s) whose code is ``code``, compared in constant time; None if none."""
+    now = totp_step(at)
+    found = None
+    for step in (now - 1, now, now + 1):
+        if hmac.compare_digest(totp_code(secret, step), code) and found is None:
+            found = step
+    return found
+
+
+def code_well_formed(code: str | None) -> bool:
+    return code is not None and len(code) == TOTP_DIGITS and code.isdigit()
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,39 +205,123 @@ class CredentialStore(Repository):
                 row.password_hash = hashed
                 row.updated_at = at
 
-    def enroll_totp(self, account_id: str, at: datetime) -> str:
-        """A new TOTP secret (base32) for the account, replacing any earlier one; the password must be set first."""
-        secret = base64.b32encode(secrets.token_bytes(TOTP_SECRET_BYTES)).decode("ascii").rstrip("=")
+    def material(self, account_id: str) -> StoredSignIn | None:
+        """What a sign-in check reads, or None when the account has no password set."""
+        with self._transaction(f"reading the sign-in secrets of {account_id}") as session:
+            row = session.get(AccountCredentials, account_id)
+            if row is None:
+                return None
+            return StoredSignIn(
+                row.account_id, row.password_hash, row.totp_sealed, row.totp_data_key_id, row.totp_secret is not None,
+                row.totp_last_step,
+            )  # fmt: skip
+
+    def store_sealed_totp(self, account_id: str, token: str, data_key_id: int, at: datetime) -> None:
+        """A newly enrolled, sealed TOTP secret replaces any earlier one (sealed or clear); the step count restarts."""
         with self._transaction(f"enrolling a second factor for {account_id}") as session:
             row = session.get(AccountCredentials, account_id)
             if row is None:
                 raise CredentialError(f"account {account_id}: set a password before enrolling a second factor")
-            row.totp_secret = secret
+            row.totp_sealed = token
+            row.totp_data_key_id = data_key_id
+            row.totp_secret = None
             row.totp_last_step = None
             row.updated_at = at
-        return secret
 
-    def check(self, account: AccountRecord, password: str, code: str | None, at: datetime) -> SignInCheck:
-        """Password, then (for :data:`SECOND_FACTOR_ROLES`) the TOTP code; a good code is used up."""
-        with self._transaction(f"checking the sign-in of {account.id}") as session:
-            row = session.get(AccountCredentials, account.id, with_for_update=True)
-            if row is None:
-                hash_password(password)  # the same work as a real check: no timing hint that the account has none
-                return SignInCheck(False, "no password is set for the account")
-            if not password_matches(password, row.password_hash):
-                return SignInCheck(False, "wrong password")
-            if not needs_second_factor(account):
-                return SignInCheck(True)
-            if row.totp_secret is None:
-                return SignInCheck(False, "the role needs a second factor and none is enrolled")
-            if code is None or not (len(code) == TOTP_DIGITS and code.isdigit()):
-                return SignInCheck(False, "the role needs a second factor code")
-            now = totp_step(at)
-            secret = _secret_bytes(row.totp_secret)
-            for step in (now - 1, now, now + 1):
-                if hmac.compare_digest(totp_code(secret, step), code):
-                    if row.totp_last_step is not None and step <= row.totp_last_step:
-                        return SignInCheck(False, "second factor code already used")
-                    row.totp_last_step = step
-                    return SignInCheck(True)
-            return SignInCheck(False, "wrong second factor code")
+    def require_password(self, account_id: str) -> None:
+        """CredentialError unless the account has a password (checked before a secret is generated and sealed)."""
+        if self.material(account_id) is None:
+            raise CredentialError(f"account {account_id}: set a password before enrolling a second factor")
+
+    def use_totp_step(self, account_id: str, token: str, step: int) -> bool:
+        """Record ``step`` as used, unless it (or a later one) was, or the secret changed since it was read.
+
+        One compare-and-set statement: two sign-ins racing with the same code can't both win, on SQLite or
+        PostgreSQL, and no lock is held while the key service opens the secret.
+        """
+        with self._transaction(f"using a second factor code of {account_id}") as session:
+            result = session.execute(
+                update(AccountCredentials)
+                .where(
+                    AccountCredentials.account_id == account_id,
+                    AccountCredentials.totp_sealed == token,
+                    (AccountCredentials.totp_last_step.is_(None)) | (AccountCredentials.totp_last_step < step),
+                )
+                .values(totp_last_step=step)
+            )
+            return rowcount(result) == 1
+
+    def clear_totp(self) -> list[ClearTotp]:
+        """The rows still holding a clear TOTP secret (enrolled before sealing)."""
+        with self._transaction("listing second factors stored in clear") as session:
+            rows = session.execute(
+                select(AccountCredentials.account_id, AccountCredentials.totp_secret, AccountCredentials.totp_sealed)
+                .where(AccountCredentials.totp_secret.is_not(None))
+                .order_by(AccountCredentials.account_id)
+            ).all()
+            return [ClearTotp(str(a), str(s), sealed is not None) for a, s, sealed in rows]
+
+    def replace_clear_totp(self, account_id: str, clear: str, sealed: tuple[str, int] | None, at: datetime) -> bool:
+        """Blank the clear secret ``clear`` and, with ``sealed`` (token, data key id), store its sealed form.
+
+        Compare-and-set on the clear value: a row re-enrolled (or sealed by another run) since it was read is left
+        alone. ``sealed`` None blanks a clear value that a later enrolment already superseded.
+        """
+        values: dict[str, object] = {"totp_secret": None, "updated_at": at}
+        if sealed is not None:
+            values |= {"totp_sealed": sealed[0], "totp_data_key_id": sealed[1]}
+        with self._transaction(f"sealing the second factor of {account_id}") as session:
+            sqlite = session.get_bind().dialect.name == "sqlite"
+            if sqlite:
+                # Zero the freed space of the rewritten row, so the clear value does not stay in the page.
+                session.execute(text("PRAGMA secure_delete=ON"))
+            query = update(AccountCredentials).where(
+                AccountCredentials.account_id == account_id, AccountCredentials.totp_secret == clear
+            )
+            if sealed is not None:
+                query = query.where(AccountCredentials.totp_sealed.is_(None))
+            done = rowcount(session.execute(query.values(**values))) == 1
+            if sqlite:
+                session.execute(text("PRAGMA secure_delete=OFF"))
+            return done
+
+    def scrub_free_space(self) -> None:
+        """After clear secrets were blanked: get their old row versions out of the live database files.
+
+        SQLite: checkpoint the write-ahead log into the main file and truncate it (the log still holds the pages
+        as they were). PostgreSQL: ``VACUUM FULL`` rewrites the (small) table without its dead row versions. Copies
+        outside the database (backups, PostgreSQL's archived WAL, the file system's free blocks) are beyond reach:
+        docs/security.md says what to do about them.
+        """
+        bind = self._sessions.kw.get("bind")
+        if not isinstance(bind, Engine):
+            return
+        try:
+            with bind.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                if connection.dialect.name == "sqlite":
+                    connection.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+                elif connection.dialect.name == "postgresql":
+                    connection.execute(text("VACUUM FULL account_credentials"))
+        except SQLAlchemyError as exc:
+            raise DatabaseError(f"database at {self._where}: scrubbing blanked second factors failed: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSignIn:
+    """One account's stored sign-in secrets: the password hash and the sealed second factor, as stored."""
+
+    account_id: str
+    password_hash: str = field(repr=False)
+    totp_sealed: str | None = field(repr=False)
+    totp_data_key_id: int | None
+    has_clear_totp: bool
+    totp_last_step: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ClearTotp:
+    """A row enrolled before sealing: its clear secret, and whether a later enrolment sealed a newer one."""
+
+    account_id: str
+    secret: str = field(repr=False)
+    has_sealed: bool

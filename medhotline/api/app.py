@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from compliance.access import Action, RecordKind
 from compliance.access_records import AccessAuditFailed
+from compliance.data_keys import KeyServicePort
 from ground.yaml_source import SourceProblem
 from ivr.flow_loader import load_flow_text, scan_paths
 from medhotline.api.auth import COOKIE, Authenticator, Refused, Signed
@@ -71,6 +72,8 @@ class ApiSettings:
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     # The supervisor actions (POST /api/supervise/...); None: they answer 503 (no Asterisk configured).
     supervision: Supervision | None = None
+    # The key service that opens sealed TOTP secrets at sign-in; None: second-factor sign-ins are refused (503).
+    keys: KeyServicePort | None = None
     # The 12320 complaint deadlines' calendar (``[complaints]``); None: Monday-Friday without holidays.
     complaints: ComplaintRules | None = None
 
@@ -129,7 +132,7 @@ class _Api:
 
     def __init__(self, settings: ApiSettings) -> None:
         self.settings = settings
-        self.auth = Authenticator(settings.engine, settings.clock)
+        self.auth = Authenticator(settings.engine, settings.clock, settings.keys)
         self.board = Board(settings.engine, settings.statistics, settings.complaints)
         self.feed = _Feed(self.board, settings)
         # The supervisions connected through this server, watched until they end (kept referenced here).
@@ -165,8 +168,8 @@ class _Api:
             return JSONResponse({"error": "account and password are required strings"}, status_code=400)
         code = body.get("code")
         try:
-            token, expires = await asyncio.to_thread(
-                self.auth.sign_in, body["account"], body["password"], code if isinstance(code, str) else None
+            token, expires = await self.auth.sign_in(
+                body["account"], body["password"], code if isinstance(code, str) else None
             )
         except Refused as exc:
             return _refusal(exc)

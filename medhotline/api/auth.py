@@ -10,6 +10,7 @@ password or code was wrong, whether the account exists) goes to the client; the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,15 +24,22 @@ from compliance.access_records import SESSION_ID, AccessDenied, AccessSession
 from compliance.access_store import AccessControl
 from compliance.accounts import ACCOUNT_ID, AccountStore
 from compliance.audit import AuditError, AuditLog, JsonValue, SqlAuditStore
-from compliance.credentials import CredentialStore
+from compliance.data_keys import KeyServicePort
+from compliance.keyservice_client import GeneratedDataKey, KeyServiceStatus
+from compliance.keyservice_protocol import KeyServiceUnavailable
+from compliance.totp_vault import SecondFactorUnavailable, TotpVault
 from ground.db import Repository
 
-__all__ = ["COOKIE", "SESSION_HOURS", "Authenticator", "Refused", "Signed"]
+__all__ = ["COOKIE", "SESSION_HOURS", "UNAVAILABLE", "Authenticator", "NoKeyService", "Refused", "Signed"]
 
 COOKIE: Final = "medhotline_session"
 SESSION_HOURS: Final = 8
 # Who an audit entry names when the request carried no usable session.
 ANONYMOUS: Final = "anonymous"
+UNAVAILABLE: Final = (
+    "sign-in unavailable: second factors can't be checked while the key service is unreachable; "
+    "try again shortly, and tell the administrator if it persists"
+)
 
 
 class Refused(Exception):
@@ -52,6 +60,28 @@ class Signed:
     session_id: str
 
 
+class NoKeyService:
+    """The key service port of an API started without one: every use fails, so second factors fail closed."""
+
+    def _refuse(self) -> KeyServiceUnavailable:
+        return KeyServiceUnavailable("no key service is configured for the API")
+
+    async def generate_data_key(self, purpose: str) -> GeneratedDataKey:
+        raise self._refuse()
+
+    async def unwrap(self, wrapped: bytes, purpose: str) -> bytearray:
+        raise self._refuse()
+
+    async def rewrap(self, wrapped: bytes, purpose: str) -> bytes:
+        raise self._refuse()
+
+    async def rotate(self) -> int:
+        raise self._refuse()
+
+    async def status(self) -> KeyServiceStatus:
+        raise self._refuse()
+
+
 class _Sessions(Repository):
     def account_of(self, session_id: str) -> str | None:
         with self._transaction("reading a session") as session:
@@ -62,12 +92,14 @@ class _Sessions(Repository):
 class Authenticator:
     """Sign-in, sign-out and the per-request check, over one engine; every outcome is audited."""
 
-    def __init__(self, engine: Engine, clock: Callable[[], datetime]) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], datetime], keys: KeyServicePort | None = None) -> None:
         self._clock = clock
         self.audit = AuditLog(SqlAuditStore(engine))
         self.access = AccessControl.for_engine(engine, self.audit)
         self._accounts = AccountStore.for_engine(engine)
-        self._credentials = CredentialStore.for_engine(engine)
+        # Second factors are opened through the key service for each sign-in (nothing cached), so a key service
+        # that stops answering stops second-factor sign-ins at once; without one they are all refused.
+        self._vault = TotpVault.for_engine(engine, keys if keys is not None else NoKeyService(), self.audit)
         self._sessions = _Sessions.for_engine(engine)
 
     def _denied(self, actor: str, role: str, details: Mapping[str, JsonValue]) -> None:
@@ -75,20 +107,27 @@ class Authenticator:
         with contextlib.suppress(AuditError):
             self.audit.append(actor=actor, role=role, action="denied", outcome="denied", details=details)
 
-    def sign_in(self, account_id: str, password: str, code: str | None) -> tuple[str, datetime]:
-        """A new session (audited ``login``) → (token, expiry); Refused(401) for any wrong part (audited)."""
+    async def sign_in(self, account_id: str, password: str, code: str | None) -> tuple[str, datetime]:
+        """A new session (audited ``login``) → (token, expiry); Refused(401) for any wrong part, Refused(503) when
+        the account's second factor can't be opened because the key service is unavailable (both audited)."""
         now = self._clock()
-        account = self._accounts.find(account_id) if ACCOUNT_ID.fullmatch(account_id) else None
+        account = await asyncio.to_thread(self._accounts.find, account_id) if ACCOUNT_ID.fullmatch(account_id) else None
         if account is None:
-            self._denied(ANONYMOUS, "none", {"attempted": "login", "why": "there is no such account"})
+            await asyncio.to_thread(self._denied, ANONYMOUS, "none", {"attempted": "login",
+                                                                       "why": "there is no such account"})  # fmt: skip
             raise Refused(401, "sign-in refused")
         role = primary_role(account.roles)
-        check = self._credentials.check(account, password, code, now)
+        try:
+            check = await self._vault.check(account, password, code, now)
+        except SecondFactorUnavailable as exc:
+            await asyncio.to_thread(self._denied, account.id, role, {"attempted": "login", "why": str(exc)})
+            raise Refused(503, UNAVAILABLE) from None
         if not check.ok:
-            self._denied(account.id, role, {"attempted": "login", "why": check.why})
+            await asyncio.to_thread(self._denied, account.id, role, {"attempted": "login", "why": check.why})
             raise Refused(401, "sign-in refused")
         try:
-            record = self.access.open_session(account.id, now, hours=SESSION_HOURS)  # audits login or refusal
+            # audits login or refusal
+            record = await asyncio.to_thread(self.access.open_session, account.id, now, hours=SESSION_HOURS)
         except AccessDenied:
             raise Refused(401, "sign-in refused") from None
         return record.id, record.expires_at

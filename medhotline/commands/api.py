@@ -20,12 +20,14 @@ import uvicorn
 from compliance.access_records import cli_actor
 from compliance.audit import AuditLog, SqlAuditStore
 from compliance.credential_admin import SignInAdministration
+from compliance.data_keys import LazyKeyService
 from ground import db
 from ground.config import Config
 from ground.errors import CommandError
 from medhotline.api import ApiSettings, create_app
 from medhotline.api.board import settings_of
 from medhotline.commands.complaints import rules_of
+from medhotline.commands.keys import run_keyed
 from medhotline.commands.supervise import ari_client
 from medhotline.supervision import Supervision
 from routing.ari_supervision import PhoneSettings
@@ -54,7 +56,14 @@ def check_bind(host: str, cert: Path | None, key: Path | None) -> None:
         )
 
 
-async def _serve(server: uvicorn.Server, scheme: str) -> None:
+async def _serve(server: uvicorn.Server, scheme: str, keys: LazyKeyService) -> None:
+    try:
+        await _serve_until_stopped(server, scheme)
+    finally:
+        await keys.close()
+
+
+async def _serve_until_stopped(server: uvicorn.Server, scheme: str) -> None:
     task = asyncio.create_task(server.serve())
     # uvicorn.Server says it accepts connections only by a plain flag, not an event to wait on.
     while not server.started and not task.done():  # noqa: ASYNC110
@@ -70,31 +79,35 @@ async def _serve(server: uvicorn.Server, scheme: str) -> None:
 def _cmd_api(config: Config, args: argparse.Namespace) -> int:
     check_bind(args.host, args.tls_cert, args.tls_key)
     ari = ari_client(config)
+    # Connected on first use (and again after an outage): the API starts without the key service, and a
+    # second-factor sign-in is refused (503) while it is unreachable.
+    keys = LazyKeyService(config)
     with db.current_engine(config.database_url) as engine:
         supervision = Supervision(engine, AuditLog(SqlAuditStore(engine)), ari, lambda: datetime.now(UTC),
                                   PhoneSettings(caller_id=config.hotline.number))  # fmt: skip
         app = create_app(ApiSettings(engine=engine, statistics=settings_of(config), flows_dir=config.hotline.flows_dir,
                                      secure_cookie=args.tls_cert is not None, supervision=supervision,
-                                     complaints=rules_of(config)))  # fmt: skip
+                                     complaints=rules_of(config), keys=keys))  # fmt: skip
         server = uvicorn.Server(uvicorn.Config(
             app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off",
             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key,
         ))  # fmt: skip
-        asyncio.run(_serve(server, "https" if args.tls_cert else "http"))
+        asyncio.run(_serve(server, "https" if args.tls_cert else "http", keys))
     return 0
 
 
 def _cmd_credentials(config: Config, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
     actor = cli_actor(args.by)
-    with db.current_engine(config.database_url) as engine:
-        desk = SignInAdministration.for_engine(engine)
-        if args.action == "password":
+    if args.action == "password":
+        with db.current_engine(config.database_url) as engine:
             # From stdin, never an argument: an argument is visible to every user in the process list.
             password = sys.stdin.readline().rstrip("\n")
-            change = desk.set_password(args.account, password, actor=actor, at=now)
-        else:
-            change = desk.enroll_totp(args.account, actor=actor, at=now)
+            change = SignInAdministration.for_engine(engine).set_password(args.account, password, actor=actor, at=now)
+    else:
+        # The secret is sealed under a data key the key service wraps: it needs the running key service.
+        change = run_keyed(config, lambda k: SignInAdministration.for_engine(k.engine, k.keys).enroll_totp(
+            args.account, actor=actor, at=now))  # fmt: skip
     if change.totp_uri is None:
         print(f"password of {change.account_id} set")
     else:

@@ -13,6 +13,10 @@ A rotation is two steps and needs no downtime:
    simply run again; run twice, the second run has nothing to do. ``keys status`` then shows 0 data keys under
    the old versions. Only ``data_keys`` is rewrapped here: archive an old KEK file out of the key directory
    only once no other store (recordings, for one) still holds keys wrapped under it.
+
+After upgrading to sealed second factors (migration ``0022_totp_sealed``), ``medhotline keys seal-totp`` seals
+every TOTP secret still stored in clear and blanks the clear column. Sign-in refuses a clear secret until then.
+Run twice, the second run has nothing to do.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from compliance.audit import AuditLog, SqlAuditStore
+from compliance.credentials import CredentialStore
 from compliance.data_keys import DataKeyRing, DataKeyStore, check_purpose, key_service_for
+from compliance.totp_vault import TotpVault
 from ground import db
 from ground.operator import actor_id
 from recordings.keys import RecordingRewrap, counts_by_kek_version, rewrap_everything
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     from compliance.audit import AuditLog
     from compliance.data_keys import DataKeyRing, RewrapReport
     from compliance.keyservice_client import KeyServiceClient
+    from compliance.totp_vault import SealReport
     from ground.config import Config
 
 T = TypeVar("T")
@@ -155,6 +162,23 @@ def _cmd_new_data_key(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_seal_totp(config: Config, args: argparse.Namespace) -> int:
+    actor = actor_id(args.as_)
+
+    async def work(keyed: KeyedDatabase) -> SealReport:
+        vault = TotpVault(CredentialStore.for_engine(keyed.engine), keyed.ring, audit=keyed.audit)
+        return await vault.seal_clear(actor=actor, role=ADMIN_ROLE, reason=args.reason)
+
+    report = run_keyed(config, work)
+    print(f"sealed {report.sealed} second factor(s) stored in clear; blanked {report.blanked} superseded clear one(s)")
+    if report.skipped:
+        print(f"{report.skipped} changed while this ran (enrolled again): run `medhotline keys seal-totp` again")
+        return EXIT_INCOMPLETE
+    if report.changed:
+        print("the clear values may linger in the database's free space and in backups: see docs/security.md")
+    return EXIT_OK
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``medhotline keys`` to the ``medhotline`` parser."""
     keys = sub.add_parser(
@@ -188,3 +212,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     new_key.add_argument("purpose", help="e.g. patients")
     audited(new_key)
     new_key.set_defaults(func=_cmd_new_data_key)
+
+    seal = actions.add_parser(
+        "seal-totp", help="seal the TOTP second factors still stored in clear (after upgrading; idempotent)"
+    )
+    audited(seal)
+    seal.set_defaults(func=_cmd_seal_totp)

@@ -6,6 +6,8 @@ real calls through the sandbox: ``tests/integration/test_wallboard_live.py``."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from ground import db
+from ground.config import load_config
+from medhotline.service_process import KeyServiceProcess
 from tests.integration.conftest import unavailable
 from tests.integration.wallboard_browser import CHROMIUM, add_supervisor, api_server, sign_in, wallboard
 
@@ -28,15 +32,29 @@ def chromium() -> None:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """A migrated SQLite database with a supervisor, and ``medhotline api --port 0`` over it → (base URL, db URL)."""
+def api(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+    """A migrated SQLite database with a supervisor, the key service (it seals the supervisor's second factor), and
+    ``medhotline api --port 0`` over them → (base URL, db URL, config file)."""
     url = f"sqlite:///{tmp_path / 'board.db'}"
     db.upgrade(url)
-    config = tmp_path / "medhotline.toml"
-    config.write_text(f'[database]\nurl = "{url}"\n[hotline]\nflows_dir = "{DIALPLANS}"\n', encoding="utf-8")
+    config_path = tmp_path / "medhotline.toml"
+    # The socket in a short directory: a Unix socket path must stay under ~100 bytes, which tmp_path may not.
+    run_dir = Path(tempfile.mkdtemp(prefix="mhwb-"))
+    config_path.write_text(
+        f'[service]\nstate_dir = "{tmp_path / "state"}"\n[database]\nurl = "{url}"\n'
+        f'[keyservice]\nsocket = "{run_dir / "ks.sock"}"\ndirectory = "{tmp_path / "keys"}"\n'
+        f'[hotline]\nflows_dir = "{DIALPLANS}"\n',
+        encoding="utf-8",
+    )
     add_supervisor(url, "sup.wang")
-    with api_server(config, tmp_path / "api.stderr") as base:
-        yield base, url
+    keyservice = KeyServiceProcess(load_config(config_path), config_path, tmp_path / "keyservice.log")
+    keyservice.start()
+    try:
+        with api_server(config_path, tmp_path / "api.stderr") as base:
+            yield base, url, config_path
+    finally:
+        keyservice.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _insert_call(url: str, call_id: str) -> None:
@@ -50,9 +68,11 @@ def _insert_call(url: str, call_id: str) -> None:
     engine.dispose()
 
 
-async def test_a_call_written_to_the_database_appears_on_the_wallboard(api: tuple[str, str], tmp_path: Path) -> None:
-    base, url = api
-    token = sign_in(base, url, "sup.wang")
+async def test_a_call_written_to_the_database_appears_on_the_wallboard(
+    api: tuple[str, str, Path], tmp_path: Path
+) -> None:
+    base, url, config = api
+    token = sign_in(base, config, "sup.wang")
     async with wallboard(base, token, tmp_path / "chromium") as cdp:
         assert await cdp.evaluate("document.querySelectorAll('tr.call').length") == 0
         _insert_call(url, "call-browser-1")

@@ -150,7 +150,7 @@ async def test_the_wallboard_follows_real_calls_emergency_first_agent_states_and
 
     try:
         with api_server(hotline.config_path, tmp_path / "api.stderr") as base:
-            token = sign_in(base, url, SUPERVISOR)
+            token = sign_in(base, hotline.config_path, SUPERVISOR)
             async with wallboard(base, token, tmp_path / "chromium") as cdp:
                 assert await cdp.evaluate(RECORD_STATES)
                 assert await cdp.evaluate(STATE) == "state-paused"

@@ -17,12 +17,13 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import websockets
 
 from compliance.accounts import AccountStore
-from compliance.credentials import CredentialStore, totp_code, totp_step
+from compliance.credentials import secret_bytes, totp_code, totp_step
 from ground import db
 
 CHROMIUM = shutil.which("chromium")
@@ -58,16 +59,22 @@ def add_supervisor(url: str, account: str) -> None:
         engine.dispose()
 
 
-def sign_in(base: str, url: str, account: str) -> str:
-    """Give ``account`` a password and a TOTP secret, sign in over the API → the session token."""
-    engine = db.make_engine(url)
-    try:
-        store = CredentialStore.for_engine(engine)
-        store.set_password(account, PASSWORD, datetime.now(UTC))
-        secret = store.enroll_totp(account, datetime.now(UTC))
-    finally:
-        engine.dispose()
-    code = totp_code(base64.b32decode(secret + "=" * (-len(secret) % 8)), totp_step(datetime.now(UTC)))
+def _medhotline(config_path: Path, *argv: str, stdin: str = "") -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "medhotline", "--config", str(config_path), *argv],
+        input=stdin, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, (argv, done.stderr[-2000:])
+    return done.stdout
+
+
+def sign_in(base: str, config_path: Path, account: str) -> str:
+    """Give ``account`` a password and a TOTP secret with ``medhotline signin`` (the secret is sealed through the
+    configured key service, which must be running), sign in over the API → the session token."""
+    _medhotline(config_path, "signin", "password", account, stdin=PASSWORD + "\n")
+    uri = _medhotline(config_path, "signin", "totp", account).splitlines()[-1]
+    secret = parse_qs(urlsplit(uri).query)["secret"][0]
+    code = totp_code(secret_bytes(secret), totp_step(datetime.now(UTC)))
     response = httpx.post(f"{base}/api/login", json={"account": account, "password": PASSWORD, "code": code})
     assert response.status_code == 200, response.text
     token = response.json()["token"]

@@ -23,10 +23,14 @@ from compliance.access_store import freeze_account
 from compliance.accounts import AccountStore
 from compliance.audit import AuditLog, SqlAuditStore, StoredEntry
 from compliance.credentials import CredentialStore, hash_password, password_matches, totp_code, totp_step
+from compliance.data_keys import KeyServicePort
+from compliance.keyservice_client import KeyServiceClient
+from compliance.totp_vault import TotpVault
 from ground import db
 from ground.errors import CommandError
 from ground.models import Call
 from medhotline.api import ApiSettings, create_app
+from medhotline.api.auth import UNAVAILABLE
 from medhotline.commands.api import check_bind
 from medhotline.supervision import Supervision
 from routing.ari_supervision import PhoneSettings
@@ -53,16 +57,18 @@ def engine(tmp_path: Path) -> AsyncIterator[Engine]:  # type: ignore[misc]
     engine.dispose()
 
 
-def _secrets(engine: Engine) -> dict[str, str]:
-    """Accounts of each role with the password; the TOTP secrets of those who need one."""
+async def _secrets(engine: Engine, keys: KeyServicePort) -> dict[str, str]:
+    """Accounts of each role with the password; the TOTP secrets (sealed through the key service) of those who
+    need one."""
     now = datetime.now(UTC)
     accounts, creds = AccountStore.for_engine(engine), CredentialStore.for_engine(engine)
+    vault = TotpVault.for_engine(engine, keys)
     found = {}
     for account_id, role in ROLES.items():
         accounts.add(account_id, account_id.title(), [role], now)
         creds.set_password(account_id, PASSWORD, now)
         if role in ("supervisor", "auditor"):
-            found[account_id] = creds.enroll_totp(account_id, now)
+            found[account_id] = await vault.enroll(account_id, now)
     AgentStore.for_engine(engine).add_agent("nurse.li", "ep-li", now)
     return found
 
@@ -84,8 +90,12 @@ def _calls(engine: Engine) -> None:
                        at=now - timedelta(seconds=ago), moves_last_step=False)  # fmt: skip
 
 
-async def _client(engine: Engine, supervision: Supervision | None = None) -> httpx.AsyncClient:
-    settings = ApiSettings(engine=engine, statistics=StatsSettings(), flows_dir=FLOWS_DIR, supervision=supervision)
+async def _client(
+    engine: Engine, keys: KeyServicePort | None, supervision: Supervision | None = None
+) -> httpx.AsyncClient:
+    settings = ApiSettings(
+        engine=engine, statistics=StatsSettings(), flows_dir=FLOWS_DIR, supervision=supervision, keys=keys
+    )
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings)), base_url="http://test")
 
 
@@ -114,9 +124,9 @@ def test_passwords_are_scrypt_hashes_and_totp_follows_rfc_6238() -> None:
     assert totp_code(b"12345678901234567890", totp_step(datetime.fromtimestamp(1111111109, UTC))) == "081804"
 
 
-async def test_supervisors_need_a_second_factor_that_is_good_once(engine: Engine) -> None:
-    secrets = _secrets(engine)
-    async with await _client(engine) as client:
+async def test_supervisors_need_a_second_factor_that_is_good_once(engine: Engine, keys: KeyServiceClient) -> None:
+    secrets = await _secrets(engine, keys)
+    async with await _client(engine, keys) as client:
         no_code = await client.post("/api/login", json={"account": "sup.wang", "password": PASSWORD})
         assert no_code.status_code == 401
         wrong_pw = await client.post("/api/login", json={"account": "sup.wang", "password": "nope",
@@ -141,11 +151,13 @@ async def test_supervisors_need_a_second_factor_that_is_good_once(engine: Engine
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-async def test_every_endpoint_by_role_through_the_access_policy_and_audited(engine: Engine, endpoint: str) -> None:
-    secrets = _secrets(engine)
+async def test_every_endpoint_by_role_through_the_access_policy_and_audited(
+    engine: Engine, keys: KeyServiceClient, endpoint: str
+) -> None:
+    secrets = await _secrets(engine, keys)
     _calls(engine)
     allowed = {"nurse.li": False, "sup.wang": True, "admin.zhao": True, "aud.chen": True}
-    async with await _client(engine) as client:
+    async with await _client(engine, keys) as client:
         anonymous = await client.get(endpoint)
         assert anonymous.status_code == 401
         assert (await client.get(endpoint, headers={"Authorization": "Bearer s-" + "a" * 32})).status_code == 401
@@ -165,8 +177,10 @@ async def test_every_endpoint_by_role_through_the_access_policy_and_audited(engi
     assert all(r["why"] == "no valid session" for r in refusals)
 
 
-async def test_supervisor_actions_are_decided_under_the_supervision_kind_only(engine: Engine) -> None:
-    secrets = _secrets(engine)
+async def test_supervisor_actions_are_decided_under_the_supervision_kind_only(
+    engine: Engine, keys: KeyServiceClient
+) -> None:
+    secrets = await _secrets(engine, keys)
     _calls(engine)
     AgentStore.for_engine(engine).add_agent("sup.wang", "ep-wang", datetime.now(UTC))  # the supervisor's phone
     ari = FakeAri(engine, {"talk-call-waiting-1": ["1700000000.1", "agent-6f1c"]})
@@ -174,7 +188,7 @@ async def test_supervisor_actions_are_decided_under_the_supervision_kind_only(en
                               lambda: datetime.now(UTC), PhoneSettings(poll_seconds=0.01))  # fmt: skip
     reason = "coaching the new agent on the script"
     good = {"call_id": "call-waiting-1", "reason": reason}
-    async with await _client(engine, supervision) as client:
+    async with await _client(engine, keys, supervision) as client:
         assert (await client.post("/api/supervise/whisper", json=good)).status_code == 401
         tokens = {account: await _login(client, account, secrets) for account in ROLES}  # a TOTP code is good once
         for account, body, status in (
@@ -206,12 +220,12 @@ async def test_supervisor_actions_are_decided_under_the_supervision_kind_only(en
     assert (done.actor, done.reason, json.loads(done.details)["call"]) == ("sup.wang", reason, "call-waiting-1")
 
 
-async def test_no_response_carries_the_callers_number(engine: Engine) -> None:
-    secrets = _secrets(engine)
+async def test_no_response_carries_the_callers_number(engine: Engine, keys: KeyServiceClient) -> None:
+    secrets = await _secrets(engine, keys)
     _calls(engine)
     with Session(engine) as session, session.begin():
         session.execute(update(Call).values(error=f"caller {PHONE} hung up", last_step=PHONE))
-    async with await _client(engine) as client:
+    async with await _client(engine, keys) as client:
         token = await _login(client, "sup.wang", secrets)
         bodies = [(await client.get(e, headers={"Authorization": f"Bearer {token}"})).text for e in ENDPOINTS]
         bodies.append((await client.get("/wallboard")).text)
@@ -224,9 +238,9 @@ async def test_no_response_carries_the_callers_number(engine: Engine) -> None:
     assert call["queue"]["emergency"] is True
 
 
-async def test_a_frozen_account_is_refused_on_its_next_request(engine: Engine) -> None:
-    secrets = _secrets(engine)
-    async with await _client(engine) as client:
+async def test_a_frozen_account_is_refused_on_its_next_request(engine: Engine, keys: KeyServiceClient) -> None:
+    secrets = await _secrets(engine, keys)
+    async with await _client(engine, keys) as client:
         token = await _login(client, "aud.chen", secrets)
         headers = {"Authorization": f"Bearer {token}"}
         assert (await client.get("/api/agents", headers=headers)).status_code == 200
@@ -236,18 +250,18 @@ async def test_a_frozen_account_is_refused_on_its_next_request(engine: Engine) -
             assert session.scalars(select(AccessSession.closed_at)).one() is not None
 
 
-async def test_an_expired_session_is_refused(engine: Engine) -> None:
-    _secrets(engine)
-    async with await _client(engine) as client:
+async def test_an_expired_session_is_refused(engine: Engine, keys: KeyServiceClient) -> None:
+    await _secrets(engine, keys)
+    async with await _client(engine, keys) as client:
         token = await _login(client, "admin.zhao", {})
         with Session(engine) as session, session.begin():
             session.execute(update(AccessSession).values(expires_at=datetime.now(UTC) - timedelta(seconds=1)))
         assert (await client.get("/api/queues", headers={"Authorization": f"Bearer {token}"})).status_code == 401
 
 
-async def test_a_posted_flow_gets_the_flow_checkers_problems(engine: Engine) -> None:
-    _secrets(engine)
-    async with await _client(engine) as client:
+async def test_a_posted_flow_gets_the_flow_checkers_problems(engine: Engine, keys: KeyServiceClient) -> None:
+    await _secrets(engine, keys)
+    async with await _client(engine, keys) as client:
         await _login(client, "admin.zhao", {})  # the cookie carries the session from here on
         bad = await client.post("/api/flows/validate", content="flow: x\nstart: nowhere\nnodes:\n  a: {type: hangup}\n")
         good = await client.post("/api/flows/validate", content=(FLOWS_DIR / "hotline.yaml").read_bytes())
@@ -259,8 +273,8 @@ async def test_a_posted_flow_gets_the_flow_checkers_problems(engine: Engine) -> 
     assert "hotline" in [f["flow"] for f in listed.json()["flows"]]
 
 
-async def test_the_openapi_document_names_every_route(engine: Engine) -> None:
-    async with await _client(engine) as client:
+async def test_the_openapi_document_names_every_route(engine: Engine, keys: KeyServiceClient) -> None:
+    async with await _client(engine, keys) as client:
         paths = (await client.get("/api/openapi.json")).json()["paths"]
     assert {"/api/login", "/api/queues", "/api/agents", "/api/statistics", "/api/calls", "/api/calls/{call_id}",
             "/api/flows", "/api/flows/validate", "/api/wallboard/events"} <= set(paths)  # fmt: skip
@@ -333,15 +347,19 @@ async def _asgi(app: object, method: str, path: str, token: str | None, body: by
     return cast(int, start["status"])
 
 
-async def test_every_route_by_every_caller_is_refused_or_allowed_and_each_refusal_audited(engine: Engine) -> None:
+async def test_every_route_by_every_caller_is_refused_or_allowed_and_each_refusal_audited(
+    engine: Engine, keys: KeyServiceClient
+) -> None:
     """Over the app's route table: no session and a closed session get 401, a role the policy refuses 403, each
     refusal with exactly one ``denied`` audit entry naming who; allowed callers pass (2xx) and nothing is denied."""
-    secrets = _secrets(engine)
+    secrets = await _secrets(engine, keys)
     _calls(engine)
     ari = FakeAri(engine, {})
     supervision = Supervision(engine, AuditLog(SqlAuditStore(engine)), cast(AriClient, ari),
                               lambda: datetime.now(UTC), PhoneSettings(poll_seconds=0.01))  # fmt: skip
-    settings = ApiSettings(engine=engine, statistics=StatsSettings(), flows_dir=FLOWS_DIR, supervision=supervision)
+    settings = ApiSettings(
+        engine=engine, statistics=StatsSettings(), flows_dir=FLOWS_DIR, supervision=supervision, keys=keys
+    )
     app = create_app(settings)
     routes = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
     assert routes == set(ROUTE_TABLE), "every route needs a row here (who may call it)"
@@ -370,11 +388,11 @@ async def test_every_route_by_every_caller_is_refused_or_allowed_and_each_refusa
     assert [a[1] for a in ari.acted] == [], "pause goes to the database, not Asterisk"
 
 
-async def test_supervise_refuses_by_role_before_anything_else(engine: Engine) -> None:
+async def test_supervise_refuses_by_role_before_anything_else(engine: Engine, keys: KeyServiceClient) -> None:
     """Without Asterisk (503) and without a reason or a body (400), a non-supervisor still gets 403 (audited); a
     supervisor gets the 400 and the 503."""
-    secrets = _secrets(engine)
-    async with await _client(engine) as client:
+    secrets = await _secrets(engine, keys)
+    async with await _client(engine, keys) as client:
         tokens = {a: await _login(client, a, secrets) for a in ("nurse.li", "sup.wang")}
         for account, body, status in (
             ("nurse.li", {"agent_id": "nurse.li", "reason": "coaching the new agent on the script"}, 403),
@@ -394,3 +412,29 @@ async def test_supervise_refuses_by_role_before_anything_else(engine: Engine) ->
             assert not [e for e in added if e.action == "change"]
         nurse = {"Authorization": f"Bearer {tokens['nurse.li']}"}
         assert (await client.post("/api/supervise/no-such-action", json={}, headers=nurse)).status_code == 403
+
+
+async def test_sign_in_fails_closed_and_audited_when_the_key_service_is_down(
+    engine: Engine, keys: KeyServiceClient, short_dir: Path
+) -> None:
+    """The sealed second factor can't be opened: 503 with a message that says why, whatever the password (so an
+    outage tells a guesser nothing about it), audited like any refused sign-in; staff without one sign in."""
+    secrets = await _secrets(engine, keys)
+    async with (
+        KeyServiceClient.unix(short_dir / "run" / "gone.sock", "t" * 32) as down,
+        await _client(engine, down) as client,
+    ):
+        for password in (PASSWORD, "a wrong password"):
+            response = await client.post(
+                "/api/login", json={"account": "sup.wang", "password": password, "code": _code(secrets["sup.wang"])}
+            )
+            assert response.status_code == 503
+            assert response.json() == {"error": UNAVAILABLE}
+            assert "key service" in response.json()["error"]
+        assert (await client.post("/api/login", json={"account": "nurse.li", "password": PASSWORD})).status_code == 200
+    denied = [(e.actor, json.loads(e.details)) for e in _entries(engine) if e.action == "denied"]
+    assert [actor for actor, _ in denied] == ["sup.wang", "sup.wang"]
+    assert all("key service is unavailable" in d["why"] for _, d in denied)
+    assert not [e for e in _entries(engine) if e.action == "login" and e.actor == "sup.wang"]
+    async with await _client(engine, keys) as client:
+        await _login(client, "sup.wang", secrets)  # back as soon as the key service is
