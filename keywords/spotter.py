@@ -35,6 +35,7 @@ import jieba
 from pypinyin import Style, lazy_pinyin, pinyin
 
 from keywords.lexicon import Category, Lexicon, Severity, Term
+from keywords.pattern_index import index_chars, required_chars
 from keywords.segmenter import Segmenter
 
 __all__ = ["Analysis", "Classification", "Match", "Normalised", "Rule", "Spotter", "fuzzy_syllable", "normalise"]
@@ -341,16 +342,17 @@ class Spotter:
                     tokenizer.add_word(variant)
 
     def _index_patterns(self, lexicon: Lexicon) -> None:
-        """Patterns by the characters they can start with: an utterance runs only those whose first characters it
-        holds, and the few whose start can't be told."""
-        self._patterns = [(re.compile(p), term, _first_chars(p)) for term in lexicon.terms for p in term.patterns]
+        """Patterns by the characters a match must hold (the rarest such condition, :mod:`keywords.pattern_index`):
+        an utterance runs only the patterns indexed under its characters, and the few with no condition."""
+        self._patterns = [(re.compile(p), term) for term in lexicon.terms for p in term.patterns]
         self._patterns_by_char: dict[str, list[int]] = {}
         self._patterns_always: list[int] = []
-        for number, (_pattern, _term, first) in enumerate(self._patterns):
-            if first is None:
+        for number, (pattern, _term) in enumerate(self._patterns):
+            chars = index_chars(required_chars(pattern), lambda c: self._frequency.get(c, 0))
+            if chars is None:
                 self._patterns_always.append(number)
             else:
-                for char in first:
+                for char in chars:
                     self._patterns_by_char.setdefault(char, []).append(number)
 
     def _index_clauses(self, lexicon: Lexicon) -> None:
@@ -476,7 +478,7 @@ class Spotter:
             numbers.update(self._patterns_by_char.get(char, ()))
         return [
             _Candidate(m.start(), m.end(), _Entry(term, m.group()), "pattern")
-            for pattern, term, _first in (self._patterns[n] for n in sorted(numbers))
+            for pattern, term in (self._patterns[n] for n in sorted(numbers))
             for m in pattern.finditer(text)
             if m.end() > m.start()
             and not _cue_denied(text, m)
@@ -808,10 +810,6 @@ class Spotter:
         return False
 
 
-_PLAIN = re.compile(r"[^\\.^$*+?{}\[\]|()]+")
-_FIRST_GROUP = re.compile(r"\(([^()]*)\)(?![?*{])")
-
-
 _CUE_DENIAL = re.compile(r"没有|没|不(?!退|停|断|住|下)|未|无|如果|万一|要是|假如|假设")
 
 
@@ -823,22 +821,6 @@ def _cue_denied(text: str, match: re.Match[str]) -> bool:
         return False
     before = text[max(match.start(), match.start("cue") - 4) : match.start("cue")]
     return _CUE_DENIAL.search(before) is not None
-
-
-def _first_chars(pattern: str) -> frozenset[str] | None:
-    """The characters a match of ``pattern`` can start with, when the pattern says so plainly: a literal first,
-    or a first group of literal alternatives (``(胸口|心口)…``) that is not optional. None when it can't be told.
-    Patterns whose first characters are absent from an utterance are not run: most never apply."""
-    group = _FIRST_GROUP.match(pattern)
-    if group is not None:
-        options = group.group(1).split("|")
-        if all(_PLAIN.fullmatch(option) for option in options):
-            return frozenset(option[0] for option in options)
-        return None
-    if pattern and _PLAIN.match(pattern[0]):
-        following = pattern[1:2]
-        return None if following in ("?", "*", "{") else frozenset(pattern[0])
-    return None
 
 
 def _covers(text: str, context: str, start: int, end: int) -> bool:
