@@ -102,14 +102,11 @@ class Opinion:
     def category(self) -> tuple[str, float]:
         """The most likely consult category were it not an emergency, and its probability."""
         head = self._model.heads["category"]
-        rows = self._model.category_rows
-        # Per class, the dot product of its column with the values: transposed and multiplied in C.
-        if self._present:
-            columns = list(zip(*[rows[g] for g in self._present], strict=True))
-        else:
-            columns = [()] * len(head.intercepts)
+        # Per class, the dot product of its weights with the values, looked up and multiplied in C (the sum's
+        # order is the n-grams' order, as for the emergency head).
         scores = [
-            sum(map(operator.mul, column, self._values)) + b for column, b in zip(columns, head.intercepts, strict=True)
+            sum(map(operator.mul, map(column.__getitem__, self._present), self._values)) + b
+            for column, b in zip(self._model.category_columns, head.intercepts, strict=True)
         ]
         if len(head.classes) == 2:
             scores = [0.0, scores[0]]
@@ -134,10 +131,12 @@ class TriageModel:
         return {g: weights.get(g, (0.0,))[0] for g in self.idf}
 
     @cached_property
-    def category_rows(self) -> dict[str, tuple[float, ...]]:
-        """Per known n-gram its category weights (zeros where none)."""
-        weights, zeros = self.heads["category"].weights, (0.0,) * len(self.heads["category"].intercepts)
-        return {g: weights.get(g, zeros) for g in self.idf}
+    def category_columns(self) -> tuple[dict[str, float], ...]:
+        """Per category class, every known n-gram's weight (0 where none): one lookup per n-gram and class."""
+        weights = self.heads["category"].weights
+        width = len(self.heads["category"].intercepts)
+        zeros = (0.0,) * width
+        return tuple({g: weights.get(g, zeros)[k] for g in self.idf} for k in range(width))
 
     def opinion(self, text: str) -> Opinion:
         """P(emergency) of ``text`` (the category and the features follow from the :class:`Opinion` when asked).
@@ -145,7 +144,16 @@ class TriageModel:
         low, high = self.ngram_range
         doc = _WHITESPACE.sub(" ", text.lower())
         idf = self.idf
-        counts = Counter(doc[i : i + n] for n in range(low, min(high, len(doc)) + 1) for i in range(len(doc) - n + 1))
+        counts: Counter[str] = Counter()
+        for n in range(low, min(high, len(doc)) + 1):
+            # Characters and character pairs are cut in C; the keys keep the order of the generator this replaced
+            # (all of one length, then the next), so the sums below add in the same order.
+            if n == 1:
+                counts.update(doc)
+            elif n == 2:
+                counts.update(map(operator.add, doc, doc[1:]))
+            else:
+                counts.update(doc[i : i + n] for i in range(len(doc) - n + 1))
         present = [g for g in counts if g in idf]
         raw = [idf[g] if counts[g] == 1 else (1.0 + math.log(counts[g])) * idf[g] for g in present]
         norm = math.sqrt(sum(map(operator.mul, raw, raw))) or 1.0
