@@ -130,17 +130,19 @@ def services_problem(config: Config, count: int) -> str | None:
     return None
 
 
-def sip_options(host: str, port: int, timeout: float = 1.0) -> int | None:
-    """Send one OPTIONS over UDP; the status code of the answer, or None when nothing answered in time."""
+def sip_options(host: str, port: int, timeout: float = 1.0, user: str | None = None) -> int | None:
+    """Send one OPTIONS over UDP (to ``user``@, e.g. a node's health user); the status code of the answer, or None
+    when nothing answered in time."""
+    target = f"sip:{'' if user is None else user + '@'}{host}:{port}"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((host, 0))
         local = sock.getsockname()[1]
         tag = uuid.uuid4().hex[:12]
         message = (
-            f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+            f"OPTIONS {target} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP {host}:{local};branch=z9hG4bK{tag};rport\r\n"
             f"From: <sip:probe@{host}:{local}>;tag={tag}\r\n"
-            f"To: <sip:{host}:{port}>\r\n"
+            f"To: <{target}>\r\n"
             f"Call-ID: {tag}@{host}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
         )
         sock.settimeout(timeout)
@@ -196,7 +198,11 @@ class ClusterSandbox:
             Node(cfg, Sandbox(cfg))
             for cfg in (node_config(config, i, self.front_host, max_calls) for i in range(1, count + 1))
         ]
-        self.front = FrontConfig.model_validate({**front.model_dump(), "nodes": [n.sip_address for n in self.nodes]})
+        # Without a service no node has its ARI application registered: a service probe would take them all out.
+        probe = front.probe if services else "asterisk"
+        self.front = FrontConfig.model_validate(
+            {**front.model_dump(), "nodes": [n.sip_address for n in self.nodes], "probe": probe}
+        )
         self.directory = directory
         self.log_path = directory / "kamailio.log"
         self._kamailio: subprocess.Popen[bytes] | None = None
@@ -236,6 +242,17 @@ class ClusterSandbox:
             if node.service is not None:
                 node.service.wait_ready(timeout)
         log.info("cluster.services_up", nodes=[n.config.service.node_name for n in self.nodes])
+
+    def start_service(self, node: Node, timeout: float = 60.0) -> None:
+        """(Re)start the node's service, e.g. after ``kill_service``; it takes its node name over (docs/cluster.md)."""
+        log_path = self.config.service.state_dir / f"service-{node.config.service.node_name}.stdout"
+        node.service = ServiceProcess(node.config, self.config_path, log_path, node_environment(node.config))
+        node.service.start(timeout)
+
+    def kill_service(self, node: Node) -> None:
+        """SIGKILL the node's service only: its Asterisk stays up and goes on answering SIP."""
+        if node.service is not None:
+            node.service.kill()
 
     def kill_node(self, node: Node) -> None:
         """SIGKILL the node's service and its Asterisk, as a power cut would. ``down`` still cleans up."""

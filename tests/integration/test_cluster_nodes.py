@@ -26,7 +26,8 @@ from sqlalchemy.orm import sessionmaker
 
 from ground import db
 from ground.config import Config, load_config
-from medhotline.cluster_sandbox import ClusterSandbox, Node
+from medhotline.cluster_sandbox import ClusterSandbox, Node, sip_options
+from medhotline.kamailio_config import HEALTH_USER
 from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.phones.agent import AgentPhone
 from medhotline.phones.batch import place_calls
@@ -327,3 +328,50 @@ def test_calls_spread_over_two_services_and_a_killed_node_is_taken_over(cluster:
         future.result(timeout=60)
     kept = next(r for r in records if r.node == name_a)
     assert cluster.record(kept.id).outcome not in ("node_lost", "in_progress")
+
+
+def health(node: Node) -> int | None:
+    """What the node's Asterisk answers the front's service probe (200 only while its service is connected)."""
+    return sip_options("127.0.0.1", node.config.asterisk.sip_port, 0.5, user=HEALTH_USER)
+
+
+def test_a_node_whose_service_died_leaves_the_front_and_returns_with_it(cluster: Cluster) -> None:
+    node_a, node_b = cluster.sandbox.nodes
+    name_a, name_b = node_a.config.service.node_name, node_b.config.service.node_name
+    front = cluster.sandbox.front
+    probe_period = front.ping_interval + front.ping_timeout + 1
+    assert (health(node_a), health(node_b)) == (200, 200)
+
+    # Only B's service dies: B's Asterisk still answers SIP, but no longer the health user.
+    cluster.sandbox.kill_service(node_b)
+    wait_for("B's health probe refused", lambda: health(node_b) == 404, time.monotonic() + 5)
+    assert sip_options("127.0.0.1", node_b.config.asterisk.sip_port, 0.5) == 200
+
+    # At once, before the front's probes have seen it: a call the front sends to B is refused with 503 and goes
+    # on to A. After a probe period: B is out. Every caller is answered by A's service, which records the call:
+    # a caller who heard B's unavailable prompt would have no record.
+    before = {r.id for r in cluster.repo.list_recent(200)}
+    calls = [cluster.call(hang_up_after_ms=2_000) for _ in range(2)]
+    time.sleep(probe_period)
+    log_before = cluster.sandbox.log_path.read_text(errors="replace")
+    calls += [cluster.call(hang_up_after_ms=2_000) for _ in range(2)]
+    placed = [future.result(timeout=40) for future in calls]
+    # Taken out by its probes: after the probe period no INVITE was even tried on B.
+    tried = cluster.sandbox.log_path.read_text(errors="replace")[len(log_before) :]
+    assert f"INVITE to sip:{HEALTH_USER}@{node_b.sip_address}" not in tried, tried[-2000:]
+    assert all("ANSWERED" in call.stamps for call in placed), [call.errors[-500:] for call in placed]
+    wait_for("4 records", lambda: len(cluster.records(before)) == 4, time.monotonic() + 10)
+    assert {r.node for r in cluster.records(before)} == {name_a}, cluster.records(before)
+
+    # B's service returns: its probes succeed again, and the front gives it calls (a second call while the first
+    # is up goes to the node with fewer calls).
+    cluster.sandbox.start_service(node_b)
+    assert health(node_b) == 200
+    time.sleep(front.ping_interval * front.inactive_threshold + 1)
+    again = {r.id for r in cluster.repo.list_recent(200)}
+    back = [cluster.call(hang_up_after_ms=4_000)]
+    time.sleep(1.0)
+    back.append(cluster.call(hang_up_after_ms=4_000))
+    assert all("ANSWERED" in future.result(timeout=40).stamps for future in back)
+    wait_for("2 records", lambda: len(cluster.records(again)) == 2, time.monotonic() + 10)
+    assert sorted(r.node for r in cluster.records(again)) == [name_a, name_b], cluster.records(again)
