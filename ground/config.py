@@ -392,6 +392,10 @@ class FrontConfig(_Section):
     algorithm: Literal["call_load", "round_robin"] = "call_load"
     # Seconds an INVITE may wait for a node's first answer (100 Trying) before the next node is tried.
     invite_timeout: float = Field(default=2.0, gt=0, le=30)
+    # What a probe asks. service: a node is up only while its medhotline service has its ARI application
+    # registered in that node's Asterisk (OPTIONS to the health user, docs/cluster.md); asterisk: any answer from
+    # the node's SIP stack (nodes without a service, `cluster up --asterisk-only`).
+    probe: Literal["service", "asterisk"] = "service"
 
     @field_validator("listen")
     @classmethod

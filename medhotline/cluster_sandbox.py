@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,14 @@ def free_port(kind: socket.SocketKind, host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def free_rtp_range(size: int, host: str = "127.0.0.1") -> int:
-    """An even start port whose whole range (RTP even, RTCP odd) is free for UDP now."""
+def free_rtp_range(size: int, host: str = "127.0.0.1", avoid: Sequence[tuple[int, int]] = ()) -> int:
+    """An even start port whose whole range (RTP even, RTCP odd) is free for UDP now and overlaps none of the
+    ``avoid`` ranges (inclusive): ranges chosen but not bound yet, e.g. another node's, which a restarted node
+    would otherwise find taken by the other node's calls."""
     for _ in range(200):
         start = 20000 + 2 * secrets.randbelow((20000 - size) // 2)
+        if any(start <= last and first <= start + size for first, last in avoid):
+            continue
         socks: list[socket.socket] = []
         try:
             for port in range(start, start + size + 1):
@@ -62,12 +67,19 @@ def free_rtp_range(size: int, host: str = "127.0.0.1") -> int:
     raise SandboxError("no free UDP range for a node's RTP found")
 
 
-def node_config(config: Config, index: int, front_host: str, max_calls: int = NODE_MAX_CALLS) -> Config:
+def node_config(
+    config: Config,
+    index: int,
+    front_host: str,
+    max_calls: int = NODE_MAX_CALLS,
+    avoid: Sequence[tuple[int, int]] = (),
+) -> Config:
     """Node ``index``'s configuration: its own sandbox instance, node name and free ports (an RTP range for
-    ``max_calls`` calls); it takes calls from the front's address (the patients' trunk is the proxy now)."""
+    ``max_calls`` calls, apart from the ``avoid`` ranges); it takes calls from the front's address (the patients'
+    trunk is the proxy now)."""
     ast = config.asterisk
     rtp_ports = RTP_PORTS_PER_CALL * max_calls
-    rtp = free_rtp_range(rtp_ports, ast.host)
+    rtp = free_rtp_range(rtp_ports, ast.host, avoid)
     asterisk = ast.model_copy(
         update={
             "sip_port": free_port(socket.SOCK_DGRAM, ast.host),
@@ -130,17 +142,19 @@ def services_problem(config: Config, count: int) -> str | None:
     return None
 
 
-def sip_options(host: str, port: int, timeout: float = 1.0) -> int | None:
-    """Send one OPTIONS over UDP; the status code of the answer, or None when nothing answered in time."""
+def sip_options(host: str, port: int, timeout: float = 1.0, user: str | None = None) -> int | None:
+    """Send one OPTIONS over UDP (to ``user``@, e.g. a node's health user); the status code of the answer, or None
+    when nothing answered in time."""
+    target = f"sip:{'' if user is None else user + '@'}{host}:{port}"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((host, 0))
         local = sock.getsockname()[1]
         tag = uuid.uuid4().hex[:12]
         message = (
-            f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+            f"OPTIONS {target} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP {host}:{local};branch=z9hG4bK{tag};rport\r\n"
             f"From: <sip:probe@{host}:{local}>;tag={tag}\r\n"
-            f"To: <sip:{host}:{port}>\r\n"
+            f"To: <{target}>\r\n"
             f"Call-ID: {tag}@{host}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
         )
         sock.settimeout(timeout)
@@ -192,11 +206,15 @@ class ClusterSandbox:
         if listen is not None:
             front = FrontConfig.model_validate({**front.model_dump(), "listen": listen})
         self.front_host, self.front_port = parse_sip_address(front.listen)
-        self.nodes = [
-            Node(cfg, Sandbox(cfg))
-            for cfg in (node_config(config, i, self.front_host, max_calls) for i in range(1, count + 1))
-        ]
-        self.front = FrontConfig.model_validate({**front.model_dump(), "nodes": [n.sip_address for n in self.nodes]})
+        self.nodes: list[Node] = []
+        for index in range(1, count + 1):
+            cfg = node_config(config, index, self.front_host, max_calls, self.rtp_ranges())
+            self.nodes.append(Node(cfg, Sandbox(cfg)))
+        # Without a service no node has its ARI application registered: a service probe would take them all out.
+        probe = front.probe if services else "asterisk"
+        self.front = FrontConfig.model_validate(
+            {**front.model_dump(), "nodes": [n.sip_address for n in self.nodes], "probe": probe}
+        )
         self.directory = directory
         self.log_path = directory / "kamailio.log"
         self._kamailio: subprocess.Popen[bytes] | None = None
@@ -204,6 +222,11 @@ class ClusterSandbox:
         self.services = services
         self.config_path = config_path
         self._keyservice: KeyServiceProcess | None = None
+
+    def rtp_ranges(self) -> list[tuple[int, int]]:
+        """Every node's RTP range: a caller's or phone's media ports must stay out of them, or a node that
+        restarts can find one of its ports taken."""
+        return [(n.config.asterisk.rtp_start, n.config.asterisk.rtp_end) for n in self.nodes]
 
     @property
     def front_address(self) -> str:
@@ -236,6 +259,17 @@ class ClusterSandbox:
             if node.service is not None:
                 node.service.wait_ready(timeout)
         log.info("cluster.services_up", nodes=[n.config.service.node_name for n in self.nodes])
+
+    def start_service(self, node: Node, timeout: float = 60.0) -> None:
+        """(Re)start the node's service, e.g. after ``kill_service``; it takes its node name over (docs/cluster.md)."""
+        log_path = self.config.service.state_dir / f"service-{node.config.service.node_name}.stdout"
+        node.service = ServiceProcess(node.config, self.config_path, log_path, node_environment(node.config))
+        node.service.start(timeout)
+
+    def kill_service(self, node: Node) -> None:
+        """SIGKILL the node's service only: its Asterisk stays up and goes on answering SIP."""
+        if node.service is not None:
+            node.service.kill()
 
     def kill_node(self, node: Node) -> None:
         """SIGKILL the node's service and its Asterisk, as a power cut would. ``down`` still cleans up."""

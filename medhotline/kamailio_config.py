@@ -21,6 +21,9 @@ LIST_NAME = "dispatcher.list"
 # Dispatcher algorithms by their numbers in Kamailio's dispatcher module (docs/decisions.md says why 10).
 ALGORITHMS = {"call_load": "10", "round_robin": "4"}
 DISPATCH_SET = 1
+# The user a service probe asks each node's Asterisk for (asterisk-config/pjsip.conf, extensions.conf): it exists
+# only while the node's ARI application is registered, so the node's OPTIONS answer is 200 then and 404 otherwise.
+HEALTH_USER = "medhotline-health"
 
 
 class FrontConfigError(MedhotlineError):
@@ -37,9 +40,9 @@ def _sip_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def sip_uri(address: str) -> str:
+def sip_uri(address: str, user: str | None = None) -> str:
     host, port = parse_sip_address(address)
-    return f"sip:{_sip_host(host)}:{port}"
+    return f"sip:{'' if user is None else user + '@'}{_sip_host(host)}:{port}"
 
 
 def dispatcher_list(front: FrontConfig) -> str:
@@ -47,8 +50,10 @@ def dispatcher_list(front: FrontConfig) -> str:
     if not front.nodes:
         raise FrontConfigError("cluster.front.nodes: no nodes configured; list each node's Asterisk as host:port")
     lines = ["# set destination flags priority attributes (generated from cluster.front.nodes)"]
+    # The destination is also the probes' request URI: with the service probe it names the health user.
+    user = HEALTH_USER if front.probe == "service" else None
     for index, node in enumerate(front.nodes, start=1):
-        lines.append(f"{DISPATCH_SET} {sip_uri(node)} 0 0 duid=node{index};maxload=0")
+        lines.append(f"{DISPATCH_SET} {sip_uri(node, user)} 0 0 duid=node{index};maxload=0")
     return "\n".join(lines) + "\n"
 
 
@@ -68,6 +73,10 @@ def render_front(front: FrontConfig, list_path: Path, template: Path = TEMPLATE)
         "probing_threshold": str(front.probing_threshold),
         "inactive_threshold": str(front.inactive_threshold),
         "invite_timeout_ms": str(round(front.invite_timeout * 1000)),
+        "health_user": HEALTH_USER,
+        "service_probe": "1" if front.probe == "service" else "0",
+        # service: only a 2xx (the health user exists: the application is registered); a 404 means it is not.
+        "ping_reply_codes": "class=2" if front.probe == "service" else "class=2;code=401;code=403;code=404;code=405",
     }
     if '"' in str(list_path):
         raise FrontConfigError(f"{list_path}: a path with a double quote can't be written into kamailio.cfg")

@@ -26,7 +26,9 @@ from sqlalchemy.orm import sessionmaker
 
 from ground import db
 from ground.config import Config, load_config
-from medhotline.cluster_sandbox import ClusterSandbox, Node
+from medhotline.cluster_sandbox import ClusterSandbox, Node, sip_options
+from medhotline.cluster_sandbox import free_rtp_range as node_free_rtp_range
+from medhotline.kamailio_config import HEALTH_USER
 from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.phones.agent import AgentPhone
 from medhotline.phones.batch import place_calls
@@ -95,7 +97,8 @@ class Cluster:
             target_port=port,
             service=self.config.hotline.number,
             local_port=free_port(socket.SOCK_DGRAM),
-            media_port=free_rtp_range(4),
+            # Outside the nodes' RTP ranges: a node's Asterisk restarted during the call must find its ports free.
+            media_port=node_free_rtp_range(4, "127.0.0.1", front.rtp_ranges()),
             caller=CALLER,
             presses=[Press(300, KEYS[category])],
             hang_up_after_ms=hang_up_after_ms,
@@ -155,11 +158,18 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
     extra += f'\n[database]\nurl = "{postgres_url}"\n'
     path = write_config(tmp_path, f"nodes{os.getpid()}", extra, flow="routing_desk", extra_flows=(DESK,))
     config = load_config(path, environ={})
+    front = ClusterSandbox(config, 2, tmp_path / "front", services=True, config_path=path, max_calls=NODE_MAX_CALLS)
+    # The phones' media ports outside the nodes' RTP ranges, as the callers' (Cluster.call).
     phones = {
-        agent: AgentPhone(agent, free_port(socket.SOCK_DGRAM), free_rtp_range(4), answer_after_ms=500, talk_ms=60_000)
+        agent: AgentPhone(
+            agent,
+            free_port(socket.SOCK_DGRAM),
+            node_free_rtp_range(4, "127.0.0.1", front.rtp_ranges()),
+            answer_after_ms=500,
+            talk_ms=60_000,
+        )
         for agent in AGENTS
     }
-    front = ClusterSandbox(config, 2, tmp_path / "front", services=True, config_path=path, max_calls=NODE_MAX_CALLS)
     build_prompts(front.nodes[0].config)
     try:
         for phone in phones.values():
@@ -327,3 +337,108 @@ def test_calls_spread_over_two_services_and_a_killed_node_is_taken_over(cluster:
         future.result(timeout=60)
     kept = next(r for r in records if r.node == name_a)
     assert cluster.record(kept.id).outcome not in ("node_lost", "in_progress")
+
+
+def health(node: Node) -> int | None:
+    """What the node's Asterisk answers the front's service probe (200 only while its service is connected)."""
+    return sip_options("127.0.0.1", node.config.asterisk.sip_port, 0.5, user=HEALTH_USER)
+
+
+def test_a_node_whose_service_died_leaves_the_front_and_returns_with_it(cluster: Cluster) -> None:
+    node_a, node_b = cluster.sandbox.nodes
+    name_a, name_b = node_a.config.service.node_name, node_b.config.service.node_name
+    front = cluster.sandbox.front
+    probe_period = front.ping_interval + front.ping_timeout + 1
+    assert (health(node_a), health(node_b)) == (200, 200)
+
+    # Only B's service dies: B's Asterisk still answers SIP, but no longer the health user.
+    cluster.sandbox.kill_service(node_b)
+    wait_for("B's health probe refused", lambda: health(node_b) == 404, time.monotonic() + 5)
+    assert sip_options("127.0.0.1", node_b.config.asterisk.sip_port, 0.5) == 200
+
+    # At once, before the front's probes have seen it: a call the front sends to B is refused with 503 and goes
+    # on to A. After a probe period: B is out. Every caller is answered by A's service, which records the call:
+    # a caller who heard B's unavailable prompt would have no record.
+    before = {r.id for r in cluster.repo.list_recent(200)}
+    calls = [cluster.call(hang_up_after_ms=2_000) for _ in range(2)]
+    time.sleep(probe_period)
+    log_before = cluster.sandbox.log_path.read_text(errors="replace")
+    calls += [cluster.call(hang_up_after_ms=2_000) for _ in range(2)]
+    placed = [future.result(timeout=40) for future in calls]
+    # Taken out by its probes: after the probe period no INVITE was even tried on B.
+    tried = cluster.sandbox.log_path.read_text(errors="replace")[len(log_before) :]
+    assert f"INVITE to sip:{HEALTH_USER}@{node_b.sip_address}" not in tried, tried[-2000:]
+    assert all("ANSWERED" in call.stamps for call in placed), [call.errors[-500:] for call in placed]
+    wait_for("4 records", lambda: len(cluster.records(before)) == 4, time.monotonic() + 10)
+    assert {r.node for r in cluster.records(before)} == {name_a}, cluster.records(before)
+
+    # B's service returns: its probes succeed again, and the front gives it calls (a second call while the first
+    # is up goes to the node with fewer calls).
+    cluster.sandbox.start_service(node_b)
+    assert health(node_b) == 200
+    time.sleep(front.ping_interval * front.inactive_threshold + 1)
+    again = {r.id for r in cluster.repo.list_recent(200)}
+    back = [cluster.call(hang_up_after_ms=4_000)]
+    time.sleep(1.0)
+    back.append(cluster.call(hang_up_after_ms=4_000))
+    assert all("ANSWERED" in future.result(timeout=40).stamps for future in back)
+    wait_for("2 records", lambda: len(cluster.records(again)) == 2, time.monotonic() + 10)
+    assert sorted(r.node for r in cluster.records(again)) == [name_a, name_b], cluster.records(again)
+
+
+def test_node_b_asterisk_restarts_during_calls(cluster: Cluster) -> None:
+    node_a, node_b = cluster.sandbox.nodes
+    name_a, name_b = node_a.config.service.node_name, node_b.config.service.node_name
+    front = cluster.sandbox.front
+
+    # One caller on each node, each talking with an agent.
+    before = {r.id for r in cluster.repo.list_recent(200)}
+    first = [cluster.call(hang_up_after_ms=20_000)]
+    time.sleep(1.0)
+    first.append(cluster.call(hang_up_after_ms=20_000))
+    wait_for(
+        "both first calls answered by an agent",
+        lambda: sum(ring.outcome == "answered" for ring in cluster.rings(cluster.records(before))) == 2,
+        time.monotonic() + 20,
+    )
+    records = cluster.records(before)
+    assert sorted(r.node for r in records) == [name_a, name_b], records
+    on_b = next(r for r in records if r.node == name_b)
+    b_agent = next(ring.account_id for ring in cluster.rings(records) if ring.call_id == on_b.id)
+
+    # B's Asterisk stops (its service stays and waits for it). B's call drops: SIP can't keep it. Its record is
+    # closed by B's own service, and its agent is free again: a new call, sent to A, rings that agent from A.
+    node_b.sandbox.down()
+    stopped = datetime.now(UTC)
+    wait_for(
+        "B's call closed",
+        lambda: (r := cluster.record(on_b.id)).outcome != "in_progress" and r.ended_at is not None,
+        time.monotonic() + 10,
+    )
+    seen = {r.id for r in records} | before
+    later = cluster.call(hang_up_after_ms=4_000)
+    wait_for(
+        f"{b_agent} rung from {name_a} for a new caller",
+        lambda: any(
+            ring.account_id == b_agent and ring.node == name_a and ring.rung_at >= stopped
+            for ring in cluster.rings(cluster.records(seen))
+        ),
+        time.monotonic() + 15,
+    )
+    assert {r.node for r in cluster.records(seen)} == {name_a}
+    assert "ANSWERED" in later.result(timeout=40).stamps
+
+    # B's Asterisk is back: B's service reconnects, the probe answers 200 again, and B takes calls again.
+    node_b.sandbox.up()
+    wait_for("B's service connected again", lambda: health(node_b) == 200, time.monotonic() + 30)
+    time.sleep(front.ping_interval * front.inactive_threshold + 1)
+    again = {r.id for r in cluster.repo.list_recent(200)}
+    back = [cluster.call(hang_up_after_ms=3_000)]
+    time.sleep(1.0)
+    back.append(cluster.call(hang_up_after_ms=3_000))
+    assert all("ANSWERED" in future.result(timeout=40).stamps for future in back)
+    wait_for("2 records", lambda: len(cluster.records(again)) == 2, time.monotonic() + 10)
+    assert name_b in {r.node for r in cluster.records(again)}, cluster.records(again)
+    for future in first:
+        future.exception(timeout=60)  # B's caller was cut off; A's hung up itself
+    assert cluster.record(next(r.id for r in records if r.node == name_a)).outcome != "node_lost"

@@ -19,12 +19,26 @@ def front(**values: object) -> FrontConfig:
 
 
 def test_dispatcher_list_names_every_node_in_one_set() -> None:
-    lines = dispatcher_list(front()).splitlines()[1:]
+    lines = dispatcher_list(front(probe="asterisk")).splitlines()[1:]
     assert lines == [
         "1 sip:10.0.0.5:5060 0 0 duid=node1;maxload=0",
         "1 sip:10.0.0.6:5070 0 0 duid=node2;maxload=0",
     ]
-    assert "sip:[fd00::7]:5060" in dispatcher_list(front(nodes=["[fd00::7]:5060"]))
+    assert "sip:[fd00::7]:5060" in dispatcher_list(front(nodes=["[fd00::7]:5060"], probe="asterisk"))
+
+
+def test_service_probe_asks_for_the_health_user_and_accepts_only_2xx(tmp_path: Path) -> None:
+    # The default: a node is up only while its service's ARI application is registered (docs/cluster.md).
+    lines = dispatcher_list(front()).splitlines()[1:]
+    assert lines[0] == "1 sip:medhotline-health@10.0.0.5:5060 0 0 duid=node1;maxload=0"
+    assert "sip:medhotline-health@[fd00::7]:5060" in dispatcher_list(front(nodes=["[fd00::7]:5060"]))
+    service = render_front(front(), tmp_path / "d.list").config
+    assert 'modparam("dispatcher", "ds_ping_reply_codes", "class=2")' in service
+    # Callers can't reach the health user through the front; a node's 503 takes it out and the call goes on.
+    assert '$rU == "medhotline-health"' in service
+    assert 'ds_mark_dst("ip")' in service.split('t_check_status("503")', 1)[1].split("}", 1)[0]
+    asterisk = render_front(front(probe="asterisk"), tmp_path / "d.list").config
+    assert "class=2;code=401;code=403;code=404;code=405" in asterisk
 
 
 def test_config_carries_listen_probing_algorithm_and_failover(tmp_path: Path) -> None:
@@ -78,9 +92,10 @@ def test_bad_addresses_name_the_file_and_key(tmp_path: Path, key: str, value: st
 
 
 @pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed (scripts/bootstrap)")
-@pytest.mark.parametrize("algorithm", ["call_load", "round_robin"])
-def test_kamailio_accepts_the_generated_config(tmp_path: Path, algorithm: str) -> None:
-    cfg = write_front(front(algorithm=algorithm, nodes=["127.0.0.1:5070", "[::1]:5080"]), tmp_path / "front")
+@pytest.mark.parametrize(("algorithm", "probe"), [("call_load", "service"), ("round_robin", "asterisk")])
+def test_kamailio_accepts_the_generated_config(tmp_path: Path, algorithm: str, probe: str) -> None:
+    nodes = ["127.0.0.1:5070", "[::1]:5080"]
+    cfg = write_front(front(algorithm=algorithm, nodes=nodes, probe=probe), tmp_path / "front")
     check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr[-2000:]
     assert (tmp_path / "front" / "dispatcher.list").read_text().count("\n1 sip:") == 2
