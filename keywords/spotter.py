@@ -580,27 +580,28 @@ class Spotter:
     def _sound_candidates(self, text: str, trie: _Node | None = None) -> list[_Candidate]:
         readings = [_char_readings(c) for c in text]
         found: list[_Candidate] = []
-        root = self._sound if trie is None else trie
-        for start in range(len(text)):
-            frontier = [root]
-            for end in range(start, len(text)):
-                if not readings[end]:
-                    break
-                frontier = [child for node in frontier for r in readings[end] if (child := node.children.get(r))]
-                if not frontier:
-                    break
+        top = (self._sound if trie is None else trie).children
+        n = len(text)
+        for start in range(n):
+            # The first step from the root is a plain lookup: most characters start no variant's sound.
+            frontier = [top[r] for r in readings[start] if r in top]
+            end = start
+            while frontier:
                 # Most nodes on the way hold no variant: the surface and the threshold only where one ends.
                 entries = [entry for node in frontier for entry in node.entries]
-                if not entries:
-                    continue
-                surface = text[start : end + 1]
-                # At least half the characters the same, and two of three or more (行不行 is not 喊不醒); all the
-                # same is the exact match, not a sound-alike. (Counted with map in C: this loop is the spotter's
-                # hottest.)
-                need = max(1, (len(surface) + 1) // 2)
-                for entry in entries:
-                    if entry.variant != surface and sum(map(operator.eq, surface, entry.variant)) >= need:
-                        found.append(_Candidate(start, end + 1, entry, "homophone"))
+                if entries:
+                    surface = text[start : end + 1]
+                    # At least half the characters the same, and two of three or more (行不行 is not 喊不醒); all
+                    # the same is the exact match, not a sound-alike. (Counted with map in C: this loop is the
+                    # spotter's hottest.)
+                    need = max(1, (len(surface) + 1) // 2)
+                    for entry in entries:
+                        if entry.variant != surface and sum(map(operator.eq, surface, entry.variant)) >= need:
+                            found.append(_Candidate(start, end + 1, entry, "homophone"))
+                end += 1
+                if end == n:
+                    break
+                frontier = [child for node in frontier for r in readings[end] if (child := node.children.get(r))]
         return found
 
     def _plausible_error(self, text: str, candidate: _Candidate, starts: set[int], ends: set[int]) -> bool:
