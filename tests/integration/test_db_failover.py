@@ -47,10 +47,10 @@ GENERAL_KEY = "2"
 # Callers in parallel; each places its calls one after another.
 STREAMS = 2
 # Calls answered by the agent before the kill, and calls placed after the promotion that must all be answered.
-BEFORE_KILL = 3
+BEFORE_KILL = 2
 AFTER_PROMOTION = 3
 # The primary is dead this long before the standby is promoted: calls meet a database with no writable server.
-DEAD_FOR = 1.5
+DEAD_FOR = 1.0
 SETTINGS = """
 [routing]
 rules_file = "{rules}"
