@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from compliance.access_store import AccessControl
 from compliance.audit import AuditLog
 from ground import db
 from ground.config import Config
+from ground.db_retry import RETRY_SECONDS, while_unavailable
 from ground.ids import is_uuid
 from ivr.fastagi import FastAgiCallChannel
 from ivr.flow_registry import FlowRegistry
@@ -60,9 +62,7 @@ OVERFLOW_KEY_WAIT = 5.0
 # How long a call's record write keeps trying while no writable primary answers (a PostgreSQL failover: the
 # primary lost, a standby being promoted; docs/cluster.md). Longer than a promotion by hand or by Patroni's
 # default TTL takes; the call itself never waits for it (see _CallWrites).
-RECORD_RETRY_SECONDS = 60.0
-_RECORD_RETRY_FIRST = 0.2
-_RECORD_RETRY_MAX = 2.0
+RECORD_RETRY_SECONDS = RETRY_SECONDS
 
 
 async def record_write(
@@ -75,24 +75,19 @@ async def record_write(
     connects afresh through the URL's host list to whichever server is the primary now. The repositories' writes
     are idempotent under such a retry. Any other failure is logged at once and not retried.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + retry_for
-    pause = _RECORD_RETRY_FIRST
-    while True:
-        try:
-            await asyncio.to_thread(func, *args, **kwargs)
-        except db.DatabaseUnavailable as exc:
-            if loop.time() + pause > deadline:
-                log.error("call.record_failed", writing=what, reason=str(exc), retried_for=retry_for)
-                return False
-            log.warning("call.record_retry", writing=what, reason=str(exc), pause=pause)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, _RECORD_RETRY_MAX)
-        except Exception:
-            log.exception("call.record_failed", writing=what)
-            return False
-        else:
-            return True
+    try:
+        await while_unavailable(
+            functools.partial(func, *args, **kwargs),
+            retry_for=retry_for,
+            on_retry=lambda exc, pause: log.warning("call.record_retry", writing=what, reason=str(exc), pause=pause),
+        )
+    except db.DatabaseUnavailable as exc:
+        log.error("call.record_failed", writing=what, reason=str(exc), retried_for=retry_for)
+        return False
+    except Exception:
+        log.exception("call.record_failed", writing=what)
+        return False
+    return True
 
 
 QUEUE_CONTEXT = "medhotline-queue"

@@ -28,6 +28,8 @@ from typing import Any, Final
 
 import structlog
 
+from ground.db import DatabaseUnavailable
+from ground.db_retry import while_unavailable
 from ground.errors import MedhotlineError
 from recordings.ingest import Ingestor
 from recordings.records import RecordSealer
@@ -42,6 +44,13 @@ log = structlog.get_logger(__name__)
 # Asterisk closes a recording's file a moment after it is told to stop; this long at most is waited for it.
 FILE_SETTLE_TIMEOUT: Final = 10.0
 _SETTLE_POLL: Final = 0.2
+
+
+def _retrying(doing: str) -> Callable[[DatabaseUnavailable, float], None]:
+    def warn(exc: DatabaseUnavailable, pause: float) -> None:
+        log.warning("recording.database_retry", doing=doing, reason=str(exc), pause=pause)
+
+    return warn
 
 
 async def wait_for_file(path: Path, timeout: float = FILE_SETTLE_TIMEOUT) -> bool:
@@ -126,7 +135,9 @@ class CallRecordings:
 
     async def _link_patient(self, call_id: str, patient_id: str | None, department: str | None) -> None:
         try:
-            await asyncio.to_thread(self._store.set_patient, call_id, patient_id, department)
+            await while_unavailable(
+                self._store.set_patient, call_id, patient_id, department, on_retry=_retrying("link patient")
+            )
         except MedhotlineError:
             log.exception("recording.link_patient_failed")
 
@@ -183,7 +194,8 @@ class CallRecordings:
         if started:
             await wait_for_file(spool)
         try:
-            await asyncio.to_thread(self._store.finish, row.id, self._clock())
+            # Retried through a failover: a finish not recorded would leave the file to the resume loop only.
+            await while_unavailable(self._store.finish, row.id, self._clock(), on_retry=_retrying("finish"))
         except MedhotlineError:
             log.exception("recording.finish_failed", recording_id=row.id)
             return

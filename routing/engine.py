@@ -34,6 +34,8 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
+from ground.db import DatabaseUnavailable
+from ground.db_retry import RETRY_SECONDS, while_unavailable
 from ground.leases import LeaseLost
 from routing.callbacks import estimated_wait
 from routing.cluster import ClaimRefused, QueuedView
@@ -178,6 +180,9 @@ class EngineSettings:
     unreachable_retry: float = 30.0
     # Seconds of waiting credit a callback gives up against live callers; 0 keeps the caller's place exactly.
     callback_delay: float = 0.0
+    # How long a write that must happen (a release, a ring's end, a pause) is retried while no writable database
+    # primary answers (a failover, docs/cluster.md); a promotion takes seconds.
+    write_retry: float = RETRY_SECONDS
 
 
 def _now() -> datetime:
@@ -327,7 +332,14 @@ class RoutingEngine:
         self._tickets.pop(call_id, None)
         await self._cluster_write(call_id, "withdraw")
         if ring_id is not None:
-            await self._db("ring answered", self.directory.finish_ring, ring_id, "answered", at)
+            try:
+                await asyncio.to_thread(self.directory.finish_ring, ring_id, "answered", at)
+            except DatabaseUnavailable:
+                # A failover: the caller and the agent are bridged right after this returns and must not wait for
+                # a primary; the answer is recorded in the background once one answers.
+                self._background("ring answered", self.directory.finish_ring, ring_id, "answered", at)
+            except Exception:
+                log.exception("routing.database_failed", doing="ring answered")
         log.info("routing.answered", agent=agent_id)
 
     async def no_answer(self, call_id: str, agent_id: str, *, reachable: bool = True) -> None:
@@ -338,7 +350,7 @@ class RoutingEngine:
         self._held.pop(agent_id, None)
         reason = NO_ANSWER if reachable else UNREACHABLE
         if reachable:
-            await self._db("pause after no answer", self.directory.pause, agent_id, NO_ANSWER, at)
+            await self._db("pause after no answer", self.directory.pause, agent_id, NO_ANSWER, at, retry=True)
             self._later(self.settings.no_answer_pause, self._lift_pause, agent_id)
         else:
             self._unreachable[agent_id] = at + timedelta(seconds=self.settings.unreachable_retry)
@@ -346,8 +358,8 @@ class RoutingEngine:
             self._record_presence(self.dispatcher.agent(agent_id).endpoint, UNREACHABLE)
         if ring_id is not None:
             outcome: RingOutcome = "no_answer" if reachable else "failed"
-            await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, at)
-        await self._db("release after no answer", self.directory.release, agent_id, call_id)
+            await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, at, retry=True)
+        await self._db("release after no answer", self.directory.release, agent_id, call_id, retry=True)
         await self._cluster_write(call_id, "requeue")
         log.info("routing.no_answer", agent=agent_id, reason=reason)
         self._wake.set()
@@ -368,8 +380,8 @@ class RoutingEngine:
         if ring is not None:
             agent_id, ring_id = ring
             self._held.pop(agent_id, None)
-            await self._db("ring ended", self.directory.finish_ring, ring_id, "caller_gone", at)
-            await self._db("release", self.directory.release, agent_id, call_id)
+            await self._db("ring ended", self.directory.finish_ring, ring_id, "caller_gone", at, retry=True)
+            await self._db("release", self.directory.release, agent_id, call_id, retry=True)
         self._wake.set()
 
     def contact_state(self, endpoint: str, online: bool) -> None:
@@ -397,7 +409,9 @@ class RoutingEngine:
         async def write() -> None:
             async with self._presence_lock:
                 newest = self._presence.get(endpoint)
-                written = await self._db("record presence", presence.set_presence, endpoint, newest, self._clock())
+                written = await self._db(
+                    "record presence", presence.set_presence, endpoint, newest, self._clock(), retry=True
+                )
                 if written is None and self._presence.get(endpoint) == newest:
                     self._presence.pop(endpoint, None)  # failed: the next report tries again
 
@@ -439,6 +453,9 @@ class RoutingEngine:
                     # paused, frozen, held and credentials again in the database; a stale view costs at most a
                     # refused reservation, never a wrong ring. The new call skips a read of the whole table.
                     await self.decide()
+            except DatabaseUnavailable as exc:
+                # A failover: the next refresh tries again; one line, not a traceback every refresh interval.
+                log.warning("routing.step_unavailable", reason=str(exc))
             except Exception:
                 log.exception("routing.step_failed")
             timeout = max(0.0, refresh_due - loop.time())
@@ -540,15 +557,7 @@ class RoutingEngine:
             refused: ClaimRefused | None = None
             if cluster is None:
                 # The reservation and its ring row in one commit: the only database write before the phone rings.
-                ring_id = await self._db(
-                    "reserve agent",
-                    functools.partial(self.directory.reserve_ring, excluded=excluded),
-                    agent_id,
-                    call_id,
-                    self.settings.node,
-                    at,
-                    required,
-                )
+                ring_id = await self._reserve_ring(agent_id, call_id, at, required, excluded)
             else:
                 claimed = await self._claim(assignment, required, excluded)
                 if call_id in self._foreign:
@@ -562,8 +571,10 @@ class RoutingEngine:
                 # The caller hung up (or the agent was frozen) while the database answered: the phone never rang.
                 if ring_id is not None:
                     outcome: RingOutcome = "caller_gone" if ticket is None else "released"
-                    await self._db("ring ended", self.directory.finish_ring, ring_id, outcome, self._clock())
-                    await self._db("release", self.directory.release, agent_id, call_id)
+                    await self._db(
+                        "ring ended", self.directory.finish_ring, ring_id, outcome, self._clock(), retry=True
+                    )
+                    await self._db("release", self.directory.release, agent_id, call_id, retry=True)
                     if ticket is not None:
                         await self._cluster_write(call_id, "requeue")
                 with contextlib.suppress(RoutingError):
@@ -752,25 +763,25 @@ class RoutingEngine:
 
     async def _release_cancelled(self, agent_id: str, call_id: str, ring_id: str) -> None:
         at = self._clock()
-        await self._db("ring ended", self.directory.finish_ring, int(ring_id), "released", at)
-        await self._db("release", self.directory.release, agent_id, call_id)
+        await self._db("ring ended", self.directory.finish_ring, int(ring_id), "released", at, retry=True)
+        await self._db("release", self.directory.release, agent_id, call_id, retry=True)
         if call_id in self._tickets:
             await self._cluster_write(call_id, "requeue")
 
     async def _end_wrap_up(self, agent_id: str, call_id: str) -> None:
         if self._held.get(agent_id) == call_id:
             del self._held[agent_id]
-        await self._db("release after wrap-up", self.directory.release, agent_id, call_id)
+        await self._db("release after wrap-up", self.directory.release, agent_id, call_id, retry=True)
         with contextlib.suppress(RoutingError):
             self.dispatcher.agent_state(agent_id, "available", self._clock())
         self._wake.set()
 
     async def _lift_pause(self, agent_id: str) -> None:
-        views = await self._db("read agents", self.directory.routing_snapshot)
+        views = await self._db("read agents", self.directory.routing_snapshot, retry=True)
         view = next((v for v in views or () if v.agent.id == agent_id), None)
         # Only the engine's own pause is lifted; a supervisor's pause stays.
         if view is not None and view.paused_reason == NO_ANSWER:
-            await self._db("lift no-answer pause", self.directory.unpause, agent_id, self._clock())
+            await self._db("lift no-answer pause", self.directory.unpause, agent_id, self._clock(), retry=True)
         self._wake.set()
 
     def _later(self, seconds: float, func: Callable[..., Coroutine[Any, Any, None]], *args: str) -> None:
@@ -785,10 +796,55 @@ class RoutingEngine:
         self._timers.add(task)
         task.add_done_callback(self._timers.discard)
 
-    async def _db(self, doing: str, func: Callable[..., _T], *args: object) -> _T | None:
-        """A database call for routing; a failure is logged and the caller carries on with None (no hang)."""
+    async def _db(self, doing: str, func: Callable[..., _T], *args: object, retry: bool = False) -> _T | None:
+        """A database call for routing; a failure is logged and the caller carries on with None (no hang).
+
+        ``retry``: a write that must happen, idempotent under a repeat (a release, a ring's end, a pause), is
+        retried while no writable primary answers, for ``write_retry`` seconds (docs/cluster.md). Without it, a
+        lost database is logged in one line (no traceback: it is an outage, not a bug) and not retried here.
+        """
+
+        def retrying(exc: DatabaseUnavailable, pause: float) -> None:
+            log.warning("routing.database_retry", doing=doing, reason=str(exc), pause=pause)
+
         try:
+            if retry:
+                return await while_unavailable(func, *args, retry_for=self.settings.write_retry, on_retry=retrying)
             return await asyncio.to_thread(func, *args)
+        except DatabaseUnavailable as exc:
+            log.error("routing.database_failed", doing=doing, reason=str(exc), retried=retry)
+            return None
         except Exception:
             log.exception("routing.database_failed", doing=doing)
             return None
+
+    async def _reserve_ring(
+        self, agent_id: str, call_id: str, at: datetime, required: Sequence[Sequence[str]], excluded: Sequence[str]
+    ) -> int | None:
+        """The reservation and its ring row in one commit: the ring's id, or None (refused, or no database).
+
+        Not retried: the decision it carries may be stale by the time a primary answers again, and the call simply
+        stays waiting for the next decision. But a COMMIT cut off by a failover may have been stored: the
+        reservation is released (retried, idempotent) before anything else is decided, so the agent is not held
+        for a ring that never happens.
+        """
+        reserve = functools.partial(self.directory.reserve_ring, excluded=excluded)
+        try:
+            return await asyncio.to_thread(reserve, agent_id, call_id, self.settings.node, at, required)
+        except DatabaseUnavailable as exc:
+            log.warning("routing.reservation_unavailable", agent=agent_id, reason=str(exc))
+            await self._db("release an unsure reservation", self.directory.release, agent_id, call_id, retry=True)
+            return None
+        except Exception:
+            log.exception("routing.database_failed", doing="reserve agent")
+            return None
+
+    def _background(self, doing: str, func: Callable[..., object], *args: object) -> None:
+        """A write that must happen, retried (``_db``), without holding up the call that caused it."""
+
+        async def write() -> None:
+            await self._db(doing, func, *args, retry=True)
+
+        task = asyncio.create_task(write())
+        self._timers.add(task)
+        task.add_done_callback(self._timers.discard)

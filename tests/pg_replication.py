@@ -144,3 +144,28 @@ def replicated_postgres() -> Iterator[ReplicatedPostgres]:
     finally:
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def main() -> int:
+    """``python -m tests.pg_replication``: a sandbox primary + synchronous standby for trying a failover by hand.
+
+    Prints the multi-host URL for ``[database] url`` (or ``MEDHOTLINE__DATABASE__URL``) and the commands that kill
+    the primary and promote the standby, then waits; Ctrl-C or SIGTERM stops both servers and removes them.
+    """
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    with replicated_postgres() as pg:
+        binaries = pg_bin()
+        as_postgres = "runuser -u postgres -- " if os.geteuid() == 0 else ""
+        print(f"url = {pg.url!r}")
+        print(f"primary: port {pg.primary.port}, data {pg.primary.data} (synchronous standby: {STANDBY_NAME})")
+        print(f"standby: port {pg.standby.port}, data {pg.standby.data}")
+        print(f"kill the primary:  kill -9 $(head -1 {pg.primary.data / 'postmaster.pid'})")
+        print(f"promote:           {as_postgres}{binaries}/pg_ctl -D {pg.standby.data} -w promote")
+        print("Ctrl-C stops both and removes them.", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
