@@ -1,4 +1,4 @@
-"""The wallboard's event-to-browser latency: a call event until the wallboard's stream (SSE) delivers it.
+"""The wallboard's update latency: a call event until the wallboard's stream (SSE) delivers it to the client.
 
 ``python -m benchmarks.api`` runs real calls by default (``--real-calls 200``, baseline ``--baseline 10`` in the
 same run; ``--smoke`` for the tests): SIPp patients and agent phones through the Asterisk sandbox, the service and

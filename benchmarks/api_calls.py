@@ -378,6 +378,8 @@ async def main_async(args: argparse.Namespace) -> list[Phase]:
     finally:
         for phone in phones:
             phone.stop()
+        if args.smoke:  # the tests' run keeps nothing behind; a full run keeps its logs (path printed above)
+            shutil.rmtree(state, ignore_errors=True)
     return phases
 
 
@@ -391,7 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def smoke(args: argparse.Namespace) -> None:
-    """The short run the tests make (about 40 s): 2 then 6 calls, 2 agents; callers wait 12 s after their key,
+    """The short run the tests make (about 45 s): 2 then 6 calls, 2 agents; callers wait 12 s after their key,
     long enough for the emergency route's prompt (about 6 s) and a ring."""
     args.real_calls, args.baseline, args.agents, args.hold, args.rate = 6, 2, 2, 12.0, 5.0
 

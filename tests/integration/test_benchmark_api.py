@@ -1,4 +1,4 @@
-"""The CI smoke of ``python -m benchmarks.api`` (its ``--smoke`` run, about 35 s): real SIPp calls through the
+"""The CI smoke of ``python -m benchmarks.api`` (its ``--smoke`` run, about 45 s): real SIPp calls through the
 sandbox, the wallboard's stream read by a signed-in supervisor, each change matched to its Asterisk event.
 
 Correctness of the measurement only (every change is matched to an event that came before it); the figures
