@@ -8,8 +8,9 @@ Two phases in one run, on the same service: a baseline of ``--baseline`` calls (
 calls. Each phase places its calls at ``--rate`` calls/s with SIPp, one in five an emergency (key 0 during the
 greeting), the rest general questions (key 5); every caller waits up to ``--hold`` seconds after the key and hangs
 up (an abandoned call) unless an agent took it. ``--agents`` SIPp agent phones (nurses with a verified licence, so
-they take both queues) answer after 1 s and talk 4 s; wrap-up is 2 s. With the defaults the 200 calls overlap for
-about 15 s at full count (20 s of ramp, about 35 s per unanswered call).
+they take both queues) answer after 1 s and talk 4 s; wrap-up is 2 s. With the defaults (45 s, 10 calls/s) the
+unanswered calls last about 52 s against 20 s of ramp, so nearly all 200 are in progress at once; the report
+prints the most calls in progress at once, from their records.
 
 What is measured, for every call, is each change the wallboard shows, from the event in Asterisk to the snapshot
 read by the client:
@@ -90,6 +91,7 @@ class Phase:
     outcomes: dict[str, int] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     unmatched: int = 0
+    peak: int = 0  # the most calls in progress at once
     service_cpu: float = 0.0
     asterisk_cpu: float = 0.0
     api_cpu: float = 0.0
@@ -239,17 +241,24 @@ def call_channels(config: Config) -> dict[str, str]:
         engine.dispose()
 
 
-def outcomes(config: Config, ids: set[str]) -> dict[str, int]:
+def outcomes(config: Config, ids: set[str]) -> tuple[dict[str, int], int]:
+    """How the phase's calls ended, and the most of them in progress at once (from their records)."""
     engine = db.make_engine(config.database_url)
     counts: dict[str, int] = {}
+    edges: list[tuple[datetime, int]] = []
     try:
         with engine.connect() as connection:
-            for row in connection.execute(select(Call.id, Call.outcome)):
+            for row in connection.execute(select(Call.id, Call.outcome, Call.started_at, Call.ended_at)):
                 if row.id in ids:
                     counts[str(row.outcome)] = counts.get(str(row.outcome), 0) + 1
+                    edges += [(row.started_at, 1)] + ([(row.ended_at, -1)] if row.ended_at else [])
     finally:
         engine.dispose()
-    return counts
+    current = peak = 0
+    for _, step in sorted(edges):
+        current += step
+        peak = max(peak, current)
+    return counts, peak
 
 
 def measure(phase: Phase, ids: set[str], channels: dict[str, str], origins: Origins, stream: Stream) -> None:
@@ -317,7 +326,7 @@ async def run_phase(phase: Phase, config: Config, sandbox: Sandbox, pids: dict[s
             break
     channels = call_channels(config)
     ids = set(channels) - before
-    phase.outcomes = outcomes(config, ids)
+    phase.outcomes, phase.peak = outcomes(config, ids)
     measure(phase, ids, channels, origins, stream)
 
 
@@ -331,8 +340,9 @@ def report(phases: list[Phase]) -> None:
             print(f"{phase.name:>9} {phase.calls:>5} {kind:>8} {len(values):>5} {pct(values, 0.5):>7.0f} "
                   f"{pct(values, 0.95):>7.0f} {pct(values, 0.99):>7.0f} {worst:>7.0f}")  # fmt: skip
         outcome = ", ".join(f"{k} {v}" for k, v in sorted(phase.outcomes.items()))
-        print(f"{'':>9} calls: {outcome}; SIPp ok {phase.sipp_ok} / failed {phase.sipp_failed} (a call the agent "
-              f"ended counts as failed: the caller's script expects to hang up itself); unmatched {phase.unmatched}; "
+        print(f"{'':>9} calls: {outcome}; at most {phase.peak} at once; SIPp ok {phase.sipp_ok} / failed "
+              f"{phase.sipp_failed} (a call the agent ended counts as failed: the caller's script expects to hang up "
+              f"itself); unmatched {phase.unmatched}; "
               f"CPU (share of one core): service {100 * phase.service_cpu:.0f}%, Asterisk "
               f"{100 * phase.asterisk_cpu:.0f}%, api {100 * phase.api_cpu:.0f}%")  # fmt: skip
     base, load = phases[0].all_samples(), phases[-1].all_samples()
@@ -387,7 +397,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real-calls", type=int, default=200, help="concurrent SIPp calls (default 200)")
     parser.add_argument("--baseline", type=int, default=10, help="calls of the low-load baseline (default 10)")
     parser.add_argument("--agents", type=int, default=10, help="SIPp agent phones (default 10)")
-    parser.add_argument("--hold", type=float, default=30.0, help="seconds a caller waits before giving up")
+    parser.add_argument("--hold", type=float, default=45.0, help="seconds a caller waits before giving up")
     parser.add_argument("--rate", type=float, default=10.0, help="new calls per second")
     parser.add_argument("--smoke", action="store_true", help="short run for the tests: 2 then 6 calls, 2 agents")
 
