@@ -8,9 +8,10 @@ Two phases in one run, on the same service: a baseline of ``--baseline`` calls (
 calls. Each phase places its calls at ``--rate`` calls/s with SIPp, one in five an emergency (key 0 during the
 greeting), the rest general questions (key 5); every caller waits up to ``--hold`` seconds after the key and hangs
 up (an abandoned call) unless an agent took it. ``--agents`` SIPp agent phones (nurses with a verified licence, so
-they take both queues) answer after 1 s and talk 4 s; wrap-up is 2 s. With the defaults (45 s, 10 calls/s) the
-unanswered calls last about 52 s against 20 s of ramp, so nearly all 200 are in progress at once; the report
-prints the most calls in progress at once, from their records.
+they take both queues) answer after 1 s and talk ``--talk`` seconds (default 20); wrap-up is 2 s. With the
+defaults (45 s, 10 calls/s) an unanswered call lasts about 52 s against 20 s of ramp, and an answered one stays
+in progress while its agent talks, so all 200 are in progress at once (the report prints the most calls in
+progress at once, from their records; with 4 s of talk the agents ended about 16 calls during the ramp).
 
 What is measured, for every call, is each change the wallboard shows, from the event in Asterisk to the snapshot
 read by the client:
@@ -354,7 +355,7 @@ def report(phases: list[Phase]) -> None:
 async def main_async(args: argparse.Namespace) -> list[Phase]:
     state = Path(tempfile.mkdtemp(prefix="medhotline-bench-wallboard-"))
     phones = [AgentPhone(f"{AGENT_PREFIX}{i}", free_port(socket.SOCK_DGRAM), free_rtp_range(4),
-                         answer_after_ms=1000, talk_ms=4000) for i in range(args.agents)]  # fmt: skip
+                         answer_after_ms=1000, talk_ms=int(args.talk * 1000)) for i in range(args.agents)]  # fmt: skip
     for phone in phones:
         phone.start()
     phases = [Phase("baseline", args.baseline), Phase("load", args.real_calls)]
@@ -398,6 +399,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", type=int, default=10, help="calls of the low-load baseline (default 10)")
     parser.add_argument("--agents", type=int, default=10, help="SIPp agent phones (default 10)")
     parser.add_argument("--hold", type=float, default=45.0, help="seconds a caller waits before giving up")
+    parser.add_argument("--talk", type=float, default=20.0, help="seconds an agent talks (default 20)")
     parser.add_argument("--rate", type=float, default=10.0, help="new calls per second")
     parser.add_argument("--smoke", action="store_true", help="short run for the tests: 2 then 6 calls, 2 agents")
 
@@ -405,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def smoke(args: argparse.Namespace) -> None:
     """The short run the tests make (about 45 s): 2 then 6 calls, 2 agents; callers wait 12 s after their key,
     long enough for the emergency route's prompt (about 6 s) and a ring."""
-    args.real_calls, args.baseline, args.agents, args.hold, args.rate = 6, 2, 2, 12.0, 5.0
+    args.real_calls, args.baseline, args.agents, args.hold, args.rate, args.talk = 6, 2, 2, 12.0, 5.0, 4.0
 
 
 def run(args: argparse.Namespace) -> int:
