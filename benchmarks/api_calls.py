@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import itertools
 import json
 import os
 import shutil
@@ -63,7 +64,7 @@ from compliance.accounts import AccountStore
 from compliance.credentials import CredentialStore, totp_code, totp_step
 from ground import db
 from ground.config import Config
-from ground.models import Call
+from ground.models import Call, CallStep
 from medhotline.phones import Press, patient_scenario
 from medhotline.phones.agent import AgentPhone
 from medhotline.sandbox import Sandbox
@@ -93,6 +94,9 @@ class Phase:
     samples: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     unmatched: int = 0
     peak: int = 0  # the most calls in progress at once
+    # The waiting change split at the service's own stamp of the queue entry: event → record, record → stream.
+    split: dict[str, list[float]] = field(default_factory=lambda: {"service": [], "api": []})
+    gaps: list[float] = field(default_factory=list)  # between two snapshots read (ms): the poll's real period
     service_cpu: float = 0.0
     asterisk_cpu: float = 0.0
     api_cpu: float = 0.0
@@ -155,6 +159,7 @@ class Stream:
         self.ended: dict[str, float] = {}
         self.present: set[str] = set()
         self.snapshots = 0
+        self.arrivals: list[float] = []
 
     async def run(self, base: str, token: str) -> None:
         headers = {"Authorization": f"Bearer {token}"}
@@ -169,6 +174,7 @@ class Stream:
 
     def take(self, now: float, board: dict[str, object]) -> None:
         self.snapshots += 1
+        self.arrivals.append(now)
         current: set[str] = set()
         for queue in board["queues"]:  # type: ignore[attr-defined]
             for call in queue["calls"]:
@@ -262,7 +268,21 @@ def outcomes(config: Config, ids: set[str]) -> tuple[dict[str, int], int]:
     return counts, peak
 
 
-def measure(phase: Phase, ids: set[str], channels: dict[str, str], origins: Origins, stream: Stream) -> None:
+def queued_at(config: Config) -> dict[str, float]:
+    """Every call's ``queued`` step as the service stamped it (its clock when it queued the call)."""
+    engine = db.make_engine(config.database_url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(CallStep.call_id, CallStep.at).where(CallStep.flow == "queue", CallStep.node == "queued")
+            )
+            return {row.call_id: row.at.timestamp() for row in rows}
+    finally:
+        engine.dispose()
+
+
+def measure(phase: Phase, ids: set[str], channels: dict[str, str], origins: Origins, stream: Stream,
+            queued: dict[str, float]) -> None:  # fmt: skip
     """Each change the stream saw for the phase's calls, against its origin in Asterisk (ms)."""
     for call_id in ids:
         channel = channels.get(call_id)
@@ -273,6 +293,9 @@ def measure(phase: Phase, ids: set[str], channels: dict[str, str], origins: Orig
             ends = [t for t in origins.played.get(channel, []) if t <= seen]
             if ends:
                 phase.samples["waiting"].append(1000 * (seen - max(ends)))
+                if call_id in queued:
+                    phase.split["service"].append(1000 * (queued[call_id] - max(ends)))
+                    phase.split["api"].append(1000 * (seen - queued[call_id]))
             else:
                 phase.unmatched += 1
         agent_channel = None
@@ -303,7 +326,7 @@ async def run_phase(phase: Phase, config: Config, sandbox: Sandbox, pids: dict[s
     groups = {"emergency": emergencies, "general": phase.calls - emergencies}
     before = set(call_channels(config))
     ticks = {name: _cpu_ticks(pid) for name, pid in pids.items()}
-    started = time.monotonic()
+    started, start_wall = time.monotonic(), time.time()
     runs = []
     for category, count in groups.items():
         if count == 0:
@@ -317,7 +340,7 @@ async def run_phase(phase: Phase, config: Config, sandbox: Sandbox, pids: dict[s
     for ok, failed in await asyncio.gather(*runs):
         phase.sipp_ok += ok
         phase.sipp_failed += failed
-    wall = time.monotonic() - started
+    wall, end_wall = time.monotonic() - started, time.time()
     cpu = {name: (_cpu_ticks(pid) - ticks[name]) / CLK / wall for name, pid in pids.items()}
     phase.service_cpu, phase.asterisk_cpu, phase.api_cpu = cpu["service"], cpu["asterisk"], cpu["api"]
     # The last changes reach the stream (a poll and a snapshot); then nothing of this phase is left on the board.
@@ -328,7 +351,10 @@ async def run_phase(phase: Phase, config: Config, sandbox: Sandbox, pids: dict[s
     channels = call_channels(config)
     ids = set(channels) - before
     phase.outcomes, phase.peak = outcomes(config, ids)
-    measure(phase, ids, channels, origins, stream)
+    measure(phase, ids, channels, origins, stream, queued_at(config))
+    # While the calls ran (afterwards an empty board no longer changes, and nothing is sent).
+    times = [t for t in stream.arrivals if start_wall <= t <= end_wall]
+    phase.gaps = [1000 * (b - a) for a, b in itertools.pairwise(times)]
 
 
 def report(phases: list[Phase]) -> None:
@@ -346,6 +372,11 @@ def report(phases: list[Phase]) -> None:
               f"itself); unmatched {phase.unmatched}; "
               f"CPU (share of one core): service {100 * phase.service_cpu:.0f}%, Asterisk "
               f"{100 * phase.asterisk_cpu:.0f}%, api {100 * phase.api_cpu:.0f}%")  # fmt: skip
+        service, api = phase.split["service"], phase.split["api"]
+        print(f"{'':>9} waiting split at the service's queued stamp: route prompt end → queued p50/p99 "
+              f"{pct(service, 0.5):.0f}/{pct(service, 0.99):.0f} ms, queued → stream p50/p99 {pct(api, 0.5):.0f}/"
+              f"{pct(api, 0.99):.0f} ms; between snapshots p50/p99 {pct(phase.gaps, 0.5):.0f}/"
+              f"{pct(phase.gaps, 0.99):.0f} ms")  # fmt: skip
     base, load = phases[0].all_samples(), phases[-1].all_samples()
     if base and load:
         print(f"p99 at {phases[-1].calls} calls: {pct(load, 0.99) / pct(base, 0.99):.2f}x its value at "
