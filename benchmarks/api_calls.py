@@ -6,11 +6,11 @@ needed (the sandbox), like ``benchmarks.load``, whose machinery starts everythin
 
 Two phases in one run, on the same service: a baseline of ``--baseline`` calls (default 10), then ``--real-calls``
 calls. Each phase places its calls at ``--rate`` calls/s with SIPp, one in five an emergency (key 0 during the
-greeting), the rest general questions (key 5); every caller waits up to ``--hold`` seconds after the key and hangs
-up (an abandoned call) unless an agent took it. ``--agents`` SIPp agent phones (nurses with a verified licence, so
-they take both queues) answer after 1 s and talk ``--talk`` seconds (default 20); wrap-up is 2 s. With the
-defaults (45 s, 10 calls/s) an unanswered call lasts about 52 s against 20 s of ramp, and an answered one stays
-in progress while its agent talks, so all 200 are in progress at once (the report prints the most calls in
+greeting), the rest general questions (key 5); every caller hangs up ``--hold`` seconds after the key unless the
+agent ended the call first (still in the queue: an abandoned call). ``--agents`` SIPp agent phones (nurses with a
+verified licence, so they take both queues) answer after 1 s and talk ``--talk`` seconds (default 20); wrap-up is 2
+s. With the defaults (45 s, 10 calls/s) an unanswered call lasts about 52 s against 20 s of ramp, and an answered
+one stays in progress while its agent talks, so all 200 are in progress at once (the report prints the most calls in
 progress at once, from their records; with 4 s of talk the agents ended about 16 calls during the ramp).
 
 What is measured, for every call, is each change the wallboard shows, from the event in Asterisk to the snapshot
