@@ -1,9 +1,13 @@
-"""The wallboard's event-to-browser latency: a call event written to the database until an SSE client sees it.
+"""The wallboard's update latency: a call event until the wallboard's stream (SSE) delivers it to the client.
 
-Run ``python -m benchmarks.api`` (``--calls``, ``--events``, ``--rate``). Not 200 real SIPp calls (the shared
-2-core machine cannot carry them next to Asterisk): the same event source the wallboard listens to, driven at the
-rate such calls produce. ``--calls`` calls are waiting in the queue throughout (the snapshot is as large as with
-that many concurrent calls), and ``--rate`` new call events a second are written as the service writes them (a
+``python -m benchmarks.api`` runs real calls by default (``--real-calls 200``, baseline ``--baseline 10`` in the
+same run; ``--smoke`` for the tests): SIPp patients and agent phones through the Asterisk sandbox, the service and
+``medhotline api``; see :mod:`benchmarks.api_calls`.
+
+``python -m benchmarks.api --simulated`` (``--calls``, ``--events``, ``--rate-simulated``), without the sandbox:
+the same event source the wallboard listens to, driven at the rate 200 calls produce. ``--calls`` calls are
+waiting in the queue throughout (the snapshot is as large as with that many concurrent calls), and
+``--rate-simulated`` new call events a second are written as the service writes them (a
 call row and its ``queued`` step); 200 calls with a 3-minute handling time make about one new call a second and
 four to five events each, so the default 5/s is on the heavy side. The wallboard's stream (uvicorn on loopback,
 signed in as an admin) is read by one client; an event's latency runs from its commit to the first ``board``
@@ -20,6 +24,7 @@ import json
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from benchmarks import api_calls
 from compliance.accounts import AccountStore
 from compliance.credentials import CredentialStore
 from ground import db
@@ -164,23 +170,35 @@ def _p(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.api", description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=200, help="calls waiting throughout (default 200)")
-    parser.add_argument("--events", type=int, default=100, help="new call events written (default 100)")
-    parser.add_argument("--rate", type=float, default=5.0, help="events a second (default 5)")
-    args = parser.parse_args()
+def simulated(args: argparse.Namespace) -> None:
     directory = Path(tempfile.mkdtemp(prefix="medhotline-bench-api-"))
     try:
-        board = asyncio.run(wallboard(directory, args.calls, args.events, args.rate))
-        bare = asyncio.run(echo(args.events, args.rate))
+        board = asyncio.run(wallboard(directory, args.calls, args.events, args.rate_simulated))
+        bare = asyncio.run(echo(args.events, args.rate_simulated))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     for name, values in (("wallboard (database → poll → SSE)", board), ("bare SSE echo (baseline)", bare)):
         print(f"{name}: {len(values)}/{args.events} events seen, p50 {_p(values, 50) * 1000:.0f} ms, "
               f"p99 {_p(values, 99) * 1000:.0f} ms, max {max(values) * 1000:.0f} ms")  # fmt: skip
-    print(f"{args.calls} calls waiting, {args.rate:g} events/s; the machine is shared, compare within this run")
+    print(
+        f"{args.calls} calls waiting, {args.rate_simulated:g} events/s; the machine is shared, compare within this run"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.api", description=__doc__.splitlines()[0])
+    api_calls.add_arguments(parser)
+    parser.add_argument("--simulated", action="store_true",
+                        help="no sandbox: events written to the database at the rate of --calls calls")  # fmt: skip
+    parser.add_argument("--calls", type=int, default=200, help="--simulated: calls waiting throughout (default 200)")
+    parser.add_argument("--events", type=int, default=100, help="--simulated: new call events written (default 100)")
+    parser.add_argument("--rate-simulated", type=float, default=5.0, help="--simulated: events a second (default 5)")
+    args = parser.parse_args(argv)
+    if args.simulated:
+        simulated(args)
+        return 0
+    return api_calls.run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

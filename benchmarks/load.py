@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -134,7 +134,11 @@ speed = 240
 
 
 @contextmanager
-def running_service(state: Path, max_calls: int, extra: str = "") -> Iterator[tuple[Config, Sandbox, ServiceProcess]]:
+def running_service(
+    state: Path, max_calls: int, extra: str = "", before_start: Callable[[Config], None] | None = None
+) -> Iterator[tuple[Config, Sandbox, ServiceProcess]]:
+    """The sandbox, the key service and ``medhotline serve``; ``before_start`` runs on the migrated database
+    before the service starts (e.g. to add agents, whose PJSIP endpoints the service writes at its start)."""
     for attempt in range(10):
         # The machine is shared: a port of the random RTP range may be taken; another range then.
         attempt_dir = state / f"attempt{attempt}"
@@ -153,6 +157,8 @@ def running_service(state: Path, max_calls: int, extra: str = "") -> Iterator[tu
     try:
         db.upgrade(config.database_url)
         build_prompts(config)
+        if before_start is not None:
+            before_start(config)
         keyservice = KeyServiceProcess(config, path, state / "keyservice.stdout")
         keyservice.start()
         try:
