@@ -161,6 +161,18 @@ class AsteriskConfig(_Section):
         return self
 
 
+class SipConfig(_Section):
+    """SIP over TLS with SRTP for agents' phones and trunks (docs/cluster.md, "Encrypted links between hosts")."""
+
+    # Off by default: a single machine's loopback needs no TLS. On: Asterisk also listens for SIP over TLS on
+    # tls_port, agents' phones are reached over TLS only, and a TLS trunk endpoint (`patients-tls`) takes calls.
+    tls: bool = False
+    tls_port: int = _port(5061)
+    # How the media of the TLS endpoints is encrypted: "sdes" (keys in the SDP, which TLS protects) or "dtls"
+    # (DTLS-SRTP, keys negotiated on the media path). Plain RTP is not an option on an encrypted link.
+    media_encryption: Literal["sdes", "dtls"] = "sdes"
+
+
 class FastAgiConfig(_Section):
     host: str = "127.0.0.1"
     port: int = _port(4573)
@@ -657,6 +669,7 @@ class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     database: DatabaseConfig = DatabaseConfig()
     asterisk: AsteriskConfig = AsteriskConfig()
+    sip: SipConfig = SipConfig()
     fastagi: FastAgiConfig = FastAgiConfig()
     keyservice: KeyServiceConfig = KeyServiceConfig()
     hotline: HotlineConfig = HotlineConfig()
@@ -671,6 +684,15 @@ class Config(_Section):
     quality: QualityConfig = QualityConfig()
     complaints: ComplaintsConfig = ComplaintsConfig()
     his: HisConfig = HisConfig()
+
+    @model_validator(mode="after")
+    def _tls_port_free_of_asterisk_ports(self) -> Config:
+        # SIP over TLS is TCP, as ARI and AMI are: one port can't serve two of them.
+        ast = self.asterisk
+        if self.sip.tls and self.sip.tls_port in (ast.ari_port, ast.ami_port):
+            other = "asterisk.ari_port" if self.sip.tls_port == ast.ari_port else "asterisk.ami_port"
+            raise ValueError(f"sip.tls_port {self.sip.tls_port} is also {other}; choose another port")
+        return self
 
     @model_validator(mode="after")
     def _sounds_where_asterisk_plays_them(self) -> Config:

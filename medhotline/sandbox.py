@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,7 +28,15 @@ import structlog
 from ground.config import Config
 from ground.errors import MedhotlineError
 from medhotline.apt_sources import MirrorNotFound, find_debian_mirror
-from medhotline.asterisk_config import AsteriskCredentials, render_all, template_values
+from medhotline.asterisk_config import (
+    TLS_FILE,
+    AsteriskCredentials,
+    TlsPaths,
+    render_all,
+    render_pjsip_tls,
+    template_values,
+)
+from medhotline.sandbox_pki import PkiFiles, ensure_test_pki
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +77,9 @@ class Sandbox:
         self.output_log = self.instance_dir / "asterisk.out"
         self.pid_file = self.instance_dir / "asterisk.pid"
         self.secrets_file = self.instance_dir / "secrets.json"
+        # The instance's private CA and certificates ([sip] tls): inside the chroot, so Asterisk reads them there.
+        self.tls_dir = self.instance_dir / "tls"
+        self.trunk_secret_file = self.tls_dir / "trunk.secret"
 
     # -- provisioning -------------------------------------------------------------------------------
 
@@ -152,6 +164,32 @@ class Sandbox:
             (self.instance_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         for name, text in render_all(values).items():
             _write_private(etc / name, text)
+        tls = self.tls_paths() if self.config.sip.tls else None
+        password = self.tls_trunk_password() if tls is not None else ""
+        _write_private(etc / TLS_FILE, render_pjsip_tls(self.config, tls, password))
+
+    def pki(self) -> PkiFiles:
+        """The instance's private CA, server and client certificates (made on first use, keys 0600)."""
+        self.instance_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return ensure_test_pki(self.tls_dir, [self.config.asterisk.host])
+
+    def tls_paths(self) -> TlsPaths:
+        """The server certificate, key and CA as Asterisk sees them, inside the chroot."""
+        files = self.pki()
+        return TlsPaths(
+            cert_file=_in_chroot(files.server_cert.relative_to(self.root)),
+            key_file=_in_chroot(files.server_key.relative_to(self.root)),
+            ca_file=_in_chroot(files.ca_cert.relative_to(self.root)),
+        )
+
+    def tls_trunk_password(self) -> str:
+        """The digest password of the patients' trunk over TLS, generated once per instance and kept 0600."""
+        if self.trunk_secret_file.exists():
+            return self.trunk_secret_file.read_text(encoding="utf-8").strip()
+        self.pki()
+        password = secrets.token_urlsafe(24)
+        _write_private(self.trunk_secret_file, password)
+        return password
 
     def write_etc_file(self, name: str, text: str) -> bool:
         """Write one generated configuration file (e.g. the agents' endpoints); False when it is unchanged."""
@@ -301,6 +339,8 @@ class Sandbox:
             (socket.SOCK_STREAM, ast.ari_port, "asterisk.ari_port (ARI/HTTP)"),
             (socket.SOCK_STREAM, ast.ami_port, "asterisk.ami_port (AMI)"),
         ]
+        if self.config.sip.tls:
+            checks.append((socket.SOCK_STREAM, self.config.sip.tls_port, "sip.tls_port (SIP/TLS)"))
         checks += [
             (socket.SOCK_DGRAM, p, "asterisk.rtp_start..rtp_end (RTP)") for p in range(ast.rtp_start, ast.rtp_end + 1)
         ]
