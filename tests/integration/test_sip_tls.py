@@ -1,0 +1,143 @@
+"""A call over SIP/TLS with SRTP (``[sip] tls``): Debian's baresip calls the hotline through the TLS trunk.
+
+What a capture on the loopback interface must show: the hotline flow answers (its greeting plays), the RTP that
+carries the greeting to the phone is SRTP (each packet 10 bytes longer than PCMU for the auth tag, and its
+payload looks like noise, not like the greeting's µ-law), and the SIP on the TLS port is not readable. Debian's
+SIPp is built without TLS, so baresip is the phone here.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import socket
+import subprocess
+import wave
+from pathlib import Path
+
+import pytest
+
+from medhotline.asterisk_config import TLS_TRUNK
+from medhotline.phones.tone_pcap import ulaw_encode
+from tests.integration.conftest import free_port, free_rtp_range, running_hotline, unavailable
+from tests.integration.loopback_capture import LoopbackCapture, byte_entropy
+
+pytestmark = pytest.mark.integration
+
+PCMU_PAYLOAD = 160  # 20 ms at 8 kHz
+SRTP_TAG = 10  # AES_CM_128_HMAC_SHA1_80
+CALL_SECONDS = 8
+
+
+def _baresip_config(directory: Path, *, ca_file: Path, sip_port: int, rtp_start: int) -> None:
+    """A phone with no sound card: a tone file as its microphone, no speaker."""
+    directory.mkdir(mode=0o700)
+    (directory / "config").write_text(
+        f"""poll_method epoll
+sip_listen 127.0.0.1:{sip_port}
+sip_cafile {ca_file}
+audio_player aubridge,none
+audio_source aufile,{directory / "tone.wav"}
+audio_alert aubridge,none
+rtp_ports {rtp_start}-{rtp_start + 10}
+rtcp_mux no
+module_path /usr/lib/baresip/modules
+module g711.so
+module aufile.so
+module aubridge.so
+module srtp.so
+module_tmp account.so
+module_app menu.so
+""",
+        encoding="utf-8",
+    )
+    (directory / "contacts").write_text("", encoding="utf-8")
+    # The microphone: a 440 Hz tone at the codec's 8 kHz (aufile does not resample).
+    with wave.open(str(directory / "tone.wav"), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(8000)
+        tone = (int(8000 * math.sin(2 * math.pi * 440 * i / 8000)) for i in range(8000 * (CALL_SECONDS + 5)))
+        wav.writeframes(b"".join(t.to_bytes(2, "little", signed=True) for t in tone))
+
+
+def _call(phone_dir: Path, uri: str, seconds: int) -> str:
+    """Dial ``uri`` and hang up (baresip quits) after ``seconds``; baresip's output."""
+    phone = subprocess.run(
+        ["baresip", "-f", str(phone_dir), "-e", f"/dial {uri}", "-t", str(seconds)],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 20,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    return phone.stdout + phone.stderr
+
+
+def _greeting_ulaw(sounds: Path, sound: str) -> bytes:
+    """What the greeting would be on the wire as plain PCMU."""
+    with wave.open(str(sounds / f"{sound}.wav")) as wav:
+        frames = wav.readframes(wav.getnframes())
+    samples = [int.from_bytes(frames[i : i + 2], "little", signed=True) for i in range(0, len(frames), 2)]
+    return bytes(ulaw_encode(s) for s in samples)
+
+
+def test_call_over_tls_with_srtp_is_answered_and_unreadable_on_the_wire(tmp_path: Path) -> None:
+    if shutil.which("baresip") is None:
+        unavailable("baresip is not installed (scripts/bootstrap installs it)")
+    tls_port = free_port(socket.SOCK_STREAM)
+    config = f'\n[sip]\ntls = true\ntls_port = {tls_port}\nmedia_encryption = "sdes"\n'
+    state = tmp_path / "hotline"
+    state.mkdir(mode=0o700)
+    with running_hotline(state, "tls", config) as hotline:
+        sandbox = hotline.sandbox
+        pki = sandbox.pki()
+        phone_dir = tmp_path / "baresip"
+        rtp_start = free_rtp_range(10)
+        _baresip_config(phone_dir, ca_file=pki.ca_cert, sip_port=free_port(socket.SOCK_DGRAM), rtp_start=rtp_start)
+        account = (
+            f"<sip:{TLS_TRUNK}@127.0.0.1:{tls_port};transport=tls>;auth_pass={sandbox.tls_trunk_password()}"
+            ";regint=0;mediaenc=srtp-mand;audio_codecs=PCMU"
+        )
+        (phone_dir / "accounts").write_text(account + "\n", encoding="utf-8")
+        (phone_dir / "accounts").chmod(0o600)
+        number = hotline.config.hotline.number
+        before = hotline.call_ids()
+        with LoopbackCapture(range(rtp_start, rtp_start + 11), tls_port) as capture:
+            output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", CALL_SECONDS)
+            record = hotline.finished_record(before, timeout=20)
+        udp, tcp = capture.snapshot()
+        assert "Call established" in output, output[-3000:]
+
+        # The hotline flow answered on the TLS trunk's endpoint; the caller hung up during its greeting.
+        assert record.channel_name.startswith(f"PJSIP/{TLS_TRUNK}-"), record.channel_name
+        assert record.flow == "hotline"
+        assert (record.outcome, record.last_step) == ("caller_hangup", "greeting")
+
+        # SRTP: the RTP to the phone carries the greeting, each packet PCMU + the 10-byte auth tag.
+        rtp = [p for p in udp if len(p) >= 12 and p[0] >> 6 == 2 and p[1] & 0x7F == 0]
+        assert len(rtp) >= 50 * 3, f"only {len(rtp)} RTP packets reached the phone"
+        sizes = {len(p) - 12 for p in rtp}
+        assert sizes == {PCMU_PAYLOAD + SRTP_TAG}, sizes
+        payload = b"".join(p[12 : 12 + PCMU_PAYLOAD] for p in rtp)
+        greeting = _greeting_ulaw(sandbox.sounds_dir, hotline.sound_of("hotline", "greeting"))
+        # Ciphertext is close to 8 bits of entropy a byte; the same greeting as plain µ-law is far below it.
+        assert byte_entropy(payload) > 7.9, byte_entropy(payload)
+        assert byte_entropy(greeting) < 7.5, byte_entropy(greeting)
+        assert not any(p[12 : 12 + 40] in greeting for p in rtp[: 50 * 3])
+
+        # Signalling: TLS records on the TLS port (content type 0x16 handshake, 0x17 application data) and no
+        # SIP in clear.
+        assert tcp, "nothing seen on the TLS port"
+        assert any(p[0] == 0x16 for p in tcp)
+        wire = b"".join(tcp)
+        for clear in (b"INVITE sip:", b"SIP/2.0", f"{number}".encode()):
+            assert clear not in wire, clear
+
+        # A phone that offers plain RTP over TLS is refused: the link is encrypted or there is no call.
+        (phone_dir / "accounts").write_text(account.replace(";mediaenc=srtp-mand", "") + "\n", encoding="utf-8")
+        before = hotline.call_ids()
+        output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", 3)
+        assert "Call established" not in output, output[-3000:]
+        assert "488" in output, output[-3000:]
+        assert hotline.call_ids() == before
