@@ -94,6 +94,16 @@ class SandboxConfig(_Section):
 RTP_PORTS_PER_CALL = 6
 
 
+def _is_loopback(host: str) -> bool:
+    """Only an address literal counts: a name could resolve to anything, so it needs TLS."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AsteriskConfig(_Section):
     mode: Literal["sandbox", "external"] = "sandbox"
     host: str = "127.0.0.1"
@@ -123,11 +133,17 @@ class AsteriskConfig(_Section):
     ari_password: SecretStr | None = None
     ami_username: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
     ami_secret: SecretStr | None = None
+    # ARI (HTTPS + WSS) and AMI over TLS, on ari_port and ami_port, with no plain listener. Required when host is
+    # not a loopback address: ARI and AMI carry passwords, caller numbers and call control.
+    tls: bool = False
+    # The CA the service trusts for Asterisk's certificate (its name must match host). Empty in sandbox mode:
+    # the instance's own CA. External mode with tls needs it.
+    tls_ca_file: Path | None = None
     # The address of the patients' side (SIP trunk or SIPp) that the sandbox accepts calls from.
     patient_trunk_match: str = "127.0.0.1"
     sandbox: SandboxConfig = SandboxConfig()
 
-    _connect_port_empty = field_validator("ari_connect_port", mode="before")(_empty_is_none)
+    _connect_port_empty = field_validator("ari_connect_port", "tls_ca_file", mode="before")(_empty_is_none)
 
     @property
     def ari_connections(self) -> int:
@@ -158,6 +174,14 @@ class AsteriskConfig(_Section):
             raise ValueError(f"sip_port {self.sip_port} lies inside the RTP range")
         if self.mode == "external" and (self.ari_password is None or self.ami_secret is None):
             raise ValueError("external mode needs ari_password and ami_secret")
+        if not self.tls and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: ARI and AMI would carry their passwords and "
+                "callers' numbers in clear across the network; set asterisk.tls = true (docs/cluster.md, "
+                '"Encrypted links between hosts") or use 127.0.0.1'
+            )
+        if self.tls and self.mode == "external" and self.tls_ca_file is None:
+            raise ValueError("tls: set tls_ca_file (the CA that signed the hospital Asterisk's certificate)")
         return self
 
 

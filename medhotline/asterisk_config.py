@@ -40,11 +40,51 @@ class AsteriskCredentials:
         )
 
 
+def _listeners(config: Config, tls: TlsPaths | None) -> tuple[str, str]:
+    """http.conf's and manager.conf's listener lines: plain, or TLS with no plain listener beside it."""
+    ast = config.asterisk
+    if not ast.tls:
+        return (
+            f"bindaddr = {ast.host}\nbindport = {ast.ari_port}",
+            f"enabled = yes\nport = {ast.ami_port}\nbindaddr = {ast.host}",
+        )
+    if tls is None:
+        raise TemplateError("[asterisk] tls is on but no certificate is given for ARI and AMI")
+    # http.conf: without bindaddr Asterisk opens no plain HTTP listener, only the TLS one.
+    ari = "\n".join(
+        [
+            "tlsenable = yes",
+            f"tlsbindaddr = {ast.host}:{ast.ari_port}",
+            f"tlscertfile = {tls.cert_file}",
+            f"tlsprivatekey = {tls.key_file}",
+        ]
+    )
+    # manager.conf: `enabled` is the plain listener only (on by default on *:5038); the TLS one runs without it.
+    ami = "\n".join(
+        [
+            "enabled = no",
+            "tlsenable = yes",
+            f"tlsbindaddr = {ast.host}:{ast.ami_port}",
+            f"tlscertfile = {tls.cert_file}",
+            f"tlsprivatekey = {tls.key_file}",
+        ]
+    )
+    return ari, ami
+
+
 def template_values(
-    config: Config, credentials: AsteriskCredentials, *, instance_dir: str, module_dir: str
+    config: Config,
+    credentials: AsteriskCredentials,
+    *,
+    instance_dir: str,
+    module_dir: str,
+    tls: TlsPaths | None = None,
 ) -> dict[str, str]:
     ast = config.asterisk
+    ari_listener, ami_listener = _listeners(config, tls)
     return {
+        "ari_listener": ari_listener,
+        "ami_listener": ami_listener,
         "instance_dir": instance_dir,
         "module_dir": module_dir,
         "host": ast.host,

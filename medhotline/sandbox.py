@@ -18,6 +18,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -156,6 +157,7 @@ class Sandbox:
             self.credentials(),
             instance_dir=str(self.instance_in_chroot),
             module_dir=self.module_dir_in_chroot(),
+            tls=self.tls_paths() if self.config.asterisk.tls else None,
         )
         etc = self.instance_dir / "etc"
         # Asterisk creates files, not its spool's base directories: without spool/recording every ARI recording
@@ -371,7 +373,11 @@ class Sandbox:
                 raise SandboxError(f"Asterisk exited during start-up; its output:\n{self._output_tail()}")
             try:
                 if pid is not None and _ami_fully_booted(
-                    self.config.asterisk.host, self.config.asterisk.ami_port, creds, 5.0
+                    self.config.asterisk.host,
+                    self.config.asterisk.ami_port,
+                    creds,
+                    5.0,
+                    asterisk_client_ssl(self.config),
                 ):
                     return pid
                 last_error = "logged in but not yet fully booted"
@@ -426,9 +432,32 @@ def _write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _ami_fully_booted(host: str, port: int, creds: AsteriskCredentials, timeout: float) -> bool:
+def asterisk_client_ssl(config: Config) -> ssl.SSLContext | None:
+    """How the service reaches ARI and AMI over TLS ([asterisk] tls): the CA it trusts, the host name checked.
+
+    The CA is ``asterisk.tls_ca_file``, or in sandbox mode the instance's own CA."""
+    if not config.asterisk.tls:
+        return None
+    ca = config.asterisk.tls_ca_file
+    if ca is None:
+        ca = Sandbox(config).pki().ca_cert
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise SandboxError(f"asterisk.tls_ca_file: can't read {ca} as a CA certificate: {exc}") from None
+
+
+def _ami_fully_booted(
+    host: str, port: int, creds: AsteriskCredentials, timeout: float, tls: ssl.SSLContext | None = None
+) -> bool:
     """A minimal synchronous AMI login that reports whether FullyBooted arrived."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    raw = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+    except BaseException:
+        raw.close()
+        raise
+    with sock, raw:
         fh = sock.makefile("rwb")
         fh.readline()  # banner: "Asterisk Call Manager/x.y.z"
         fh.write(

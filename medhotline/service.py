@@ -52,7 +52,7 @@ from medhotline.call_lifecycle import (
     _CallWrites,
 )
 from medhotline.callbacks import CallbackService
-from medhotline.sandbox import Sandbox
+from medhotline.sandbox import Sandbox, asterisk_client_ssl
 from medhotline.surge import SurgeState
 from recordings.capture import CallRecordings
 from recordings.ingest import Ingestor
@@ -187,6 +187,7 @@ class HotlineService:
             timeout=config.asterisk.ari_timeout,
             max_connections=config.asterisk.ari_connections,
             rest_transport=config.asterisk.rest_transport,
+            ssl_context=asterisk_client_ssl(config),
         )
         self.engine = engine
         # One call's life (composition: it reads this wiring) and the ARI event router feeding it.
@@ -360,6 +361,7 @@ class HotlineService:
             self.creds.ami_username,
             self.creds.ami_secret,
             on_contact=self.engine.contact_state if self.engine is not None else None,
+            ssl_context=asterisk_client_ssl(self.config),
         )
         ami.start()
         loops = [

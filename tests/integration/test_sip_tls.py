@@ -1,4 +1,5 @@
-"""A call over SIP/TLS with SRTP (``[sip] tls``): Debian's baresip calls the hotline through the TLS trunk.
+"""A call over SIP/TLS with SRTP (``[sip] tls``), ARI and AMI over TLS (``[asterisk] tls``): Debian's baresip calls
+the hotline through the TLS trunk.
 
 What a capture on the loopback interface must show: the hotline flow answers (its greeting plays), the RTP that
 carries the greeting to the phone is SRTP (each packet 10 bytes longer than PCMU for the auth tag, and its
@@ -74,6 +75,18 @@ def _call(phone_dir: Path, uri: str, seconds: int) -> str:
     return phone.stdout + phone.stderr
 
 
+def _plain_answer(port: int) -> bytes:
+    """What a client speaking plain HTTP (or waiting for AMI's banner) gets: nothing readable from a TLS port."""
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+        sock.sendall(b"GET /ari/asterisk/info HTTP/1.0\r\n\r\n")
+        try:
+            data = sock.recv(4096)
+        except (TimeoutError, ConnectionResetError):
+            return b""
+    # A TLS server answers a non-TLS first flight with an alert record (0x15) or closes; never with text.
+    return b"" if not data or data[0] == 0x15 else data
+
+
 def _greeting_ulaw(sounds: Path, sound: str) -> bytes:
     """What the greeting would be on the wire as plain PCMU."""
     with wave.open(str(sounds / f"{sound}.wav")) as wav:
@@ -89,8 +102,12 @@ def test_call_over_tls_with_srtp_is_answered_and_unreadable_on_the_wire(tmp_path
     config = f'\n[sip]\ntls = true\ntls_port = {tls_port}\nmedia_encryption = "sdes"\n'
     state = tmp_path / "hotline"
     state.mkdir(mode=0o700)
-    with running_hotline(state, "tls", config) as hotline:
+    # ARI and AMI over TLS too: the service reaches Asterisk only through them, so an answered call shows they work.
+    with running_hotline(state, "tls", config, asterisk_extra="tls = true") as hotline:
         sandbox = hotline.sandbox
+        ast = hotline.config.asterisk
+        for port in (ast.ari_port, ast.ami_port):
+            assert _plain_answer(port) == b"", f"port {port} answers in clear"
         pki = sandbox.pki()
         phone_dir = tmp_path / "baresip"
         rtp_start = free_rtp_range(10)

@@ -7,9 +7,19 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from pydantic import ValidationError
 
 from ground.config import Config, ConfigError, load_config
-from medhotline.asterisk_config import TLS_FILE, TemplateError, TlsPaths, render_pjsip_tls, secure_endpoint_lines
+from medhotline.asterisk_config import (
+    TLS_FILE,
+    AsteriskCredentials,
+    TemplateError,
+    TlsPaths,
+    render_all,
+    render_pjsip_tls,
+    secure_endpoint_lines,
+    template_values,
+)
 from medhotline.sandbox import Sandbox
 from routing.agent_endpoints import ContactView, render_agent_endpoints
 
@@ -115,3 +125,36 @@ def test_sandbox_renders_tls_with_its_own_ca(tmp_path: Path) -> None:
     # Turned off again: the file stays, without a transport, so no stale TLS endpoint lingers.
     Sandbox(config.model_copy(update={"sip": _config().sip})).render()
     assert "type = transport" not in (sandbox.instance_dir / "etc" / TLS_FILE).read_text(encoding="utf-8")
+
+
+def test_ari_and_ami_off_loopback_need_tls(tmp_path: Path) -> None:
+    path = tmp_path / "medhotline.toml"
+    path.write_text('[asterisk]\nhost = "10.0.0.11"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"asterisk: host '10.0.0.11' is not a loopback address.*asterisk.tls"):
+        load_config(path, environ={})
+    path.write_text('[asterisk]\nhost = "pbx.example"\ntls = true\n', encoding="utf-8")
+    assert load_config(path, environ={}).asterisk.tls
+    for loopback in ("127.0.0.2", "::1", "localhost"):
+        assert Config.model_validate({"asterisk": {"host": loopback}}).asterisk.host == loopback
+
+
+def test_external_asterisk_over_tls_needs_its_ca() -> None:
+    external = {"mode": "external", "ari_password": "a", "ami_secret": "b", "tls": True}
+    with pytest.raises(ValidationError, match="tls_ca_file"):
+        Config.model_validate({"asterisk": external, "prompts": {"sounds_dir": "s"}})
+
+
+def test_ari_and_ami_listen_only_over_tls_when_on() -> None:
+    creds = AsteriskCredentials("u", "p", "u", "s")
+    config = Config.model_validate({"asterisk": {"tls": True, "ari_port": 18088, "ami_port": 15038}})
+    files = render_all(template_values(config, creds, instance_dir="/i", module_dir="/m", tls=PATHS))
+    http, manager = files["http.conf"], files["manager.conf"]
+    assert "tlsenable = yes\ntlsbindaddr = 127.0.0.1:18088\n" in http
+    assert f"tlscertfile = {PATHS.cert_file}\ntlsprivatekey = {PATHS.key_file}" in http
+    assert "bindaddr = 127.0.0.1\n" not in http  # no plain HTTP listener
+    assert "enabled = no\ntlsenable = yes\ntlsbindaddr = 127.0.0.1:15038\n" in manager  # no plain AMI listener
+    plain = render_all(template_values(_config(), creds, instance_dir="/i", module_dir="/m"))
+    assert "bindaddr = 127.0.0.1\nbindport = 8088" in plain["http.conf"]
+    assert "tlsenable" not in plain["http.conf"] + plain["manager.conf"]
+    with pytest.raises(TemplateError, match="no certificate"):
+        template_values(config, creds, instance_dir="/i", module_dir="/m")
