@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -76,7 +76,37 @@ class DatabaseConfig(_Section):
     def _known_backend(self) -> DatabaseConfig:
         if self.url and not self.url.startswith(("sqlite", "postgresql")):
             raise ValueError("url: only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        if self.url.startswith("postgresql"):
+            remote = [host for host in _postgres_hosts(self.url) if not _is_local_db_host(host)]
+            query = parse_qs(self.url.partition("?")[2])
+            if remote and query.get("sslmode") != ["verify-full"]:
+                # Only the host is named: the URL may hold a password.
+                raise ValueError(
+                    f"url: the database host {remote[0]} is not on this machine: add sslmode=verify-full (and "
+                    "sslrootcert=<the CA file>) so the link is encrypted and the server's certificate and name are "
+                    'checked (docs/cluster.md, "Encrypted links between hosts")'
+                )
         return self
+
+
+def _postgres_hosts(url: str) -> list[str]:
+    """Every host a libpq URL names: the multi-host list after ``@`` and any ``host=``/``hostaddr=`` parameters."""
+    rest = url.partition("://")[2]
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    hosts = []
+    for item in netloc.split(","):
+        host = item[1 : item.index("]")] if item.startswith("[") and "]" in item else item.rsplit(":", 1)[0]
+        hosts.append(unquote(host))
+    query = parse_qs(rest.partition("?")[2])
+    for key in ("host", "hostaddr"):
+        for value in query.get(key, []):
+            hosts += [h.rsplit(":", 1)[0] if not h.startswith("/") else h for h in value.split(",")]
+    return hosts
+
+
+def _is_local_db_host(host: str) -> bool:
+    """A Unix socket directory, no host (libpq's default socket) or a loopback address."""
+    return not host or host.startswith("/") or _is_loopback(host)
 
 
 class SandboxConfig(_Section):
