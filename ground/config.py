@@ -458,12 +458,38 @@ class FrontConfig(_Section):
     algorithm: Literal["call_load", "round_robin"] = "call_load"
     # Seconds an INVITE may wait for a node's first answer (100 Trying) before the next node is tried.
     invite_timeout: float = Field(default=2.0, gt=0, le=30)
+    # SIP over TLS for the trunks: where Kamailio also listens for TLS (host:port; empty: no TLS listener), its
+    # certificate and key (from the hospital's PKI), and the CA whose client certificates it accepts (empty:
+    # trunks are not asked for one). Kamailio's tls module is Debian's kamailio-tls-modules.
+    tls_listen: str = ""
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+    _tls_paths_empty = field_validator("tls_cert_file", "tls_key_file", "tls_ca_file", mode="before")(_empty_is_none)
 
     @field_validator("listen")
     @classmethod
     def _listen_address(cls, value: str) -> str:
         parse_sip_address(value)
         return value
+
+    @field_validator("tls_listen")
+    @classmethod
+    def _tls_listen_address(cls, value: str) -> str:
+        if value:
+            parse_sip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> FrontConfig:
+        if self.tls_listen and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError("tls_listen: set tls_cert_file and tls_key_file (the front's certificate and its key)")
+        if not self.tls_listen and (self.tls_cert_file or self.tls_key_file or self.tls_ca_file):
+            raise ValueError("tls_cert_file/tls_key_file/tls_ca_file are set but tls_listen is empty")
+        if self.tls_listen and self.tls_listen == self.listen:
+            raise ValueError(f"tls_listen {self.tls_listen} is also listen; choose another port")
+        return self
 
     @field_validator("nodes")
     @classmethod
