@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -76,7 +76,37 @@ class DatabaseConfig(_Section):
     def _known_backend(self) -> DatabaseConfig:
         if self.url and not self.url.startswith(("sqlite", "postgresql")):
             raise ValueError("url: only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        if self.url.startswith("postgresql"):
+            remote = [host for host in _postgres_hosts(self.url) if not _is_local_db_host(host)]
+            query = parse_qs(self.url.partition("?")[2])
+            if remote and query.get("sslmode") != ["verify-full"]:
+                # Only the host is named: the URL may hold a password.
+                raise ValueError(
+                    f"url: the database host {remote[0]} is not on this machine: add sslmode=verify-full (and "
+                    "sslrootcert=<the CA file>) so the link is encrypted and the server's certificate and name are "
+                    'checked (docs/cluster.md, "Encrypted links between hosts")'
+                )
         return self
+
+
+def _postgres_hosts(url: str) -> list[str]:
+    """Every host a libpq URL names: the multi-host list after ``@`` and any ``host=``/``hostaddr=`` parameters."""
+    rest = url.partition("://")[2]
+    netloc = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    hosts = []
+    for item in netloc.split(","):
+        host = item[1 : item.index("]")] if item.startswith("[") and "]" in item else item.rsplit(":", 1)[0]
+        hosts.append(unquote(host))
+    query = parse_qs(rest.partition("?")[2])
+    for key in ("host", "hostaddr"):
+        for value in query.get(key, []):
+            hosts += [h.rsplit(":", 1)[0] if not h.startswith("/") else h for h in value.split(",")]
+    return hosts
+
+
+def _is_local_db_host(host: str) -> bool:
+    """A Unix socket directory, no host (libpq's default socket) or a loopback address."""
+    return not host or host.startswith("/") or _is_loopback(host)
 
 
 class SandboxConfig(_Section):
@@ -92,6 +122,16 @@ class SandboxConfig(_Section):
 
 # RTP ports one call may hold at once: three streams (patient leg, agent leg, external media), RTP + RTCP each.
 RTP_PORTS_PER_CALL = 6
+
+
+def _is_loopback(host: str) -> bool:
+    """Only an address literal counts: a name could resolve to anything, so it needs TLS."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class AsteriskConfig(_Section):
@@ -123,11 +163,17 @@ class AsteriskConfig(_Section):
     ari_password: SecretStr | None = None
     ami_username: str = Field(default="medhotline", pattern=r"^[A-Za-z0-9_-]+$")
     ami_secret: SecretStr | None = None
+    # ARI (HTTPS + WSS) and AMI over TLS, on ari_port and ami_port, with no plain listener. Required when host is
+    # not a loopback address: ARI and AMI carry passwords, caller numbers and call control.
+    tls: bool = False
+    # The CA the service trusts for Asterisk's certificate (its name must match host). Empty in sandbox mode:
+    # the instance's own CA. External mode with tls needs it.
+    tls_ca_file: Path | None = None
     # The address of the patients' side (SIP trunk or SIPp) that the sandbox accepts calls from.
     patient_trunk_match: str = "127.0.0.1"
     sandbox: SandboxConfig = SandboxConfig()
 
-    _connect_port_empty = field_validator("ari_connect_port", mode="before")(_empty_is_none)
+    _connect_port_empty = field_validator("ari_connect_port", "tls_ca_file", mode="before")(_empty_is_none)
 
     @property
     def ari_connections(self) -> int:
@@ -158,7 +204,27 @@ class AsteriskConfig(_Section):
             raise ValueError(f"sip_port {self.sip_port} lies inside the RTP range")
         if self.mode == "external" and (self.ari_password is None or self.ami_secret is None):
             raise ValueError("external mode needs ari_password and ami_secret")
+        if not self.tls and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address: ARI and AMI would carry their passwords and "
+                "callers' numbers in clear across the network; set asterisk.tls = true (docs/cluster.md, "
+                '"Encrypted links between hosts") or use 127.0.0.1'
+            )
+        if self.tls and self.mode == "external" and self.tls_ca_file is None:
+            raise ValueError("tls: set tls_ca_file (the CA that signed the hospital Asterisk's certificate)")
         return self
+
+
+class SipConfig(_Section):
+    """SIP over TLS with SRTP for agents' phones and trunks (docs/cluster.md, "Encrypted links between hosts")."""
+
+    # Off by default: a single machine's loopback needs no TLS. On: Asterisk also listens for SIP over TLS on
+    # tls_port, agents' phones are reached over TLS only, and a TLS trunk endpoint (`patients-tls`) takes calls.
+    tls: bool = False
+    tls_port: int = _port(5061)
+    # How the media of the TLS endpoints is encrypted: "sdes" (keys in the SDP, which TLS protects) or "dtls"
+    # (DTLS-SRTP, keys negotiated on the media path). Plain RTP is not an option on an encrypted link.
+    media_encryption: Literal["sdes", "dtls"] = "sdes"
 
 
 class FastAgiConfig(_Section):
@@ -397,11 +463,38 @@ class FrontConfig(_Section):
     # the node's SIP stack (nodes without a service, `cluster up --asterisk-only`).
     probe: Literal["service", "asterisk"] = "service"
 
+    # SIP over TLS for the trunks: where Kamailio also listens for TLS (host:port; empty: no TLS listener), its
+    # certificate and key (from the hospital's PKI), and the CA whose client certificates it accepts (empty:
+    # trunks are not asked for one). Kamailio's tls module is Debian's kamailio-tls-modules.
+    tls_listen: str = ""
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+
+    _tls_paths_empty = field_validator("tls_cert_file", "tls_key_file", "tls_ca_file", mode="before")(_empty_is_none)
+
     @field_validator("listen")
     @classmethod
     def _listen_address(cls, value: str) -> str:
         parse_sip_address(value)
         return value
+
+    @field_validator("tls_listen")
+    @classmethod
+    def _tls_listen_address(cls, value: str) -> str:
+        if value:
+            parse_sip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> FrontConfig:
+        if self.tls_listen and (self.tls_cert_file is None or self.tls_key_file is None):
+            raise ValueError("tls_listen: set tls_cert_file and tls_key_file (the front's certificate and its key)")
+        if not self.tls_listen and (self.tls_cert_file or self.tls_key_file or self.tls_ca_file):
+            raise ValueError("tls_cert_file/tls_key_file/tls_ca_file are set but tls_listen is empty")
+        if self.tls_listen and self.tls_listen == self.listen:
+            raise ValueError(f"tls_listen {self.tls_listen} is also listen; choose another port")
+        return self
 
     @field_validator("nodes")
     @classmethod
@@ -661,6 +754,7 @@ class Config(_Section):
     service: ServiceConfig = ServiceConfig()
     database: DatabaseConfig = DatabaseConfig()
     asterisk: AsteriskConfig = AsteriskConfig()
+    sip: SipConfig = SipConfig()
     fastagi: FastAgiConfig = FastAgiConfig()
     keyservice: KeyServiceConfig = KeyServiceConfig()
     hotline: HotlineConfig = HotlineConfig()
@@ -675,6 +769,15 @@ class Config(_Section):
     quality: QualityConfig = QualityConfig()
     complaints: ComplaintsConfig = ComplaintsConfig()
     his: HisConfig = HisConfig()
+
+    @model_validator(mode="after")
+    def _tls_port_free_of_asterisk_ports(self) -> Config:
+        # SIP over TLS is TCP, as ARI and AMI are: one port can't serve two of them.
+        ast = self.asterisk
+        if self.sip.tls and self.sip.tls_port in (ast.ari_port, ast.ami_port):
+            other = "asterisk.ari_port" if self.sip.tls_port == ast.ari_port else "asterisk.ami_port"
+            raise ValueError(f"sip.tls_port {self.sip.tls_port} is also {other}; choose another port")
+        return self
 
     @model_validator(mode="after")
     def _sounds_where_asterisk_plays_them(self) -> Config:

@@ -8,6 +8,7 @@ goes to the routing engine. Events are never logged whole: AMI events carry call
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ class AmiMonitor:
         reconnect_timeout: int = 2,
         *,
         on_contact: ContactListener | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.connected = False
         self._on_contact = on_contact
@@ -44,6 +46,8 @@ class AmiMonitor:
             secret=secret,
             ping_delay=10,
             reconnect_timeout=reconnect_timeout,
+            # AMI over TLS ([asterisk] tls): panoramisk passes this to the event loop's create_connection.
+            ssl=ssl_context if ssl_context is not None else False,
             # "system" carries ContactStatus (agent phones registering, reachable or gone).
             events="system",
             on_login=self._on_login,

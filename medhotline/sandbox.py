@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -27,7 +29,15 @@ import structlog
 from ground.config import Config
 from ground.errors import MedhotlineError
 from medhotline.apt_sources import MirrorNotFound, find_debian_mirror
-from medhotline.asterisk_config import AsteriskCredentials, render_all, template_values
+from medhotline.asterisk_config import (
+    TLS_FILE,
+    AsteriskCredentials,
+    TlsPaths,
+    render_all,
+    render_pjsip_tls,
+    template_values,
+)
+from medhotline.sandbox_pki import PkiFiles, ensure_test_pki
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +78,9 @@ class Sandbox:
         self.output_log = self.instance_dir / "asterisk.out"
         self.pid_file = self.instance_dir / "asterisk.pid"
         self.secrets_file = self.instance_dir / "secrets.json"
+        # The instance's private CA and certificates ([sip] tls): inside the chroot, so Asterisk reads them there.
+        self.tls_dir = self.instance_dir / "tls"
+        self.trunk_secret_file = self.tls_dir / "trunk.secret"
 
     # -- provisioning -------------------------------------------------------------------------------
 
@@ -144,6 +157,7 @@ class Sandbox:
             self.credentials(),
             instance_dir=str(self.instance_in_chroot),
             module_dir=self.module_dir_in_chroot(),
+            tls=self.tls_paths() if self.config.asterisk.tls else None,
         )
         etc = self.instance_dir / "etc"
         # Asterisk creates files, not its spool's base directories: without spool/recording every ARI recording
@@ -152,6 +166,32 @@ class Sandbox:
             (self.instance_dir / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         for name, text in render_all(values).items():
             _write_private(etc / name, text)
+        tls = self.tls_paths() if self.config.sip.tls else None
+        password = self.tls_trunk_password() if tls is not None else ""
+        _write_private(etc / TLS_FILE, render_pjsip_tls(self.config, tls, password))
+
+    def pki(self) -> PkiFiles:
+        """The instance's private CA, server and client certificates (made on first use, keys 0600)."""
+        self.instance_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return ensure_test_pki(self.tls_dir, [self.config.asterisk.host])
+
+    def tls_paths(self) -> TlsPaths:
+        """The server certificate, key and CA as Asterisk sees them, inside the chroot."""
+        files = self.pki()
+        return TlsPaths(
+            cert_file=_in_chroot(files.server_cert.relative_to(self.root)),
+            key_file=_in_chroot(files.server_key.relative_to(self.root)),
+            ca_file=_in_chroot(files.ca_cert.relative_to(self.root)),
+        )
+
+    def tls_trunk_password(self) -> str:
+        """The digest password of the patients' trunk over TLS, generated once per instance and kept 0600."""
+        if self.trunk_secret_file.exists():
+            return self.trunk_secret_file.read_text(encoding="utf-8").strip()
+        self.pki()
+        password = secrets.token_urlsafe(24)
+        _write_private(self.trunk_secret_file, password)
+        return password
 
     def write_etc_file(self, name: str, text: str) -> bool:
         """Write one generated configuration file (e.g. the agents' endpoints); False when it is unchanged."""
@@ -301,6 +341,8 @@ class Sandbox:
             (socket.SOCK_STREAM, ast.ari_port, "asterisk.ari_port (ARI/HTTP)"),
             (socket.SOCK_STREAM, ast.ami_port, "asterisk.ami_port (AMI)"),
         ]
+        if self.config.sip.tls:
+            checks.append((socket.SOCK_STREAM, self.config.sip.tls_port, "sip.tls_port (SIP/TLS)"))
         checks += [
             (socket.SOCK_DGRAM, p, "asterisk.rtp_start..rtp_end (RTP)") for p in range(ast.rtp_start, ast.rtp_end + 1)
         ]
@@ -331,7 +373,11 @@ class Sandbox:
                 raise SandboxError(f"Asterisk exited during start-up; its output:\n{self._output_tail()}")
             try:
                 if pid is not None and _ami_fully_booted(
-                    self.config.asterisk.host, self.config.asterisk.ami_port, creds, 5.0
+                    self.config.asterisk.host,
+                    self.config.asterisk.ami_port,
+                    creds,
+                    5.0,
+                    asterisk_client_ssl(self.config),
                 ):
                     return pid
                 last_error = "logged in but not yet fully booted"
@@ -386,9 +432,32 @@ def _write_private(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _ami_fully_booted(host: str, port: int, creds: AsteriskCredentials, timeout: float) -> bool:
+def asterisk_client_ssl(config: Config) -> ssl.SSLContext | None:
+    """How the service reaches ARI and AMI over TLS ([asterisk] tls): the CA it trusts, the host name checked.
+
+    The CA is ``asterisk.tls_ca_file``, or in sandbox mode the instance's own CA."""
+    if not config.asterisk.tls:
+        return None
+    ca = config.asterisk.tls_ca_file
+    if ca is None:
+        ca = Sandbox(config).pki().ca_cert
+    try:
+        return ssl.create_default_context(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise SandboxError(f"asterisk.tls_ca_file: can't read {ca} as a CA certificate: {exc}") from None
+
+
+def _ami_fully_booted(
+    host: str, port: int, creds: AsteriskCredentials, timeout: float, tls: ssl.SSLContext | None = None
+) -> bool:
     """A minimal synchronous AMI login that reports whether FullyBooted arrived."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+    raw = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+    except BaseException:
+        raw.close()
+        raise
+    with sock, raw:
         fh = sock.makefile("rwb")
         fh.readline()  # banner: "Asterisk Call Manager/x.y.z"
         fh.write(

@@ -40,7 +40,7 @@ from keywords.speech import SpeechModel
 from medhotline import maintenance
 from medhotline.ami import AmiMonitor
 from medhotline.ari_events import AriEventRouter
-from medhotline.asterisk_config import AsteriskCredentials
+from medhotline.asterisk_config import AsteriskCredentials, secure_endpoint_lines
 from medhotline.call_lifecycle import (
     OVERFLOW_KEY_WAIT,
     QUEUE_ARG,
@@ -52,7 +52,7 @@ from medhotline.call_lifecycle import (
     _CallWrites,
 )
 from medhotline.callbacks import CallbackService
-from medhotline.sandbox import Sandbox
+from medhotline.sandbox import Sandbox, asterisk_client_ssl
 from medhotline.surge import SurgeState
 from recordings.capture import CallRecordings
 from recordings.ingest import Ingestor
@@ -187,6 +187,7 @@ class HotlineService:
             timeout=config.asterisk.ari_timeout,
             max_connections=config.asterisk.ari_connections,
             rest_transport=config.asterisk.rest_transport,
+            ssl_context=asterisk_client_ssl(config),
         )
         self.engine = engine
         # One call's life (composition: it reads this wiring) and the ARI event router feeding it.
@@ -323,12 +324,20 @@ class HotlineService:
 
         assert self.engine is not None
         sandbox = Sandbox(self.config)
+        # Over TLS with SRTP when [sip] tls is on: the agents' phones are then reached over TLS only.
+        secure = (
+            secure_endpoint_lines(self.config, await asyncio.to_thread(sandbox.tls_paths))
+            if self.config.sip.tls
+            else []
+        )
         while True:
             try:
                 # The engine's own last read of the agent table (refreshed every refresh_interval).
                 await self.engine.refreshed.wait()
                 text = render_agent_endpoints(
-                    cast("list[ContactView]", list(self.engine.snapshot)), media_address=self.config.asterisk.host
+                    cast("list[ContactView]", list(self.engine.snapshot)),
+                    media_address=self.config.asterisk.host,
+                    secure_lines=secure,
                 )
                 if await asyncio.to_thread(sandbox.write_etc_file, FILE_NAME, text):
                     await self.ari.request("PUT", "/asterisk/modules/res_pjsip.so")
@@ -352,6 +361,7 @@ class HotlineService:
             self.creds.ami_username,
             self.creds.ami_secret,
             on_contact=self.engine.contact_state if self.engine is not None else None,
+            ssl_context=asterisk_client_ssl(self.config),
         )
         ami.start()
         loops = [

@@ -9,7 +9,7 @@ needs credentials, and those belong to the PBX's administrators, not to this gen
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from routing.engine import AgentSnapshot
@@ -26,11 +26,16 @@ class ContactView(AgentSnapshot, Protocol):
     def contact(self) -> str | None: ...
 
 
-def render_agent_endpoints(views: Iterable[ContactView], media_address: str | None = None) -> str:
+def render_agent_endpoints(
+    views: Iterable[ContactView], media_address: str | None = None, secure_lines: Sequence[str] = ()
+) -> str:
     """The configuration text; deterministic (sorted) so an unchanged agent set gives an unchanged file.
 
     ``media_address``: the address Asterisk serves on. Binding the agents' RTP to it spares Asterisk looking for
-    "our" address on every agent leg (two blocking DNS look-ups in the SIP thread, see pjsip.conf)."""
+    "our" address on every agent leg (two blocking DNS look-ups in the SIP thread, see pjsip.conf).
+    ``secure_lines``: the endpoint options for SIP over TLS with SRTP (transport, media encryption), given when
+    ``[sip] tls`` is on; each contact without a transport then gets ``;transport=tls``, so the phone is reached
+    over TLS only and never in clear."""
     if media_address is not None and not re.match(r"^[0-9A-Fa-f.:]{2,45}$", media_address):
         media_address = None  # not an IP address: Asterisk would resolve it; fall back to its own choice
     media = [f"media_address = {media_address}", "bind_rtp_to_media_address = yes"] if media_address else []
@@ -40,6 +45,8 @@ def render_agent_endpoints(views: Iterable[ContactView], media_address: str | No
         # Both come from validated CLI input; checked again because this text becomes Asterisk configuration.
         if contact is None or "/" in endpoint or not _SAFE.match(endpoint) or not _CONTACT.match(contact):
             continue
+        if secure_lines and ";transport=" not in contact and not contact.startswith("sips:"):
+            contact += ";transport=tls"
         lines += [
             f"[{endpoint}]",
             "type = endpoint",
@@ -50,6 +57,7 @@ def render_agent_endpoints(views: Iterable[ContactView], media_address: str | No
             "direct_media = no",
             *media,
             "rtp_symmetric = yes",
+            *secure_lines,
             f"aors = {endpoint}",
             "",
             f"[{endpoint}]",

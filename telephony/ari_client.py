@@ -17,6 +17,7 @@ import asyncio
 import base64
 import json
 import random
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 from urllib.parse import urlencode
@@ -94,6 +95,7 @@ class AriClient:
         timeout: float = 5.0,
         max_connections: int = 300,
         rest_transport: RestTransport = "websocket",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if rest_transport not in ("websocket", "http"):
             raise ValueError(f"rest_transport must be 'websocket' or 'http', not {rest_transport!r}")
@@ -111,14 +113,18 @@ class AriClient:
         self.media_host = host
         # What this node's listening taps lost of callers' audio, since the start (a metric; docs/speech.md).
         self.audio_losses = AudioLosses()
-        self._base = f"http://{host}:{port}/ari"
-        self._ws_url = f"ws://{host}:{port}/ari/events?" + urlencode({"app": app, "subscribeAll": "false"})
+        # HTTPS and WSS when Asterisk's ARI is behind TLS ([asterisk] tls): the context holds the trusted CA.
+        self._ssl = ssl_context
+        scheme, ws_scheme = ("https", "wss") if ssl_context is not None else ("http", "ws")
+        self._base = f"{scheme}://{host}:{port}/ari"
+        self._ws_url = f"{ws_scheme}://{host}:{port}/ari/events?" + urlencode({"app": app, "subscribeAll": "false"})
         token = base64.b64encode(f"{username}:{password}".encode()).decode()
         self._auth_header = f"Basic {token}"
         self._http = httpx.AsyncClient(
             base_url=self._base,
             auth=httpx.BasicAuth(username, password),
             transport=transport,
+            verify=ssl_context if ssl_context is not None else True,
             timeout=timeout,
             # One connection per request in flight: every call waits on at most one request, so the pool is
             # sized for the calls the node carries (httpx's default of 100 made requests queue for a connection
@@ -221,6 +227,7 @@ class AriClient:
                 ping_interval=10,
                 ping_timeout=10,
                 max_size=2**22,
+                ssl=self._ssl,
             ) as ws:
                 log.info("ari.connected", app=self.app)
                 self._attach(ws)

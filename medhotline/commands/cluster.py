@@ -13,7 +13,7 @@ from types import FrameType
 from ground.config import Config
 from ground.errors import EXIT_OK, CommandError
 from medhotline.cluster_sandbox import ClusterSandbox
-from medhotline.kamailio_config import CONFIG_NAME, FrontConfigError, write_front
+from medhotline.kamailio_config import CONFIG_NAME, TLS_NAME, FrontConfigError, write_front
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import SandboxError
 
@@ -24,7 +24,8 @@ def _config(config: Config, args: argparse.Namespace) -> int:
         path = write_front(config.cluster.front, out)
     except FrontConfigError as exc:
         raise CommandError(str(exc)) from None
-    print(f"wrote {path} and {out.resolve() / 'dispatcher.list'}")
+    tls = f" and {out.resolve() / TLS_NAME}" if config.cluster.front.tls_listen else ""
+    print(f"wrote {path}, {out.resolve() / 'dispatcher.list'}{tls}")
     if args.check:
         check = subprocess.run(["kamailio", "-c", "-f", str(path)], capture_output=True, text=True, check=False)
         if check.returncode != 0:

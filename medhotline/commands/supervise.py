@@ -15,6 +15,7 @@ from compliance.audit import AuditLog, SqlAuditStore
 from ground import db
 from ground.config import Config
 from ground.errors import CommandError
+from medhotline.sandbox import asterisk_client_ssl
 from medhotline.service import asterisk_credentials
 from medhotline.supervision import AccessDenied, Supervision, SupervisionError, Supervisor
 from routing.ari_supervision import PhoneSettings, disconnect
@@ -28,7 +29,8 @@ def ari_client(config: Config) -> AriClient:
     creds = asterisk_credentials(config)
     ast = config.asterisk
     return AriClient(ast.host, ast.ari_connect_port or ast.ari_port, creds.ari_username, creds.ari_password,
-                     ast.ari_app, timeout=ast.ari_timeout, rest_transport="http")  # fmt: skip
+                     ast.ari_app, timeout=ast.ari_timeout, rest_transport="http",
+                     ssl_context=asterisk_client_ssl(config))  # fmt: skip
 
 
 def _run(config: Config, work: Callable[[Supervision], Awaitable[str]]) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from ground.config import ConfigError, FrontConfig, load_config
 from medhotline.kamailio_config import FrontConfigError, dispatcher_list, render_front, write_front
+from medhotline.sandbox_pki import ensure_test_pki
 
 
 def front(**values: object) -> FrontConfig:
@@ -99,3 +100,59 @@ def test_kamailio_accepts_the_generated_config(tmp_path: Path, algorithm: str, p
     check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr[-2000:]
     assert (tmp_path / "front" / "dispatcher.list").read_text().count("\n1 sip:") == 2
+
+
+def _tls_front(tmp_path: Path, **values: object) -> FrontConfig:
+    pki = ensure_test_pki(tmp_path / "pki", ["127.0.0.1"])
+    return front(
+        nodes=["127.0.0.1:5070"],
+        tls_listen="127.0.0.1:15061",
+        tls_cert_file=str(pki.server_cert),
+        tls_key_file=str(pki.server_key),
+        **values,
+    )
+
+
+def test_tls_listener_for_the_trunks(tmp_path: Path) -> None:
+    pki = ensure_test_pki(tmp_path / "pki", ["127.0.0.1"])
+    files = render_front(_tls_front(tmp_path, tls_ca_file=str(pki.ca_cert)), tmp_path / "front" / "d.list")
+    assert "enable_tls=yes\nlisten=tls:127.0.0.1:15061\n" in files.config
+    assert f'loadmodule "tls.so"\nmodparam("tls", "config", "{tmp_path / "front" / "tls.cfg"}")' in files.config
+    assert files.tls is not None
+    assert f"certificate = {pki.server_cert}\nprivate_key = {pki.server_key}\n" in files.tls
+    assert "method = TLSv1.2+" in files.tls
+    assert f"ca_list = {pki.ca_cert}\nverify_certificate = yes\nrequire_certificate = yes" in files.tls
+    plain = render_front(front(), tmp_path / "d.list")
+    assert plain.tls is None
+    assert "tls.so" not in plain.config
+    assert "listen=tls" not in plain.config
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('tls_listen = "127.0.0.1:5061"', r"cluster\.front: tls_listen: set tls_cert_file and tls_key_file"),
+        ('tls_cert_file = "/etc/c.pem"', r"cluster\.front: tls_cert_file/.* tls_listen is empty"),
+        ('tls_listen = "127.0.0.1:5061:x"', r"cluster\.front\.tls_listen"),
+        (
+            'listen = "127.0.0.1:5061"\ntls_listen = "127.0.0.1:5061"\ntls_cert_file = "c"\ntls_key_file = "k"',
+            r"tls_listen 127\.0\.0\.1:5061 is also listen",
+        ),
+    ],
+)
+def test_bad_tls_settings_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "medhotline.toml"
+    path.write_text(f"[cluster.front]\n{toml}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+
+
+@pytest.mark.skipif(
+    not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so").exists() or shutil.which("kamailio") is None,
+    reason="kamailio-tls-modules is not installed (scripts/bootstrap)",
+)
+def test_kamailio_accepts_the_tls_config(tmp_path: Path) -> None:
+    cfg = write_front(_tls_front(tmp_path), tmp_path / "front")
+    assert (tmp_path / "front" / "tls.cfg").is_file()
+    check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr[-2000:]

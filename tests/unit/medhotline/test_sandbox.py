@@ -112,7 +112,8 @@ def test_render_writes_every_file_private_into_the_instance(tmp_path: Path) -> N
     etc = sandbox.instance_dir / "etc"
     assert etc == tmp_path / "root/srv/medhotline/default/etc"
     written = sorted(p.name for p in etc.iterdir())
-    assert written == sorted(p.name for p in TEMPLATE_DIR.glob("*.conf"))  # and no leftover temporary files
+    # Every template and the generated TLS file (a comment while [sip] tls is off), no leftover temporary files.
+    assert written == sorted([*(p.name for p in TEMPLATE_DIR.glob("*.conf")), "pjsip_tls.conf"])
     assert all(_mode(etc / name) == 0o600 for name in written)
     asterisk_conf = (etc / "asterisk.conf").read_text(encoding="utf-8")
     assert f"/{MODULES}" in asterisk_conf
