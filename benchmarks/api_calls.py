@@ -52,7 +52,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 from sqlalchemy import select
@@ -61,7 +61,7 @@ from websockets.asyncio.client import connect
 from benchmarks.load import CLK, _cpu_ticks, _stamp, run_sipp, running_service
 from benchmarks.ring import free_port, free_rtp_range
 from compliance.accounts import AccountStore
-from compliance.credentials import CredentialStore, totp_code, totp_step
+from compliance.credentials import secret_bytes, totp_code, totp_step
 from ground import db
 from ground.config import Config
 from ground.models import Call, CallStep
@@ -205,11 +205,23 @@ def add_people(config: Config, phones: list[AgentPhone]) -> None:
 
 
 def sign_in(base: str, config: Config) -> str:
-    """The supervisor's password and TOTP secret, then ``POST /api/login`` → the session token."""
-    store = CredentialStore(db.make_sessionmaker(config.database_url))
-    store.set_password(SUPERVISOR, PASSWORD, datetime.now(UTC))
-    secret = store.enroll_totp(SUPERVISOR, datetime.now(UTC))
-    code = totp_code(base64.b32decode(secret + "=" * (-len(secret) % 8)), totp_step(datetime.now(UTC)))
+    """The supervisor's password and TOTP secret through ``medhotline signin`` (the secret is sealed through the
+    service's key service, which is running), then ``POST /api/login`` → the session token."""
+    config_path = str(config.service.state_dir / "medhotline.toml")
+
+    def medhotline(*argv: str, stdin: str = "") -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "medhotline", "--config", config_path, *argv],
+            input=stdin, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise SystemExit(f"medhotline {' '.join(argv)} failed: {done.stderr[-2000:]}")
+        return done.stdout
+
+    medhotline("signin", "password", SUPERVISOR, stdin=PASSWORD + "\n")
+    uri = medhotline("signin", "totp", SUPERVISOR).splitlines()[-1]
+    secret = parse_qs(urlsplit(uri).query)["secret"][0]
+    code = totp_code(secret_bytes(secret), totp_step(datetime.now(UTC)))
     response = httpx.post(f"{base}/api/login", json={"account": SUPERVISOR, "password": PASSWORD, "code": code})
     response.raise_for_status()
     return str(response.json()["token"])
