@@ -115,9 +115,12 @@ def failover(tmp_path: Path) -> Iterator[tuple[Hotline, ReplicatedPostgres, Agen
 
     def setup(config: Config) -> None:
         sessions = db.make_sessionmaker(config.database_url)
-        AgentStore(sessions).add_agent_with_account(
-            "gen1", "gen1", ["agent"], "gen1", datetime.now(UTC), contact=phone.contact
-        )
+        try:
+            AgentStore(sessions).add_agent_with_account(
+                "gen1", "gen1", ["agent"], "gen1", datetime.now(UTC), contact=phone.contact
+            )
+        finally:
+            sessions.kw["bind"].dispose()  # no pooled connection to the primary left for the garbage collector
 
     rules = tmp_path / "routing.yaml"
     rules.write_text(RULES, encoding="utf-8")
@@ -169,7 +172,8 @@ def test_the_service_carries_on_through_a_promotion_and_loses_nothing_committed(
     # Calls placed after the promotion: each answered by the hotline, queued, rung to the agent who answered.
     after = stream.answered_after(promoted)
     assert all(seen.succeeded for seen in after), [seen.errors[-500:] for seen in after if not seen.succeeded]
-    store = AgentStore(db.make_sessionmaker(hotline.config.database_url))
+    store_sessions = db.make_sessionmaker(hotline.config.database_url)
+    store = AgentStore(store_sessions)
     # The phones have hung up; the service records each call's end right after.
     wait_until(
         lambda: all(r.outcome != "in_progress" for r in hotline.repo.list_recent(1000)), 15, "every record closed"
@@ -177,9 +181,12 @@ def test_the_service_carries_on_through_a_promotion_and_loses_nothing_committed(
     records = {r.id: r for r in hotline.repo.list_recent(1000)}
     dialled_after = [r for r in records.values() if r.id not in at_promotion]
     assert len(dialled_after) >= len(after)
-    for record in dialled_after:
-        assert record.outcome == "routed", record
-        assert [(r.account_id, r.outcome) for r in store.rings(record.id)] == [("gen1", "answered")]
+    try:
+        for record in dialled_after:
+            assert record.outcome == "routed", record
+            assert [(r.account_id, r.outcome) for r in store.rings(record.id)] == [("gen1", "answered")]
+    finally:
+        store_sessions.kw["bind"].dispose()
 
     # Nothing committed before the kill is missing on the promoted server.
     standby_url = f"postgresql+psycopg://postgres@127.0.0.1:{pg.standby.port}/{pg.database}"
