@@ -8,8 +8,8 @@ The pipeline, for one utterance:
 2. **Segment** with jieba's dictionary, extended by the lexicon's variants and markers as user words (on a
    :class:`jieba.Tokenizer` owned by the spotter: the global jieba dictionary is never touched), through
    :class:`keywords.segmenter.Segmenter`: jieba's tokens without HMM, faster.
-3. **Match** every variant exactly (a trie over the normalised text), then by sound: the toneless pinyin of
-   each variant is indexed and compared with the readings of the text's characters, with the usual
+3. **Match** every variant exactly (an Aho–Corasick automaton over the normalised text), then by sound: the
+   toneless pinyin of each variant is indexed and compared with the readings of the text's characters, with the usual
    near-homophone confusions folded (zh/z, ch/c, sh/s, n/l, an/ang, en/eng, in/ing): 中疯 → 中风, 昏谜 → 昏迷,
    过民 → 过敏. A sound-alike must share at least half of its characters with the variant (one for two).
 4. **Scope**: an emergency or adverse-reaction term is ``negated`` (没有胸痛), ``history`` (去年中风过,
@@ -27,10 +27,11 @@ import logging
 import operator
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
+import ahocorasick
 import jieba
 from pypinyin import Style, lazy_pinyin, pinyin
 
@@ -40,6 +41,7 @@ from keywords.segmenter import Segmenter
 
 __all__ = ["Analysis", "Classification", "Match", "Normalised", "Rule", "Spotter", "fuzzy_syllable", "normalise"]
 
+_V = TypeVar("_V")
 Level = Literal["emergency", "urgent", "routine"]
 Rule = Literal["affirmed", "third_party", "uncertain", "negated", "history", "hypothetical", "topic", "excluded"]
 Via = Literal["exact", "homophone", "pattern", "grammar"]
@@ -234,7 +236,25 @@ class _Entry:
 class _Node:
     children: dict[str, _Node] = field(default_factory=dict)
     entries: list[_Entry] = field(default_factory=list)
-    word: str | None = None  # marker tries: the marker that ends here
+
+
+def _automaton(words: Mapping[str, _V]) -> ahocorasick.Automaton | None:
+    """An Aho–Corasick automaton over ``words``, each found with its value (None when there are none)."""
+    if not words:
+        return None
+    automaton = ahocorasick.Automaton()
+    for word, value in words.items():
+        automaton.add_word(word, value)
+    automaton.make_automaton()
+    return automaton
+
+
+def _occurrences(automaton: ahocorasick.Automaton | None, text: str) -> Iterator[tuple[int, Any]]:
+    """(index of the last character, value) of every occurrence of the automaton's words in ``text``."""
+    if automaton is None or not text:
+        return iter(())
+    found: Iterator[tuple[int, Any]] = automaton.iter(text)
+    return found
 
 
 def _insert(root: _Node, keys: Iterable[str], entry: _Entry) -> None:
@@ -315,9 +335,11 @@ class Spotter:
         tokenizer.FREQ = dict(freq)
         tokenizer.total = total
         tokenizer.initialized = True
-        self._exact = _Node()
+        # Variant → its entries (in the lexicon's order), found in an utterance by an Aho–Corasick automaton.
+        self._exact: dict[str, list[_Entry]] = {}
         self._sound = _Node()
         self._index_terms(lexicon, tokenizer)
+        self._exact_automaton = _automaton({variant: tuple(entries) for variant, entries in self._exact.items()})
         self._index_patterns(lexicon)
         self._index_clauses(lexicon)
         self._index_markers(tokenizer)
@@ -333,7 +355,7 @@ class Spotter:
                 if not variant:
                     continue
                 entry = _Entry(term, variant)
-                _insert(self._exact, variant, entry)
+                self._exact.setdefault(variant, []).append(entry)
                 if term.homophones and len(variant) >= 2 and all(_is_han(c) for c in variant):
                     override = (term.pinyin or {}).get(surface)
                     syllables = override.split() if override else lazy_pinyin(variant, style=Style.NORMAL)
@@ -382,14 +404,10 @@ class Spotter:
                 variant = normalise(word).text
                 if variant:
                     self._marker_kinds.setdefault(variant, []).append(kind)
-        self._marker_trie = _Node()
         for word in sorted(self._marker_kinds):
-            node = self._marker_trie
-            for char in word:
-                node = node.children.setdefault(char, _Node())
-            node.word = word
             if len(word) >= 2:
                 tokenizer.add_word(word)
+        self._marker_automaton = _automaton({word: word for word in self._marker_kinds})
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -459,16 +477,10 @@ class Spotter:
     # -- matching ----------------------------------------------------------------------------------------------
 
     def _exact_candidates(self, text: str) -> list[_Candidate]:
-        found: list[_Candidate] = []
-        for start in range(len(text)):
-            node = self._exact
-            for end in range(start, len(text)):
-                next_node = node.children.get(text[end])
-                if next_node is None:
-                    break
-                node = next_node
-                found.extend(_Candidate(start, end + 1, entry, "exact") for entry in node.entries)
-        return found
+        """Every variant wherever it occurs, overlaps included, by start and then end (one pass in C)."""
+        occurrences = _occurrences(self._exact_automaton, text)
+        hits = sorted((end + 1 - len(entries[0].variant), end + 1, entries) for end, entries in occurrences)
+        return [_Candidate(start, end, entry, "exact") for start, end, entries in hits for entry in entries]
 
     def _pattern_candidates(self, text: str, breaks: frozenset[int] = frozenset()) -> list[_Candidate]:
         """Matches of the terms' patterns. A pattern without an explicit gap (``.{0,n}``) describes one phrase, so
@@ -638,20 +650,11 @@ class Spotter:
         """Marker words that stand as words: they start at a token boundary, and a single character is a
         token of its own (不 in 不停 or 不行 is no negation)."""
         found: list[_Marker] = []
-        for start in range(len(text)):
-            if start not in starts:
+        hits = sorted((end + 1 - len(word), end + 1, word) for end, word in _occurrences(self._marker_automaton, text))
+        for start, end, word in hits:
+            if start not in starts or (len(word) == 1 and end not in ends):
                 continue
-            node = self._marker_trie
-            for end in range(start, len(text)):
-                next_node = node.children.get(text[end])
-                if next_node is None:
-                    break
-                node = next_node
-                word = node.word
-                if word is not None:
-                    if len(word) == 1 and end + 1 not in ends:
-                        continue
-                    found.extend(_Marker(kind, word, start, end + 1) for kind in self._marker_kinds[word])
+            found.extend(_Marker(kind, word, start, end) for kind in self._marker_kinds[word])
         for match in _TIME_AGO.finditer(text):  # 三年前, 两个月前
             found.append(_Marker("history_before", match.group(), match.start(), match.end()))
         return found
