@@ -473,9 +473,24 @@ class Repository:
     @contextmanager
     def _transaction(self, doing: str, sessions: sessionmaker[Session] | None = None) -> Iterator[Session]:
         """One transaction on this repository's sessions, or on ``sessions`` (another engine, same database)."""
+        with self._errors(doing), (sessions or self._sessions).begin() as session:
+            yield session
+
+    @contextmanager
+    def _core_transaction(self, doing: str, sessions: sessionmaker[Session] | None = None) -> Iterator[Connection]:
+        """One transaction on a plain connection of the same engine, for Core statements on a hot path (the
+        routing reservation): no ORM session is built for it."""
+        bind = (sessions or self._sessions).kw.get("bind")
+        if not isinstance(bind, Engine):
+            raise DatabaseError(f"database at {self._where}: {doing} failed: the sessions are bound to no engine")
+        with self._errors(doing), bind.begin() as connection:
+            yield connection
+
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        """SQLAlchemy's errors as :class:`DatabaseError` (or :class:`DatabaseUnavailable`) naming the database."""
         try:
-            with (sessions or self._sessions).begin() as session:
-                yield session
+            yield
         except DatabaseError:
             raise
         except IntegrityError as exc:

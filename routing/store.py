@@ -362,6 +362,16 @@ def _reservation(
 # Immutable statements, shared by every store: rules rarely need more than two credential groups.
 _RESERVE: Final = tuple(_reserve_statement(groups) for groups in range(4))
 _RESERVE_EXCLUDING: Final = tuple(_reserve_statement(groups, excluding=True) for groups in range(4))
+_RING: Final = (
+    insert(AgentRing)
+    .values(
+        call_id=bindparam("call"),
+        account_id=bindparam("agent"),
+        node=bindparam("node"),
+        rung_at=bindparam("at", type_=UTCDateTime()),
+    )
+    .returning(AgentRing.id)
+)
 _RELEASE: Final = (
     update(AgentRow)
     .where(AgentRow.account_id == bindparam("agent"), AgentRow.reserved_call_id == bindparam("call"))
@@ -537,13 +547,14 @@ class AgentStore(Repository):
         reservation was taken.
         """
         statement, parameters = _reservation(account_id, call_id, node, at, required, excluded=excluded)
-        with self._transaction(f"reserving agent {account_id} for call {call_id}", self._reservations) as session:
-            connection = session.connection()
+        doing = f"reserving agent {account_id} for call {call_id}"
+        with self._core_transaction(doing, self._reservations) as connection:
             if rowcount(connection.execute(statement, parameters)) != 1:
                 return None
-            # A Core insert: this is on the way to the agent's phone, the ORM's unit of work is not needed.
-            ring = {"call_id": call_id, "account_id": account_id, "node": node, "rung_at": at}
-            return int(connection.execute(insert(AgentRing).values(ring).returning(AgentRing.id)).scalar_one())
+            # A prepared Core insert: this is on the way to the agent's phone; neither the ORM's unit of work nor
+            # building and compiling a statement per ring is needed.
+            ring = {"agent": account_id, "call": call_id, "node": node, "at": at}
+            return int(connection.execute(_RING, ring).scalar_one())
 
     def release(self, account_id: str, call_id: str) -> bool:
         """Drop the reservation if (and only if) it is held for ``call_id``; True if it was."""
