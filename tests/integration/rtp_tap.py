@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import socket
 import struct
-import threading
 import time
 from collections import Counter
 from typing import Final
 
 from medhotline.phones.tone_pcap import PCMU, tone_share, ulaw_decode
+from tests.integration.loopback_capture import LoopbackSniffer
 
-ETH_P_ALL: Final = 0x0003
-PACKET_OUTGOING: Final = 4  # loopback shows every packet twice: once leaving, once arriving
 MIN_SHARE: Final = 0.6
 MIN_RMS: Final = 200.0
 
 
-class RtpTap:
+class RtpTap(LoopbackSniffer):
     """Counts RTP packets, and those carrying ``frequency``, sent to each watched UDP port while it is open."""
 
     def __init__(self, ports: dict[int, str], frequency: float) -> None:
@@ -30,21 +28,7 @@ class RtpTap:
         self.frequency = frequency
         self.packets: Counter[str] = Counter()
         self.tone: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self._sock.bind(("lo", 0))
-        self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rtp-tap", daemon=True)
-
-    def __enter__(self) -> RtpTap:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._sock.close()
+        super().__init__("rtp-tap")
 
     def counts(self) -> dict[str, tuple[int, int]]:
         """name → (RTP packets, packets carrying the tone) so far."""
@@ -56,30 +40,19 @@ class RtpTap:
             self.packets.clear()
             self.tone.clear()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                frame, address = self._sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            if address[2] == PACKET_OUTGOING or len(frame) < 14 + 20 + 8 + 12:
-                continue
-            if struct.unpack_from("!H", frame, 12)[0] != 0x0800 or frame[14 + 9] != socket.IPPROTO_UDP:
-                continue
-            ihl = (frame[14] & 0x0F) * 4
-            udp = 14 + ihl
-            name = self.ports.get(struct.unpack_from("!H", frame, udp + 2)[0])
-            if name is None:
-                continue
-            rtp = frame[udp + 8 :]
-            if rtp[0] >> 6 != 2 or rtp[1] & 0x7F != PCMU:
-                continue
-            payload = rtp[12 + 4 * (rtp[0] & 0x0F) :]
-            share, rms = tone_share(ulaw_decode(payload), self.frequency)
-            with self._lock:
-                self.packets[name] += 1
-                if share >= MIN_SHARE and rms >= MIN_RMS:
-                    self.tone[name] += 1
+    def _frame(self, frame: bytes, l4: int, proto: int) -> None:
+        if proto != socket.IPPROTO_UDP:
+            return
+        name = self.ports.get(struct.unpack_from("!H", frame, l4 + 2)[0])
+        rtp = frame[l4 + 8 :]
+        if name is None or len(rtp) < 12 or rtp[0] >> 6 != 2 or rtp[1] & 0x7F != PCMU:
+            return
+        payload = rtp[12 + 4 * (rtp[0] & 0x0F) :]
+        share, rms = tone_share(ulaw_decode(payload), self.frequency)
+        with self._lock:
+            self.packets[name] += 1
+            if share >= MIN_SHARE and rms >= MIN_RMS:
+                self.tone[name] += 1
 
 
 def wait_counts(tap: RtpTap, seconds: float) -> dict[str, tuple[int, int]]:
