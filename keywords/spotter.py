@@ -335,11 +335,8 @@ class Spotter:
         tokenizer.FREQ = dict(freq)
         tokenizer.total = total
         tokenizer.initialized = True
-        # Variant → its entries (in the lexicon's order), found in an utterance by an Aho–Corasick automaton.
-        self._exact: dict[str, list[_Entry]] = {}
         self._sound = _Node()
         self._index_terms(lexicon, tokenizer)
-        self._exact_automaton = _automaton({variant: tuple(entries) for variant, entries in self._exact.items()})
         self._index_patterns(lexicon)
         self._index_clauses(lexicon)
         self._index_markers(tokenizer)
@@ -348,20 +345,22 @@ class Spotter:
         self._third_party = frozenset(normalise(w).text for w in self.markers.third_party)
 
     def _index_terms(self, lexicon: Lexicon, tokenizer: jieba.Tokenizer) -> None:
-        """Every surface form in the exact trie, its sound in the sound trie, and in the tokenizer as a word."""
+        """Every surface form in the exact automaton, its sound in the sound trie, and in the tokenizer as a word."""
+        exact: dict[str, list[_Entry]] = {}  # variant → its entries, in the lexicon's order
         for term in lexicon.terms:
             for surface in term.surfaces:
                 variant = normalise(surface).text
                 if not variant:
                     continue
                 entry = _Entry(term, variant)
-                self._exact.setdefault(variant, []).append(entry)
+                exact.setdefault(variant, []).append(entry)
                 if term.homophones and len(variant) >= 2 and all(_is_han(c) for c in variant):
                     override = (term.pinyin or {}).get(surface)
                     syllables = override.split() if override else lazy_pinyin(variant, style=Style.NORMAL)
                     _insert(self._sound, (fuzzy_syllable(s) for s in syllables), entry)
                 if len(variant) >= 2:
                     tokenizer.add_word(variant)
+        self._exact_automaton = _automaton({variant: tuple(entries) for variant, entries in exact.items()})
 
     def _index_patterns(self, lexicon: Lexicon) -> None:
         """Patterns by the characters a match must hold (the rarest such condition, :mod:`keywords.pattern_index`):
@@ -589,10 +588,10 @@ class Spotter:
                     candidates.append(_Candidate(start, end, _Entry(term, text[start:end]), "grammar"))
         return candidates
 
-    def _sound_candidates(self, text: str, trie: _Node | None = None) -> list[_Candidate]:
+    def _sound_candidates(self, text: str) -> list[_Candidate]:
         readings = [_char_readings(c) for c in text]
         found: list[_Candidate] = []
-        top = (self._sound if trie is None else trie).children
+        top = self._sound.children
         n = len(text)
         for start in range(n):
             # The first step from the root is a plain lookup: most characters start no variant's sound.
