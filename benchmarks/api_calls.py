@@ -204,49 +204,52 @@ def add_people(config: Config, phones: list[AgentPhone]) -> None:
         store.verify_credential(licence, "admin.bench", now)
 
 
-def sign_in(base: str, config: Config) -> str:
-    """The supervisor's password and TOTP secret through ``medhotline signin`` (the secret is sealed through the
-    service's key service, which is running), then ``POST /api/login`` → the session token."""
-    config_path = str(config.service.state_dir / "medhotline.toml")
+def medhotline_cli(config_path: Path, *argv: str, stdin: str = "") -> str:
+    """``medhotline --config CONFIG ARGV…`` → its standard output; RuntimeError with its stderr when it fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", "medhotline", "--config", str(config_path), *argv],
+        input=stdin, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"medhotline {' '.join(argv)} exited with {done.returncode}: {done.stderr[-2000:]}")
+    return done.stdout
 
-    def medhotline(*argv: str, stdin: str = "") -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "medhotline", "--config", config_path, *argv],
-            input=stdin, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise SystemExit(f"medhotline {' '.join(argv)} failed: {done.stderr[-2000:]}")
-        return done.stdout
 
-    medhotline("signin", "password", SUPERVISOR, stdin=PASSWORD + "\n")
-    uri = medhotline("signin", "totp", SUPERVISOR).splitlines()[-1]
+def sign_in(base: str, config_path: Path, account: str, password: str = PASSWORD) -> str:
+    """Give ``account`` a password and a TOTP secret with ``medhotline signin`` (the secret is sealed through the
+    configured key service, which must be running), sign in over the API → the session token."""
+    medhotline_cli(config_path, "signin", "password", account, stdin=password + "\n")
+    uri = medhotline_cli(config_path, "signin", "totp", account).splitlines()[-1]
     secret = parse_qs(urlsplit(uri).query)["secret"][0]
     code = totp_code(secret_bytes(secret), totp_step(datetime.now(UTC)))
-    response = httpx.post(f"{base}/api/login", json={"account": SUPERVISOR, "password": PASSWORD, "code": code})
-    response.raise_for_status()
-    return str(response.json()["token"])
+    response = httpx.post(f"{base}/api/login", json={"account": account, "password": password, "code": code})
+    if response.status_code != 200:
+        raise RuntimeError(f"sign-in of {account} refused: {response.status_code} {response.text}")
+    token = response.json()["token"]
+    if not isinstance(token, str):
+        raise TypeError(f"sign-in of {account}: no session token in {response.text}")
+    return token
 
 
 @contextmanager
-def api_server(config: Config) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """``medhotline api --port 0`` on the service's configuration → (its base URL, the process)."""
-    state = config.service.state_dir
-    errors = (state / "api.stderr").open("w")
+def api_server(config_path: Path, stderr_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """``medhotline --config CONFIG api --port 0`` until the block ends → (its base URL, the process)."""
+    errors = stderr_path.open("w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "medhotline", "--config", str(state / "medhotline.toml"), "api", "--port", "0"],
+        [sys.executable, "-m", "medhotline", "--config", str(config_path), "api", "--port", "0"],
         stdout=subprocess.PIPE, stderr=errors, text=True,
     )  # fmt: skip
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line.startswith("listening on http://127.0.0.1:"):
-            raise SystemExit(f"medhotline api did not start: {(state / 'api.stderr').read_text()[-2000:]}")
+            raise RuntimeError(f"medhotline api did not start: {line!r} {stderr_path.read_text(encoding='utf-8')}")
         yield line.split()[-1], process
     finally:
         process.terminate()
         process.wait(timeout=10)
-        if process.stdout is not None:
-            process.stdout.close()
+        assert process.stdout is not None
+        process.stdout.close()
         errors.close()
 
 
@@ -406,14 +409,15 @@ async def main_async(args: argparse.Namespace) -> list[Phase]:
         with (
             running_service(state, args.real_calls + 20, ROUTING, lambda c: add_people(c, phones)) as (
                 config, sandbox, service),
-            api_server(config) as (base, api),
+            api_server(config.service.state_dir / "medhotline.toml", config.service.state_dir / "api.stderr") as (
+                base, api),
         ):  # fmt: skip
             deadline = time.monotonic() + 30
             while not all(f" {p.name}/" in sandbox.cli_output("pjsip show endpoints") for p in phones):
                 if time.monotonic() > deadline:
                     raise SystemExit("the agents' endpoints were not configured in Asterisk")
                 await asyncio.sleep(0.5)
-            token = await asyncio.to_thread(sign_in, base, config)
+            token = await asyncio.to_thread(sign_in, base, config.service.state_dir / "medhotline.toml", SUPERVISOR)
             origins, stream = Origins(config, sandbox), Stream()
             tasks = [asyncio.create_task(origins.run()), asyncio.create_task(stream.run(base, token))]
             await asyncio.sleep(1)

@@ -10,20 +10,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import websockets
 
+from benchmarks import api_calls
 from compliance.accounts import AccountStore
-from compliance.credentials import secret_bytes, totp_code, totp_step
 from ground import db
 
 CHROMIUM = shutil.which("chromium")
@@ -33,22 +31,8 @@ PASSWORD = "correct horse battery"
 @contextmanager
 def api_server(config_path: Path, stderr_path: Path) -> Iterator[str]:
     """``medhotline --config CONFIG api --port 0`` until the block ends → its base URL."""
-    errors = stderr_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "medhotline", "--config", str(config_path), "api", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=errors, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("listening on http://127.0.0.1:"), (line, stderr_path.read_text(encoding="utf-8"))
-        yield line.split()[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        assert process.stdout is not None
-        process.stdout.close()
-        errors.close()
+    with api_calls.api_server(config_path, stderr_path) as (base, _process):
+        yield base
 
 
 def add_supervisor(url: str, account: str) -> None:
@@ -59,27 +43,9 @@ def add_supervisor(url: str, account: str) -> None:
         engine.dispose()
 
 
-def _medhotline(config_path: Path, *argv: str, stdin: str = "") -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "medhotline", "--config", str(config_path), *argv],
-        input=stdin, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, (argv, done.stderr[-2000:])
-    return done.stdout
-
-
 def sign_in(base: str, config_path: Path, account: str) -> str:
-    """Give ``account`` a password and a TOTP secret with ``medhotline signin`` (the secret is sealed through the
-    configured key service, which must be running), sign in over the API → the session token."""
-    _medhotline(config_path, "signin", "password", account, stdin=PASSWORD + "\n")
-    uri = _medhotline(config_path, "signin", "totp", account).splitlines()[-1]
-    secret = parse_qs(urlsplit(uri).query)["secret"][0]
-    code = totp_code(secret_bytes(secret), totp_step(datetime.now(UTC)))
-    response = httpx.post(f"{base}/api/login", json={"account": account, "password": PASSWORD, "code": code})
-    assert response.status_code == 200, response.text
-    token = response.json()["token"]
-    assert isinstance(token, str)
-    return token
+    """``account`` enrolled through ``medhotline signin`` and signed in over the API → the session token."""
+    return api_calls.sign_in(base, config_path, account, PASSWORD)
 
 
 class Cdp:
