@@ -37,7 +37,7 @@ from medhotline.asterisk_config import (
     render_pjsip_tls,
     template_values,
 )
-from medhotline.sandbox_pki import PkiFiles, ensure_test_pki
+from medhotline.sandbox_pki import PkiFiles, ensure_test_pki, write_whole
 
 log = structlog.get_logger(__name__)
 
@@ -425,11 +425,7 @@ def _require_root() -> None:
 
 
 def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    tmp.replace(path)
+    write_whole(path, text.encode("utf-8"), 0o600)
 
 
 def asterisk_client_ssl(config: Config) -> ssl.SSLContext | None:

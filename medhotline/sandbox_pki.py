@@ -73,16 +73,14 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_whole(path: Path, data: bytes, mode: int) -> None:
     """Write whole, then rename; a key file is created 0600 from the start, never readable for a moment."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    tmp.rename(path)
+    with os.fdopen(fd, "wb") as handle:  # write() of a file object writes it all, os.write may stop short
+        handle.write(data)
+        os.fchmod(handle.fileno(), mode)
+    tmp.replace(path)
 
 
 def _leaf(
@@ -167,10 +165,10 @@ def ensure_test_pki(directory: Path, hosts: list[str]) -> PkiFiles:
     )
     pem = serialization.Encoding.PEM
     # Keys first, certificates last: complete() only says yes once everything is there.
-    _write(files.ca_key, _key_pem(ca_key), 0o600)
-    _write(files.server_key, _key_pem(server_key), 0o600)
-    _write(files.client_key, _key_pem(client_key), 0o600)
-    _write(files.ca_cert, ca_cert.public_bytes(pem), 0o644)
-    _write(files.server_cert, server.public_bytes(pem), 0o644)
-    _write(files.client_cert, client.public_bytes(pem), 0o644)
+    write_whole(files.ca_key, _key_pem(ca_key), 0o600)
+    write_whole(files.server_key, _key_pem(server_key), 0o600)
+    write_whole(files.client_key, _key_pem(client_key), 0o600)
+    write_whole(files.ca_cert, ca_cert.public_bytes(pem), 0o644)
+    write_whole(files.server_cert, server.public_bytes(pem), 0o644)
+    write_whole(files.client_cert, client.public_bytes(pem), 0o644)
     return files
