@@ -59,12 +59,12 @@ from sqlalchemy import select
 from websockets.asyncio.client import connect
 
 from benchmarks.load import CLK, _cpu_ticks, _stamp, run_sipp, running_service
-from benchmarks.ring import free_port, free_rtp_range
 from compliance.accounts import AccountStore
 from compliance.credentials import secret_bytes, totp_code, totp_step
 from ground import db
 from ground.config import Config
 from ground.models import Call, CallStep
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Press, patient_scenario
 from medhotline.phones.agent import AgentPhone
 from medhotline.sandbox import Sandbox

@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchmarks.load import _free_port, _seconds, running_service
+from benchmarks.load import _seconds, running_service
 from ground import db
 from ground.config import Config
 from ivr.flow_loader import load_flows
+from medhotline.free_ports import free_port
 from medhotline.phones import PhoneCall, Speak, place_call
 from medhotline.sandbox import Sandbox
 
@@ -154,7 +155,7 @@ def run_step(
             target_host="127.0.0.1",
             target_port=config.asterisk.sip_port,
             service=config.hotline.number,
-            local_port=_free_port(socket.SOCK_DGRAM),
+            local_port=free_port(socket.SOCK_DGRAM),
             media_port=media_port,
             caller=CALLER,
             presses=[Speak(speak_at_ms, wav)],

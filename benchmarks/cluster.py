@@ -46,8 +46,6 @@ from benchmarks.ring import (
     AGENTS,
     CALLER,
     CALLER_XML,
-    free_port,
-    free_rtp_range,
     percentile,
     ring_once,
     wait_for,
@@ -56,6 +54,7 @@ from benchmarks.ring import (
 from ground import db
 from ground.config import Config, load_config
 from medhotline.cluster_sandbox import ClusterSandbox, Node
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones.agent import AgentPhone
 from medhotline.phones.batch import place_calls
 from medhotline.prompts import build_prompts

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -49,6 +48,7 @@ from ground import db
 from ground.config import Config, ConfigError, load_config
 from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, sound_name
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Press, patient_scenario
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox, SandboxError
@@ -84,17 +84,10 @@ class Step:
 # -- the sandbox and the service ----------------------------------------------------------------------------
 
 
-def _free_port(kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def write_config(state: Path, max_calls: int, extra: str = "") -> Path:
     """The benchmark's configuration; ``extra`` is appended (TOML sections, e.g. ``[speech]``)."""
     ports = 6 * max_calls + 100
-    # Below the ephemeral ports (32768+), where the SIP, ARI and AMI ports of this and other sessions come from.
-    start = random.randrange(10000, 32768 - ports, 2)
+    start = free_rtp_range(ports)
     shutil.copytree(DIALPLANS, state / "dialplans")
     path = state / "medhotline.toml"
     path.write_text(
@@ -105,18 +98,18 @@ log_file = "{state / "service.jsonl"}"
 log_level = "info"
 
 [asterisk]
-sip_port = {_free_port(socket.SOCK_DGRAM)}
+sip_port = {free_port(socket.SOCK_DGRAM)}
 rtp_start = {start}
 rtp_end = {start + ports}
 max_calls = {max_calls}
-ari_port = {_free_port(socket.SOCK_STREAM)}
-ami_port = {_free_port(socket.SOCK_STREAM)}
+ari_port = {free_port(socket.SOCK_STREAM)}
+ami_port = {free_port(socket.SOCK_STREAM)}
 
 [asterisk.sandbox]
 instance = "load{os.getpid()}"
 
 [fastagi]
-port = {_free_port(socket.SOCK_STREAM)}
+port = {free_port(socket.SOCK_STREAM)}
 
 [keyservice]
 directory = "{state / "keys"}"
@@ -211,8 +204,8 @@ def run_sipp(config: Config, scenario: Path, calls: int, rate: float, work: Path
     stats = work / "stats.csv"
     args = [
         "sipp", f"127.0.0.1:{config.asterisk.sip_port}", "-sf", str(scenario), "-s", config.hotline.number,
-        "-key", "caller", CALLER, "-i", "127.0.0.1", "-p", str(_free_port(socket.SOCK_DGRAM)),
-        "-mp", str(_free_port(socket.SOCK_DGRAM)),
+        "-key", "caller", CALLER, "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
+        "-mp", str(free_port(socket.SOCK_DGRAM)),
         "-r", str(rate), "-l", str(calls), "-m", str(calls), "-nostdin", "-timeout", "300s",
         "-trace_stat", "-stf", str(stats), "-fd", "3600", "-trace_err", "-error_file", str(work / "errors.log"),
     ]  # fmt: skip

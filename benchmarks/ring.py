@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import shutil
 import socket
 import statistics
@@ -53,6 +52,7 @@ from pathlib import Path
 
 from ground import db
 from ground.config import Config, load_config
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import _STAMP
 from medhotline.phones.agent import AgentPhone
 from medhotline.prompts import build_prompts
@@ -157,33 +157,6 @@ CALLER_XML = """<?xml version="1.0" encoding="UTF-8"?>
 PATHS = ("project", "app_queue")
 TRANSPORT_ENV = "MEDHOTLINE__ASTERISK__REST_TRANSPORT"
 TRACE_EVENTS = ("call.start", "routing.queued", "routing.offer", "queue.ringing")
-
-
-def free_port(kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_rtp_range(size: int) -> int:
-    """An even start port whose whole UDP range is free now."""
-    rng = random.Random()
-    for _ in range(200):
-        start = rng.randrange(20000, 40000 - size, 2)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(start, start + size + 1):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        else:
-            return start
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free RTP range found")
 
 
 def write_config(state: Path) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -26,6 +25,7 @@ import structlog
 
 from ground import db
 from ground.config import ENV_PREFIX, RTP_PORTS_PER_CALL, Config, FrontConfig, parse_sip_address
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.kamailio_config import write_front
 from medhotline.sandbox import Sandbox, SandboxError
 from medhotline.service_process import KeyServiceProcess, ServiceProcess
@@ -35,36 +35,6 @@ log = structlog.get_logger(__name__)
 # A sandbox node is for trying the cluster out: a few calls, so a small RTP range (tests and benchmarks that
 # load the nodes ask for more with ``max_calls``).
 NODE_MAX_CALLS = 10
-
-
-def free_port(kind: socket.SocketKind, host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def free_rtp_range(size: int, host: str = "127.0.0.1", avoid: Sequence[tuple[int, int]] = ()) -> int:
-    """An even start port whose whole range (RTP even, RTCP odd) is free for UDP now and overlaps none of the
-    ``avoid`` ranges (inclusive): ranges chosen but not bound yet, e.g. another node's, which a restarted node
-    would otherwise find taken by the other node's calls."""
-    for _ in range(200):
-        start = 20000 + 2 * secrets.randbelow((20000 - size) // 2)
-        if any(start <= last and first <= start + size for first, last in avoid):
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for port in range(start, start + size + 1):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind((host, port))
-        except OSError:
-            continue
-        else:
-            return start
-        finally:
-            for sock in socks:
-                sock.close()
-    raise SandboxError("no free UDP range for a node's RTP found")
 
 
 def node_config(
@@ -79,7 +49,10 @@ def node_config(
     trunk is the proxy now)."""
     ast = config.asterisk
     rtp_ports = RTP_PORTS_PER_CALL * max_calls
-    rtp = free_rtp_range(rtp_ports, ast.host, avoid)
+    try:
+        rtp = free_rtp_range(rtp_ports, ast.host, avoid)
+    except OSError as exc:
+        raise SandboxError(f"node {index}: {exc}") from None
     asterisk = ast.model_copy(
         update={
             "sip_port": free_port(socket.SOCK_DGRAM, ast.host),

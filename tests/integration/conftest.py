@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import random
 import shutil
 import socket
 import time
@@ -25,6 +24,7 @@ from ground import db
 from ground.config import Config, load_config
 from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, sound_name
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Action, PhoneCall, place_call
 from medhotline.prompts import build_prompts
 from medhotline.sandbox import Sandbox, SandboxError
@@ -40,32 +40,6 @@ def unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"integration prerequisite missing in CI: {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-def free_port(kind: socket.SocketKind) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_rtp_range(size: int = 60) -> int:
-    """An even start port whose whole range is free for UDP (RTP uses even ports, RTCP the odd ones)."""
-    rng = random.Random()
-    for _ in range(200):
-        start = rng.randrange(20000, 40000 - size, 2)
-        socks = []
-        try:
-            for port in range(start, start + size + 1):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                socks.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return start
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free RTP range found")
 
 
 @dataclass

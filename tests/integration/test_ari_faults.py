@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Press, place_call
 from tests.integration.ari_faults import AriFaultProxy, Fault, FaultKind, RtpSniffer
-from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, running_hotline
 
 pytestmark = pytest.mark.integration
 

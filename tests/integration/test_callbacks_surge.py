@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from compliance.accounts import AccountStore
 from ground import db
 from ground.config import Config
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.phones.agent import AgentPhone
 from medhotline.phones.patient import PatientPhone, dtmf_play_ms
@@ -33,7 +34,7 @@ from routing.callback_tables import CallbackRow
 from routing.callbacks import CALLBACK_ACCEPTED, offer_text
 from routing.store import AgentStore
 from routing.surge import SYMPTOMS_CHOICE, load_profile
-from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, running_hotline
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,10 @@ import pytest
 
 from ground.config import load_config
 from medhotline.cluster_sandbox import ClusterSandbox, sip_options
+from medhotline.free_ports import free_port
 from medhotline.prompts import build_prompts
 
-from .conftest import DIALPLANS, check_prerequisites, free_port, unavailable
+from .conftest import DIALPLANS, check_prerequisites, unavailable
 
 # A caller that follows the front's Record-Route (ACK and BYE go through Kamailio, [routes]/[next_url]) and logs
 # the node that answered. It holds the call until the node hangs up, or hangs up itself after 4 s.

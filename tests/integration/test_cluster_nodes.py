@@ -27,7 +27,7 @@ from sqlalchemy.orm import sessionmaker
 from ground import db
 from ground.config import Config, load_config
 from medhotline.cluster_sandbox import ClusterSandbox, Node, sip_options
-from medhotline.cluster_sandbox import free_rtp_range as node_free_rtp_range
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.kamailio_config import HEALTH_USER
 from medhotline.phones import PhoneCall, Press, place_call
 from medhotline.phones.agent import AgentPhone
@@ -35,7 +35,7 @@ from medhotline.phones.batch import place_calls
 from medhotline.prompts import build_prompts
 from routing.store import AgentStore, RingRecord
 
-from .conftest import CALLER, check_prerequisites, free_port, free_rtp_range, unavailable, write_config
+from .conftest import CALLER, check_prerequisites, unavailable, write_config
 from .test_routing import DESK, KEYS, ROUTING
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -98,7 +98,7 @@ class Cluster:
             service=self.config.hotline.number,
             local_port=free_port(socket.SOCK_DGRAM),
             # Outside the nodes' RTP ranges: a node's Asterisk restarted during the call must find its ports free.
-            media_port=node_free_rtp_range(4, "127.0.0.1", front.rtp_ranges()),
+            media_port=free_rtp_range(4, "127.0.0.1", front.rtp_ranges()),
             caller=CALLER,
             presses=[Press(300, KEYS[category])],
             hang_up_after_ms=hang_up_after_ms,
@@ -164,7 +164,7 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
         agent: AgentPhone(
             agent,
             free_port(socket.SOCK_DGRAM),
-            node_free_rtp_range(4, "127.0.0.1", front.rtp_ranges()),
+            free_rtp_range(4, "127.0.0.1", front.rtp_ranges()),
             answer_after_ms=500,
             talk_ms=60_000,
         )

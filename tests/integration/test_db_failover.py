@@ -29,10 +29,11 @@ from ground import db
 from ground.config import Config
 from ground.models import Call
 from medhotline.cli import main as cli
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import PhoneCall, Press
 from medhotline.phones.agent import AgentPhone
 from routing.store import AgentStore
-from tests.integration.conftest import Hotline, free_port, free_rtp_range, running_hotline, unavailable
+from tests.integration.conftest import Hotline, running_hotline, unavailable
 from tests.integration.test_cluster_nodes import RULES
 from tests.pg_replication import ReplicatedPostgres, pg_bin, replicated_postgres
 

@@ -34,11 +34,12 @@ from sqlalchemy import text
 from ground import db
 from ground.config import Config
 from his.simulator import SYNTHETIC_PATIENTS, SimulatedHis
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Action, PhoneCall, Press, place_call
 from medhotline.phones.patient import dtmf_play_ms
 from scheduler.policy import LOCAL_TZ
 from scheduler.vaccination import VaccinationStore
-from tests.integration.conftest import Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import Hotline, running_hotline
 
 pytestmark = pytest.mark.integration
 

@@ -29,13 +29,14 @@ from sqlalchemy.orm import Session
 from ground import db
 from ivr.flow_loader import load_flows
 from ivr.prompts import Voice, render, sound_name
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Action, Press
 from medhotline.phones.patient import PatientPhone, dtmf_play_ms
 from medhotline.sandbox import Sandbox
 from scheduler.policy import LOCAL_TZ
 from scheduler.tables import MedicationConfirmation, OutreachAttempt, Reading
 from scheduler.tasks import TaskStore
-from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, running_hotline
 
 pytestmark = pytest.mark.integration
 

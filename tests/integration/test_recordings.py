@@ -25,6 +25,7 @@ from compliance.audit import SqlAuditStore
 from ground import db
 from ground.config import Config
 from medhotline.cli import main as cli
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Action, Press
 from medhotline.phones.agent import AgentPhone
 from medhotline.service import recording_spool
@@ -32,7 +33,7 @@ from recordings.records import CallRecordStore
 from recordings.signed import Header
 from recordings.store import RecordingRow, RecordingStore
 from routing.store import AgentStore
-from tests.integration.conftest import Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import Hotline, running_hotline
 
 pytestmark = pytest.mark.integration
 

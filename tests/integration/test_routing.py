@@ -28,13 +28,14 @@ from ground import db
 from ground.config import Config
 from medhotline.cli import main as cli
 from medhotline.commands.supervise import ari_client
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Action, PhoneCall, Press, place_call
 from medhotline.phones.agent import NEVER_MS, AgentPhone
 from medhotline.phones.tone_pcap import tone_pcap
 from medhotline.supervision import Supervision, Supervisor
 from routing.ari_supervision import PhoneSettings
 from routing.store import AgentStore
-from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, running_hotline
 from tests.integration.rtp_tap import RtpTap
 
 pytestmark = pytest.mark.integration

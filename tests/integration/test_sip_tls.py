@@ -25,10 +25,11 @@ import pytest
 from ground import db
 from ground.config import Config
 from medhotline.asterisk_config import TLS_TRUNK
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Press
 from medhotline.phones.tone_pcap import ulaw_encode
 from routing.store import AgentStore
-from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline, unavailable
+from tests.integration.conftest import CALLER, Hotline, running_hotline, unavailable
 from tests.integration.loopback_capture import LoopbackCapture, byte_entropy
 
 pytestmark = pytest.mark.integration

@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 
 from ground import db
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import PhoneCall, Press, Speak, place_call, speech_wav
 from tests.integration.ari_faults import AriFaultProxy, RtpSniffer
-from tests.integration.conftest import CALLER, Hotline, finished_records, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, finished_records, running_hotline
 from tests.integration.test_speech import recognized_events
 
 pytestmark = pytest.mark.integration

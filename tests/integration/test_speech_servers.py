@@ -20,9 +20,10 @@ from typing import IO
 
 import pytest
 
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import PhoneCall, Speak, place_call, speech_wav
 from tests.integration.ari_faults import RtpSniffer
-from tests.integration.conftest import CALLER, Hotline, finished_records, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import CALLER, Hotline, finished_records, running_hotline
 from tests.integration.test_speech import BEFORE_LISTENING, korean_model
 
 pytestmark = pytest.mark.integration

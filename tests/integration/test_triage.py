@@ -25,10 +25,11 @@ from compliance.accounts import AccountStore
 from ground import db
 from ground.config import Config
 from ivr.flow_model import CONFIRM_QUESTION
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Press, Speak, speech_wav
 from medhotline.phones.agent import AgentPhone
 from routing.store import AgentStore
-from tests.integration.conftest import Hotline, free_port, free_rtp_range, running_hotline
+from tests.integration.conftest import Hotline, running_hotline
 
 pytestmark = pytest.mark.integration
 

@@ -23,10 +23,11 @@ import pytest
 from compliance.accounts import AccountStore
 from ground import db
 from ground.config import Config
+from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.phones import Action, PhoneCall, Press
 from medhotline.phones.agent import AgentPhone
 from routing.store import AgentStore
-from tests.integration.conftest import CALLER, Hotline, free_port, free_rtp_range, running_hotline, unavailable
+from tests.integration.conftest import CALLER, Hotline, running_hotline, unavailable
 from tests.integration.wallboard_browser import (
     CHROMIUM,
     Cdp,

@@ -11,7 +11,6 @@ from ground.config import RTP_PORTS_PER_CALL, load_config
 from medhotline.cluster_sandbox import (
     NODE_MAX_CALLS,
     ClusterSandbox,
-    free_rtp_range,
     node_config,
     node_environment,
     services_problem,
@@ -95,10 +94,3 @@ def test_a_node_sized_for_more_calls_gets_an_rtp_range_for_them(tmp_path: Path) 
     # The node's service reads the same size from its variables.
     assert load_config(path, environ=node_environment(node)) == node
     assert node_config(base, 1, "127.0.0.1").asterisk.max_calls == NODE_MAX_CALLS
-
-
-def test_an_rtp_range_keeps_out_of_the_ranges_to_avoid() -> None:
-    # Another node's range is not bound until its calls come: only the avoid list keeps the two apart.
-    # Three quarters of the possible starts are in it: twenty picks that ignored it would land there.
-    starts = [free_rtp_range(8, "127.0.0.1", [(20000, 35000)]) for _ in range(20)]
-    assert all(start > 35000 for start in starts), starts
