@@ -9,7 +9,6 @@ process with the ARI credentials (the API server, the CLI) can do it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,10 +119,22 @@ async def _add_when_in_stasis(ari: AriClient, tap: Tap) -> None:
 
 
 async def disconnect(ari: AriClient, tap: Tap) -> None:
-    """Hang up the phone leg and the snoop and remove the bridge; whatever is gone already is skipped."""
+    """Hang up the phone leg and the snoop and remove the bridge; whatever is gone already is skipped. A removal
+    that fails otherwise (a timeout, Asterisk busy) is tried once more and then logged: a supervisor's leg left
+    behind would keep listening to the agent."""
     for path in (f"/channels/{tap.supervisor_channel}", f"/channels/{tap.snoop_channel}", f"/bridges/{tap.bridge}"):
-        with contextlib.suppress(ChannelError):
-            await ari.request("DELETE", path)
+        for attempt in (1, 2):
+            try:
+                await ari.request("DELETE", path)
+            except AriNotFound:
+                break
+            except ChannelError as exc:
+                if attempt == 2:
+                    log.error("supervision.cleanup_failed", call_id=tap.call_id, path=path, reason=str(exc))
+                else:
+                    await asyncio.sleep(0.2)
+            else:
+                break
 
 
 async def watch(ari: AriClient, tap: Tap, settings: PhoneSettings) -> None:
