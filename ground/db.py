@@ -12,6 +12,7 @@ method is its own short transaction, so a crash in the middle of a call never le
 from __future__ import annotations
 
 import re
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +61,12 @@ class DatabaseUnavailable(DatabaseError):
     """The database could not be reached, or the server reached is not (or no longer) a writable primary: a lost
     connection, a primary that died, a standby not yet promoted. Nothing of the failed transaction was stored
     unless its COMMIT itself was cut off; worth retrying once a primary answers again (docs/cluster.md)."""
+
+
+class WouldWait(DatabaseError):
+    """SQLite's lock was held by another writer longer than the connection waits (not at all for a write asked not
+    to wait, see :func:`make_at_once_sessionmaker`), or a write asked not to wait has a database over the network.
+    Nothing was written; the write can be done again where waiting is harmless."""
 
 
 class DatabaseNotReady(DatabaseError):
@@ -155,6 +162,15 @@ def is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and type(exc.orig).__module__.startswith("psycopg")
 
 
+def is_busy(exc: BaseException) -> bool:
+    """Whether SQLite refused because another connection held its lock past this connection's busy timeout."""
+    orig = getattr(exc, "orig", None)
+    return isinstance(orig, sqlite3.OperationalError) and getattr(orig, "sqlite_errorcode", None) in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    )
+
+
 def _mapped(url: str, doing: str, exc: SQLAlchemyError | CommandError | OSError) -> DatabaseError:
     reason = _scrub(_reason(exc), url)
     kind = DatabaseUnavailable if is_unavailable(exc) else DatabaseError
@@ -219,10 +235,24 @@ def _on_sqlite_connect_unsynced(dbapi_connection: Any, connection_record: Any) -
         cursor.close()
 
 
-def make_engine(url: str, *, durable: bool = True) -> Engine:
+def _on_sqlite_connect_at_once(dbapi_connection: Any, connection_record: Any) -> None:
+    _on_sqlite_connect_unsynced(dbapi_connection, connection_record)
+    cursor = dbapi_connection.cursor()
+    try:
+        # Used on the event loop (make_at_once_sessionmaker): a writer holding the lock is reported at once
+        # (SQLITE_BUSY, the caller does the write in a thread), and a commit here never runs the WAL checkpoint,
+        # which copies pages for milliseconds; the service's other connections checkpoint as they commit.
+        cursor.execute("PRAGMA busy_timeout=0")
+        cursor.execute("PRAGMA wal_autocheckpoint=0")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str, *, durable: bool = True, at_once: bool = False) -> Engine:
     """Create an engine for a SQLite or PostgreSQL URL with the settings the service relies on.
 
     ``durable=False`` (SQLite only; see :func:`make_reservation_sessionmaker`): commits do not wait for the disk.
+    ``at_once=True`` (SQLite only; see :func:`make_at_once_sessionmaker`): neither for the disk nor for a lock.
 
     For SQLite the file's parent directory is created (mode 0700: the database holds call data) if missing.
     No connection is opened here; connection errors surface (as DatabaseError) on first use.
@@ -235,7 +265,10 @@ def make_engine(url: str, *, durable: bool = True) -> Engine:
                 with mapped_errors(url, "creating the database directory"):
                     Path(database).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             engine = create_engine(parsed)
-            event.listen(engine, "connect", _on_sqlite_connect if durable else _on_sqlite_connect_unsynced)
+            if at_once:
+                event.listen(engine, "connect", _on_sqlite_connect_at_once)
+            else:
+                event.listen(engine, "connect", _on_sqlite_connect if durable else _on_sqlite_connect_unsynced)
             return engine
         return create_engine(
             parsed,
@@ -263,6 +296,16 @@ def make_reservation_sessionmaker(url: str, durable: sessionmaker[Session]) -> s
     if _parse(url).get_backend_name() != "sqlite":
         return durable
     return sessionmaker(make_engine(url, durable=False), expire_on_commit=False)
+
+
+def make_at_once_sessionmaker(url: str) -> sessionmaker[Session] | None:
+    """Sessions for a write the routing engine makes on its event loop (the agent reservation, on the way to the
+    agent's phone): on SQLite an engine that waits neither for the disk nor for another writer's lock (such a
+    write fails with :class:`WouldWait` and is done in a thread instead). None on PostgreSQL: a server over the
+    network is never waited for on the loop."""
+    if _parse(url).get_backend_name() != "sqlite":
+        return None
+    return sessionmaker(make_engine(url, at_once=True), expire_on_commit=False)
 
 
 def _alembic_config() -> AlembicConfig:
@@ -497,7 +540,7 @@ class Repository:
             # A duplicate call id or a value the schema's constraints refuse.
             raise DatabaseError(f"database at {self._where}: {doing} refused: {_reason(exc)}") from None
         except SQLAlchemyError as exc:
-            kind = DatabaseUnavailable if is_unavailable(exc) else DatabaseError
+            kind = DatabaseUnavailable if is_unavailable(exc) else WouldWait if is_busy(exc) else DatabaseError
             raise kind(f"database at {self._where}: {doing} failed: {_reason(exc)}") from None
 
 

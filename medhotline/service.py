@@ -464,9 +464,11 @@ def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> Rou
         store = ClusterStore(sessions)
         lease = LeaseKeeper(store, config.service.node_name, LeaseSettings(config.cluster.lease_seconds))
         cluster = ClusterLink(store, lease)
-    # The reservation is the one write before the agent's phone rings: on SQLite it does not wait for the disk.
+    # The reservation is the one write before the agent's phone rings: on SQLite it waits neither for the disk
+    # nor, made on the event loop, for a worker thread (in one when another writer holds the lock).
     reservations = db.make_reservation_sessionmaker(config.database_url, sessions)
-    agents = AgentStore(sessions, reservations=reservations)
+    at_once = db.make_at_once_sessionmaker(config.database_url)
+    agents = AgentStore(sessions, reservations=reservations, at_once=at_once)
     return RoutingEngine(agents, rules, settings, cluster=cluster, presence=agents)
 
 

@@ -34,7 +34,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
-from ground.db import DatabaseUnavailable
+from ground.db import DatabaseUnavailable, WouldWait
 from ground.db_retry import RETRY_SECONDS, while_unavailable
 from ground.leases import LeaseLost
 from routing.callbacks import estimated_wait
@@ -65,7 +65,8 @@ class AgentSnapshot(Protocol):
 
 
 class AgentDirectory(Protocol):
-    """The shared agent table (``routing.store.AgentStore``); synchronous, called through a thread."""
+    """The shared agent table (``routing.store.AgentStore``); synchronous, called through a thread (except
+    ``reserve_ring(..., wait=False)``, which answers at once or raises WouldWait)."""
 
     def routing_snapshot(self) -> Sequence[AgentSnapshot]: ...
     def reserve(
@@ -87,6 +88,7 @@ class AgentDirectory(Protocol):
         required: Sequence[Sequence[str]] = (),
         *,
         excluded: Sequence[str] = (),
+        wait: bool = True,
     ) -> int | None: ...
     def release(self, account_id: str, call_id: str) -> bool: ...
     def release_node(self, node: str) -> int: ...
@@ -830,7 +832,13 @@ class RoutingEngine:
         """
         reserve = functools.partial(self.directory.reserve_ring, excluded=excluded)
         try:
-            return await asyncio.to_thread(reserve, agent_id, call_id, self.settings.node, at, required)
+            try:
+                # On the loop when that cannot wait (SQLite, nobody else writing): the two hops to a worker
+                # thread and back were a millisecond of the ring's latency. Else in a thread, as every other
+                # database call (docs/performance.md, "Ring latency").
+                return reserve(agent_id, call_id, self.settings.node, at, required, wait=False)
+            except WouldWait:
+                return await asyncio.to_thread(reserve, agent_id, call_id, self.settings.node, at, required)
         except DatabaseUnavailable as exc:
             log.warning("routing.reservation_unavailable", agent=agent_id, reason=str(exc))
             await self._db("release an unsure reservation", self.directory.release, agent_id, call_id, retry=True)

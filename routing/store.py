@@ -27,7 +27,7 @@ from sqlalchemy import Update, bindparam, exists, false, func, insert, select, u
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.accounts import Account, new_account_row
-from ground.db import DatabaseError, Repository, rowcount
+from ground.db import DatabaseError, Repository, WouldWait, rowcount
 from ground.models import UTCDateTime
 from routing.model import Agent, Credential, CredentialStatus
 from routing.tables import RING_OUTCOMES, AgentRing, AgentRow, AgentSkill, CredentialRow, RingOutcome
@@ -386,12 +386,21 @@ class AgentStore(Repository):
     """Reads and writes ``agents``, ``agent_skills``, ``credentials`` and ``agent_rings``.
 
     ``reservations``: the sessions :meth:`reserve_ring` commits on, when they differ from the others
-    (``ground.db.make_reservation_sessionmaker``: on SQLite a commit that does not wait for the disk).
+    (``ground.db.make_reservation_sessionmaker``: on SQLite a commit that does not wait for the disk);
+    ``at_once``: the sessions of ``reserve_ring(..., wait=False)`` (``ground.db.make_at_once_sessionmaker``:
+    on SQLite, waiting neither for the disk nor for a lock; None: every such call raises WouldWait).
     """
 
-    def __init__(self, sessions: sessionmaker[Session], *, reservations: sessionmaker[Session] | None = None) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        *,
+        reservations: sessionmaker[Session] | None = None,
+        at_once: sessionmaker[Session] | None = None,
+    ) -> None:
         super().__init__(sessions)
         self._reservations = reservations
+        self._at_once = at_once
 
     # -- agents -----------------------------------------------------------------------------------------------
     def add_agent(
@@ -539,16 +548,20 @@ class AgentStore(Repository):
         required: Sequence[Sequence[str]] = (),
         *,
         excluded: Sequence[str] = (),
+        wait: bool = True,
     ) -> int | None:
         """:meth:`reserve` and :meth:`record_ring` in one transaction: the ring's id, or None when the agent could
         not be reserved (and nothing was written).
 
         One commit instead of two on the way to the agent's phone; and a ring row exists exactly when its
-        reservation was taken.
+        reservation was taken. ``wait=False``: for the routing engine's event loop, on the ``at_once`` sessions;
+        WouldWait (nothing written) if that would mean waiting for another writer or a database over the network.
         """
-        statement, parameters = _reservation(account_id, call_id, node, at, required, excluded=excluded)
         doing = f"reserving agent {account_id} for call {call_id}"
-        with self._core_transaction(doing, self._reservations) as connection:
+        if not wait and self._at_once is None:
+            raise WouldWait(f"database at {self._where}: {doing} would wait: the database is not a local file")
+        statement, parameters = _reservation(account_id, call_id, node, at, required, excluded=excluded)
+        with self._core_transaction(doing, self._reservations if wait else self._at_once) as connection:
             if rowcount(connection.execute(statement, parameters)) != 1:
                 return None
             # A prepared Core insert: this is on the way to the agent's phone; neither the ORM's unit of work nor

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from structlog.testing import capture_logs
 
+from ground.db import WouldWait
 from routing.engine import (
     NO_ANSWER,
     CancelRing,
@@ -81,6 +82,7 @@ class FakeAgentTable:
         required: Sequence[Sequence[str]] = (),
         *,
         excluded: Sequence[str] = (),
+        wait: bool = True,
     ) -> int | None:
         """Like the store: the reservation and its ring row together, or neither."""
         if not self.reserve(account_id, call_id, node, at, required, excluded=excluded):
@@ -162,6 +164,32 @@ async def test_a_call_is_offered_to_a_qualified_agent_reserved_in_the_table() ->
     assert table.views["doc"].reserved_call_id == "c1"
     assert table.views["nurse"].reserved_call_id is None
     assert table.rings[offer.ring_id] == ("c1", "doc", None)
+
+
+@pytest.mark.parametrize("would_wait", [False, True])
+async def test_the_reservation_is_made_on_the_loop_unless_it_would_wait_then_in_a_thread(would_wait: bool) -> None:
+    """The reservation is asked not to wait first (on the loop: no hop to a worker thread on the way to the phone);
+    when that would wait (another writer holds SQLite's lock, or PostgreSQL), it is made in a thread instead."""
+    table = FakeAgentTable(agent("doc", "physician_license"))
+    engine, _ = engine_for(table)
+    await engine.step()
+    reserve_ring = table.reserve_ring
+    made: list[tuple[bool, bool]] = []  # (wait, on the loop's thread)
+    loop_thread = threading.get_ident()
+
+    def reserve_or_would_wait(*args: object, wait: bool = True, **kwargs: object) -> int | None:
+        made.append((wait, threading.get_ident() == loop_thread))
+        if would_wait and not wait:
+            raise WouldWait("database at test: reserving would wait: database is locked")
+        return reserve_ring(*args, wait=wait, **kwargs)  # type: ignore[arg-type]
+
+    table.reserve_ring = reserve_or_would_wait  # type: ignore[method-assign]
+    ticket = engine.enqueue(call("c1"))
+    await engine.decide()
+    offer = offer_of(ticket)
+    assert table.views["doc"].reserved_call_id == "c1"
+    assert table.rings[offer.ring_id] == ("c1", "doc", None)
+    assert made == ([(False, True), (True, False)] if would_wait else [(False, True)])
 
 
 async def test_an_agent_reserved_by_another_node_is_skipped() -> None:

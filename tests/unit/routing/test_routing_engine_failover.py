@@ -47,6 +47,7 @@ class FailingOver(FakeAgentTable):
         required: Sequence[Sequence[str]] = (),
         *,
         excluded: Sequence[str] = (),
+        wait: bool = True,
     ) -> int | None:
         # The failover cut the COMMIT off after the server had stored it: stored, and the engine gets an error.
         ring_id = super().reserve_ring(account_id, call_id, node, at, required, excluded=excluded)

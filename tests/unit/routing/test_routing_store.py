@@ -315,6 +315,48 @@ def test_reservations_skip_the_disk_wait_on_sqlite_only_and_the_other_writes_sta
             bind.dispose()
 
 
+def test_a_reservation_asked_not_to_wait_never_waits_and_writes_nothing_when_it_would(url: str) -> None:
+    """``wait=False`` is for the routing engine's event loop: on SQLite it commits at once (no disk, no lock
+    wait, no WAL checkpoint); while another writer holds the lock it raises WouldWait having written nothing; on
+    PostgreSQL (over the network) it always raises WouldWait, and the engine reserves in a thread instead."""
+    durable = db.make_sessionmaker(url)
+    at_once = db.make_at_once_sessionmaker(url)
+    store = AgentStore(durable, at_once=at_once)
+    try:
+        AccountStore(durable).add("phys1", "Staff phys1", ["physician"], T0 - YEAR)
+        store.add_agent("phys1", "phys1", T0 - YEAR)
+        if at_once is None:
+            assert not url.startswith("sqlite")
+            with pytest.raises(db.WouldWait, match="not a local file"):
+                store.reserve_ring("phys1", "call-1", "node1", T0, wait=False)
+            assert store.view("phys1").reserved_call_id is None
+            return
+        with at_once() as session:
+            assert session.execute(text("PRAGMA busy_timeout")).scalar_one() == 0
+            assert session.execute(text("PRAGMA wal_autocheckpoint")).scalar_one() == 0
+            assert session.execute(text("PRAGMA synchronous")).scalar_one() == 1
+            assert session.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+        # Another writer holds the lock (an open write transaction on the durable sessions).
+        with durable.begin() as holder:
+            holder.execute(text("UPDATE agents SET paused_reason = NULL WHERE account_id = 'nobody'"))
+            with pytest.raises(db.WouldWait, match="database is locked"):
+                store.reserve_ring("phys1", "call-1", "node1", T0, wait=False)
+        assert store.view("phys1").reserved_call_id is None
+        assert store.rings("call-1") == []
+        ring_id = store.reserve_ring("phys1", "call-1", "node1", T0, wait=False)
+        assert ring_id is not None
+        assert store.view("phys1").reserved_call_id == "call-1"
+        assert [r.id for r in store.rings("call-1")] == [ring_id]
+        # The same checks as the waiting reservation: held already, so refused.
+        assert store.reserve_ring("phys1", "call-2", "node1", T0, wait=False) is None
+    finally:
+        for sessions in (durable, at_once):
+            if sessions is not None:
+                bind = sessions.kw["bind"]
+                assert isinstance(bind, Engine)
+                bind.dispose()
+
+
 def test_release_node_drops_only_that_nodes_reservations(stores: Stores) -> None:
     for name in ("a1", "a2", "a3"):
         stores.agent(name)
