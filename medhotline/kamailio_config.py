@@ -72,7 +72,8 @@ def _node_client_profile(front: FrontConfig) -> list[str]:
 
     A default profile rather than one per ``[client:ip:port]``: Kamailio matches those by IP address only, and a
     node may be listed by name. Kamailio's tls module checks the chain, not the name in the certificate: the site CA
-    should sign only the hospital's own hosts."""
+    should sign only the hospital's own hosts. Both verify_ and require_certificate: in Kamailio 5.6 either one turns
+    verification on; with both the file says what it does."""
     if front.node_ca_file is None:
         raise FrontConfigError(
             'cluster.front.node_ca_file: node_transport = "tls" needs the CA that signed the nodes\' certificates '
