@@ -470,8 +470,17 @@ class FrontConfig(_Section):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
+    # How Kamailio reaches the nodes: "udp" (the default, for one machine whose loopback carries it) or "tls" once
+    # the nodes are other hosts. tls needs tls_listen (Kamailio's TLS socket: its connections leave from it, and
+    # the nodes send a dialog's later requests back to it), each node's Asterisk with [sip] tls (its transport-tls;
+    # list the nodes by their tls_port then), and node_ca_file: the CA that signed the nodes' certificates, against
+    # which Kamailio verifies every node it connects to.
+    node_transport: Literal["udp", "tls"] = "udp"
+    node_ca_file: Path | None = None
 
-    _tls_paths_empty = field_validator("tls_cert_file", "tls_key_file", "tls_ca_file", mode="before")(_empty_is_none)
+    _tls_paths_empty = field_validator("tls_cert_file", "tls_key_file", "tls_ca_file", "node_ca_file", mode="before")(
+        _empty_is_none
+    )
 
     @field_validator("listen")
     @classmethod
@@ -494,6 +503,8 @@ class FrontConfig(_Section):
             raise ValueError("tls_cert_file/tls_key_file/tls_ca_file are set but tls_listen is empty")
         if self.tls_listen and self.tls_listen == self.listen:
             raise ValueError(f"tls_listen {self.tls_listen} is also listen; choose another port")
+        if self.node_ca_file is not None and self.node_transport != "tls":
+            raise ValueError('node_ca_file is set but node_transport is "udp": set node_transport = "tls" or remove it')
         return self
 
     @field_validator("nodes")

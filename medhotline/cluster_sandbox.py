@@ -28,6 +28,7 @@ from ground.config import ENV_PREFIX, RTP_PORTS_PER_CALL, Config, FrontConfig, p
 from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.kamailio_config import write_front
 from medhotline.sandbox import Sandbox, SandboxError
+from medhotline.sandbox_pki import PkiError, PkiFiles, ensure_test_pki, write_whole
 from medhotline.service_process import KeyServiceProcess, ServiceProcess
 
 log = structlog.get_logger(__name__)
@@ -71,6 +72,10 @@ def node_config(
         log_file = log_file.with_name(f"{log_file.stem}-node{index}{log_file.suffix}")
     service = config.service.model_copy(update={"node_name": f"node{index}", "log_file": log_file})
     fastagi = config.fastagi.model_copy(update={"port": free_port(socket.SOCK_STREAM, config.fastagi.host)})
+    sip = config.sip
+    if sip.tls:
+        # Each node its own SIP/TLS listener (the front reaches it there with node_transport = "tls").
+        sip = sip.model_copy(update={"tls_port": free_port(socket.SOCK_STREAM, ast.host)})
     # Validated again as a whole, so a derived value that breaks a rule is reported here, not by Asterisk.
     return Config.model_validate(
         {
@@ -78,6 +83,7 @@ def node_config(
             "asterisk": asterisk.model_dump(),
             "service": service.model_dump(),
             "fastagi": fastagi.model_dump(),
+            "sip": sip.model_dump(),
         }
     )
 
@@ -98,6 +104,8 @@ def node_environment(node: Config) -> dict[str, str]:
         ("asterisk", "sandbox", "instance"): ast.sandbox.instance,
         ("fastagi", "port"): node.fastagi.port,
     }
+    if node.sip.tls:
+        values[("sip", "tls_port")] = node.sip.tls_port
     if node.service.log_file is not None:
         values[("service", "log_file")] = node.service.log_file
     return {ENV_PREFIX + "__".join(part.upper() for part in key): str(value) for key, value in values.items()}
@@ -150,6 +158,11 @@ class Node:
     def sip_address(self) -> str:
         return f"{self.config.asterisk.host}:{self.config.asterisk.sip_port}"
 
+    @property
+    def tls_address(self) -> str:
+        """Where the node's Asterisk takes SIP over TLS ([sip] tls)."""
+        return f"{self.config.asterisk.host}:{self.config.sip.tls_port}"
+
 
 class ClusterSandbox:
     """Start ``count`` sandbox nodes and Kamailio before them; ``down`` stops all of it, whatever started."""
@@ -179,22 +192,62 @@ class ClusterSandbox:
         if listen is not None:
             front = FrontConfig.model_validate({**front.model_dump(), "listen": listen})
         self.front_host, self.front_port = parse_sip_address(front.listen)
+        self.directory = directory
+        self.site_pki: PkiFiles | None = None
+        if front.node_transport == "tls":
+            front = self._tls_front(front, config)
         self.nodes: list[Node] = []
         for index in range(1, count + 1):
             cfg = node_config(config, index, self.front_host, max_calls, self.rtp_ranges())
             self.nodes.append(Node(cfg, Sandbox(cfg)))
         # Without a service no node has its ARI application registered: a service probe would take them all out.
         probe = front.probe if services else "asterisk"
-        self.front = FrontConfig.model_validate(
-            {**front.model_dump(), "nodes": [n.sip_address for n in self.nodes], "probe": probe}
-        )
-        self.directory = directory
+        tls = front.node_transport == "tls"
+        addresses = [n.tls_address if tls else n.sip_address for n in self.nodes]
+        self.front = FrontConfig.model_validate({**front.model_dump(), "nodes": addresses, "probe": probe})
         self.log_path = directory / "kamailio.log"
         self._kamailio: subprocess.Popen[bytes] | None = None
         self.config = config
         self.services = services
         self.config_path = config_path
         self._keyservice: KeyServiceProcess | None = None
+
+    def _tls_front(self, front: FrontConfig, config: Config) -> FrontConfig:
+        """node_transport = "tls" on one machine: one site CA for the front and every node (as the hospital's PKI
+        would be), a free TLS port for the front unless tls_listen names one; certificate paths left empty in the
+        config are the site PKI's."""
+        if not config.sip.tls:
+            raise SandboxError(
+                'cluster.front.node_transport = "tls": the nodes\' Asterisks take SIP over TLS only with [sip] '
+                "tls = true (which also reaches the agents' phones over TLS only, with SRTP)"
+            )
+        hosts = list(dict.fromkeys([self.front_host, config.asterisk.host]))
+        try:
+            self.site_pki = pki = ensure_test_pki(self.directory / "pki", hosts)
+        except PkiError as exc:
+            raise SandboxError(str(exc)) from None
+        tls_listen = front.tls_listen or f"{self.front_host}:{free_port(socket.SOCK_STREAM, self.front_host)}"
+        return FrontConfig.model_validate(
+            {
+                **front.model_dump(),
+                "tls_listen": tls_listen,
+                "tls_cert_file": front.tls_cert_file or pki.server_cert,
+                "tls_key_file": front.tls_key_file or pki.server_key,
+                "node_ca_file": front.node_ca_file or pki.ca_cert,
+            }
+        )
+
+    def _give_site_pki(self, node: Node) -> None:
+        """The node's Asterisk presents a certificate of the site CA: its instance's PKI directory gets the site's
+        files before the sandbox would make a CA of its own there (it keeps a complete set)."""
+        pki = self.site_pki
+        if pki is None:
+            return
+        target = PkiFiles.in_directory(node.sandbox.tls_dir)
+        target.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in ("ca_key", "server_key", "client_key", "ca_cert", "server_cert", "client_cert"):
+            source: Path = getattr(pki, name)
+            write_whole(getattr(target, name), source.read_bytes(), 0o600 if name.endswith("key") else 0o644)
 
     def rtp_ranges(self) -> list[tuple[int, int]]:
         """Every node's RTP range: a caller's or phone's media ports must stay out of them, or a node that
@@ -208,6 +261,8 @@ class ClusterSandbox:
     def up(self, timeout: float = 15.0, service_timeout: float = 60.0) -> None:
         try:
             for node in self.nodes:
+                node.sandbox.ensure_rootfs()  # a first build replaces the root: the files below go in after it
+                self._give_site_pki(node)
                 node.sandbox.up()
             if self.services:
                 self.start_services(service_timeout)

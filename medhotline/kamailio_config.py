@@ -41,11 +41,12 @@ class FrontFiles:
 
 def tls_profiles(front: FrontConfig) -> str:
     """``tls.cfg``: the server profile for the trunks' TLS connections (TLS 1.2 or later, the front's own
-    certificate; with ``tls_ca_file`` a trunk must present a certificate that CA signed)."""
+    certificate; with ``tls_ca_file`` a trunk must present a certificate that CA signed), and with
+    ``node_transport = "tls"`` the client profile of the connections Kamailio opens to the nodes."""
     if front.tls_cert_file is None or front.tls_key_file is None:
         raise FrontConfigError("cluster.front.tls_listen: set tls_cert_file and tls_key_file")
     for key, path in (("tls_cert_file", front.tls_cert_file), ("tls_key_file", front.tls_key_file),
-                      ("tls_ca_file", front.tls_ca_file)):  # fmt: skip
+                      ("tls_ca_file", front.tls_ca_file), ("node_ca_file", front.node_ca_file)):  # fmt: skip
         if path is not None and any(c in str(path) for c in '"\n'):
             raise FrontConfigError(f"cluster.front.{key}: {path}: a path with a quote or newline can't be written")
     lines = [
@@ -59,7 +60,35 @@ def tls_profiles(front: FrontConfig) -> str:
         lines += [f"ca_list = {front.tls_ca_file}", "verify_certificate = yes", "require_certificate = yes"]
     else:
         lines += ["verify_certificate = no", "require_certificate = no"]
+    if front.node_transport == "tls":
+        lines += ["", *_node_client_profile(front)]
     return "\n".join(lines) + "\n"
+
+
+def _node_client_profile(front: FrontConfig) -> list[str]:
+    """The default client profile: the peer of every TLS connection Kamailio opens (to the nodes; to a TLS trunk
+    only when the trunk's own connection is gone) must present a certificate ``node_ca_file`` signed, or the
+    handshake fails and a node counts as down. Kamailio shows its own certificate, so a node can ask for it.
+
+    A default profile rather than one per ``[client:ip:port]``: Kamailio matches those by IP address only, and a
+    node may be listed by name. Kamailio's tls module checks the chain, not the name in the certificate: the site CA
+    should sign only the hospital's own hosts. Both verify_ and require_certificate: in Kamailio 5.6 either one turns
+    verification on; with both the file says what it does."""
+    if front.node_ca_file is None:
+        raise FrontConfigError(
+            'cluster.front.node_ca_file: node_transport = "tls" needs the CA that signed the nodes\' certificates '
+            "(Kamailio verifies every node against it)"
+        )
+    return [
+        "# Kamailio as the nodes' TLS client (node_transport = tls): their certificates must chain to node_ca_file.",
+        "[client:default]",
+        "method = TLSv1.2+",
+        f"certificate = {front.tls_cert_file}",
+        f"private_key = {front.tls_key_file}",
+        f"ca_list = {front.node_ca_file}",
+        "verify_certificate = yes",
+        "require_certificate = yes",
+    ]
 
 
 def _sip_host(host: str) -> str:
@@ -78,8 +107,10 @@ def dispatcher_list(front: FrontConfig) -> str:
     lines = ["# set destination flags priority attributes (generated from cluster.front.nodes)"]
     # The destination is also the probes' request URI: with the service probe it names the health user.
     user = HEALTH_USER if front.probe == "service" else None
+    # With TLS to the nodes the URI says so: calls and probes alike then go over a verified TLS connection.
+    transport = ";transport=tls" if front.node_transport == "tls" else ""
     for index, node in enumerate(front.nodes, start=1):
-        lines.append(f"{DISPATCH_SET} {sip_uri(node, user)} 0 0 duid=node{index};maxload=0")
+        lines.append(f"{DISPATCH_SET} {sip_uri(node, user)}{transport} 0 0 duid=node{index};maxload=0")
     return "\n".join(lines) + "\n"
 
 
@@ -88,6 +119,11 @@ def render_front(front: FrontConfig, list_path: Path, template: Path = TEMPLATE)
     listen_host, listen_port = parse_sip_address(front.listen)
     if any(parse_sip_address(node) == (listen_host, listen_port) for node in front.nodes):
         raise FrontConfigError(f"cluster.front.nodes: {front.listen} is the front's own listen address")
+    if front.node_transport == "tls" and not front.tls_listen:
+        raise FrontConfigError(
+            'cluster.front.node_transport = "tls": set tls_listen (with tls_cert_file and tls_key_file): Kamailio '
+            "opens its TLS connections to the nodes from that socket and the nodes send a call's BYE back to it"
+        )
     listed = dispatcher_list(front)
     values = {
         "listen": f"{_sip_host(listen_host)}:{listen_port}",

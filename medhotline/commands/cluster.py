@@ -54,11 +54,17 @@ def _up(config: Config, args: argparse.Namespace) -> int:
         for node in cluster.nodes:
             ast = node.config.asterisk
             serving = f"  service log {node.service.log_path}" if node.service is not None else ""
+            tls = f" tls {node.tls_address}" if node.config.sip.tls else ""
             print(
                 f"node {node.config.service.node_name}: sandbox {ast.sandbox.instance!r} SIP udp {node.sip_address}"
-                f"  ARI {ast.host}:{ast.ari_port}  AMI {ast.host}:{ast.ami_port}{serving}"
+                f"{tls}  ARI {ast.host}:{ast.ari_port}  AMI {ast.host}:{ast.ami_port}{serving}"
             )
-        print(f"front: Kamailio on udp {cluster.front_address} ({CONFIG_NAME} in {directory}); Ctrl-C stops all")
+        front = cluster.front
+        tls = f" and tls {front.tls_listen}" if front.tls_listen else ""
+        print(
+            f"front: Kamailio on udp {cluster.front_address}{tls}, to the nodes over {front.node_transport}"
+            f" ({CONFIG_NAME} in {directory}); Ctrl-C stops all"
+        )
         while True:
             time.sleep(3600)
     finally:

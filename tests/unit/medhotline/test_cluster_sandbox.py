@@ -3,6 +3,7 @@ variables, exactly the node ``node_config`` derived (else it would talk to anoth
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,44 @@ def test_a_node_sized_for_more_calls_gets_an_rtp_range_for_them(tmp_path: Path) 
     # The node's service reads the same size from its variables.
     assert load_config(path, environ=node_environment(node)) == node
     assert node_config(base, 1, "127.0.0.1").asterisk.max_calls == NODE_MAX_CALLS
+
+
+def _tls_config(tmp_path: Path, *, sip_tls: bool) -> Path:
+    path = write(tmp_path)
+    text = path.read_text(encoding="utf-8") + 'node_transport = "tls"\n'
+    if sip_tls:
+        text += "[sip]\ntls = true\n"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_each_node_gets_its_own_tls_port_and_its_service_reads_it(tmp_path: Path) -> None:
+    path = _tls_config(tmp_path, sip_tls=True)
+    base = load_config(path, environ={})
+    one, two = (node_config(base, i, "127.0.0.1") for i in (1, 2))
+    assert one.sip.tls
+    assert two.sip.tls
+    assert one.sip.tls_port != two.sip.tls_port
+    assert load_config(path, environ=node_environment(one)) == one
+
+
+@pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed (scripts/bootstrap)")
+def test_tls_to_the_nodes_gives_the_front_and_the_nodes_one_site_ca(tmp_path: Path) -> None:
+    cluster = ClusterSandbox(load_config(_tls_config(tmp_path, sip_tls=True), environ={}), 2, tmp_path / "front")
+    front, pki = cluster.front, cluster.site_pki
+    assert pki is not None
+    assert pki.directory == tmp_path / "front" / "pki"
+    # The dispatcher reaches each node on its TLS port, verified against the site CA; the front has a TLS socket.
+    assert front.nodes == tuple(node.tls_address for node in cluster.nodes)
+    assert front.node_ca_file == pki.ca_cert
+    assert (front.tls_cert_file, front.tls_key_file) == (pki.server_cert, pki.server_key)
+    assert front.tls_listen.startswith("127.0.0.1:")
+    assert front.tls_listen != front.listen
+
+
+@pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed (scripts/bootstrap)")
+def test_tls_to_the_nodes_without_their_tls_transport_is_refused(tmp_path: Path) -> None:
+    config = load_config(_tls_config(tmp_path, sip_tls=False), environ={})
+    with pytest.raises(SandboxError, match=r'node_transport = "tls".*\[sip\] tls = true'):
+        ClusterSandbox(config, 2, tmp_path / "front")
+    assert not (tmp_path / "front").exists()

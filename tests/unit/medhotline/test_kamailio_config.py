@@ -105,11 +105,13 @@ def test_kamailio_accepts_the_generated_config(tmp_path: Path, algorithm: str, p
 def _tls_front(tmp_path: Path, **values: object) -> FrontConfig:
     pki = ensure_test_pki(tmp_path / "pki", ["127.0.0.1"])
     return front(
-        nodes=["127.0.0.1:5070"],
-        tls_listen="127.0.0.1:15061",
-        tls_cert_file=str(pki.server_cert),
-        tls_key_file=str(pki.server_key),
-        **values,
+        **{
+            "nodes": ["127.0.0.1:5070"],
+            "tls_listen": "127.0.0.1:15061",
+            "tls_cert_file": str(pki.server_cert),
+            "tls_key_file": str(pki.server_key),
+        }
+        | values
     )
 
 
@@ -156,3 +158,80 @@ def test_kamailio_accepts_the_tls_config(tmp_path: Path) -> None:
     assert (tmp_path / "front" / "tls.cfg").is_file()
     check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stderr[-2000:]
+
+
+def test_tls_to_the_nodes_names_the_transport_and_verifies_them(tmp_path: Path) -> None:
+    pki = ensure_test_pki(tmp_path / "pki", ["127.0.0.1"])
+    nodes = ["10.0.0.5:5061", "10.0.0.6:5071"]
+    tls_front = _tls_front(tmp_path, nodes=nodes, node_transport="tls", node_ca_file=str(pki.ca_cert))
+    # Calls and probes alike: every destination (the probes' request URI too) says transport=tls.
+    assert dispatcher_list(tls_front).splitlines()[1:] == [
+        "1 sip:medhotline-health@10.0.0.5:5061;transport=tls 0 0 duid=node1;maxload=0",
+        "1 sip:medhotline-health@10.0.0.6:5071;transport=tls 0 0 duid=node2;maxload=0",
+    ]
+    files = render_front(tls_front, tmp_path / "front" / "d.list")
+    assert files.tls is not None
+    server, client = files.tls.split("[client:default]\n")
+    assert "[server:default]" in server
+    # Kamailio, as the nodes' TLS client, shows its own certificate and refuses a node the site CA did not sign.
+    assert client.splitlines() == [
+        "method = TLSv1.2+",
+        f"certificate = {pki.server_cert}",
+        f"private_key = {pki.server_key}",
+        f"ca_list = {pki.ca_cert}",
+        "verify_certificate = yes",
+        "require_certificate = yes",
+    ]
+    # The default stays UDP: no transport parameter, no client profile.
+    udp = render_front(_tls_front(tmp_path, nodes=nodes), tmp_path / "front" / "d.list")
+    assert ";transport=" not in udp.dispatcher_list
+    assert udp.tls is not None
+    assert "[client:" not in udp.tls
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"node_transport": "tls"}, r"cluster\.front\.node_ca_file: node_transport = \"tls\" needs the CA"),
+        ({"node_transport": "tls", "node_ca_file": 'ca"x.pem'}, r"cluster\.front\.node_ca_file: .*quote"),
+    ],
+)
+def test_bad_node_tls_is_refused_naming_the_key(tmp_path: Path, values: dict[str, object], message: str) -> None:
+    with pytest.raises(FrontConfigError, match=message):
+        render_front(_tls_front(tmp_path, **values), tmp_path / "d.list")
+
+
+def test_tls_to_the_nodes_without_a_tls_socket_is_refused_and_the_old_files_stay(tmp_path: Path) -> None:
+    out = tmp_path / "front"
+    write_front(front(), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    no_socket = front(node_transport="tls", node_ca_file="/etc/medhotline/site-ca.pem")
+    with pytest.raises(FrontConfigError, match=r"node_transport = \"tls\": set tls_listen"):
+        write_front(no_socket, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('node_ca_file = "/etc/ca.pem"', r"node_ca_file is set but node_transport is \"udp\""),
+        ('node_transport = "tcp"', r"cluster\.front\.node_transport"),
+    ],
+)
+def test_bad_node_transport_settings_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "medhotline.toml"
+    path.write_text(f"[cluster.front]\n{toml}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+
+
+@pytest.mark.skipif(
+    not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so").exists() or shutil.which("kamailio") is None,
+    reason="kamailio-tls-modules is not installed (scripts/bootstrap)",
+)
+def test_kamailio_accepts_tls_to_the_nodes(tmp_path: Path) -> None:
+    pki = ensure_test_pki(tmp_path / "pki", ["127.0.0.1"])
+    cfg = write_front(_tls_front(tmp_path, node_transport="tls", node_ca_file=str(pki.ca_cert)), tmp_path / "front")
+    check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr[-2000:]
+    assert ";transport=tls" in (tmp_path / "front" / "dispatcher.list").read_text()
