@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import random
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import structlog
 
+from ground import logs
 from ground.logs import PHONE, REDACTED, bind_call, configure_logging, get_logger, redact
 
 
@@ -268,3 +270,35 @@ async def test_call_id_is_bound_per_task() -> None:
         ("a", "a"),
         ("b", "b"),
     ]
+
+
+def test_the_shortcut_for_values_without_a_phone_like_run_masks_exactly_what_the_full_scan_masks() -> None:
+    # Random text made of what the patterns care about: digits (also full-width), hex letters, separators, "+",
+    # the pieces of UUIDs, unique ids and dates, and channel names.
+    rng = random.Random(20261206)
+    alphabet = [*"0123456789０１２abcdefABCDEF -+.:/TZx", "PJSIP/agent-", "2024-11-26", "1732623456.12"]
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 40)))
+        assert logs._mask_phones(text) == logs._mask_between_kept(text), text
+
+
+def test_a_line_is_redacted_and_rendered_once_for_the_stream_and_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs: list[str] = []
+
+    def counting(logger: Any, method_name: str, event_dict: Any) -> Any:
+        runs.append(str(event_dict.get("event")))
+        return redact(logger, method_name, event_dict)
+
+    monkeypatch.setattr(logs, "redact", counting)
+    stream = io.StringIO()
+    configure_logging("info", tmp_path / "service.jsonl", stream=stream)
+    try:
+        get_logger("routing.engine").info("routing.offer", agent="gen1", caller="13800138000")
+        assert runs == ["routing.offer"]
+        line = stream.getvalue()
+        assert line == (tmp_path / "service.jsonl").read_text(encoding="utf-8")
+        assert "13800138000" not in line
+    finally:
+        configure_logging("info")
