@@ -24,6 +24,7 @@ from ground import db
 from ground.config import Config
 from ground.db_retry import RETRY_SECONDS, while_unavailable
 from ground.ids import is_uuid
+from ground.logs import hold_lines
 from ivr.fastagi import FastAgiCallChannel
 from ivr.flow_registry import FlowRegistry
 from ivr.flow_source import LoadedFlow
@@ -155,6 +156,16 @@ class CallLifecycle:
                 with contextlib.suppress(Exception):
                     await channel.hangup()
                 return call_id, "error"
+            # The call's record is written in order beside the call, never in its way (a commit waits for the
+            # disk); whatever refers to the call's row waits for these writes first (see _CallWrites).
+            # Calls that may route at once (the queue answers them) hold their writes, and the log lines written
+            # meanwhile, until the agent is dialled.
+            defer_answer = (
+                self.wiring.queue is not None
+                and isinstance(channel, AriCallChannel)
+                and not self.wiring.config.recordings.record_ivr
+            )
+            writes = _CallWrites(self._record, paused=defer_answer)
             log.info(
                 "call.start",
                 transport=info.transport,
@@ -162,15 +173,6 @@ class CallLifecycle:
                 flow=loaded.flow.flow,
                 version=loaded.version,
             )
-            # The call's record is written in order beside the call, never in its way (a commit waits for the
-            # disk); whatever refers to the call's row waits for these writes first (see _CallWrites).
-            # Calls that may route at once (the queue answers them) hold their writes until the agent is dialled.
-            defer_answer = (
-                self.wiring.queue is not None
-                and isinstance(channel, AriCallChannel)
-                and not self.wiring.config.recordings.record_ivr
-            )
-            writes = _CallWrites(self._record, paused=defer_answer)
             writes.add(
                 "start",
                 self.wiring.repo.start,
@@ -657,8 +659,10 @@ class _CallWrites:
         self._record = record  # HotlineService._record: logs a failure, never raises
         self._tail: asyncio.Task[None] | None = None
         # Paused: the writes wait (in order) until resume(), so they don't contend with the agent's reservation
-        # for the database on the way to the agent's phone.
+        # for the database on the way to the agent's phone; so do the service's info lines (ground.logs), whose
+        # writing would delay the ring as much.
         self._go = asyncio.Event()
+        self._lines = hold_lines() if paused else None
         if not paused:
             self._go.set()
 
@@ -676,6 +680,8 @@ class _CallWrites:
 
     def resume(self) -> None:
         self._go.set()
+        if self._lines is not None:
+            self._lines.release()
 
     async def drain(self) -> None:
         self.resume()

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -301,4 +302,89 @@ def test_a_line_is_redacted_and_rendered_once_for_the_stream_and_the_file(
         assert line == (tmp_path / "service.jsonl").read_text(encoding="utf-8")
         assert "13800138000" not in line
     finally:
+        configure_logging("info")
+
+
+def _written(stream: io.StringIO) -> list[dict[str, Any]]:
+    return _lines(stream.getvalue())
+
+
+def test_held_lines_wait_for_the_release_keep_their_order_time_and_context(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    configure_logging("info", tmp_path / "service.jsonl", stream=stream)
+    log = get_logger("routing.engine")
+    try:
+        log.info("before")
+        hold = logs.hold_lines()
+        with bind_call("6a100430-6518-4158-80b8-e8dd4160770a"):
+            log.info("call.start", caller="13800138000")
+        log.info("routing.offer")
+        assert [line["event"] for line in _written(stream)] == ["before"]
+        hold.release()
+        hold.release()  # a second release changes nothing
+        lines = _written(stream)
+        assert [line["event"] for line in lines] == ["before", "call.start", "routing.offer"]
+        # The context and the time are those of the moment of logging, not of the writing.
+        assert lines[1]["call_id"] == "6a100430-6518-4158-80b8-e8dd4160770a"
+        assert "call_id" not in lines[2]
+        assert lines[1]["caller"] == REDACTED
+        assert lines[1]["timestamp"] <= lines[2]["timestamp"]
+        assert stream.getvalue() == (tmp_path / "service.jsonl").read_text(encoding="utf-8")
+    finally:
+        configure_logging("info")
+
+
+def test_warnings_and_other_libraries_lines_are_never_held_and_write_the_held_ones_first() -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    hold = logs.hold_lines()
+    try:
+        get_logger("routing.engine").info("routing.queued")
+        assert _written(stream) == []
+        logging.getLogger("httpx").warning("a library's line")
+        assert [line["event"] for line in _written(stream)] == ["routing.queued", "a library's line"]
+        get_logger("routing.engine").info("routing.offer")
+        get_logger("routing.engine").warning("routing.reservation_refused")
+        assert [line["event"] for line in _written(stream)][2:] == ["routing.offer", "routing.reservation_refused"]
+    finally:
+        hold.release()
+        configure_logging("info")
+
+
+def test_a_hold_never_released_keeps_lines_at_most_the_hold_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    log = get_logger("routing.engine")
+    hold = logs.hold_lines()
+    try:
+        log.info("first")
+        now[0] += logs.HOLD_SECONDS / 2
+        log.info("second")
+        assert _written(stream) == []
+        now[0] += logs.HOLD_SECONDS * 1.5
+        log.info("third")  # the first kept line is too old: everything goes out, this one with it
+        assert [line["event"] for line in _written(stream)] == ["first", "second", "third"]
+        log.info("fourth")  # still held: a new window starts
+        assert len(_written(stream)) == 3
+        now[0] += logs.HOLD_SECONDS * 1.5
+        logs._GATE.flush_if_due()  # what the event loop's timer does when nothing else is logged
+        assert [line["event"] for line in _written(stream)][-1] == "fourth"
+    finally:
+        hold.release()
+        configure_logging("info")
+
+
+async def test_on_an_event_loop_held_lines_go_out_by_themselves_when_the_hold_time_is_up() -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    hold = logs.hold_lines()
+    try:
+        get_logger("routing.engine").info("held")
+        assert _written(stream) == []
+        await asyncio.sleep(logs.HOLD_SECONDS * 3)
+        assert [line["event"] for line in _written(stream)] == ["held"]
+    finally:
+        hold.release()
         configure_logging("info")
