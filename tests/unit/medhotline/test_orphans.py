@@ -16,6 +16,7 @@ from sqlalchemy.orm import sessionmaker
 from structlog.testing import capture_logs
 
 from ground import db
+from medhotline.ari_events import AriEventRouter
 from medhotline.orphan_sweep import sweep_orphans, watch_conversation
 from medhotline.orphans import (
     DestroyBridge,
@@ -25,6 +26,7 @@ from medhotline.orphans import (
     Restart,
     classify,
 )
+from telephony.ari_channel import AriDispatcher
 from telephony.ari_client import AriClient
 
 APP = "medhotline"
@@ -284,3 +286,27 @@ def test_the_calls_an_earlier_process_left_in_progress_are_closed_once(engine: E
     assert (old.outcome, old.error, old.ended_at) == ("node_lost", "process died", start)
     outcomes = {cid: r.outcome for cid in ("ended", "other-node", "new") if (r := repo.get(cid)) is not None}
     assert outcomes == {"ended": "caller_hangup", "other-node": "in_progress", "new": "in_progress"}
+
+
+# -- when the sweep runs ----------------------------------------------------------------------------------------
+
+
+def test_the_sweep_is_asked_for_at_the_first_connection_only() -> None:
+    fake = FakeAri([], [])
+    asked: list[str] = []
+
+    async def nothing(_: object) -> None:
+        return None
+
+    router = AriEventRouter(
+        lambda: client(fake),
+        AriDispatcher(),
+        default_flow=lambda: "hotline",
+        on_call=nothing,
+        on_handed_over=nothing,
+        spawn=lambda coro: coro.close(),
+        on_first_connect=lambda: asked.append("sweep"),
+    )
+    router._connected()
+    router._connected()  # a reconnect: the calls are this process's own
+    assert asked == ["sweep"]
