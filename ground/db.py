@@ -28,7 +28,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event, select, text
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -629,6 +629,18 @@ class CallRepository(Repository):
             row.route_priority = "emergency" if row.upgraded_at is not None else route_priority
             row.transfer_to = transfer_to
             return True
+
+    def close_left_behind(self, node: str, *, started_before: datetime, at: datetime, reason: str) -> int:
+        """Close ``node``'s calls still in progress that started before ``started_before`` (an earlier process
+        under this node's name died with them): outcome ``node_lost``, ended ``at``, ``reason`` as the error.
+        Calls already closed (by a lease takeover, or their own end) are left as they are; returns how many."""
+        statement = (
+            update(Call)
+            .where(Call.node == node, Call.outcome == "in_progress", Call.started_at < started_before)
+            .values(outcome="node_lost", ended_at=at, error=reason)
+        )
+        with self._transaction(f"closing the calls node {node} left in progress") as session:
+            return rowcount(session.execute(statement))
 
     def record_triage(
         self,

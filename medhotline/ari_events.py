@@ -57,6 +57,7 @@ class AriEventRouter:
         on_call: Callable[[AriCallChannel], Awaitable[object]],
         on_handed_over: Callable[[AriCallChannel], Awaitable[None]],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
+        on_first_connect: Callable[[], None] | None = None,
     ) -> None:
         # The service's ARI client, read at each use (a test or a reconnect may replace it).
         self._ari_of = ari_of
@@ -65,6 +66,10 @@ class AriEventRouter:
         self._on_call = on_call
         self._on_handed_over = on_handed_over
         self._spawn = spawn
+        # Called once, when the event stream first connects (the service's sweep of an earlier process's
+        # leftovers, medhotline.orphan_sweep); later reconnects find calls this process still owns.
+        self._on_first_connect = on_first_connect
+        self._connected_once = False
 
     @property
     def ari(self) -> AriClient:
@@ -127,11 +132,18 @@ class AriEventRouter:
             return
         self.dispatcher.dispatch(event)
 
+    def _connected(self) -> None:
+        if self._connected_once:
+            return
+        self._connected_once = True
+        if self._on_first_connect is not None:
+            self._on_first_connect()
+
     async def ari_loop(self) -> None:
         backoff = Backoff()
         while True:
             try:
-                async for event in self.ari.events():
+                async for event in self.ari.events(on_connected=self._connected):
                     backoff.reset()
                     self.on_ari_event(event)
             except ConnectionLost as exc:

@@ -165,7 +165,10 @@ class CallLifecycle:
                 and isinstance(channel, AriCallChannel)
                 and not self.wiring.config.recordings.record_ivr
             )
-            writes = _CallWrites(self._record, paused=defer_answer)
+            # A flow that talks to the caller first has nothing to get out of the way of: its record is written at
+            # once, so a service killed during the greeting leaves a record to close (medhotline.orphans).
+            talks_first = loaded.flow.nodes[loaded.flow.start].type != "route"
+            writes = _CallWrites(self._record, paused=defer_answer and not talks_first)
             log.info(
                 "call.start",
                 transport=info.transport,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -52,6 +53,8 @@ from medhotline.call_lifecycle import (
     _CallWrites,
 )
 from medhotline.callbacks import CallbackService
+from medhotline.orphan_sweep import sweep_orphans, watch_conversation
+from medhotline.orphans import KeepConversation
 from medhotline.sandbox import Sandbox, asterisk_client_ssl
 from medhotline.surge import SurgeState
 from recordings.capture import CallRecordings
@@ -190,6 +193,11 @@ class HotlineService:
             ssl_context=asterisk_client_ssl(config),
         )
         self.engine = engine
+        # When this process started: calls recorded before it, still in progress, were an earlier process's;
+        # channels Asterisk created before it and left in Stasis are what that process left (medhotline.orphans).
+        self.started_at = datetime.now(UTC)
+        # The sweep of those leftovers and the watchers of the conversations it kept (cancelled at shutdown).
+        self._sweeps: set[asyncio.Task[Any]] = set()
         # One call's life (composition: it reads this wiring) and the ARI event router feeding it.
         self.calls = CallLifecycle(self)
         self.events = AriEventRouter(
@@ -199,6 +207,7 @@ class HotlineService:
             on_call=self.calls.handle_call,
             on_handed_over=self.calls.handle_handed_over,
             spawn=self.calls.spawn,
+            on_first_connect=self._sweep_leftovers,
         )
         self.queue: CallerQueue | None = None
         if engine is not None:
@@ -257,6 +266,41 @@ class HotlineService:
 
     async def _overflowed(self, *args: Any, **kwargs: Any) -> bool:
         return await self.calls._overflowed(*args, **kwargs)
+
+    def _background(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(coro)
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    def _sweep_leftovers(self) -> None:
+        """ARI connected for the first time: deal with what an earlier process left in Asterisk."""
+        self._background(self.sweep_leftovers())
+
+    async def sweep_leftovers(self) -> None:
+        actions = await sweep_orphans(self.ari, owned=self.dispatcher.channel_ids, since=self.started_at)
+        for action in actions:
+            if isinstance(action, KeepConversation):
+                self._background(watch_conversation(self.ari, action))
+
+    async def close_left_behind(self) -> None:
+        """Close as ``node_lost`` the call records an earlier process of this node left in progress. With
+        ``[cluster]`` the lease's acquisition does it (routing.cluster), so it is not done twice here."""
+        if self.config.cluster.enabled:
+            return
+        node = self.config.service.node_name
+        reason = (
+            f"node {node}: the service process stopped without ending the call (crash or kill); closed by the "
+            f"process started {self.started_at.isoformat()}"
+        )
+        try:
+            closed = await asyncio.to_thread(
+                self.repo.close_left_behind, node, started_before=self.started_at, at=datetime.now(UTC), reason=reason
+            )
+        except Exception:
+            log.exception("service.close_left_behind_failed")
+            return
+        if closed:
+            log.warning("service.calls_left_behind_closed", node=node, count=closed)
 
     async def reload_loop(self) -> None:
         while True:
@@ -364,6 +408,7 @@ class HotlineService:
             ssl_context=asterisk_client_ssl(self.config),
         )
         ami.start()
+        await self.close_left_behind()
         loops = [
             asyncio.create_task(self.ari_loop()),
             asyncio.create_task(self.reload_loop()),
@@ -405,9 +450,9 @@ class HotlineService:
                 await self.callbacks.drain(SHUTDOWN_GRACE)
             if self.recordings is not None:
                 await self.recordings.drain(SHUTDOWN_GRACE)
-            for loop in loops:
+            for loop in [*loops, *self._sweeps]:
                 loop.cancel()
-            await asyncio.gather(*loops, *self.calls._calls, return_exceptions=True)
+            await asyncio.gather(*loops, *self._sweeps, *self.calls._calls, return_exceptions=True)
             ami.close()
             if self.engine is not None:
                 self.engine.close()

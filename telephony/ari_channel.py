@@ -430,6 +430,10 @@ class AriDispatcher:
     def __len__(self) -> int:
         return len(self._channels)
 
+    def channel_ids(self) -> frozenset[str]:
+        """The channels this process drives now (a sweep of leftovers must not touch them)."""
+        return frozenset(self._channels)
+
     def dispatch(self, event: dict[str, Any]) -> bool:
         """Deliver an event; False (and a log line) when no call owns it."""
         channel_id = event_channel_id(event)

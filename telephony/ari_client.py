@@ -18,7 +18,7 @@ import base64
 import json
 import random
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 from urllib.parse import urlencode
 
@@ -214,10 +214,12 @@ class AriClient:
         except ValueError:
             raise AriError(method, path, response.status_code, "response is not JSON") from None
 
-    async def events(self) -> AsyncIterator[dict[str, Any]]:
+    async def events(self, on_connected: Callable[[], None] | None = None) -> AsyncIterator[dict[str, Any]]:
         """Connect the event WebSocket and yield events until it closes; then raise ConnectionLost.
 
-        Reconnecting is the caller's decision (it knows about backoff and about calls in flight).
+        ``on_connected`` is called once the socket is open (the application is registered in Asterisk from
+        then on), before the first event. Reconnecting is the caller's decision (it knows about backoff and
+        about calls in flight).
         """
         try:
             async with connect(
@@ -231,6 +233,8 @@ class AriClient:
             ) as ws:
                 log.info("ari.connected", app=self.app)
                 self._attach(ws)
+                if on_connected is not None:
+                    on_connected()
                 try:
                     async for message in ws:
                         try:

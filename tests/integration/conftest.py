@@ -223,7 +223,7 @@ def running_hotline(
                 yield hotline
             finally:
                 hotline.close()
-                returncode = service.stop()
+                returncode = hotline.service.stop()  # a test may have replaced it (killed, restarted)
             assert returncode == 0, f"medhotline serve exited with {returncode}; see {log_path}"
         finally:
             keyservice.stop()
