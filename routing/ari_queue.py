@@ -152,8 +152,15 @@ class _Hold:
 
     async def ready(self) -> str:
         """The bridge, once the caller is in it with music; raises what the setup raised (a hang-up, an ARI error).
-        Shielded: whoever waits for it being cancelled must not cancel the setup itself."""
+        Shielded: whoever waits for it being cancelled must not cancel the setup itself.
+
+        With a route prompt, also once the prompt is over: whoever needs the bridge (an announcement, an escalation)
+        waits for it rather than talk over it or have the music restarted under it. An agent's answer stops the
+        prompt first (``CallerQueue._hushing_step``), so the conversation does not wait for it."""
         await asyncio.shield(self.task)
+        prompt = self.prompt.task if self.prompt is not None else None
+        if prompt is not None:
+            await asyncio.wait({prompt})  # its errors are its own (logged, or a hang-up the queue sees anyway)
         return self.bridge
 
     def check(self) -> None:
@@ -161,15 +168,6 @@ class _Hold:
         task = self._task
         if task is not None and task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error
-
-    async def prompt_over(self) -> None:
-        """Until the route prompt (if any) has ended and the music is on: an announcement waits for it rather than
-        talk over it or have the music restarted under it. Never raises (the prompt's errors are its own)."""
-        await self.ready()
-        task = self.prompt.task if self.prompt is not None else None
-        if task is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(task)
 
 
 class _RoutePrompt:
@@ -183,6 +181,12 @@ class _RoutePrompt:
         self.playback_id = f"route-prompt-{uuid.uuid4()}"
         self.task: asyncio.Task[None] | None = None
         self.hushed = asyncio.Event()
+        self.left = False  # the call left the queue: nothing more to play
+
+    def leave(self) -> None:
+        self.left = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
@@ -312,11 +316,11 @@ class CallerQueue:
     async def _drop_hold(self, hold: _Hold) -> None:
         """The holding bridge goes when the call leaves the queue (if its setup ever started)."""
         if hold.started:
+            if hold.prompt is not None:
+                hold.prompt.leave()  # the call left the queue: nothing more to play, nor music to start after it
             # Let the setup finish rather than cancel it, so no bridge it is creating outlives this DELETE.
             with contextlib.suppress(ChannelError, asyncio.CancelledError):
                 await hold.ready()
-            if hold.prompt is not None and hold.prompt.task is not None and not hold.prompt.task.done():
-                hold.prompt.task.cancel()  # the call left the queue: nothing more to play or to start after it
             with contextlib.suppress(ChannelError):
                 await self._ari.request("DELETE", f"/bridges/{hold.bridge}")
 
@@ -331,6 +335,8 @@ class CallerQueue:
         await self._request(
             "POST", f"/bridges/{bridge}/addChannel", {"channel": caller.info.channel_id, "role": "participant"}
         )
+        if prompt is not None and prompt.left:
+            return
         if prompt is not None:
             prompt.task = asyncio.ensure_future(self._route_prompt(caller, bridge, prompt))
             prompt.task.add_done_callback(_retrieved)
@@ -540,9 +546,8 @@ class CallerQueue:
 
     async def _announce(self, caller: AriCallChannel, hold: _Hold, text: str) -> str | None:
         """Music stops for the announcement and resumes after it; a key pressed meanwhile ends it and is returned.
-        A route prompt still playing is heard to its end first (keys pressed meanwhile wait in the channel's
-        events and end the announcement at once)."""
-        await hold.prompt_over()
+        A route prompt still playing is heard to its end first (``_Hold.ready``; keys pressed meanwhile wait in the
+        channel's events and end the announcement at once)."""
         bridge = await hold.ready()
         await self._moh(bridge, on=False)
         key = await caller.play(self._sound(text), barge_in=True)

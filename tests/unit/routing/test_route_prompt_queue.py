@@ -136,3 +136,27 @@ async def test_without_a_prompt_the_music_starts_at_once_and_answered_passes_str
     await queue._hushing_step(prompt.step, None)("answered", "nurse", None)
     assert steps == [("answered", "nurse", None)]
     assert not ari.paths("DELETE")
+
+
+async def test_whoever_needs_the_bridge_waits_for_the_prompt_to_end() -> None:
+    ari = FakeAri(playing=5)
+    queue, caller, prompt, steps = _setup(ari)
+    hold = ari_queue._Hold("hold-1", lambda: queue._hold(caller, "hold-1", answer=False, prompt=prompt), None, prompt)
+    assert await asyncio.wait_for(hold.ready(), timeout=5) == "hold-1"
+    # An announcement or an escalation starts only now: after the prompt, with the music on.
+    assert steps == [("route_prompt", "playing", SOUND), ("route_prompt", "played", SOUND)]
+    assert ari.paths("POST")[-1] == "/bridges/hold-1/moh"
+
+
+async def test_a_call_leaving_the_queue_ends_the_prompt_without_music_after_it() -> None:
+    ari = FakeAri()
+    queue, caller, prompt, steps = _setup(ari)
+    hold = ari_queue._Hold("hold-1", lambda: queue._hold(caller, "hold-1", answer=False, prompt=prompt), None, prompt)
+    hold.start()
+    await asyncio.sleep(0.05)
+    prompt.leave()
+    await asyncio.wait_for(hold.ready(), timeout=5)
+    assert prompt.task is not None
+    assert prompt.task.cancelled()
+    assert steps == [("route_prompt", "playing", SOUND)]
+    assert "/bridges/hold-1/moh" not in ari.paths("POST")
