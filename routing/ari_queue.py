@@ -108,6 +108,8 @@ class CallbackDesk(Protocol):
 HOLD_GRACE = 0.1
 # How often a playing route prompt is checked for its end (the music starts at most this long after it).
 ROUTE_PROMPT_POLL = 0.25
+# Failed checks in a row after which the prompt's end is taken as unknown and the music starts.
+ROUTE_PROMPT_TRIES = 3
 # How long an answered agent's bridging waits for the route prompt to be stopped (two ARI requests at most).
 HUSH_WAIT = 2.0
 
@@ -365,6 +367,7 @@ class CallerQueue:
             await self._moh(bridge, on=True)
             return
         await prompt.step("route_prompt", "playing", prompt.sound)
+        failures = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(ROUTE_PROMPT_POLL):
@@ -378,8 +381,18 @@ class CallerQueue:
                 await self._ari.request("GET", f"/playbacks/{prompt.playback_id}")
             except AriNotFound:
                 break
+            except (AriError, AriUnavailable) as exc:
+                # Asterisk can't say: after a few tries the music goes on (whoever waits for the prompt must not
+                # wait for ever), and the path says its end is not known.
+                failures += 1
+                if failures >= ROUTE_PROMPT_TRIES:
+                    log.warning("queue.route_prompt_end_unknown", reason=str(exc))
+                    await prompt.step("route_prompt", "end_unknown", prompt.sound)
+                    await self._moh(bridge, on=True)
+                    return
         # A playback also vanishes when the caller hangs up: then this raises CallerHungUp and records nothing.
-        await self._request("GET", f"/channels/{caller.info.channel_id}")
+        with contextlib.suppress(AriUnavailable):
+            await self._request("GET", f"/channels/{caller.info.channel_id}")
         await prompt.step("route_prompt", "played", prompt.sound)
         await self._moh(bridge, on=True)
 

@@ -160,3 +160,26 @@ async def test_a_call_leaving_the_queue_ends_the_prompt_without_music_after_it()
     assert prompt.task.cancelled()
     assert steps == [("route_prompt", "playing", SOUND)]
     assert "/bridges/hold-1/moh" not in ari.paths("POST")
+
+
+async def test_a_prompt_whose_end_asterisk_cannot_tell_gives_way_to_the_music_after_a_few_tries() -> None:
+    ari = FakeAri()
+
+    async def failing(
+        method: str, path: str, params: dict[str, str] | None = None, *, retry: bool | None = None
+    ) -> Any:
+        ari.requests.append((method, path))
+        if method == "GET":
+            raise AriError(method, path, 500, "internal")
+        return {}
+
+    ari.request = failing  # type: ignore[method-assign]
+    queue, caller, prompt, steps = _setup(ari)
+    with capture_logs() as logs:
+        await queue._hold(caller, "hold-1", answer=False, prompt=prompt)
+        assert prompt.task is not None
+        await asyncio.wait_for(prompt.task, timeout=5)
+    assert steps == [("route_prompt", "playing", SOUND), ("route_prompt", "end_unknown", SOUND)]
+    assert len(ari.paths("GET")) == ari_queue.ROUTE_PROMPT_TRIES
+    assert ari.paths("POST")[-1] == "/bridges/hold-1/moh"
+    assert any(entry["event"] == "queue.route_prompt_end_unknown" for entry in logs)
