@@ -134,9 +134,13 @@ class Step:
 
 @dataclass(frozen=True)
 class RouteDecision:
+    """Where the IVR sends the call. ``prompt``: the route node's sound, still to be played to the caller by the
+    queue (see FlowRunner.queue_says_route_prompt); None when the IVR said it already or the node has none."""
+
     category: str
     priority: str
     node: str
+    prompt: str | None = None
 
 
 ConfirmAnswer = Literal["key", "speech", "declined", "no_input"]
@@ -211,6 +215,10 @@ class FlowRunner:
     # the routed call (the ARI queue answers concurrently with ringing the agent). Only for transports whose
     # queue can answer; the result's ``answered`` tells.
     defer_answer: bool = False
+    # A route node's prompt is not said before routing but handed over with the decision, for the queue to play
+    # while the agent's phone already rings (an emergency caller must not wait ~5 s of "please hold" before
+    # anyone is dialled). Only for transports whose queue plays it (ARI); FastAGI says it first.
+    queue_says_route_prompt: bool = False
 
     # Where the call is: "node", or "subflow:node" inside a subflow. Reported with the outcome.
     _where: str = field(default="answer", init=False)
@@ -224,7 +232,8 @@ class FlowRunner:
         """Answer, walk the flow from its start node, and end in a hang-up, a route or a transfer."""
         try:
             start = flow.nodes[flow.start]
-            if not (self.defer_answer and isinstance(start, RouteNode) and start.prompt is None):
+            silent_start = isinstance(start, RouteNode) and (start.prompt is None or self.queue_says_route_prompt)
+            if not (self.defer_answer and silent_start):
                 await channel.answer()
                 self._answered = True
             return await self._walk(flow, channel)
@@ -295,8 +304,10 @@ class FlowRunner:
         self._typeahead = None
         if prompt is None:
             return None
-        sound = prompt.file if prompt.file else self.sound_for(prompt.say or "")
-        return await channel.play(sound, barge_in=barge_in)
+        return await channel.play(self._sound_of(prompt), barge_in=barge_in)
+
+    def _sound_of(self, prompt: Prompt) -> str:
+        return prompt.file if prompt.file else self.sound_for(prompt.say or "")
 
     async def _step(
         self, flow: Flow, node_id: str, node: Node, channel: CallChannel
@@ -358,8 +369,13 @@ class FlowRunner:
                 await channel.hangup()
                 raise _Done(self._result("completed"))
             case RouteNode():
-                await self._say(channel, node.prompt, False)
-                decision = RouteDecision(node.category, node.effective_priority, node_id)
+                later: str | None = None
+                if self.queue_says_route_prompt:
+                    self._typeahead = None  # as _say would: a skipped announcement's key is no input for the queue
+                    later = self._sound_of(node.prompt) if node.prompt is not None else None
+                else:
+                    await self._say(channel, node.prompt, False)
+                decision = RouteDecision(node.category, node.effective_priority, node_id, later)
                 await self.on_step(Step(flow.flow, node_id, "route", node.category, decision.priority))
                 raise _Done(self._result("routed", route=decision, answered=self._answered))
             case TransferNode():

@@ -227,6 +227,9 @@ class CallLifecycle:
                 outreach=outreach or self._inbound_outreach(lambda: runner.variables.get("patient_ref"), call_id),
                 # A route-first flow: the ARI queue answers the caller while it rings the agent.
                 defer_answer=defer_answer,
+                # And a route node's prompt is the queue's too, played while the agent's phone already rings. Not
+                # with a recorded IVR: its recording ends with the IVR and must hold every prompt the caller heard.
+                queue_says_route_prompt=defer_answer,
             )
             try:
                 result = await runner.run(loaded.flow, channel)
@@ -347,6 +350,7 @@ class CallLifecycle:
             patient_ref=result.variables.get("patient_ref"),
             writes=writes,
             answer=not result.answered,
+            prompt=route.prompt,
         )
         # Who answered is in the ring history, an unavailable end in the path; the record keeps how it ended.
         return dataclasses.replace(
@@ -366,12 +370,13 @@ class CallLifecycle:
         patient_ref: str | None = None,
         writes: _CallWrites | None = None,
         answer: bool = False,
+        prompt: str | None = None,
         serve: Callable[[QueueStep], Coroutine[Any, Any, QueueResult]] | None = None,
     ) -> QueueResult:
         """Wait for an agent and talk, recording the queue's milestones in the call's path. Never raises.
         ``writes``: the call's record writes, which the queue's steps join (in order); ``answer``: the IVR left the
-        caller unanswered. ``serve``: how the queue serves the call (default: a caller joining the queue, answered
-        by it if ``answer``); it is given the step recorder.
+        caller unanswered; ``prompt``: the route prompt the IVR left to the queue. ``serve``: how the queue serves
+        the call (default: a caller joining the queue, answered by it if ``answer``); it is given the step recorder.
 
         When the IVR identified the caller, the answering agent gets the "current call" scope of the access
         policy for that patient until the wrap-up ends, and not a moment longer.
@@ -415,7 +420,14 @@ class CallLifecycle:
                 steps.resume()  # no hold hook to wait for: the agent is reserved already
                 return await serve(on_step)
             return await self.wiring.queue.serve(
-                channel, call_id, category, cast(CallPriority, priority), on_step, answer=answer, on_hold=steps.resume
+                channel,
+                call_id,
+                category,
+                cast(CallPriority, priority),
+                on_step,
+                answer=answer,
+                on_hold=steps.resume,
+                prompt=prompt,
             )
         except Exception:
             log.exception("routing.crashed")

@@ -106,6 +106,12 @@ class CallbackDesk(Protocol):
 # How long the caller's side waits for the agent's leg to be dialled first. The reservation takes milliseconds;
 # this bounds the wait when it is slow or refused, so a caller never waits for music longer than this.
 HOLD_GRACE = 0.1
+# How often a playing route prompt is checked for its end (the music starts at most this long after it).
+ROUTE_PROMPT_POLL = 0.25
+# Failed checks in a row after which the prompt's end is taken as unknown and the music starts.
+ROUTE_PROMPT_TRIES = 3
+# How long an answered agent's bridging waits for the route prompt to be stopped (two ARI requests at most).
+HUSH_WAIT = 2.0
 
 
 class _Hold:
@@ -116,12 +122,18 @@ class _Hold:
     """
 
     def __init__(
-        self, bridge: str, setup: Callable[[], Awaitable[None]], on_start: Callable[[], None] | None = None
+        self,
+        bridge: str,
+        setup: Callable[[], Awaitable[None]],
+        on_start: Callable[[], None] | None = None,
+        prompt: _RoutePrompt | None = None,
     ) -> None:
         self.bridge = bridge
         self._setup = setup
         self._on_start = on_start
         self._task: asyncio.Task[None] | None = None
+        # The route node's prompt, when the IVR left it to the queue: played in this bridge before the music.
+        self.prompt = prompt
 
     @property
     def task(self) -> asyncio.Task[None]:
@@ -142,8 +154,15 @@ class _Hold:
 
     async def ready(self) -> str:
         """The bridge, once the caller is in it with music; raises what the setup raised (a hang-up, an ARI error).
-        Shielded: whoever waits for it being cancelled must not cancel the setup itself."""
+        Shielded: whoever waits for it being cancelled must not cancel the setup itself.
+
+        With a route prompt, also once the prompt is over: whoever needs the bridge (an announcement, an escalation)
+        waits for it rather than talk over it or have the music restarted under it. An agent's answer stops the
+        prompt first (``CallerQueue._hushing_step``), so the conversation does not wait for it."""
         await asyncio.shield(self.task)
+        prompt = self.prompt.task if self.prompt is not None else None
+        if prompt is not None:
+            await asyncio.wait({prompt})  # its errors are its own (logged, or a hang-up the queue sees anyway)
         return self.bridge
 
     def check(self) -> None:
@@ -151,6 +170,25 @@ class _Hold:
         task = self._task
         if task is not None and task.done() and not task.cancelled() and (error := task.exception()) is not None:
             raise error
+
+
+class _RoutePrompt:
+    """The route node's prompt, played by the queue while the agent's phone rings (``CallerQueue.serve``'s
+    ``prompt``). It ends by itself ("played"), or is stopped the moment an agent answers: the conversation comes
+    first, the caller must not miss the agent's first words. Each outcome is a step in the call's path."""
+
+    def __init__(self, sound: str, step: QueueStep) -> None:
+        self.sound = sound
+        self.step = step
+        self.playback_id = f"route-prompt-{uuid.uuid4()}"
+        self.task: asyncio.Task[None] | None = None
+        self.hushed = asyncio.Event()
+        self.left = False  # the call left the queue: nothing more to play
+
+    def leave(self) -> None:
+        self.left = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
@@ -233,6 +271,7 @@ class CallerQueue:
         *,
         answer: bool = False,
         on_hold: Callable[[], None] | None = None,
+        prompt: str | None = None,
     ) -> QueueResult:
         """Never raises for telephony trouble: the result says how the call left the queue.
 
@@ -240,13 +279,18 @@ class CallerQueue:
         answered by which agent, escalated); every ring is in the agents' ring history. ``answer``: the IVR left
         the caller unanswered (a flow that starts with its route node), the queue answers them. ``on_hold()`` is
         called when the caller's side starts: the agent's leg is dialled (or nobody is being reserved), so the
-        caller's other work (their record) no longer competes with it.
+        caller's other work (their record) no longer competes with it. ``prompt``: the route node's sound, which
+        the IVR left to the queue; the caller hears it in the holding bridge as their side starts (the agent's
+        phone is ringing by then), before the music, and an agent who answers meanwhile stops it.
         """
-        step = on_step or _no_step
+        route_prompt = _RoutePrompt(prompt, on_step or _no_step) if prompt is not None else None
+        step = self._hushing_step(on_step or _no_step, route_prompt)
         # The agent first: the engine reserves and offers while the caller's side is set up beside it.
         ticket = self._engine.enqueue(CallRequest(call_id, category, priority, datetime.now(UTC)))
         bridge = f"hold-{call_id}"
-        hold = _Hold(bridge, lambda: self._hold(caller, bridge, answer=answer), on_hold)
+        hold = _Hold(
+            bridge, lambda: self._hold(caller, bridge, answer=answer, prompt=route_prompt), on_hold, route_prompt
+        )
         try:
             # The priority it waits with: the statistics hold emergencies to their own target (an agent's later
             # upgrade changes the call's record, not how it waited).
@@ -274,21 +318,100 @@ class CallerQueue:
     async def _drop_hold(self, hold: _Hold) -> None:
         """The holding bridge goes when the call leaves the queue (if its setup ever started)."""
         if hold.started:
+            if hold.prompt is not None:
+                hold.prompt.leave()  # the call left the queue: nothing more to play, nor music to start after it
             # Let the setup finish rather than cancel it, so no bridge it is creating outlives this DELETE.
             with contextlib.suppress(ChannelError, asyncio.CancelledError):
                 await hold.ready()
             with contextlib.suppress(ChannelError):
                 await self._ari.request("DELETE", f"/bridges/{hold.bridge}")
 
-    async def _hold(self, caller: AriCallChannel, bridge: str, *, answer: bool) -> None:
-        """Answer (if the IVR did not), put the caller into their holding bridge and start the music."""
+    async def _hold(
+        self, caller: AriCallChannel, bridge: str, *, answer: bool, prompt: _RoutePrompt | None = None
+    ) -> None:
+        """Answer (if the IVR did not), put the caller into their holding bridge and start the music; with a route
+        prompt, the prompt first and the music after it (the setup is done once the prompt has started)."""
         if answer:
             await caller.answer()
         await self._request("POST", "/bridges", {"type": "holding", "bridgeId": bridge, "name": bridge})
         await self._request(
             "POST", f"/bridges/{bridge}/addChannel", {"channel": caller.info.channel_id, "role": "participant"}
         )
+        if prompt is not None and prompt.left:
+            return
+        if prompt is not None:
+            prompt.task = asyncio.ensure_future(self._route_prompt(caller, bridge, prompt))
+            prompt.task.add_done_callback(_retrieved)
+            return
         await self._moh(bridge, on=True)
+
+    async def _route_prompt(self, caller: AriCallChannel, bridge: str, prompt: _RoutePrompt) -> None:
+        """Play the route prompt, then start the music; stop it when an agent answers (``_hushing_step``).
+
+        Its end is polled (``GET /playbacks``) rather than awaited as an event: the caller's events belong to the
+        queue's wait, which must see a key pressed during the prompt (the emergency key, a callback) as it does
+        at any other time."""
+        if prompt.hushed.is_set():  # an agent answered before the caller's side was even ready
+            await prompt.step("route_prompt", "skipped", prompt.sound)
+            return
+        try:
+            await self._request(
+                "POST",
+                f"/channels/{caller.info.channel_id}/play/{prompt.playback_id}",
+                {"media": f"sound:{prompt.sound}"},
+            )
+        except (AriError, AriUnavailable) as exc:
+            # The caller waits with music instead; the path says they did not hear it.
+            log.error("queue.route_prompt_failed", reason=str(exc))
+            await prompt.step("route_prompt", "not_played", prompt.sound)
+            await self._moh(bridge, on=True)
+            return
+        await prompt.step("route_prompt", "playing", prompt.sound)
+        failures = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ROUTE_PROMPT_POLL):
+                    await prompt.hushed.wait()
+            if prompt.hushed.is_set():
+                with contextlib.suppress(AriError, AriUnavailable):  # ended in the meantime: nothing to stop
+                    await self._ari.request("DELETE", f"/playbacks/{prompt.playback_id}")
+                await prompt.step("route_prompt", "stopped", "agent answered")
+                return
+            try:
+                await self._ari.request("GET", f"/playbacks/{prompt.playback_id}")
+            except AriNotFound:
+                break
+            except (AriError, AriUnavailable) as exc:
+                # Asterisk can't say: after a few tries the music goes on (whoever waits for the prompt must not
+                # wait for ever), and the path says its end is not known.
+                failures += 1
+                if failures >= ROUTE_PROMPT_TRIES:
+                    log.warning("queue.route_prompt_end_unknown", reason=str(exc))
+                    await prompt.step("route_prompt", "end_unknown", prompt.sound)
+                    await self._moh(bridge, on=True)
+                    return
+        # A playback also vanishes when the caller hangs up: then this raises CallerHungUp and records nothing.
+        with contextlib.suppress(AriUnavailable):
+            await self._request("GET", f"/channels/{caller.info.channel_id}")
+        await prompt.step("route_prompt", "played", prompt.sound)
+        await self._moh(bridge, on=True)
+
+    @staticmethod
+    def _hushing_step(step: QueueStep, prompt: _RoutePrompt | None) -> QueueStep:
+        """The queue's step recorder, which first stops the route prompt when an agent answered: the agent is
+        bridged to the caller right after this step, and the caller must not miss their first words under it."""
+        if prompt is None:
+            return step
+
+        async def hushing(node: str, edge: str | None, value: str | None) -> None:
+            if node == "answered" and not prompt.hushed.is_set():
+                prompt.hushed.set()
+                if prompt.task is not None:
+                    # Stopped (and its step written) before the answer's step; bounded, the agent is waiting.
+                    await asyncio.wait({prompt.task}, timeout=HUSH_WAIT)
+            await step(node, edge, value)
+
+        return hushing
 
     async def serve_callback(
         self, patient: AriCallChannel, ticket: Ticket, offer: Offer, on_step: QueueStep | None = None
@@ -435,7 +558,9 @@ class CallerQueue:
         return key.result() if key in done else None
 
     async def _announce(self, caller: AriCallChannel, hold: _Hold, text: str) -> str | None:
-        """Music stops for the announcement and resumes after it; a key pressed meanwhile ends it and is returned."""
+        """Music stops for the announcement and resumes after it; a key pressed meanwhile ends it and is returned.
+        A route prompt still playing is heard to its end first (``_Hold.ready``; keys pressed meanwhile wait in the
+        channel's events and end the announcement at once)."""
         bridge = await hold.ready()
         await self._moh(bridge, on=False)
         key = await caller.play(self._sound(text), barge_in=True)

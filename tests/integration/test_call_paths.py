@@ -37,6 +37,7 @@ def test_patient_hears_the_notices_then_chooses_from_the_menu(hotline: Hotline, 
     assert record.ended_at is not None
     assert record.started_at <= record.answered_at <= record.ended_at
     assert record.channel_name.startswith("PJSIP/patients-")
+    general = hotline.sound_of("hotline", "general")
     assert hotline.path(record) == [
         ("greeting", "next", None),  # played to the end, not skipped
         ("scope_notice", "next", None),
@@ -46,6 +47,8 @@ def test_patient_hears_the_notices_then_chooses_from_the_menu(hotline: Hotline, 
         # No agent is configured on this hotline: nobody could ever take the call, so the caller is told at once
         # where to turn instead of waiting for ever (the routing tests have agents).
         ("queued", "general", "normal"),
+        # On ARI the queue plays the route prompt (docs/routing.md); over FastAGI the IVR said it before routing.
+        *([("route_prompt", "playing", general), ("route_prompt", "played", general)] if transport == "ari" else []),
         ("unavailable", "no_qualified_agent", None),
     ]
     # The phone was held for both notices and the route announcement: Asterisk really played them.

@@ -186,8 +186,11 @@ def test_callers_who_choose_a_callback_are_called_back_in_order_by_the_reserved_
     originals = sorted((r for r in hotline.repo.list_recent(50) if r.id not in before), key=lambda r: r.started_at)
     for record in originals:
         queue_path = [(s.node, s.edge, s.input) for s in hotline.repo.steps(record.id) if s.flow == "queue"]
+        general = hotline.sound_of("routing_desk", "general")  # the route prompt: the queue's (docs/routing.md)
         assert queue_path == [
-            ("queued", "general", "normal"), ("callback_offered", None, None), ("callback", "accepted", "1")
+            ("queued", "general", "normal"),
+            ("route_prompt", "playing", general), ("route_prompt", "played", general),
+            ("callback_offered", None, None), ("callback", "accepted", "1"),
         ]  # fmt: skip
         assert record.outcome == "routed"
     rows = desk.callbacks()
