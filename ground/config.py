@@ -86,7 +86,20 @@ class DatabaseConfig(_Section):
                     "sslrootcert=<the CA file>) so the link is encrypted and the server's certificate and name are "
                     'checked (docs/cluster.md, "Encrypted links between hosts")'
                 )
+            for key in _LIBPQ_FILE_PARAMETERS:
+                for value in query.get(key, []):
+                    if not (key == "sslrootcert" and value == "system") and not Path(value).is_absolute():
+                        # libpq opens it relative to whatever directory the process was started in: it would work
+                        # from a shell in /etc/medhotline and fail under systemd, at the first connection.
+                        raise ValueError(
+                            f"url: {key}={value} is a relative path: libpq would look for it relative to the "
+                            "service's working directory; give the absolute path"
+                        )
         return self
+
+
+# libpq's connection parameters that name a file (TLS material).
+_LIBPQ_FILE_PARAMETERS = ("sslrootcert", "sslcert", "sslkey", "sslcrl", "sslcrldir")
 
 
 def _postgres_hosts(url: str) -> list[str]:

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from medhotline.sandbox_pki import VALIDITY, PkiFiles, ensure_test_pki, write_whole
 from medhotline.free_ports import free_port
+from medhotline.sandbox_pki import VALIDITY, PkiFiles, ensure_test_pki, write_whole
 from tests.pg_replication import pg_bin
 
 CERT_HOST = "127.0.0.1"  # in the server certificate's subjectAltName

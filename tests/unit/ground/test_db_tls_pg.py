@@ -58,7 +58,8 @@ def test_the_database_layer_works_over_verified_tls(pg: TlsPostgres) -> None:
         repo.start(call_id="tls-1", node="A", transport="ari", channel_id="ch-1", channel_name="PJSIP/patients-1",
                    flow="main", flow_version="v1", started_at=datetime.now(UTC))  # fmt: skip
         stored = repo.get("tls-1")
-        assert stored is not None and stored.channel_id == "ch-1"
+        assert stored is not None
+        assert stored.channel_id == "ch-1"
     finally:
         engine.dispose()
     assert _ssl_of_session(url) == (True, "TLSv1.3")
@@ -100,3 +101,12 @@ def test_plain_tcp_is_refused_by_the_server(pg: TlsPostgres) -> None:
     message = _refusal(pg.url(sslmode="disable").replace("postgres@", f"postgres:{PASSWORD}@"))
     assert "pg_hba.conf rejects connection" in message
     assert "no encryption" in message
+
+
+def test_a_missing_ca_file_stops_the_service_at_start_naming_the_file(pg: TlsPostgres) -> None:
+    missing = pg.base / "no-such-ca.crt"
+    with pytest.raises(db.DatabaseError) as err:
+        db.ensure_current(pg.url(ca=missing))  # what `medhotline serve` does first
+    message = str(err.value)
+    assert message.startswith(f"database at postgresql+psycopg://postgres@{CERT_HOST}:{pg.port}/postgres?"), message
+    assert f'root certificate file "{missing}" does not exist' in message

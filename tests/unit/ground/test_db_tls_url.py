@@ -45,3 +45,29 @@ def test_the_tls_parameters_reach_libpq() -> None:
     assert url.query["sslmode"] == "verify-full"
     assert url.query["sslrootcert"] == "/etc/medhotline/db-ca.crt"
     assert url.query["host"] == ("10.0.0.21:5432", "10.0.0.22:5432")
+
+
+@pytest.mark.parametrize(
+    ("parameter", "value"),
+    [
+        ("sslrootcert", "db-ca.crt"),
+        ("sslrootcert", "certs%2Fdb-ca.crt"),
+        ("sslcert", "./node.crt"),
+        ("sslkey", "node.key"),
+        ("sslcrl", "crl.pem"),
+    ],
+)
+def test_a_relative_tls_file_is_refused_naming_the_parameter(parameter: str, value: str) -> None:
+    url = REMOTE + f"?sslmode=verify-full&{parameter}={value}"
+    with pytest.raises(ConfigError) as err:
+        load_config(Path("/dev/null"), environ={"MEDHOTLINE__DATABASE__URL": url})
+    message = str(err.value)
+    assert "environment MEDHOTLINE__DATABASE__URL: database: url:" in message
+    assert f"{parameter}={value.replace('%2F', '/')} is a relative path" in message
+    assert "give the absolute path" in message
+    assert "s3cret-pw" not in message
+
+
+def test_the_system_trust_store_is_not_a_relative_path() -> None:
+    url = REMOTE + "?sslmode=verify-full&sslrootcert=system&sslcert=/etc/medhotline/db-client.crt"
+    assert Config.model_validate({"database": {"url": url}}).database.url == url
