@@ -4,7 +4,9 @@ PostgreSQL's own replication only: ``pg_basebackup -R`` clones the primary into 
 ``synchronous_standby_names`` on the primary makes a COMMIT return only once the standby has flushed it, and
 ``pg_ctl promote`` turns the standby into the new primary. Both servers listen on free loopback ports in a
 temporary directory (mode 0700, owned by the ``postgres`` user when the tests run as root, like
-scripts/postgres.sh), and everything is stopped and removed at the end.
+scripts/postgres.sh), and everything is stopped and removed at the end. With ``tls=True`` both take TCP over TLS
+only (``tests.pg_tls``: a private CA, ``hostssl`` lines), the standby streams from the primary over TLS, and every
+client, the helper's own included, connects with ``sslmode=verify-full``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
+
+from medhotline.sandbox_pki import PkiFiles
+from tests.pg_tls import make_tls_only, verify_full
 
 STANDBY_NAME = "medhotline_standby"
 
@@ -46,9 +53,11 @@ class Server:
 class ReplicatedPostgres:
     """A primary and one synchronous standby; ``url`` names both (libpq multi-host, read-write target)."""
 
-    def __init__(self, base: Path, binaries: Path) -> None:
+    def __init__(self, base: Path, binaries: Path, *, tls: bool = False) -> None:
         self._base = base
         self._bin = binaries
+        self._tls = tls
+        self.pki: PkiFiles | None = None  # with tls, once started
         self.primary = Server("primary", base / "primary", _free_port())
         self.standby = Server("standby", base / "standby", _free_port())
         self.database = "medhotline"
@@ -56,7 +65,15 @@ class ReplicatedPostgres:
     @property
     def url(self) -> str:
         hosts = f"127.0.0.1:{self.primary.port},127.0.0.1:{self.standby.port}"
-        return f"postgresql+psycopg://postgres@{hosts}/{self.database}?target_session_attrs=read-write"
+        query = urlencode({"target_session_attrs": "read-write", **self._libpq()})
+        return f"postgresql+psycopg://postgres@{hosts}/{self.database}?{query}"
+
+    def _libpq(self) -> dict[str, str]:
+        return verify_full(self.pki) if self.pki is not None else {}
+
+    def _conninfo(self, server: Server, database: str) -> str:
+        params = {"host": "127.0.0.1", "port": str(server.port), "user": "postgres", "dbname": database}
+        return " ".join(f"{key}={value}" for key, value in {**params, **self._libpq()}.items())
 
     def _run(self, *args: str) -> None:
         command = [str(self._bin / args[0]), *args[1:]]
@@ -74,13 +91,17 @@ class ReplicatedPostgres:
 
     def start(self) -> None:
         self._run("initdb", "-D", str(self.primary.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-locale")
+        if self._tls:
+            # Before the first start, in the primary's data directory: the standby's clone inherits it all.
+            self.pki = make_tls_only(self._base, self.primary.data)
         # A COMMIT waits until the standby has flushed it (synchronous_commit = on, the default): an acknowledged
         # write is on both servers. Set on the primary's command line only, so the standby does not inherit it:
         # once promoted, with no standby of its own, it must not wait for one.
         self._start(self.primary, f"-c synchronous_standby_names={STANDBY_NAME}")
         self._run(
             "pg_basebackup",
-            *("-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres"),
+            # -R writes this conninfo (with sslmode and sslrootcert) as the standby's primary_conninfo.
+            *("-d", self._conninfo(self.primary, "replication")),
             *("-D", str(self.standby.data), "-R", "-X", "stream", "-c", "fast"),
         )
         # cluster_name is the standby's application_name on the primary when primary_conninfo names none.
@@ -89,8 +110,7 @@ class ReplicatedPostgres:
         self._wait_sync()
 
     def sql(self, server: Server, statement: str) -> str:
-        command = [str(self._bin / "psql"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres", "-d"]
-        command += ["postgres", "-XAtqc", statement]
+        command = [str(self._bin / "psql"), "-d", self._conninfo(server, "postgres"), "-XAtqc", statement]
         if not (self._bin / "psql").exists():
             command[0] = "psql"
         done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
@@ -129,15 +149,17 @@ class ReplicatedPostgres:
 
 
 @contextlib.contextmanager
-def replicated_postgres() -> Iterator[ReplicatedPostgres]:
-    """A started primary + synchronous standby, stopped and removed afterwards (RuntimeError if none installed)."""
+def replicated_postgres(*, tls: bool = False) -> Iterator[ReplicatedPostgres]:
+    """A started primary + synchronous standby, stopped and removed afterwards (RuntimeError if none installed).
+
+    ``tls``: both TLS-only, replication included, with a private CA (``cluster.pki``); ``url`` verifies it."""
     binaries = pg_bin()
     if binaries is None:
         raise RuntimeError("PostgreSQL binaries not found under /usr/lib/postgresql (apt-get install postgresql)")
     base = Path(tempfile.mkdtemp(prefix="medhotline-pgrepl."))
     if os.geteuid() == 0:
         shutil.chown(base, "postgres")
-    cluster = ReplicatedPostgres(base, binaries)
+    cluster = ReplicatedPostgres(base, binaries, tls=tls)
     try:
         cluster.start()
         yield cluster
@@ -147,13 +169,14 @@ def replicated_postgres() -> Iterator[ReplicatedPostgres]:
 
 
 def main() -> int:
-    """``python -m tests.pg_replication``: a sandbox primary + synchronous standby for trying a failover by hand.
+    """``python -m tests.pg_replication [--tls]``: a sandbox primary + synchronous standby for trying a failover by
+    hand (``--tls``: TLS only, the URL with ``sslmode=verify-full``).
 
     Prints the multi-host URL for ``[database] url`` (or ``MEDHOTLINE__DATABASE__URL``) and the commands that kill
     the primary and promote the standby, then waits; Ctrl-C or SIGTERM stops both servers and removes them.
     """
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-    with replicated_postgres() as pg:
+    with replicated_postgres(tls="--tls" in sys.argv[1:]) as pg:
         binaries = pg_bin()
         as_postgres = "runuser -u postgres -- " if os.geteuid() == 0 else ""
         print(f"url = {pg.url!r}")

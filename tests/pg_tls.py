@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -31,7 +30,6 @@ from cryptography.x509.oid import NameOID
 
 from medhotline.free_ports import free_port
 from medhotline.sandbox_pki import VALIDITY, PkiFiles, ensure_test_pki, write_whole
-from tests.pg_replication import pg_bin
 
 CERT_HOST = "127.0.0.1"  # in the server certificate's subjectAltName
 OTHER_HOST = "127.0.0.2"  # also loopback, the same server, but not in its certificate
@@ -39,9 +37,11 @@ OTHER_HOST = "127.0.0.2"  # also loopback, the same server, but not in its certi
 # TLS for every TCP connection, nothing in clear: no ``host`` line at all, and a ``hostnossl ... reject`` so the
 # refusal names the reason. The Unix socket (``local``) stays for the helper's own administration.
 HBA = """\
-local     all  all                 trust
-hostssl   all  all  127.0.0.0/8    trust
-hostnossl all  all  0.0.0.0/0      reject
+local     all          all                 trust
+hostssl   all          all  127.0.0.0/8    trust
+hostssl   replication  all  127.0.0.0/8    trust
+hostnossl all          all  0.0.0.0/0      reject
+hostnossl replication  all  0.0.0.0/0      reject
 """
 
 
@@ -94,39 +94,49 @@ def _run(command: list[str]) -> None:
         raise RuntimeError(f"{command[0]} failed ({done.returncode}): {done.stdout[-800:]}{done.stderr[-800:]}")
 
 
+def make_tls_only(base: Path, data: Path) -> PkiFiles:
+    """Turn the freshly made cluster in ``data`` into a TLS-only one, with a private CA in ``base/pki``.
+
+    Written into ``data`` (``pg_hba.conf``, ``postgresql.conf``), so a standby cloned from it with
+    ``pg_basebackup`` inherits both. Returns the CA and certificates (``ca_cert`` is the clients' sslrootcert)."""
+    pki = ensure_test_pki(base / "pki", [CERT_HOST])
+    if os.geteuid() == 0:
+        # The server reads its key as the postgres user, and insists it is 0600 and owned by it.
+        for path in (pki.directory, pki.server_key, pki.server_cert, pki.ca_cert):
+            shutil.chown(path, "postgres")
+    (data / "pg_hba.conf").write_text(HBA, encoding="utf-8")
+    settings = {
+        "ssl": "on",
+        "ssl_cert_file": f"'{pki.server_cert}'",
+        "ssl_key_file": f"'{pki.server_key}'",
+        "ssl_ca_file": f"'{pki.ca_cert}'",
+        "ssl_min_protocol_version": "'TLSv1.2'",
+    }
+    with (data / "postgresql.conf").open("a", encoding="utf-8") as conf:
+        conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+    return pki
+
+
+def verify_full(pki: PkiFiles) -> dict[str, str]:
+    """The libpq parameters of a client that checks the server against the CA and the name it connects to."""
+    return {"sslmode": "verify-full", "sslrootcert": str(pki.ca_cert)}
+
+
 @contextlib.contextmanager
-def tls_postgres() -> Iterator[TlsPostgres]:
-    """A started TLS-only PostgreSQL (RuntimeError if none is installed), stopped and removed afterwards."""
-    binaries = pg_bin()
-    if binaries is None:
-        raise RuntimeError("PostgreSQL binaries not found under /usr/lib/postgresql (apt-get install postgresql)")
+def tls_postgres(binaries: Path) -> Iterator[TlsPostgres]:
+    """A started TLS-only PostgreSQL from ``binaries`` (its bin directory), stopped and removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="medhotline-pgtls."))
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
     data = base / "data"
     try:
-        pki = ensure_test_pki(base / "pki", [CERT_HOST])
-        if os.geteuid() == 0:
-            # The server reads its key as the postgres user, and insists it is 0600 and owned by it.
-            for path in (base, pki.directory, pki.server_key, pki.server_cert, pki.ca_cert):
-                shutil.chown(path, "postgres")
         _run([str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-locale"])
-        (data / "pg_hba.conf").write_text(HBA, encoding="utf-8")
+        pki = make_tls_only(base, data)
         server = TlsPostgres(base, free_port(socket.SOCK_STREAM), pki, _other_ca(base / "other-ca.crt"))
-        settings = {
-            "port": str(server.port),
-            "unix_socket_directories": f"'{base}'",
-            "listen_addresses": f"'{CERT_HOST},{OTHER_HOST}'",
-            "fsync": "off",
-            "ssl": "on",
-            "ssl_cert_file": f"'{pki.server_cert}'",
-            "ssl_key_file": f"'{pki.server_key}'",
-            "ssl_ca_file": f"'{pki.ca_cert}'",
-            "ssl_min_protocol_version": "'TLSv1.2'",
-        }
-        with (data / "postgresql.conf").open("a", encoding="utf-8") as conf:
-            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        options = f"-p {server.port} -k {base} -c listen_addresses={CERT_HOST},{OTHER_HOST} -c fsync=off"
         log = base / "server.log"
         try:
-            _run([str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "start"])
+            _run([str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", options, "start"])
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}\n{log.read_text(errors='replace')[-1500:] if log.exists() else ''}") from None
         yield server
@@ -135,20 +145,3 @@ def tls_postgres() -> Iterator[TlsPostgres]:
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 _run([str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
         shutil.rmtree(base, ignore_errors=True)
-
-
-def main() -> int:
-    """``python -m tests.pg_tls``: the TLS-only server for trying URLs by hand; prints them, Ctrl-C stops it."""
-    with tls_postgres() as pg:
-        print(f"url = {pg.url()!r}")
-        print(f"wrong CA:   {pg.url(ca=pg.other_ca)!r}")
-        print(f"wrong name: {pg.url(host=OTHER_HOST)!r}")
-        print(f"plain TCP:  {pg.url(sslmode='disable')!r}")
-        print("Ctrl-C stops it and removes it.", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -20,7 +21,7 @@ from sqlalchemy import text
 from ground import db
 from ground.config import load_config
 from medhotline.free_ports import free_port
-from tests.pg_replication import pg_bin
+from tests.pg_replication import pg_bin, replicated_postgres
 from tests.pg_tls import CERT_HOST, OTHER_HOST, TlsPostgres, tls_postgres
 
 pytestmark = pytest.mark.postgres
@@ -28,13 +29,18 @@ pytestmark = pytest.mark.postgres
 PASSWORD = "s3cret-pw"  # trust authentication ignores it; it is there to be masked
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[TlsPostgres]:
-    if pg_bin() is None:
+def _binaries() -> Path:
+    binaries = pg_bin()
+    if binaries is None:
         if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
             pytest.fail("PostgreSQL binaries are missing in CI")
         pytest.skip("PostgreSQL binaries not installed")
-    with tls_postgres() as server:
+    return binaries
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[TlsPostgres]:
+    with tls_postgres(_binaries()) as server:
         yield server
 
 
@@ -110,3 +116,26 @@ def test_a_missing_ca_file_stops_the_service_at_start_naming_the_file(pg: TlsPos
     message = str(err.value)
     assert message.startswith(f"database at postgresql+psycopg://postgres@{CERT_HOST}:{pg.port}/postgres?"), message
     assert f'root certificate file "{missing}" does not exist' in message
+
+
+def test_a_failover_pair_over_tls_replicates_and_serves_the_multi_host_url() -> None:
+    """Primary + synchronous standby, both TLS only: the standby streams over TLS, and the service's URL form
+    (both hosts, ``target_session_attrs=read-write``, verify-full) reaches the primary over TLS, here with the
+    standby named first so libpq verifies it, finds it read-only and goes on to the primary."""
+    _binaries()
+    with replicated_postgres(tls=True) as pair:
+        primary, standby = (f"{CERT_HOST}:{server.port}" for server in (pair.primary, pair.standby))
+        url = pair.url.replace(f"{primary},{standby}", f"{standby},{primary}", 1)
+        assert url != pair.url
+        config = load_config(environ={"MEDHOTLINE_CONFIG": os.devnull, "MEDHOTLINE__DATABASE__URL": url})
+        assert "sslmode=verify-full" in config.database_url
+        engine = db.make_engine(config.database_url)
+        try:
+            with engine.connect() as connection:
+                assert connection.execute(text("SELECT NOT pg_is_in_recovery()")).scalar_one()
+                mine = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+                assert connection.execute(text(mine)).scalar_one()
+                streaming = "SELECT s.ssl, r.sync_state FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)"
+                assert connection.execute(text(streaming)).one() == (True, "sync")
+        finally:
+            engine.dispose()
