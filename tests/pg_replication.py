@@ -68,6 +68,11 @@ class ReplicatedPostgres:
         query = urlencode({"target_session_attrs": "read-write", **self._libpq()})
         return f"postgresql+psycopg://postgres@{hosts}/{self.database}?{query}"
 
+    def url_of(self, server: Server) -> str:
+        """One server's URL (no failover), verified like ``url`` when TLS is on."""
+        query = urlencode(self._libpq())
+        return f"postgresql+psycopg://postgres@127.0.0.1:{server.port}/{self.database}{'?' + query if query else ''}"
+
     def _libpq(self) -> dict[str, str]:
         return verify_full(self.pki) if self.pki is not None else {}
 

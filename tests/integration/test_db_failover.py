@@ -126,7 +126,8 @@ def failover(tmp_path: Path) -> Iterator[tuple[Hotline, ReplicatedPostgres, Agen
     rules = tmp_path / "routing.yaml"
     rules.write_text(RULES, encoding="utf-8")
     try:
-        with replicated_postgres() as pg:
+        # TLS only, as between hosts: the service, the replication and the checks below all verify the servers.
+        with replicated_postgres(tls=True) as pg:
             settings = SETTINGS.format(rules=rules, url=pg.url)
             with running_hotline(
                 tmp_path, "dbfo", settings, flow="routing_desk", extra_flows=(DESK,), before_start=setup
@@ -145,7 +146,7 @@ def test_the_service_carries_on_through_a_promotion_and_loses_nothing_committed(
 ) -> None:
     hotline, pg, _ = failover
     assert hotline.service.proc is not None
-    primary_url = f"postgresql+psycopg://postgres@127.0.0.1:{pg.primary.port}/{pg.database}"
+    primary_url = pg.url_of(pg.primary)
     stream = Stream(hotline)
     pool = ThreadPoolExecutor(max_workers=STREAMS)
     callers: list[Future[None]] = [pool.submit(stream.run) for _ in range(STREAMS)]
@@ -190,11 +191,18 @@ def test_the_service_carries_on_through_a_promotion_and_loses_nothing_committed(
         store_sessions.kw["bind"].dispose()
 
     # Nothing committed before the kill is missing on the promoted server.
-    standby_url = f"postgresql+psycopg://postgres@127.0.0.1:{pg.standby.port}/{pg.database}"
+    standby_url = pg.url_of(pg.standby)
     after_ids, after_calls, after_audit = committed(standby_url)
     assert before_ids <= after_ids, f"{len(before_ids - after_ids)} committed call records lost"
     assert after_calls >= before_calls + AFTER_PROMOTION
     assert after_audit >= before_audit
+
+    # The service's sessions on the promoted server are TLS (the servers refuse anything else; this says it did).
+    sessions_ssl = "SELECT count(*), count(*) FILTER (WHERE NOT s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s "
+    sessions_ssl += f"USING (pid) WHERE a.datname = '{pg.database}' AND a.client_port IS NOT NULL"
+    total, plain = map(int, pg.sql(pg.standby, sessions_ssl).split("|"))
+    assert total > 0
+    assert plain == 0
 
     # The project's own verification of the audit chain, on the promoted server through the service's URL.
     capsys.readouterr()
