@@ -39,6 +39,7 @@ from compliance.keyservice_protocol import (
     OP_TIMESTAMP,
     OP_TRUST_ANCHORS,
     OP_UNWRAP,
+    KeyServiceError,
     KeyServiceProtocolError,
     KeyServiceRefused,
     KeyServiceUnavailable,
@@ -93,6 +94,27 @@ class KeyServiceStatus:
 class TrustAnchors:
     signing_key: bytes  # raw Ed25519 public key
     tsa_certificate_pem: bytes
+
+
+def mutual_tls_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A client context for the TCP transport: TLS 1.2+, the key service verified (certificate and name) against
+    ``ca_file`` only (not the system's CAs), and ``cert_file``/``key_file`` presented as the client certificate.
+
+    A file that is not PEM, or a key that does not match its certificate, raises ``KeyServiceError`` naming it.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED are its defaults
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(f"keyservice.ca_file {ca_file}: not a usable CA certificate ({exc})") from None
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(
+            f"keyservice.cert_file {cert_file} / key_file {key_file}: not a certificate and its key ({exc})"
+        ) from None
+    return context
 
 
 class KeyServiceClient:

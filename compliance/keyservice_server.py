@@ -27,6 +27,7 @@ import stat
 import struct
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -372,13 +373,33 @@ def _unlink(path: Path) -> None:
 
 
 def mutual_tls_server_context(certfile: Path, keyfile: Path, client_ca: Path) -> ssl.SSLContext:
-    """A server context for the TCP transport: TLS 1.2+, own certificate, client certificates required."""
+    """A server context for the TCP transport: TLS 1.2+, own certificate, client certificates required.
+
+    A file that is not PEM, or a key that does not match its certificate, raises ``KeyServiceError`` naming it.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile, keyfile)
-    context.load_verify_locations(cafile=client_ca)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(
+            f"keyservice.cert_file {certfile} / key_file {keyfile}: not a certificate and its key ({exc})"
+        ) from None
+    try:
+        context.load_verify_locations(cafile=client_ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(f"keyservice.ca_file {client_ca}: not a usable CA certificate ({exc})") from None
     context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """Where the key service also listens for mutual TLS, and with which context."""
+
+    host: str
+    port: int
+    context: ssl.SSLContext
 
 
 async def serve_keyservice(
@@ -389,11 +410,15 @@ async def serve_keyservice(
     *,
     stop: asyncio.Event,
     on_ready: Callable[[], Awaitable[None]] | None = None,
+    tls: TlsListener | None = None,
 ) -> None:
-    """Serve on the Unix socket until ``stop`` is set, then close and remove the socket."""
+    """Serve on the Unix socket (and on ``tls`` when given) until ``stop`` is set, then close and remove the
+    socket. Both listeners serve the same key store with the same token check."""
     service = KeyServiceServer(keystore, token, allowed_uids)
     await service.start_unix_server(socket_path)
     try:
+        if tls is not None:
+            await service.start_tls_server(tls.host, tls.port, tls.context)
         if on_ready is not None:
             await on_ready()
         await stop.wait()
@@ -403,19 +428,33 @@ async def serve_keyservice(
         log.info("keyservice_stopped")
 
 
-def run_keyservice(directory: Path, socket_path: Path, token_path: Path, allowed_uids: set[int]) -> int:
+def run_keyservice(
+    directory: Path,
+    socket_path: Path,
+    token_path: Path,
+    allowed_uids: set[int],
+    *,
+    tls_files: tuple[str, Path, Path, Path] | None = None,
+) -> int:
     """Entry point of ``medhotline keyservice``: returns 0 after SIGTERM/SIGINT, 2 on a configuration error.
 
     The key directory is initialised (KEK version 1, blind-index key) on first start if missing or empty.
-    ``allowed_uids`` empty means only this process's own uid may connect.
+    ``allowed_uids`` empty means only this process's own uid may connect. ``tls_files``: (listen ``host:port``,
+    CA of the accepted client certificates, server certificate, its key) to also listen for mutual TLS.
     """
     try:
         keystore = KeyStore.open_or_create(directory)
         token = read_token_file(token_path)
+        tls = None
+        if tls_files is not None:
+            listen, ca_file, cert_file, key_file = tls_files
+            host, _sep, port = listen.rpartition(":")
+            context = mutual_tls_server_context(cert_file, key_file, ca_file)
+            tls = TlsListener(host.removeprefix("[").removesuffix("]"), int(port), context)
     except (MedhotlineError, OSError) as exc:
         log.error("keyservice_config_error", error=str(exc))
         print(f"medhotline keyservice: {exc}", file=sys.stderr)
-        return EXIT_USAGE  # its key directory or token file is wrong: nothing was started
+        return EXIT_USAGE  # its key directory, token or certificate files are wrong: nothing was started
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -423,7 +462,7 @@ def run_keyservice(directory: Path, socket_path: Path, token_path: Path, allowed
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await serve_keyservice(keystore, socket_path, token, allowed_uids, stop=stop)
+            await serve_keyservice(keystore, socket_path, token, allowed_uids, stop=stop, tls=tls)
         except (MedhotlineError, OSError) as exc:
             log.error("keyservice_failed", error=str(exc))
             print(f"medhotline keyservice: {exc}", file=sys.stderr)
