@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -102,6 +103,7 @@ class KeyServiceServer:
         self._idle_timeout = idle_timeout
         self._listeners: list[asyncio.Server] = []
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     # --- listening ------------------------------------------------------------------------------------------
 
@@ -122,7 +124,9 @@ class KeyServiceServer:
         """Listen on TCP with mutual TLS: the context must require and verify a client certificate."""
         if ssl_context.verify_mode != ssl.CERT_REQUIRED:
             raise KeyServiceError("the key service's TLS context must require client certificates (CERT_REQUIRED)")
-        server = await asyncio.start_server(self._handle_tls, host=host, port=port, ssl=ssl_context)
+        # The handshake runs in the handler (start_tls) rather than in asyncio's server, which drops a failed
+        # handshake without a word: a refused client certificate must leave a line in the key service's log.
+        server = await asyncio.start_server(functools.partial(self._accept_tls, ssl_context), host=host, port=port)
         self._listeners.append(server)
         log.info("keyservice_listening", transport="tls", host=host, port=port)
         return server
@@ -138,7 +142,9 @@ class KeyServiceServer:
             listener.close()
         for writer in list(self._connections.values()):
             writer.close()
-        tasks = set(self._connections)
+        for handshake in self._handshakes - set(self._connections):
+            handshake.cancel()  # still in its TLS handshake: nothing served yet, nothing to finish
+        tasks = set(self._connections) | self._handshakes
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
@@ -149,7 +155,39 @@ class KeyServiceServer:
     async def _handle_unix(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.handle_connection(reader, writer, self._check_peer_uid)
 
-    async def _handle_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept_tls(
+        self, ssl_context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # A plain function runs inside connection_made, before any byte is read: reading paused here, the
+        # client's first TLS record reaches start_tls instead of the plain stream's buffer (where it would be lost).
+        if isinstance(writer.transport, asyncio.ReadTransport):
+            writer.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._handle_tls(ssl_context, reader, writer))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handle_tls(
+        self, ssl_context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        address = writer.get_extra_info("peername")
+        host = address[0] if isinstance(address, tuple) and address else "?"
+        try:
+            await asyncio.wait_for(writer.start_tls(ssl_context), self._auth_timeout)
+        except ssl.SSLError as exc:
+            # A certificate refused (or none presented, or not TLS at all): one line, no certificate content.
+            log.warning(
+                "keyservice_refused",
+                peer=f"tls-handshake:{host}",
+                reason=f"TLS handshake failed: {exc.reason or type(exc).__name__}",
+                outcome=E_UNAUTHORIZED,
+            )
+            _abort(writer)
+            return
+        except (OSError, TimeoutError) as exc:
+            # The client left mid-handshake: a port probe, or a client that refused *our* certificate.
+            log.info("keyservice_connection_lost", peer=f"tls-handshake:{host}", error=type(exc).__name__)
+            _abort(writer)
+            return
         await self.handle_connection(reader, writer, _check_peer_certificate)
 
     def _check_peer_uid(self, writer: asyncio.StreamWriter) -> tuple[bool, str]:
@@ -288,6 +326,11 @@ class KeyServiceServer:
         if request.op == OP_AUTH:
             raise KeyServiceProtocolError("this connection is already authenticated", E_BAD_REQUEST)
         raise KeyServiceProtocolError(f"unknown operation {request.op!r}", E_UNKNOWN_OP)
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.close()
 
 
 def _check_peer_certificate(writer: asyncio.StreamWriter) -> tuple[bool, str]:
