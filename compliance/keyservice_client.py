@@ -127,6 +127,7 @@ class KeyServiceClient:
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._tls = False
 
     @classmethod
     def unix(cls, socket_path: Path, token: str, *, timeout: float = 10.0) -> KeyServiceClient:
@@ -149,7 +150,9 @@ class KeyServiceClient:
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await asyncio.open_connection(host, port, ssl=ssl_context, server_hostname=server_hostname or host)
 
-        return cls(connect, token, timeout=timeout)
+        client = cls(connect, token, timeout=timeout)
+        client._tls = True
+        return client
 
     async def __aenter__(self) -> KeyServiceClient:
         return self
@@ -278,7 +281,17 @@ class KeyServiceClient:
         except (OSError, TimeoutError) as exc:
             raise KeyServiceUnavailable(f"cannot reach the key service: {exc or type(exc).__name__}") from None
         self._streams = streams
-        await self._exchange(*streams, request(OP_AUTH, self._next_id(), token=self._token))
+        try:
+            await self._exchange(*streams, request(OP_AUTH, self._next_id(), token=self._token))
+        except KeyServiceUnavailable as exc:
+            if not self._tls:
+                raise
+            # Under TLS 1.3 the server checks the client certificate after the client's handshake is done, so a
+            # refused certificate reaches this side only as a reset before the first answer.
+            raise KeyServiceUnavailable(
+                f"{exc} before authentication: if it persists, the key service may refuse this node's client "
+                "certificate (keyservice.cert_file; its log says why)"
+            ) from None
         return streams
 
     async def _exchange(
