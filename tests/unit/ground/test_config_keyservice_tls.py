@@ -110,3 +110,10 @@ def test_unused_tcp_port_says_what_replaced_it(tmp_path: Path) -> None:
     message = _error(_toml(tmp_path, {}), {"MEDHOTLINE__KEYSERVICE__TCP_PORT": "7443"})
     assert "tcp_port is no longer read" in message
     assert "MEDHOTLINE__KEYSERVICE__TCP_PORT" in message
+
+
+def test_a_directory_for_a_file_named_with_its_key(tmp_path: Path) -> None:
+    files = _pem_files(tmp_path)
+    files["cert_file"] = tmp_path  # runs as root too, unlike a mode-000 file
+    message = _error(_toml(tmp_path, {"address": "10.0.0.20:7443", **files}))
+    assert f"cert_file: {tmp_path} cannot be read (Is a directory)" in message
