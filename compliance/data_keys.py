@@ -42,10 +42,17 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from compliance.audit import AuditLog, AuditOutcome, JsonValue
 from compliance.fields import FieldCipher
-from compliance.keyservice_client import GeneratedDataKey, KeyServiceClient, KeyServiceStatus, TrustAnchors, wipe
+from compliance.keyservice_client import (
+    GeneratedDataKey,
+    KeyServiceClient,
+    KeyServiceStatus,
+    TrustAnchors,
+    mutual_tls_client_context,
+    wipe,
+)
 from compliance.keyservice_protocol import KeyServiceRefused, KeyServiceUnavailable
 from compliance.keystore import KeyStoreError, UnwrapError, read_token_file, wrapped_version
-from ground.config import Config
+from ground.config import Config, parse_host_port
 from ground.db import Repository, rowcount
 from ground.errors import MedhotlineError
 from ground.logs import get_logger
@@ -497,26 +504,39 @@ TOKEN_FILE: Final = "keyservice.token"  # noqa: S105 (a file name, not a secret)
 
 
 def key_service_for(config: Config) -> KeyServiceClient:
-    """A client of the key service ``config`` names (its Unix socket, and the token in ``<state_dir>``).
+    """A client of the key service ``config`` names: its Unix socket, or with ``keyservice.address`` mutual TLS
+    to a key service on another host; the token in ``<state_dir>`` either way.
 
-    Refuses at once, with what to do, when the service is not running (no socket) or the token file is missing
-    or readable by others; the connection itself is opened on the first call.
+    Refuses at once, with what to do, when the service is not running (no socket), the token file is missing
+    or readable by others, or the TLS files are not a certificate, its key and a CA; the connection itself is
+    opened on the first call.
     """
+    ks = config.keyservice
     socket_path = config.keyservice_socket
     token_path = config.service.state_dir / TOKEN_FILE
-    if not socket_path.exists():
+    files = ks.tls_files()
+    if not ks.address and not socket_path.exists():
         raise KeyServiceUnavailable(
             f"the key service is not running: no socket at {socket_path}; start it with `medhotline keyservice`"
         )
     if not token_path.exists():
-        raise KeyServiceUnavailable(
-            f"no key service token at {token_path}: `medhotline keyservice` creates it on its first start"
+        todo = (
+            "copy it there (mode 0600) from the key service's host"
+            if ks.address
+            else "`medhotline keyservice` creates it on its first start"
         )
+        raise KeyServiceUnavailable(f"no key service token at {token_path}: {todo}")
     try:
-        token = read_token_file(token_path)
+        token = read_token_file(token_path).decode("utf-8", errors="strict")
     except KeyStoreError as exc:
         raise KeyServiceUnavailable(f"cannot use the key service token: {exc}") from None
-    return KeyServiceClient.unix(socket_path, token.decode("utf-8", errors="strict"))
+    if not ks.address or files is None:
+        return KeyServiceClient.unix(socket_path, token)
+    # Over TCP the token still has to be presented: the client certificate says which machine this is, the
+    # token that it runs the hotline (the server requires both, as it requires peer uid and token locally).
+    context = mutual_tls_client_context(*files)
+    host, port = parse_host_port(ks.address)
+    return KeyServiceClient.tls(host, port, context, token, server_hostname=ks.server_name or host)
 
 
 class LazyKeyService:
@@ -529,6 +549,11 @@ class LazyKeyService:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._client: KeyServiceClient | None = None
+        files = config.keyservice.tls_files()
+        if config.keyservice.address and files is not None:
+            # A certificate that is not one is a configuration error: refuse at start (KeyServiceError naming
+            # the file), not at the first recording. Only reaching the key service waits for first use.
+            mutual_tls_client_context(*files)
 
     def _get(self) -> KeyServiceClient:
         if self._client is None:

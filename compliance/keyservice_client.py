@@ -39,6 +39,7 @@ from compliance.keyservice_protocol import (
     OP_TIMESTAMP,
     OP_TRUST_ANCHORS,
     OP_UNWRAP,
+    KeyServiceError,
     KeyServiceProtocolError,
     KeyServiceRefused,
     KeyServiceUnavailable,
@@ -95,6 +96,27 @@ class TrustAnchors:
     tsa_certificate_pem: bytes
 
 
+def mutual_tls_client_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A client context for the TCP transport: TLS 1.2+, the key service verified (certificate and name) against
+    ``ca_file`` only (not the system's CAs), and ``cert_file``/``key_file`` presented as the client certificate.
+
+    A file that is not PEM, or a key that does not match its certificate, raises ``KeyServiceError`` naming it.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED are its defaults
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(f"keyservice.ca_file {ca_file}: not a usable CA certificate ({exc})") from None
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(
+            f"keyservice.cert_file {cert_file} / key_file {key_file}: not a certificate and its key ({exc})"
+        ) from None
+    return context
+
+
 class KeyServiceClient:
     """Async client over a Unix socket (``unix``) or mutual-TLS TCP (``tls``); use as ``async with``."""
 
@@ -105,6 +127,7 @@ class KeyServiceClient:
         self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self._tls = False
 
     @classmethod
     def unix(cls, socket_path: Path, token: str, *, timeout: float = 10.0) -> KeyServiceClient:
@@ -127,7 +150,9 @@ class KeyServiceClient:
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             return await asyncio.open_connection(host, port, ssl=ssl_context, server_hostname=server_hostname or host)
 
-        return cls(connect, token, timeout=timeout)
+        client = cls(connect, token, timeout=timeout)
+        client._tls = True
+        return client
 
     async def __aenter__(self) -> KeyServiceClient:
         return self
@@ -256,7 +281,17 @@ class KeyServiceClient:
         except (OSError, TimeoutError) as exc:
             raise KeyServiceUnavailable(f"cannot reach the key service: {exc or type(exc).__name__}") from None
         self._streams = streams
-        await self._exchange(*streams, request(OP_AUTH, self._next_id(), token=self._token))
+        try:
+            await self._exchange(*streams, request(OP_AUTH, self._next_id(), token=self._token))
+        except KeyServiceUnavailable as exc:
+            if not self._tls:
+                raise
+            # Under TLS 1.3 the server checks the client certificate after the client's handshake is done, so a
+            # refused certificate reaches this side only as a reset before the first answer.
+            raise KeyServiceUnavailable(
+                f"{exc} before authentication: if it persists, the key service may refuse this node's client "
+                "certificate (keyservice.cert_file; its log says why)"
+            ) from None
         return streams
 
     async def _exchange(

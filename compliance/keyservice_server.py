@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import os
@@ -27,6 +28,7 @@ import stat
 import struct
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -101,6 +103,7 @@ class KeyServiceServer:
         self._idle_timeout = idle_timeout
         self._listeners: list[asyncio.Server] = []
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     # --- listening ------------------------------------------------------------------------------------------
 
@@ -121,7 +124,9 @@ class KeyServiceServer:
         """Listen on TCP with mutual TLS: the context must require and verify a client certificate."""
         if ssl_context.verify_mode != ssl.CERT_REQUIRED:
             raise KeyServiceError("the key service's TLS context must require client certificates (CERT_REQUIRED)")
-        server = await asyncio.start_server(self._handle_tls, host=host, port=port, ssl=ssl_context)
+        # The handshake runs in the handler (start_tls) rather than in asyncio's server, which drops a failed
+        # handshake without a word: a refused client certificate must leave a line in the key service's log.
+        server = await asyncio.start_server(functools.partial(self._accept_tls, ssl_context), host=host, port=port)
         self._listeners.append(server)
         log.info("keyservice_listening", transport="tls", host=host, port=port)
         return server
@@ -137,7 +142,9 @@ class KeyServiceServer:
             listener.close()
         for writer in list(self._connections.values()):
             writer.close()
-        tasks = set(self._connections)
+        for handshake in self._handshakes - set(self._connections):
+            handshake.cancel()  # still in its TLS handshake: nothing served yet, nothing to finish
+        tasks = set(self._connections) | self._handshakes
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
@@ -148,7 +155,39 @@ class KeyServiceServer:
     async def _handle_unix(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.handle_connection(reader, writer, self._check_peer_uid)
 
-    async def _handle_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept_tls(
+        self, ssl_context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # A plain function runs inside connection_made, before any byte is read: reading paused here, the
+        # client's first TLS record reaches start_tls instead of the plain stream's buffer (where it would be lost).
+        if isinstance(writer.transport, asyncio.ReadTransport):
+            writer.transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._handle_tls(ssl_context, reader, writer))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handle_tls(
+        self, ssl_context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        address = writer.get_extra_info("peername")
+        host = address[0] if isinstance(address, tuple) and address else "?"
+        try:
+            await asyncio.wait_for(writer.start_tls(ssl_context), self._auth_timeout)
+        except ssl.SSLError as exc:
+            # A certificate refused (or none presented, or not TLS at all): one line, no certificate content.
+            log.warning(
+                "keyservice_refused",
+                peer=f"tls-handshake:{host}",
+                reason=f"TLS handshake failed: {exc.reason or type(exc).__name__}",
+                outcome=E_UNAUTHORIZED,
+            )
+            _abort(writer)
+            return
+        except (OSError, TimeoutError) as exc:
+            # The client left mid-handshake: a port probe, or a client that refused *our* certificate.
+            log.info("keyservice_connection_lost", peer=f"tls-handshake:{host}", error=type(exc).__name__)
+            _abort(writer)
+            return
         await self.handle_connection(reader, writer, _check_peer_certificate)
 
     def _check_peer_uid(self, writer: asyncio.StreamWriter) -> tuple[bool, str]:
@@ -289,6 +328,11 @@ class KeyServiceServer:
         raise KeyServiceProtocolError(f"unknown operation {request.op!r}", E_UNKNOWN_OP)
 
 
+def _abort(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, RuntimeError):
+        writer.close()
+
+
 def _check_peer_certificate(writer: asyncio.StreamWriter) -> tuple[bool, str]:
     """The TLS handshake (CERT_REQUIRED) already verified the chain; make sure a certificate was really presented."""
     certificate = writer.get_extra_info("peercert")
@@ -372,13 +416,33 @@ def _unlink(path: Path) -> None:
 
 
 def mutual_tls_server_context(certfile: Path, keyfile: Path, client_ca: Path) -> ssl.SSLContext:
-    """A server context for the TCP transport: TLS 1.2+, own certificate, client certificates required."""
+    """A server context for the TCP transport: TLS 1.2+, own certificate, client certificates required.
+
+    A file that is not PEM, or a key that does not match its certificate, raises ``KeyServiceError`` naming it.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile, keyfile)
-    context.load_verify_locations(cafile=client_ca)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(
+            f"keyservice.cert_file {certfile} / key_file {keyfile}: not a certificate and its key ({exc})"
+        ) from None
+    try:
+        context.load_verify_locations(cafile=client_ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(f"keyservice.ca_file {client_ca}: not a usable CA certificate ({exc})") from None
     context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+@dataclass(frozen=True)
+class TlsListener:
+    """Where the key service also listens for mutual TLS, and with which context."""
+
+    host: str
+    port: int
+    context: ssl.SSLContext
 
 
 async def serve_keyservice(
@@ -389,11 +453,15 @@ async def serve_keyservice(
     *,
     stop: asyncio.Event,
     on_ready: Callable[[], Awaitable[None]] | None = None,
+    tls: TlsListener | None = None,
 ) -> None:
-    """Serve on the Unix socket until ``stop`` is set, then close and remove the socket."""
+    """Serve on the Unix socket (and on ``tls`` when given) until ``stop`` is set, then close and remove the
+    socket. Both listeners serve the same key store with the same token check."""
     service = KeyServiceServer(keystore, token, allowed_uids)
     await service.start_unix_server(socket_path)
     try:
+        if tls is not None:
+            await service.start_tls_server(tls.host, tls.port, tls.context)
         if on_ready is not None:
             await on_ready()
         await stop.wait()
@@ -403,19 +471,33 @@ async def serve_keyservice(
         log.info("keyservice_stopped")
 
 
-def run_keyservice(directory: Path, socket_path: Path, token_path: Path, allowed_uids: set[int]) -> int:
+def run_keyservice(
+    directory: Path,
+    socket_path: Path,
+    token_path: Path,
+    allowed_uids: set[int],
+    *,
+    tls_files: tuple[str, Path, Path, Path] | None = None,
+) -> int:
     """Entry point of ``medhotline keyservice``: returns 0 after SIGTERM/SIGINT, 2 on a configuration error.
 
     The key directory is initialised (KEK version 1, blind-index key) on first start if missing or empty.
-    ``allowed_uids`` empty means only this process's own uid may connect.
+    ``allowed_uids`` empty means only this process's own uid may connect. ``tls_files``: (listen ``host:port``,
+    CA of the accepted client certificates, server certificate, its key) to also listen for mutual TLS.
     """
     try:
         keystore = KeyStore.open_or_create(directory)
         token = read_token_file(token_path)
+        tls = None
+        if tls_files is not None:
+            listen, ca_file, cert_file, key_file = tls_files
+            host, _sep, port = listen.rpartition(":")
+            context = mutual_tls_server_context(cert_file, key_file, ca_file)
+            tls = TlsListener(host.removeprefix("[").removesuffix("]"), int(port), context)
     except (MedhotlineError, OSError) as exc:
         log.error("keyservice_config_error", error=str(exc))
         print(f"medhotline keyservice: {exc}", file=sys.stderr)
-        return EXIT_USAGE  # its key directory or token file is wrong: nothing was started
+        return EXIT_USAGE  # its key directory, token or certificate files are wrong: nothing was started
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -423,7 +505,7 @@ def run_keyservice(directory: Path, socket_path: Path, token_path: Path, allowed
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            await serve_keyservice(keystore, socket_path, token, allowed_uids, stop=stop)
+            await serve_keyservice(keystore, socket_path, token, allowed_uids, stop=stop, tls=tls)
         except (MedhotlineError, OSError) as exc:
             log.error("keyservice_failed", error=str(exc))
             print(f"medhotline keyservice: {exc}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -245,15 +246,134 @@ class FastAgiConfig(_Section):
     port: int = _port(4573)
 
 
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) where host is an IP address or a DNS name (``address`` may name the
+    key service's host: its certificate is verified against that name)."""
+    host, sep, port_text = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"{value!r} is not host:port (e.g. 10.0.0.20:7443)")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _DNS_NAME.fullmatch(host):
+            raise ValueError(f"{value!r}: {host!r} is neither an IP address nor a host name") from None
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{value!r}: port {port} is outside 1-65535")
+    return host, port
+
+
+_DNS_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` can't be read by this process, or None. Checked at load: a node must not start, and then
+    fail at its first recording, because a certificate file is missing or not its own to read."""
+    try:
+        with path.open("rb"):
+            return None
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or type(exc).__name__})"
+
+
 class KeyServiceConfig(_Section):
-    # Empty means a Unix socket inside service.state_dir; tcp_port is for a key service on another host.
+    """Where the key service listens and how clients reach it (docs/security.md, docs/cluster.md).
+
+    On one machine: the Unix socket (``socket``, default ``<state_dir>/keyservice.sock``) and nothing else. On
+    the key service's own host, ``listen`` adds a mutual-TLS TCP listener (the socket stays, for that host's own
+    ``medhotline keys`` commands). On a node of another host, ``address`` makes every client (recordings, TOTP
+    vault, patient fields, CLI) connect over mutual TLS instead of the socket. There is no plain TCP: an address
+    off this machine is always TLS, with the server verified and a client certificate presented.
+    """
+
     socket: Path | None = None
-    tcp_port: int = _port(7443)
+    # The key service's side: an IP address to listen on for mutual TLS, host:port (empty: the socket only).
+    listen: str = ""
+    # A node's side: the key service's host:port (empty: the local socket). Host may be a name or an address;
+    # the key service's certificate must carry it (or server_name) in its subjectAltName.
+    address: str = ""
+    # The name to verify in the key service's certificate when it differs from address's host.
+    server_name: str = ""
+    # With listen: ca_file is the CA whose client certificates are accepted, cert_file/key_file the key
+    # service's server certificate. With address: ca_file is the CA that signed the key service's certificate,
+    # cert_file/key_file the node's client certificate.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Never used by any release; kept only to say what replaced it.
+    tcp_port: int | None = None
     # The key-encryption keys: deliberately outside service.state_dir (which holds the database), so a copy of
     # the business data directory never carries the keys that unlock it.
     directory: Path = Path("/var/lib/medhotline-keys")
 
-    _socket_empty = field_validator("socket", mode="before")(_empty_is_none)
+    _paths_empty = field_validator("socket", "ca_file", "cert_file", "key_file", "tcp_port", mode="before")(
+        _empty_is_none
+    )
+
+    def tls_files(self) -> tuple[Path, Path, Path] | None:
+        """(ca_file, cert_file, key_file), set exactly when listen or address is (validation sees to it)."""
+        if self.ca_file is None or self.cert_file is None or self.key_file is None:
+            return None
+        return self.ca_file, self.cert_file, self.key_file
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if value:
+            parse_sip_address(value)  # a bind address: an IP literal, never a name to resolve
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _client_address(cls, value: str) -> str:
+        if value:
+            parse_host_port(value)
+        return value
+
+    @field_validator("server_name")
+    @classmethod
+    def _server_name(cls, value: str) -> str:
+        if value and not _DNS_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a host name")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_complete(self) -> KeyServiceConfig:
+        if self.tcp_port is not None:
+            raise ValueError(
+                'tcp_port is no longer read: set listen = "<ip>:<port>" on the key service\'s host and '
+                'address = "<host>:<port>" on the nodes (with ca_file, cert_file, key_file)'
+            )
+        if self.listen and self.address:
+            raise ValueError(
+                "listen and address are both set: listen is for the key service's own host (whose clients use "
+                "the Unix socket), address for nodes on other hosts; set one"
+            )
+        role = "listen" if self.listen else "address" if self.address else ""
+        files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
+        if not role:
+            given = [name for name, path in files.items() if path is not None]
+            if given:
+                raise ValueError(f"{'/'.join(given)} set but neither listen nor address: TLS files unused")
+            if self.server_name:
+                raise ValueError("server_name is set but address is empty")
+            return self
+        if self.server_name and role != "address":
+            raise ValueError("server_name is for address (a node verifying the key service), not for listen")
+        missing = [name for name, path in files.items() if path is None]
+        if missing:
+            what = "server certificate" if role == "listen" else "client certificate"
+            raise ValueError(
+                f"{role} is set: mutual TLS needs {', '.join(missing)} (ca_file: the CA of the other side; "
+                f"cert_file/key_file: this side's {what} and its key)"
+            )
+        problems = [f"{name}: {why}" for name, path in files.items() if path and (why := _unreadable(path))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class HotlineConfig(_Section):

@@ -239,7 +239,11 @@ def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
         fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(32))
-    return run_keyservice(config.keyservice.directory, config.keyservice_socket, token_path, {os.getuid()})
+    ks = config.keyservice
+    files = ks.tls_files()
+    # listen: also serve mutual TLS for nodes on other hosts; the socket stays for this host's own clients.
+    tls_files = (ks.listen, *files) if ks.listen and files else None
+    return run_keyservice(ks.directory, config.keyservice_socket, token_path, {os.getuid()}, tls_files=tls_files)
 
 
 def _cmd_audit(config: Config, args: argparse.Namespace) -> int:

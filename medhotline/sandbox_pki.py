@@ -172,3 +172,63 @@ def ensure_test_pki(directory: Path, hosts: list[str]) -> PkiFiles:
     write_whole(files.server_cert, server.public_bytes(pem), 0o644)
     write_whole(files.client_cert, client.public_bytes(pem), 0o644)
     return files
+
+
+@dataclass(frozen=True)
+class KeyServicePki:
+    """Certificates for the key service's mutual-TLS listener (``[keyservice] listen``) and one node's client
+    (``[keyservice] address``), issued by the instance's CA: ``ca_cert`` is ``ca_file`` on both sides."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def ensure_keyservice_pki(directory: Path, hosts: list[str], node_name: str = "node1") -> KeyServicePki:
+    """The key service's server certificate (valid for ``hosts``) and ``node_name``'s client certificate, from the
+    CA in ``directory`` (made with ``ensure_test_pki`` first if missing); made on first use, kept afterwards."""
+    files = ensure_test_pki(directory, hosts)
+    pki = KeyServicePki(
+        ca_cert=files.ca_cert,
+        server_cert=directory / "keyservice.crt",
+        server_key=directory / "keyservice.key",
+        client_cert=directory / f"keyservice-client-{node_name}.crt",
+        client_key=directory / f"keyservice-client-{node_name}.key",
+    )
+    if all(path.is_file() for path in (pki.server_cert, pki.server_key, pki.client_cert, pki.client_key)):
+        return pki
+    try:
+        ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise PkiError(f"{directory}: can't read the sandbox CA: {exc}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise PkiError(f"{files.ca_key}: not the sandbox CA's EC key")
+    now = datetime.datetime.now(datetime.UTC)
+    issued = (
+        (
+            pki.server_cert,
+            pki.server_key,
+            _leaf(
+                "medhotline keyservice",
+                hosts,
+                ExtendedKeyUsageOID.SERVER_AUTH,
+                ca_key=ca_key,
+                ca_name=ca_cert.subject,
+                now=now,
+            ),
+        ),
+        (
+            pki.client_cert,
+            pki.client_key,
+            _leaf(
+                node_name, [node_name], ExtendedKeyUsageOID.CLIENT_AUTH, ca_key=ca_key, ca_name=ca_cert.subject, now=now
+            ),
+        ),
+    )
+    for cert_path, key_path, (cert, key) in issued:
+        write_whole(key_path, _key_pem(key), 0o600)  # key first: the pair is complete once the cert is there
+        write_whole(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return pki

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ground.config import CONFIG_ENV, Config
+from ground.config import CONFIG_ENV, Config, parse_sip_address
 from ground.errors import MedhotlineError
 from medhotline.sandbox import Sandbox
 
@@ -87,8 +87,9 @@ class ServiceProcess:
 class KeyServiceProcess:
     """``medhotline keyservice`` as a child process (the embedded default: the key service on this host).
 
-    Ready when its Unix socket accepts connections. In production it runs as its own system service, under its
-    own user, with its key directory out of the application's reach.
+    Ready when its Unix socket accepts connections, and its mutual-TLS port too when ``[keyservice] listen`` is
+    set. In production it runs as its own system service, under its own user, with its key directory out of
+    the application's reach.
     """
 
     def __init__(self, config: Config, config_path: Path | None, log_path: Path) -> None:
@@ -100,11 +101,13 @@ class KeyServiceProcess:
     def start(self, timeout: float = 30.0) -> None:
         self.proc = _spawn("keyservice", self.config_path, self.log_path)
         socket_path = self.config.keyservice_socket
+        # The TLS listener opens just after the socket: wait for both (a bare TCP connect, no handshake).
+        listen = parse_sip_address(self.config.keyservice.listen) if self.config.keyservice.listen else None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServiceNotReady(f"medhotline keyservice exited with {self.proc.returncode}; see {self.log_path}")
-            if unix_socket_accepts(socket_path):
+            if unix_socket_accepts(socket_path) and (listen is None or port_accepts(*listen)):
                 return
             time.sleep(0.1)
         raise ServiceNotReady(f"medhotline keyservice not ready within {timeout:.0f}s; see {self.log_path}")

@@ -1,7 +1,8 @@
 """``medhotline keys …``: the key service's status, KEK rotation, rewrapping of data keys, new data keys.
 
-These commands talk to the running key service over its Unix socket (``config.keyservice_socket``, token in
-``<state_dir>/keyservice.token``), exactly like the service does; they never read a key file themselves. Each
+These commands talk to the running key service over its Unix socket (``config.keyservice_socket``), or over
+mutual TLS when ``[keyservice] address`` is set, token in ``<state_dir>/keyservice.token``, exactly like the
+service does; they never read a key file themselves. Each
 key operation is appended to the audit log as ``key_operation``.
 
 A rotation is two steps and needs no downtime:
