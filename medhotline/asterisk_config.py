@@ -154,6 +154,9 @@ def secure_endpoint_lines(config: Config, paths: TlsPaths) -> list[str]:
             f"dtls_ca_file = {paths.ca_file}",
             "dtls_setup = actpass",
             "dtls_rekey = 0",
+            # DTLS-SRTP phones (baresip's dtls_srtp, WebRTC) offer UDP/TLS/RTP/SAVPF, and Asterisk refuses (488)
+            # an offer whose profile (AVPF or not) differs from the endpoint's use_avpf.
+            "use_avpf = yes",
         ]
     return lines
 

@@ -58,6 +58,14 @@ def test_dtls_gives_the_certificate_for_the_handshake() -> None:
     assert "dtls_verify = fingerprint" in lines
 
 
+def test_dtls_endpoints_take_the_avpf_profile_and_sdes_ones_do_not() -> None:
+    # A DTLS-SRTP phone offers UDP/TLS/RTP/SAVPF; without use_avpf Asterisk answers 488 (test_sip_dtls.py).
+    dtls = render_pjsip_tls(_config(tls=True, media_encryption="dtls"), PATHS, PASSWORD)
+    assert "media_encryption = dtls\n" in dtls
+    assert "use_avpf = yes" in dtls.split("[patients-tls]\ntype = endpoint")[1]
+    assert "use_avpf" not in render_pjsip_tls(_config(tls=True), PATHS, PASSWORD)
+
+
 def test_tls_without_certificate_or_with_a_bad_password_is_refused() -> None:
     with pytest.raises(TemplateError, match="no certificate"):
         render_pjsip_tls(_config(tls=True), None, PASSWORD)
