@@ -94,10 +94,11 @@ def lock_holders(engine: Engine) -> list[int]:
 
 
 def add_patient(cluster: Cluster, phone: PatientPhone) -> str:
+    """A registry patient whose number is the phone's port; the name is one the session scans the logs for."""
     added = subprocess.run(
         [sys.executable, "-m", "medhotline", "--config", str(cluster.config_path), "patients", "add",
          "--from-json", "-"],
-        input=json.dumps({"name": "王建国", "phone": str(phone.sip_port), "birth_year": 1956}),
+        input=json.dumps({"name": "李建国", "phone": str(phone.sip_port), "birth_year": 1956}),
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert added.returncode == 0, added.stderr
