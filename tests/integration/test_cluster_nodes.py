@@ -11,6 +11,7 @@ last renewal) so the 10 s of the issue's criterion leave room on a loaded machin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -75,9 +76,11 @@ listen = "127.0.0.1:{{front_port}}"
 
 
 class Cluster:
-    def __init__(self, sandbox: ClusterSandbox, config: Config) -> None:
+    def __init__(self, sandbox: ClusterSandbox, config: Config, config_path: Path) -> None:
         self.sandbox = sandbox
         self.config = config
+        self.config_path = config_path
+        self.exit_codes: dict[str, int] = {}
         self.engine = db.make_engine(config.database_url)
         sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.repo = db.CallRepository(sessions)
@@ -135,26 +138,31 @@ def add_agents(config: Config, phones: dict[str, AgentPhone]) -> None:
     try:
         store = AgentStore(sessionmaker(engine, expire_on_commit=False))
         now = datetime.now(UTC)
-        for agent_id in AGENTS:
-            store.add_agent_with_account(agent_id, agent_id, ["agent"], agent_id, now, contact=phones[agent_id].contact)
+        for agent_id, phone in phones.items():
+            store.add_agent_with_account(agent_id, agent_id, ["agent"], agent_id, now, contact=phone.contact)
     finally:
         engine.dispose()
 
 
-def endpoints_configured(node: Node) -> bool:
+def endpoints_configured(node: Node, agents: tuple[str, ...] = AGENTS) -> bool:
     """The node's service wrote the agents' PJSIP endpoints into its Asterisk: it can dial them."""
     out = node.sandbox.cli_output("pjsip show endpoints")
-    return all(f" {agent}/" in out for agent in AGENTS)
+    return all(f" {agent}/" in out for agent in agents)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def two_nodes(
+    tmp_path: Path, postgres_url: str, extra: str = "", *, agents: tuple[str, ...] = AGENTS
+) -> Iterator[Cluster]:
+    """Two nodes with their services behind the front, ``extra`` config appended, ``agents`` (each a SIPp phone)
+    in the agent table and in both nodes' Asterisks. After the block, ``Cluster.exit_codes`` holds the services'
+    exit codes (a killed service has none: ``down`` only stops those still running)."""
     check_prerequisites()
     if shutil.which("kamailio") is None:
         unavailable("kamailio is not installed (scripts/bootstrap installs it)")
     rules = tmp_path / "routing.yaml"
     rules.write_text(RULES, encoding="utf-8")
-    extra = ROUTING.format(rules=rules) + CLUSTER.format(front_port=free_port(socket.SOCK_DGRAM))
+    extra = ROUTING.format(rules=rules) + CLUSTER.format(front_port=free_port(socket.SOCK_DGRAM)) + extra
     extra += f'\n[database]\nurl = "{postgres_url}"\n'
     path = write_config(tmp_path, f"nodes{os.getpid()}", extra, flow="routing_desk", extra_flows=(DESK,))
     config = load_config(path, environ={})
@@ -168,19 +176,22 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
             answer_after_ms=500,
             talk_ms=60_000,
         )
-        for agent in AGENTS
+        for agent in agents
     }
     build_prompts(front.nodes[0].config)
+    running: Cluster | None = None
     try:
         for phone in phones.values():
             phone.start()
         add_agents(config, phones)
         front.up()
-        running = Cluster(front, config)
+        running = Cluster(front, config, path)
         deadline = time.monotonic() + 30
         for node in front.nodes:
             wait_for(
-                f"agent endpoints on {node.config.service.node_name}", partial(endpoints_configured, node), deadline
+                f"agent endpoints on {node.config.service.node_name}",
+                partial(endpoints_configured, node, agents),
+                deadline,
             )
         try:
             yield running
@@ -189,12 +200,20 @@ def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
             running.engine.dispose()
     finally:
         codes = front.down()
+        if running is not None:
+            running.exit_codes = codes
         for phone in phones.values():
             phone.stop()
         for node in front.nodes:
             shutil.rmtree(node.sandbox.instance_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, postgres_url: str) -> Iterator[Cluster]:
+    with two_nodes(tmp_path, postgres_url) as running:
+        yield running
     # The survivor stops cleanly (SIGTERM, its calls finished); the killed node's exit code is SIGKILL's.
-    assert codes.get("node1") == 0, f"node1's service exited with {codes}; see {tmp_path}"
+    assert running.exit_codes.get("node1") == 0, f"node1's service exited with {running.exit_codes}; see {tmp_path}"
 
 
 def peak_overlap(records: list[db.CallRecord]) -> int:
