@@ -160,3 +160,32 @@ async def test_a_node_restarted_under_its_name_recovers_its_own_calls(desk: Desk
     assert [desk.outreach.attempts.close_lost(one) for one in lost] == [False]
     assert await desk.outreach.close_lost_attempts() == 0  # live again: its own start recovers the call
     assert _row(desk, placed.id).state == "dialing"
+
+
+async def _one_beat(desk: Desk, *, cluster: bool) -> None:
+    """Run the dialer's loop as the leader for one beat, with ``[cluster]`` on or off."""
+    dialer = desk.outreach.dialer
+    config = dialer._config
+    dialer._config = config.model_copy(update={"cluster": config.cluster.model_copy(update={"enabled": cluster})})
+    leading = asyncio.Event()
+    leading.set()
+    loop = asyncio.ensure_future(dialer.dialer_loop(leading))
+    try:
+        await desk.settle()
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        dialer._config = config
+
+
+async def test_the_leaders_loop_closes_them_only_with_the_cluster_on(desk: Desk) -> None:
+    sessions = desk.outreach._sessions
+    start = desk.clock.now
+    _leases(sessions, start, _leader(desk), DEAD)
+    placed = _placed(desk, DEAD)
+    _take_over(sessions, DEAD, _leader(desk), start + timedelta(seconds=8))
+    desk.clock.now = start + timedelta(seconds=8) + RING
+    await _one_beat(desk, cluster=False)
+    assert _row(desk, placed.id).state == "dialing"  # a single node has no leases to read
+    await _one_beat(desk, cluster=True)
+    assert (_row(desk, placed.id).state, _row(desk, placed.id).outcome) == ("failed", "node_lost")
