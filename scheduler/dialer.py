@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Final
 
 import structlog
@@ -78,6 +79,8 @@ class Dialer(OutreachPart):
         while True:
             await leading.wait()
             try:
+                if self._config.cluster.enabled:
+                    await self.close_lost_attempts()
                 await self.dial_due()
             except Exception:
                 log.exception("outreach.dialer_failed")
@@ -87,6 +90,30 @@ class Dialer(OutreachPart):
         """Attempts this node was on when it stopped: their end was never seen; count them as failed."""
         for attempt in await asyncio.to_thread(self.attempts.stale_dialing, self._node):
             await self._failed(attempt, "interrupted")
+
+    async def close_lost_attempts(self) -> int:
+        """On the leader: close the attempts of nodes whose lease another node took over (``ground.leases``) as
+        ``node_lost`` and settle their rounds (retry or escalate), as their own restart would. Waits ``ring_seconds``
+        after the takeover, the originate's own timeout on the dead node's Asterisk, so a call still ringing there
+        has ended and the trunk is really free (docs/decisions.md). Returns how many this leader closed."""
+        settle = timedelta(seconds=self._config.outreach.ring_seconds)
+        closed = 0
+        for lost in await asyncio.to_thread(
+            self.attempts.on_lost_nodes, self._clock(), settle=settle, besides=self._node
+        ):
+            if not await asyncio.to_thread(self.attempts.close_lost, lost):
+                continue  # another leader, or the node's own restart, closed it first
+            closed += 1
+            log.warning(
+                "outreach.node_lost",
+                attempt_id=lost.attempt.id,
+                node=lost.node,
+                lease_epoch=lost.epoch,
+                lost_at=lost.lost_at.isoformat(),
+                state=lost.attempt.state,
+            )
+            await self._retry_or_escalate(lost.attempt, self._task_kind(lost.attempt))
+        return closed
 
     async def dial_due(self) -> int:
         now = self._clock()
@@ -203,27 +230,33 @@ class Dialer(OutreachPart):
         now = self._clock()
         result = context.outcome or ("completed" if outcome in ("completed", "routed") else outcome)
         if attempt.kind == "medication" and result != "confirmed":
-            await asyncio.to_thread(
+            # finish is False when the attempt was closed already (its node taken over): that closer settled it.
+            if await asyncio.to_thread(
                 self.attempts.finish, attempt.id, state="failed", outcome=result or "not_confirmed", at=now
-            )
-            await self._retry_or_escalate(attempt, "medication_not_confirmed")
+            ):
+                await self._retry_or_escalate(attempt, "medication_not_confirmed")
             return
         if result in _DONE or outcome == "completed":
             await asyncio.to_thread(self.attempts.finish, attempt.id, state="completed", outcome=result, at=now)
             return
         # Answered but the call ended before its purpose (the patient hung up early): try again later.
-        await asyncio.to_thread(
+        if await asyncio.to_thread(
             self.attempts.finish, attempt.id, state="failed", outcome=result or "incomplete", at=now
-        )
-        await self._retry_or_escalate(attempt, "unreachable")
+        ):
+            await self._retry_or_escalate(attempt, "unreachable")
 
     async def _failed(self, attempt: AttemptRecord, outcome: str) -> None:
         now = self._clock()
-        await asyncio.to_thread(self.attempts.finish, attempt.id, state="failed", outcome=outcome, at=now)
+        if not await asyncio.to_thread(self.attempts.finish, attempt.id, state="failed", outcome=outcome, at=now):
+            # Closed already (e.g. as node_lost by the leader while this node was taken over): settled once there.
+            log.info("outreach.closed_elsewhere", attempt=attempt.attempt, outcome=outcome)
+            return
         log.info("outreach.not_answered", attempt=attempt.attempt, outcome=outcome)
-        await self._retry_or_escalate(
-            attempt, "medication_not_confirmed" if attempt.kind == "medication" else "unreachable"
-        )
+        await self._retry_or_escalate(attempt, self._task_kind(attempt))
+
+    @staticmethod
+    def _task_kind(attempt: AttemptRecord) -> str:
+        return "medication_not_confirmed" if attempt.kind == "medication" else "unreachable"
 
     async def _retry_or_escalate(self, attempt: AttemptRecord, task_kind: str) -> None:
         now = self._clock()

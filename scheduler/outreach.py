@@ -266,6 +266,9 @@ class Outreach:
     async def dial_due(self) -> int:
         return await self.dialer.dial_due()
 
+    async def close_lost_attempts(self) -> int:
+        return await self.dialer.close_lost_attempts()
+
     async def drain(self, timeout: float) -> None:
         await self.dialer.drain(timeout)
 

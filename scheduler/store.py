@@ -12,13 +12,14 @@ import json
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ground.db import DatabaseError, Repository, rowcount
 from ground.errors import MedhotlineError
+from ground.leases import NodeLease
 from scheduler.tables import ATTEMPT_KINDS, FollowupPlan, OutreachAttempt
 
 _ROUNDS = uuid.UUID("7d0c5a52-3e8e-4c1b-9a57-6c0e3d1f0b11")  # namespace of round ids
@@ -97,6 +98,21 @@ def _attempt(row: OutreachAttempt) -> AttemptRecord:
         row.id, row.kind, row.subject_id, row.patient_id, row.round_id, row.attempt, row.state, row.not_before,
         row.node, row.trunk, row.channel_id, row.call_id, row.started_at, row.ended_at, row.outcome,
     )  # fmt: skip
+
+
+# An attempt whose node was taken over (``ground.leases``) ends with this outcome, as the node's inbound calls do.
+NODE_LOST = "node_lost"
+_IN_PROGRESS = ("dialing", "answered")
+
+
+@dataclass(frozen=True, slots=True)
+class LostAttempt:
+    """An attempt in progress on a node whose lease another node took over: which lease (epoch) and when."""
+
+    attempt: AttemptRecord
+    node: str
+    epoch: int
+    lost_at: datetime
 
 
 class PlanStore(Repository):
@@ -301,3 +317,50 @@ class AttemptStore(Repository):
                 )
             ).all()
             return [_attempt(r) for r in rows]
+
+    def on_lost_nodes(self, now: datetime, *, settle: timedelta, besides: str) -> list[LostAttempt]:
+        """Attempts still ``dialing`` or ``answered`` on another node whose lease was taken over at least ``settle``
+        before ``now`` and that started before the takeover. A node whose lease is live again (restarted under its
+        name) is not listed: its own start (``Dialer._recover``) closes what it left."""
+        query = (
+            select(OutreachAttempt, NodeLease.node, NodeLease.epoch, NodeLease.taken_over_at)
+            .join(NodeLease, NodeLease.node == OutreachAttempt.node)
+            .where(
+                OutreachAttempt.state.in_(_IN_PROGRESS),
+                OutreachAttempt.node != besides,
+                NodeLease.state == "lost",
+                NodeLease.taken_over_at <= now - settle,
+                OutreachAttempt.started_at < NodeLease.taken_over_at,
+            )
+            .order_by(OutreachAttempt.started_at)
+        )
+        with self._transaction("listing calls of nodes taken over") as session:
+            return [
+                LostAttempt(_attempt(row), node, epoch, lost_at)
+                for row, node, epoch, lost_at in session.execute(query)
+                if lost_at is not None
+            ]
+
+    def close_lost(self, lost: LostAttempt) -> bool:
+        """Mark ``lost`` failed with outcome ``node_lost``, ended when its node was taken over; False when it is
+        not ours to close any more (closed by another leader or by the node's own restart, or the lease is live
+        again). One conditional UPDATE, so of two leaders racing exactly one closes it and settles its round."""
+        lease_still_lost = exists().where(
+            NodeLease.node == lost.node,
+            NodeLease.epoch == lost.epoch,
+            NodeLease.state == "lost",
+            NodeLease.taken_over_at == lost.lost_at,
+        )
+        statement = (
+            update(OutreachAttempt)
+            .where(
+                OutreachAttempt.id == lost.attempt.id,
+                OutreachAttempt.node == lost.node,
+                OutreachAttempt.state.in_(_IN_PROGRESS),
+                OutreachAttempt.started_at < lost.lost_at,
+                lease_still_lost,
+            )
+            .values(state="failed", outcome=NODE_LOST, ended_at=lost.lost_at)
+        )
+        with self._transaction(f"closing call attempt {lost.attempt.id} of lost node {lost.node}") as session:
+            return rowcount(session.execute(statement)) == 1
