@@ -8,7 +8,13 @@ Checked afterwards: both services still run; calls placed after the promotion ar
 by both nodes; both nodes hold their leases again under the epoch they started with (nobody was taken over as
 dead because the database was away) and no ``cluster.node_taken_over`` was logged; no agent is left reserved;
 every call record and audit entry committed before the kill is on the promoted server and ``medhotline audit
-verify`` passes; calls refused at the SIP level were dialled inside the kill window only (their number printed).
+verify`` passes; the services' sessions on the promoted server are TLS; the logs show writes retried and none
+given up; calls refused at the SIP level were dialled inside the kill window only (their number printed).
+
+It replaced the single-node ``test_db_failover.py``: everything that test checked is checked here, through the
+same service code (the call's writes, the audit, recordings, the routing engine's retried writes), with the
+cluster's queue and leases on top; the engine's retries are covered without a cluster by
+``tests/unit/routing/test_routing_engine_failover.py``.
 """
 
 from __future__ import annotations
@@ -22,18 +28,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
+from compliance.audit import audit_entries
+from ground import db
 from ground.leases import NodeLease
+from ground.models import Call
 from medhotline.cli import main as cli
 from medhotline.phones import PhoneCall
 from routing.tables import AgentRow
 from tests.integration.conftest import unavailable
 from tests.integration.test_cluster_nodes import LEASE, Cluster, two_nodes
-from tests.integration.test_db_failover import GAVE_UP, RETRIED, committed
 from tests.pg_replication import ReplicatedPostgres, pg_bin, replicated_postgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+# Warnings of a write retried while no primary answers, and errors of a write given up.
+RETRIED = {"call.record_retry", "routing.database_retry", "routing.step_unavailable", "recording.database_retry"}
+GAVE_UP = {"call.record_failed", "routing.database_failed", "recording.finish_failed", "recording.not_started"}
 
 STREAMS = 2
 # Each caller hangs up this long after the answer: time to press the key, be queued and talk to an agent.
@@ -63,6 +75,18 @@ class Stream:
     def dialled_after(self, moment: float) -> list[PhoneCall]:
         with self.lock:
             return [seen for dialled, _, seen in self.placed if dialled > moment]
+
+
+def committed(url: str) -> tuple[set[str], int, int]:
+    """Call ids, number of call rows and of audit entries on the server(s) of ``url`` right now."""
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as connection:
+            ids = set(connection.execute(select(Call.id)).scalars())
+            audit = int(connection.execute(select(func.count()).select_from(audit_entries)).scalar_one())
+        return ids, len(ids), audit
+    finally:
+        engine.dispose()
 
 
 def wait_until(what: str, predicate: object, timeout: float) -> None:
@@ -160,6 +184,12 @@ def test_two_nodes_carry_on_through_a_promotion_keep_their_leases_and_lose_nothi
         assert before_ids <= after_ids, f"{len(before_ids - after_ids)} committed call records lost"
         assert after_calls >= before_calls + len(after)
         assert after_audit >= before_audit
+        # The services' sessions on the promoted server are TLS (the servers refuse anything else; this says it did).
+        sessions_ssl = "SELECT count(*), count(*) FILTER (WHERE NOT s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s"
+        sessions_ssl += f" USING (pid) WHERE a.datname = '{pg.database}' AND a.client_port IS NOT NULL"
+        total, plain = map(int, pg.sql(pg.standby, sessions_ssl).split("|"))
+        assert total > 0
+        assert plain == 0
         capsys.readouterr()
         assert cli(["--config", str(cluster.config_path), "audit", "verify"]) == 0
         verdict = capsys.readouterr().out
