@@ -729,6 +729,10 @@ class RoutingEngine:
                     self._writes.clear()
                     log.error("routing.cluster_write_refused", node=self.settings.node, reason="lease lost")
                     return
+                except DatabaseUnavailable as exc:
+                    # A failover: kept for the next flush (every refresh); one line, not a traceback each time.
+                    log.warning("routing.cluster_write_unavailable", reason=str(exc), pending=len(self._writes))
+                    return
                 except Exception:
                     log.exception("routing.cluster_write_failed")
                     return

@@ -9,6 +9,13 @@ A renewal that finds the lease taken over is final for this process: :attr:`Leas
 routing engine stops dispatching, and the keeper says so at error level once. Only a restart (which acquires a
 new epoch) brings the node back: by then another node has closed its calls and released its agents, and a node
 that carried on regardless would reserve agents behind the survivors' backs.
+
+A node that was itself cut off from the database (its renewals failed, or one took longer than a tick: a database
+failover, a network cut) takes nobody over for one lease time after it renews again. The other nodes were most
+likely cut off too and their leases expired for the same reason, not because they died: they get that lease time
+to renew theirs. Without it, the first node back after a promotion longer than the lease took every other node
+over, closing their calls in progress as lost and stopping them for good. A node that really died meanwhile is
+still taken over, one lease time later.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import structlog
@@ -76,6 +83,9 @@ class LeaseKeeper:
         self.lost = False
         self._clock = clock
         self._stalled = False
+        # When this node last renewed (or acquired) its lease, and until when it takes nobody over.
+        self._renewed: datetime | None = None
+        self._no_takeover_until: datetime | None = None
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -101,6 +111,7 @@ class LeaseKeeper:
                 await asyncio.sleep(ACQUIRE_RETRY)
                 continue
             self.epoch, self.lost = epoch, False
+            self._renewed = self._clock()
             log.warning("cluster.lease_acquired", node=self.node, epoch=epoch, seconds=self.settings.seconds)
             self._changed()
             return epoch
@@ -126,6 +137,8 @@ class LeaseKeeper:
         if not renewed:
             self._lose()
             return
+        if not self._may_take_over(self._clock()):
+            return
         try:
             taken = await asyncio.to_thread(self.store.take_over_expired, self.node, epoch, self._clock())
         except LeaseLost:
@@ -146,6 +159,25 @@ class LeaseKeeper:
                 waiting_dropped=takeover.dropped,
                 calls_closed=takeover.calls,
             )
+
+    def _may_take_over(self, now: datetime) -> bool:
+        """Whether this tick may take other nodes over: not within one lease time of this node's own return from
+        a gap in its renewals (over one and a half ticks since the last one: a failed renewal, or one that hung)."""
+        previous, self._renewed = self._renewed, now
+        gap = (now - previous).total_seconds() if previous is not None else 0.0
+        if gap > 1.5 * self.settings.renew_every:
+            self._no_takeover_until = now + timedelta(seconds=self.settings.seconds)
+            log.warning(
+                "cluster.takeover_deferred",
+                node=self.node,
+                unrenewed_for=round(gap, 1),
+                until=self._no_takeover_until.isoformat(),
+                reason="this node was cut off from the database; the others get one lease time to renew",
+            )
+        if self._no_takeover_until is not None and now < self._no_takeover_until:
+            return False
+        self._no_takeover_until = None
+        return True
 
     def _lose(self) -> None:
         if self.lost:
