@@ -12,10 +12,9 @@ import contextlib
 import shutil
 import socket
 import ssl
-import struct
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,39 +26,12 @@ from medhotline.prompts import build_prompts
 from medhotline.sandbox_pki import ensure_test_pki
 
 from .conftest import DIALPLANS, check_prerequisites, unavailable
-from .loopback_capture import LoopbackSniffer
+from .loopback_capture import LoopbackCapture
 from .test_cluster_front import calls_through, wait_until
 
 pytestmark = pytest.mark.integration
 
 TLS_MODULE = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so")
-
-
-class PortsCapture(LoopbackSniffer):
-    """Every UDP payload sent to ``udp_ports`` and every TCP payload to or from ``tcp_ports``, while open."""
-
-    def __init__(self, udp_ports: Iterable[int], tcp_ports: Iterable[int]) -> None:
-        self.udp_ports = frozenset(udp_ports)
-        self.tcp_ports = frozenset(tcp_ports)
-        self.udp: list[bytes] = []
-        self.tcp: list[bytes] = []
-        super().__init__("front-tls-capture")
-
-    def snapshot(self) -> tuple[list[bytes], list[bytes]]:
-        with self._lock:
-            return list(self.udp), list(self.tcp)
-
-    def _frame(self, frame: bytes, l4: int, proto: int) -> None:
-        end = 14 + struct.unpack_from("!H", frame, 16)[0]
-        src, dst = struct.unpack_from("!HH", frame, l4)
-        if proto == socket.IPPROTO_UDP and dst in self.udp_ports:
-            with self._lock:
-                self.udp.append(frame[l4 + 8 : end])
-        elif proto == socket.IPPROTO_TCP and (src in self.tcp_ports or dst in self.tcp_ports):
-            payload = frame[l4 + (frame[l4 + 12] >> 4) * 4 : end]
-            if payload:
-                with self._lock:
-                    self.tcp.append(payload)
 
 
 @contextlib.contextmanager
@@ -183,7 +155,7 @@ def test_front_tls_handshake_is_verified_and_calls_reach_the_nodes_over_tls(
     assert front.nodes == tuple(f"127.0.0.1:{port}" for port in tls_ports)
     log_before = cluster.log_path.read_text(errors="replace")
     number = cluster.nodes[0].config.hotline.number
-    with PortsCapture(udp_ports, tls_ports) as capture:
+    with LoopbackCapture(udp_ports, tls_ports) as capture:
         spread = calls_through(cluster, number, 4, tmp_path)
         time.sleep(0.5)  # the last 200 OK of a BYE is on the wire before the capture closes
     udp, tcp = capture.snapshot()

@@ -74,7 +74,7 @@ def test_call_over_tls_with_dtls_srtp_is_answered_and_unreadable_on_the_wire(
     (phone_dir / "accounts").chmod(0o600)
     number = hotline.config.hotline.number
     before = hotline.call_ids()
-    with LoopbackCapture(range(rtp_start, rtp_start + 11), tls_port) as capture:
+    with LoopbackCapture(range(rtp_start, rtp_start + 11), [tls_port]) as capture:
         output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", CALL_SECONDS)
         record = hotline.finished_record(before, timeout=20)
     udp, tcp = capture.snapshot()

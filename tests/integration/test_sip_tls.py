@@ -193,7 +193,7 @@ def test_call_over_tls_with_srtp_is_answered_and_unreadable_on_the_wire(desk: Tl
     (phone_dir / "accounts").chmod(0o600)
     number = hotline.config.hotline.number
     before = hotline.call_ids()
-    with LoopbackCapture(range(rtp_start, rtp_start + 11), tls_port) as capture:
+    with LoopbackCapture(range(rtp_start, rtp_start + 11), [tls_port]) as capture:
         output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", CALL_SECONDS)
         record = hotline.finished_record(before, timeout=20)
     udp, tcp = capture.snapshot()
@@ -233,7 +233,7 @@ def test_agent_phone_is_rung_over_tls_with_srtp(desk: TlsDesk) -> None:
         f"<sip:{AGENT}@127.0.0.1>;regint=0;answermode=auto;mediaenc=srtp-mand;audio_codecs=PCMU\n", encoding="utf-8"
     )
     before = hotline.call_ids()
-    with LoopbackCapture(range(rtp_start, rtp_start + 11), desk.agent_sip_port + 1) as capture:
+    with LoopbackCapture(range(rtp_start, rtp_start + 11), [desk.agent_sip_port + 1]) as capture:
         phone = subprocess.Popen(
             ["baresip", "-f", str(phone_dir), "-t", "40"],
             stdin=subprocess.DEVNULL,
