@@ -13,7 +13,7 @@ import shutil
 import socket
 import time
 import wave
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,16 +66,27 @@ class Hotline:
             bind = self._sessions.kw["bind"]
             bind.dispose()
 
-    def call(self, number: str, presses: list[Action] | None = None, hang_up_after_ms: int | None = None) -> PhoneCall:
+    def call(
+        self,
+        number: str,
+        presses: Sequence[Action] | None = None,
+        hang_up_after_ms: int | None = None,
+        *,
+        media_port: int | None = None,
+        timeout: float = 150.0,
+    ) -> PhoneCall:
+        """One SIPp patient (``CALLER``) calls ``number`` on the sandbox's SIP port (``place_call``). ``media_port``:
+        where the phone receives RTP, for a test that captures what the patient hears (default: a free range)."""
         return place_call(
             target_host="127.0.0.1",
             target_port=self.config.asterisk.sip_port,
             service=number,
             local_port=free_port(socket.SOCK_DGRAM),
-            media_port=free_rtp_range(4),
+            media_port=free_rtp_range(4) if media_port is None else media_port,
             caller=CALLER,
             presses=presses or [],
             hang_up_after_ms=hang_up_after_ms,
+            timeout=timeout,
         )
 
     def path(self, record: db.CallRecord) -> list[tuple[str, str | None, str | None]]:

@@ -58,11 +58,11 @@ class LoopbackSniffer:
 
 
 class LoopbackCapture(LoopbackSniffer):
-    """UDP payloads sent to ``udp_ports`` and TCP payloads to or from ``tcp_port``, while open."""
+    """UDP payloads sent to ``udp_ports`` and TCP payloads to or from ``tcp_ports``, while open."""
 
-    def __init__(self, udp_ports: Iterable[int], tcp_port: int) -> None:
+    def __init__(self, udp_ports: Iterable[int], tcp_ports: Iterable[int]) -> None:
         self.udp_ports = frozenset(udp_ports)
-        self.tcp_port = tcp_port
+        self.tcp_ports = frozenset(tcp_ports)
         self.udp: list[bytes] = []
         self.tcp: list[bytes] = []
         super().__init__("loopback-capture")
@@ -77,7 +77,7 @@ class LoopbackCapture(LoopbackSniffer):
         if proto == socket.IPPROTO_UDP and dst in self.udp_ports:
             with self._lock:
                 self.udp.append(frame[l4 + 8 : end])
-        elif proto == socket.IPPROTO_TCP and self.tcp_port in (src, dst):
+        elif proto == socket.IPPROTO_TCP and (src in self.tcp_ports or dst in self.tcp_ports):
             payload = frame[l4 + (frame[l4 + 12] >> 4) * 4 : end]
             if payload:
                 with self._lock:

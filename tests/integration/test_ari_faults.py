@@ -11,16 +11,15 @@ reason. Never a silent line until the caller gives up.
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from medhotline.free_ports import free_port, free_rtp_range
-from medhotline.phones import Press, place_call
+from medhotline.free_ports import free_rtp_range
+from medhotline.phones import Press
 from tests.integration.ari_faults import AriFaultProxy, Fault, FaultKind, RtpSniffer
-from tests.integration.conftest import CALLER, Hotline, running_hotline
+from tests.integration.conftest import Hotline, running_hotline
 
 pytestmark = pytest.mark.integration
 
@@ -91,15 +90,11 @@ def test_a_failed_request_never_leaves_the_caller_in_silence(
     media_port = free_rtp_range(4)
 
     with RtpSniffer(media_port).running() as heard:
-        phone = place_call(
-            target_host="127.0.0.1",
-            target_port=hotline.config.asterisk.sip_port,
-            service=hotline.config.hotline.number,
-            local_port=free_port(socket.SOCK_DGRAM),
+        phone = hotline.call(
+            hotline.config.hotline.number,
+            case.presses,
+            case.hang_up_after_ms,
             media_port=media_port,
-            caller=CALLER,
-            presses=case.presses,
-            hang_up_after_ms=case.hang_up_after_ms,
             timeout=90,
         )
 

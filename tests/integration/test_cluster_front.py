@@ -8,6 +8,7 @@ call is read from the Contact of its 200 OK: each node's Asterisk has its own SI
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import socket
@@ -25,6 +26,8 @@ from medhotline.free_ports import free_port
 from medhotline.prompts import build_prompts
 
 from .conftest import DIALPLANS, check_prerequisites, unavailable
+
+TLS_MODULE = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so")
 
 # A caller that follows the front's Record-Route (ACK and BYE go through Kamailio, [routes]/[next_url]) and logs
 # the node that answered. It holds the call until the node hangs up, or hangs up itself after 4 s.
@@ -144,38 +147,55 @@ def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[ClusterSandbox]:
+@contextlib.contextmanager
+def running_cluster(
+    tmp_path: Path, instance: str, *, tls: bool = False, front_extra: str = ""
+) -> Iterator[ClusterSandbox]:
+    """Two sandbox nodes behind a front on a free UDP port; the sandbox instances are named ``instance`` and a
+    number. ``tls``: the nodes have [sip] tls and the front reaches them over TLS (node_transport), its tls_listen
+    and certificate paths left to the sandbox (a free port and its site CA's files) unless ``front_extra`` (more
+    [cluster.front] keys) sets them."""
     check_prerequisites()
+    if tls and (shutil.which("kamailio") is None or not TLS_MODULE.exists()):
+        unavailable("kamailio or kamailio-tls-modules is not installed (scripts/bootstrap installs them)")
     if shutil.which("kamailio") is None:
         unavailable("kamailio is not installed (scripts/bootstrap installs it)")
+    sip = "[sip]\ntls = true\n" if tls else ""
+    node_transport = 'node_transport = "tls"\n' if tls else ""
     path = tmp_path / "medhotline.toml"
     path.write_text(
         f"""
 [service]
 state_dir = "{tmp_path}"
 [asterisk.sandbox]
-instance = "front{time.monotonic_ns() % 10**8}"
+instance = "{instance}{time.monotonic_ns() % 10**8}"
 [hotline]
 flows_dir = "{DIALPLANS}"
 [prompts]
 speed = 240
-[cluster.front]
+{sip}[cluster.front]
 listen = "127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
+{node_transport}{front_extra}
 """,
         encoding="utf-8",
     )
     config = load_config(path, environ={})
-    front = ClusterSandbox(config, 2, tmp_path / "front")
+    cluster = ClusterSandbox(config, 2, tmp_path / "front")
     # The nodes' dialplans play this prompt before hanging up: rendered once, shared with the other tests.
-    build_prompts(front.nodes[0].config)
-    front.up()
+    build_prompts(cluster.nodes[0].config)
+    cluster.up()
     try:
-        yield front
+        yield cluster
     finally:
-        front.down()
-        for node in front.nodes:
+        cluster.down()
+        for node in cluster.nodes:
             shutil.rmtree(node.sandbox.instance_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterSandbox]:
+    with running_cluster(tmp_path, "front") as front:
+        yield front
 
 
 def test_front_spreads_calls_takes_a_dead_node_out_and_back(cluster: ClusterSandbox, tmp_path: Path) -> None:

@@ -8,103 +8,44 @@ SIP readable in them, and nothing at all sent to the nodes' UDP SIP ports.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import socket
 import ssl
-import struct
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ground.config import load_config, parse_sip_address
+from ground.config import parse_sip_address
 from medhotline.cluster_sandbox import ClusterSandbox
-from medhotline.free_ports import free_port
-from medhotline.prompts import build_prompts
 from medhotline.sandbox_pki import ensure_test_pki
 
-from .conftest import DIALPLANS, check_prerequisites, unavailable
-from .loopback_capture import LoopbackSniffer
-from .test_cluster_front import calls_through, wait_until
+from .loopback_capture import LoopbackCapture
+from .test_cluster_front import calls_through, running_cluster, wait_until
 
 pytestmark = pytest.mark.integration
-
-TLS_MODULE = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so")
-
-
-class PortsCapture(LoopbackSniffer):
-    """Every UDP payload sent to ``udp_ports`` and every TCP payload to or from ``tcp_ports``, while open."""
-
-    def __init__(self, udp_ports: Iterable[int], tcp_ports: Iterable[int]) -> None:
-        self.udp_ports = frozenset(udp_ports)
-        self.tcp_ports = frozenset(tcp_ports)
-        self.udp: list[bytes] = []
-        self.tcp: list[bytes] = []
-        super().__init__("front-tls-capture")
-
-    def snapshot(self) -> tuple[list[bytes], list[bytes]]:
-        with self._lock:
-            return list(self.udp), list(self.tcp)
-
-    def _frame(self, frame: bytes, l4: int, proto: int) -> None:
-        end = 14 + struct.unpack_from("!H", frame, 16)[0]
-        src, dst = struct.unpack_from("!HH", frame, l4)
-        if proto == socket.IPPROTO_UDP and dst in self.udp_ports:
-            with self._lock:
-                self.udp.append(frame[l4 + 8 : end])
-        elif proto == socket.IPPROTO_TCP and (src in self.tcp_ports or dst in self.tcp_ports):
-            payload = frame[l4 + (frame[l4 + 12] >> 4) * 4 : end]
-            if payload:
-                with self._lock:
-                    self.tcp.append(payload)
-
-
-@contextlib.contextmanager
-def running_front(tmp_path: Path, front_extra: str = "") -> Iterator[ClusterSandbox]:
-    """Two sandbox nodes with [sip] tls behind a front that reaches them over TLS. tls_listen and the certificate
-    paths are left to the sandbox (a free port and its site CA's files) unless ``front_extra`` sets them."""
-    check_prerequisites()
-    if shutil.which("kamailio") is None or not TLS_MODULE.exists():
-        unavailable("kamailio or kamailio-tls-modules is not installed (scripts/bootstrap installs them)")
-    path = tmp_path / "medhotline.toml"
-    path.write_text(
-        f"""
-[service]
-state_dir = "{tmp_path}"
-[asterisk.sandbox]
-instance = "ftls{time.monotonic_ns() % 10**8}"
-[hotline]
-flows_dir = "{DIALPLANS}"
-[prompts]
-speed = 240
-[sip]
-tls = true
-[cluster.front]
-listen = "127.0.0.1:{free_port(socket.SOCK_DGRAM)}"
-node_transport = "tls"
-{front_extra}
-""",
-        encoding="utf-8",
-    )
-    config = load_config(path, environ={})
-    cluster = ClusterSandbox(config, 2, tmp_path / "front")
-    build_prompts(cluster.nodes[0].config)
-    cluster.up()
-    try:
-        yield cluster
-    finally:
-        cluster.down()
-        for node in cluster.nodes:
-            shutil.rmtree(node.sandbox.instance_dir, ignore_errors=True)
 
 
 @pytest.fixture
 def tls_cluster(tmp_path: Path) -> Iterator[ClusterSandbox]:
-    with running_front(tmp_path) as cluster:
+    with running_cluster(tmp_path, "ftls", tls=True) as cluster:
         yield cluster
+
+
+def _sip_request(method: str, uri: str, host: str, via: str, sender: str, *, contact: bool = False) -> bytes:
+    """A SIP request without a body to ``uri`` (its To: the URI without parameters) from ``sender`` (From, and
+    Contact when ``contact``) at ``host``; ``via`` is the transport and address of its Via (``UDP host:port``).
+    A fresh branch, tag and Call-ID each time."""
+    tag = uuid.uuid4().hex[:12]
+    contact_header = f"Contact: <{sender}>\r\n" if contact else ""
+    return (
+        f"{method} {uri} SIP/2.0\r\n"
+        f"Via: SIP/2.0/{via};branch=z9hG4bK{tag};rport\r\n"
+        f"From: <{sender}>;tag={tag}\r\nTo: <{uri.split(';', 1)[0]}>\r\n"
+        f"Call-ID: {tag}@{host}\r\nCSeq: 1 {method}\r\n{contact_header}"
+        "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
 
 
 def _invite_status(host: str, port: int, number: str) -> int | None:
@@ -112,15 +53,15 @@ def _invite_status(host: str, port: int, number: str) -> int | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind((host, 0))
         local = sock.getsockname()[1]
-        tag = uuid.uuid4().hex[:12]
         sock.sendto(
-            (
-                f"INVITE sip:{number}@{host}:{port} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP {host}:{local};branch=z9hG4bK{tag};rport\r\n"
-                f"From: <sip:caller@{host}:{local}>;tag={tag}\r\nTo: <sip:{number}@{host}:{port}>\r\n"
-                f"Call-ID: {tag}@{host}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{host}:{local}>\r\n"
-                "Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            ).encode(),
+            _sip_request(
+                "INVITE",
+                f"sip:{number}@{host}:{port}",
+                host,
+                f"UDP {host}:{local}",
+                f"sip:caller@{host}:{local}",
+                contact=True,
+            ),
             (host, port),
         )
         sock.settimeout(3)
@@ -142,14 +83,10 @@ def _options_over_tls(
         context.wrap_socket(raw, server_hostname=server_hostname) as tls,
     ):
         local = tls.getsockname()[1]
-        tag = uuid.uuid4().hex[:12]
         tls.sendall(
-            (
-                f"OPTIONS sip:{host}:{port};transport=tls SIP/2.0\r\n"
-                f"Via: SIP/2.0/TLS {host}:{local};branch=z9hG4bK{tag};rport\r\n"
-                f"From: <sip:probe@{host}>;tag={tag}\r\nTo: <sip:{host}:{port}>\r\n"
-                f"Call-ID: {tag}@{host}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            ).encode()
+            _sip_request(
+                "OPTIONS", f"sip:{host}:{port};transport=tls", host, f"TLS {host}:{local}", f"sip:probe@{host}"
+            )
         )
         answer = tls.recv(65535)
         return dict(tls.getpeercert() or {}), answer
@@ -183,7 +120,7 @@ def test_front_tls_handshake_is_verified_and_calls_reach_the_nodes_over_tls(
     assert front.nodes == tuple(f"127.0.0.1:{port}" for port in tls_ports)
     log_before = cluster.log_path.read_text(errors="replace")
     number = cluster.nodes[0].config.hotline.number
-    with PortsCapture(udp_ports, tls_ports) as capture:
+    with LoopbackCapture(udp_ports, tls_ports) as capture:
         spread = calls_through(cluster, number, 4, tmp_path)
         time.sleep(0.5)  # the last 200 OK of a BYE is on the wire before the capture closes
     udp, tcp = capture.snapshot()
@@ -208,7 +145,7 @@ def test_a_node_whose_certificate_the_front_does_not_trust_gets_no_call(tmp_path
     """The front trusts another CA than the one that signed the nodes' certificates: its TLS probes fail, both nodes
     are taken out, and a call gets the front's own 503 instead of reaching a node it could not verify."""
     stranger = ensure_test_pki(tmp_path / "other-ca", ["127.0.0.1"])
-    with running_front(tmp_path, f'node_ca_file = "{stranger.ca_cert}"') as cluster:
+    with running_cluster(tmp_path, "ftls", tls=True, front_extra=f'node_ca_file = "{stranger.ca_cert}"') as cluster:
         number = cluster.nodes[0].config.hotline.number
         statuses: list[int | None] = []
 

@@ -5,18 +5,16 @@ old call's record is closed as ``node_lost``."""
 
 from __future__ import annotations
 
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from medhotline.free_ports import free_port, free_rtp_range
-from medhotline.phones import place_call
+from medhotline.free_ports import free_rtp_range
 from medhotline.service_process import ServiceProcess
 from tests.integration.ari_faults import RtpSniffer
-from tests.integration.conftest import CALLER, running_hotline
+from tests.integration.conftest import running_hotline
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +30,10 @@ def test_a_caller_left_by_a_killed_service_hears_the_greeting_again(tmp_path: Pa
         media_port = free_rtp_range(4)
         with RtpSniffer(media_port).running() as heard, ThreadPoolExecutor(1) as pool:
             phone = pool.submit(
-                place_call,
-                target_host="127.0.0.1",
-                target_port=hotline.config.asterisk.sip_port,
-                service=hotline.config.hotline.number,
-                local_port=free_port(socket.SOCK_DGRAM),
-                media_port=media_port,
-                caller=CALLER,
+                hotline.call,
+                hotline.config.hotline.number,
                 hang_up_after_ms=HOLD_MS,
+                media_port=media_port,
                 timeout=60,
             )
             deadline = time.monotonic() + 15

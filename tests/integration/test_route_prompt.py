@@ -22,11 +22,11 @@ from compliance.accounts import AccountStore
 from ground import db
 from ground.config import Config
 from medhotline.free_ports import free_port, free_rtp_range
-from medhotline.phones import Press, place_call
+from medhotline.phones import Press
 from medhotline.phones.agent import AgentPhone
 from medhotline.phones.tone_pcap import PCMU, ulaw_decode
 from routing.store import AgentStore
-from tests.integration.conftest import CALLER, Hotline, running_hotline
+from tests.integration.conftest import Hotline, running_hotline
 from tests.integration.loopback_capture import LoopbackSniffer
 
 pytestmark = pytest.mark.integration
@@ -106,16 +106,7 @@ def _emergency_call(hotline: Hotline, phone: AgentPhone) -> tuple[LoudPackets, f
     rings = phone.count("RINGING")
     media_port = free_rtp_range(4)
     with LoudPackets(media_port) as heard:
-        patient = place_call(
-            target_host="127.0.0.1",
-            target_port=hotline.config.asterisk.sip_port,
-            service=hotline.config.hotline.number,
-            local_port=free_port(socket.SOCK_DGRAM),
-            media_port=media_port,
-            caller=CALLER,
-            presses=[Press(PRESS_MS, "0")],
-            timeout=90,
-        )
+        patient = hotline.call(hotline.config.hotline.number, [Press(PRESS_MS, "0")], media_port=media_port, timeout=90)
     assert patient.succeeded, patient.errors
     record = hotline.finished_record(before, timeout=30)
     invites = [event.at for event in phone.events() if event.label == "RINGING"]

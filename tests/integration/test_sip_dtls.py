@@ -15,15 +15,13 @@ from pathlib import Path
 import pytest
 
 from medhotline.asterisk_config import TLS_TRUNK
-from medhotline.free_ports import free_port, free_rtp_range
+from medhotline.free_ports import free_port
 from tests.integration.conftest import Hotline, running_hotline, unavailable
-from tests.integration.loopback_capture import LoopbackCapture
 from tests.integration.test_sip_tls import (
-    CALL_SECONDS,
-    _baresip_config,
-    _call,
+    _call_through_tls_trunk,
     _greeting_ulaw,
     _no_clear_sip,
+    _refused_through_tls_trunk,
     _srtp_checks,
 )
 
@@ -57,27 +55,9 @@ def test_call_over_tls_with_dtls_srtp_is_answered_and_unreadable_on_the_wire(
     hotline, tls_port = dtls_hotline
     sandbox = hotline.sandbox
     phone_dir = tmp_path / "baresip"
-    rtp_start = free_rtp_range(10)
-    _baresip_config(
-        phone_dir, ca_file=sandbox.pki().ca_cert, sip_port=free_port(socket.SOCK_DGRAM), rtp_start=rtp_start
-    )
-    config = (phone_dir / "config").read_text(encoding="utf-8")
     # Both of baresip's media encryptions: DTLS-SRTP for the call, SDES for the one that must be refused.
-    (phone_dir / "config").write_text(
-        config.replace("module srtp.so", "module srtp.so\nmodule dtls_srtp.so"), encoding="utf-8"
-    )
-    account = (
-        f"<sip:{TLS_TRUNK}@127.0.0.1:{tls_port};transport=tls>;auth_pass={sandbox.tls_trunk_password()}"
-        ";regint=0;mediaenc=dtls_srtp;audio_codecs=PCMU"
-    )
-    (phone_dir / "accounts").write_text(account + "\n", encoding="utf-8")
-    (phone_dir / "accounts").chmod(0o600)
-    number = hotline.config.hotline.number
-    before = hotline.call_ids()
-    with LoopbackCapture(range(rtp_start, rtp_start + 11), tls_port) as capture:
-        output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", CALL_SECONDS)
-        record = hotline.finished_record(before, timeout=20)
-    udp, tcp = capture.snapshot()
+    call = _call_through_tls_trunk(hotline, tls_port, phone_dir, "dtls_srtp", modules=("dtls_srtp.so",))
+    output, record, udp = call.output, call.record, call.udp
     assert "Call established" in output, output[-3000:]
     # baresip checked Asterisk's certificate against the SDP's fingerprint and took its SRTP keys from DTLS.
     assert "DTLS-SRTP complete" in output, output[-3000:]
@@ -91,13 +71,8 @@ def test_call_over_tls_with_dtls_srtp_is_answered_and_unreadable_on_the_wire(
     first_rtp = next(i for i, p in enumerate(udp) if _is_rtp(p))
     assert handshakes[0] < first_rtp, (handshakes[0], first_rtp)
     _srtp_checks(udp, _greeting_ulaw(sandbox.sounds_dir, hotline.sound_of("hotline", "greeting")), 150)
-    _no_clear_sip(tcp, number.encode())
+    _no_clear_sip(call.tcp, hotline.config.hotline.number.encode())
 
     # A phone offering SDES (keys in the SDP) to a DTLS endpoint is refused: no call, no record.
-    sdes = account.replace("mediaenc=dtls_srtp", "mediaenc=srtp-mand")
-    (phone_dir / "accounts").write_text(sdes + "\n", encoding="utf-8")
-    before = hotline.call_ids()
-    output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", 3)
-    assert "Call established" not in output, output[-3000:]
-    assert "488" in output, output[-3000:]
-    assert hotline.call_ids() == before
+    sdes = call.account.replace("mediaenc=dtls_srtp", "mediaenc=srtp-mand")
+    _refused_through_tls_trunk(hotline, tls_port, phone_dir, sdes)

@@ -40,9 +40,12 @@ CALL_SECONDS = 6
 AGENT = "agenttls"
 
 
-def _baresip_config(directory: Path, *, ca_file: Path, sip_port: int, rtp_start: int) -> None:
-    """A phone with no sound card: a tone file as its microphone, no speaker."""
+def _baresip_config(
+    directory: Path, *, ca_file: Path, sip_port: int, rtp_start: int, modules: tuple[str, ...] = ()
+) -> None:
+    """A phone with no sound card: a tone file as its microphone, no speaker; ``modules`` loaded after srtp.so."""
     directory.mkdir(mode=0o700)
+    extra_modules = "".join(f"module {module}\n" for module in modules)
     (directory / "config").write_text(
         f"""poll_method epoll
 sip_listen 127.0.0.1:{sip_port}
@@ -57,7 +60,7 @@ module g711.so
 module aufile.so
 module aubridge.so
 module srtp.so
-module_tmp account.so
+{extra_modules}module_tmp account.so
 module_app menu.so
 """,
         encoding="utf-8",
@@ -83,6 +86,57 @@ def _call(phone_dir: Path, uri: str, seconds: int) -> str:
         stdin=subprocess.DEVNULL,
     )
     return phone.stdout + phone.stderr
+
+
+@dataclass
+class TrunkCall:
+    """A call baresip made to the hotline through the TLS trunk while a loopback capture ran."""
+
+    account: str  # the phone's account line: a test varies its media encryption for a call that must be refused
+    output: str  # baresip's
+    record: db.CallRecord
+    udp: list[bytes]  # to the phone's RTP ports
+    tcp: list[bytes]  # on the TLS port
+
+
+def _call_through_tls_trunk(
+    hotline: Hotline, tls_port: int, phone_dir: Path, mediaenc: str, modules: tuple[str, ...] = ()
+) -> TrunkCall:
+    """baresip, set up in ``phone_dir`` with media encryption ``mediaenc``, calls the hotline through the TLS trunk
+    and hangs up after CALL_SECONDS; what crossed loopback meanwhile and the call's finished record."""
+    sandbox = hotline.sandbox
+    rtp_start = free_rtp_range(10)
+    _baresip_config(
+        phone_dir,
+        ca_file=sandbox.pki().ca_cert,
+        sip_port=free_port(socket.SOCK_DGRAM),
+        rtp_start=rtp_start,
+        modules=modules,
+    )
+    account = (
+        f"<sip:{TLS_TRUNK}@127.0.0.1:{tls_port};transport=tls>;auth_pass={sandbox.tls_trunk_password()}"
+        f";regint=0;mediaenc={mediaenc};audio_codecs=PCMU"
+    )
+    (phone_dir / "accounts").write_text(account + "\n", encoding="utf-8")
+    (phone_dir / "accounts").chmod(0o600)
+    number = hotline.config.hotline.number
+    before = hotline.call_ids()
+    with LoopbackCapture(range(rtp_start, rtp_start + 11), [tls_port]) as capture:
+        output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", CALL_SECONDS)
+        record = hotline.finished_record(before, timeout=20)
+    udp, tcp = capture.snapshot()
+    return TrunkCall(account, output, record, udp, tcp)
+
+
+def _refused_through_tls_trunk(hotline: Hotline, tls_port: int, phone_dir: Path, account: str) -> None:
+    """With ``account`` (a phone set up by _call_through_tls_trunk), the call is refused with 488: never
+    established, no record."""
+    (phone_dir / "accounts").write_text(account + "\n", encoding="utf-8")
+    before = hotline.call_ids()
+    output = _call(phone_dir, f"sip:{hotline.config.hotline.number}@127.0.0.1:{tls_port}", 3)
+    assert "Call established" not in output, output[-3000:]
+    assert "488" in output, output[-3000:]
+    assert hotline.call_ids() == before
 
 
 def _plain_answer(port: int) -> bytes:
@@ -181,39 +235,20 @@ def test_call_over_tls_with_srtp_is_answered_and_unreadable_on_the_wire(desk: Tl
     for port in (ast.ari_port, ast.ami_port):
         assert _plain_answer(port) == b"", f"port {port} answers in clear"
     phone_dir = tmp_path / "baresip"
-    rtp_start = free_rtp_range(10)
-    _baresip_config(
-        phone_dir, ca_file=sandbox.pki().ca_cert, sip_port=free_port(socket.SOCK_DGRAM), rtp_start=rtp_start
-    )
-    account = (
-        f"<sip:{TLS_TRUNK}@127.0.0.1:{tls_port};transport=tls>;auth_pass={sandbox.tls_trunk_password()}"
-        ";regint=0;mediaenc=srtp-mand;audio_codecs=PCMU"
-    )
-    (phone_dir / "accounts").write_text(account + "\n", encoding="utf-8")
-    (phone_dir / "accounts").chmod(0o600)
-    number = hotline.config.hotline.number
-    before = hotline.call_ids()
-    with LoopbackCapture(range(rtp_start, rtp_start + 11), tls_port) as capture:
-        output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", CALL_SECONDS)
-        record = hotline.finished_record(before, timeout=20)
-    udp, tcp = capture.snapshot()
-    assert "Call established" in output, output[-3000:]
+    call = _call_through_tls_trunk(hotline, tls_port, phone_dir, "srtp-mand")
+    assert "Call established" in call.output, call.output[-3000:]
 
     # The hotline flow answered on the TLS trunk's endpoint; the caller hung up during its greeting.
+    record = call.record
     assert record.channel_name.startswith(f"PJSIP/{TLS_TRUNK}-"), record.channel_name
     assert record.flow == "hotline"
     assert (record.outcome, record.last_step) == ("caller_hangup", "greeting")
     # SRTP: the RTP to the phone carries the greeting; signalling: nothing readable on the TLS port.
-    _srtp_checks(udp, _greeting_ulaw(sandbox.sounds_dir, hotline.sound_of("hotline", "greeting")), 150)
-    _no_clear_sip(tcp, number.encode())
+    _srtp_checks(call.udp, _greeting_ulaw(sandbox.sounds_dir, hotline.sound_of("hotline", "greeting")), 150)
+    _no_clear_sip(call.tcp, hotline.config.hotline.number.encode())
 
     # A phone that offers plain RTP over TLS is refused: the link is encrypted or there is no call.
-    (phone_dir / "accounts").write_text(account.replace(";mediaenc=srtp-mand", "") + "\n", encoding="utf-8")
-    before = hotline.call_ids()
-    output = _call(phone_dir, f"sip:{number}@127.0.0.1:{tls_port}", 3)
-    assert "Call established" not in output, output[-3000:]
-    assert "488" in output, output[-3000:]
-    assert hotline.call_ids() == before
+    _refused_through_tls_trunk(hotline, tls_port, phone_dir, call.account.replace(";mediaenc=srtp-mand", ""))
 
 
 def test_agent_phone_is_rung_over_tls_with_srtp(desk: TlsDesk) -> None:
@@ -233,7 +268,7 @@ def test_agent_phone_is_rung_over_tls_with_srtp(desk: TlsDesk) -> None:
         f"<sip:{AGENT}@127.0.0.1>;regint=0;answermode=auto;mediaenc=srtp-mand;audio_codecs=PCMU\n", encoding="utf-8"
     )
     before = hotline.call_ids()
-    with LoopbackCapture(range(rtp_start, rtp_start + 11), desk.agent_sip_port + 1) as capture:
+    with LoopbackCapture(range(rtp_start, rtp_start + 11), [desk.agent_sip_port + 1]) as capture:
         phone = subprocess.Popen(
             ["baresip", "-f", str(phone_dir), "-t", "40"],
             stdin=subprocess.DEVNULL,

@@ -6,7 +6,6 @@ recognised; no caller is left in silence.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -20,10 +19,10 @@ from typing import IO
 
 import pytest
 
-from medhotline.free_ports import free_port, free_rtp_range
-from medhotline.phones import PhoneCall, Speak, place_call, speech_wav
+from medhotline.free_ports import free_rtp_range
+from medhotline.phones import PhoneCall, Speak, speech_wav
 from tests.integration.ari_faults import RtpSniffer
-from tests.integration.conftest import CALLER, Hotline, finished_records, running_hotline
+from tests.integration.conftest import Hotline, finished_records, running_hotline
 from tests.integration.test_speech import BEFORE_LISTENING, korean_model
 
 pytestmark = pytest.mark.integration
@@ -104,14 +103,10 @@ def test_streams_spread_over_two_servers_and_a_killed_one_sends_its_callers_to_t
     media_ports = [free_rtp_range(4) for _ in range(CALLERS)]
 
     def caller(media_port: int) -> PhoneCall:
-        return place_call(
-            target_host="127.0.0.1",
-            target_port=hotline.config.asterisk.sip_port,
-            service=hotline.config.hotline.number,
-            local_port=free_port(socket.SOCK_DGRAM),
+        return hotline.call(
+            hotline.config.hotline.number,
+            [Speak(speak_after, words)],
             media_port=media_port,
-            caller=CALLER,
-            presses=[Speak(speak_after, words)],
             # From the start of the speech: long enough to hear the key menu after the kill (or, recognised, the
             # route's prompt), short of the service's own hang-up after "no agent available" (~20 s).
             hang_up_after_ms=18000,

@@ -12,11 +12,32 @@ from ground.config import ConfigError, FrontConfig, load_config
 from medhotline.kamailio_config import FrontConfigError, dispatcher_list, render_front, write_front
 from medhotline.sandbox_pki import ensure_test_pki
 
+# The TLS tests run Kamailio's own config check, which needs its TLS module.
+needs_kamailio_tls = pytest.mark.skipif(
+    not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so").exists() or shutil.which("kamailio") is None,
+    reason="kamailio-tls-modules is not installed (scripts/bootstrap)",
+)
+
 
 def front(**values: object) -> FrontConfig:
     return FrontConfig.model_validate(
         {"listen": "127.0.0.1:15060", "nodes": ["10.0.0.5:5060", "10.0.0.6:5070"]} | values
     )
+
+
+def _refused_front_toml(tmp_path: Path, toml: str, message: str) -> ConfigError:
+    """Loading a config file whose [cluster.front] holds ``toml`` fails with a ConfigError matching ``message``."""
+    path = tmp_path / "medhotline.toml"
+    path.write_text(f"[cluster.front]\n{toml}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path, environ={})
+    return caught.value
+
+
+def _kamailio_accepts(cfg: Path) -> None:
+    """Kamailio's own check of the generated config (``kamailio -c``) passes."""
+    check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr[-2000:]
 
 
 def test_dispatcher_list_names_every_node_in_one_set() -> None:
@@ -85,11 +106,8 @@ def test_the_front_is_not_its_own_node(tmp_path: Path) -> None:
     ],
 )
 def test_bad_addresses_name_the_file_and_key(tmp_path: Path, key: str, value: str, message: str) -> None:
-    path = tmp_path / "medhotline.toml"
-    path.write_text(f"[cluster.front]\n{key} = {value}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=message) as caught:
-        load_config(path, environ={})
-    assert str(path) in str(caught.value)
+    error = _refused_front_toml(tmp_path, f"{key} = {value}", message)
+    assert str(tmp_path / "medhotline.toml") in str(error)
 
 
 @pytest.mark.skipif(shutil.which("kamailio") is None, reason="kamailio is not installed (scripts/bootstrap)")
@@ -97,8 +115,7 @@ def test_bad_addresses_name_the_file_and_key(tmp_path: Path, key: str, value: st
 def test_kamailio_accepts_the_generated_config(tmp_path: Path, algorithm: str, probe: str) -> None:
     nodes = ["127.0.0.1:5070", "[::1]:5080"]
     cfg = write_front(front(algorithm=algorithm, nodes=nodes, probe=probe), tmp_path / "front")
-    check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
-    assert check.returncode == 0, check.stderr[-2000:]
+    _kamailio_accepts(cfg)
     assert (tmp_path / "front" / "dispatcher.list").read_text().count("\n1 sip:") == 2
 
 
@@ -143,21 +160,14 @@ def test_tls_listener_for_the_trunks(tmp_path: Path) -> None:
     ],
 )
 def test_bad_tls_settings_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
-    path = tmp_path / "medhotline.toml"
-    path.write_text(f"[cluster.front]\n{toml}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=message):
-        load_config(path, environ={})
+    _refused_front_toml(tmp_path, toml, message)
 
 
-@pytest.mark.skipif(
-    not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so").exists() or shutil.which("kamailio") is None,
-    reason="kamailio-tls-modules is not installed (scripts/bootstrap)",
-)
+@needs_kamailio_tls
 def test_kamailio_accepts_the_tls_config(tmp_path: Path) -> None:
     cfg = write_front(_tls_front(tmp_path), tmp_path / "front")
     assert (tmp_path / "front" / "tls.cfg").is_file()
-    check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
-    assert check.returncode == 0, check.stderr[-2000:]
+    _kamailio_accepts(cfg)
 
 
 def test_tls_to_the_nodes_names_the_transport_and_verifies_them(tmp_path: Path) -> None:
@@ -219,19 +229,12 @@ def test_tls_to_the_nodes_without_a_tls_socket_is_refused_and_the_old_files_stay
     ],
 )
 def test_bad_node_transport_settings_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
-    path = tmp_path / "medhotline.toml"
-    path.write_text(f"[cluster.front]\n{toml}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match=message):
-        load_config(path, environ={})
+    _refused_front_toml(tmp_path, toml, message)
 
 
-@pytest.mark.skipif(
-    not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so").exists() or shutil.which("kamailio") is None,
-    reason="kamailio-tls-modules is not installed (scripts/bootstrap)",
-)
+@needs_kamailio_tls
 def test_kamailio_accepts_tls_to_the_nodes(tmp_path: Path) -> None:
     pki = ensure_test_pki(tmp_path / "pki", ["127.0.0.1"])
     cfg = write_front(_tls_front(tmp_path, node_transport="tls", node_ca_file=str(pki.ca_cert)), tmp_path / "front")
-    check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True, check=False)
-    assert check.returncode == 0, check.stderr[-2000:]
+    _kamailio_accepts(cfg)
     assert ";transport=tls" in (tmp_path / "front" / "dispatcher.list").read_text()
