@@ -39,7 +39,6 @@ from compliance.keyservice_protocol import (
     OP_TIMESTAMP,
     OP_TRUST_ANCHORS,
     OP_UNWRAP,
-    KeyServiceError,
     KeyServiceProtocolError,
     KeyServiceRefused,
     KeyServiceUnavailable,
@@ -48,6 +47,7 @@ from compliance.keyservice_protocol import (
     decode_body,
     encode_frame,
     frame_length,
+    load_mutual_tls,
     parse_response,
     request,
 )
@@ -102,19 +102,8 @@ def mutual_tls_client_context(ca_file: Path, cert_file: Path, key_file: Path) ->
 
     A file that is not PEM, or a key that does not match its certificate, raises ``KeyServiceError`` naming it.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED are its defaults
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_verify_locations(cafile=ca_file)
-    except (ssl.SSLError, OSError) as exc:
-        raise KeyServiceError(f"keyservice.ca_file {ca_file}: not a usable CA certificate ({exc})") from None
-    try:
-        context.load_cert_chain(cert_file, key_file)
-    except (ssl.SSLError, OSError) as exc:
-        raise KeyServiceError(
-            f"keyservice.cert_file {cert_file} / key_file {key_file}: not a certificate and its key ({exc})"
-        ) from None
-    return context
+    # check_hostname and CERT_REQUIRED are the client context's defaults.
+    return load_mutual_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), ca_file, cert_file, key_file)
 
 
 class KeyServiceClient:

@@ -18,8 +18,10 @@ import base64
 import binascii
 import json
 import re
+import ssl
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from ground.errors import MedhotlineError
@@ -236,3 +238,21 @@ def require_str(params: dict[str, Any], name: str, max_length: int = 4096) -> st
             f"'{name}' must be a non-empty string of at most {max_length} characters", E_BAD_REQUEST
         )
     return value
+
+
+def load_mutual_tls(context: ssl.SSLContext, ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """``context`` (client or server side) with TLS 1.2+, ``cert_file``/``key_file`` as its own certificate and
+    ``ca_file`` as the only CA it trusts for the other side. A file that is not PEM, or a key that does not match
+    its certificate, raises ``KeyServiceError`` naming it."""
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(
+            f"keyservice.cert_file {cert_file} / key_file {key_file}: not a certificate and its key ({exc})"
+        ) from None
+    try:
+        context.load_verify_locations(cafile=ca_file)
+    except (ssl.SSLError, OSError) as exc:
+        raise KeyServiceError(f"keyservice.ca_file {ca_file}: not a usable CA certificate ({exc})") from None
+    return context

@@ -57,6 +57,7 @@ from compliance.keyservice_protocol import (
     encode_frame,
     error_response,
     frame_length,
+    load_mutual_tls,
     ok_response,
     parse_request,
     require_str,
@@ -420,18 +421,7 @@ def mutual_tls_server_context(certfile: Path, keyfile: Path, client_ca: Path) ->
 
     A file that is not PEM, or a key that does not match its certificate, raises ``KeyServiceError`` naming it.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(certfile, keyfile)
-    except (ssl.SSLError, OSError) as exc:
-        raise KeyServiceError(
-            f"keyservice.cert_file {certfile} / key_file {keyfile}: not a certificate and its key ({exc})"
-        ) from None
-    try:
-        context.load_verify_locations(cafile=client_ca)
-    except (ssl.SSLError, OSError) as exc:
-        raise KeyServiceError(f"keyservice.ca_file {client_ca}: not a usable CA certificate ({exc})") from None
+    context = load_mutual_tls(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), client_ca, certfile, keyfile)
     context.verify_mode = ssl.CERT_REQUIRED
     return context
 
