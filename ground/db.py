@@ -171,9 +171,16 @@ def is_busy(exc: BaseException) -> bool:
     )
 
 
+def _error_kind(exc: BaseException) -> type[DatabaseError]:
+    """Which DatabaseError a driver's error becomes: a failover's, a held SQLite lock's, or any other."""
+    if is_unavailable(exc):
+        return DatabaseUnavailable
+    return WouldWait if is_busy(exc) else DatabaseError
+
+
 def _mapped(url: str, doing: str, exc: SQLAlchemyError | CommandError | OSError) -> DatabaseError:
     reason = _scrub(_reason(exc), url)
-    kind = DatabaseUnavailable if is_unavailable(exc) else DatabaseError
+    kind = _error_kind(exc)
     return kind(f"database at {mask_url(url)}: {doing} failed: {reason}")
 
 
@@ -531,7 +538,8 @@ class Repository:
 
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
-        """SQLAlchemy's errors as :class:`DatabaseError` (or :class:`DatabaseUnavailable`) naming the database."""
+        """SQLAlchemy's errors as :class:`DatabaseError` (:class:`DatabaseUnavailable`, :class:`WouldWait`) naming
+        the database."""
         try:
             yield
         except DatabaseError:
@@ -540,8 +548,7 @@ class Repository:
             # A duplicate call id or a value the schema's constraints refuse.
             raise DatabaseError(f"database at {self._where}: {doing} refused: {_reason(exc)}") from None
         except SQLAlchemyError as exc:
-            kind = DatabaseUnavailable if is_unavailable(exc) else WouldWait if is_busy(exc) else DatabaseError
-            raise kind(f"database at {self._where}: {doing} failed: {_reason(exc)}") from None
+            raise _error_kind(exc)(f"database at {self._where}: {doing} failed: {_reason(exc)}") from None
 
 
 class CallRepository(Repository):
