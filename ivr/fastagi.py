@@ -14,9 +14,9 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-import structlog
 from panoramisk.utils import parse_agi_result
 
+from ground.logs import get_logger
 from telephony.channel import (
     DIGITS,
     CallerHungUp,
@@ -27,7 +27,7 @@ from telephony.channel import (
     check_recording_name,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024
 HEADER_TIMEOUT = 10.0

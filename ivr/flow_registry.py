@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-import structlog
-
 from ground.files import directory_fingerprint
+from ground.logs import get_logger
 from ivr.flow_graph import check_subflows
 from ivr.flow_loader import FlowProblem, LoadedFlow, load_flow_text, load_flows_lenient
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, TypeVar, assert_never
 
-import structlog
-
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from ivr.conditions import evaluate
 from ivr.flow_loader import LoadedFlow
 from ivr.flow_model import (
@@ -81,7 +80,7 @@ from telephony.ports import (
     RecognizerBusy,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 Outcome = Literal["completed", "routed", "transferred", "caller_hangup", "connection_lost", "error"]

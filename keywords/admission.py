@@ -23,13 +23,12 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
-import structlog
-
+from ground.logs import get_logger
 from keywords.speech import SpeechBusy
 from telephony.channel import CallChannel
 from telephony.ports import Recognition, Recognizer, RecognizerBusy
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # The live knee (benchmarks.asr --sandbox: SIPp callers into listen, in-process Vosk): 2 streams on 2 cores kept
 # real time; at 3 a stream fell behind and dropped frames, deciding on a third of the audio without any sign.

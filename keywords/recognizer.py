@@ -15,15 +15,14 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import structlog
-
+from ground.logs import get_logger
 from keywords.registry import LexiconRegistry
 from keywords.speech import SpeechBusy, SpeechEvent, SpeechStreamError
 from telephony.channel import AudioSource, CallChannel, CallerHungUp, ChannelError, ConnectionLost
 from telephony.ports import Recognition, RecognitionUnavailable, RecognizerBusy
 from telephony.rtp import RtpError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # What a transcript means (category, emergency, terms, triage level), as the interpreter reads it.
 Classify = Callable[[str], Recognition]

@@ -10,15 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import structlog
-
 from ground.files import directory_fingerprint
+from ground.logs import get_logger
 from keywords.classifier import Classifier
 from keywords.lexicon import DEFAULT_LEXICON_DIR, LexiconProblem, scan_lexicon
 
 __all__ = ["LexiconRegistry"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass

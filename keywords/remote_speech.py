@@ -24,11 +24,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, WebSocketException
 
 from ground.config import SpeechServerConfig
+from ground.logs import get_logger
 from keywords.speech import SpeechBusy, SpeechEvent, SpeechStreamError, join_cjk
 from keywords.vosk_protocol import (
     EOF_MESSAGE,
@@ -39,7 +39,7 @@ from keywords.vosk_protocol import (
     parse_server_reply,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _BYTES_PER_SAMPLE = 2
 # The most audio messages a stream leaves unanswered before it waits for the server: 1 s at the default chunk.

@@ -12,10 +12,11 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from panoramisk import Manager
 
-log = structlog.get_logger(__name__)
+from ground.logs import get_logger
+
+log = get_logger(__name__)
 
 WATCHED_EVENTS = ("FullyBooted", "Shutdown", "Reload")
 # PJSIP contact states that mean the phone can be rung (static contacts that are not qualified stay "Unknown").

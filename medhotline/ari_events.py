@@ -9,8 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
+from ground.logs import get_logger
 from medhotline.call_lifecycle import QUEUE_ARG
 from routing.ari_queue import AGENT_LEG_ARG
 from routing.supervision import SUPERVISOR_ARG, is_supervision_channel
@@ -26,7 +25,7 @@ from telephony.ari_channel import (
 from telephony.ari_client import AriClient, AriError
 from telephony.channel import CallerId, CallInfo, ConnectionLost
 
-log = structlog.get_logger("medhotline.service")
+log = get_logger("medhotline.service")
 
 
 @dataclass

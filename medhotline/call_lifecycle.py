@@ -24,7 +24,7 @@ from ground import db
 from ground.config import Config
 from ground.db_retry import RETRY_SECONDS, while_unavailable
 from ground.ids import is_uuid
-from ground.logs import hold_lines
+from ground.logs import get_logger, hold_lines
 from ivr.fastagi import FastAgiCallChannel
 from ivr.flow_registry import FlowRegistry
 from ivr.flow_source import LoadedFlow
@@ -55,7 +55,7 @@ from telephony.ports import (
     Recognizer,
 )
 
-log = structlog.get_logger("medhotline.service")
+log = get_logger("medhotline.service")
 
 # Seconds a caller turned away by a full queue has to press the callback key after the offer.
 OVERFLOW_KEY_WAIT = 5.0

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.fields import FieldCipherError, normalise_phone
 from ground.config import Config
+from ground.logs import get_logger
 from routing.ari_queue import CallbackOutcome
 from routing.callback_store import CallbackRecord, CallbackStore
 from routing.callbacks import CallbackPolicy, PendingCallback, due_callbacks, next_attempt
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from his.directory import PatientServices
     from telephony.consult import RouteCategory
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 PURPOSE: Final = "callbacks"  # the data key purpose of the callbacks table
 TABLE: Final = "callbacks"

@@ -21,17 +21,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from ground import db
 from ground.config import ENV_PREFIX, RTP_PORTS_PER_CALL, Config, FrontConfig, parse_sip_address
+from ground.logs import get_logger
 from medhotline.free_ports import free_port, free_rtp_range
 from medhotline.kamailio_config import write_front
 from medhotline.sandbox import Sandbox, SandboxError
 from medhotline.sandbox_pki import PkiError, PkiFiles, ensure_test_pki, write_whole
 from medhotline.service_process import KeyServiceProcess, ServiceProcess
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # A sandbox node is for trying the cluster out: a few calls, so a small RTP range (tests and benchmarks that
 # load the nodes ask for more with ``max_calls``).

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import structlog
 from sqlalchemy.orm import sessionmaker
 
 from compliance.access_store import AccessControl
@@ -22,6 +21,7 @@ from compliance.audit_witness import HeadWitness
 from compliance.keyservice_protocol import KeyServiceError
 from ground import db
 from ground.config import Config
+from ground.logs import get_logger
 from his import open_patient_directory
 from his.link import HisLink, open_his_link, start_adt_listener
 from his.messages import Ack
@@ -35,7 +35,7 @@ from telephony.ports import HisMessages, PatientDirectory
 if TYPE_CHECKING:
     from his.directory import PatientServices
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # How often the audit log's tree head is signed (a head is signed only when entries were appended).
 AUDIT_HEAD_INTERVAL = 60.0

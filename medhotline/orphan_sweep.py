@@ -16,15 +16,14 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Final
 
-import structlog
-
+from ground.logs import get_logger
 from medhotline.orphans import ENTRY_CONTEXT, Action, DestroyBridge, HangUp, KeepConversation, Restart, classify
 from telephony.ari_client import AriClient, AriNotFound
 from telephony.channel import UNAVAILABLE_SOUND, ChannelError
 
 __all__ = ["WATCH_EVERY", "sweep_orphans", "watch_conversation"]
 
-log = structlog.get_logger("medhotline.orphans")
+log = get_logger("medhotline.orphans")
 
 # How often a kept conversation is looked at; when one side has hung up, the other is hung up within this.
 WATCH_EVERY: Final = 1.0

@@ -24,10 +24,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from ground.config import Config
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from medhotline.apt_sources import MirrorNotFound, find_debian_mirror
 from medhotline.asterisk_config import (
     TLS_FILE,
@@ -39,7 +38,7 @@ from medhotline.asterisk_config import (
 )
 from medhotline.sandbox_pki import PkiFiles, ensure_test_pki, write_whole
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 PACKAGES = ("asterisk", "asterisk-moh-opsound-gsm", "ca-certificates")
 READY_MARKER = ".medhotline-rootfs-ready"

@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import structlog
-
+from ground.logs import get_logger
 from ivr.flow_registry import FlowRegistry
 from routing.callback_store import ModeRecord, ModeStore
 from routing.engine import RoutingEngine
 from routing.surge import SURGE_FLOW, SurgeError, SurgeProfile, overflow_texts, parse_profile
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Speak = Callable[[str], Awaitable[str]]
 

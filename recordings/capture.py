@@ -26,11 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import structlog
-
 from ground.db import DatabaseUnavailable
 from ground.db_retry import while_unavailable
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from recordings.ingest import Ingestor
 from recordings.records import RecordSealer
 from recordings.signed import format_time
@@ -39,7 +38,7 @@ from telephony.ari_client import AriClient, AriError, AriNotFound
 from telephony.channel import CallChannel, ChannelError
 from telephony.ports import ConsentExchange
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # Asterisk closes a recording's file a moment after it is told to stop; this long at most is waited for it.
 FILE_SETTLE_TIMEOUT: Final = 10.0

@@ -33,16 +33,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
 
-import structlog
-
 from compliance.audit import AuditLog, JsonValue
 from compliance.keyservice_client import GeneratedDataKey, wipe
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from recordings.envelope import EnvelopeError, SealedFile, open_sealed, seal_file, sha256_file
 from recordings.retention import RetentionPolicy, retention_class
 from recordings.store import RecordingRow, RecordingStore
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SUFFIX: Final = ".mhrec"
 TEMP_MARK: Final = ".tmp-"

@@ -16,20 +16,20 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import structlog
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.keyservice_protocol import KeyServiceRefused
 from compliance.keystore import UnwrapError, wrapped_version
 from ground.db import rowcount
+from ground.logs import get_logger
 from recordings.tables import Recording
 
 if TYPE_CHECKING:
     from compliance.audit import AuditLog
     from compliance.data_keys import DataKeyRing, RewrapReport
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Rewrapper(Protocol):

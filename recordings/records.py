@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol, cast
 
-import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select, update
@@ -33,6 +32,7 @@ from ground.canonical import canonical_json
 from ground.config import Config
 from ground.db import CallRepository, DatabaseError, Repository
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from recordings.envelope import sha256_file
 from recordings.signed import (
     SIGNING_PURPOSE,
@@ -49,7 +49,7 @@ from recordings.signed import (
 from recordings.store import RecordingRow
 from recordings.tables import CallNote, Recording, SignedCallRecord
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DATA_KEY_PURPOSE: Final = "call_records"
 TABLE: Final = "call_records"

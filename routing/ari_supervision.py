@@ -12,14 +12,13 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
+from ground.logs import get_logger
 from routing.ari_queue import dial_string
 from routing.supervision import ESCALATE_EVENT, SUPERVISOR_ARG, SupervisionError, Tap
 from telephony.ari_client import AriClient, AriError, AriNotFound, AriUnavailable
 from telephony.channel import ChannelError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

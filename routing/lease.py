@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-import structlog
-
 from ground.leases import LeaseLost
+from ground.logs import get_logger
 from routing.cluster import Takeover
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 __all__ = ["LeaseKeeper", "LeaseSettings", "LeaseStore"]
 

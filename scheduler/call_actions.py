@@ -10,9 +10,8 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import date, timedelta
 
-import structlog
-
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from scheduler.complaints import ComplaintRules, ComplaintStore, answer_from_survey
 from scheduler.medication import MedicationStore
 from scheduler.outreach_core import SYSTEM_ACTOR, SYSTEM_ROLE, OutreachCore, OutreachPart
@@ -27,7 +26,7 @@ from scheduler.vaccination import (
 )
 from telephony.ports import AppointmentEvent, AppointmentFacts, BookingResult, ReadingFact, VaccinationFacts
 
-log = structlog.get_logger("scheduler.outreach")
+log = get_logger("scheduler.outreach")
 
 Speak = Callable[[str], Awaitable[str]]
 

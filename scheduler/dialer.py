@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import structlog
 
+from ground.logs import get_logger
 from scheduler.medication import MedicationStore
 from scheduler.outreach_core import OutreachCore, OutreachPart
 from scheduler.policy import Window, failure_outcome
@@ -20,7 +21,7 @@ from telephony.ari_channel import AriCallChannel, AriDispatcher, await_answer
 from telephony.ari_client import AriClient, AriError
 from telephony.channel import CallInfo, ChannelError
 
-log = structlog.get_logger("scheduler.outreach")
+log = get_logger("scheduler.outreach")
 
 OUTBOUND_ARG: Final = "outbound"
 CHANNEL_PREFIX: Final = "outreach-"

@@ -18,11 +18,12 @@ import os
 from pathlib import Path
 from typing import Final, Protocol
 
-import structlog
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
 
-log = structlog.get_logger(__name__)
+from ground.logs import get_logger
+
+log = get_logger(__name__)
 
 # The advisory lock's key: a fixed 64-bit number that names "the medhotline scheduler" in this database.
 ADVISORY_KEY: Final = 0x6D6564686F746C31  # "medhotl1"

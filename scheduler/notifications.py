@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import structlog
-
 from compliance.keystore import read_token_file
+from ground.logs import get_logger
 from scheduler.medication import MedicationStore
 from scheduler.notify import HttpSmsGateway, Outbox, deliver_pending
 from scheduler.outreach_core import OutreachCore, OutreachPart
@@ -16,7 +15,7 @@ from scheduler.vaccination import (
     send_day_before_reminders,
 )
 
-log = structlog.get_logger("scheduler.outreach")
+log = get_logger("scheduler.outreach")
 
 
 class Notifications(OutreachPart):

@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import structlog
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from ground.config import Config
 from ground.db import rowcount
+from ground.logs import get_logger
 from scheduler.call_actions import CallActions
 from scheduler.complaints import SURVEY_KIND
 from scheduler.dialer import CHANNEL_PREFIX, DIAL_EVERY, FLOW_OF_KIND, OUTBOUND_ARG, CallContext, Dialer, RunCall, Speak
@@ -55,7 +55,7 @@ __all__ = [
     "Speak",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class CallOutreach:

@@ -23,16 +23,16 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-import structlog
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
+from ground.logs import get_logger
 from scheduler.leader import LeaderLock
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 JOB_TABLE: Final = "apscheduler_jobs"
 FOLLOWUP_GRACE: Final = timedelta(hours=12)

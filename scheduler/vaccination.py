@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Final, Literal, TypeAlias, get_args
 
-import structlog
 from sqlalchemy import Select, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -48,6 +47,7 @@ from sqlalchemy.orm import Session
 from compliance.access import AccessError, check_department, check_patient_id
 from ground.db import Repository, rowcount
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from scheduler.policy import LOCAL_TZ
 from scheduler.vaccination_tables import Clinic, VaccinationBooking, VaccinationSlot, Vaccine
 
@@ -81,7 +81,7 @@ __all__ = [
     "send_day_before_reminders",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DayPart = Literal["morning", "afternoon"]
 DAY_PARTS: Final[tuple[DayPart, ...]] = get_args(DayPart)

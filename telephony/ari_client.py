@@ -23,10 +23,10 @@ from typing import Any, Literal
 from urllib.parse import urlencode
 
 import httpx
-import structlog
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, WebSocketException
 
+from ground.logs import get_logger
 from telephony.ari_ws_rest import (
     RESPONSE_TYPE,
     BadResponse,
@@ -39,7 +39,7 @@ from telephony.ari_ws_rest import (
 from telephony.channel import ChannelError, ConnectionLost
 from telephony.rtp import AudioLosses
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class AriError(ChannelError):

@@ -13,12 +13,11 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-import structlog
-
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from telephony.rtp import AudioLosses
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Transport = Literal["ari", "fastagi"]
 

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final
 
-import structlog
-
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 RTP_VERSION: Final = 2
 HEADER_BYTES: Final = 12
