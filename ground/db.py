@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Final, Self, cast
 from urllib.parse import quote, quote_plus, urlencode
 
-import structlog
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
@@ -42,13 +41,14 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from ground.errors import MedhotlineError
+from ground.logs import get_logger
 from ground.models import CALL_OUTCOMES, Call, CallOutcome, CallStep, Transport
 
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS: Final = 5000
 POSTGRES_CONNECT_TIMEOUT_S: Final = 10
 # Serialises schema upgrades of several nodes starting at once against one PostgreSQL (arbitrary constant).
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _PG_MIGRATION_LOCK: Final = 0x6D6564686F746C6E
 
@@ -65,7 +65,7 @@ class DatabaseUnavailable(DatabaseError):
 
 class WouldWait(DatabaseError):
     """SQLite's lock was held by another writer longer than the connection waits (not at all for a write asked not
-    to wait, see :func:`make_at_once_sessionmaker`), or a write asked not to wait has a database over the network.
+    to wait, see ``ground.db_at_once``), or a write asked not to wait has a database over the network.
     Nothing was written; the write can be done again where waiting is harmless."""
 
 
@@ -163,11 +163,16 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 def is_busy(exc: BaseException) -> bool:
-    """Whether SQLite refused because another connection held its lock past this connection's busy timeout."""
-    orig = getattr(exc, "orig", None)
-    return isinstance(orig, sqlite3.OperationalError) and getattr(orig, "sqlite_errorcode", None) in (
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
+    """Whether SQLite refused because another connection held its lock past this connection's busy timeout (a
+    SQLAlchemy error, or the driver's own from a write made through it directly)."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "sqlite_errorcode", None)
+    # The extended codes (SQLITE_BUSY_SNAPSHOT: a WAL snapshot another writer moved past) keep the primary code
+    # in their low byte.
+    return (
+        isinstance(orig, sqlite3.OperationalError)
+        and isinstance(code, int)
+        and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
     )
 
 
@@ -178,7 +183,7 @@ def _error_kind(exc: BaseException) -> type[DatabaseError]:
     return WouldWait if is_busy(exc) else DatabaseError
 
 
-def _mapped(url: str, doing: str, exc: SQLAlchemyError | CommandError | OSError) -> DatabaseError:
+def _mapped(url: str, doing: str, exc: SQLAlchemyError | CommandError | OSError | sqlite3.Error) -> DatabaseError:
     reason = _scrub(_reason(exc), url)
     kind = _error_kind(exc)
     return kind(f"database at {mask_url(url)}: {doing} failed: {reason}")
@@ -194,7 +199,7 @@ def mapped_errors(url: str, doing: str) -> Iterator[None]:
         yield
     except DatabaseError:
         raise
-    except (SQLAlchemyError, CommandError, OSError) as exc:
+    except (SQLAlchemyError, CommandError, OSError, sqlite3.Error) as exc:
         raise _mapped(url, doing, exc) from None
 
 
@@ -246,7 +251,7 @@ def _on_sqlite_connect_at_once(dbapi_connection: Any, connection_record: Any) ->
     _on_sqlite_connect_unsynced(dbapi_connection, connection_record)
     cursor = dbapi_connection.cursor()
     try:
-        # Used on the event loop (make_at_once_sessionmaker): a writer holding the lock is reported at once
+        # Used on the event loop (ground.db_at_once): a writer holding the lock is reported at once
         # (SQLITE_BUSY, the caller does the write in a thread), and a commit here never runs the WAL checkpoint,
         # which copies pages for milliseconds; the service's other connections checkpoint as they commit.
         cursor.execute("PRAGMA busy_timeout=0")
@@ -259,7 +264,7 @@ def make_engine(url: str, *, durable: bool = True, at_once: bool = False) -> Eng
     """Create an engine for a SQLite or PostgreSQL URL with the settings the service relies on.
 
     ``durable=False`` (SQLite only; see :func:`make_reservation_sessionmaker`): commits do not wait for the disk.
-    ``at_once=True`` (SQLite only; see :func:`make_at_once_sessionmaker`): neither for the disk nor for a lock.
+    ``at_once=True`` (SQLite only; see ``ground.db_at_once``): neither for the disk nor for a lock.
 
     For SQLite the file's parent directory is created (mode 0700: the database holds call data) if missing.
     No connection is opened here; connection errors surface (as DatabaseError) on first use.
@@ -303,16 +308,6 @@ def make_reservation_sessionmaker(url: str, durable: sessionmaker[Session]) -> s
     if _parse(url).get_backend_name() != "sqlite":
         return durable
     return sessionmaker(make_engine(url, durable=False), expire_on_commit=False)
-
-
-def make_at_once_sessionmaker(url: str) -> sessionmaker[Session] | None:
-    """Sessions for a write the routing engine makes on its event loop (the agent reservation, on the way to the
-    agent's phone): on SQLite an engine that waits neither for the disk nor for another writer's lock (such a
-    write fails with :class:`WouldWait` and is done in a thread instead). None on PostgreSQL: a server over the
-    network is never waited for on the loop."""
-    if _parse(url).get_backend_name() != "sqlite":
-        return None
-    return sessionmaker(make_engine(url, at_once=True), expire_on_commit=False)
 
 
 def _alembic_config() -> AlembicConfig:

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-import structlog
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +24,8 @@ from compliance.audit import AuditLog, SqlAuditStore
 from compliance.data_keys import LazyKeyService
 from ground import db
 from ground.config import Config
+from ground.db_at_once import make_at_once_writer
+from ground.logs import get_logger
 from his.directory import PatientServices
 from his.tables import PatientStore
 from ivr.fastagi import FastAgiCallChannel
@@ -101,7 +102,7 @@ __all__ = [
     "run_service",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SHUTDOWN_GRACE = 20.0
 
@@ -512,7 +513,7 @@ def build_routing_engine(config: Config, sessions: sessionmaker[Session]) -> Rou
     # The reservation is the one write before the agent's phone rings: on SQLite it waits neither for the disk
     # nor, made on the event loop, for a worker thread (in one when another writer holds the lock).
     reservations = db.make_reservation_sessionmaker(config.database_url, sessions)
-    at_once = db.make_at_once_sessionmaker(config.database_url)
+    at_once = make_at_once_writer(config.database_url)
     agents = AgentStore(sessions, reservations=reservations, at_once=at_once)
     return RoutingEngine(agents, rules, settings, cluster=cluster, presence=agents)
 

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from compliance.accounts import Account, new_account_row
 from ground.db import DatabaseError, Repository, WouldWait, rowcount
+from ground.db_at_once import AtOnceWriter
 from ground.models import UTCDateTime
 from routing.model import Agent, Credential, CredentialStatus
 from routing.tables import RING_OUTCOMES, AgentRing, AgentRow, AgentSkill, CredentialRow, RingOutcome
@@ -387,7 +388,7 @@ class AgentStore(Repository):
 
     ``reservations``: the sessions :meth:`reserve_ring` commits on, when they differ from the others
     (``ground.db.make_reservation_sessionmaker``: on SQLite a commit that does not wait for the disk);
-    ``at_once``: the sessions of ``reserve_ring(..., wait=False)`` (``ground.db.make_at_once_sessionmaker``:
+    ``at_once``: the writer of ``reserve_ring(..., wait=False)`` (``ground.db_at_once.make_at_once_writer``:
     on SQLite, waiting neither for the disk nor for a lock; None: every such call raises WouldWait).
     """
 
@@ -396,7 +397,7 @@ class AgentStore(Repository):
         sessions: sessionmaker[Session],
         *,
         reservations: sessionmaker[Session] | None = None,
-        at_once: sessionmaker[Session] | None = None,
+        at_once: AtOnceWriter | None = None,
     ) -> None:
         super().__init__(sessions)
         self._reservations = reservations
@@ -558,15 +559,23 @@ class AgentStore(Repository):
         WouldWait (nothing written) if that would mean waiting for another writer or a database over the network.
         """
         doing = f"reserving agent {account_id} for call {call_id}"
-        if not wait and self._at_once is None:
+        at_once = self._at_once
+        if not wait and at_once is None:
             raise WouldWait(f"database at {self._where}: {doing} would wait: the database is not a local file")
         statement, parameters = _reservation(account_id, call_id, node, at, required, excluded=excluded)
-        with self._core_transaction(doing, self._reservations if wait else self._at_once) as connection:
+        # A prepared Core insert: this is on the way to the agent's phone; neither the ORM's unit of work nor
+        # building and compiling a statement per ring is needed.
+        ring = {"agent": account_id, "call": call_id, "node": node, "at": at}
+        if not wait and at_once is not None:
+            # Straight through the driver (ground.db_at_once): the same statements, without SQLAlchemy's execution
+            # path, which was most of a reservation's time on the event loop.
+            with at_once.transaction(doing) as writes:
+                if writes.execute(statement, parameters).rowcount != 1:
+                    return None
+                return int(writes.execute(_RING, ring).fetchone()[0])
+        with self._core_transaction(doing, self._reservations) as connection:
             if rowcount(connection.execute(statement, parameters)) != 1:
                 return None
-            # A prepared Core insert: this is on the way to the agent's phone; neither the ORM's unit of work nor
-            # building and compiling a statement per ring is needed.
-            ring = {"agent": account_id, "call": call_id, "node": node, "at": at}
             return int(connection.execute(_RING, ring).scalar_one())
 
     def release(self, account_id: str, call_id: str) -> bool:

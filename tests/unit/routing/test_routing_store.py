@@ -16,10 +16,12 @@ from sqlalchemy.orm import Session
 
 from compliance.accounts import AccountError, AccountStore
 from ground import db
+from ground.db_at_once import make_at_once_writer
 from routing.model import Credential
-from routing.store import AgentError, AgentStore, AgentView, CredentialRecord
+from routing.store import _RING, AgentError, AgentStore, AgentView, CredentialRecord, _reservation
 from routing.tables import AgentRow, AgentSkill, CredentialRow
 from routing.validity import credential_state, validity_report
+from tests.sql_capture import sent_by_sqlalchemy
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -320,7 +322,7 @@ def test_a_reservation_asked_not_to_wait_never_waits_and_writes_nothing_when_it_
     wait, no WAL checkpoint); while another writer holds the lock it raises WouldWait having written nothing; on
     PostgreSQL (over the network) it always raises WouldWait, and the engine reserves in a thread instead."""
     durable = db.make_sessionmaker(url)
-    at_once = db.make_at_once_sessionmaker(url)
+    at_once = make_at_once_writer(url)
     store = AgentStore(durable, at_once=at_once)
     try:
         AccountStore(durable).add("phys1", "Staff phys1", ["physician"], T0 - YEAR)
@@ -331,11 +333,7 @@ def test_a_reservation_asked_not_to_wait_never_waits_and_writes_nothing_when_it_
                 store.reserve_ring("phys1", "call-1", "node1", T0, wait=False)
             assert store.view("phys1").reserved_call_id is None
             return
-        with at_once() as session:
-            assert session.execute(text("PRAGMA busy_timeout")).scalar_one() == 0
-            assert session.execute(text("PRAGMA wal_autocheckpoint")).scalar_one() == 0
-            assert session.execute(text("PRAGMA synchronous")).scalar_one() == 1
-            assert session.execute(text("PRAGMA foreign_keys")).scalar_one() == 1
+        # (The writer's own settings: tests/unit/ground/test_db_at_once.py.)
         # Another writer holds the lock (an open write transaction on the durable sessions).
         with durable.begin() as holder:
             holder.execute(text("UPDATE agents SET paused_reason = NULL WHERE account_id = 'nobody'"))
@@ -350,11 +348,39 @@ def test_a_reservation_asked_not_to_wait_never_waits_and_writes_nothing_when_it_
         # The same checks as the waiting reservation: held already, so refused.
         assert store.reserve_ring("phys1", "call-2", "node1", T0, wait=False) is None
     finally:
-        for sessions in (durable, at_once):
-            if sessions is not None:
-                bind = sessions.kw["bind"]
-                assert isinstance(bind, Engine)
-                bind.dispose()
+        bind = durable.kw["bind"]
+        assert isinstance(bind, Engine)
+        bind.dispose()
+        if at_once is not None:
+            at_once.close()
+
+
+@pytest.mark.parametrize(
+    ("required", "excluded"),
+    [
+        ((), ()),
+        ([["physician_license"]], ()),
+        ([["physician_license", "nurse_license"], ["vaccine_training"]], ()),
+        ([["nurse_license"]], ["surge_volunteer", "student"]),
+    ],
+)
+def test_the_reservation_on_the_loop_sends_the_driver_what_sqlalchemy_would(
+    tmp_path: Path, required: list[list[str]], excluded: list[str]
+) -> None:
+    """One definition of what a reservation checks: the statements the at-once writer runs through the driver
+    are exactly those SQLAlchemy sends for the waiting reservation (SQL and arguments)."""
+    url = f"sqlite:///{tmp_path / 'state' / 'medhotline.db'}"
+    db.upgrade(url)
+    writer = make_at_once_writer(url)
+    assert writer is not None
+    try:
+        statement, parameters = _reservation("phys1", "call-1", "node1", T0, required, excluded=excluded)
+        ring = {"agent": "phys1", "call": "call-1", "node": "node1", "at": T0}
+        for stmt, params in ((statement, parameters), (_RING, ring)):
+            driver = writer.driver_statement(stmt, params)
+            assert (driver.sql, driver.bind(params)) == sent_by_sqlalchemy(writer.engine, stmt, params)
+    finally:
+        writer.close()
 
 
 def test_release_node_drops_only_that_nodes_reservations(stores: Stores) -> None:
