@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from ground.logs import get_logger
 from routing.announcements import ESCALATING, RECLASSIFIED, position_text
 from routing.callbacks import CALLBACK_ACCEPTED, CALLBACK_DUPLICATE, CALLBACK_UNAVAILABLE, CallbackPolicy, offer_text
 from routing.engine import CancelRing, Escalate, Offer, RoutingEngine, Ticket, TicketItem
@@ -40,7 +41,7 @@ from telephony.ari_client import AriClient, AriError, AriNotFound, AriUnavailabl
 from telephony.channel import CallerHungUp, CallerId, CallInfo, ChannelError, tell_unavailable_and_hang_up
 from telephony.consult import RouteCategory
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 AGENT_LEG_ARG = "agent"
 # The system prompt callers hear when nobody can take the call (rendered by `prompts build` under this name).
@@ -106,6 +107,10 @@ class CallbackDesk(Protocol):
 # How long the caller's side waits for the agent's leg to be dialled first. The reservation takes milliseconds;
 # this bounds the wait when it is slow or refused, so a caller never waits for music longer than this.
 HOLD_GRACE = 0.1
+# How long the caller's side then waits for Asterisk's first event about the agent's leg (in practice its state
+# turning to Ringing: the phone has the INVITE), so the caller's answer and bridge don't compete with that INVITE
+# inside Asterisk: the originate's response comes back before the INVITE leaves.
+LEG_DIAL_GRACE = 0.02
 # How often a playing route prompt is checked for its end (the music starts at most this long after it).
 ROUTE_PROMPT_POLL = 0.25
 # Failed checks in a row after which the prompt's end is taken as unknown and the music starts.
@@ -608,6 +613,7 @@ class CallerQueue:
                     log.warning("queue.dial_failed", reason=str(exc))
                     await self._engine.no_answer(call_id, agent_id, reachable=False)
                     return None
+                await leg.heard_from(LEG_DIAL_GRACE)
                 hold.start()  # the agent's phone is being dialled: now the caller's side, beside it
                 log.info("queue.ringing")
                 answered = await self._await_answer(caller, ticket, leg, agent_id)

@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar
 
-import structlog
-
 from ground.db import DatabaseUnavailable, WouldWait
 from ground.db_retry import RETRY_SECONDS, while_unavailable
 from ground.leases import LeaseLost
+from ground.logs import get_logger
 from routing.callbacks import estimated_wait
 from routing.cluster import ClaimRefused, QueuedView
 from routing.lease import LeaseKeeper
@@ -44,7 +43,7 @@ from routing.model import Agent, CallPriority, CallRequest
 from routing.router import VOLUNTEER_KIND, Assignment, Dispatcher, RoutingError
 from routing.rules import EscalationRule, RoutingRules
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 _T = TypeVar("_T")
 
 RingOutcome = Literal["answered", "no_answer", "caller_gone", "released", "failed"]
@@ -603,6 +602,9 @@ class RoutingEngine:
                 category=assignment.call.category,
             )
             ticket.items.put_nowait(Offer(assignment, ring_id))
+            # The call's task dials the agent before this one looks for the next assignment: the ring is on the
+            # caller's critical path, the rest of the decisions are not.
+            await asyncio.sleep(0)
 
     # -- the cluster ----------------------------------------------------------------------------------
     async def _claim(

@@ -19,8 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
-
+from ground.logs import get_logger
 from telephony.ari_client import (
     RETRY_ATTEMPTS,
     RETRY_PAUSE,
@@ -33,7 +32,7 @@ from telephony.ari_client import (
 from telephony.channel import CallerHungUp, CallInfo, ChannelError, check_recording_name
 from telephony.rtp import AudioLosses, RtpReceiver
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _GONE_EVENTS = frozenset({"StasisEnd", "ChannelDestroyed", "ChannelHangupRequest"})
 # Channels Asterisk creates for the service's own media taps; they are never calls.
@@ -75,6 +74,7 @@ class AriCallChannel:
         self._client = client
         self._info = info
         self._events: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+        self._heard = asyncio.Event()  # set by the first event (or error) delivered for this channel
         self._gone = False
         self._audio_losses = AudioLosses()
 
@@ -88,6 +88,17 @@ class AriCallChannel:
 
     def deliver(self, event: dict[str, Any] | BaseException) -> None:
         self._events.put_nowait(event)
+        self._heard.set()
+
+    async def heard_from(self, timeout: float) -> bool:
+        """Whether Asterisk has reported anything about this channel yet, waiting up to ``timeout`` seconds; the
+        event stays queued for ``next_event``. For a leg just originated, the first event (in practice its state
+        turning to Ringing) means the phone has been sent the call."""
+        if not self._heard.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._heard.wait()
+        return self._heard.is_set()
 
     async def _call(
         self, method: str, path: str, params: dict[str, str] | None = None, *, retry: bool | None = None

@@ -348,6 +348,22 @@ async def test_the_tap_stops_waiting_for_a_caller_who_hung_up_or_a_bridge_that_n
         assert [e["event"] for e in logs] == ["ari.bridge_leave_unconfirmed"]
 
 
+async def test_heard_from_waits_for_the_first_event_and_leaves_it_queued() -> None:
+    """An agent's leg just originated: the queue waits (briefly) for Asterisk's first report on it before the
+    caller's side, and that event is still there for whoever reads the leg's events next."""
+    dispatcher = AriDispatcher()
+    leg = AriCallChannel(_client(FakeAri()), INFO)
+    dispatcher.register(leg)
+    assert not await leg.heard_from(0.01)  # nothing yet: False once the time is up
+    waiting = asyncio.ensure_future(leg.heard_from(5))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    dispatcher.dispatch(_event("Dial", dialstatus=""))
+    assert await asyncio.wait_for(waiting, 1)
+    assert await leg.heard_from(0)  # once heard, at once
+    assert (await leg.next_event(1) or {})["type"] == "Dial"
+
+
 async def test_play_returns_when_its_own_playback_finishes() -> None:
     fake = FakeAri()
     async with _call(fake) as (channel, dispatcher):
