@@ -4,7 +4,8 @@ A client is served only if BOTH checks pass:
 
 1. the transport's peer identity: on the Unix socket the kernel's ``SO_PEERCRED`` uid must be in the allowed set
    (default: the service's own uid); over TCP the client must have presented a certificate that the server's
-   CA verified (the SSL context must have ``verify_mode = CERT_REQUIRED``);
+   CA verified (the SSL context must have ``verify_mode = CERT_REQUIRED``) and that names one of the listed
+   clients (a DNS subjectAltName or the common name);
 2. the first frame must be ``{"op": "auth", "token": ...}`` with the shared client token (constant-time compare).
 
 Anything else is answered with an ``unauthorized`` error and the connection is closed. A malformed or oversize
@@ -121,13 +122,19 @@ class KeyServiceServer:
         log.info("keyservice_listening", transport="unix", socket=str(socket_path))
         return server
 
-    async def start_tls_server(self, host: str, port: int, ssl_context: ssl.SSLContext) -> asyncio.Server:
-        """Listen on TCP with mutual TLS: the context must require and verify a client certificate."""
+    async def start_tls_server(
+        self, host: str, port: int, ssl_context: ssl.SSLContext, clients: frozenset[str]
+    ) -> asyncio.Server:
+        """Listen on TCP with mutual TLS: the context must require and verify a client certificate, and the
+        certificate must name one of ``clients``."""
         if ssl_context.verify_mode != ssl.CERT_REQUIRED:
             raise KeyServiceError("the key service's TLS context must require client certificates (CERT_REQUIRED)")
+        if not clients:
+            raise KeyServiceError("the key service's TLS listener needs the names of the clients it serves")
         # The handshake runs in the handler (start_tls) rather than in asyncio's server, which drops a failed
         # handshake without a word: a refused client certificate must leave a line in the key service's log.
-        server = await asyncio.start_server(functools.partial(self._accept_tls, ssl_context), host=host, port=port)
+        accept = functools.partial(self._accept_tls, ssl_context, functools.partial(_check_peer_certificate, clients))
+        server = await asyncio.start_server(accept, host=host, port=port)
         self._listeners.append(server)
         log.info("keyservice_listening", transport="tls", host=host, port=port)
         return server
@@ -157,18 +164,26 @@ class KeyServiceServer:
         await self.handle_connection(reader, writer, self._check_peer_uid)
 
     def _accept_tls(
-        self, ssl_context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        ssl_context: ssl.SSLContext,
+        check_peer: PeerCheck,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         # A plain function runs inside connection_made, before any byte is read: reading paused here, the
         # client's first TLS record reaches start_tls instead of the plain stream's buffer (where it would be lost).
         if isinstance(writer.transport, asyncio.ReadTransport):
             writer.transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._handle_tls(ssl_context, reader, writer))
+        task = asyncio.get_running_loop().create_task(self._handle_tls(ssl_context, check_peer, reader, writer))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
     async def _handle_tls(
-        self, ssl_context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        ssl_context: ssl.SSLContext,
+        check_peer: PeerCheck,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         address = writer.get_extra_info("peername")
         host = address[0] if isinstance(address, tuple) and address else "?"
@@ -189,7 +204,7 @@ class KeyServiceServer:
             log.info("keyservice_connection_lost", peer=f"tls-handshake:{host}", error=type(exc).__name__)
             _abort(writer)
             return
-        await self.handle_connection(reader, writer, _check_peer_certificate)
+        await self.handle_connection(reader, writer, check_peer)
 
     def _check_peer_uid(self, writer: asyncio.StreamWriter) -> tuple[bool, str]:
         sock = writer.get_extra_info("socket")
@@ -334,13 +349,21 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         writer.close()
 
 
-def _check_peer_certificate(writer: asyncio.StreamWriter) -> tuple[bool, str]:
-    """The TLS handshake (CERT_REQUIRED) already verified the chain; make sure a certificate was really presented."""
+def _check_peer_certificate(clients: frozenset[str], writer: asyncio.StreamWriter) -> tuple[bool, str]:
+    """The TLS handshake (CERT_REQUIRED) already verified the chain; make sure a certificate was really presented
+    and that it names one of ``clients`` (a DNS subjectAltName, or the common name)."""
     certificate = writer.get_extra_info("peercert")
     if not certificate:
         return False, "tls:no-certificate"
     subject = dict(item[0] for item in certificate.get("subject", ()) if item)
-    return True, f"tls:{subject.get('commonName', '?')}"
+    common_name = str(subject.get("commonName", ""))
+    names = {str(value) for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"}
+    if common_name:
+        names.add(common_name)
+    listed = sorted(names & clients)
+    if not listed:
+        return False, f"tls:{common_name or '?'} (not a listed client)"
+    return True, f"tls:{listed[0]}"
 
 
 async def _read_message(reader: asyncio.StreamReader) -> dict[str, Any] | None:
@@ -428,11 +451,13 @@ def mutual_tls_server_context(certfile: Path, keyfile: Path, client_ca: Path) ->
 
 @dataclass(frozen=True)
 class TlsListener:
-    """Where the key service also listens for mutual TLS, and with which context."""
+    """Where the key service also listens for mutual TLS, with which context, for which clients (by the name in
+    their certificate)."""
 
     host: str
     port: int
     context: ssl.SSLContext
+    clients: frozenset[str]
 
 
 async def serve_keyservice(
@@ -451,7 +476,7 @@ async def serve_keyservice(
     await service.start_unix_server(socket_path)
     try:
         if tls is not None:
-            await service.start_tls_server(tls.host, tls.port, tls.context)
+            await service.start_tls_server(tls.host, tls.port, tls.context, tls.clients)
         if on_ready is not None:
             await on_ready()
         await stop.wait()
@@ -468,12 +493,14 @@ def run_keyservice(
     allowed_uids: set[int],
     *,
     tls_files: tuple[str, Path, Path, Path] | None = None,
+    tls_clients: frozenset[str] = frozenset(),
 ) -> int:
     """Entry point of ``medhotline keyservice``: returns 0 after SIGTERM/SIGINT, 2 on a configuration error.
 
     The key directory is initialised (KEK version 1, blind-index key) on first start if missing or empty.
     ``allowed_uids`` empty means only this process's own uid may connect. ``tls_files``: (listen ``host:port``,
-    CA of the accepted client certificates, server certificate, its key) to also listen for mutual TLS.
+    CA of the accepted client certificates, server certificate, its key) to also listen for mutual TLS, for the
+    clients named in ``tls_clients``.
     """
     try:
         keystore = KeyStore.open_or_create(directory)
@@ -483,7 +510,7 @@ def run_keyservice(
             listen, ca_file, cert_file, key_file = tls_files
             host, _sep, port = listen.rpartition(":")
             context = mutual_tls_server_context(cert_file, key_file, ca_file)
-            tls = TlsListener(host.removeprefix("[").removesuffix("]"), int(port), context)
+            tls = TlsListener(host.removeprefix("[").removesuffix("]"), int(port), context, tls_clients)
     except (MedhotlineError, OSError) as exc:
         log.error("keyservice_config_error", error=str(exc))
         print(f"medhotline keyservice: {exc}", file=sys.stderr)

@@ -297,6 +297,9 @@ class KeyServiceConfig(_Section):
     address: str = ""
     # The name to verify in the key service's certificate when it differs from address's host.
     server_name: str = ""
+    # With listen: the nodes that may use the key service, by the name their client certificate carries (a DNS
+    # subjectAltName or the common name). The CA alone is not enough: a hospital CA signs far more than nodes.
+    clients: list[str] = []
     # With listen: ca_file is the CA whose client certificates are accepted, cert_file/key_file the key
     # service's server certificate. With address: ca_file is the CA that signed the key service's certificate,
     # cert_file/key_file the node's client certificate.
@@ -340,6 +343,14 @@ class KeyServiceConfig(_Section):
             raise ValueError(f"{value!r} is not a host name")
         return value
 
+    @field_validator("clients")
+    @classmethod
+    def _client_names(cls, value: list[str]) -> list[str]:
+        bad = [name for name in value if not _DNS_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"{', '.join(repr(name) for name in bad)}: not a certificate's host name")
+        return value
+
     @model_validator(mode="after")
     def _tls_complete(self) -> KeyServiceConfig:
         if self.tcp_port is not None:
@@ -354,6 +365,14 @@ class KeyServiceConfig(_Section):
             )
         role = "listen" if self.listen else "address" if self.address else ""
         files = {"ca_file": self.ca_file, "cert_file": self.cert_file, "key_file": self.key_file}
+        if self.clients and role != "listen":
+            raise ValueError("clients is set but listen is empty: it lists who may use this key service's TLS listener")
+        if role == "listen" and not self.clients:
+            raise ValueError(
+                "listen is set: clients must name the nodes that may use the key service, by the name in their "
+                'client certificate (e.g. clients = ["node1.hospital.example"]); any certificate the CA signed is '
+                "not enough"
+            )
         if not role:
             given = [name for name, path in files.items() if path is not None]
             if given:

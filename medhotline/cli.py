@@ -243,7 +243,14 @@ def _cmd_keyservice(config: Config, args: argparse.Namespace) -> int:
     files = ks.tls_files()
     # listen: also serve mutual TLS for nodes on other hosts; the socket stays for this host's own clients.
     tls_files = (ks.listen, *files) if ks.listen and files else None
-    return run_keyservice(ks.directory, config.keyservice_socket, token_path, {os.getuid()}, tls_files=tls_files)
+    return run_keyservice(
+        ks.directory,
+        config.keyservice_socket,
+        token_path,
+        {os.getuid()},
+        tls_files=tls_files,
+        tls_clients=frozenset(ks.clients),
+    )
 
 
 def _cmd_audit(config: Config, args: argparse.Namespace) -> int:

@@ -513,11 +513,17 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
+# The name in the pki fixture's client certificate (its common name).
+CLIENT_NAME = "keyservice-client"
+
+
 @contextlib.asynccontextmanager
-async def tls_service(store: KeyStore, pki: dict[str, Path]) -> AsyncIterator[int]:
+async def tls_service(
+    store: KeyStore, pki: dict[str, Path], clients: frozenset[str] = frozenset({CLIENT_NAME})
+) -> AsyncIterator[int]:
     context = mutual_tls_server_context(pki["server_cert"], pki["server_key"], pki["ca"])
     server = KeyServiceServer(store, TOKEN.encode())
-    listener = await server.start_tls_server("127.0.0.1", 0, context)
+    listener = await server.start_tls_server("127.0.0.1", 0, context, clients)
     try:
         yield int(listener.sockets[0].getsockname()[1])
     finally:
@@ -550,6 +556,19 @@ async def test_mutual_tls_client_without_certificate_refused(store: KeyStore, pk
                 await client.status()
 
 
+async def test_mutual_tls_client_the_ca_signed_but_not_listed_is_refused(store: KeyStore, pki: dict[str, Path]) -> None:
+    """The hospital CA signs far more than the nodes: a valid certificate for a name not among the key service's
+    clients gets nothing, even with the right token, and the refusal names the certificate, not its content."""
+    with capture_logs() as logs:
+        async with tls_service(store, pki, frozenset({"node1.hospital.example"})) as port:
+            client = KeyServiceClient.tls("127.0.0.1", port, _client_context(pki, with_certificate=True), TOKEN)
+            async with client:
+                with pytest.raises(KeyServiceRefused, match="unauthorized"):
+                    await client.generate_data_key("recordings")
+    refused = [entry for entry in logs if entry["event"] == "keyservice_refused"]
+    assert [entry["peer"] for entry in refused] == [f"tls:{CLIENT_NAME} (not a listed client)"]
+
+
 async def test_mutual_tls_wrong_token_refused(store: KeyStore, pki: dict[str, Path]) -> None:
     async with tls_service(store, pki) as port:
         client = KeyServiceClient.tls(
@@ -564,4 +583,10 @@ async def test_tls_server_requires_client_certificates(store: KeyStore, pki: dic
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki["server_cert"], pki["server_key"])
     with pytest.raises(KeyServiceError, match="CERT_REQUIRED"):
-        await KeyServiceServer(store, TOKEN.encode()).start_tls_server("127.0.0.1", 0, context)
+        await KeyServiceServer(store, TOKEN.encode()).start_tls_server("127.0.0.1", 0, context, frozenset({"n1"}))
+
+
+async def test_tls_server_requires_the_names_of_its_clients(store: KeyStore, pki: dict[str, Path]) -> None:
+    context = mutual_tls_server_context(pki["server_cert"], pki["server_key"], pki["ca"])
+    with pytest.raises(KeyServiceError, match="needs the names of the clients"):
+        await KeyServiceServer(store, TOKEN.encode()).start_tls_server("127.0.0.1", 0, context, frozenset())

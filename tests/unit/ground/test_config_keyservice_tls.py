@@ -9,6 +9,8 @@ import pytest
 
 from ground.config import ConfigError, load_config
 
+CLIENTS = '["node1.hospital.example", "node2"]'
+
 
 def _pem_files(tmp_path: Path) -> dict[str, Path]:
     files = {}
@@ -20,7 +22,7 @@ def _pem_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def _toml(tmp_path: Path, lines: dict[str, str | Path]) -> Path:
-    body = "\n".join(f'{key} = "{value}"' for key, value in lines.items())
+    body = "\n".join(f"{key} = {value}" if key == "clients" else f'{key} = "{value}"' for key, value in lines.items())
     path = tmp_path / "medhotline.toml"
     path.write_text(f"[keyservice]\n{body}\n", encoding="utf-8")
     return path
@@ -39,10 +41,30 @@ def test_default_is_the_unix_socket_only(tmp_path: Path) -> None:
     assert config.keyservice_socket == config.service.state_dir / "keyservice.sock"
 
 
-def test_listen_with_its_files_loads(tmp_path: Path) -> None:
+def test_listen_with_its_files_and_clients_loads(tmp_path: Path) -> None:
     files = _pem_files(tmp_path)
-    config = load_config(_toml(tmp_path, {"listen": "127.0.0.1:7443", **files}), {})
+    config = load_config(_toml(tmp_path, {"listen": "127.0.0.1:7443", "clients": CLIENTS, **files}), {})
     assert config.keyservice.tls_files() == (files["ca_file"], files["cert_file"], files["key_file"])
+    assert config.keyservice.clients == ["node1.hospital.example", "node2"]
+
+
+def test_listen_without_clients_is_refused(tmp_path: Path) -> None:
+    """Any certificate the CA signed is not enough: the listener serves the nodes it names."""
+    files = _pem_files(tmp_path)
+    message = _error(_toml(tmp_path, {"listen": "127.0.0.1:7443", **files}))
+    assert "keyservice: listen is set: clients must name the nodes that may use the key service" in message
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ({"clients": CLIENTS}, "clients is set but listen is empty"),
+        ({"listen": "127.0.0.1:7443", "clients": '["node 1", "ok"]'}, "'node 1': not a certificate's host name"),
+    ],
+)
+def test_bad_clients_named(tmp_path: Path, lines: dict[str, str], expected: str) -> None:
+    files = _pem_files(tmp_path)
+    assert expected in _error(_toml(tmp_path, {**lines, **files}))
 
 
 def test_address_may_be_a_host_name_or_ipv6(tmp_path: Path) -> None:
@@ -55,7 +77,8 @@ def test_address_may_be_a_host_name_or_ipv6(tmp_path: Path) -> None:
 @pytest.mark.parametrize("role", ["listen", "address"])
 def test_tls_address_without_its_files_names_what_is_missing(tmp_path: Path, role: str) -> None:
     files = _pem_files(tmp_path)
-    message = _error(_toml(tmp_path, {role: "127.0.0.1:7443", "ca_file": files["ca_file"]}))
+    clients = {"clients": CLIENTS} if role == "listen" else {}
+    message = _error(_toml(tmp_path, {role: "127.0.0.1:7443", "ca_file": files["ca_file"], **clients}))
     assert f"keyservice: {role} is set: mutual TLS needs cert_file, key_file" in message
 
 
@@ -76,7 +99,7 @@ def test_missing_file_named_with_its_key(tmp_path: Path) -> None:
 def test_unreadable_file_named_with_its_key(tmp_path: Path) -> None:
     files = _pem_files(tmp_path)
     os.chmod(files["ca_file"], 0)
-    message = _error(_toml(tmp_path, {"listen": "127.0.0.1:7443", **files}))
+    message = _error(_toml(tmp_path, {"listen": "127.0.0.1:7443", "clients": CLIENTS, **files}))
     assert f"ca_file: {files['ca_file']} cannot be read (Permission denied)" in message
 
 

@@ -35,11 +35,13 @@ class Hosts:
     port: int
     pki: KeyServicePki
     other_pki: KeyServicePki
+    unlisted: KeyServicePki  # the same CA's certificate for node3, which is not among the key service's clients
     token: str
 
 
 @pytest.fixture
 def hosts(tmp_path: Path, short_dir: Path) -> Iterator[Hosts]:
+    unlisted = ensure_keyservice_pki(tmp_path / "pki", ["127.0.0.1"], "node3")
     pki = ensure_keyservice_pki(tmp_path / "pki", ["127.0.0.1"], "node2")
     other_pki = ensure_keyservice_pki(tmp_path / "other-pki", ["127.0.0.1"], "node2")
     port = free_port(socket.SOCK_STREAM)
@@ -47,7 +49,7 @@ def hosts(tmp_path: Path, short_dir: Path) -> Iterator[Hosts]:
     key_config = tmp_path / "key-host.toml"
     key_config.write_text(
         f'[service]\nstate_dir = "{key_state}"\nlog_file = "{tmp_path / "key-host.log"}"\n'
-        f'[keyservice]\ndirectory = "{tmp_path / "keys"}"\nlisten = "127.0.0.1:{port}"\n'
+        f'[keyservice]\ndirectory = "{tmp_path / "keys"}"\nlisten = "127.0.0.1:{port}"\nclients = ["node2"]\n'
         f'ca_file = "{pki.ca_cert}"\ncert_file = "{pki.server_cert}"\nkey_file = "{pki.server_key}"\n',
         encoding="utf-8",
     )
@@ -72,6 +74,7 @@ def hosts(tmp_path: Path, short_dir: Path) -> Iterator[Hosts]:
             port,
             pki,
             other_pki,
+            unlisted,
             token,
         )
     finally:
@@ -109,6 +112,13 @@ async def test_node_reaches_the_key_service_over_mutual_tls_and_strangers_are_re
         with pytest.raises((KeyServiceRefused, KeyServiceUnavailable), match=r"tls_refused|client certificate"):
             await stranger.unwrap(wrapped, "recordings")
 
+    # The same CA's certificate for a node the key service does not list: refused after the handshake, right
+    # token or not (the hospital CA signs far more than the nodes).
+    unlisted = mutual_tls_client_context(hosts.pki.ca_cert, hosts.unlisted.client_cert, hosts.unlisted.client_key)
+    async with _client(hosts, unlisted) as stranger:
+        with pytest.raises(KeyServiceRefused, match="unauthorized"):
+            await stranger.unwrap(wrapped, "recordings")
+
     # The node verifies the key service: a CA that did not sign its certificate, or another name, is refused.
     wrong_ca = mutual_tls_client_context(hosts.other_pki.ca_cert, hosts.pki.client_cert, hosts.pki.client_key)
     async with _client(hosts, wrong_ca) as node:
@@ -130,6 +140,7 @@ async def test_node_reaches_the_key_service_over_mutual_tls_and_strangers_are_re
     assert log_file.count('"peer": "tls:node2"') == log_file.count('"event": "keyservice_request"')
     assert log_file.count("TLS handshake failed: PEER_DID_NOT_RETURN_A_CERTIFICATE") == 1
     assert log_file.count("TLS handshake failed: CERTIFICATE_VERIFY_FAILED") == 1
+    assert log_file.count('"peer": "tls:node3 (not a listed client)"') == 1
     for secret in (
         PHONE,
         index,
