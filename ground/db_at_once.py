@@ -177,7 +177,8 @@ class AtOnceWriter:
 def make_at_once_writer(url: str) -> AtOnceWriter | None:
     """The writer for writes the routing engine makes on its event loop; None on PostgreSQL, where a server over
     the network is never waited for on the loop (every such write goes to a thread)."""
-    engine = make_engine(url, at_once=True)  # connects at first use: nothing to close for PostgreSQL
+    engine = make_engine(url, at_once=True)  # connects at first use
     if engine.dialect.name != "sqlite":
+        engine.dispose()
         return None
     return AtOnceWriter(url, engine)

@@ -346,7 +346,7 @@ class _HoldingLogger:
     def __init__(self, inner: structlog.stdlib.BoundLogger) -> None:
         self._inner = inner
 
-    def info(self, event: str, *args: Any, **kw: Any) -> Any:
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
         if _GATE.defer(self._inner, event, args, kw):
             return None
         return self._inner.info(event, *args, **kw)
@@ -374,7 +374,7 @@ class _Deferred:
     of that call. Its arguments are kept as they are, not copied: lines on the hold's path log plain values."""
 
     logger: structlog.stdlib.BoundLogger
-    event: str
+    event: str | None
     args: tuple[Any, ...]
     kw: dict[str, Any]
     at: float
@@ -413,7 +413,7 @@ class _Gate:
         return self._kept((handler, record))
 
     def defer(
-        self, logger: structlog.stdlib.BoundLogger, event: str, args: tuple[Any, ...], kw: dict[str, Any]
+        self, logger: structlog.stdlib.BoundLogger, event: str | None, args: tuple[Any, ...], kw: dict[str, Any]
     ) -> bool:
         """Keep an info line as it is called (``_HoldingLogger``) if a hold is taken and its time is not up."""
         if not self._holds or "exc_info" in kw or "stack_info" in kw:  # a traceback is taken when it is written

@@ -11,6 +11,7 @@ import random
 import stat
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -388,3 +389,29 @@ async def test_on_an_event_loop_held_lines_go_out_by_themselves_when_the_hold_ti
     finally:
         hold.release()
         configure_logging("info")
+
+
+def test_a_held_line_is_written_with_its_own_context_and_time_wherever_it_is_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kept as it was called (before structlog): the release happens in another call's context, later; the line
+    still carries only what was bound when it was logged, and the time it was logged."""
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    log = get_logger("routing.engine")
+    hold = logs.hold_lines()
+    try:
+        with bind_call("6a100430-6518-4158-80b8-e8dd4160770a"):
+            log.info("routing.offer", agent="gen1")
+        logged_at = time.time()
+        monkeypatch.setattr(time, "time", lambda: logged_at + 60)  # written a minute "later"
+        with bind_call("11111111-2222-4333-8444-555555555555"), structlog.contextvars.bound_contextvars(agent_leg="x"):
+            hold.release()
+    finally:
+        hold.release()
+        configure_logging("info")
+    [line] = _written(stream)
+    assert line["call_id"] == "6a100430-6518-4158-80b8-e8dd4160770a"
+    assert "agent_leg" not in line
+    assert line["agent"] == "gen1"
+    assert datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp() <= logged_at
