@@ -64,10 +64,11 @@ def _compile(statement: ClauseElement, engine: Engine, lengths: Mapping[str, int
         # Column defaults SQLAlchemy computes in Python at each execution (``default=...``): not replicated here.
         raise WouldWait("the statement has column defaults computed at execution")
     sql = str(compiled)
-    arguments: list[tuple[str, Processor, bool]] = []
+    converted: dict[str, tuple[Processor, bool]] = {}  # per parameter: its type's conversion, whether a list
     fixed: dict[str, Any] = {}
     for name in dict.fromkeys(positions):
         bind = compiled.binds[name]
+        converted[name] = (bind.type.dialect_impl(dialect).bind_processor(dialect), bool(bind.expanding))
         if bind.callable is not None:
             raise WouldWait(f"parameter {name} takes its value at execution")
         if bind.value is not None:
@@ -80,11 +81,7 @@ def _compile(statement: ClauseElement, engine: Engine, lengths: Mapping[str, int
             sql = sql.replace(marker, ", ".join(["?"] * length))
     if "__[POSTCOMPILE_" in sql:
         raise WouldWait("the statement has a parameter rendered at execution that this writer does not know")
-    for name in positions:
-        bind = compiled.binds[name]
-        processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
-        arguments.append((name, processor, bool(bind.expanding)))
-    return _DriverStatement(sql, tuple(arguments), fixed)
+    return _DriverStatement(sql, tuple((name, *converted[name]) for name in positions), fixed)
 
 
 class DriverWrites:

@@ -555,7 +555,7 @@ class AgentStore(Repository):
         not be reserved (and nothing was written).
 
         One commit instead of two on the way to the agent's phone; and a ring row exists exactly when its
-        reservation was taken. ``wait=False``: for the routing engine's event loop, on the ``at_once`` sessions;
+        reservation was taken. ``wait=False``: for the routing engine's event loop, through the ``at_once`` writer;
         WouldWait (nothing written) if that would mean waiting for another writer or a database over the network.
         """
         doing = f"reserving agent {account_id} for call {call_id}"
